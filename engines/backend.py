@@ -1,0 +1,67 @@
+"""The interface every engine kind implements, and the handle a job writes its output to."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from engines.wire import ChoiceDelta, Job, Usage
+
+
+class JobRejected(Exception):
+    """The engine refuses a job with an OpenAI-shaped error (bad parameters, too long...).
+
+    Raised by a backend before any output was produced; the gateway answers with
+    ``status`` and the envelope built from the other fields.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        code: str = "invalid_request",
+        type: str = "invalid_request_error",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.type = type
+        self.param = param
+
+
+class JobOutput(Protocol):
+    """Where a backend writes one job's events; the worker batches them onto Redis."""
+
+    def started(self) -> None:
+        """Generation began (call once, before the first delta)."""
+
+    def delta(self, choices: list[ChoiceDelta]) -> None:
+        """New output for some choices."""
+
+    def done(self, usage: Usage) -> None:
+        """The job finished successfully; nothing may follow."""
+
+
+class Backend(Protocol):
+    """One engine kind (vLLM, diffusers, synthetic) serving one or more models."""
+
+    kind: str
+    models: list[str]
+    max_concurrency: int
+    max_model_len: int | None
+
+    async def start(self) -> None:
+        """Load the model(s); called once before any job."""
+
+    async def run(self, job: Job, out: JobOutput) -> None:
+        """Run one job to completion, writing events to ``out``.
+
+        Cancelling the task running this coroutine must stop the work (abort the request
+        in the engine); raise :class:`JobRejected` to refuse the job.
+        """
+
+    async def close(self) -> None:
+        """Release the model(s)."""

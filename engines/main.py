@@ -1,0 +1,31 @@
+"""Engine process entrypoint: one backend, one worker, telemetry, signal handling."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from engines.backend import Backend
+from engines.worker import Worker, WorkerSettings
+from telemetry.instruments import EngineMetrics
+from telemetry.setup import Telemetry
+
+log = logging.getLogger("conduit.engine")
+
+
+async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int | None = None) -> None:
+    """Serve jobs until SIGTERM/SIGINT, then drain (finish in-flight jobs) and exit."""
+    worker = Worker(backend, settings)
+    telemetry = Telemetry("conduit-engine", worker.engine_id)
+    worker.metrics = EngineMetrics(telemetry.provider)
+    if metrics_port:
+        telemetry.serve(metrics_port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        telemetry.shutdown()
+    log.info("engine %s stopped", worker.engine_id)

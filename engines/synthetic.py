@@ -1,0 +1,78 @@
+"""A synthetic engine: a configured number of tokens at a configured rate, no model.
+
+For benchmarks (the gateway path at zero delay) and for tests that need exact timing.
+Never the default engine. It honours ``n``, ``max_tokens`` / ``max_completion_tokens``
+and ``stream_options``-independent usage, so the gateway's accounting is exercised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+
+from engines.backend import JobOutput
+from engines.wire import ChoiceDelta, Job, Usage
+
+
+class _Message(msgspec.Struct):
+    content: str | list[dict[str, object]] | None = None
+
+
+class _Body(msgspec.Struct):
+    messages: list[_Message] = []
+    prompt: str | list[object] = ""
+    n: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+
+
+class SyntheticSettings(msgspec.Struct, kw_only=True):
+    models: list[str] = msgspec.field(default_factory=lambda: ["synthetic"])
+    #: Tokens per choice when the request sets no limit.
+    tokens: int = 16
+    #: Seconds between tokens (0: as fast as the event loop allows).
+    token_delay_s: float = 0.0
+    #: Seconds before the first token.
+    first_token_delay_s: float = 0.0
+    max_concurrency: int = 256
+    #: The text of every token.
+    token_text: str = "tok "
+
+
+class SyntheticBackend:
+    """Emits ``tokens`` deltas per choice, ``token_delay_s`` apart."""
+
+    kind = "synthetic"
+
+    def __init__(self, settings: SyntheticSettings) -> None:
+        self.settings = settings
+        self.models = list(settings.models)
+        self.max_concurrency = settings.max_concurrency
+        self.max_model_len: int | None = None
+        self._decoder = msgspec.json.Decoder(_Body)
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def run(self, job: Job, out: JobOutput) -> None:
+        s = self.settings
+        body = self._decoder.decode(job.body)
+        limit = body.max_completion_tokens or body.max_tokens
+        count = min(limit, s.tokens) if limit is not None else s.tokens
+        n = body.n or 1
+        prompt_tokens = sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in body.messages) \
+            if body.messages else len(str(body.prompt).split())
+        out.started()
+        if s.first_token_delay_s:
+            await asyncio.sleep(s.first_token_delay_s)
+        for i in range(count):
+            last = i == count - 1
+            reason = ("length" if limit is not None and count == limit else "stop") if last else None
+            out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)])
+            # Yield between tokens even at zero delay, so many jobs interleave like real streams.
+            await asyncio.sleep(s.token_delay_s)
+        out.done(Usage(prompt_tokens=prompt_tokens, completion_tokens=count * n))

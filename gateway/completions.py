@@ -1,0 +1,54 @@
+"""``POST /v1/completions`` (legacy text completions): OpenAI's ``text_completion`` objects."""
+
+from __future__ import annotations
+
+import msgspec
+from msgspec import UNSET
+
+from engines.wire import Delta, SampledLogprob, Usage
+from gateway.protocol import Completion, CompletionChoice, CompletionLogprobs
+from gateway.serving import ChoiceState, StreamState, usage_of
+
+FINISH_REASONS = frozenset({"stop", "length", "content_filter"})
+
+
+def completion_logprobs(items: list[SampledLogprob] | None) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    return CompletionLogprobs(text_offset=[i.text_offset for i in items], token_logprobs=[i.logprob for i in items],
+                              tokens=[i.token for i in items],
+                              top_logprobs=[{t.token: t.logprob for t in i.top} for i in items])
+
+
+class CompletionRenderer:
+    """Text completion objects; streamed chunks share the shape of the full response."""
+
+    operation = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self) -> None:
+        self._enc = msgspec.json.Encoder()
+
+    def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes:
+        out = [CompletionChoice(finish_reason=c.finish_reason if c.finish_reason in FINISH_REASONS else "stop",
+                                index=c.index, logprobs=completion_logprobs(c.logprobs), text="".join(c.text))
+               for c in choices]
+        return self._enc.encode(Completion(id=rid, choices=out, created=created, model=model, usage=usage_of(usage)))
+
+    def chunks(self, rid: str, created: int, model: str, delta: Delta, out: bytearray, state: StreamState) -> None:
+        enc = self._enc.encode
+        usage = None if state.include_usage else UNSET
+        for c in delta.choices:
+            reason = None
+            if c.finish_reason is not None:
+                reason = c.finish_reason if c.finish_reason in FINISH_REASONS else "stop"
+            chunk = Completion(id=rid, created=created, model=model, usage=usage, choices=[
+                CompletionChoice(finish_reason=reason, index=c.index, logprobs=completion_logprobs(c.logprobs),
+                                 text=c.text)])
+            out += b"data: "
+            out += enc(chunk)
+            out += b"\n\n"
+
+    def usage_chunk(self, rid: str, created: int, model: str, usage: Usage) -> bytes:
+        chunk = Completion(id=rid, created=created, model=model, choices=[], usage=usage_of(usage))
+        return b"data: " + self._enc.encode(chunk) + b"\n\n"

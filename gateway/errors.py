@@ -1,0 +1,165 @@
+"""The gateway's exception tree and the one place that renders OpenAI's error envelope.
+
+    ConduitError                     any error the client is told about
+    ├── InvalidRequest        400    malformed JSON, schema violation (param names the field)
+    ├── Unauthorized          401
+    ├── NotFound              404    unknown route
+    │   └── ModelNotFound     404    model_not_found
+    ├── MethodNotAllowed      405
+    ├── PayloadTooLarge       413
+    ├── Overloaded            429    backlog over its limit (Retry-After)
+    ├── EngineError           5xx    an engine failed the request
+    ├── NoEngine              503    no live engine serves the model
+    └── DeadlineExceeded      504
+
+Handlers raise; :func:`error_response` renders. A traceback never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+log = logging.getLogger("conduit.gateway")
+
+
+class ErrorBody(msgspec.Struct):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+class ConduitError(Exception):
+    """An error answered with OpenAI's envelope ``{"error": {message, type, param, code}}``."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 status: int | None = None, type: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        if type is not None:
+            self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> ErrorEnvelope:
+        return ErrorEnvelope(ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
+
+
+class InvalidRequest(ConduitError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ConduitError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ConduitError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+class MethodNotAllowed(ConduitError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ConduitError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Overloaded(ConduitError):
+    status = 429
+    type = "rate_limit_error"
+    code = "model_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class EngineError(ConduitError):
+    status = 502
+    type = "server_error"
+    code = "engine_error"
+
+
+class NoEngine(ConduitError):
+    status = 503
+    type = "server_error"
+    code = "model_unavailable"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No engine is serving the model `{model}` right now; try again shortly.", param="model")
+
+
+class DeadlineExceeded(ConduitError):
+    status = 504
+    type = "timeout_error"
+    code = "deadline_exceeded"
+
+
+_ENCODER = msgspec.json.Encoder()
+
+# Litestar's own HTTP exceptions (routing, body size) mapped onto the tree.
+_BY_STATUS: dict[int, type[ConduitError]] = {
+    400: InvalidRequest, 401: Unauthorized, 404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge,
+}
+
+
+def encode_error(exc: ConduitError) -> bytes:
+    return _ENCODER.encode(exc.body())
+
+
+def from_exception(exc: Exception) -> ConduitError:
+    """Any exception as the :class:`ConduitError` the client is told about."""
+    if isinstance(exc, ConduitError):
+        return exc
+    if isinstance(exc, HTTPException):
+        cls = _BY_STATUS.get(exc.status_code)
+        if cls is not None:
+            message = exc.detail if exc.status_code != 404 else "Not found: no such route."
+            if exc.status_code == 413:
+                message = "The request body is larger than this server accepts."
+            return cls(str(message))
+        return ConduitError(str(exc.detail), status=exc.status_code,
+                            type="invalid_request_error" if exc.status_code < 500 else "server_error",
+                            code="http_error")
+    log.exception("unhandled error", exc_info=exc)
+    return ConduitError("The server had an error while processing your request.")
+
+
+def error_response(request: Request, exc: Exception) -> Response[bytes]:
+    """The single exception handler of the app: every error becomes the OpenAI envelope."""
+    err = from_exception(exc)
+    return Response(content=encode_error(err), status_code=err.status, media_type="application/json",
+                    headers=err.headers)

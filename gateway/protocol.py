@@ -1,0 +1,386 @@
+"""OpenAI wire schemas the gateway validates and emits (OpenAI's field order).
+
+Requests are validated here so a bad body gets a 400 naming the field before it costs a
+queue slot; the validated body travels to the engine unchanged (vLLM's own protocol
+classes build engine parameters from it). Unknown fields are let through, as vLLM accepts
+its extensions (``top_k``, ``min_p``, ...). Responses are built from engine events and
+carry exactly the shapes of OpenAI's OpenAPI spec: no ``null`` where the spec has an array
+or object.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway.errors import InvalidRequest
+
+# ---- requests --------------------------------------------------------------------------
+
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Stop = str | Annotated[list[str], Meta(max_length=4)] | None
+
+
+class TextPart(Struct, tag="text", tag_field="type"):
+    text: str
+
+
+class ImageUrl(Struct):
+    url: str
+    detail: str | None = None
+
+
+class ImagePart(Struct, tag="image_url", tag_field="type"):
+    image_url: ImageUrl
+
+
+class RefusalPart(Struct, tag="refusal", tag_field="type"):
+    refusal: str
+
+
+ContentPart = TextPart | ImagePart | RefusalPart
+
+
+class FunctionCall(Struct):
+    name: str
+    arguments: str
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
+class ChatMessage(Struct, forbid_unknown_fields=False):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class StreamOptions(Struct, forbid_unknown_fields=False):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None  # vLLM extension
+
+
+class JsonSchemaFormat(Struct):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class TextFormat(Struct, tag="text", tag_field="type"):
+    pass
+
+
+class JsonObjectFormat(Struct, tag="json_object", tag_field="type"):
+    pass
+
+
+class JsonSchemaResponseFormat(Struct, tag="json_schema", tag_field="type"):
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = TextFormat | JsonObjectFormat | JsonSchemaResponseFormat
+
+
+class FunctionDefinition(Struct):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(Struct):
+    function: FunctionDefinition
+    type: Literal["function"] = "function"
+
+
+class NamedFunction(Struct):
+    name: str
+
+
+class NamedToolChoice(Struct):
+    function: NamedFunction
+    type: Literal["function"] = "function"
+
+
+class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    model: str
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    presence_penalty: Penalty | None = None
+    response_format: ResponseFormat | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+
+    def check(self) -> None:
+        """Rules that span fields (OpenAI answers these with a 400 too)."""
+        if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
+            raise InvalidRequest("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+        if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
+            if not self.tools:
+                raise InvalidRequest("`tool_choice` requires `tools`.", param="tool_choice")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
+                raise InvalidRequest(f"Tool `{self.tool_choice.function.name}` named in `tool_choice` is not in "
+                                     "`tools`.", param="tool_choice")
+
+
+# A string, a batch of strings, a token list, or a batch of token lists (msgspec takes one
+# list type per union, so the element kinds are checked in ``check``).
+Prompt = str | Annotated[list[str | int | Annotated[list[int], Meta(min_length=1)]], Meta(min_length=1)]
+
+
+class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    model: str
+    prompt: Prompt
+    best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
+    echo: bool | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    max_tokens: Annotated[int, Meta(ge=0)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    presence_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    user: str | None = None
+
+    def check(self) -> None:
+        if isinstance(self.prompt, list):
+            kinds = {type(p) for p in self.prompt}
+            if len(kinds) > 1:
+                raise InvalidRequest("`prompt` must be a string, a list of strings, a list of token ids, or a list "
+                                     "of token-id lists, not a mixture.", param="prompt")
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+        if self.best_of is not None and self.n is not None and self.best_of < self.n:
+            raise InvalidRequest("`best_of` must be greater than or equal to `n`.", param="best_of")
+        if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
+            raise InvalidRequest("`best_of` cannot be used with streaming.", param="best_of")
+
+
+# ---- responses -------------------------------------------------------------------------
+
+
+class TopLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(Struct):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(Struct):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ResponseFunction(Struct):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(Struct):
+    id: str
+    type: str
+    function: ResponseFunction
+
+
+class ResponseMessage(Struct, omit_defaults=True):
+    # content and refusal are required by the spec (null allowed), so they have no default.
+    content: str | None
+    refusal: str | None
+    role: str
+    tool_calls: list[ResponseToolCall] = []
+    reasoning_content: str | None = None  # vLLM extension, present only when the model reasons
+
+
+class ChatChoice(Struct):
+    finish_reason: str
+    index: int
+    message: ResponseMessage
+    logprobs: ChatLogprobs | None
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int
+
+
+class CompletionUsage(Struct, omit_defaults=True):
+    completion_tokens: int
+    prompt_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class ChatCompletion(Struct):
+    id: str
+    choices: list[ChatChoice]
+    created: int
+    model: str
+    object: str = "chat.completion"
+    usage: CompletionUsage | None = None
+
+
+class ChunkFunction(Struct, omit_defaults=True):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ChunkToolCall(Struct, omit_defaults=True):
+    index: int
+    id: str | None = None
+    type: str | None = None
+    function: ChunkFunction | None = None
+
+
+class ChunkDelta(Struct, omit_defaults=True):
+    role: str | None = None
+    content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[ChunkToolCall] | None = None
+
+
+class ChunkChoice(Struct):
+    delta: ChunkDelta
+    finish_reason: str | None
+    index: int
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="chat.completion.chunk"):
+    # ``object`` is the tag: always written, even with omit_defaults.
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    # Absent unless include_usage; then null on every chunk but the last (OpenAI's behaviour).
+    usage: CompletionUsage | None | UnsetType = UNSET
+
+
+class CompletionLogprobs(Struct):
+    text_offset: list[int]
+    token_logprobs: list[float]
+    tokens: list[str]
+    top_logprobs: list[dict[str, float]]
+
+
+class CompletionChoice(Struct):
+    finish_reason: str | None
+    index: int
+    logprobs: CompletionLogprobs | None
+    text: str
+
+
+class Completion(Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+    id: str
+    choices: list[CompletionChoice]
+    created: int
+    model: str
+    usage: CompletionUsage | None | UnsetType = UNSET
+
+
+class Model(Struct):
+    id: str
+    created: int
+    object: str = "model"
+    owned_by: str = "conduit"
+
+
+class ModelList(Struct):
+    data: list[Model]
+    object: str = "list"
+
+
+# ---- decoding --------------------------------------------------------------------------
+
+
+def _param_from_path(message: str) -> tuple[str, str | None]:
+    """msgspec says ``Expected `int`, got `str` - at `$.messages[0].role```; OpenAI names the field."""
+    head, sep, path = message.rpartition(" - at `")
+    if not sep:
+        return message, None
+    path = path.rstrip("`")
+    param = path[2:] if path.startswith("$.") else path.lstrip("$") or None
+    return head, param
+
+
+def _missing_field(message: str) -> str | None:
+    # "Object missing required field `model` - at `$.messages[0]`"
+    if message.startswith("Object missing required field `"):
+        return message.split("`")[1]
+    return None
+
+
+class RequestDecoder:
+    """Decodes and validates request bodies; every failure is an :class:`InvalidRequest`."""
+
+    def __init__(self) -> None:
+        self._chat = msgspec.json.Decoder(ChatCompletionRequest)
+        self._completion = msgspec.json.Decoder(CompletionRequest)
+
+    def chat(self, body: bytes) -> ChatCompletionRequest:
+        req = self._decode(self._chat, body)
+        req.check()
+        return req
+
+    def completion(self, body: bytes) -> CompletionRequest:
+        req = self._decode(self._completion, body)
+        req.check()
+        return req
+
+    @staticmethod
+    def _decode(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+        if not body.strip():
+            raise InvalidRequest("The request body is empty; expected a JSON object.")
+        try:
+            return decoder.decode(body)
+        except msgspec.ValidationError as exc:
+            text, param = _param_from_path(str(exc))
+            missing = _missing_field(text)
+            if missing is not None:
+                param = f"{param}.{missing}" if param else missing
+                text = f"Missing required parameter: '{param}'."
+            elif param:
+                text = f"Invalid value for '{param}': {text}."
+            raise InvalidRequest(text, param=param, code="invalid_value" if missing is None else
+                                 "missing_required_parameter") from None
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"We could not parse the JSON body of your request ({exc}). Send a valid JSON "
+                                 "object.", code="invalid_json") from None

@@ -1,0 +1,89 @@
+"""The gateway's view of live engines, refreshed from their heartbeats in Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import redis.asyncio as aioredis
+
+from engines.wire import Codec, EngineInfo, Keys
+
+log = logging.getLogger("conduit.gateway")
+
+
+class EngineRegistry:
+    """Which models have a live engine now, read every ``refresh_s`` (not per request).
+
+    An engine is live while its heartbeat entry has not expired. A model is *known* if it
+    is configured or any engine served it before: a known model without a live engine is
+    a 503 (try later), an unknown one a 404.
+    """
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, codec: Codec, *, refresh_s: float,
+                 configured: list[str]) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._codec = codec
+        self._refresh_s = refresh_s
+        self._configured = set(configured)
+        self.engines: dict[str, EngineInfo] = {}
+        self.models: dict[str, list[EngineInfo]] = {}
+        self._seen: set[str] = set()
+        self.redis_ok = False
+        self.refreshed = asyncio.Event()
+
+    def is_live(self, model: str) -> bool:
+        return model in self.models
+
+    def is_known(self, model: str) -> bool:
+        return model in self.models or model in self._configured or model in self._seen
+
+    def created(self, model: str) -> int:
+        """When the longest-running engine of ``model`` started (seconds since epoch)."""
+        return min((e.started_ms for e in self.models.get(model, [])), default=0) // 1000
+
+    async def refresh(self) -> None:
+        now = int(time.time() * 1000)
+        ids = await self._redis.zrangebyscore(self._keys.engines, now, "+inf")
+        infos = await self._redis.hmget(self._keys.engine_info, ids) if ids else []
+        seen = await self._redis.hkeys(self._keys.models_seen)
+        engines: dict[str, EngineInfo] = {}
+        models: dict[str, list[EngineInfo]] = {}
+        for raw in infos:
+            if raw is None:
+                continue
+            info = self._codec.decode_info(raw)
+            engines[info.id] = info
+            for m in info.models:
+                models.setdefault(m, []).append(info)
+        self.engines, self.models = engines, models
+        self._seen = {s.decode() for s in seen}
+        self.redis_ok = True
+        self.refreshed.set()
+
+    async def _prune(self) -> None:
+        # Engines that died without deregistering: drop their entries after a grace period.
+        cutoff = int(time.time() * 1000) - 60_000
+        dead = await self._redis.zrangebyscore(self._keys.engines, "-inf", cutoff)
+        if dead:
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.zrem(self._keys.engines, *dead)
+            pipe.hdel(self._keys.engine_info, *dead)
+            await pipe.execute()
+
+    async def run(self) -> None:
+        """Refresh forever (the lifespan cancels it)."""
+        ticks = 0
+        while True:
+            try:
+                await self.refresh()
+                if ticks % 120 == 0:
+                    await self._prune()
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                if self.redis_ok:
+                    log.warning("cannot reach Redis: %s", exc)
+                self.redis_ok = False
+            ticks += 1
+            await asyncio.sleep(self._refresh_s)

@@ -1,0 +1,81 @@
+"""Every metric Conduit exports, defined in one place.
+
+Names follow the OpenTelemetry GenAI semantic conventions where they exist
+(``gen_ai.server.*``, ``gen_ai.client.token.usage``); Conduit's own are ``conduit.*``.
+Instruments are created per process from a meter provider passed in (see
+:mod:`telemetry.setup`), never at import time.
+"""
+
+from __future__ import annotations
+
+from opentelemetry.metrics import Meter, MeterProvider, NoOpMeterProvider
+
+# Seconds buckets that resolve both sub-millisecond gateway work and minute-long generations.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+
+
+def _meter(provider: MeterProvider, name: str) -> Meter:
+    return provider.get_meter(name, version="0.1.0")
+
+
+class GatewayMetrics:
+    """Instruments of a gateway process."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        m = _meter(provider, "conduit.gateway")
+        self.request_duration = m.create_histogram(
+            "gen_ai.server.request.duration", unit="s",
+            description="Time from request arrival to its last byte", explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.time_to_first_token = m.create_histogram(
+            "gen_ai.server.time_to_first_token", unit="s",
+            description="Time from request arrival to its first output token",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.token_usage = m.create_histogram(
+            "gen_ai.client.token.usage", unit="{token}", description="Tokens per request, by gen_ai.token.type",
+            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.rejections = m.create_counter(
+            "conduit.gateway.rejections", unit="{request}", description="Requests answered with an error, by error code")
+        self.in_flight = m.create_up_down_counter(
+            "conduit.gateway.requests.in_flight", unit="{request}", description="Requests waiting on an engine")
+        self.cancellations = m.create_counter(
+            "conduit.gateway.cancellations", unit="{request}", description="Requests whose client went away")
+
+    def request_done(self, model: str, operation: str, seconds: float, status: int) -> None:
+        self.request_duration.record(seconds, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
+                                               "http.response.status_code": status})
+
+    def tokens(self, model: str, operation: str, prompt: int, completion: int) -> None:
+        self.token_usage.record(prompt, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
+                                         "gen_ai.token.type": "input"})
+        self.token_usage.record(completion, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
+                                             "gen_ai.token.type": "output"})
+
+    def rejected(self, code: str) -> None:
+        self.rejections.add(1, {"error.type": code})
+
+    @classmethod
+    def noop(cls) -> GatewayMetrics:
+        return cls(NoOpMeterProvider())
+
+
+class EngineMetrics:
+    """Instruments of an engine process."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        m = _meter(provider, "conduit.engine")
+        self.jobs = m.create_counter(
+            "conduit.engine.jobs", unit="{job}",
+            description="Jobs ended, by outcome (ok, rejected, cancelled, expired, error, lost, dead_letter)")
+        self.job_duration = m.create_histogram(
+            "conduit.engine.job.duration", unit="s", description="Time an engine spent on a successful job",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+
+    def job_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
+        self.jobs.add(1, {"gen_ai.request.model": model, "outcome": outcome})
+        if seconds is not None:
+            self.job_duration.record(seconds, {"gen_ai.request.model": model})
+
+    @classmethod
+    def noop(cls) -> EngineMetrics:
+        return cls(NoOpMeterProvider())
