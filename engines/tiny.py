@@ -23,25 +23,26 @@ _REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "toke
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+TOOL_CALL, TOOL_CALL_END = "<tool_call>", "</tool_call>"
 
-#: ChatML-style template. Tools are listed in the system turn and tool calls are rendered
-#: as JSON, so requests with tools/tool messages render without errors.
+#: ChatML-style template in the Hermes tool-calling format (tools listed in the system turn,
+#: calls as ``<tool_call>{json}</tool_call>``), so vLLM's ``hermes`` tool parser fits it.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if tools %}{{ '<|im_start|>system\\nYou may call these tools:\\n' }}"
-    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% if tools %}{{ '<|im_start|>system\\nYou may call these tools:\\n<tools>\\n' }}"
+    "{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}{% endfor %}{{ '</tools><|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] }}"
-    "{% if message['role'] == 'tool' and message.get('tool_call_id') %}{{ ' ' + message['tool_call_id'] }}{% endif %}"
-    "{{ '\\n' }}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['role'] == 'tool' %}{{ '<tool_response>\\n' }}{% endif %}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "{% if message.get('tool_calls') %}{% for call in message['tool_calls'] %}"
-    "{{ '\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
+    "{% if message['role'] == 'tool' %}{{ '\\n</tool_response>' }}{% endif %}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' }}"
     "{% if call['function']['arguments'] is string %}{{ call['function']['arguments'] }}"
-    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}' }}"
-    "{% endfor %}{% endif %}"
+    "{% else %}{{ call['function']['arguments'] | tojson }}{% endif %}{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
     "{{ '<|im_end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -101,6 +102,8 @@ def _train_tokenizer(seed: int, vocab_size: int):  # -> PreTrainedTokenizerFast
                                                        special_tokens=[(BOS, bos_id)])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                       additional_special_tokens=[IM_START, IM_END], model_max_length=2048)
+    # Hermes' markers are ordinary added tokens (as in Qwen): kept in decoded text.
+    wrapped.add_tokens([TOOL_CALL, TOOL_CALL_END])
     wrapped.chat_template = CHAT_TEMPLATE
     return wrapped
 
@@ -134,10 +137,10 @@ def build_tiny_llama(path: Path, *, seed: int = 0, vocab_size: int = 1536) -> Pa
             num_attention_heads=4, num_key_value_heads=2,
             # vLLM's CPU attention supports head sizes 32, 64, 80, ... (16 fails).
             head_dim=32, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=False,
-            bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], dtype="float32",
+            bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD], dtype="bfloat16",
         )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # what vLLM on CPU runs anyway
         model.save_pretrained(tmp, safe_serialization=True)
         # Chat turns end with <|im_end|>; either token stops generation.
         GenerationConfig(bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]],

@@ -1,13 +1,11 @@
-"""The vLLM backend: an in-process ``AsyncLLM`` behind vLLM's own OpenAI serving classes.
+"""The vLLM backend: an ``AsyncLLM`` behind vLLM's own OpenAI serving classes, in-process.
 
-Jobs carry the client's OpenAI request body, so the backend hands it to vLLM's
-``OpenAIServingChat`` / ``OpenAIServingCompletion`` unchanged (forcing only streaming and
-the served model name). vLLM then does everything it does behind its own HTTP server:
-chat templating, tool-call parsing, structured outputs, logprobs, ``n``, stop strings,
-seeds, validation. This module only translates its SSE chunks into wire events.
-
-vLLM is imported in :meth:`VllmBackend.start`, never at import time, so the engine
-entrypoint can import this module cheaply.
+Jobs carry the client's OpenAI request body, so it goes to vLLM's ``OpenAIServingChat`` /
+``OpenAIServingCompletion`` unchanged (forcing only streaming and the served model name), and
+vLLM does all it does behind its own HTTP server: chat templating, tool-call parsing,
+structured outputs, logprobs, ``n``, stop strings, seeds, validation. This module only maps its
+SSE chunks to wire events. (AsyncLLM still runs its engine core in a child process.)
+vLLM is imported lazily, so importing this module is cheap.
 """
 
 from __future__ import annotations
@@ -15,16 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
-
-log = logging.getLogger("conduit.engine.vllm")
-
 
 class VllmSettings(msgspec.Struct, kw_only=True):
     """How to start vLLM for one model (built at the engine entrypoint, passed in)."""
@@ -48,8 +42,6 @@ class VllmSettings(msgspec.Struct, kw_only=True):
 
 
 # ---- the shape of vLLM's stream chunks (only the fields Conduit forwards) ---------------
-
-
 class _Error(msgspec.Struct):
     message: str = ""
     type: str = ""
@@ -57,14 +49,10 @@ class _Error(msgspec.Struct):
     code: int | None = None
 
 
-class _PromptDetails(msgspec.Struct):
-    cached_tokens: int | None = None
-
-
 class _Usage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int | None = 0
-    prompt_tokens_details: _PromptDetails | None = None
+    prompt_tokens_details: dict[str, Any] | None = None
 
 
 class _Function(msgspec.Struct):
@@ -75,7 +63,7 @@ class _Function(msgspec.Struct):
 class _ToolCall(msgspec.Struct):
     index: int = 0
     id: str | None = None
-    function: _Function | None = None
+    function: _Function = msgspec.field(default_factory=_Function)
 
 
 class _Message(msgspec.Struct):
@@ -122,15 +110,13 @@ class _CompletionChoice(msgspec.Struct):
     stop_reason: int | str | None = None
 
 
-class _ChatChunk(msgspec.Struct):
-    choices: list[_ChatChoice] = []
-    usage: _Usage | None = None
-    error: _Error | None = None
+C = TypeVar("C", _ChatChoice, _CompletionChoice)
 
 
-class _CompletionChunk(msgspec.Struct):
-    choices: list[_CompletionChoice] = []
+class _Chunk(msgspec.Struct, Generic[C]):
+    choices: list[C] = []
     usage: _Usage | None = None
+    #: vLLM reports a failure after the stream began as a chunk with only ``error``.
     error: _Error | None = None
 
 
@@ -139,8 +125,11 @@ _CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_larg
           422: "unprocessable_entity", 429: "rate_limited", 501: "not_implemented", 503: "overloaded"}
 
 
-def _rejection(error: _Error) -> JobRejected:
+def _failure(error: _Error) -> Exception:
+    """The exception for a vLLM error: a rejection, or (server faults) a plain error."""
     status = error.code or 400
+    if status >= 500 and status != 503:
+        return RuntimeError(f"vLLM failed the request: {error.message}")
     return JobRejected(
         error.message, status=status, code=_CODES.get(status, "invalid_request" if status < 500 else "engine_error"),
         # vLLM names Python-style types ("BadRequestError"); clients expect OpenAI's.
@@ -149,13 +138,12 @@ def _rejection(error: _Error) -> JobRejected:
 
 def _chat_delta(c: _ChatChoice) -> ChoiceDelta | None:
     m = c.delta or _Message()
-    calls = [ToolCallDelta(index=t.index, id=t.id, name=t.function.name if t.function else None,
-                           arguments=(t.function.arguments or "") if t.function else "") for t in m.tool_calls]
-    logprobs = None
-    if c.logprobs is not None and c.logprobs.content:
-        logprobs = [SampledLogprob(e.token, e.logprob, e.bytes, [TokenLogprob(t.token, t.logprob, t.bytes)
-                                                                  for t in e.top_logprobs])
-                    for e in c.logprobs.content]
+    calls = [ToolCallDelta(index=t.index, id=t.id, name=t.function.name, arguments=t.function.arguments or "")
+             for t in m.tool_calls]
+    content = c.logprobs.content if c.logprobs is not None else None
+    logprobs = [SampledLogprob(e.token, e.logprob, e.bytes, [TokenLogprob(t.token, t.logprob, t.bytes)
+                                                              for t in e.top_logprobs])
+                for e in content] if content else None
     text, reasoning = m.content or "", m.reasoning or m.reasoning_content or ""
     if not (text or reasoning or calls or logprobs or c.finish_reason):
         return None  # e.g. the role-only first chunk
@@ -164,15 +152,14 @@ def _chat_delta(c: _ChatChoice) -> ChoiceDelta | None:
 
 
 def _completion_delta(c: _CompletionChoice) -> ChoiceDelta | None:
-    logprobs = None
     lp = c.logprobs
-    if lp is not None and lp.tokens:
-        logprobs = [
-            # A None logprob (the first prompt token under echo) has no value; vLLM's own
-            # stand-in for "impossible" is -9999.
-            SampledLogprob(tok, -9999.0 if val is None else val, None,
-                           [TokenLogprob(k, v) for k, v in (top or {}).items()], offset)
-            for tok, val, top, offset in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset)]
+    logprobs = [
+        # A None logprob (the first prompt token under echo) has no value; vLLM's own
+        # stand-in for "impossible" is -9999.
+        SampledLogprob(tok, -9999.0 if val is None else val, None,
+                       [TokenLogprob(k, v) for k, v in (top or {}).items()], offset)
+        for tok, val, top, offset in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset)
+    ] if lp is not None and lp.tokens else None
     if not (c.text or logprobs or c.finish_reason):
         return None
     return ChoiceDelta(index=c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
@@ -195,8 +182,8 @@ class VllmBackend:
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
-        self._chat_decoder = msgspec.json.Decoder(_ChatChunk)
-        self._completion_decoder = msgspec.json.Decoder(_CompletionChunk)
+        self._chat_decoder = msgspec.json.Decoder(_Chunk[_ChatChoice])
+        self._completion_decoder = msgspec.json.Decoder(_Chunk[_CompletionChoice])
 
     async def start(self) -> None:
         """Start the engine and build vLLM's serving objects as its API server does."""
@@ -229,6 +216,9 @@ class VllmBackend:
             enable_prompt_tokens_details=True, **tools)
         self._completion = OpenAIServingCompletion(engine, models, online_renderer=renderer, request_logger=None,
                                                    enable_prompt_tokens_details=True)
+        # vLLM's lazy imports leave this frame referenced; without the engine in its
+        # locals, close() really frees the engine.
+        del engine, models, renderer
 
     def unfinished_requests(self) -> int:
         """vLLM's own count of requests it still holds (0 once aborts went through)."""
@@ -255,21 +245,20 @@ class VllmBackend:
         except Exception as exc:  # noqa: BLE001 - vLLM signals bad requests by raising too
             result = create_error_response(exc)
         if isinstance(result, ErrorResponse):
-            error = _Error(result.error.message, result.error.type, result.error.param, result.error.code)
-            if (error.code or 400) >= 500 and error.code != 503:
-                raise RuntimeError(f"vLLM failed the request: {error.message}")
-            raise _rejection(error)
+            raise _failure(_Error(result.error.message, result.error.type, result.error.param, result.error.code))
 
         try:
             await self._stream(result, out, chat)
         except asyncio.CancelledError:
-            # vLLM's generate() aborts when cancelled mid-await, but not if the cancel lands
-            # while its generator is suspended elsewhere; aborting by the external request
-            # id is idempotent, so do it always.
+            # vLLM's generate() aborts only if the cancel lands inside it; aborting by the
+            # external ids vLLM derives from ``request_id`` is idempotent, so always do it.
             self.aborted_requests += 1
             with contextlib.suppress(Exception):
                 await result.aclose()
-            await self.engine.abort(self._vllm_request_ids(job.id, body, chat))
+            prompt = body.get("prompt")
+            many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)  # a batch
+            await self.engine.abort([f"chatcmpl-{job.id}"] if chat else
+                                    [f"cmpl-{job.id}-{i}" for i in range(len(prompt) if many else 1)])
             raise
 
     async def _stream(self, stream: Any, out: JobOutput, chat: bool) -> None:
@@ -286,35 +275,24 @@ class VllmBackend:
             if chunk.error is not None:
                 # vLLM reports failures after the 200 as one error event (engine-side
                 # validation failures arrive this way, before any output).
-                if not produced:
-                    raise _rejection(chunk.error)
-                raise RuntimeError(f"vLLM failed mid-stream: {chunk.error.message}")
-            if not started:
+                if produced:
+                    raise RuntimeError(f"vLLM failed mid-stream: {chunk.error.message}")
+                raise _failure(chunk.error)
+            if not started:  # the first chunk comes once vLLM produced the first token
                 started = True
                 out.started()
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
             if deltas:
                 produced = True
                 out.delta(deltas)
-            if chunk.usage is not None and not chunk.choices:
-                u = chunk.usage
-                cached = u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else None
+            if (u := chunk.usage) is not None and not chunk.choices:  # the final usage chunk
                 usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
-                              cached_tokens=cached)
+                              cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
         out.done(usage)
-
-    @staticmethod
-    def _vllm_request_ids(job_id: str, body: dict[str, Any], chat: bool) -> list[str]:
-        """The external request ids vLLM's serving layer derives from ``request_id``."""
-        if chat:
-            return [f"chatcmpl-{job_id}"]
-        prompt = body.get("prompt")
-        # A list of strings or of token lists is a batch of prompts; vLLM numbers them.
-        many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)
-        return [f"cmpl-{job_id}-{i}" for i in range(len(prompt) if many else 1)]
 
     async def close(self) -> None:
         """Shut the engine down (its core process and background tasks)."""
         if self.engine is not None:
             self.engine.shutdown()
-            self.engine = None
+            # Drop every reference: AsyncLLM.__del__ shuts down again, noisily at interpreter exit.
+            self.engine = self._chat = self._completion = None

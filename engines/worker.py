@@ -125,7 +125,7 @@ class EventWriter:
         await self._idle.wait()
 
     async def run(self) -> None:
-        while True:
+        while True:  # ends by cancellation only: a flush must never be cut short by a flag
             await self._wake.wait()
             self._wake.clear()
             batch, self._batch = self._batch, _Batch()
@@ -201,6 +201,9 @@ class Worker:
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
+        # Background loops end on this flag, not on cancellation alone: a cancellation that
+        # lands inside a Redis call can be swallowed by the client library.
+        self._closed = False
         self._streams = {self.keys.jobs(m): m for m in backend.models}
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -232,9 +235,12 @@ class Worker:
             await self._drain()
         finally:
             await self._deregister()
+            self._closed = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            _, stuck = await asyncio.wait(tasks, timeout=5)
+            if stuck:
+                log.warning("background tasks did not stop: %s", ", ".join(t.get_name() for t in stuck))
             await self.backend.close()
             await self.redis.aclose()
 
@@ -359,7 +365,7 @@ class Worker:
     # ---- cancellation ------------------------------------------------------------------
 
     async def _cancel_listener(self) -> None:
-        while True:
+        while not self._closed:
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.cancel_channel)
@@ -409,7 +415,7 @@ class Worker:
         await pipe.execute()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closed:
             await asyncio.sleep(self.settings.heartbeat_s)
             try:
                 await self._heartbeat_once()
@@ -418,7 +424,7 @@ class Worker:
 
     async def _reclaim_loop(self) -> None:
         interval = max(self.settings.reclaim_idle_ms / 2000, 0.2)
-        while True:
+        while not self._closed:
             await asyncio.sleep(interval)
             if self._stopping.is_set():
                 continue

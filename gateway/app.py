@@ -148,9 +148,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
         try:
             yield
         finally:
+            router.closed = registry.closed = True
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=5)
             try:
                 await redis.delete(router.stream)
             except (ConnectionError, OSError, aioredis.RedisError):

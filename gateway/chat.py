@@ -52,7 +52,7 @@ class ChatRenderer:
     def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes:
         out = []
         for c in choices:
-            tool_calls = [ResponseToolCall(id=t.id or f"call_{rid[-8:]}{i}", type="function",
+            tool_calls = [ResponseToolCall(id=t.id or f"call_{rid[-12:]}_{c.index}_{i}", type="function",
                                            function=ResponseFunction(name=t.name, arguments="".join(t.arguments)))
                           for i, t in sorted(c.tool_calls.items())]
             text = "".join(c.text)
@@ -75,7 +75,9 @@ class ChatRenderer:
             if c.index not in state.seen:  # a choice's first chunk names the role, as OpenAI's does
                 state.seen.add(c.index)
                 role = "assistant"
-            body = ChunkDelta(role=role, content=c.text if c.text or not (tool_calls or c.reasoning) else None,
+            # Content only when there is some (or on the role chunk, as OpenAI's first chunk has "").
+            content = c.text if c.text or (role and not (tool_calls or c.reasoning)) else None
+            body = ChunkDelta(role=role, content=content,
                               reasoning_content=c.reasoning or None, tool_calls=tool_calls)
             reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
             chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[

@@ -30,7 +30,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     # Each uvicorn worker builds its settings from the environment (with its own gateway id).
-    for name in ("host", "port", "redis_url", "request_timeout_s", "max_backlog", "max_body_bytes", "log_level"):
+    for name in ("host", "port", "redis_url", "key_prefix", "request_timeout_s", "max_backlog", "max_body_bytes",
+                 "log_level"):
         value = getattr(args, name, None)
         if value is not None:
             os.environ[f"CONDUIT_{name.upper()}"] = str(value)
@@ -53,7 +54,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from engines.worker import WorkerSettings
 
     _logging(args.log_level)
-    settings = WorkerSettings(redis_url=args.redis_url, engine_id=args.engine_id or "",
+    settings = WorkerSettings(redis_url=args.redis_url, key_prefix=args.key_prefix, engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
     gw.add_argument("--redis-url")
+    gw.add_argument("--key-prefix", help="prefix of every Redis key (several stacks can share one Redis)")
     gw.add_argument("--workers", type=int)
     gw.add_argument("--request-timeout-s", type=float)
     gw.add_argument("--max-backlog", type=int)
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--model", help="model path or name (vllm); 'tiny' builds the offline tiny Llama")
     en.add_argument("--served-name", help="the model name clients use")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
     en.add_argument("--engine-id")
     en.add_argument("--max-concurrency", type=int)
     en.add_argument("--max-model-len", type=int)

@@ -381,6 +381,6 @@ class RequestDecoder:
                 text = f"Invalid value for '{param}': {text}."
             raise InvalidRequest(text, param=param, code="invalid_value" if missing is None else
                                  "missing_required_parameter") from None
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"We could not parse the JSON body of your request ({exc}). Send a valid JSON "
                                  "object.", code="invalid_json") from None

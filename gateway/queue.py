@@ -69,6 +69,8 @@ class ReplyRouter:
         self.stream = stream
         self._codec = codec
         self._waiters: dict[str, asyncio.Queue[Event]] = {}
+        #: Ends :meth:`run` (a cancellation landing inside a Redis call can be swallowed).
+        self.closed = False
 
     def open(self, job_id: str) -> asyncio.Queue[Event]:
         q: asyncio.Queue[Event] = asyncio.Queue()
@@ -89,7 +91,7 @@ class ReplyRouter:
         last_trim = time.monotonic()
         waiters = self._waiters
         decode = self._codec.decode_events
-        while True:
+        while not self.closed:
             try:
                 reply = await self._redis.xread({self.stream: last}, count=1024, block=5000)
             except (ConnectionError, OSError, aioredis.RedisError) as exc:

@@ -33,6 +33,8 @@ class EngineRegistry:
         self._seen: set[str] = set()
         self.redis_ok = False
         self.refreshed = asyncio.Event()
+        #: Ends :meth:`run` (a cancellation landing inside a Redis call can be swallowed).
+        self.closed = False
 
     def is_live(self, model: str) -> bool:
         return model in self.models
@@ -76,7 +78,7 @@ class EngineRegistry:
     async def run(self) -> None:
         """Refresh forever (the lifespan cancels it)."""
         ticks = 0
-        while True:
+        while not self.closed:
             try:
                 await self.refresh()
                 if ticks % 120 == 0:

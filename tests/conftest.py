@@ -1,0 +1,25 @@
+"""Fixtures shared by every test: a real redis-server per session, stacks per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.harness import RedisServer, Stack
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Stack]:
+    """A gateway/engine set of this test's own (own key prefix) on the shared Redis."""
+    s = Stack(redis_server.url, tmp_path)
+    yield s
+    s.stop()

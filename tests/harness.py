@@ -1,0 +1,131 @@
+"""Processes the tests run for real: redis-server, gateways and engines (as `conduit` runs them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+
+from gateway.stack import start_redis, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    """A child process with its output in a log file; stopped with SIGTERM, then SIGKILL."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._out = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._out.close()
+                raise AssertionError(f"{self.proc.args} did not stop within {timeout}s of SIGTERM:\n"
+                                     f"{self.output()[-3000:]}") from None
+        self._out.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self._out.close()
+
+
+class RedisServer:
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.proc = start_redis(self.port, workdir)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+class Stack:
+    """Gateways and engines of one test, sharing a key prefix of their own on a shared Redis."""
+
+    def __init__(self, redis_url: str, workdir: Path) -> None:
+        self.redis_url = redis_url
+        self.prefix = f"t{uuid.uuid4().hex[:8]}"
+        self.workdir = workdir
+        self.procs: list[Proc] = []
+        self.base_url = ""
+        self.port = 0
+
+    def _cli(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        log = self.workdir / f"{name}-{len(self.procs)}.log"
+        proc = Proc([sys.executable, "-m", "gateway.cli", *args], log, env)
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self, **settings: object) -> Proc:
+        """Start a gateway; ``settings`` are GatewaySettings fields (as CONDUIT_* variables)."""
+        self.port = free_port()
+        env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1"}
+        env.update({f"CONDUIT_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", self.redis_url,
+                         "--key-prefix", self.prefix, "--log-level", "warning", env=env)
+        try:
+            wait_for_port(self.port, proc=proc.proc, timeout=30)
+        except Exception as exc:
+            raise RuntimeError(f"gateway did not start:\n{proc.output()}") from exc
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        return proc
+
+    def engine(self, *args: str, model: str | None = None, wait: bool = True, timeout: float = 30,
+               env: dict[str, str] | None = None) -> Proc:
+        """Start an engine (``args`` as for ``conduit engine``); wait until the gateway lists ``model``."""
+        proc = self._cli("engine", "engine", "--redis-url", self.redis_url, "--key-prefix", self.prefix,
+                         "--log-level", "info", *args, env=env)
+        if wait and model:
+            self.wait_for_model(model, proc, timeout=timeout)
+        return proc
+
+    def synthetic(self, model: str = "synthetic", *args: str, wait: bool = True) -> Proc:
+        return self.engine("--kind", "synthetic", "--served-name", model, *args, model=model, wait=wait)
+
+    def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True
+                       ) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and present and not proc.alive():
+                raise RuntimeError(f"engine exited:\n{proc.output()}")
+            ids = {m["id"] for m in httpx.get(f"{self.base_url}/v1/models").json()["data"]}
+            if (model in ids) == present:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'}"
+                           + (f"\n{proc.output()}" if proc else ""))
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()

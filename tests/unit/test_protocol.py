@@ -1,0 +1,307 @@
+"""gateway.protocol.RequestDecoder: valid bodies pass, invalid ones name the field; the error envelope."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.errors import InvalidRequest, encode_error
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImagePart,
+    JsonSchemaResponseFormat,
+    Model,
+    ModelList,
+    NamedToolChoice,
+    RequestDecoder,
+    TextPart,
+)
+from tests.openai_schema import validate
+
+USER = {"role": "user", "content": "Hello"}
+
+
+@pytest.fixture(scope="module")
+def decoder() -> RequestDecoder:
+    return RequestDecoder()
+
+
+def chat_body(**fields: Any) -> bytes:
+    return json.dumps({"model": "tiny", "messages": [USER], **fields}).encode()
+
+
+def completion_body(**fields: Any) -> bytes:
+    return json.dumps({"model": "tiny", "prompt": "Once upon", **fields}).encode()
+
+
+def rejected(call: Any, body: bytes) -> InvalidRequest:
+    with pytest.raises(InvalidRequest) as info:
+        call(body)
+    err = info.value
+    assert err.status == 400 and err.type == "invalid_request_error"
+    assert err.message
+    return err
+
+
+# ---- chat: valid -----------------------------------------------------------------------------
+
+
+def test_chat_minimal(decoder: RequestDecoder) -> None:
+    req = decoder.chat(chat_body())
+    assert isinstance(req, ChatCompletionRequest)
+    assert req.model == "tiny"
+    assert req.messages[0].role == "user" and req.messages[0].content == "Hello"
+    assert req.stream is None and req.stop is None
+
+
+def test_chat_content_parts(decoder: RequestDecoder) -> None:
+    req = decoder.chat(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in"},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+    ]}]}).encode())
+    text, image = req.messages[0].content  # type: ignore[misc]
+    assert isinstance(text, TextPart) and text.text == "What is in"
+    assert isinstance(image, ImagePart) and image.image_url.url == "https://example.com/a.png"
+
+
+def test_chat_tool_conversation(decoder: RequestDecoder) -> None:
+    body = {
+        "model": "tiny",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            USER,
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Oslo"}'}},
+            ]},
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 3}'},
+        ],
+        "tools": [
+            {"type": "function", "function": {
+                "name": "get_weather", "description": "Weather now",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}},
+            {"type": "function", "function": {"name": "get_time"}},
+        ],
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        "parallel_tool_calls": False,
+    }
+    req = decoder.chat(json.dumps(body).encode())
+    assert [m.role for m in req.messages] == ["system", "user", "assistant", "tool"]
+    assert req.messages[2].tool_calls is not None and req.messages[2].tool_calls[0].function.name == "get_weather"
+    assert req.messages[3].tool_call_id == "call_1"
+    assert isinstance(req.tool_choice, NamedToolChoice) and req.tool_choice.function.name == "get_weather"
+    assert req.tools is not None and [t.function.name for t in req.tools] == ["get_weather", "get_time"]
+
+
+@pytest.mark.parametrize("choice", ["none", "auto", "required"])
+def test_chat_tool_choice_strings(decoder: RequestDecoder, choice: str) -> None:
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    assert decoder.chat(chat_body(tools=tools, tool_choice=choice)).tool_choice == choice
+
+
+def test_chat_response_format_json_schema(decoder: RequestDecoder) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    req = decoder.chat(chat_body(response_format={"type": "json_schema", "json_schema": {
+        "name": "answer_1", "schema": schema, "strict": True}}))
+    assert isinstance(req.response_format, JsonSchemaResponseFormat)
+    assert req.response_format.json_schema.schema == schema
+    assert req.response_format.json_schema.strict is True
+
+
+@pytest.mark.parametrize("stop", ["\n", ["a"], ["a", "b", "c", "d"], None])
+def test_chat_stop(decoder: RequestDecoder, stop: Any) -> None:
+    assert decoder.chat(chat_body(stop=stop)).stop == stop
+
+
+def test_chat_streaming_options_and_sampling(decoder: RequestDecoder) -> None:
+    req = decoder.chat(chat_body(stream=True, stream_options={"include_usage": True}, temperature=2, top_p=0,
+                                 n=3, logprobs=True, top_logprobs=20, seed=-1, max_completion_tokens=5))
+    assert req.stream_options is not None and req.stream_options.include_usage is True
+    assert (req.temperature, req.n, req.top_logprobs) == (2, 3, 20)
+
+
+def test_chat_unknown_fields_pass_through(decoder: RequestDecoder) -> None:
+    # vLLM extensions are let through to the engine.
+    req = decoder.chat(chat_body(top_k=5, min_p=0.1, messages=[{**USER, "extra": 1}]))
+    assert req.model == "tiny"
+
+
+# ---- chat: invalid ---------------------------------------------------------------------------
+
+
+def test_malformed_json(decoder: RequestDecoder) -> None:
+    err = rejected(decoder.chat, b'{"model": "tiny", "messages": [')
+    assert err.code == "invalid_json"
+    assert err.param is None
+
+
+@pytest.mark.parametrize("body", [b"", b"   \n"])
+def test_empty_body(decoder: RequestDecoder, body: bytes) -> None:
+    err = rejected(decoder.chat, body)
+    assert err.param is None
+    assert "empty" in err.message
+
+
+def test_body_not_an_object(decoder: RequestDecoder) -> None:
+    err = rejected(decoder.chat, b"[1, 2]")
+    assert err.param is None
+
+
+@pytest.mark.parametrize(("body", "param", "code"), [
+    ({"messages": [USER]}, "model", "missing_required_parameter"),
+    ({"model": "tiny"}, "messages", "missing_required_parameter"),
+    ({"model": "tiny", "messages": []}, "messages", "invalid_value"),
+    ({"model": "tiny", "messages": [{"role": 1, "content": "x"}]}, "messages[0].role", "invalid_value"),
+    ({"model": "tiny", "messages": [USER, {"role": "robot", "content": "x"}]}, "messages[1].role", "invalid_value"),
+    ({"model": "tiny", "messages": [{"content": "x"}]}, "messages[0].role", "missing_required_parameter"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": [{"type": "video"}]}]},
+     "messages[0].content[0].type", "invalid_value"),
+    ({"model": 5, "messages": [USER]}, "model", "invalid_value"),
+])
+def test_chat_schema_errors_name_the_field(decoder: RequestDecoder, body: dict[str, Any], param: str,
+                                           code: str) -> None:
+    err = rejected(decoder.chat, json.dumps(body).encode())
+    assert err.param == param
+    assert err.code == code
+    assert param in err.message
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"temperature": 3}, "temperature"),
+    ({"temperature": -0.1}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"n": 0}, "n"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": 7}, "stop"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "has space"}}},
+     "response_format.json_schema.name"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"),
+])
+def test_chat_out_of_range(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+    err = rejected(decoder.chat, chat_body(**fields))
+    assert err.param == param
+    assert err.code == "invalid_value"
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "get_time"}}],
+      "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+])
+def test_chat_cross_field_rules(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+    err = rejected(decoder.chat, chat_body(**fields))
+    assert err.param == param
+
+
+def test_unknown_tool_is_named(decoder: RequestDecoder) -> None:
+    err = rejected(decoder.chat, chat_body(tools=[{"type": "function", "function": {"name": "a"}}],
+                                           tool_choice={"type": "function", "function": {"name": "zeta"}}))
+    assert "zeta" in err.message
+
+
+# ---- completions -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", ["Once upon", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
+def test_completion_prompt_forms(decoder: RequestDecoder, prompt: Any) -> None:
+    req = decoder.completion(completion_body(prompt=prompt))
+    assert isinstance(req, CompletionRequest)
+    assert req.prompt == prompt
+
+
+@pytest.mark.parametrize(("prompt", "param"), [
+    (["a", 1], "prompt"),
+    ([[1, 2], 3], "prompt"),
+    (["a", [1]], "prompt"),
+    ([], "prompt"),
+    ([[]], "prompt[0]"),
+    ([["a"]], "prompt[0][0]"),
+    (None, "prompt"),
+    ({"text": "x"}, "prompt"),
+])
+def test_completion_bad_prompt(decoder: RequestDecoder, prompt: Any, param: str) -> None:
+    assert rejected(decoder.completion, completion_body(prompt=prompt)).param == param
+
+
+def test_completion_missing_prompt(decoder: RequestDecoder) -> None:
+    err = rejected(decoder.completion, b'{"model": "tiny"}')
+    assert (err.param, err.code) == ("prompt", "missing_required_parameter")
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logprobs": 6}, "logprobs"),
+    ({"stop": ["1", "2", "3", "4", "5"]}, "stop"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"n": 3, "best_of": 2}, "best_of"),
+    ({"stream": True, "best_of": 3}, "best_of"),
+    ({"n": 0}, "n"),
+])
+def test_completion_invalid(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+    assert rejected(decoder.completion, completion_body(**fields)).param == param
+
+
+def test_completion_valid_options(decoder: RequestDecoder) -> None:
+    req = decoder.completion(completion_body(echo=True, logprobs=5, max_tokens=0, suffix="!", best_of=2, n=2,
+                                             stream=True, stream_options={"include_usage": True}, stop="\n"))
+    assert (req.logprobs, req.max_tokens, req.best_of) == (5, 0, 2)
+
+
+# ---- the error envelope ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"{", b"", chat_body(temperature=3), b'{"model": "tiny"}',
+                                  chat_body(top_logprobs=1)])
+def test_error_envelope_matches_openai(decoder: RequestDecoder, body: bytes) -> None:
+    err = rejected(decoder.chat, body)
+    envelope = msgspec.json.decode(encode_error(err))
+    assert list(envelope) == ["error"]
+    assert set(envelope["error"]) == {"message", "type", "param", "code"}
+    assert envelope["error"]["message"] == err.message
+    assert envelope["error"]["param"] == err.param
+    assert isinstance(envelope["error"]["code"], str) and envelope["error"]["code"]
+    validate("ErrorResponse", envelope)
+
+
+def test_error_envelope_keeps_param() -> None:
+    envelope = msgspec.json.decode(encode_error(InvalidRequest("bad", param="messages[0].role", code="invalid_value")))
+    assert envelope == {"error": {"message": "bad", "type": "invalid_request_error", "param": "messages[0].role",
+                                  "code": "invalid_value"}}
+    validate("ErrorResponse", envelope)
+
+
+# ---- GET /v1/models ---------------------------------------------------------------------------
+
+
+def test_model_list_matches_openai() -> None:
+    body = msgspec.json.decode(msgspec.json.encode(ModelList(data=[Model(id="tiny", created=1_700_000_000),
+                                                                   Model(id="big", created=5, owned_by="me")])))
+    validate("ListModelsResponse", body)
+    assert body == {"object": "list", "data": [
+        {"id": "tiny", "created": 1_700_000_000, "object": "model", "owned_by": "conduit"},
+        {"id": "big", "created": 5, "object": "model", "owned_by": "me"}]}
+    validate("ListModelsResponse", {"object": "list", "data": []})
+
+
+# ---- bodies msgspec cannot even read are still a 400, never a 500 -----------------------------
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xe9"}]}',
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "extra": ' + b"[" * 100_000
+    + b"]" * 100_000 + b"}",
+], ids=["invalid-utf8", "deeply-nested"])
+def test_undecodable_bodies_are_invalid_json(decoder: RequestDecoder, body: bytes) -> None:
+    err = rejected(decoder.chat, body)
+    assert err.code == "invalid_json"
