@@ -159,6 +159,14 @@ def mem_of(pids: list[int]) -> dict:
     }
 
 
+def sys_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v) - idle, sum(v)
+
+
 def self_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -494,16 +502,19 @@ def measured(fn):
         c_t0 = cpu_seconds(tree)
         c_x0 = {k: cpu_seconds([p]) for k, p in extra.items()}
         c_l0 = self_cpu()
+        s0 = sys_jiffies()
         w0 = time.perf_counter()
         res = await fn(t, *args)
         wall = time.perf_counter() - w0
+        s1 = sys_jiffies()
         tree2 = pids_for_port(t.port)
         # a worker that exited during the run would make the difference negative; keep the sum over both lists
         c_t1 = cpu_seconds(sorted(set(tree) | set(tree2)))
         res["wall_s"] = round(wall, 3)
         res["cpu_pct"] = {"target": round((c_t1 - c_t0) / wall * 100, 1),
                           **{k: round((cpu_seconds([p]) - c_x0[k]) / wall * 100, 1) for k, p in extra.items()},
-                          "loadgen": round((self_cpu() - c_l0) / wall * 100, 1)}
+                          "loadgen": round((self_cpu() - c_l0) / wall * 100, 1),
+                          "sys": round((s1[0] - s0[0]) / max(1, s1[1] - s0[1]) * 100 * (os.cpu_count() or 1), 1)}
         return res
 
     return wrapper
@@ -531,7 +542,9 @@ def render(results: dict) -> str:
     cfg = results["config"]
     out.append(f"# gateway_path.py  {results['date']}  cores={os.cpu_count()}  "
                f"window={cfg['duration']}s (warmup {cfg['warmup']}s), streams {cfg['stream_duration']}s "
-               f"(warmup {cfg['stream_warmup']}s); closed loop; latency in ms; cpu% 100 = one core")
+               f"(warmup {cfg['stream_warmup']}s); closed loop; latency in ms; "
+               f"cpu% 100 = one core; sys = whole machine ({(os.cpu_count() or 1) * 100} = all cores), "
+               "anything above tgt+other+lg is someone else's")
     rows = []
     for t in results["targets"]:
         for r in t["runs"]:
@@ -539,14 +552,14 @@ def render(results: dict) -> str:
                 continue
             e = r["errors"]
             cpu = r["cpu_pct"]
-            extra = " ".join(f"{k}={v:.0f}" for k, v in cpu.items() if k not in ("target", "loadgen"))
+            extra = " ".join(f"{k}={v:.0f}" for k, v in cpu.items() if k not in ("target", "loadgen", "sys"))
             rows.append([t["label"], r["conc"], fmt(r["rps"], 0), fmt(r["p50_ms"]), fmt(r["p90_ms"]), fmt(r["p99_ms"]),
                          f"{e['non2xx']}/{e['conn'] + e['timeout'] + e['bad_body']}",
-                         f"{cpu['target']:.0f}", extra or "-", f"{cpu['loadgen']:.0f}"])
+                         f"{cpu['target']:.0f}", extra or "-", f"{cpu['loadgen']:.0f}", f"{cpu['sys']:.0f}"])
     if rows:
         out.append(f"\n## Non-streaming (max_tokens {cfg['max_tokens']})")
         out.append(table(["target", "c", "req/s", "p50", "p90", "p99", "non2xx/err", "cpu tgt", "cpu other",
-                          "cpu lg"], rows))
+                          "cpu lg", "cpu sys"], rows))
     rows = []
     for t in results["targets"]:
         for r in t["runs"]:
@@ -554,16 +567,16 @@ def render(results: dict) -> str:
                 continue
             e = r["errors"]
             cpu = r["cpu_pct"]
-            extra = " ".join(f"{k}={v:.0f}" for k, v in cpu.items() if k not in ("target", "loadgen"))
+            extra = " ".join(f"{k}={v:.0f}" for k, v in cpu.items() if k not in ("target", "loadgen", "sys"))
             rows.append([t["label"], r["conc"], fmt(r["streams_per_s"], 1), fmt(r["tokens_per_s"], 0),
                          fmt(r["content_per_stream"], 1), fmt(r["ttft_p50_ms"], 1), fmt(r["ttft_p99_ms"], 1),
                          fmt(r["e2e_p50_ms"], 1), fmt(r["e2e_p99_ms"], 1),
                          f"{e['non2xx']}/{e['conn'] + e['timeout']}/{e['incomplete']}/{e['short']}",
-                         f"{cpu['target']:.0f}", extra or "-", f"{cpu['loadgen']:.0f}"])
+                         f"{cpu['target']:.0f}", extra or "-", f"{cpu['loadgen']:.0f}", f"{cpu['sys']:.0f}"])
     if rows:
         out.append(f"\n## Streaming (max_tokens {cfg['stream_tokens']}; tokens/s = SSE data events/s in the window)")
         out.append(table(["target", "N", "streams/s", "tokens/s", "tok/stream", "ttft p50", "ttft p99", "e2e p50",
-                          "e2e p99", "non2xx/err/inc/short", "cpu tgt", "cpu other", "cpu lg"], rows))
+                          "e2e p99", "non2xx/err/inc/short", "cpu tgt", "cpu other", "cpu lg", "cpu sys"], rows))
     rows = [[t["label"], t["port"], len(t["mem"]["processes"]), fmt(t["mem"]["rss_mib_sum"], 1),
              fmt(t["mem"]["pss_mib_sum"], 1), fmt(t["mem"]["rss_mib_max"], 1)] for t in results["targets"]
             if t.get("mem")]

@@ -188,9 +188,14 @@ done
 {
   echo "date: $(date -Is)"; echo "host: $(uname -srm), $(nproc) cores, $(awk '/MemTotal/{printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
   echo "conduit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet 2>/dev/null || echo ' (+local changes)')"
-  echo "python: $("$ROOT/.venv/bin/python" -V 2>&1); redis: $(redis-server --version | awk '{print $3}'); wrk: $(command -v wrk >/dev/null && (wrk -v 2>&1 | head -1 | awk '{print $2}') || echo none)"
+  echo "python: $("$ROOT/.venv/bin/python" -V 2>&1); redis: $(redis-server --version | awk '{print $3}'); wrk: $(command -v wrk >/dev/null && { wrk -v 2>&1 || true; } | head -1 | awk '{print $2}' || echo none)"
   echo "harness: $([[ $USE_HARNESS == 1 ]] && echo "$HARNESS" || echo none); quick: $QUICK; workers: $WORKERS; litellm: $WITH_LITELLM"
   echo "loadavg before: $(cat /proc/loadavg)"
+  # The machine may be shared: how busy it is before anything of ours runs (200% = both cores busy).
+  read -r b0 t0 < <(awk '/^cpu /{i=$5+$6; s=0; for(k=2;k<=NF;k++) s+=$k; print s-i, s}' /proc/stat)
+  sleep 3
+  read -r b1 t1 < <(awk '/^cpu /{i=$5+$6; s=0; for(k=2;k<=NF;k++) s+=$k; print s-i, s}' /proc/stat)
+  echo "machine CPU busy before start (3 s sample, 200% = all $(nproc) cores): $(awk -v a="$b0" -v b="$b1" -v x="$t0" -v y="$t1" -v n="$(nproc)" 'BEGIN{printf "%.0f%%", (b-a)/(y-x)*100*n}')"
 } > "$OUT/meta.txt"
 
 # ---- Conduit: redis + synthetic engine + gateway(s) ------------------------------------

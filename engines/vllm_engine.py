@@ -36,6 +36,8 @@ class VllmSettings(msgspec.Struct, kw_only=True):
     gpu_memory_utilization: float = 0.9
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
+    #: "auto" pins tool arguments to their schema only for ``strict`` tools; "parameter" always.
+    tool_strict_level: str = "auto"
     reasoning_parser: str | None = None
     #: Any other ``AsyncEngineArgs`` field (e.g. ``distributed_executor_backend="uni"``).
     extra_engine_args: dict[str, Any] = {}
@@ -206,7 +208,8 @@ class VllmBackend:
         self.max_model_len = engine.model_config.max_model_len
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
-        tools = dict(enable_auto_tools=s.enable_auto_tool_choice, tool_parser=s.tool_call_parser)
+        tools = dict(enable_auto_tools=s.enable_auto_tool_choice, tool_parser=s.tool_call_parser,
+                     tool_strict_level=s.tool_strict_level)
         renderer = OnlineRenderer(engine.model_config, engine.renderer, request_logger=None, chat_template=None,
                                   chat_template_content_format="auto", reasoning_parser=s.reasoning_parser, **tools)
         renderer.warmup()

@@ -23,3 +23,13 @@ def stack(redis_server: RedisServer, tmp_path: Path) -> Iterator[Stack]:
     s = Stack(redis_server.url, tmp_path)
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A gateway + synthetic engine shared by a module's tests that only read from it."""
+    s = Stack(redis_server.url, tmp_path_factory.mktemp("shared"))
+    s.gateway(max_body_bytes=4096)
+    s.synthetic()
+    yield s
+    s.stop()

@@ -25,10 +25,8 @@ def envelope(r: httpx.Response) -> dict[str, object]:
 
 
 @pytest.fixture
-def gw(stack: Stack) -> Stack:
-    stack.gateway(max_body_bytes=4096)
-    stack.synthetic()
-    return stack
+def gw(shared_stack: Stack) -> Stack:
+    return shared_stack
 
 
 def test_malformed_json_is_400(gw: Stack) -> None:

@@ -1,0 +1,140 @@
+"""Engines announce themselves: /v1/models and /ready follow live engines; drains and retries."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.harness import Stack, free_port
+from tests.openai_schema import validate
+
+CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_models_follow_engines_that_start_and_stop(stack: Stack) -> None:
+    stack.gateway()
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == []
+    assert httpx.get(f"{stack.base_url}/ready").status_code == 503
+
+    first = stack.synthetic("alpha")
+    second = stack.synthetic("beta")
+    body = httpx.get(f"{stack.base_url}/v1/models").json()
+    validate("ListModelsResponse", body)
+    assert sorted(m["id"] for m in body["data"]) == ["alpha", "beta"]
+    model = httpx.get(f"{stack.base_url}/v1/models/alpha").json()
+    validate("Model", model)
+    assert model["id"] == "alpha" and model["object"] == "model" and model["created"] > 1_600_000_000
+    assert client.models.retrieve("beta").id == "beta"
+    ready = httpx.get(f"{stack.base_url}/ready")
+    assert ready.status_code == 200 and ready.json()["engines"] == 2
+
+    # A stopped engine deregisters at once; its model is then known but down: 503, not 404.
+    assert first.stop() == 0
+    stack.wait_for_model("alpha", present=False, timeout=5)
+    assert [m.id for m in client.models.list()] == ["beta"]
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "model": "alpha"})
+    assert r.status_code == 503
+    assert httpx.get(f"{stack.base_url}/v1/models/alpha").status_code == 404
+
+    # A killed engine (no deregistration) disappears when its heartbeat expires.
+    second.kill()
+    stack.wait_for_model("beta", present=False, timeout=15)
+
+
+def test_model_ids_with_slashes(stack: Stack) -> None:
+    stack.gateway()
+    stack.synthetic("org/model-7b")
+    r = httpx.get(f"{stack.base_url}/v1/models/org/model-7b")
+    assert r.status_code == 200 and r.json()["id"] == "org/model-7b"
+
+
+def test_engine_drains_in_flight_jobs_on_sigterm(stack: Stack) -> None:
+    stack.gateway()
+    engine = stack.synthetic("synthetic", "--token-delay", "0.2", "--tokens", "10")
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.update(
+        r=httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=30)))
+    t.start()
+    time.sleep(0.8)  # the job is running (about 2 s of tokens)
+    assert engine.stop() == 0
+    t.join()
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 10
+
+
+def test_job_of_a_dead_engine_is_retried_elsewhere(stack: Stack) -> None:
+    """An engine killed before any output: its job is reclaimed by another engine and succeeds."""
+    stack.gateway()
+    # First token only after 3 s: the job is taken but has produced nothing when we kill.
+    doomed = stack.synthetic("synthetic", "--first-token-delay", "3", "--reclaim-idle-ms", "1000")
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.update(
+        r=httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 3}, timeout=60)))
+    t.start()
+    time.sleep(1.0)
+    doomed.kill()
+    stack.synthetic("synthetic", "--reclaim-idle-ms", "1000")
+    t.join()
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "tok tok tok "
+
+
+def test_stream_of_a_dead_engine_ends_with_an_error_not_duplicates(stack: Stack) -> None:
+    """Output already reached the client: a reclaimed job fails cleanly instead of re-running."""
+    stack.gateway()
+    doomed = stack.synthetic("synthetic", "--token-delay", "0.3", "--tokens", "50", "--reclaim-idle-ms", "1000")
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json={**CHAT, "stream": True},
+                      timeout=60) as s:
+        assert s.status_code == 200
+        lines = s.iter_lines()
+        events: list[str] = []
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(line)
+                if len(events) == 3:
+                    doomed.kill()
+                    stack.synthetic("synthetic", "--reclaim-idle-ms", "1000", wait=False)
+                    break
+        events.extend(line for line in lines if line.startswith("data: "))
+    assert events[-1] == "data: [DONE]"
+    assert '"engine_lost"' in events[-2], events[-2]
+    content = [e for e in events[:-2] if '"content"' in e]
+    assert len(content) <= 4, "no token may be sent twice"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_engine_job(stack: Stack, stream: bool) -> None:
+    metrics_port = free_port()
+    stack.gateway()
+    stack.synthetic("synthetic", "--token-delay", "0.2", "--tokens", "100", "--metrics-port", str(metrics_port))
+    body = {**CHAT, "stream": stream}
+    if stream:
+        # Read a few tokens, then hang up.
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=10) as s:
+            got = 0
+            for line in s.iter_lines():
+                got += line.startswith("data: ")
+                if got == 3:
+                    break
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=1.0)
+    # The engine hears of it and stops the job long before its 20 s of tokens.
+    deadline = time.monotonic() + 10
+    pattern = re.compile(r'conduit_engine_jobs_total\{[^}]*outcome="cancelled"[^}]*\} (\d+)')
+    while time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        m = pattern.search(text)
+        if m and float(m.group(1)) >= 1:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"engine never reported a cancelled job:\n{text}")
