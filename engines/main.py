@@ -19,6 +19,7 @@ async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int
     worker = Worker(backend, settings)
     telemetry = Telemetry("conduit-engine", worker.engine_id)
     worker.metrics = EngineMetrics(telemetry.provider)
+    worker.metrics.watch_backend(backend)
     if metrics_port:
         telemetry.serve(metrics_port)
     loop = asyncio.get_running_loop()

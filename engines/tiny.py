@@ -17,6 +17,10 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 #: Files whose presence means a build finished (it is renamed into place at the end).
 _REQUIRED = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -84,7 +88,8 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _train_tokenizer(seed: int, vocab_size: int):  # -> PreTrainedTokenizerFast
+def _train_tokenizer(seed: int, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Llama-style BOS and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -114,6 +119,9 @@ def _is_complete(path: Path) -> bool:
 
 def build_tiny_llama(path: Path, *, seed: int = 0, vocab_size: int = 1536) -> Path:
     """Write a tiny random Llama (HF format, safetensors) to ``path`` and return ``path``.
+
+    About 600K parameters in bfloat16; ``vocab_size`` is an upper bound (the corpus yields
+    ~1,200 tokens). Use ``tool_call_parser="hermes"`` with it: the template speaks Hermes.
 
     Idempotent: a directory that already holds a complete model is returned untouched.
     The model is built in a sibling temporary directory and renamed into place, so
@@ -145,11 +153,13 @@ def build_tiny_llama(path: Path, *, seed: int = 0, vocab_size: int = 1536) -> Pa
         # Chat turns end with <|im_end|>; either token stops generation.
         GenerationConfig(bos_token_id=ids[BOS], eos_token_id=[ids[EOS], ids[IM_END]],
                          pad_token_id=ids[PAD]).save_pretrained(tmp)
-        if _is_complete(path):  # another builder won the race
-            return path
-        if path.exists():
-            shutil.rmtree(path)  # an incomplete leftover
-        os.replace(tmp, path)
+        if path.exists() and not _is_complete(path):
+            shutil.rmtree(path, ignore_errors=True)  # an incomplete leftover, not a builder's
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not _is_complete(path):  # else another builder won the race: use its model
+                raise
         return path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -159,8 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     """``build-tiny [--path P] [--seed N]``: build the tiny model and print its path."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="conduit models build-tiny", description=main.__doc__)
-    parser.add_argument("--path", type=Path, default=None, help="target directory (default: $CONDUIT_CACHE_DIR or ~/.cache/conduit, then models/tiny-llama)")
+    parser = argparse.ArgumentParser(prog="conduit models build-tiny",
+                                     description="Build the tiny random Llama (offline) and print its path.")
+    parser.add_argument("--path", type=Path, default=None,
+                        help="target directory (default: $CONDUIT_CACHE_DIR or ~/.cache/conduit, + models/tiny-llama)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(build_tiny_llama(args.path or default_model_dir(), seed=args.seed))

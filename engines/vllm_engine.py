@@ -11,7 +11,6 @@ vLLM is imported lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from typing import Any, Generic, TypeVar
 
@@ -19,6 +18,7 @@ import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+
 
 class VllmSettings(msgspec.Struct, kw_only=True):
     """How to start vLLM for one model (built at the engine entrypoint, passed in)."""
@@ -133,7 +133,7 @@ def _failure(error: _Error) -> Exception:
     if status >= 500 and status != 503:
         return RuntimeError(f"vLLM failed the request: {error.message}")
     return JobRejected(
-        error.message, status=status, code=_CODES.get(status, "invalid_request" if status < 500 else "engine_error"),
+        error.message, status=status, code=_CODES.get(status, "invalid_request"),
         # vLLM names Python-style types ("BadRequestError"); clients expect OpenAI's.
         type="invalid_request_error" if status < 500 else "server_error", param=error.param)
 
@@ -208,8 +208,8 @@ class VllmBackend:
         self.max_model_len = engine.model_config.max_model_len
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
-        tools = dict(enable_auto_tools=s.enable_auto_tool_choice, tool_parser=s.tool_call_parser,
-                     tool_strict_level=s.tool_strict_level)
+        tools: dict[str, Any] = {"enable_auto_tools": s.enable_auto_tool_choice, "tool_parser": s.tool_call_parser,
+                                 "tool_strict_level": s.tool_strict_level}
         renderer = OnlineRenderer(engine.model_config, engine.renderer, request_logger=None, chat_template=None,
                                   chat_template_content_format="auto", reasoning_parser=s.reasoning_parser, **tools)
         renderer.warmup()
@@ -256,8 +256,6 @@ class VllmBackend:
             # vLLM's generate() aborts only if the cancel lands inside it; aborting by the
             # external ids vLLM derives from ``request_id`` is idempotent, so always do it.
             self.aborted_requests += 1
-            with contextlib.suppress(Exception):
-                await result.aclose()
             prompt = body.get("prompt")
             many = isinstance(prompt, list) and prompt and not isinstance(prompt[0], int)  # a batch
             await self.engine.abort([f"chatcmpl-{job.id}"] if chat else

@@ -75,10 +75,15 @@ def cmd_engine(args: argparse.Namespace) -> int:
         extra: dict[str, object] = {}
         if args.cpu:
             extra["distributed_executor_backend"] = "uni"
+        tiny = args.model in (None, "tiny")
         backend = VllmBackend(VllmSettings(
-            model=model, served_name=args.served_name or ("tiny-llama" if args.model in (None, "tiny") else None),
+            model=model, served_name=args.served_name or ("tiny-llama" if tiny else None),
             max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
-            enforce_eager=args.enforce_eager, extra_engine_args=extra))
+            enforce_eager=args.enforce_eager, extra_engine_args=extra,
+            # The tiny model's chat template speaks the Hermes tool-call format.
+            tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
+            enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
+            reasoning_parser=args.reasoning_parser))
     asyncio.run(serve(backend, settings, metrics_port=args.metrics_port))
     return 0
 
@@ -134,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--max-model-len", type=int)
     en.add_argument("--enforce-eager", action="store_true")
     en.add_argument("--cpu", action="store_true", help="run vLLM in-process on the CPU")
+    en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
+    en.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto"')
+    en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
     en.add_argument("--metrics-port", type=int)
     en.add_argument("--reclaim-idle-ms", type=int, default=5000)
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")

@@ -8,7 +8,7 @@ Instruments are created per process from a meter provider passed in (see
 
 from __future__ import annotations
 
-from opentelemetry.metrics import Meter, MeterProvider, NoOpMeterProvider
+from opentelemetry.metrics import Meter, MeterProvider, NoOpMeterProvider, Observation
 
 # Seconds buckets that resolve both sub-millisecond gateway work and minute-long generations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -63,13 +63,28 @@ class EngineMetrics:
     """Instruments of an engine process."""
 
     def __init__(self, provider: MeterProvider) -> None:
-        m = _meter(provider, "conduit.engine")
+        m = self._meter = _meter(provider, "conduit.engine")
         self.jobs = m.create_counter(
             "conduit.engine.jobs", unit="{job}",
             description="Jobs ended, by outcome (ok, rejected, cancelled, expired, error, lost, dead_letter)")
         self.job_duration = m.create_histogram(
             "conduit.engine.job.duration", unit="s", description="Time an engine spent on a successful job",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+
+    def watch_backend(self, backend: object) -> None:
+        """Export a backend's own counters where it has them (vLLM: unfinished and aborted requests)."""
+        m = self._meter
+        unfinished = getattr(backend, "unfinished_requests", None)
+        if callable(unfinished):
+            m.create_observable_gauge(
+                "conduit.engine.backend.unfinished_requests", unit="{request}",
+                description="Requests the inference engine itself still holds (vLLM's own count)",
+                callbacks=[lambda _options: [Observation(unfinished())]])
+        if hasattr(backend, "aborted_requests"):
+            m.create_observable_counter(
+                "conduit.engine.backend.aborted_requests", unit="{request}",
+                description="Requests aborted inside the inference engine (client gone)",
+                callbacks=[lambda _options: [Observation(backend.aborted_requests)]])  # type: ignore[attr-defined]
 
     def job_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
         self.jobs.add(1, {"gen_ai.request.model": model, "outcome": outcome})
