@@ -127,5 +127,12 @@ class Stack:
                            + (f"\n{proc.output()}" if proc else ""))
 
     def stop(self) -> None:
+        """Stop every process, then report the first that would not stop."""
+        errors: list[AssertionError] = []
         for p in reversed(self.procs):
-            p.stop()
+            try:
+                p.stop()
+            except AssertionError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
