@@ -134,12 +134,29 @@ stop_one() {  # pid name
   # workers left behind in the group (a supervisor that died first)
   if pgrep -g "$pid" >/dev/null 2>&1; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
 }
+# A long step (harness, gateway_path.py) runs in the background and is waited for, so a
+# signal to this script is handled at once (bash defers traps until a foreground child ends).
+STEP_PID=""
+run_step() {  # logfile command...
+  local logf="$1" rc=0; shift
+  ( set -o pipefail; "$@" 2>&1 | tee "$logf" ) &
+  STEP_PID=$!
+  wait "$STEP_PID" || rc=$?
+  STEP_PID=""
+  return $rc
+}
+kill_tree() {  # pid: the process and its descendants, by pid
+  local p="$1" c
+  for c in $(pgrep -P "$p" 2>/dev/null); do kill_tree "$c"; done
+  kill -TERM "$p" 2>/dev/null || true
+}
 CLEANED=0
 cleanup() {
   local rc=$? i left=()
   [[ $CLEANED == 1 ]] && return 0
   CLEANED=1
   trap - INT TERM
+  if [[ -n $STEP_PID ]]; then log "interrupted: stopping the running step"; kill_tree "$STEP_PID"; sleep 1; fi
   for (( i=${#PIDS[@]}-1; i>=0; i-- )); do stop_one "${PIDS[$i]}" "${NAMES[$i]}"; done
   sleep 0.5
   for i in "${!PIDS[@]}"; do
@@ -245,7 +262,7 @@ fi
 if [[ $WITH_LITELLM == 1 ]]; then
   wait_http "http://127.0.0.1:$L1_PORT/health/liveliness" 240 "$L1_PID" litellm-1w
   wait_http "http://127.0.0.1:$L2_PORT/health/liveliness" 240 "$L2_PID" litellm-2w
-  echo "litellm: $(timeout 60 "$LITELLM" --version 2>/dev/null | tail -1 || echo '?')" >> "$OUT/meta.txt"
+  echo "litellm: $("$LVENV/bin/python" -c 'import importlib.metadata as m; print(m.version("litellm"))' 2>/dev/null || echo '?')" >> "$OUT/meta.txt"
 fi
 log "all targets up; results -> $OUT"
 
@@ -272,11 +289,9 @@ if [[ $USE_HARNESS == 1 ]]; then
     HARNESS_TIMEOUT=$(( 2 * per * ${#TARGETS[@]} * REPEATS + 300 ))
   fi
   log "harness: peer_overhead.sh (limit ${HARNESS_TIMEOUT}s) targets: ${TARGETS[*]}"
-  set +e
-  timeout --kill-after=30 "$HARNESS_TIMEOUT" bash "$HARNESS/peer_overhead.sh" "${HARGS[@]}" "${EXTRA[@]}" \
-    2>&1 | tee "$OUT/logs/harness.log"
-  HARNESS_RC=${PIPESTATUS[0]}
-  set -e
+  HARNESS_RC=0
+  run_step "$OUT/logs/harness.log" timeout --kill-after=30 "$HARNESS_TIMEOUT" \
+    bash "$HARNESS/peer_overhead.sh" "${HARGS[@]}" "${EXTRA[@]}" || HARNESS_RC=$?
   log "harness exit status: $HARNESS_RC"
   if [[ $WITH_LITELLM == 1 && -f $OUT/harness/results.jsonl ]]; then
     "$BPY" "$HARNESS/report.py" "$OUT/harness/results.jsonl" --baseline mock --peer litellm-1w \
@@ -296,11 +311,9 @@ if [[ $USE_GP == 1 ]]; then
   gp_limit=$(( (${#GP_TARGETS[@]} / 2) * (4 * 30 + 60) + 300 ))
   if [[ $QUICK == 1 ]]; then GP_ARGS+=(--quick); gp_limit=$(( (${#GP_TARGETS[@]} / 2) * (4 * 12 + 30) + 200 )); fi
   log "gateway_path.py (limit ${gp_limit}s)"
-  set +e
-  timeout --kill-after=15 "$gp_limit" "$BPY" "$BENCH_DIR/gateway_path.py" "${GP_TARGETS[@]}" "${GP_ARGS[@]}" \
-    2>&1 | tee "$OUT/logs/gateway_path.log"
-  GP_RC=${PIPESTATUS[0]}
-  set -e
+  GP_RC=0
+  run_step "$OUT/logs/gateway_path.log" timeout --kill-after=15 "$gp_limit" \
+    "$BPY" "$BENCH_DIR/gateway_path.py" "${GP_TARGETS[@]}" "${GP_ARGS[@]}" || GP_RC=$?
   log "gateway_path.py exit status: $GP_RC"
 fi
 

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Chat, streamed chat and a legacy completion against a running Conduit (`conduit up`).
+set -euo pipefail
+BASE=${CONDUIT_URL:-http://127.0.0.1:8000/v1}
+MODEL=${MODEL:-tiny-llama}
+
+curl -sS "$BASE/models"; echo
+
+curl -sS "$BASE/chat/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"max_tokens\": 16,
+  \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}]}"; echo
+
+curl -sS -N "$BASE/chat/completions" -H 'Content-Type: application/json' -d "{
+  \"model\": \"$MODEL\", \"max_tokens\": 8, \"stream\": true, \"stream_options\": {\"include_usage\": true},
+  \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}"
+
+curl -sS "$BASE/completions" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 8, \"logprobs\": 2}"; echo
