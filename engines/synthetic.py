@@ -73,6 +73,8 @@ class SyntheticBackend:
             last = i == count - 1
             reason = ("length" if limit is not None and count == limit else "stop") if last else None
             out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)])
-            # Yield between tokens even at zero delay, so many jobs interleave like real streams.
-            await asyncio.sleep(s.token_delay_s)
+            # At zero delay every token exists at once (like a backend that answers instantly):
+            # they go out together. With a delay, tokens trickle like a real model's steps.
+            if s.token_delay_s:
+                await asyncio.sleep(s.token_delay_s)
         out.done(Usage(prompt_tokens=prompt_tokens, completion_tokens=count * n))

@@ -87,7 +87,8 @@ class _Batch:
     def __init__(self) -> None:
         self.events: dict[str, list[Event]] = {}
         self.acks: list[tuple[str, bytes]] = []
-        self.markers: list[str] = []
+        #: entry id -> "output started" key of jobs whose first output is in this batch.
+        self.markers: dict[bytes, str] = {}
 
 
 class EventWriter:
@@ -112,8 +113,9 @@ class EventWriter:
         self._idle.clear()
         self._wake.set()
 
-    def mark_output(self, key: str) -> None:
-        self._batch.markers.append(key)
+    def mark_output(self, entry_id: bytes, key: str) -> None:
+        """Record, with the next flush, that a job's output began (so it is never re-run)."""
+        self._batch.markers[entry_id] = key
 
     def ack(self, stream: str, entry_id: bytes) -> None:
         """Ack (and delete) a job after the events emitted before this call are written."""
@@ -142,8 +144,12 @@ class EventWriter:
 
     async def _write(self, batch: _Batch) -> None:
         pipe = self._redis.pipeline(transaction=False)
-        for key in batch.markers:
-            pipe.set(key, b"1", px=self._marker_ttl_ms)
+        if batch.markers:
+            # A job acked in this same round trip can never be reclaimed: no marker needed.
+            for _, entry_id in batch.acks:
+                batch.markers.pop(entry_id, None)
+            for key in batch.markers.values():
+                pipe.set(key, b"1", px=self._marker_ttl_ms)
         maxlen = self._settings.reply_maxlen
         for reply_to, events in batch.events.items():
             pipe.xadd(reply_to, {b"e": self._codec.encode(events)}, maxlen=maxlen, approximate=True)
@@ -177,7 +183,7 @@ class _Output:
         run = self._run
         if not run.output_marked:
             run.output_marked = True
-            self._worker.writer.mark_output(self._worker.keys.output_started(run.job.model, run.job.id))
+            self._worker.writer.mark_output(run.entry_id, self._worker.keys.output_started(run.job.model, run.job.id))
         self._worker.writer.emit(run.job.reply_to, Delta(job=run.job.id, choices=choices, attempt=run.attempt))
 
     def done(self, usage: Usage) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
-from typing import Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
@@ -16,6 +16,14 @@ from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
 from telemetry.instruments import GatewayMetrics
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+# Put in a ticket's queue by the disconnect watcher; never sent by an engine.
+_CLIENT_GONE: Any = object()
 
 
 def new_id(prefix: str) -> str:
@@ -113,8 +121,24 @@ class Dispatcher:
                 except TimeoutError:
                     raise DeadlineExceeded("The request did not finish within "
                                            f"{self.settings.request_timeout_s:g}s.") from None
+            if event is _CLIENT_GONE:
+                raise ClientDisconnected
             if ticket.accept(event):
                 return event
+
+    def watch_disconnect(self, ticket: Ticket,
+                         receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> asyncio.Task[None]:
+        """Wake the request waiting on ``ticket`` with :class:`ClientDisconnected` if its client leaves.
+
+        Only for requests whose body was read in full: the next ASGI message is then the disconnect.
+        """
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            ticket.events.put_nowait(_CLIENT_GONE)
+
+        return asyncio.get_running_loop().create_task(watch())
 
     async def events(self, ticket: Ticket) -> AsyncIterator[list[Event]]:
         """Events in batches: everything already delivered comes together (one write)."""

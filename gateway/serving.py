@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
-import msgspec
 from litestar import Request, Response
 from litestar.response import Stream
 
 from engines.wire import ChoiceDelta, Delta, Done, Failed, SampledLogprob, Started, Usage
-from gateway.dispatch import Dispatcher, Ticket, engine_failure, new_id
+from gateway.dispatch import ClientDisconnected, Dispatcher, Ticket, engine_failure, new_id
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.protocol import CompletionUsage, PromptTokensDetails
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
-_ENCODER = msgspec.json.Encoder()
 
 
 class ToolCallState:
@@ -124,22 +122,18 @@ class Generation:
     # ---- non-streaming -----------------------------------------------------------------
 
     async def _collect_or_disconnect(self, request: Request[Any, Any, Any], ticket: Ticket, n: int) -> Response[Any]:
-        collect = asyncio.ensure_future(self._collect(ticket, n))
-        gone = asyncio.ensure_future(_disconnected(request))
+        watcher = self.dispatcher.watch_disconnect(ticket, request.receive)
         try:
-            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            gone.cancel()
-        if not collect.done():
+            content = await self._collect(ticket, n)
+        except ClientDisconnected:
             # The client left before the answer: abort the engine's work.
-            collect.cancel()
             self.dispatcher.close(ticket, abandoned=True)
             return Response(content=b"", status_code=499)
-        try:
-            content = collect.result()
         except ConduitError:
             self._end(ticket, abandoned=True, status=None)
             raise
+        finally:
+            watcher.cancel()
         self._end(ticket, abandoned=False, status=200)
         return Response(content=content, media_type="application/json")
 
@@ -241,15 +235,3 @@ class Generation:
 
 def _error_event(exc: ConduitError | Exception) -> bytes:
     return b"data: " + encode_error(from_exception(exc)) + b"\n\n"
-
-
-async def _disconnected(request: Request[Any, Any, Any]) -> None:
-    """Returns when the client closes the connection (the body was already read)."""
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-def sse(obj: Any, enc: Callable[[Any], bytes] = _ENCODER.encode) -> bytes:
-    return b"data: " + enc(obj) + b"\n\n"
