@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engines.backend import Backend, JobRejected
+from engines.lane import RedisLane, stream_entries
 from engines.wire import (
     ENGINE_GROUP,
     ChoiceDelta,
@@ -99,7 +100,7 @@ class EventWriter:
     """
 
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings, ttl_ms: int) -> None:
-        self._redis = redis
+        self.lane = RedisLane(redis, "events")
         self._codec = codec
         self._settings = settings
         self._marker_ttl_ms = ttl_ms
@@ -143,20 +144,22 @@ class EventWriter:
                 self._idle.set()
 
     async def _write(self, batch: _Batch) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        cmds: list[tuple[object, ...]] = []
         if batch.markers:
             # A job acked in this same round trip can never be reclaimed: no marker needed.
             for _, entry_id in batch.acks:
                 batch.markers.pop(entry_id, None)
-            for key in batch.markers.values():
-                pipe.set(key, b"1", px=self._marker_ttl_ms)
+            cmds.extend(("SET", key, b"1", "PX", self._marker_ttl_ms) for key in batch.markers.values())
         maxlen = self._settings.reply_maxlen
-        for reply_to, events in batch.events.items():
-            pipe.xadd(reply_to, {b"e": self._codec.encode(events)}, maxlen=maxlen, approximate=True)
+        encode = self._codec.encode
+        cmds.extend(("XADD", reply_to, "MAXLEN", "~", maxlen, "*", b"e", encode(events))
+                    for reply_to, events in batch.events.items())
         for stream, entry_id in batch.acks:
-            pipe.xack(stream, ENGINE_GROUP, entry_id)
-            pipe.xdel(stream, entry_id)
-        await pipe.execute()
+            cmds.append(("XACK", stream, ENGINE_GROUP, entry_id))
+            cmds.append(("XDEL", stream, entry_id))
+        for reply in await self.lane.pipeline(cmds):
+            if isinstance(reply, Exception):
+                log.error("redis refused an event write: %s", reply)
 
 
 class _Output:
@@ -221,6 +224,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
+        self.writer.lane.start()
         for stream in self._streams:
             try:
                 await self.redis.xgroup_create(stream, ENGINE_GROUP, id="0", mkstream=True)
@@ -247,6 +251,7 @@ class Worker:
             _, stuck = await asyncio.wait(tasks, timeout=5)
             if stuck:
                 log.warning("background tasks did not stop: %s", ", ".join(t.get_name() for t in stuck))
+            await self.writer.lane.close()
             await self.backend.close()
             await self.redis.aclose()
 
@@ -272,8 +277,10 @@ class Worker:
     # ---- reading jobs ------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        consumer = self.engine_id
-        streams = {s: ">" for s in self._streams}
+        read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
+        tail = ("BLOCK", 1000, "STREAMS", *self._streams, *(">" for _ in self._streams))
+        lane = RedisLane(self.redis, "jobs", blocking=True)  # its own connection: XREADGROUP blocks
+        lane.start()
         stop = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -284,24 +291,24 @@ class Worker:
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    read = asyncio.ensure_future(
-                        self.redis.xreadgroup(ENGINE_GROUP, consumer, streams, count=free, block=1000))
+                    read = lane.pipeline([(*read_cmd, free, *tail)])
                     await asyncio.wait([read, stop], return_when=asyncio.FIRST_COMPLETED)
-                    if not read.done():
-                        # Stopping: let the blocked read finish so no job is left half-read.
-                        reply = await read
-                    else:
-                        reply = read.result()
+                    # Stopping or not, let a blocked read finish so no job is left half-read.
+                    (reply,) = await read
+                    if isinstance(reply, Exception):
+                        raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
                     log.warning("reading jobs failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
                     continue
-                for stream, entries in reply or []:
-                    stream = stream.decode() if isinstance(stream, bytes) else stream
+                for stream_key, entries in stream_entries(reply):
+                    stream = stream_key.decode()
                     for entry_id, fields in entries:
-                        self._accept(stream, entry_id, fields, attempt=1)
+                        self._accept(stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)),
+                                     attempt=1)
         finally:
             stop.cancel()
+            await lane.close()
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> None:
         try:

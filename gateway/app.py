@@ -132,8 +132,9 @@ def create_app(settings: GatewaySettings) -> Litestar:
         registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
                                   configured=settings.models)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec)
-        dispatcher = Dispatcher(settings, registry, JobQueue(redis, keys, codec, max_backlog=settings.max_backlog),
-                                router, gw_metrics)
+        queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
+        queue.lane.start()
+        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
                                       decoder=RequestDecoder(), chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
@@ -152,6 +153,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)
+            await queue.lane.close()
             try:
                 await redis.delete(router.stream)
             except (ConnectionError, OSError, aioredis.RedisError):

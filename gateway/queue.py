@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
+from engines.lane import RedisLane, stream_entries
 from engines.wire import Codec, Event, Job, Keys
 
 log = logging.getLogger("conduit.gateway")
@@ -31,7 +34,10 @@ class BacklogFull(Exception):
 
 
 class JobQueue:
-    """Writes jobs to the model's stream, refusing them when its backlog is full."""
+    """Writes jobs to the model's stream, refusing them when its backlog is full.
+
+    Submissions of concurrent requests share one pipelined round trip (a :class:`RedisLane`).
+    """
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, codec: Codec, *, max_backlog: int) -> None:
         self._redis = redis
@@ -39,19 +45,26 @@ class JobQueue:
         self._codec = codec
         self._max_backlog = max_backlog
         self._cap = max(max_backlog * 4, 10_000)
-        self._submit = redis.register_script(_SUBMIT)
+        self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
+        self.lane = RedisLane(redis, "submit")
 
     async def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`BacklogFull` instead of queueing past the limit."""
-        res = await self._submit(keys=[self._keys.jobs(job.model)],
-                                 args=[self._max_backlog, self._cap, self._codec.encode(job)])
+        args = ("EVALSHA", self._sha, 1, self._keys.jobs(job.model), self._max_backlog, self._cap,
+                self._codec.encode(job))
+        try:
+            res = await self.lane.execute(*args)
+        except NoScriptError:
+            # Redis restarted (or flushed its scripts) since we last loaded it.
+            await self.lane.execute("SCRIPT", "LOAD", _SUBMIT)
+            res = await self.lane.execute(*args)
         if res != -1:
             raise BacklogFull(int(res))
 
     async def cancel(self, job_id: str) -> None:
         """Tell every engine that the client of ``job_id`` went away."""
         try:
-            await self._redis.publish(self._keys.cancel_channel, job_id)
+            await self.lane.execute("PUBLISH", self._keys.cancel_channel, job_id)
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             log.warning("could not publish cancellation of %s: %s", job_id, exc)
 
@@ -85,37 +98,42 @@ class ReplyRouter:
         return len(self._waiters)
 
     async def run(self) -> None:
-        """Read and dispatch forever (the lifespan cancels it)."""
+        """Read and dispatch until :attr:`closed` (the lifespan also cancels it)."""
         # The stream is new with this process (its name carries a fresh id): read it whole.
-        last: bytes | str = "0-0"
+        last: bytes = b"0-0"
         last_trim = time.monotonic()
         waiters = self._waiters
         decode = self._codec.decode_events
-        while not self.closed:
-            try:
-                reply = await self._redis.xread({self.stream: last}, count=1024, block=5000)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
-                log.warning("reading replies failed (%s); retrying", exc)
-                await asyncio.sleep(0.2)
-                continue
-            for _stream, entries in reply or ():
-                for entry_id, fields in entries:
-                    last = entry_id
-                    try:
-                        events = decode(fields[b"e"])
-                    except Exception:  # noqa: BLE001 - one bad entry must not stop the reader
-                        log.exception("dropping undecodable reply entry %s", entry_id)
-                        continue
-                    for event in events:
-                        q = waiters.get(event.job)
-                        if q is not None:
-                            q.put_nowait(event)
-            now = time.monotonic()
-            if now - last_trim > 1.0 and last != "0-0":
-                last_trim = now
-                # Consumed entries are of no further use: keep the stream short.
+        lane = RedisLane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
+        lane.start()
+        try:
+            while not self.closed:
                 try:
-                    await self._redis.xtrim(self.stream, minid=last, approximate=True)
-                    await self._redis.expire(self.stream, 3600)
-                except (ConnectionError, OSError, aioredis.RedisError):
-                    pass
+                    reply = await lane.execute("XREAD", "COUNT", 1024, "BLOCK", 5000, "STREAMS", self.stream, last)
+                except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                    log.warning("reading replies failed (%s); retrying", exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                for _stream, entries in stream_entries(reply):
+                    for entry_id, fields in entries:
+                        last = entry_id
+                        try:
+                            events = decode(fields[1])
+                        except Exception:  # noqa: BLE001 - one bad entry must not stop the reader
+                            log.exception("dropping undecodable reply entry %s", entry_id)
+                            continue
+                        for event in events:
+                            q = waiters.get(event.job)
+                            if q is not None:
+                                q.put_nowait(event)
+                now = time.monotonic()
+                if now - last_trim > 1.0 and last != b"0-0":
+                    last_trim = now
+                    # Consumed entries are of no further use: keep the stream short.
+                    try:
+                        await self._redis.xtrim(self.stream, minid=last, approximate=True)
+                        await self._redis.expire(self.stream, 3600)
+                    except (ConnectionError, OSError, aioredis.RedisError):
+                        pass
+        finally:
+            await lane.close()
