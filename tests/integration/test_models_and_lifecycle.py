@@ -138,3 +138,44 @@ def test_client_disconnect_cancels_the_engine_job(stack: Stack, stream: bool) ->
         time.sleep(0.2)
     else:
         pytest.fail(f"engine never reported a cancelled job:\n{text}")
+
+
+def test_job_that_kills_every_engine_is_dead_lettered(stack: Stack) -> None:
+    """After max attempts the job goes to the dead-letter stream and its client gets an error."""
+    import redis
+
+    stack.gateway()
+    args = ("--first-token-delay", "30", "--reclaim-idle-ms", "600")
+    engine = stack.synthetic("synthetic", *args)
+    result: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: result.update(
+        r=httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=60)))
+    t.start()
+    r = redis.Redis.from_url(stack.redis_url)
+    jobs = f"{stack.prefix}:jobs:{{synthetic}}"
+    for _ in range(3):  # three engines in a row take the job and die before any output
+        deadline = time.monotonic() + 15
+        while not r.xpending(jobs, "engines")["pending"] or not engine.alive():
+            assert time.monotonic() < deadline, "the job was never taken"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        engine.kill()
+        engine = stack.synthetic("synthetic", *args, wait=False)
+    t.join()
+    resp = result["r"]
+    assert resp.status_code == 502, resp.text
+    assert resp.json()["error"]["code"] == "engine_failed"
+    dead = r.xrange(f"{stack.prefix}:dead:{{synthetic}}")
+    assert len(dead) == 1 and dead[0][1][b"attempts"] == b"3"
+
+
+def test_gateway_exports_metrics(stack: Stack) -> None:
+    stack.gateway()
+    stack.synthetic()
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "a b c"}], max_tokens=4)
+    text = httpx.get(f"{stack.base_url}/metrics").text
+    assert re.search(r'gen_ai_server_request_duration_seconds_count\{[^}]*gen_ai_request_model="synthetic"[^}]*\} 1',
+                     text), text
+    assert re.search(r'gen_ai_client_token_usage_sum\{[^}]*gen_ai_token_type="output"[^}]*\} 4', text), text
+    assert "gen_ai_server_time_to_first_token_seconds_bucket" in text
