@@ -136,3 +136,14 @@ class Stack:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def hang_up_after(url: str, body: dict[str, object], events: int) -> None:
+    """Open an SSE stream, read ``events`` data events, then close the connection."""
+    with httpx.stream("POST", url, json=body, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got == events:
+                return

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, VllmStack
+from tests.harness import hang_up_after
 from tests.openai_schema import validate, validate_completion_chunk
 
 USER = [{"role": "user", "content": "Tell me a story about a cat."}]
@@ -189,12 +190,7 @@ def test_disconnect_aborts_the_vllm_request(vllm_stack: VllmStack, stream: bool)
     before = _metric(vllm_stack, "conduit_engine_backend_aborted_requests_total")
     body = {"model": MODEL, "messages": USER, "max_tokens": 900, "stream": stream, **EXACT}
     if stream:
-        with httpx.stream("POST", f"{vllm_stack.base_url}/v1/chat/completions", json=body, timeout=60) as r:
-            got = 0
-            for line in r.iter_lines():
-                got += line.startswith("data: ")
-                if got == 2:
-                    break  # hang up mid-stream
+        hang_up_after(f"{vllm_stack.base_url}/v1/chat/completions", body, 2)  # hang up mid-stream
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{vllm_stack.base_url}/v1/chat/completions", json=body, timeout=0.5)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.harness import Stack, free_port
+from tests.harness import Stack, free_port, hang_up_after
 from tests.openai_schema import validate
 
 CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
@@ -117,13 +117,7 @@ def test_client_disconnect_cancels_the_engine_job(stack: Stack, stream: bool) ->
     stack.synthetic("synthetic", "--token-delay", "0.2", "--tokens", "100", "--metrics-port", str(metrics_port))
     body = {**CHAT, "stream": stream}
     if stream:
-        # Read a few tokens, then hang up.
-        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=10) as s:
-            got = 0
-            for line in s.iter_lines():
-                got += line.startswith("data: ")
-                if got == 3:
-                    break
+        hang_up_after(f"{stack.base_url}/v1/chat/completions", body, 3)
     else:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=1.0)
