@@ -42,6 +42,7 @@ class RedisLane:
         self._queue: list[tuple[list[Command], asyncio.Future[list[Any]]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"redis-{self._name}")
@@ -56,6 +57,12 @@ class RedisLane:
             if not fut.done():
                 fut.set_exception(ConnectionError("redis lane closed"))
 
+    async def round_trip(self, commands: list[Command]) -> list[Any]:
+        """Run ``commands`` now, in the calling task: for a lane with one user (a reader or a
+        writer loop), which saves the hand-over to the lane's task. Do not mix with
+        :meth:`pipeline` on the same lane."""
+        return await self._round_trip(commands)
+
     async def execute(self, *args: Any) -> Any:
         """One command; raises its error (``ResponseError``) or a connection error."""
         (reply,) = await self.pipeline([args])
@@ -66,7 +73,9 @@ class RedisLane:
     def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         """Queue commands for the next round trip; the future gets their replies in order
         (a failed command's reply is its ``ResponseError``)."""
-        fut: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()  # once: on 3.11 each call is a getpid()
+        fut: asyncio.Future[list[Any]] = self._loop.create_future()
         self._queue.append((commands, fut))
         self._wake.set()
         return fut

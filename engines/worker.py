@@ -157,7 +157,7 @@ class EventWriter:
         for stream, entry_id in batch.acks:
             cmds.append(("XACK", stream, ENGINE_GROUP, entry_id))
             cmds.append(("XDEL", stream, entry_id))
-        for reply in await self.lane.pipeline(cmds):
+        for reply in await self.lane.round_trip(cmds):
             if isinstance(reply, Exception):
                 log.error("redis refused an event write: %s", reply)
 
@@ -224,7 +224,6 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
-        self.writer.lane.start()
         for stream in self._streams:
             try:
                 await self.redis.xgroup_create(stream, ENGINE_GROUP, id="0", mkstream=True)
@@ -280,7 +279,6 @@ class Worker:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
         tail = ("BLOCK", 1000, "STREAMS", *self._streams, *(">" for _ in self._streams))
         lane = RedisLane(self.redis, "jobs", blocking=True)  # its own connection: XREADGROUP blocks
-        lane.start()
         stop = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
@@ -291,7 +289,7 @@ class Worker:
                                        return_when=asyncio.FIRST_COMPLETED)
                     continue
                 try:
-                    read = lane.pipeline([(*read_cmd, free, *tail)])
+                    read = asyncio.ensure_future(lane.round_trip([(*read_cmd, free, *tail)]))
                     await asyncio.wait([read, stop], return_when=asyncio.FIRST_COMPLETED)
                     # Stopping or not, let a blocked read finish so no job is left half-read.
                     (reply,) = await read
@@ -338,7 +336,9 @@ class Worker:
             await self.backend.run(job, out)
             if not run.finished:
                 self.finish(run, Failed(job=job.id, message="The engine ended the job without a result.", attempt=run.attempt))
-            self.metrics.job_finished(job.model, "ok", time.perf_counter() - started)
+            # After the event writer's turn: metrics must not delay the final flush.
+            asyncio.get_running_loop().call_soon(self.metrics.job_finished, job.model, "ok",
+                                                 time.perf_counter() - started)
         except JobRejected as exc:
             self.metrics.job_finished(job.model, "rejected")
             self.finish(run, Failed(job=job.id, message=exc.message, code=exc.code, status=exc.status,

@@ -10,7 +10,9 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 CPU_ENGINE_ENV = {
     # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
@@ -48,8 +50,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
-    import asyncio
-
     from engines.main import serve
     from engines.worker import WorkerSettings
 
@@ -84,8 +84,20 @@ def cmd_engine(args: argparse.Namespace) -> int:
             tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
             enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
             reasoning_parser=args.reasoning_parser))
-    asyncio.run(serve(backend, settings, metrics_port=args.metrics_port))
+    _run_loop(serve(backend, settings, metrics_port=args.metrics_port))
     return 0
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """Run on uvloop where it is installed (as the gateway does): far cheaper loop turns."""
+    try:
+        import uvloop
+    except ImportError:
+        import asyncio
+
+        asyncio.run(main)
+    else:
+        uvloop.run(main)
 
 
 def cmd_models(args: argparse.Namespace) -> int:

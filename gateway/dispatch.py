@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from engines.wire import Event, Failed, Job
+from engines.wire import Event, Failed, Job, Usage
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
@@ -22,8 +22,9 @@ class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-# Put in a ticket's queue by the disconnect watcher; never sent by an engine.
+# Put in a ticket's queue by the disconnect watcher and the deadline timer; never sent by an engine.
 _CLIENT_GONE: Any = object()
+_DEADLINE: Any = object()
 
 
 def new_id(prefix: str) -> str:
@@ -33,9 +34,12 @@ def new_id(prefix: str) -> str:
 class Ticket:
     """One submitted job, as seen by the request waiting on it."""
 
-    __slots__ = ("job_id", "model", "events", "deadline", "started_at", "attempt", "closed")
+    __slots__ = ("job_id", "model", "events", "deadline", "started_at", "attempt", "closed", "ttft", "usage",
+                 "loop", "timer")
 
-    def __init__(self, job_id: str, model: str, events: asyncio.Queue[Event], deadline: float) -> None:
+    def __init__(self, job_id: str, model: str, events: asyncio.Queue[Event], deadline: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop  # kept: on Python 3.11 every get_running_loop() is a getpid() syscall
         self.job_id = job_id
         self.model = model
         self.events = events
@@ -43,9 +47,10 @@ class Ticket:
         self.started_at = time.perf_counter()
         self.attempt = 1
         self.closed = False
-
-    def remaining(self) -> float:
-        return self.deadline - asyncio.get_running_loop().time()
+        #: Seconds to the first output, and the final usage: recorded once the answer is out.
+        self.ttft: float | None = None
+        self.usage: Usage | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def accept(self, event: Event) -> bool:
         """False for an event of an abandoned attempt (a retried job's slow first engine)."""
@@ -74,6 +79,8 @@ class Dispatcher:
         self.router = router
         self.metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        metrics.watch_in_flight(lambda: router.waiting)
 
     def check_model(self, model: str) -> None:
         """404 for a model nobody serves or configured, 503 for one whose engines are all gone."""
@@ -86,7 +93,8 @@ class Dispatcher:
     async def submit(self, kind: Literal["chat", "completion"], model: str, body: bytes, job_id: str) -> Ticket:
         """Queue a job; raises the right error when it cannot be queued."""
         self.check_model(model)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
+        self._loop = loop
         timeout = self.settings.request_timeout_s
         events = self.router.open(job_id)
         now_ms = int(time.time() * 1000)
@@ -102,25 +110,17 @@ class Dispatcher:
             self.router.close(job_id)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
-        self.metrics.in_flight.add(1)
-        return Ticket(job_id, model, events, loop.time() + timeout)
+        ticket = Ticket(job_id, model, events, loop.time() + timeout, loop)
+        # One timer per request wakes its waiter at the deadline (no timeout context per wait).
+        ticket.timer = loop.call_at(ticket.deadline, events.put_nowait, _DEADLINE)
+        return ticket
 
     async def next_event(self, ticket: Ticket) -> Event:
         """The next event of the current attempt; :class:`DeadlineExceeded` past the deadline."""
         while True:
-            try:
-                event = ticket.events.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = ticket.remaining()
-                if remaining <= 0:
-                    raise DeadlineExceeded("The request did not finish within "
-                                           f"{self.settings.request_timeout_s:g}s.") from None
-                try:
-                    async with asyncio.timeout(remaining):
-                        event = await ticket.events.get()
-                except TimeoutError:
-                    raise DeadlineExceeded("The request did not finish within "
-                                           f"{self.settings.request_timeout_s:g}s.") from None
+            event = await ticket.events.get()
+            if event is _DEADLINE:
+                raise DeadlineExceeded(f"The request did not finish within {self.settings.request_timeout_s:g}s.")
             if event is _CLIENT_GONE:
                 raise ClientDisconnected
             if ticket.accept(event):
@@ -138,15 +138,18 @@ class Dispatcher:
                 pass
             ticket.events.put_nowait(_CLIENT_GONE)
 
-        return asyncio.get_running_loop().create_task(watch())
+        return ticket.loop.create_task(watch())
 
     async def events(self, ticket: Ticket) -> AsyncIterator[list[Event]]:
         """Events in batches: everything already delivered comes together (one write)."""
+        q = ticket.events
         while True:
             batch = [await self.next_event(ticket)]
-            q = ticket.events
             while not q.empty():
                 event = q.get_nowait()
+                if event is _DEADLINE or event is _CLIENT_GONE:
+                    q.put_nowait(event)  # raised by the next next_event, after this batch is out
+                    break
                 if ticket.accept(event):
                     batch.append(event)
             yield batch
@@ -156,10 +159,11 @@ class Dispatcher:
         if ticket.closed:
             return
         ticket.closed = True
+        if ticket.timer is not None:
+            ticket.timer.cancel()
         self.router.close(ticket.job_id)
-        self.metrics.in_flight.add(-1)
         if abandoned:
             self.metrics.cancellations.add(1)
-            task = asyncio.get_running_loop().create_task(self.queue.cancel(ticket.job_id))
+            task = ticket.loop.create_task(self.queue.cancel(ticket.job_id))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

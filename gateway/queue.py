@@ -105,11 +105,13 @@ class ReplyRouter:
         waiters = self._waiters
         decode = self._codec.decode_events
         lane = RedisLane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
-        lane.start()
         try:
             while not self.closed:
                 try:
-                    reply = await lane.execute("XREAD", "COUNT", 1024, "BLOCK", 5000, "STREAMS", self.stream, last)
+                    (reply,) = await lane.round_trip([("XREAD", "COUNT", 1024, "BLOCK", 5000, "STREAMS", self.stream,
+                                                       last)])
+                    if isinstance(reply, Exception):
+                        raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
                     log.warning("reading replies failed (%s); retrying", exc)
                     await asyncio.sleep(0.2)

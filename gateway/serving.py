@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal, Protocol
 
 from litestar import Request, Response
+from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from engines.wire import ChoiceDelta, Delta, Done, Failed, SampledLogprob, Started, Usage
@@ -134,8 +135,10 @@ class Generation:
             raise
         finally:
             watcher.cancel()
-        self._end(ticket, abandoned=False, status=200)
-        return Response(content=content, media_type="application/json")
+        self.dispatcher.close(ticket, abandoned=False)
+        # Metrics are recorded after the response went out: off the latency's critical path.
+        return Response(content=content, media_type="application/json",
+                        background=BackgroundTask(self._record_later, ticket, 200))
 
     async def _collect(self, ticket: Ticket, n: int) -> bytes:
         d = self.dispatcher
@@ -147,15 +150,13 @@ class Generation:
             if isinstance(event, Delta):
                 if first:
                     first = False
-                    d.metrics.time_to_first_token.record(time.perf_counter() - ticket.started_at,
-                                                         {"gen_ai.request.model": ticket.model})
+                    ticket.ttft = time.perf_counter() - ticket.started_at
                 for c in event.choices:
                     while c.index >= len(choices):
                         choices.append(ChoiceState(len(choices)))
                     choices[c.index].add(c)
             elif isinstance(event, Done):
-                d.metrics.tokens(ticket.model, self.renderer.operation, event.usage.prompt_tokens,
-                                 event.usage.completion_tokens)
+                ticket.usage = event.usage
                 return self.renderer.full(ticket.job_id, created, ticket.model, choices, event.usage)
             elif isinstance(event, Failed):
                 raise engine_failure(event)
@@ -196,12 +197,10 @@ class Generation:
                     if isinstance(event, Delta):
                         if not saw_output:
                             saw_output = True
-                            d.metrics.time_to_first_token.record(time.perf_counter() - ticket.started_at,
-                                                                 {"gen_ai.request.model": ticket.model})
+                            ticket.ttft = time.perf_counter() - ticket.started_at
                         r.chunks(ticket.job_id, created, ticket.model, event, out, state)
                     elif isinstance(event, Done):
-                        d.metrics.tokens(ticket.model, r.operation, event.usage.prompt_tokens,
-                                         event.usage.completion_tokens)
+                        ticket.usage = event.usage
                         if include_usage:
                             out += r.usage_chunk(ticket.job_id, created, ticket.model, event.usage)
                         out += DONE
@@ -226,11 +225,19 @@ class Generation:
             self._end(ticket, abandoned=abandoned, status=200)
 
     def _end(self, ticket: Ticket, *, abandoned: bool, status: int | None) -> None:
-        d = self.dispatcher
-        d.close(ticket, abandoned=abandoned)
+        self.dispatcher.close(ticket, abandoned=abandoned)
         if status is not None:
-            d.metrics.request_done(ticket.model, self.renderer.operation, time.perf_counter() - ticket.started_at,
-                                   status)
+            self._record(ticket, status)
+
+    async def _record_later(self, ticket: Ticket, status: int) -> None:
+        # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
+        self._record(ticket, status)
+
+    def _record(self, ticket: Ticket, status: int) -> None:
+        u = ticket.usage
+        self.dispatcher.metrics.request_finished(
+            ticket.model, self.renderer.operation, status, time.perf_counter() - ticket.started_at, ticket.ttft,
+            u.prompt_tokens if u else None, u.completion_tokens if u else None)
 
 
 def _error_event(exc: ConduitError | Exception) -> bytes:

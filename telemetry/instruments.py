@@ -8,6 +8,8 @@ Instruments are created per process from a meter provider passed in (see
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from opentelemetry.metrics import Meter, MeterProvider, NoOpMeterProvider, Observation
 
 # Seconds buckets that resolve both sub-millisecond gateway work and minute-long generations.
@@ -36,20 +38,34 @@ class GatewayMetrics:
             explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
         self.rejections = m.create_counter(
             "conduit.gateway.rejections", unit="{request}", description="Requests answered with an error, by error code")
-        self.in_flight = m.create_up_down_counter(
-            "conduit.gateway.requests.in_flight", unit="{request}", description="Requests waiting on an engine")
         self.cancellations = m.create_counter(
             "conduit.gateway.cancellations", unit="{request}", description="Requests whose client went away")
+        self._meter = m
+        self._attrs: dict[tuple[str, str], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
 
-    def request_done(self, model: str, operation: str, seconds: float, status: int) -> None:
-        self.request_duration.record(seconds, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
-                                               "http.response.status_code": status})
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        """Export the number of requests waiting on an engine, read at scrape time (no per-request cost)."""
+        self._meter.create_observable_gauge(
+            "conduit.gateway.requests.in_flight", unit="{request}", description="Requests waiting on an engine",
+            callbacks=[lambda _options: [Observation(count())]])
 
-    def tokens(self, model: str, operation: str, prompt: int, completion: int) -> None:
-        self.token_usage.record(prompt, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
-                                         "gen_ai.token.type": "input"})
-        self.token_usage.record(completion, {"gen_ai.request.model": model, "gen_ai.operation.name": operation,
-                                             "gen_ai.token.type": "output"})
+    def request_finished(self, model: str, operation: str, status: int, seconds: float, ttft: float | None,
+                         prompt_tokens: int | None, completion_tokens: int | None) -> None:
+        """Everything recorded about one finished request (called off the response's critical path)."""
+        key = (model, operation)
+        attrs = self._attrs.get(key)
+        if attrs is None:
+            base = {"gen_ai.request.model": model, "gen_ai.operation.name": operation}
+            attrs = self._attrs[key] = (base, {**base, "gen_ai.token.type": "input"},
+                                        {**base, "gen_ai.token.type": "output"})
+        base, inp, outp = attrs
+        self.request_duration.record(seconds, {**base, "http.response.status_code": status})
+        if ttft is not None:
+            self.time_to_first_token.record(ttft, base)
+        if prompt_tokens is not None:
+            self.token_usage.record(prompt_tokens, inp)
+        if completion_tokens is not None:
+            self.token_usage.record(completion_tokens, outp)
 
     def rejected(self, code: str) -> None:
         self.rejections.add(1, {"error.type": code})
