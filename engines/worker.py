@@ -220,6 +220,7 @@ class Worker:
     def stop(self) -> None:
         """Begin draining: read no new jobs, finish the ones held, then return from run()."""
         self._stopping.set()
+        self._slot_free.set()
 
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
@@ -279,20 +280,17 @@ class Worker:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
         tail = ("BLOCK", 1000, "STREAMS", *self._streams, *(">" for _ in self._streams))
         lane = RedisLane(self.redis, "jobs", blocking=True)  # its own connection: XREADGROUP blocks
-        stop = asyncio.create_task(self._stopping.wait())
         try:
             while not self._stopping.is_set():
                 free = self.backend.max_concurrency - len(self._running)
                 if free <= 0:
                     self._slot_free.clear()
-                    await asyncio.wait([asyncio.ensure_future(self._slot_free.wait()), stop],
-                                       return_when=asyncio.FIRST_COMPLETED)
+                    await self._slot_free.wait()  # set by a finishing job, and by stop()
                     continue
                 try:
-                    read = asyncio.ensure_future(lane.round_trip([(*read_cmd, free, *tail)]))
-                    await asyncio.wait([read, stop], return_when=asyncio.FIRST_COMPLETED)
-                    # Stopping or not, let a blocked read finish so no job is left half-read.
-                    (reply,) = await read
+                    # A read blocks at most a second, so a stop takes effect within one; it is
+                    # never cut short, so no job is left half-read.
+                    (reply,) = await lane.round_trip([(*read_cmd, free, *tail)])
                     if isinstance(reply, Exception):
                         raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
@@ -305,7 +303,6 @@ class Worker:
                         self._accept(stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)),
                                      attempt=1)
         finally:
-            stop.cancel()
             await lane.close()
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> None:
