@@ -161,5 +161,8 @@ def from_exception(exc: Exception) -> ConduitError:
 def error_response(request: Request, exc: Exception) -> Response[bytes]:
     """The single exception handler of the app: every error becomes the OpenAI envelope."""
     err = from_exception(exc)
+    services = getattr(request.app.state, "services", None)
+    if services is not None:
+        services.dispatcher.metrics.rejected(err.code or "error")
     return Response(content=encode_error(err), status_code=err.status, media_type="application/json",
                     headers=err.headers)

@@ -20,7 +20,7 @@ from litestar.response import Stream
 
 from engines.wire import ChoiceDelta, Delta, Done, Failed, SampledLogprob, Started, Usage
 from gateway.dispatch import ClientDisconnected, Dispatcher, Ticket, engine_failure, new_id
-from gateway.errors import ConduitError, encode_error, from_exception
+from gateway.errors import ConduitError, DeadlineExceeded, encode_error, from_exception
 from gateway.protocol import CompletionUsage, PromptTokensDetails
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -130,8 +130,11 @@ class Generation:
             # The client left before the answer: abort the engine's work.
             self.dispatcher.close(ticket, abandoned=True)
             return Response(content=b"", status_code=499)
+        except DeadlineExceeded:
+            self._end(ticket, abandoned=True, status=None)  # the engine may still be working on it
+            raise
         except ConduitError:
-            self._end(ticket, abandoned=True, status=None)
+            self._end(ticket, abandoned=False, status=None)  # the engine itself ended the job
             raise
         finally:
             watcher.cancel()
@@ -170,7 +173,7 @@ class Generation:
         # Wait for the engine to accept before committing to 200: a refused job keeps its status.
         try:
             first = await d.next_event(ticket)
-        except ConduitError:
+        except DeadlineExceeded:
             self._end(ticket, abandoned=True, status=None)
             raise
         except asyncio.CancelledError:
@@ -217,7 +220,7 @@ class Generation:
                     yield bytes(out)
                 try:
                     pending = await anext(batches)
-                except ConduitError as exc:  # deadline passed mid-stream
+                except DeadlineExceeded as exc:  # deadline passed mid-stream (abandoned stays True)
                     d.metrics.rejected(exc.code or "error")
                     yield _error_event(exc) + DONE
                     return

@@ -168,7 +168,11 @@ def test_gateway_exports_metrics(stack: Stack) -> None:
     stack.synthetic()
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
     client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "a b c"}], max_tokens=4)
+    for _ in range(2):
+        assert httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
     text = httpx.get(f"{stack.base_url}/metrics").text
+    assert re.search(r'conduit_gateway_rejections_total\{[^}]*error_type="model_not_found"[^}]*\} 2', text), text
+    assert re.search(r"conduit_gateway_requests_in_flight(\{[^}]*\})? 0", text), text
     assert re.search(r'gen_ai_server_request_duration_seconds_count\{[^}]*gen_ai_request_model="synthetic"[^}]*\} 1',
                      text), text
     assert re.search(r'gen_ai_client_token_usage_sum\{[^}]*gen_ai_token_type="output"[^}]*\} 4', text), text
