@@ -313,14 +313,14 @@ class Worker:
             self.writer.ack(stream, entry_id)
             return
         run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt)
-        if job.id in self._cancelled:
-            self.metrics.job_finished(job.model, "cancelled")
-            self.writer.ack(stream, entry_id)
-            return
         if job.deadline_ms and now_ms() >= job.deadline_ms:
             self.metrics.job_finished(job.model, "expired")
             self.finish(run, Failed(job=job.id, message="The request's deadline passed before an engine could start it.",
                                     code="deadline_exceeded", status=504, type="timeout_error", attempt=attempt))
+            return
+        if job.id in self._cancelled:
+            self.metrics.job_finished(job.model, "cancelled")
+            self.writer.ack(stream, entry_id)
             return
         self._running[job.id] = run
         run.task = asyncio.create_task(self._run_job(run), name=f"job-{job.id}")

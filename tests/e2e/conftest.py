@@ -33,3 +33,9 @@ def vllm_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFacto
 @pytest.fixture
 def client(vllm_stack: VllmStack) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{vllm_stack.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``stops_engine`` end the shared vLLM engine, so they run after all others."""
+    last = [i for i in items if i.get_closest_marker("stops_engine")]
+    items[:] = [i for i in items if not i.get_closest_marker("stops_engine")] + last

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import re
 import threading
 import time
@@ -134,7 +135,7 @@ def test_client_disconnect_cancels_the_engine_job(stack: Stack, stream: bool) ->
         pytest.fail(f"engine never reported a cancelled job:\n{text}")
 
 
-def test_job_that_kills_every_engine_is_dead_lettered(stack: Stack) -> None:
+def test_job_that_kills_every_engine_is_dead_lettered(stack: Stack, request: pytest.FixtureRequest) -> None:
     """After max attempts the job goes to the dead-letter stream and its client gets an error."""
     import redis
 
@@ -146,13 +147,16 @@ def test_job_that_kills_every_engine_is_dead_lettered(stack: Stack) -> None:
         r=httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=60)))
     t.start()
     r = redis.Redis.from_url(stack.redis_url)
+    request.addfinalizer(r.close)
     jobs = f"{stack.prefix}:jobs:{{synthetic}}"
-    for _ in range(3):  # three engines in a row take the job and die before any output
+    for attempt in (1, 2, 3):  # three engines in a row take the job and die before any output
         deadline = time.monotonic() + 15
-        while not r.xpending(jobs, "engines")["pending"] or not engine.alive():
-            assert time.monotonic() < deadline, "the job was never taken"
+        while True:  # wait until this attempt's engine holds the job (its delivery count says so)
+            pending = r.xpending_range(jobs, "engines", min="-", max="+", count=1)
+            if pending and pending[0]["times_delivered"] == attempt:
+                break
+            assert time.monotonic() < deadline, f"attempt {attempt} never took the job"
             time.sleep(0.05)
-        time.sleep(0.3)
         engine.kill()
         engine = stack.synthetic("synthetic", *args, wait=False)
     t.join()
@@ -177,3 +181,30 @@ def test_gateway_exports_metrics(stack: Stack) -> None:
                      text), text
     assert re.search(r'gen_ai_client_token_usage_sum\{[^}]*gen_ai_token_type="output"[^}]*\} 4', text), text
     assert "gen_ai_server_time_to_first_token_seconds_bucket" in text
+
+
+def test_job_past_its_deadline_is_never_started(stack: Stack) -> None:
+    """A job that waited in the queue past its deadline: the client got a 504 and no engine runs it."""
+    metrics_port = free_port()
+    stack.gateway(request_timeout_s=30)
+    patient = stack.base_url
+    stack.gateway(request_timeout_s=1)
+    hasty = stack.base_url
+    # One job at a time; the first takes ~3 s, so the second waits in the queue past its deadline.
+    stack.synthetic("synthetic", "--max-concurrency", "1", "--token-delay", "1", "--tokens", "3",
+                    "--metrics-port", str(metrics_port))
+    with cf.ThreadPoolExecutor(2) as pool:
+        first = pool.submit(httpx.post, f"{patient}/v1/chat/completions", json=CHAT, timeout=30)
+        time.sleep(0.3)
+        second = pool.submit(httpx.post, f"{hasty}/v1/chat/completions", json=CHAT, timeout=30)
+        assert second.result().status_code == 504
+        assert first.result().status_code == 200
+    pattern = re.compile(r'conduit_engine_jobs_total\{[^}]*outcome="expired"[^}]*\} (\d+)')
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        m = pattern.search(httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text)
+        if m and float(m.group(1)) == 1:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the expired job was not skipped by the engine")
