@@ -39,6 +39,7 @@ import re
 import resource
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 CLK = os.sysconf("SC_CLK_TCK")
@@ -300,6 +301,26 @@ async def bounded(coro, timeout: float):
     return await asyncio.wait_for(coro, timeout)
 
 
+async def closed_loop(t: Any, conc: int, one: Any, w0: float, w1: float, timeout: float,
+                      errs: dict[str, int]) -> None:
+    """``conc`` clients, each on its own keep-alive connection, calling ``one(conn)`` until w1."""
+
+    async def worker() -> None:
+        c = Conn(t.host, t.port)
+        try:
+            while time.perf_counter() < w1:
+                try:
+                    await bounded(one(c), timeout)
+                except asyncio.TimeoutError:
+                    c.close()
+                    if w0 <= time.perf_counter() < w1:
+                        errs["timeout"] += 1
+        finally:
+            c.close()
+
+    await asyncio.gather(*(worker() for _ in range(conc)))
+
+
 NET_ERRORS = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
               ProtocolError, ValueError)
 
@@ -347,20 +368,7 @@ async def run_nonstream(t: Target, conc: int, duration: float, warmup: float, ma
         ok += 1
         lat.append((t1 - t0) * 1000.0)
 
-    async def worker() -> None:
-        c = Conn(t.host, t.port)
-        try:
-            while time.perf_counter() < w1:
-                try:
-                    await bounded(one(c), timeout)
-                except asyncio.TimeoutError:
-                    c.close()
-                    if w0 <= time.perf_counter() < w1:
-                        errs["timeout"] += 1
-        finally:
-            c.close()
-
-    await asyncio.gather(*(worker() for _ in range(conc)))
+    await closed_loop(t, conc, one, w0, w1, timeout, errs)
     lat.sort()
     return {
         "kind": "nonstream", "conc": conc, "max_tokens": max_tokens, "window_s": duration,
@@ -439,20 +447,7 @@ async def run_stream(t: Target, conc: int, duration: float, warmup: float, max_t
         ttft.append(((first or t1) - t0) * 1000.0)
         e2e.append((t1 - t0) * 1000.0)
 
-    async def worker() -> None:
-        c = Conn(t.host, t.port)
-        try:
-            while time.perf_counter() < w1:
-                try:
-                    await bounded(one(c), timeout)
-                except asyncio.TimeoutError:
-                    c.close()
-                    if w0 <= time.perf_counter() < w1:
-                        errs["timeout"] += 1
-        finally:
-            c.close()
-
-    await asyncio.gather(*(worker() for _ in range(conc)))
+    await closed_loop(t, conc, one, w0, w1, timeout, errs)
     drain = time.perf_counter() - w1
     ttft.sort()
     e2e.sort()
