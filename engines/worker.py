@@ -23,7 +23,9 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
@@ -225,12 +227,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
-        for stream in self._streams:
-            try:
-                await self.redis.xgroup_create(stream, ENGINE_GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+        await self._create_groups()
         await self._heartbeat_once()
         tasks = [
             asyncio.create_task(self.writer.run(), name="event-writer"),
@@ -254,6 +251,15 @@ class Worker:
             await self.writer.lane.close()
             await self.backend.close()
             await self.redis.aclose()
+
+    async def _create_groups(self) -> None:
+        """Join (creating if needed) the consumer group of every model's job stream."""
+        for stream in self._streams:
+            try:
+                await self.redis.xgroup_create(stream, ENGINE_GROUP, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def _drain(self) -> None:
         pending = [r.task for r in self._running.values() if r.task is not None]
@@ -296,6 +302,9 @@ class Worker:
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
                     log.warning("reading jobs failed (%s); retrying", exc)
                     await asyncio.sleep(0.5)
+                    if "NOGROUP" in str(exc):
+                        # Redis lost its data (restarted without persistence): rejoin.
+                        await self._try(self._create_groups())
                     continue
                 for stream_key, entries in stream_entries(reply):
                     stream = stream_key.decode()
@@ -304,6 +313,12 @@ class Worker:
                                      attempt=1)
         finally:
             await lane.close()
+
+    async def _try(self, op: Coroutine[Any, Any, None]) -> None:
+        try:
+            await op
+        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            log.warning("redis still unavailable: %s", exc)
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> None:
         try:

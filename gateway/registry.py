@@ -61,7 +61,10 @@ class EngineRegistry:
             for m in info.models:
                 models.setdefault(m, []).append(info)
         self.engines, self.models = engines, models
-        self._seen = {s.decode() for s in seen}
+        # Accumulated, not replaced: a model served once stays "known" (503, not 404) even
+        # if Redis loses its data.
+        self._seen.update(s.decode() for s in seen)
+        self._seen.update(models)
         self.redis_ok = True
         self.refreshed.set()
 
