@@ -89,9 +89,10 @@ class _Batch:
 
     def __init__(self) -> None:
         self.events: dict[str, list[Event]] = {}
-        self.acks: list[tuple[str, bytes]] = []
-        #: entry id -> "output started" key of jobs whose first output is in this batch.
-        self.markers: dict[bytes, str] = {}
+        #: (job stream, entry id, "output started" key of a job that had output, else None)
+        self.acks: list[tuple[str, bytes, str | None]] = []
+        #: entry id -> ("output started" key, expiry in epoch ms) of jobs whose output began.
+        self.markers: dict[bytes, tuple[str, int]] = {}
 
 
 class EventWriter:
@@ -101,11 +102,10 @@ class EventWriter:
     one engine step (and of many jobs) share a round trip and a stream entry.
     """
 
-    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings, ttl_ms: int) -> None:
+    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings) -> None:
         self.lane = RedisLane(redis, "events")
         self._codec = codec
         self._settings = settings
-        self._marker_ttl_ms = ttl_ms
         self._batch = _Batch()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -116,13 +116,18 @@ class EventWriter:
         self._idle.clear()
         self._wake.set()
 
-    def mark_output(self, entry_id: bytes, key: str) -> None:
-        """Record, with the next flush, that a job's output began (so it is never re-run)."""
-        self._batch.markers[entry_id] = key
+    def mark_output(self, entry_id: bytes, key: str, expire_at_ms: int) -> None:
+        """Record, with the next flush, that a job's output began (so it is never re-run).
 
-    def ack(self, stream: str, entry_id: bytes) -> None:
-        """Ack (and delete) a job after the events emitted before this call are written."""
-        self._batch.acks.append((stream, entry_id))
+        The marker is deleted when the job is acked; its expiry (the job's deadline) only
+        cleans up after an engine that died holding it.
+        """
+        self._batch.markers[entry_id] = (key, expire_at_ms)
+
+    def ack(self, stream: str, entry_id: bytes, marker: str | None = None) -> None:
+        """Ack (and delete) a job after the events emitted before this call are written;
+        ``marker`` is its "output started" key, if its output began."""
+        self._batch.acks.append((stream, entry_id, marker))
         self._idle.clear()
         self._wake.set()
 
@@ -146,19 +151,23 @@ class EventWriter:
                 self._idle.set()
 
     async def _write(self, batch: _Batch) -> None:
-        cmds: list[tuple[object, ...]] = []
-        if batch.markers:
-            # A job acked in this same round trip can never be reclaimed: no marker needed.
-            for _, entry_id in batch.acks:
-                batch.markers.pop(entry_id, None)
-            cmds.extend(("SET", key, b"1", "PX", self._marker_ttl_ms) for key in batch.markers.values())
+        markers = batch.markers
+        done_markers: list[str] = []
+        for _, entry_id, marker in batch.acks:
+            # A job acked in the round trip that marks it needs no marker at all; one marked
+            # earlier has its marker deleted with the ack.
+            if markers.pop(entry_id, None) is None and marker is not None:
+                done_markers.append(marker)
+        cmds: list[tuple[object, ...]] = [("SET", key, b"1", "PXAT", at) for key, at in markers.values()]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
         cmds.extend(("XADD", reply_to, "MAXLEN", "~", maxlen, "*", b"e", encode(events))
                     for reply_to, events in batch.events.items())
-        for stream, entry_id in batch.acks:
+        for stream, entry_id, _ in batch.acks:
             cmds.append(("XACK", stream, ENGINE_GROUP, entry_id))
             cmds.append(("XDEL", stream, entry_id))
+        if done_markers:
+            cmds.append(("DEL", *done_markers))
         for reply in await self.lane.round_trip(cmds):
             if isinstance(reply, Exception):
                 log.error("redis refused an event write: %s", reply)
@@ -188,7 +197,9 @@ class _Output:
         run = self._run
         if not run.output_marked:
             run.output_marked = True
-            self._worker.writer.mark_output(run.entry_id, self._worker.keys.output_started(run.job.model, run.job.id))
+            job = run.job
+            self._worker.writer.mark_output(run.entry_id, self._worker.keys.output_started(job.model, job.id),
+                                            job.deadline_ms + 60_000)
         self._worker.writer.emit(run.job.reply_to, Delta(job=run.job.id, choices=choices, attempt=run.attempt))
 
     def done(self, usage: Usage) -> None:
@@ -207,7 +218,9 @@ class Worker:
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.metrics = metrics or EngineMetrics.noop()
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
-        self.writer = EventWriter(self.redis, self.codec, settings, ttl_ms=24 * 3600 * 1000)
+        self.writer = EventWriter(self.redis, self.codec, settings)
+        self._started_ms = now_ms()
+        self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
         self._running: dict[str, _Running] = {}
         self._cancelled: OrderedDict[str, float] = OrderedDict()
         self._slot_free = asyncio.Event()
@@ -227,6 +240,10 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
+        self._info_blob = self.codec.encode(EngineInfo(
+            id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
+            max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
+            started_ms=self._started_ms, max_model_len=self.backend.max_model_len))
         await self._create_groups()
         await self._heartbeat_once()
         tasks = [
@@ -357,15 +374,11 @@ class Worker:
                                     type=exc.type, param=exc.param, attempt=run.attempt))
         except asyncio.CancelledError:
             if self._stopping.is_set() and job.id not in self._cancelled:
-                # Drain timed out: leave the job pending so another engine reclaims it.
-                self._running.pop(job.id, None)
-                self._slot_free.set()
-                raise
+                raise  # drain timed out: left pending (unacked), so another engine reclaims it
             self.metrics.job_finished(job.model, "cancelled")
-            if not run.finished:
+            if not run.finished:  # the client is gone: ack without a final event
                 run.finished = True
-                self.writer.ack(run.stream, run.entry_id)
-            self._release(run)
+                self.writer.ack(run.stream, run.entry_id, self._marker(run))
         except Exception:
             log.exception("job %s failed", job.id)
             self.metrics.job_finished(job.model, "error")
@@ -380,7 +393,10 @@ class Worker:
             return
         run.finished = True
         self.writer.emit(run.job.reply_to, final)
-        self.writer.ack(run.stream, run.entry_id)
+        self.writer.ack(run.stream, run.entry_id, self._marker(run))
+
+    def _marker(self, run: _Running) -> str | None:
+        return self.keys.output_started(run.job.model, run.job.id) if run.output_marked else None
 
     def _release(self, run: _Running) -> None:
         if self._running.get(run.job.id) is run:
@@ -419,16 +435,11 @@ class Worker:
 
     # ---- heartbeats and reclaiming -----------------------------------------------------
 
-    def _info(self) -> EngineInfo:
-        return EngineInfo(id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
-                          max_concurrency=self.backend.max_concurrency, host=socket.gethostname(),
-                          pid=os.getpid(), started_ms=now_ms(), max_model_len=self.backend.max_model_len)
-
     async def _heartbeat_once(self) -> None:
         now = now_ms()
         pipe = self.redis.pipeline(transaction=False)
         pipe.zadd(self.keys.engines, {self.engine_id: now + int(self.settings.engine_ttl_s * 1000)})
-        pipe.hset(self.keys.engine_info, self.engine_id, self.codec.encode(self._info()))
+        pipe.hset(self.keys.engine_info, self.engine_id, self._info_blob)
         for model in self.backend.models:
             pipe.hset(self.keys.models_seen, model, now)
         by_stream: dict[str, list[bytes]] = {}
@@ -482,6 +493,7 @@ class Worker:
         if await self.redis.exists(self.keys.output_started(model, job.id)):
             log.warning("job %s was lost mid-output by its engine; failing it", job.id)
             self.metrics.job_finished(model, "lost")
+            run.output_marked = True  # so finishing deletes the dead engine's marker
             self.finish(run, Failed(job=job.id, message="The engine serving this request stopped after output began; "
                                     "retry the request.", code="engine_lost", status=502, attempt=attempt))
             return

@@ -31,6 +31,8 @@ def test_models_follow_engines_that_start_and_stop(stack: Stack) -> None:
     model = httpx.get(f"{stack.base_url}/v1/models/alpha").json()
     validate("Model", model)
     assert model["id"] == "alpha" and model["object"] == "model" and model["created"] > 1_600_000_000
+    time.sleep(2.1)  # two heartbeats later the model still reports when its engine started
+    assert httpx.get(f"{stack.base_url}/v1/models/alpha").json()["created"] == model["created"]
     assert client.models.retrieve("beta").id == "beta"
     ready = httpx.get(f"{stack.base_url}/ready")
     assert ready.status_code == 200 and ready.json()["engines"] == 2
@@ -109,6 +111,31 @@ def test_stream_of_a_dead_engine_ends_with_an_error_not_duplicates(stack: Stack)
     assert '"engine_lost"' in events[-2], events[-2]
     content = [e for e in events[:-2] if '"content"' in e]
     assert len(content) <= 4, "no token may be sent twice"
+    assert output_markers(stack) == [], "the dead engine's marker is deleted once the job is failed"
+
+
+def output_markers(stack: Stack) -> list[bytes]:
+    import redis
+
+    with redis.Redis.from_url(stack.redis_url) as r:
+        return sorted(r.scan_iter(match=f"{stack.prefix}:out:*"))
+
+
+def test_output_markers_do_not_outlive_their_jobs(stack: Stack) -> None:
+    """Jobs whose output spans several flushes are marked (for safe reclaiming), then unmarked."""
+    stack.gateway()
+    stack.synthetic("synthetic", "--token-delay", "0.05", "--tokens", "5")
+    body = {**CHAT, "stream": True}
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=30) as s:
+        lines = s.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert len(output_markers(stack)) == 1  # mid-output: marked
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+    hang_up_after(f"{stack.base_url}/v1/chat/completions", body, 2)  # and one cancelled mid-output
+    deadline = time.monotonic() + 5
+    while output_markers(stack) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert output_markers(stack) == []
 
 
 @pytest.mark.parametrize("stream", [False, True])
