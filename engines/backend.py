@@ -49,6 +49,8 @@ class Backend(Protocol):
     """One engine kind (vLLM, diffusers, synthetic) serving one or more models."""
 
     kind: str
+    #: Job kinds it runs (``Job.kind``); the worker answers any other with a 501 ``Failed``.
+    kinds: frozenset[str]
     models: list[str]
     max_concurrency: int
     max_model_len: int | None

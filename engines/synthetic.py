@@ -44,6 +44,7 @@ class SyntheticBackend:
     """Emits ``tokens`` deltas per choice, ``token_delay_s`` apart."""
 
     kind = "synthetic"
+    kinds = frozenset({"chat", "completion"})
 
     def __init__(self, settings: SyntheticSettings) -> None:
         self.settings = settings

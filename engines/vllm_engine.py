@@ -172,6 +172,7 @@ class VllmBackend:
     """Runs chat and completion jobs on one vLLM ``AsyncLLM`` in this process."""
 
     kind = "vllm"
+    kinds = frozenset({"chat", "completion"})
 
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings

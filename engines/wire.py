@@ -10,12 +10,18 @@ Events are a tagged union (``t``) decoded by one decoder built once.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import msgspec
 
 #: Consumer group every engine of a model joins on that model's job stream.
 ENGINE_GROUP = "engines"
+
+#: Version of this contract, announced in :class:`EngineInfo`. 1: no event sequence numbers,
+#: no job keys; 2: events numbered per attempt, jobs keyed for idempotent submission.
+PROTOCOL_VERSION = 2
+
+#: The job kinds this version of the contract defines. An engine answers any other kind it
+#: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
+JOB_KINDS = frozenset({"chat", "completion"})
 
 
 class Keys:
@@ -48,9 +54,20 @@ class Keys:
         """The reply stream of one gateway process; its single reader demultiplexes it."""
         return f"{self.prefix}:replies:{{{gateway_id}}}"
 
-    def output_started(self, model: str, job_id: str) -> str:
-        """Set when a job's first output is written: a reclaimed job must not be re-run."""
-        return f"{self.prefix}:out:{{{model}}}:{job_id}"
+    def job(self, model: str, job_id: str) -> str:
+        """One job's key, alive from its submission until its engine acks it (or its deadline).
+
+        The gateway creates it (``SET NX``) in the script that queues the job, so a resent
+        submission never makes a second job; an engine sets it to ``OUTPUT_STARTED`` when a
+        streaming job's first output is written, so a reclaimed job is failed, not re-run,
+        once output may have reached its client; the engine deletes it with the job's ack.
+        Same hash tag as the model's job stream: one slot.
+        """
+        return f"{self.prefix}:job:{{{model}}}:{job_id}"
+
+
+#: Value of a job key once a streaming job's output began (``Keys.job``).
+OUTPUT_STARTED = b"o"
 
 
 class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -62,15 +79,29 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     """
 
     id: str
-    kind: Literal["chat", "completion"]
+    #: One of :data:`JOB_KINDS` (a plain string on the wire: an engine that does not know a
+    #: kind still decodes the job and answers it with a ``Failed``).
+    kind: str
     model: str
     body: bytes
     reply_to: str
     #: Epoch milliseconds after which the job must not be started.
     deadline_ms: int
+    #: Epoch milliseconds when the gateway queued the job (engines measure queue wait).
     created_ms: int = 0
-    #: W3C trace context of the gateway span, so engine spans join the request's trace.
+    #: W3C trace context of the client's request, so engine logs and spans join its trace.
     traceparent: str = ""
+    #: Whether the client sees output as it is produced. A non-streaming job's partial output
+    #: never reached anyone, so a job lost mid-output is retried rather than failed. Older
+    #: gateways do not send it: True is the safe reading.
+    stream: bool = True
+
+
+class JobHeader(msgspec.Struct, forbid_unknown_fields=False):
+    """The fields needed to answer a job that cannot be decoded as a :class:`Job`."""
+
+    id: str
+    reply_to: str
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):
@@ -128,6 +159,9 @@ class Started(msgspec.Struct, tag="s", tag_field="t", omit_defaults=True):
     engine: str = ""
     attempt: int = 1
     created: int = 0
+    #: Position of this event among its attempt's events, from 1 (0: an engine that does not
+    #: number its events). A gateway drops a number it already had and fails on a gap.
+    seq: int = 0
 
 
 class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
@@ -136,6 +170,7 @@ class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
     job: str
     choices: list[ChoiceDelta] = []
     attempt: int = 1
+    seq: int = 0
 
 
 class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):
@@ -144,6 +179,7 @@ class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):
     job: str
     usage: Usage = msgspec.field(default_factory=Usage)
     attempt: int = 1
+    seq: int = 0
 
 
 class Failed(msgspec.Struct, tag="e", tag_field="t", omit_defaults=True):
@@ -160,6 +196,7 @@ class Failed(msgspec.Struct, tag="e", tag_field="t", omit_defaults=True):
     type: str = "server_error"
     param: str | None = None
     attempt: int = 1
+    seq: int = 0
 
 
 Event = Started | Delta | Done | Failed
@@ -178,6 +215,10 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     started_ms: int = 0
     #: Longest prompt + output the engine's model takes, when known.
     max_model_len: int | None = None
+    #: The wire contract version the engine speaks (absent: 1).
+    protocol: int = 1
+    #: Job kinds the engine runs (absent: chat and completion, all that version 1 had).
+    kinds: list[str] = msgspec.field(default_factory=lambda: ["chat", "completion"])
 
 
 class Codec:
@@ -186,7 +227,10 @@ class Codec:
     def __init__(self) -> None:
         self._enc = msgspec.msgpack.Encoder()
         self._job = msgspec.msgpack.Decoder(Job)
+        self._header = msgspec.msgpack.Decoder(JobHeader)
         self._events = msgspec.msgpack.Decoder(list[Event])
+        self._raw_events = msgspec.msgpack.Decoder(list[msgspec.Raw])
+        self._event = msgspec.msgpack.Decoder(Event)  # type: ignore[arg-type]
         self._info = msgspec.msgpack.Decoder(EngineInfo)
 
     def encode(self, obj: object) -> bytes:
@@ -195,9 +239,30 @@ class Codec:
     def decode_job(self, data: bytes) -> Job:
         return self._job.decode(data)
 
-    def decode_events(self, data: bytes) -> list[Event]:
-        """Reply-stream entries carry a batch of events (one engine flush) in one blob."""
-        return self._events.decode(data)
+    def decode_job_header(self, data: bytes) -> JobHeader:
+        """Just enough of a job to answer it (raises like :meth:`decode_job`)."""
+        return self._header.decode(data)
+
+    def decode_events(self, data: bytes) -> tuple[list[Event], int]:
+        """The events of one reply-stream entry (one engine flush), and how many were skipped.
+
+        The whole batch is decoded at once when every event is one this version knows;
+        otherwise event by event, skipping those it cannot read (an unknown type from a newer
+        engine, a damaged one), so one such event never costs its neighbours. Raises only
+        when the entry is not a list at all.
+        """
+        try:
+            return self._events.decode(data), 0
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            pass
+        events: list[Event] = []
+        skipped = 0
+        for raw in self._raw_events.decode(data):
+            try:
+                events.append(self._event.decode(raw))
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                skipped += 1
+        return events, skipped
 
     def decode_info(self, data: bytes) -> EngineInfo:
         return self._info.decode(data)

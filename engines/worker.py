@@ -4,14 +4,16 @@ Independent of the engine kind. One worker per engine process:
 
 * joins the consumer group of each model's job stream and keeps up to
   ``backend.max_concurrency`` jobs in flight (so vLLM's continuous batching sees them together);
-* batches the events of all jobs into one pipelined round trip per flush, one stream
-  entry per reply stream, and acks a job in the same round trip as its final event;
-* heart-beats its presence (a TTL'd registry entry) and its in-flight jobs (XCLAIM resets
-  their idle time), so only jobs of a dead engine look idle;
-* reclaims idle jobs of dead engines (XAUTOCLAIM): retried if no output reached the client,
-  failed cleanly if some did, dead-lettered after ``max_attempts``;
-* aborts jobs whose client went away (Pub/Sub cancel channel) and never starts a job whose
-  deadline passed;
+* numbers each attempt's events (``seq``) and batches the events of all jobs into one
+  pipelined round trip per flush, one stream entry per reply stream; acks a job only once
+  its final event is in Redis, and retries refused writes in order;
+* heart-beats its presence (a TTL'd registry entry) and its jobs (XCLAIM resets their idle
+  time), so only jobs of a dead engine look idle;
+* reclaims idle jobs of engines gone from the registry: retried unless a streaming job's
+  output may have reached its client (then failed cleanly), dead-lettered after
+  ``max_attempts``;
+* answers jobs it cannot read or run (unknown kind) with a ``Failed``, aborts jobs whose
+  client went away (Pub/Sub cancel channel) and never starts a job whose deadline passed;
 * drains on SIGTERM: stops reading, finishes what it holds, deregisters.
 """
 
@@ -22,8 +24,8 @@ import logging
 import os
 import socket
 import time
-from collections import OrderedDict
-from collections.abc import Coroutine
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +37,9 @@ from engines.backend import Backend, JobRejected
 from engines.lane import RedisLane, stream_entries
 from engines.wire import (
     ENGINE_GROUP,
+    JOB_KINDS,
+    OUTPUT_STARTED,
+    PROTOCOL_VERSION,
     ChoiceDelta,
     Codec,
     Delta,
@@ -63,10 +68,16 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     engine_ttl_s: float = 5.0
     #: A pending job idle this long belongs to a dead engine and is reclaimed.
     reclaim_idle_ms: int = 5000
+    #: ... provided its engine's heartbeat is also this much overdue: after Redis itself
+    #: stalled (``DEBUG SLEEP``, a slow fork), every heartbeat is late by the stall, and
+    #: running jobs must not be taken from engines that are alive.
+    reclaim_grace_ms: int = 2000
     max_attempts: int = 3
     drain_timeout_s: float = 30.0
     reply_maxlen: int = 100_000
     dead_letter_maxlen: int = 10_000
+    #: How long a cancellation is remembered when its message carries no deadline (older gateways).
+    cancel_memory_s: float = 600.0
 
 
 def now_ms() -> int:
@@ -82,52 +93,99 @@ class _Running:
     task: asyncio.Task[None] | None = None
     output_marked: bool = False
     finished: bool = False
+    #: Number of the last event emitted for this attempt.
+    seq: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+@dataclass(slots=True)
+class _Ack:
+    """A job to XACK + XDEL on its stream, and its job key to delete."""
+
+    stream: str
+    entry_id: bytes
+    job_key: str
 
 
 class _Batch:
-    __slots__ = ("events", "acks", "markers")
+    __slots__ = ("events", "after", "acks", "markers")
 
     def __init__(self) -> None:
+        #: reply stream -> events, in emission order.
         self.events: dict[str, list[Event]] = {}
-        #: (job stream, entry id, "output started" key of a job that had output, else None)
-        self.acks: list[tuple[str, bytes, str | None]] = []
-        #: entry id -> ("output started" key, expiry in epoch ms) of jobs whose output began.
-        self.markers: dict[bytes, tuple[str, int]] = {}
+        #: reply stream -> acks of jobs whose final event is among that stream's events: sent
+        #: only once those events are in Redis, so a refused write never loses a job.
+        self.after: dict[str, list[_Ack]] = {}
+        #: acks ready to send (their final event is already written, or they have none).
+        self.acks: list[_Ack] = []
+        #: job key -> expiry (epoch ms) of streaming jobs whose output began.
+        self.markers: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.acks or self.markers)
+
+    def put_back(self, newer: _Batch) -> _Batch:
+        """``self`` (a batch that failed) in front of ``newer`` (the one that accumulated meanwhile)."""
+        for stream, events in self.events.items():
+            newer.events[stream] = events + newer.events.get(stream, [])
+        for stream, acks in self.after.items():
+            newer.after[stream] = acks + newer.after.get(stream, [])
+        newer.acks[:0] = self.acks
+        newer.markers = {**self.markers, **newer.markers}
+        return newer
 
 
 class EventWriter:
-    """Collects events from every running job and writes them in one pipelined round trip.
+    """Collects events from every running job and writes them in pipelined round trips.
 
     While one flush is on the wire the next batch accumulates, so under load the deltas of
     one engine step (and of many jobs) share a round trip and a stream entry.
+
+    A job is acked only after its final event is in its reply stream: its ack goes out in
+    the round trip after the one that wrote the event (sharing it with the next events).
+    A write Redis refuses (out of memory, a failover) is kept and retried in order, ahead of
+    the events that came later; the job stays unacked (and claimed by this engine's
+    heartbeat) meanwhile. Events reach Redis at least once: a write resent after a broken
+    connection may land twice, and gateways drop the repeats by their sequence numbers.
     """
 
-    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings) -> None:
+    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings,
+                 metrics: EngineMetrics | None = None) -> None:
         self.lane = RedisLane(redis, "events")
         self._codec = codec
         self._settings = settings
+        self.metrics = metrics or EngineMetrics.noop()
         self._batch = _Batch()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: entry id -> job stream of jobs finished but not yet acked (the heartbeat claims them).
+        self.unacked: dict[bytes, str] = {}
 
     def emit(self, reply_to: str, event: Event) -> None:
         self._batch.events.setdefault(reply_to, []).append(event)
         self._idle.clear()
         self._wake.set()
 
-    def mark_output(self, entry_id: bytes, key: str, expire_at_ms: int) -> None:
-        """Record, with the next flush, that a job's output began (so it is never re-run).
+    def mark_output(self, job_key: str, expire_at_ms: int) -> None:
+        """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
+        self._batch.markers[job_key] = expire_at_ms
 
-        The marker is deleted when the job is acked; its expiry (the job's deadline) only
-        cleans up after an engine that died holding it.
-        """
-        self._batch.markers[entry_id] = (key, expire_at_ms)
+    def finish(self, reply_to: str, final: Event, ack: _Ack) -> None:
+        """Write a job's final event, then (once it is in Redis) ack the job."""
+        self.unacked[ack.entry_id] = ack.stream
+        self._batch.events.setdefault(reply_to, []).append(final)
+        self._batch.after.setdefault(reply_to, []).append(ack)
+        self._idle.clear()
+        self._wake.set()
 
-    def ack(self, stream: str, entry_id: bytes, marker: str | None = None) -> None:
-        """Ack (and delete) a job after the events emitted before this call are written;
-        ``marker`` is its "output started" key, if its output began."""
-        self._batch.acks.append((stream, entry_id, marker))
+    def ack(self, ack: _Ack) -> None:
+        """Ack a job that has no final event to write (its client is gone, it is malformed)."""
+        self.unacked[ack.entry_id] = ack.stream
+        self._batch.acks.append(ack)
         self._idle.clear()
         self._wake.set()
 
@@ -135,42 +193,76 @@ class EventWriter:
         await self._idle.wait()
 
     async def run(self) -> None:
+        backoff = 0.0
         while True:  # ends by cancellation only: a flush must never be cut short by a flag
             await self._wake.wait()
             self._wake.clear()
             batch, self._batch = self._batch, _Batch()
-            while True:
-                try:
-                    await self._write(batch)
-                    break
-                except (ConnectionError, OSError, aioredis.RedisError) as exc:
-                    # Keep the batch: events must not be lost to a Redis blip.
-                    log.warning("writing events failed (%s); retrying", exc)
-                    await asyncio.sleep(0.2)
-            if not self._wake.is_set():
+            try:
+                retry = await self._write(batch)
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                # Nothing is known to have landed: all of it again (repeats are harmless).
+                log.warning("writing events failed (%s); retrying", exc)
+                self.metrics.background_error("event-writer")
+                retry = batch
+            if retry:
+                self._batch = retry.put_back(self._batch)
+                self._wake.set()
+                backoff = min(max(backoff * 2, 0.05), 1.0)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            if not self._batch:
                 self._idle.set()
 
-    async def _write(self, batch: _Batch) -> None:
-        markers = batch.markers
-        done_markers: list[str] = []
-        for _, entry_id, marker in batch.acks:
-            # A job acked in the round trip that marks it needs no marker at all; one marked
-            # earlier has its marker deleted with the ack.
-            if markers.pop(entry_id, None) is None and marker is not None:
-                done_markers.append(marker)
-        cmds: list[tuple[object, ...]] = [("SET", key, b"1", "PXAT", at) for key, at in markers.values()]
+    async def _write(self, batch: _Batch) -> _Batch | None:
+        """One round trip; returns what must be written again (or None)."""
+        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
-        cmds.extend(("XADD", reply_to, "MAXLEN", "~", maxlen, "*", b"e", encode(events))
-                    for reply_to, events in batch.events.items())
-        for stream, entry_id, _ in batch.acks:
-            cmds.append(("XACK", stream, ENGINE_GROUP, entry_id))
-            cmds.append(("XDEL", stream, entry_id))
-        if done_markers:
-            cmds.append(("DEL", *done_markers))
-        for reply in await self.lane.round_trip(cmds):
+        streams = list(batch.events)
+        # NOMKSTREAM: a reply stream exists while its gateway lives (it refreshes the stream's
+        # expiry); events for a gateway that is gone are dropped, not left to live forever.
+        cmds.extend(("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", b"e", encode(batch.events[reply_to]))
+                    for reply_to in streams)
+        for a in batch.acks:
+            cmds.append(("XACK", a.stream, ENGINE_GROUP, a.entry_id))
+            cmds.append(("XDEL", a.stream, a.entry_id))
+            cmds.append(("DEL", a.job_key))
+        if not cmds:
+            return None
+        replies = await self.lane.round_trip(cmds)
+        retry = _Batch()
+        for key, reply in zip(batch.markers, replies, strict=False):
             if isinstance(reply, Exception):
-                log.error("redis refused an event write: %s", reply)
+                # A gateway that already showed output fails a re-run attempt on its own; the
+                # mark only spares that attempt's work. Retried all the same.
+                retry.markers[key] = batch.markers[key]
+        i = len(batch.markers)
+        ready: list[_Ack] = []
+        for reply_to in streams:
+            reply = replies[i]
+            i += 1
+            if isinstance(reply, Exception):
+                # Refused: kept, in order, with the acks that wait for it.
+                log.warning("redis refused events for %s: %s", reply_to, reply)
+                retry.events[reply_to] = batch.events[reply_to]
+                if reply_to in batch.after:
+                    retry.after[reply_to] = batch.after[reply_to]
+                continue
+            # Written (or its gateway is gone: nil under NOMKSTREAM; nobody waits for them).
+            ready.extend(batch.after.get(reply_to, ()))
+        for a in batch.acks:
+            if any(isinstance(r, Exception) for r in replies[i:i + 3]):
+                retry.acks.append(a)
+            else:
+                self.unacked.pop(a.entry_id, None)
+            i += 3
+        if ready:
+            # Acked in the next round trip, together with whatever was emitted meanwhile.
+            self._batch.acks.extend(ready)
+            self._wake.set()
+        return retry if retry else None
 
 
 class _Output:
@@ -186,25 +278,30 @@ class _Output:
     def started(self) -> None:
         if not self._started:
             self._started = True
-            job = self._run.job
+            run = self._run
+            job = run.job
             self._worker.writer.emit(
                 job.reply_to,
-                Started(job=job.id, engine=self._worker.engine_id, attempt=self._run.attempt, created=int(time.time())),
+                Started(job=job.id, engine=self._worker.engine_id, attempt=run.attempt, created=int(time.time()),
+                        seq=run.next_seq()),
             )
 
     def delta(self, choices: list[ChoiceDelta]) -> None:
         self.started()
         run = self._run
-        if not run.output_marked:
+        job = run.job
+        if not run.output_marked and job.stream:
+            # Only a streaming job's output can reach its client before the job ends; a
+            # collected one can always be run again from scratch.
             run.output_marked = True
-            job = run.job
-            self._worker.writer.mark_output(run.entry_id, self._worker.keys.output_started(job.model, job.id),
-                                            job.deadline_ms + 60_000)
-        self._worker.writer.emit(run.job.reply_to, Delta(job=run.job.id, choices=choices, attempt=run.attempt))
+            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
+        self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
+                                                     seq=run.next_seq()))
 
     def done(self, usage: Usage) -> None:
         self.started()
-        self._worker.finish(self._run, Done(job=self._run.job.id, usage=usage, attempt=self._run.attempt))
+        run = self._run
+        self._worker.finish(run, Done(job=run.job.id, usage=usage, attempt=run.attempt, seq=run.next_seq()))
 
 
 class Worker:
@@ -216,19 +313,32 @@ class Worker:
         self.keys = Keys(settings.key_prefix)
         self.codec = Codec()
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.metrics = metrics or EngineMetrics.noop()
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
         self.writer = EventWriter(self.redis, self.codec, settings)
+        self.metrics = metrics or EngineMetrics.noop()
         self._started_ms = now_ms()
         self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
+        self._kinds = frozenset(getattr(backend, "kinds", JOB_KINDS))
         self._running: dict[str, _Running] = {}
-        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        #: Jobs read but not started yet (a read across several models can bring more than the
+        #: free slots); started in order as slots free, claimed by the heartbeat meanwhile.
+        self._waiting: deque[tuple[str, bytes, dict[bytes, bytes]]] = deque()
+        #: job id -> epoch ms until which its cancellation is remembered.
+        self._cancelled: OrderedDict[str, int] = OrderedDict()
         self._slot_free = asyncio.Event()
         self._stopping = asyncio.Event()
         # Background loops end on this flag, not on cancellation alone: a cancellation that
         # lands inside a Redis call can be swallowed by the client library.
         self._closed = False
         self._streams = {self.keys.jobs(m): m for m in backend.models}
+
+    @property
+    def metrics(self) -> EngineMetrics:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, value: EngineMetrics) -> None:
+        self._metrics = self.writer.metrics = value
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -243,19 +353,23 @@ class Worker:
         self._info_blob = self.codec.encode(EngineInfo(
             id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
             max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, max_model_len=self.backend.max_model_len))
+            started_ms=self._started_ms, max_model_len=self.backend.max_model_len, protocol=PROTOCOL_VERSION,
+            kinds=sorted(self._kinds)))
         await self._create_groups()
         await self._heartbeat_once()
         tasks = [
             asyncio.create_task(self.writer.run(), name="event-writer"),
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._every(self.settings.heartbeat_s, self._heartbeat_once, "heartbeat"),
+                                name="heartbeat"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
-            asyncio.create_task(self._reclaim_loop(), name="reclaim"),
+            asyncio.create_task(self._every(max(self.settings.reclaim_idle_ms / 2000, 0.2), self._reclaim_once,
+                                            "reclaim"), name="reclaim"),
         ]
         log.info("engine %s serving %s (%s, up to %d jobs at once)", self.engine_id,
                  ", ".join(self.backend.models), self.backend.kind, self.backend.max_concurrency)
         try:
-            await self._read_loop()
+            # One reader per job stream: a blocking read stays within one Redis Cluster slot.
+            await asyncio.gather(*(self._read_loop(stream) for stream in self._streams))
             await self._drain()
         finally:
             await self._deregister()
@@ -269,6 +383,22 @@ class Worker:
             await self.backend.close()
             await self.redis.aclose()
 
+    async def _every(self, interval: float, step: Callable[[], Awaitable[None]], name: str) -> None:
+        """Run ``step`` every ``interval`` seconds until closed; an error is logged, counted and
+        outlived (bad data or a Redis outage must not end a background duty for good)."""
+        while not self._closed:
+            await asyncio.sleep(interval)
+            if self._stopping.is_set() and name == "reclaim":
+                continue
+            try:
+                await step()
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                log.warning("%s: redis unavailable (%s)", name, exc)
+                self.metrics.background_error(name)
+            except Exception:
+                log.exception("%s failed; carrying on", name)
+                self.metrics.background_error(name)
+
     async def _create_groups(self) -> None:
         """Join (creating if needed) the consumer group of every model's job stream."""
         for stream in self._streams:
@@ -279,6 +409,8 @@ class Worker:
                     raise
 
     async def _drain(self) -> None:
+        # Jobs read but never started go back to the group: another engine reclaims them.
+        self._waiting.clear()
         pending = [r.task for r in self._running.values() if r.task is not None]
         if pending:
             log.info("draining %d in-flight jobs", len(pending))
@@ -286,7 +418,10 @@ class Worker:
             for t in not_done:
                 # Left unacked: another engine reclaims them once this one's heartbeat stops.
                 t.cancel()
-        await asyncio.wait_for(self.writer.wait_flushed(), timeout=10)
+        try:
+            await asyncio.wait_for(self.writer.wait_flushed(), timeout=10)
+        except TimeoutError:
+            log.warning("events still unwritten at exit; their jobs will be reclaimed")
 
     async def _deregister(self) -> None:
         try:
@@ -299,13 +434,16 @@ class Worker:
 
     # ---- reading jobs ------------------------------------------------------------------
 
-    async def _read_loop(self) -> None:
+    def _free(self) -> int:
+        return self.backend.max_concurrency - len(self._running) - len(self._waiting)
+
+    async def _read_loop(self, stream: str) -> None:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
-        tail = ("BLOCK", 1000, "STREAMS", *self._streams, *(">" for _ in self._streams))
-        lane = RedisLane(self.redis, "jobs", blocking=True)  # its own connection: XREADGROUP blocks
+        tail = ("BLOCK", 1000, "STREAMS", stream, ">")
+        lane = RedisLane(self.redis, f"jobs-{self._streams[stream]}", blocking=True)  # its own connection: it blocks
         try:
             while not self._stopping.is_set():
-                free = self.backend.max_concurrency - len(self._running)
+                free = self._free()
                 if free <= 0:
                     self._slot_free.clear()
                     await self._slot_free.wait()  # set by a finishing job, and by stop()
@@ -318,18 +456,24 @@ class Worker:
                         raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
                     log.warning("reading jobs failed (%s); retrying", exc)
+                    self.metrics.background_error("read-jobs")
                     await asyncio.sleep(0.5)
                     if "NOGROUP" in str(exc):
                         # Redis lost its data (restarted without persistence): rejoin.
                         await self._try(self._create_groups())
                     continue
-                for stream_key, entries in stream_entries(reply):
-                    stream = stream_key.decode()
+                for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
-                        self._accept(stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True)),
-                                     attempt=1)
+                        if fields:  # nil: deleted after it was delivered
+                            self._waiting.append((stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
+                self._start_waiting()
         finally:
             await lane.close()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and len(self._running) < self.backend.max_concurrency and not self._stopping.is_set():
+            stream, entry_id, fields = self._waiting.popleft()
+            self._accept(stream, entry_id, fields, attempt=1)
 
     async def _try(self, op: Coroutine[Any, Any, None]) -> None:
         try:
@@ -338,24 +482,50 @@ class Worker:
             log.warning("redis still unavailable: %s", exc)
 
     def _accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> None:
+        model = self._streams[stream]
         try:
             job = self.codec.decode_job(fields[b"j"])
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
-            log.error("dropping malformed job entry %s on %s", entry_id, stream)
-            self.writer.ack(stream, entry_id)
+            self._refuse_malformed(stream, model, entry_id, fields, attempt)
             return
         run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt)
+        if job.kind not in self._kinds:
+            self.metrics.job_finished(model, "unsupported")
+            self.finish(run, Failed(job=job.id, message=f"No engine of model `{model}` runs `{job.kind}` requests "
+                                    f"(this one runs: {', '.join(sorted(self._kinds))}).", code="unsupported_job_kind",
+                                    status=501, type="invalid_request_error", attempt=attempt, seq=run.next_seq()))
+            return
         if job.deadline_ms and now_ms() >= job.deadline_ms:
             self.metrics.job_finished(job.model, "expired")
             self.finish(run, Failed(job=job.id, message="The request's deadline passed before an engine could start it.",
-                                    code="deadline_exceeded", status=504, type="timeout_error", attempt=attempt))
+                                    code="deadline_exceeded", status=504, type="timeout_error", attempt=attempt,
+                                    seq=run.next_seq()))
             return
         if job.id in self._cancelled:
             self.metrics.job_finished(job.model, "cancelled")
-            self.writer.ack(stream, entry_id)
+            self.writer.ack(self._ack_of(run))
             return
+        if job.created_ms and attempt == 1:
+            self.metrics.queue_wait(job.model, max(now_ms() - job.created_ms, 0) / 1000)
         self._running[job.id] = run
         run.task = asyncio.create_task(self._run_job(run), name=f"job-{job.id}")
+
+    def _refuse_malformed(self, stream: str, model: str, entry_id: bytes, fields: dict[bytes, bytes],
+                          attempt: int) -> None:
+        """A job this engine cannot read: answered with a 400 if its sender can be named, and
+        acked either way (no engine of this version could run it)."""
+        self.metrics.job_finished(model, "malformed")
+        try:
+            header = self.codec.decode_job_header(fields[b"j"])
+        except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
+            log.error("dropping unreadable job entry %s on %s", entry_id, stream)
+            self.writer.ack(_Ack(stream, entry_id, self.keys.job(model, entry_id.decode())))
+            return
+        log.error("refusing malformed job %s on %s", header.id, stream)
+        self.writer.finish(header.reply_to, Failed(
+            job=header.id, message="The engine could not read this request (a newer or damaged job).",
+            code="malformed_job", status=400, type="invalid_request_error", attempt=attempt, seq=1),
+            _Ack(stream, entry_id, self.keys.job(model, header.id)))
 
     async def _run_job(self, run: _Running) -> None:
         job = run.job
@@ -364,43 +534,44 @@ class Worker:
         try:
             await self.backend.run(job, out)
             if not run.finished:
-                self.finish(run, Failed(job=job.id, message="The engine ended the job without a result.", attempt=run.attempt))
+                self.finish(run, Failed(job=job.id, message="The engine ended the job without a result.",
+                                        attempt=run.attempt, seq=run.next_seq()))
             # After the event writer's turn: metrics must not delay the final flush.
             asyncio.get_running_loop().call_soon(self.metrics.job_finished, job.model, "ok",
                                                  time.perf_counter() - started)
         except JobRejected as exc:
             self.metrics.job_finished(job.model, "rejected")
             self.finish(run, Failed(job=job.id, message=exc.message, code=exc.code, status=exc.status,
-                                    type=exc.type, param=exc.param, attempt=run.attempt))
+                                    type=exc.type, param=exc.param, attempt=run.attempt, seq=run.next_seq()))
         except asyncio.CancelledError:
             if self._stopping.is_set() and job.id not in self._cancelled:
                 raise  # drain timed out: left pending (unacked), so another engine reclaims it
             self.metrics.job_finished(job.model, "cancelled")
             if not run.finished:  # the client is gone: ack without a final event
                 run.finished = True
-                self.writer.ack(run.stream, run.entry_id, self._marker(run))
+                self.writer.ack(self._ack_of(run))
         except Exception:
-            log.exception("job %s failed", job.id)
+            log.exception("job %s failed (traceparent %s)", job.id, job.traceparent or "-")
             self.metrics.job_finished(job.model, "error")
             self.finish(run, Failed(job=job.id, message="The engine failed while running the request.",
-                                    attempt=run.attempt))
+                                    attempt=run.attempt, seq=run.next_seq()))
         finally:
             self._release(run)
 
     def finish(self, run: _Running, final: Done | Failed) -> None:
-        """Write the final event and ack the job in the same round trip."""
+        """Write the final event; the job is acked once it is in Redis."""
         if run.finished:
             return
         run.finished = True
-        self.writer.emit(run.job.reply_to, final)
-        self.writer.ack(run.stream, run.entry_id, self._marker(run))
+        self.writer.finish(run.job.reply_to, final, self._ack_of(run))
 
-    def _marker(self, run: _Running) -> str | None:
-        return self.keys.output_started(run.job.model, run.job.id) if run.output_marked else None
+    def _ack_of(self, run: _Running) -> _Ack:
+        return _Ack(run.stream, run.entry_id, self.keys.job(run.job.model, run.job.id))
 
     def _release(self, run: _Running) -> None:
         if self._running.get(run.job.id) is run:
             del self._running[run.job.id]
+            self._start_waiting()
             self._slot_free.set()
 
     # ---- cancellation ------------------------------------------------------------------
@@ -413,18 +584,25 @@ class Worker:
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    self.cancel(message["data"].decode())
+                    self.cancel(*parse_cancel(message["data"]))
             except (ConnectionError, OSError, aioredis.RedisError) as exc:
                 log.warning("cancel listener lost Redis (%s); resubscribing", exc)
+                self.metrics.background_error("cancel-listener")
+                await asyncio.sleep(0.5)
+            except Exception:
+                log.exception("cancel listener failed; resubscribing")
+                self.metrics.background_error("cancel-listener")
                 await asyncio.sleep(0.5)
             finally:
                 await pubsub.aclose()
 
-    def cancel(self, job_id: str) -> None:
-        """Abort a running job, or remember to skip it if it arrives later."""
-        now = time.monotonic()
-        self._cancelled[job_id] = now
-        while self._cancelled and next(iter(self._cancelled.values())) < now - 600:
+    def cancel(self, job_id: str, deadline_ms: int | None = None) -> None:
+        """Abort a running job, or remember to skip it if it arrives later (until its deadline,
+        after which no engine would start it anyway)."""
+        now = now_ms()
+        self._cancelled[job_id] = deadline_ms if deadline_ms else now + int(self.settings.cancel_memory_s * 1000)
+        self._cancelled.move_to_end(job_id)
+        while self._cancelled and next(iter(self._cancelled.values())) < now:
             self._cancelled.popitem(last=False)
         if len(self._cancelled) > 100_000:
             self._cancelled.popitem(last=False)
@@ -445,57 +623,66 @@ class Worker:
         by_stream: dict[str, list[bytes]] = {}
         for run in self._running.values():
             by_stream.setdefault(run.stream, []).append(run.entry_id)
+        for stream, entry_id, _ in self._waiting:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for entry_id, stream in self.writer.unacked.items():
+            by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             # Re-claiming our own jobs resets their idle time: only a dead engine's jobs age.
             pipe.xclaim(stream, ENGINE_GROUP, self.engine_id, 0, ids, justid=True)
         await pipe.execute()
 
-    async def _heartbeat_loop(self) -> None:
-        while not self._closed:
-            await asyncio.sleep(self.settings.heartbeat_s)
-            try:
-                await self._heartbeat_once()
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
-                log.warning("heartbeat failed: %s", exc)
-
-    async def _reclaim_loop(self) -> None:
-        interval = max(self.settings.reclaim_idle_ms / 2000, 0.2)
-        while not self._closed:
-            await asyncio.sleep(interval)
-            if self._stopping.is_set():
-                continue
-            try:
-                await self._reclaim_once()
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
-                log.warning("reclaiming failed: %s", exc)
+    def _held(self) -> set[bytes]:
+        held = {r.entry_id for r in self._running.values()}
+        held.update(entry_id for _, entry_id, _ in self._waiting)
+        held.update(self.writer.unacked)
+        return held
 
     async def _reclaim_once(self) -> None:
+        """Take over the jobs of engines that stopped heart-beating.
+
+        Only entries idle for ``reclaim_idle_ms`` whose consumer is gone from the registry (or
+        overdue by ``reclaim_grace_ms``) are taken, so a Redis stall that ages every entry
+        does not move running jobs between live engines. Entries of this engine that it does
+        not hold (a read whose reply was lost) are taken back too.
+        """
+        now = now_ms()
+        live = {e.decode() for e in await self.redis.zrangebyscore(
+            self.keys.engines, now - self.settings.reclaim_grace_ms, "+inf")}
+        live.add(self.engine_id)
         for stream, model in self._streams.items():
-            free = self.backend.max_concurrency - len(self._running)
+            free = self._free()
             if free <= 0:
                 return
-            _, claimed, _ = await self.redis.xautoclaim(
-                stream, ENGINE_GROUP, self.engine_id, self.settings.reclaim_idle_ms, "0-0", count=free)
+            pending = await self.redis.xpending_range(stream, ENGINE_GROUP, min="-", max="+", count=max(free * 4, 16),
+                                                      idle=self.settings.reclaim_idle_ms)
+            held = self._held()
+            orphans = {p["message_id"]: int(p["times_delivered"]) for p in pending
+                       if (p["consumer"].decode() not in live
+                           or (p["consumer"].decode() == self.engine_id and p["message_id"] not in held))}
+            if not orphans:
+                continue
+            claimed = await self.redis.xclaim(stream, ENGINE_GROUP, self.engine_id, self.settings.reclaim_idle_ms,
+                                              list(orphans)[:free])
             for entry_id, fields in claimed:
-                if not fields:
-                    continue
-                await self._retry_claimed(stream, model, entry_id, fields)
+                if fields:
+                    # XCLAIM counted this delivery: the attempt is the count before it plus one.
+                    await self._retry_claimed(stream, model, entry_id, fields, orphans.get(entry_id, 1) + 1)
 
-    async def _retry_claimed(self, stream: str, model: str, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        info = await self.redis.xpending_range(stream, ENGINE_GROUP, min=entry_id, max=entry_id, count=1)
-        attempt = int(info[0]["times_delivered"]) if info else 2
+    async def _retry_claimed(self, stream: str, model: str, entry_id: bytes, fields: dict[bytes, bytes],
+                             attempt: int) -> None:
         try:
             job = self.codec.decode_job(fields[b"j"])
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
-            self.writer.ack(stream, entry_id)
+            self._refuse_malformed(stream, model, entry_id, fields, attempt)
             return
         run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt)
-        if await self.redis.exists(self.keys.output_started(model, job.id)):
+        if await self.redis.get(self.keys.job(model, job.id)) == OUTPUT_STARTED:
             log.warning("job %s was lost mid-output by its engine; failing it", job.id)
             self.metrics.job_finished(model, "lost")
-            run.output_marked = True  # so finishing deletes the dead engine's marker
             self.finish(run, Failed(job=job.id, message="The engine serving this request stopped after output began; "
-                                    "retry the request.", code="engine_lost", status=502, attempt=attempt))
+                                    "retry the request.", code="engine_lost", status=502, attempt=attempt,
+                                    seq=run.next_seq()))
             return
         if attempt > self.settings.max_attempts:
             log.error("job %s failed %d attempts; dead-lettering it", job.id, attempt - 1)
@@ -503,7 +690,13 @@ class Worker:
                                   maxlen=self.settings.dead_letter_maxlen, approximate=True)
             self.metrics.job_finished(model, "dead_letter")
             self.finish(run, Failed(job=job.id, message=f"The request failed on {attempt - 1} engines in a row.",
-                                    code="engine_failed", status=502, attempt=attempt))
+                                    code="engine_failed", status=502, attempt=attempt, seq=run.next_seq()))
             return
         log.info("retrying job %s (attempt %d)", job.id, attempt)
         self._accept(stream, entry_id, fields, attempt=attempt)
+
+
+def parse_cancel(data: bytes) -> tuple[str, int | None]:
+    """A cancel message: ``job_id`` (older gateways) or ``job_id deadline_ms``."""
+    job_id, _, deadline = data.decode().partition(" ")
+    return job_id, int(deadline) if deadline.isdigit() else None

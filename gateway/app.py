@@ -57,7 +57,7 @@ async def chat_completions(request: Request[Any, Any, Any], services: Services) 
     req = services.decoder.chat(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
-                                       include_usage=include_usage, n=req.n or 1)
+                                       include_usage=include_usage)
 
 
 @post("/v1/completions", status_code=200)
@@ -66,10 +66,8 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     body = await request.body()
     req = services.decoder.completion(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    prompts = len(req.prompt) if isinstance(req.prompt, list) and req.prompt and not isinstance(req.prompt[0], int) \
-        else 1
     return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
-                                             include_usage=include_usage, n=(req.n or 1) * prompts)
+                                             include_usage=include_usage)
 
 
 @get("/v1/models")
@@ -131,7 +129,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         redis = aioredis.from_url(settings.redis_url, decode_responses=False, max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
                                   configured=settings.models)
-        router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec)
+        router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
         dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
@@ -139,8 +137,14 @@ def create_app(settings: GatewaySettings) -> Litestar:
                                       decoder=RequestDecoder(), chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
                                       telemetry=telemetry, redis=redis)
+        registry.metrics = gw_metrics
+        try:
+            await router.create_stream()
+        except (ConnectionError, OSError, aioredis.RedisError):
+            pass  # the router re-creates it as soon as Redis answers
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
-                 asyncio.create_task(registry.run(), name="engine-registry")]
+                 asyncio.create_task(registry.run(), name="engine-registry"),
+                 asyncio.create_task(dispatcher.watch_jobs(), name="job-check")]
         try:
             await asyncio.wait_for(registry.refreshed.wait(), timeout=5)
         except TimeoutError:
@@ -149,7 +153,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         try:
             yield
         finally:
-            router.closed = registry.closed = True
+            router.closed = registry.closed = dispatcher.closed = True
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)

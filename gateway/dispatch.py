@@ -1,28 +1,52 @@
-"""From a validated request to engine events: admission, submission, waiting, cancelling."""
+"""One request's job from submission to its end: the only way an endpoint reaches the engines.
+
+:class:`Dispatcher` admits requests (404/503/429) and opens :class:`JobRun`\\ s; a ``JobRun``
+owns everything between: the idempotent submission, the disconnect watch (from the moment
+of submission, streaming or not), the deadline, the cancellation of abandoned jobs, and
+exactly-once delivery of the engine's events:
+
+* events of an attempt that was given up are dropped, a repeated event (same ``seq``) is
+  dropped, a gap in the numbering means events were lost;
+* a job that must start over (an engine died, events were lost, Redis lost the job) is run
+  again — a new attempt by an engine, or a new submission by the gateway — as long as none
+  of its output reached the client; the caller sees :data:`RESTARTED` and discards what
+  it collected. Once output reached the client the request ends with a clean error instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import Any, Literal
+from typing import Any
 
 import redis.asyncio as aioredis
 
-from engines.wire import Event, Failed, Job, Usage
+from engines.wire import Done, Event, Failed, Job
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
 from telemetry.instruments import GatewayMetrics
 
+log = logging.getLogger("conduit.gateway")
+
 
 class ClientDisconnected(Exception):
     """The client closed the connection before its answer was ready."""
 
 
-# Put in a ticket's queue by the disconnect watcher and the deadline timer; never sent by an engine.
+class Restarted:
+    """Returned by :meth:`JobRun.next`: the job is running again from scratch; discard its output so far."""
+
+    __slots__ = ()
+
+
+RESTARTED = Restarted()
+
+# Put in a run's queue by the disconnect watcher, the deadline timer and the job watch; never sent by an engine.
 _CLIENT_GONE: Any = object()
 _DEADLINE: Any = object()
 
@@ -31,41 +55,187 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{os.urandom(12).hex()}"
 
 
-class Ticket:
-    """One submitted job, as seen by the request waiting on it."""
-
-    __slots__ = ("job_id", "model", "events", "deadline", "started_at", "attempt", "closed", "ttft", "usage",
-                 "loop", "timer")
-
-    def __init__(self, job_id: str, model: str, events: asyncio.Queue[Event], deadline: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop  # kept: on Python 3.11 every get_running_loop() is a getpid() syscall
-        self.job_id = job_id
-        self.model = model
-        self.events = events
-        self.deadline = deadline  # loop time
-        self.started_at = time.perf_counter()
-        self.attempt = 1
-        self.closed = False
-        #: Seconds to the first output, and the final usage: recorded once the answer is out.
-        self.ttft: float | None = None
-        self.usage: Usage | None = None
-        self.timer: asyncio.TimerHandle | None = None
-
-    def accept(self, event: Event) -> bool:
-        """False for an event of an abandoned attempt (a retried job's slow first engine)."""
-        if event.attempt < self.attempt:
-            return False
-        self.attempt = event.attempt
-        return True
-
-
 def engine_failure(event: Failed) -> ConduitError:
     """An engine's error event as the exception the client is told about."""
     if event.status == 504:
         return DeadlineExceeded(event.message)
     cls = EngineError if event.status >= 500 else ConduitError
     return cls(event.message, param=event.param, code=event.code, status=event.status, type=event.type)
+
+
+class JobRun:
+    """One request's job: ``async with dispatcher.job(...) as run`` submits it; leaving the
+    block ends it (telling the engines to stop if it had not finished)."""
+
+    __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
+                 "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
+                 "_held")
+
+    def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
+                 | None) -> None:
+        self.dispatcher = dispatcher
+        self.job = job
+        #: The id the client sees (the first job id: a resubmitted job gets a new one).
+        self.rid = job.id
+        self.model = job.model
+        self.loop = dispatcher.loop  # kept: on Python 3.11 every get_running_loop() is a getpid() syscall
+        self.events: asyncio.Queue[Any] = asyncio.Queue()
+        self.deadline = 0.0  # loop time
+        self.started_at = time.perf_counter()
+        #: The attempt whose events are accepted, and the number of its last event.
+        self.attempt = 1
+        self.seq = 0
+        #: A final event (Done/Failed) was taken; nothing is left to cancel.
+        self.ended = False
+        self.closed = False
+        #: Some output reached the client: the job can no longer start over silently.
+        self.shown = False
+        #: Seconds to the first output, and the final usage: recorded once the answer is out.
+        self.ttft: float | None = None
+        self.usage: Any = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.resubmits = 0
+        #: Consecutive job checks that found the job's key gone (see Dispatcher.watch_jobs).
+        self.missing = 0
+        self._receive = receive
+        self._watcher: asyncio.Task[None] | None = None
+        self._held: Any = None  # an event, or _GAP
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    async def __aenter__(self) -> JobRun:
+        await self.dispatcher.submit(self)
+        if self._receive is not None:
+            self._watcher = self.loop.create_task(self._watch(self._receive))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def _watch(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
+        # Only for requests whose body was read in full: the next ASGI message is the disconnect.
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.events.put_nowait(_CLIENT_GONE)
+
+    def stop_watching(self) -> None:
+        """The streaming response watches the connection from here on (one reader of ``receive``)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    async def next(self) -> Event | Restarted:
+        """The next event the client should see, or :data:`RESTARTED`.
+
+        Raises :class:`DeadlineExceeded` past the deadline, :class:`ClientDisconnected` when
+        the client left, :class:`EngineError` when the job was lost after output reached the client.
+        """
+        held = self._held
+        if held is not None:
+            self._held = None
+            if held is _GAP:
+                await self._start_over("events were lost")
+            else:
+                admitted = self._admit(held)
+                if admitted is not None:
+                    return admitted
+        while True:
+            event = await self.events.get()
+            if event is _DEADLINE:
+                raise DeadlineExceeded(f"The request did not finish within "
+                                       f"{self.dispatcher.settings.request_timeout_s:g}s.")
+            if event is _CLIENT_GONE:
+                raise ClientDisconnected
+            if isinstance(event, _Lost):
+                if event.job_id == self.job_id and not self.ended:
+                    await self._start_over("Redis lost the job")
+                    return RESTARTED
+                continue
+            admitted = self._admit(event)
+            if admitted is not None:
+                return admitted
+
+    def _admit(self, event: Event) -> Event | Restarted | None:
+        """The exactly-once filter: the event to deliver, None to drop it, or RESTARTED (what
+        follows is held for the next call to :meth:`next`)."""
+        if event.attempt != self.attempt:
+            if event.attempt < self.attempt:  # a given-up attempt's engine still talking
+                self.dispatcher.metrics.skipped("stale_attempt")
+                return None
+            self.attempt = event.attempt
+            self.seq = 0
+            if isinstance(event, Failed):  # the job's new owner only reports its end
+                self.ended = True
+                return event
+            if self.shown:
+                raise EngineError("The engine serving this request stopped after output began; retry the request.",
+                                  code="engine_lost")
+            self._held = event  # another engine runs it from scratch
+            return RESTARTED
+        if event.seq:  # 0: an engine that does not number its events
+            if event.seq <= self.seq:
+                self.dispatcher.metrics.skipped("duplicate")
+                return None
+            if event.seq != self.seq + 1:
+                log.warning("job %s: events %d..%d lost", self.job_id, self.seq + 1, event.seq - 1)
+                self.dispatcher.metrics.skipped("gap")
+                if self.shown:
+                    raise EngineError("Part of this request's output was lost on its way from the engine; retry "
+                                      "the request.", code="output_lost")
+                self._held = _GAP
+                return RESTARTED
+            self.seq = event.seq
+        if isinstance(event, (Done, Failed)):
+            self.ended = True
+        return event
+
+    async def _start_over(self, why: str) -> None:
+        """Submit the job again under a new id (nothing of it reached the client), or fail."""
+        if self.shown:
+            raise EngineError(f"This request's job was lost after output began ({why}); retry the request.",
+                              code="job_lost")
+        if self.resubmits >= self.dispatcher.settings.max_resubmits:
+            raise EngineError(f"This request's job was lost {self.resubmits + 1} times ({why}); retry the request.",
+                              code="job_lost")
+        self.resubmits += 1
+        log.warning("job %s: %s; submitting it again", self.job_id, why)
+        self.dispatcher.metrics.resubmissions.add(1)
+        await self.dispatcher.resubmit(self)
+
+    def close(self) -> None:
+        """Stop listening; if the job had not ended, tell the engines to drop it."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+        self.stop_watching()
+        self.dispatcher.forget(self)
+
+    def record(self, status: int, operation: str) -> None:
+        """Record the request's metrics (called once its answer is out)."""
+        u = self.usage
+        self.dispatcher.metrics.request_finished(
+            self.model, operation, status, time.perf_counter() - self.started_at, self.ttft,
+            u.prompt_tokens if u else None, u.completion_tokens if u else None)
+
+
+class _Gap:
+    """Held by a run whose events had a gap: its next call to ``next`` starts the job over."""
+
+
+_GAP: Any = _Gap()
+
+
+class _Lost:
+    """Put in a run's queue when its job key vanished (``Dispatcher.watch_jobs``)."""
+
+    __slots__ = ("job_id",)
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
 
 
 class Dispatcher:
@@ -78,9 +248,18 @@ class Dispatcher:
         self.queue = queue
         self.router = router
         self.metrics = metrics
+        self._runs: dict[str, JobRun] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        metrics.watch_in_flight(lambda: router.waiting)
+        #: Ends :meth:`watch_jobs`.
+        self.closed = False
+        metrics.watch_in_flight(lambda: len(self._runs))
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     def check_model(self, model: str) -> None:
         """404 for a model nobody serves or configured, 503 for one whose engines are all gone."""
@@ -90,80 +269,127 @@ class Dispatcher:
             raise NoEngine(model)
         raise ModelNotFound(model)
 
-    async def submit(self, kind: Literal["chat", "completion"], model: str, body: bytes, job_id: str) -> Ticket:
-        """Queue a job; raises the right error when it cannot be queued."""
+    def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
+            receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
+            traceparent: str = "") -> JobRun:
+        """A request's job, submitted when its ``async with`` block is entered.
+
+        ``receive`` (the request's ASGI receive) lets the run notice a client that leaves.
+        """
         self.check_model(model)
-        loop = self._loop or asyncio.get_running_loop()
-        self._loop = loop
-        timeout = self.settings.request_timeout_s
-        events = self.router.open(job_id)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
-                  deadline_ms=now_ms + int(timeout * 1000), created_ms=now_ms)
+                  deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
+                  traceparent=traceparent, stream=stream)
+        return JobRun(self, job, receive)
+
+    async def submit(self, run: JobRun) -> None:
+        """Queue a run's job; raises the right error when it cannot be queued."""
+        job = run.job
+        self.router.open(job.id, run.events)
+        self._runs[job.id] = run
         try:
             await self.queue.submit(job)
         except BacklogFull as exc:
-            self.router.close(job_id)
-            raise Overloaded(f"The model `{model}` has {exc.backlog} requests waiting, its limit; retry after "
+            self._drop(run)
+            raise Overloaded(f"The model `{job.model}` has {exc.backlog} requests waiting, its limit; retry after "
                              f"{self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
-        except (ConnectionError, OSError, aioredis.RedisError):
-            self.router.close(job_id)
+        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            self._drop(run)
+            log.warning("could not queue a job: %s", exc)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
-        ticket = Ticket(job_id, model, events, loop.time() + timeout, loop)
+        loop = self.loop
+        run.deadline = loop.time() + max(job.deadline_ms / 1000 - time.time(), 0)
         # One timer per request wakes its waiter at the deadline (no timeout context per wait).
-        ticket.timer = loop.call_at(ticket.deadline, events.put_nowait, _DEADLINE)
-        return ticket
+        run.timer = loop.call_at(run.deadline, run.events.put_nowait, _DEADLINE)
 
-    async def next_event(self, ticket: Ticket) -> Event:
-        """The next event of the current attempt; :class:`DeadlineExceeded` past the deadline."""
-        while True:
-            event = await ticket.events.get()
-            if event is _DEADLINE:
-                raise DeadlineExceeded(f"The request did not finish within {self.settings.request_timeout_s:g}s.")
-            if event is _CLIENT_GONE:
-                raise ClientDisconnected
-            if ticket.accept(event):
-                return event
+    async def resubmit(self, run: JobRun) -> None:
+        """Queue ``run``'s job again under a new id (its old incarnation is cancelled)."""
+        old = run.job
+        self._forget_id(old.id)
+        self._publish_cancel(old.id, old.deadline_ms)
+        run.job = Job(id=new_id(old.id.partition("-")[0]), kind=old.kind, model=old.model, body=old.body,
+                      reply_to=old.reply_to, deadline_ms=old.deadline_ms, created_ms=old.created_ms,
+                      traceparent=old.traceparent, stream=old.stream)
+        run.attempt, run.seq, run.missing = 1, 0, -1
+        self.router.open(run.job.id, run.events)
+        self._runs[run.job.id] = run
+        try:
+            await self.queue.submit(run.job)
+        except BacklogFull:
+            raise Overloaded(f"The model `{old.model}` is overloaded; retry after {self.settings.retry_after_s}s.",
+                             self.settings.retry_after_s) from None
+        except (ConnectionError, OSError, aioredis.RedisError):
+            raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
+                               code="queue_unavailable") from None
+        run.missing = 0
 
-    def watch_disconnect(self, ticket: Ticket,
-                         receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> asyncio.Task[None]:
-        """Wake the request waiting on ``ticket`` with :class:`ClientDisconnected` if its client leaves.
+    def _drop(self, run: JobRun) -> None:
+        run.closed = True
+        self._forget_id(run.job_id)
 
-        Only for requests whose body was read in full: the next ASGI message is then the disconnect.
-        """
+    def _forget_id(self, job_id: str) -> None:
+        self.router.close(job_id)
+        self._runs.pop(job_id, None)
 
-        async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            ticket.events.put_nowait(_CLIENT_GONE)
-
-        return ticket.loop.create_task(watch())
-
-    async def events(self, ticket: Ticket) -> AsyncIterator[list[Event]]:
-        """Events in batches: everything already delivered comes together (one write)."""
-        q = ticket.events
-        while True:
-            batch = [await self.next_event(ticket)]
-            while not q.empty():
-                event = q.get_nowait()
-                if event is _DEADLINE or event is _CLIENT_GONE:
-                    q.put_nowait(event)  # raised by the next next_event, after this batch is out
-                    break
-                if ticket.accept(event):
-                    batch.append(event)
-            yield batch
-
-    def close(self, ticket: Ticket, *, abandoned: bool) -> None:
-        """Stop listening for ``ticket``; if the client left early, tell the engines to abort."""
-        if ticket.closed:
-            return
-        ticket.closed = True
-        if ticket.timer is not None:
-            ticket.timer.cancel()
-        self.router.close(ticket.job_id)
-        if abandoned:
+    def forget(self, run: JobRun) -> None:
+        """A run ended: stop routing its events; an unfinished job is cancelled on the engines."""
+        self._forget_id(run.job_id)
+        if not run.ended:
             self.metrics.cancellations.add(1)
-            task = ticket.loop.create_task(self.queue.cancel(ticket.job_id))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._publish_cancel(run.job_id, run.job.deadline_ms)
+
+    def _publish_cancel(self, job_id: str, deadline_ms: int) -> None:
+        task = self.loop.create_task(self.queue.cancel(job_id, deadline_ms))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def watch_jobs(self) -> None:
+        """Find jobs Redis lost (a restart without persistence, a failover, a refused write):
+        every ``job_check_s``, a run older than that whose job key is gone twice in a row and
+        that got no final event is woken to start over (or fail, if its client saw output)."""
+        interval = self.settings.job_check_s
+        while not self.closed:
+            await asyncio.sleep(interval)
+            try:
+                await self._check_jobs(time.perf_counter() - interval)
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                log.warning("job check: redis unavailable (%s)", exc)
+                self.metrics.background_error("job-check")
+            except Exception:
+                log.exception("job check failed; carrying on")
+                self.metrics.background_error("job-check")
+
+    async def _check_jobs(self, older_than: float) -> None:
+        runs = [r for r in self._runs.values() if r.started_at < older_than and not r.ended and r.missing >= 0]
+        if not runs:
+            return
+        gone = await self.queue.missing([(r.model, r.job_id) for r in runs])
+        for run, missing in zip(runs, gone, strict=True):
+            if run.missing < 0:
+                continue  # resubmitted while we asked
+            run.missing = run.missing + 1 if missing else 0
+            if run.missing == 2:
+                run.events.put_nowait(_Lost(run.job_id))
+
+    def events(self, run: JobRun) -> AsyncIterator[list[Event | Restarted]]:
+        """A run's events in batches: everything already delivered comes together (one write)."""
+        return _batches(run)
+
+
+async def _batches(run: JobRun) -> AsyncIterator[list[Event | Restarted]]:
+    q = run.events
+    while True:
+        batch = [await run.next()]
+        while not q.empty() and run._held is None:
+            event = q.get_nowait()
+            if event is _DEADLINE or event is _CLIENT_GONE or isinstance(event, _Lost):
+                q.put_nowait(event)  # handled by the next next(), after this batch is out
+                break
+            admitted = run._admit(event)
+            if admitted is not None:
+                batch.append(admitted)
+                if admitted is RESTARTED:
+                    break  # what follows it is held for the next next()
+        yield batch

@@ -6,23 +6,34 @@ import asyncio
 import hashlib
 import logging
 import time
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.lane import RedisLane, stream_entries
-from engines.wire import Codec, Event, Job, Keys
+from engines.wire import Codec, Job, Keys
+from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
 
 # Admission and enqueue in one atomic round trip. Engines delete a job's entry when they
 # ack it, so the stream's length is exactly the model's backlog (queued + running).
+# The job key (KEYS[2], same slot) makes a submission idempotent: a resend after a lost
+# reply finds it and queues nothing. It lives until the engine acks the job, at most
+# until the job's deadline (after which no engine would start the job anyway).
 _SUBMIT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return n end
+redis.call('SET', KEYS[2], 'q', 'PXAT', ARGV[4])
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
 return -1
 """
+
+#: Seconds a reply stream outlives its gateway's last sign of life (the gateway refreshes it
+#: every second); engines never re-create one (NOMKSTREAM).
+REPLY_STREAM_TTL_MS = 60_000
 
 
 class BacklogFull(Exception):
@@ -49,22 +60,28 @@ class JobQueue:
         self.lane = RedisLane(redis, "submit")
 
     async def submit(self, job: Job) -> None:
-        """Queue ``job``; raises :class:`BacklogFull` instead of queueing past the limit."""
-        args = ("EVALSHA", self._sha, 1, self._keys.jobs(job.model), self._max_backlog, self._cap,
-                self._codec.encode(job))
+        """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` instead
+        of queueing past the limit."""
+        args = ("EVALSHA", self._sha, 2, self._keys.jobs(job.model), self._keys.job(job.model, job.id),
+                self._max_backlog, self._cap, self._codec.encode(job), job.deadline_ms)
         try:
             res = await self.lane.execute(*args)
         except NoScriptError:
             # Redis restarted (or flushed its scripts) since we last loaded it.
-            await self.lane.execute("SCRIPT", "LOAD", _SUBMIT)
+            await self._redis.script_load(_SUBMIT)
             res = await self.lane.execute(*args)
-        if res != -1:
+        if res >= 0:
             raise BacklogFull(int(res))
 
-    async def cancel(self, job_id: str) -> None:
-        """Tell every engine that the client of ``job_id`` went away."""
+    async def missing(self, jobs: list[tuple[str, str]]) -> list[bool]:
+        """For each (model, job id): whether its job key is gone (acked, or lost with Redis)."""
+        replies = await self.lane.pipeline([("EXISTS", self._keys.job(model, job_id)) for model, job_id in jobs])
+        return [r == 0 for r in replies]
+
+    async def cancel(self, job_id: str, deadline_ms: int) -> None:
+        """Tell every engine that the client of ``job_id`` went away (remember it until ``deadline_ms``)."""
         try:
-            await self.lane.execute("PUBLISH", self._keys.cancel_channel, job_id)
+            await self.lane.execute("PUBLISH", self._keys.cancel_channel, f"{job_id} {deadline_ms}")
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             log.warning("could not publish cancellation of %s: %s", job_id, exc)
 
@@ -74,19 +91,22 @@ class ReplyRouter:
 
     Each waiting request registers a queue under its job id before its job is written,
     so no event can arrive for a request that is not listening. Events for requests
-    that already ended (client gone, deadline) are dropped.
+    that already ended (client gone, deadline) are dropped. The router creates its stream
+    and keeps it alive (an expiry it refreshes, re-creating the stream if Redis lost it);
+    engines only ever append to an existing one.
     """
 
-    def __init__(self, redis: aioredis.Redis, stream: str, codec: Codec) -> None:
+    def __init__(self, redis: aioredis.Redis, stream: str, codec: Codec, metrics: GatewayMetrics | None = None) -> None:
         self._redis = redis
         self.stream = stream
         self._codec = codec
-        self._waiters: dict[str, asyncio.Queue[Event]] = {}
+        self.metrics = metrics or GatewayMetrics.noop()
+        self._waiters: dict[str, asyncio.Queue[Any]] = {}
         #: Ends :meth:`run` (a cancellation landing inside a Redis call can be swallowed).
         self.closed = False
 
-    def open(self, job_id: str) -> asyncio.Queue[Event]:
-        q: asyncio.Queue[Event] = asyncio.Queue()
+    def open(self, job_id: str, queue: asyncio.Queue[Any] | None = None) -> asyncio.Queue[Any]:
+        q: asyncio.Queue[Any] = queue if queue is not None else asyncio.Queue()
         self._waiters[job_id] = q
         return q
 
@@ -97,45 +117,68 @@ class ReplyRouter:
     def waiting(self) -> int:
         return len(self._waiters)
 
+    async def create_stream(self) -> None:
+        """Make the reply stream exist (engines write with NOMKSTREAM) with its expiry."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.xadd(self.stream, {b"h": b"1"}, maxlen=1000, approximate=True)
+        pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
+        await pipe.execute()
+
+    async def _keep_alive(self, last: bytes) -> None:
+        # Consumed entries are of no further use: keep the stream short, and alive.
+        pipe = self._redis.pipeline(transaction=False)
+        if last != b"0-0":
+            pipe.xtrim(self.stream, minid=last, approximate=True)
+        pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
+        *_, alive = await pipe.execute()
+        if not alive:  # Redis lost it (a restart without persistence): engines need it back
+            log.warning("reply stream %s was gone; re-creating it", self.stream)
+            await self.create_stream()
+
     async def run(self) -> None:
         """Read and dispatch until :attr:`closed` (the lifespan also cancels it)."""
         # The stream is new with this process (its name carries a fresh id): read it whole.
         last: bytes = b"0-0"
-        last_trim = time.monotonic()
-        waiters = self._waiters
-        decode = self._codec.decode_events
+        last_kept = 0.0
         lane = RedisLane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
         try:
             while not self.closed:
                 try:
-                    (reply,) = await lane.round_trip([("XREAD", "COUNT", 1024, "BLOCK", 5000, "STREAMS", self.stream,
+                    now = time.monotonic()
+                    if now - last_kept > 1.0:
+                        last_kept = now
+                        await self._keep_alive(last)
+                    (reply,) = await lane.round_trip([("XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.stream,
                                                        last)])
                     if isinstance(reply, Exception):
                         raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
                     log.warning("reading replies failed (%s); retrying", exc)
+                    self.metrics.background_error("reply-router")
                     await asyncio.sleep(0.2)
                     continue
                 for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
                         last = entry_id
-                        try:
-                            events = decode(fields[1])
-                        except Exception:  # noqa: BLE001 - one bad entry must not stop the reader
-                            log.exception("dropping undecodable reply entry %s", entry_id)
-                            continue
-                        for event in events:
-                            q = waiters.get(event.job)
-                            if q is not None:
-                                q.put_nowait(event)
-                now = time.monotonic()
-                if now - last_trim > 1.0 and last != b"0-0":
-                    last_trim = now
-                    # Consumed entries are of no further use: keep the stream short.
-                    try:
-                        await self._redis.xtrim(self.stream, minid=last, approximate=True)
-                        await self._redis.expire(self.stream, 3600)
-                    except (ConnectionError, OSError, aioredis.RedisError):
-                        pass
+                        self._dispatch(entry_id, fields)
         finally:
             await lane.close()
+
+    def _dispatch(self, entry_id: bytes, fields: list[bytes]) -> None:
+        """Hand one entry's events to their waiters; nothing in an entry can stop the reader."""
+        if len(fields) < 2 or fields[0] != b"e":
+            return  # the stream's own creation marker, or a kind of entry this version does not know
+        try:
+            events, skipped = self._codec.decode_events(fields[1])
+        except Exception:  # noqa: BLE001 - one bad entry must not stop the reader
+            log.error("dropping undecodable reply entry %s", entry_id)
+            self.metrics.skipped("undecodable_entry")
+            return
+        if skipped:
+            log.warning("skipped %d events of unknown type in reply entry %s", skipped, entry_id)
+            self.metrics.skipped("unknown_type", skipped)
+        waiters = self._waiters
+        for event in events:
+            q = waiters.get(event.job)
+            if q is not None:
+                q.put_nowait(event)

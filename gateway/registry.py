@@ -6,9 +6,11 @@ import asyncio
 import logging
 import time
 
+import msgspec
 import redis.asyncio as aioredis
 
 from engines.wire import Codec, EngineInfo, Keys
+from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
 
@@ -33,6 +35,8 @@ class EngineRegistry:
         self._seen: set[str] = set()
         self.redis_ok = False
         self.refreshed = asyncio.Event()
+        self.metrics = GatewayMetrics.noop()
+        self._bad_entries: set[bytes] = set()
         #: Ends :meth:`run` (a cancellation landing inside a Redis call can be swallowed).
         self.closed = False
 
@@ -53,13 +57,26 @@ class EngineRegistry:
         seen = await self._redis.hkeys(self._keys.models_seen)
         engines: dict[str, EngineInfo] = {}
         models: dict[str, list[EngineInfo]] = {}
-        for raw in infos:
+        bad = 0
+        for engine_id, raw in zip(ids, infos, strict=False):
             if raw is None:
                 continue
-            info = self._codec.decode_info(raw)
+            try:
+                info = self._codec.decode_info(raw)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                # One engine's entry (damaged, or from a version whose shape we cannot read)
+                # must not blind us to the others.
+                bad += 1
+                if engine_id not in self._bad_entries:
+                    log.error("ignoring unreadable registry entry of engine %r", engine_id)
+                continue
             engines[info.id] = info
             for m in info.models:
                 models.setdefault(m, []).append(info)
+        self._bad_entries = {i for i, raw in zip(ids, infos, strict=False) if raw is not None
+                             and i not in {e.encode() for e in engines}} if bad else set()
+        if bad:
+            self.metrics.skipped("registry_entry", bad)
         self.engines, self.models = engines, models
         # Accumulated, not replaced: a model served once stays "known" (503, not 404) even
         # if Redis loses its data.
@@ -79,7 +96,7 @@ class EngineRegistry:
             await pipe.execute()
 
     async def run(self) -> None:
-        """Refresh forever (the lifespan cancels it)."""
+        """Refresh until :attr:`closed`, outliving Redis outages and bad entries."""
         ticks = 0
         while not self.closed:
             try:
@@ -90,5 +107,11 @@ class EngineRegistry:
                 if self.redis_ok:
                     log.warning("cannot reach Redis: %s", exc)
                 self.redis_ok = False
+                self.metrics.background_error("engine-registry")
+            except Exception:
+                # Bad data must never end the refresh: a frozen view would send jobs to dead
+                # engines and 404 new models for the rest of the process's life.
+                log.exception("refreshing the engine registry failed; carrying on")
+                self.metrics.background_error("engine-registry")
             ticks += 1
             await asyncio.sleep(self._refresh_s)

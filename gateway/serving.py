@@ -9,18 +9,18 @@ goes away, streaming or not, cancels the job on the engine.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from litestar import Request, Response
 from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
-from engines.wire import ChoiceDelta, Delta, Done, Failed, SampledLogprob, Started, Usage
-from gateway.dispatch import ClientDisconnected, Dispatcher, Ticket, engine_failure, new_id
-from gateway.errors import ConduitError, DeadlineExceeded, encode_error, from_exception
+from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob, Started, Usage
+from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
+from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.protocol import CompletionUsage, PromptTokensDetails
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -107,140 +107,116 @@ class Renderer(Protocol):
 class Generation:
     """Runs one request's job through the engines and answers it."""
 
-    def __init__(self, dispatcher: Dispatcher, renderer: Renderer, kind: Literal["chat", "completion"]) -> None:
+    def __init__(self, dispatcher: Dispatcher, renderer: Renderer, kind: str) -> None:
         self.dispatcher = dispatcher
         self.renderer = renderer
         self.kind = kind
 
     async def respond(self, request: Request[Any, Any, Any], model: str, body: bytes, *, stream: bool,
-                      include_usage: bool, n: int) -> Response[Any]:
+                      include_usage: bool) -> Response[Any]:
         # Job ids are always our own: a client's x-request-id need not be unique.
-        ticket = await self.dispatcher.submit(self.kind, model, body, new_id(self.renderer.id_prefix))
-        if stream:
-            return await self._stream(request, ticket, include_usage)
-        return await self._collect_or_disconnect(request, ticket, n)
+        run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
+                                  receive=request.receive,
+                                  traceparent=request.headers.get("traceparent", "")[:55])
+        try:
+            if stream:
+                return await self._stream(run, include_usage)
+            return await self._collect(run)
+        except ClientDisconnected:
+            # The client left before the answer (leaving the run told the engines to stop).
+            return Response(content=b"", status_code=499)
 
     # ---- non-streaming -----------------------------------------------------------------
 
-    async def _collect_or_disconnect(self, request: Request[Any, Any, Any], ticket: Ticket, n: int) -> Response[Any]:
-        watcher = self.dispatcher.watch_disconnect(ticket, request.receive)
-        try:
-            content = await self._collect(ticket, n)
-        except ClientDisconnected:
-            # The client left before the answer: abort the engine's work.
-            self.dispatcher.close(ticket, abandoned=True)
-            return Response(content=b"", status_code=499)
-        except DeadlineExceeded:
-            self._end(ticket, abandoned=True, status=None)  # the engine may still be working on it
-            raise
-        except ConduitError:
-            self._end(ticket, abandoned=False, status=None)  # the engine itself ended the job
-            raise
-        finally:
-            watcher.cancel()
-        self.dispatcher.close(ticket, abandoned=False)
+    async def _collect(self, run: JobRun) -> Response[Any]:
+        async with run:
+            content = await self._answer(run)
         # Metrics are recorded after the response went out: off the latency's critical path.
         return Response(content=content, media_type="application/json",
-                        background=BackgroundTask(self._record_later, ticket, 200))
+                        background=BackgroundTask(self._record_later, run, 200))
 
-    async def _collect(self, ticket: Ticket, n: int) -> bytes:
-        d = self.dispatcher
-        choices = [ChoiceState(i) for i in range(n)]
+    async def _answer(self, run: JobRun) -> bytes:
+        # Choices are made as their output arrives: ``n`` costs nothing before the engine answers.
+        choices: list[ChoiceState] = []
         created = int(time.time())
-        first = True
         while True:
-            event = await d.next_event(ticket)
+            event = await run.next()
             if isinstance(event, Delta):
-                if first:
-                    first = False
-                    ticket.ttft = time.perf_counter() - ticket.started_at
+                if run.ttft is None:
+                    run.ttft = time.perf_counter() - run.started_at
                 for c in event.choices:
                     while c.index >= len(choices):
                         choices.append(ChoiceState(len(choices)))
                     choices[c.index].add(c)
             elif isinstance(event, Done):
-                ticket.usage = event.usage
-                return self.renderer.full(ticket.job_id, created, ticket.model, choices, event.usage)
+                run.usage = event.usage
+                return self.renderer.full(run.rid, created, run.model, choices, event.usage)
             elif isinstance(event, Failed):
                 raise engine_failure(event)
-            elif isinstance(event, Started) and event.created:
-                created = event.created
+            elif isinstance(event, Started):
+                if event.created:
+                    created = event.created
+            elif isinstance(event, Restarted):
+                choices.clear()  # another attempt runs the job from scratch
 
     # ---- streaming ---------------------------------------------------------------------
 
-    async def _stream(self, request: Request[Any, Any, Any], ticket: Ticket, include_usage: bool) -> Response[Any]:
-        d = self.dispatcher
+    async def _stream(self, run: JobRun, include_usage: bool) -> Response[Any]:
         # Wait for the engine to accept before committing to 200: a refused job keeps its status.
-        try:
-            first = await d.next_event(ticket)
-        except DeadlineExceeded:
-            self._end(ticket, abandoned=True, status=None)
-            raise
-        except asyncio.CancelledError:
-            d.close(ticket, abandoned=True)
-            raise
-        if isinstance(first, Failed):
-            self._end(ticket, abandoned=False, status=None)
-            raise engine_failure(first)
-        return Stream(self._sse(ticket, first, include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
+        async with contextlib.AsyncExitStack() as scope:
+            await scope.enter_async_context(run)
+            first = await run.next()
+            while isinstance(first, Restarted):
+                first = await run.next()
+            if isinstance(first, Failed):
+                raise engine_failure(first)
+            # From here the response owns the run (and watches the connection itself).
+            run.stop_watching()
+            scope.pop_all()
+        return Stream(self._sse(run, first, include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
 
-    async def _sse(self, ticket: Ticket, first: Any, include_usage: bool) -> AsyncIterator[bytes]:
-        d = self.dispatcher
+    async def _sse(self, run: JobRun, first: Event, include_usage: bool) -> AsyncIterator[bytes]:
         r = self.renderer
         created = first.created if isinstance(first, Started) and first.created else int(time.time())
-        abandoned = True
-        pending = [first]
-        saw_output = False
+        pending: list[Event | Restarted] = [first]
         state = StreamState(include_usage)
         try:
-            batches = d.events(ticket)
+            batches = self.dispatcher.events(run)
             while True:
                 out = bytearray()
                 for event in pending:
                     if isinstance(event, Delta):
-                        if not saw_output:
-                            saw_output = True
-                            ticket.ttft = time.perf_counter() - ticket.started_at
-                        r.chunks(ticket.job_id, created, ticket.model, event, out, state)
+                        if run.ttft is None:
+                            run.ttft = time.perf_counter() - run.started_at
+                        r.chunks(run.rid, created, run.model, event, out, state)
                     elif isinstance(event, Done):
-                        ticket.usage = event.usage
+                        run.usage = event.usage
                         if include_usage:
-                            out += r.usage_chunk(ticket.job_id, created, ticket.model, event.usage)
+                            out += r.usage_chunk(run.rid, created, run.model, event.usage)
                         out += DONE
-                        abandoned = False
                         yield bytes(out)
                         return
                     elif isinstance(event, Failed):
                         out += _error_event(engine_failure(event))
                         out += DONE
-                        abandoned = False
                         yield bytes(out)
                         return
                 if out:
+                    run.shown = True  # from now on the job can only end, never start over
                     yield bytes(out)
                 try:
                     pending = await anext(batches)
-                except DeadlineExceeded as exc:  # deadline passed mid-stream (abandoned stays True)
-                    d.metrics.rejected(exc.code or "error")
+                except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
+                    self.dispatcher.metrics.rejected(exc.code or "error")
                     yield _error_event(exc) + DONE
                     return
         finally:
-            self._end(ticket, abandoned=abandoned, status=200)
+            run.close()
+            run.record(200, r.operation)
 
-    def _end(self, ticket: Ticket, *, abandoned: bool, status: int | None) -> None:
-        self.dispatcher.close(ticket, abandoned=abandoned)
-        if status is not None:
-            self._record(ticket, status)
-
-    async def _record_later(self, ticket: Ticket, status: int) -> None:
+    async def _record_later(self, run: JobRun, status: int) -> None:
         # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
-        self._record(ticket, status)
-
-    def _record(self, ticket: Ticket, status: int) -> None:
-        u = ticket.usage
-        self.dispatcher.metrics.request_finished(
-            ticket.model, self.renderer.operation, status, time.perf_counter() - ticket.started_at, ticket.ttft,
-            u.prompt_tokens if u else None, u.completion_tokens if u else None)
+        run.record(status, self.renderer.operation)
 
 
 def _error_event(exc: ConduitError | Exception) -> bytes:

@@ -34,6 +34,11 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     retry_after_s: int = 1
     #: How often the live-engine view is refreshed from Redis.
     registry_refresh_s: float = 0.5
+    #: How often waiting requests check that Redis still holds their job (a job found gone
+    #: twice in a row, with no answer, is submitted again or failed).
+    job_check_s: float = 1.0
+    #: How often one request's job may be submitted again after Redis lost it.
+    max_resubmits: int = 2
     #: Models a client may name even while no engine serves them (they get 503, not 404).
     models: list[str] = []
     #: HTTP workers (processes) for ``conduit gateway``.

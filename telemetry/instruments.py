@@ -40,6 +40,16 @@ class GatewayMetrics:
             "conduit.gateway.rejections", unit="{request}", description="Requests answered with an error, by error code")
         self.cancellations = m.create_counter(
             "conduit.gateway.cancellations", unit="{request}", description="Requests whose client went away")
+        self.background_errors = m.create_counter(
+            "conduit.gateway.background.errors", unit="{error}",
+            description="Errors a background duty (reply router, registry, job watch) outlived, by task")
+        self.skipped_events = m.create_counter(
+            "conduit.gateway.events.skipped", unit="{event}",
+            description="Reply events dropped: unknown to this version, undecodable, repeated or of a stale attempt, "
+                        "by reason")
+        self.resubmissions = m.create_counter(
+            "conduit.gateway.resubmissions", unit="{job}",
+            description="Jobs submitted again because their first submission was lost (no client output yet)")
         self._meter = m
         self._attrs: dict[tuple[str, str], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
 
@@ -70,6 +80,12 @@ class GatewayMetrics:
     def rejected(self, code: str) -> None:
         self.rejections.add(1, {"error.type": code})
 
+    def background_error(self, task: str) -> None:
+        self.background_errors.add(1, {"task": task})
+
+    def skipped(self, reason: str, count: int = 1) -> None:
+        self.skipped_events.add(count, {"reason": reason})
+
     @classmethod
     def noop(cls) -> GatewayMetrics:
         return cls(NoOpMeterProvider())
@@ -82,10 +98,18 @@ class EngineMetrics:
         m = self._meter = _meter(provider, "conduit.engine")
         self.jobs = m.create_counter(
             "conduit.engine.jobs", unit="{job}",
-            description="Jobs ended, by outcome (ok, rejected, cancelled, expired, error, lost, dead_letter)")
+            description="Jobs ended, by outcome (ok, rejected, cancelled, expired, error, lost, dead_letter, "
+                        "unsupported, malformed)")
         self.job_duration = m.create_histogram(
             "conduit.engine.job.duration", unit="s", description="Time an engine spent on a successful job",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.job_queue_wait = m.create_histogram(
+            "conduit.engine.job.queue_wait", unit="s",
+            description="Time from the gateway queueing a job to an engine starting it (first attempt)",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
+        self.background_errors = m.create_counter(
+            "conduit.engine.background.errors", unit="{error}",
+            description="Errors a background duty (heartbeat, reclaim, event writer, ...) outlived, by task")
 
     def watch_backend(self, backend: object) -> None:
         """Export a backend's own counters where it has them (vLLM: unfinished and aborted requests)."""
@@ -101,6 +125,12 @@ class EngineMetrics:
                 "conduit.engine.backend.aborted_requests", unit="{request}",
                 description="Requests aborted inside the inference engine (client gone)",
                 callbacks=[lambda _options: [Observation(backend.aborted_requests)]])  # type: ignore[attr-defined]
+
+    def queue_wait(self, model: str, seconds: float) -> None:
+        self.job_queue_wait.record(seconds, {"gen_ai.request.model": model})
+
+    def background_error(self, task: str) -> None:
+        self.background_errors.add(1, {"task": task})
 
     def job_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
         self.jobs.add(1, {"gen_ai.request.model": model, "outcome": outcome})

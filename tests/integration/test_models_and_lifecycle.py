@@ -111,31 +111,32 @@ def test_stream_of_a_dead_engine_ends_with_an_error_not_duplicates(stack: Stack)
     assert '"engine_lost"' in events[-2], events[-2]
     content = [e for e in events[:-2] if '"content"' in e]
     assert len(content) <= 4, "no token may be sent twice"
-    assert output_markers(stack) == [], "the dead engine's marker is deleted once the job is failed"
+    assert job_keys(stack) == {}, "the dead engine's job key is deleted once the job is failed"
 
 
-def output_markers(stack: Stack) -> list[bytes]:
+def job_keys(stack: Stack) -> dict[bytes, bytes]:
+    """Every job key (``Keys.job``) of the stack, with its value."""
     import redis
 
     with redis.Redis.from_url(stack.redis_url) as r:
-        return sorted(r.scan_iter(match=f"{stack.prefix}:out:*"))
+        return {k: r.get(k) for k in r.scan_iter(match=f"{stack.prefix}:job:*")}
 
 
-def test_output_markers_do_not_outlive_their_jobs(stack: Stack) -> None:
-    """Jobs whose output spans several flushes are marked (for safe reclaiming), then unmarked."""
+def test_job_keys_do_not_outlive_their_jobs(stack: Stack) -> None:
+    """A job's key lives from submission to ack; a streaming job's says when output began."""
     stack.gateway()
     stack.synthetic("synthetic", "--token-delay", "0.05", "--tokens", "5")
     body = {**CHAT, "stream": True}
     with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=30) as s:
         lines = s.iter_lines()
         next(line for line in lines if line.startswith("data: "))
-        assert len(output_markers(stack)) == 1  # mid-output: marked
+        assert list(job_keys(stack).values()) == [b"o"]  # mid-output: marked
         assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
     hang_up_after(f"{stack.base_url}/v1/chat/completions", body, 2)  # and one cancelled mid-output
     deadline = time.monotonic() + 5
-    while output_markers(stack) and time.monotonic() < deadline:
+    while job_keys(stack) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert output_markers(stack) == []
+    assert job_keys(stack) == {}
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -10,6 +10,7 @@ from engines.wire import (
     Codec,
     Delta,
     Done,
+    PROTOCOL_VERSION,
     EngineInfo,
     Failed,
     Job,
@@ -73,8 +74,8 @@ def test_event_batch_round_trip(codec: Codec) -> None:
         Failed(job="j2", message="prompt too long", code="context_length_exceeded", status=400,
                type="invalid_request_error", param="messages"),
     ]
-    decoded = codec.decode_events(codec.encode(batch))
-    assert decoded == batch
+    decoded, skipped = codec.decode_events(codec.encode(batch))
+    assert decoded == batch and skipped == 0
     assert [type(e) for e in decoded] == [Started, Delta, Delta, Done, Failed]
     # Values whose type a union could lose: int stop token vs str stop string, bytes lists.
     assert decoded[2].choices[1].stop_reason == 128001
@@ -83,7 +84,7 @@ def test_event_batch_round_trip(codec: Codec) -> None:
 
 
 def test_done_without_usage_decodes_to_zero_usage(codec: Codec) -> None:
-    (done,) = codec.decode_events(codec.encode([Done(job="j")]))
+    (done,), _ = codec.decode_events(codec.encode([Done(job="j")]))
     assert isinstance(done, Done)
     assert done.usage == Usage(prompt_tokens=0, completion_tokens=0, cached_tokens=None)
 
@@ -94,15 +95,50 @@ def test_events_are_tagged(codec: Codec) -> None:
     assert [e["t"] for e in raw] == ["s", "d", "f", "e"]
 
 
-def test_unknown_event_tag_is_rejected(codec: Codec) -> None:
+def test_unknown_event_types_are_skipped_not_their_neighbours(codec: Codec) -> None:
+    """A newer engine's event type (or a damaged event) costs only itself."""
+    data = msgspec.msgpack.encode([
+        {"t": "s", "job": "a", "seq": 1},
+        {"t": "zz", "job": "a", "seq": 2, "whatever": [1, 2]},  # a type from the future
+        {"t": "d", "job": "a", "choices": [{"text": "hi"}], "seq": 3},
+        {"t": "d", "job": "b", "choices": "not a list"},  # damaged
+        {"t": "f", "job": "a", "seq": 4},
+    ])
+    events, skipped = codec.decode_events(data)
+    assert skipped == 2
+    assert events == [Started(job="a", seq=1), Delta(job="a", choices=[ChoiceDelta(text="hi")], seq=3),
+                      Done(job="a", seq=4)]
+
+
+def test_an_entry_that_is_not_a_list_of_events_raises(codec: Codec) -> None:
+    with pytest.raises((msgspec.ValidationError, msgspec.DecodeError)):
+        codec.decode_events(msgspec.msgpack.encode({"t": "s"}))
+
+
+def test_job_of_an_unknown_kind_still_decodes(codec: Codec) -> None:
+    """An engine must be able to answer a kind it does not run, so the kind is not a closed set."""
+    job = Job(id="j", kind="image", model="m", body=b"{}", reply_to="r", deadline_ms=5)
+    assert codec.decode_job(codec.encode(job)).kind == "image"
+
+
+def test_a_job_header_names_whom_to_answer(codec: Codec) -> None:
+    data = msgspec.msgpack.encode({"id": "j", "reply_to": "r", "kind": "chat", "model": 7})  # model: wrong type
     with pytest.raises(msgspec.ValidationError):
-        codec.decode_events(msgspec.msgpack.encode([{"t": "zz", "job": "a"}]))
+        codec.decode_job(data)
+    header = codec.decode_job_header(data)
+    assert (header.id, header.reply_to) == ("j", "r")
 
 
 def test_engine_info_round_trip(codec: Codec) -> None:
     info = EngineInfo(id="e1", kind="vllm", models=["a", "b"], max_concurrency=64, host="h", pid=3,
-                      started_ms=9, max_model_len=4096)
+                      started_ms=9, max_model_len=4096, protocol=PROTOCOL_VERSION, kinds=["chat"])
     assert codec.decode_info(codec.encode(info)) == info
+
+
+def test_engine_info_of_an_older_engine_reads_as_protocol_1(codec: Codec) -> None:
+    old = msgspec.msgpack.encode({"id": "e1", "kind": "vllm", "models": ["a"]})
+    info = codec.decode_info(old)
+    assert info.protocol == 1 and info.kinds == ["chat", "completion"]
 
 
 # ---- schema evolution --------------------------------------------------------------------
@@ -176,7 +212,7 @@ def test_newer_and_older_events_decode(codec: Codec) -> None:
         _StartedV0(job="j"),
         _DeltaV2(job="j", choices=[ChoiceDelta(text="hi")], sequence=7),
     ])
-    started, delta = codec.decode_events(data)
+    (started, delta), _ = codec.decode_events(data)
     assert started == Started(job="j", engine="", attempt=1, created=0)
     assert delta == Delta(job="j", choices=[ChoiceDelta(text="hi")])
 
@@ -198,7 +234,7 @@ def test_keys_carry_prefix_and_hash_tags() -> None:
     assert keys.jobs("llama-3") == "acme:jobs:{llama-3}"
     assert keys.dead_letters("llama-3") == "acme:dead:{llama-3}"
     assert keys.replies("gw-7") == "acme:replies:{gw-7}"
-    assert keys.output_started("llama-3", "job-1") == "acme:out:{llama-3}:job-1"
+    assert keys.job("llama-3", "job-1") == "acme:job:{llama-3}:job-1"
     assert keys.engines == "acme:{registry}:engines"
     assert keys.engine_info == "acme:{registry}:engine-info"
     assert keys.models_seen == "acme:{registry}:models-seen"
@@ -208,7 +244,7 @@ def test_keys_carry_prefix_and_hash_tags() -> None:
 
 def test_keys_used_together_share_a_cluster_slot() -> None:
     keys = Keys("p")
-    model = {_hash_slot_tag(k) for k in (keys.jobs("m"), keys.dead_letters("m"), keys.output_started("m", "j"))}
+    model = {_hash_slot_tag(k) for k in (keys.jobs("m"), keys.dead_letters("m"), keys.job("m", "j"))}
     assert model == {"m"}
     registry = {_hash_slot_tag(k) for k in (keys.engines, keys.engine_info, keys.models_seen)}
     assert registry == {"registry"}
