@@ -158,6 +158,10 @@ _CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_larg
           422: "unprocessable_entity", 429: "rate_limited", 501: "not_implemented", 503: "overloaded"}
 
 
+#: vLLM's finish reasons for a choice that did not finish.
+_UNFINISHED = frozenset({"abort", "error"})
+
+
 def _failure(error: _Error) -> Exception:
     """The exception for a vLLM error: a rejection, or (server faults) a plain error."""
     status = error.code or 400
@@ -297,7 +301,7 @@ class VllmBackend:
     async def _stream(self, stream: Any, out: JobOutput, chat: bool) -> None:
         decode = self._chat_decoder.decode if chat else self._completion_decoder.decode
         to_delta = _chat_delta if chat else _completion_delta
-        usage, produced, started = Usage(), False, False
+        usage, produced = Usage(), False
         async for event in stream:
             if not event.startswith("data: "):
                 continue
@@ -311,12 +315,18 @@ class VllmBackend:
                 if produced:
                     raise RuntimeError(f"vLLM failed mid-stream: {chunk.error.message}")
                 raise _failure(chunk.error)
-            if not started:  # the first chunk comes once vLLM produced the first token
-                started = True
-                out.started()
+            for c in chunk.choices:
+                if c.finish_reason in _UNFINISHED:
+                    # The choice did not finish (vLLM aborted it, or generation failed): the
+                    # job fails rather than end in a "stop" that looks complete.
+                    raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
             if deltas:
-                produced = True
+                if not produced:
+                    # Started with the first output, not vLLM's role-only first chunk: a job
+                    # failing before any output keeps its status (no 200 committed yet).
+                    produced = True
+                    out.started()
                 out.delta(deltas)
             if (u := chunk.usage) is not None and not chunk.choices:  # the final usage chunk
                 usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
