@@ -51,6 +51,22 @@ def check_vllm_version(version: str | None) -> None:
                            f"{SUPPORTED_VLLM} only (it drives vLLM's internal serving classes). {fix}")
 
 
+def vllm_request(body: dict[str, Any], served_name: str, request_id: str) -> dict[str, Any]:
+    """The client's request body as vLLM's serving classes get it.
+
+    The gateway always consumes a stream and rebuilds non-streaming responses itself, and
+    needs the final usage chunk for its accounting; usage on every chunk (vLLM's
+    ``continuous_usage_stats``) only when the client asked for it with ``include_usage``,
+    as vLLM's own server requires. The request id is the job id so an abort can name it.
+    """
+    options = body.get("stream_options") or {}
+    stream_options: dict[str, bool] = {"include_usage": True}
+    if options.get("include_usage") and options.get("continuous_usage_stats"):
+        stream_options["continuous_usage_stats"] = True
+    return {**body, "model": served_name, "stream": True, "stream_options": stream_options,
+            "request_id": request_id}
+
+
 class VllmSettings(msgspec.Struct, kw_only=True):
     """How to start vLLM for one model (built at the engine entrypoint, passed in)."""
 
@@ -160,6 +176,11 @@ _CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_larg
 
 #: vLLM's finish reasons for a choice that did not finish.
 _UNFINISHED = frozenset({"abort", "error"})
+
+
+def _usage(u: _Usage) -> Usage:
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
+                 cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
 
 
 def _failure(error: _Error) -> Exception:
@@ -272,11 +293,7 @@ class VllmBackend:
 
         chat = job.kind == "chat"
         try:
-            body = json.loads(job.body)
-            # The gateway always consumes a stream and rebuilds non-streaming responses
-            # itself. The request id is the job id so an abort can name it (see below).
-            body.update(model=self.served_name, stream=True, stream_options={"include_usage": True},
-                        request_id=job.id)
+            body = vllm_request(json.loads(job.body), self.served_name, job.id)
             if chat:
                 result = await self._chat.create_chat_completion(ChatCompletionRequest.model_validate(body))
             else:
@@ -321,16 +338,17 @@ class VllmBackend:
                     # job fails rather than end in a "stop" that looks complete.
                     raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
+            u = chunk.usage
             if deltas:
                 if not produced:
                     # Started with the first output, not vLLM's role-only first chunk: a job
                     # failing before any output keeps its status (no 200 committed yet).
                     produced = True
                     out.started()
-                out.delta(deltas)
-            if (u := chunk.usage) is not None and not chunk.choices:  # the final usage chunk
-                usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
-                              cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
+                # vLLM puts usage on chunks with choices only under continuous_usage_stats.
+                out.delta(deltas, _usage(u) if u is not None else None)
+            if u is not None and not chunk.choices:  # the final usage chunk
+                usage = _usage(u)
         out.done(usage)
 
     async def close(self) -> None:

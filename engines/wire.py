@@ -136,6 +136,9 @@ class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
     job: str
     choices: list[ChoiceDelta] = []
     attempt: int = 1
+    #: The usage so far, only when the client asked for it on every chunk (vLLM's
+    #: ``continuous_usage_stats``); vLLM counts the completion tokens of this delta's choice.
+    usage: Usage | None = None
 
 
 class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):

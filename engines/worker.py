@@ -192,7 +192,7 @@ class _Output:
                 Started(job=job.id, engine=self._worker.engine_id, attempt=self._run.attempt, created=int(time.time())),
             )
 
-    def delta(self, choices: list[ChoiceDelta]) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
         self.started()
         run = self._run
         if not run.output_marked:
@@ -200,7 +200,8 @@ class _Output:
             job = run.job
             self._worker.writer.mark_output(run.entry_id, self._worker.keys.output_started(job.model, job.id),
                                             job.deadline_ms + 60_000)
-        self._worker.writer.emit(run.job.reply_to, Delta(job=run.job.id, choices=choices, attempt=run.attempt))
+        self._worker.writer.emit(run.job.reply_to,
+                                 Delta(job=run.job.id, choices=choices, attempt=run.attempt, usage=usage))
 
     def done(self, usage: Usage) -> None:
         self.started()

@@ -21,6 +21,7 @@ from engines.vllm_engine import (
     VllmSettings,
     check_vllm_version,
     installed_vllm_version,
+    vllm_request,
 )
 from engines.wire import ChoiceDelta, Usage
 
@@ -76,8 +77,8 @@ class RecordingOutput:
     def started(self) -> None:
         self.calls.append(("started", None))
 
-    def delta(self, choices: list[ChoiceDelta]) -> None:
-        self.calls.append(("delta", (choices, None)))
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+        self.calls.append(("delta", (choices, usage)))
 
     def done(self, usage: Usage) -> None:
         self.calls.append(("done", usage))
@@ -103,14 +104,15 @@ def usage(prompt: int, completion: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def chat_stream(finish_reason: str) -> list[str]:
+def chat_stream(finish_reason: str, continuous: bool = False) -> list[str]:
     """vLLM 0.32's chat stream: role chunk, two tokens (the last one finishing), usage, [DONE]."""
+    u = (lambda c: usage(7, c)) if continuous else (lambda c: None)
     return [
         chat_chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}]),
-        chat_chunk([{"index": 0, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}]),
+                     "finish_reason": None}], u(0)),
+        chat_chunk([{"index": 0, "delta": {"content": "Hi"}, "logprobs": None, "finish_reason": None}], u(1)),
         chat_chunk([{"index": 0, "delta": {"content": " there"}, "logprobs": None,
-                     "finish_reason": finish_reason, "stop_reason": None}]),
+                     "finish_reason": finish_reason, "stop_reason": None}], u(2)),
         chat_chunk([], usage(7, 2)),
         "data: [DONE]\n\n",
     ]
@@ -170,3 +172,36 @@ def test_aborted_before_any_output_fails_the_job() -> None:
         asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, True))
     # Not even Started: the gateway has committed to nothing and answers with the 5xx.
     assert out.calls == []
+
+
+def test_continuous_usage_is_forwarded_per_chunk() -> None:
+    # vLLM puts usage on chunks with choices only when asked to (see vllm_request below).
+    out = run_stream(chat_stream("length", continuous=True), chat=True)
+    usages = [v[1] for k, v in out.calls if k == "delta"]
+    assert usages == [Usage(prompt_tokens=7, completion_tokens=1), Usage(prompt_tokens=7, completion_tokens=2)]
+    assert out.calls[-1] == ("done", Usage(prompt_tokens=7, completion_tokens=2))
+    plain = run_stream(chat_stream("length"), chat=True)
+    assert [v[1] for k, v in plain.calls if k == "delta"] == [None, None]
+
+
+# ---- the request handed to vLLM ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "continuous"), [
+    (None, False),
+    ({"include_usage": False}, False),
+    ({"include_usage": True}, False),
+    ({"include_usage": True, "continuous_usage_stats": True}, True),
+    # vLLM (and Conduit) give continuous usage only together with include_usage.
+    ({"include_usage": False, "continuous_usage_stats": True}, False),
+])
+def test_vllm_request_forces_streaming_and_keeps_continuous_usage(options: dict[str, bool] | None,
+                                                                  continuous: bool) -> None:
+    body: dict[str, Any] = {"model": "alias", "messages": [], "stream": options is not None}
+    if options is not None:
+        body["stream_options"] = options
+    request = vllm_request(body, "served", "job-1")
+    assert request["model"] == "served" and request["stream"] is True and request["request_id"] == "job-1"
+    # The final usage chunk is always needed (the gateway's accounting); per-chunk usage only on request.
+    assert request["stream_options"] == ({"include_usage": True, "continuous_usage_stats": True} if continuous
+                                         else {"include_usage": True})
