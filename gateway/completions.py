@@ -38,6 +38,8 @@ class CompletionRenderer:
     def chunks(self, rid: str, created: int, model: str, delta: Delta, out: bytearray, state: StreamState) -> None:
         enc = self._enc.encode
         usage = None if state.include_usage else UNSET
+        if state.include_usage and delta.usage is not None:  # continuous_usage_stats (vLLM's extension)
+            usage = usage_of(delta.usage)
         for c in delta.choices:
             reason = None
             if c.finish_reason is not None:

@@ -290,7 +290,8 @@ class ChatCompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="c
     choices: list[ChunkChoice]
     created: int
     model: str
-    # Absent unless include_usage; then null on every chunk but the last (OpenAI's behaviour).
+    # Absent unless include_usage; then null on every chunk but the last (OpenAI's behaviour),
+    # or the usage so far on every chunk with continuous_usage_stats (vLLM's).
     usage: CompletionUsage | None | UnsetType = UNSET
 
 

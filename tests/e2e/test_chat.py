@@ -62,6 +62,24 @@ def test_chat_streaming_matches_non_streaming(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_continuous_usage_stats(client: openai.OpenAI) -> None:
+    # vLLM's extension: with include_usage, the usage so far on every chunk, not null.
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chat = list(client.chat.completions.create(model=MODEL, messages=USER, max_tokens=8, stream=True,
+                                               stream_options=options, extra_body=EXACT))  # type: ignore[arg-type]
+    completion = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, stream=True,
+                                                stream_options=options, extra_body=EXACT))  # type: ignore[arg-type]
+    for chunks in (chat, completion):
+        *tokens, final = chunks
+        assert tokens and all(c.choices for c in tokens)
+        assert final.choices == [] and final.usage is not None and final.usage.completion_tokens == 8
+        usages = [c.usage for c in tokens]
+        assert all(u is not None and u.prompt_tokens == final.usage.prompt_tokens for u in usages)
+        counts = [u.completion_tokens for u in usages]  # type: ignore[union-attr]
+        assert counts == sorted(set(counts)) and counts[-1] == 8, counts  # growing, one token at a time or more
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)  # type: ignore[union-attr]
+
+
 def test_stream_chunks_match_the_official_schema(vllm_stack: VllmStack) -> None:
     events = sse_events(vllm_stack.base_url, "/v1/chat/completions",
                         {"model": MODEL, "messages": USER, "max_tokens": 6, "stream": True, "logprobs": True,

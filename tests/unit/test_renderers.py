@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import msgspec
 import pytest
 
 from engines.wire import ChoiceDelta, Delta, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
@@ -219,6 +220,26 @@ def test_chat_chunks_with_include_usage() -> None:
                               "prompt_tokens_details": {"cached_tokens": 8}}}
 
 
+def running_usage(deltas: list[Delta]) -> list[Delta]:
+    """The deltas as an engine sends them under continuous_usage_stats: usage so far on each."""
+    return [msgspec.structs.replace(d, usage=Usage(prompt_tokens=11, completion_tokens=i + 1))
+            for i, d in enumerate(deltas)]
+
+
+def test_chat_chunks_with_continuous_usage() -> None:
+    deltas = running_usage(conversation())
+    chunks = stream(ChatRenderer(), deltas, include_usage=True)
+    for chunk in chunks:
+        validate("CreateChatCompletionStreamResponse", chunk)
+    # One chunk per choice of a delta; each carries its delta's usage.
+    expected = [i + 1 for i, d in enumerate(deltas) for _ in d.choices]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == expected
+    assert all(c["usage"] == {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": 11 + n}
+               for c, n in zip(chunks, expected))
+    # Without include_usage the engine's running usage stays out, as does the key.
+    assert all("usage" not in c for c in stream(ChatRenderer(), deltas, include_usage=False))
+
+
 def test_chat_stream_state_is_per_stream() -> None:
     renderer = ChatRenderer()
     delta = Delta(job=RID, choices=[ChoiceDelta(text="x")])
@@ -304,6 +325,17 @@ def test_completion_chunks_with_include_usage() -> None:
     assert last["choices"] == [] and last["object"] == "text_completion"
     assert last["usage"] == {"completion_tokens": 17, "prompt_tokens": 11, "total_tokens": 28,
                              "prompt_tokens_details": {"cached_tokens": 8}}
+
+
+def test_completion_chunks_with_continuous_usage() -> None:
+    deltas = running_usage(completion_deltas())
+    chunks = stream(CompletionRenderer(), deltas, include_usage=True, rid=CRID)
+    for chunk in chunks:
+        validate_completion_chunk(chunk)
+    expected = [i + 1 for i, d in enumerate(deltas) for _ in d.choices]
+    assert [c["usage"] for c in chunks] == [
+        {"prompt_tokens": 11, "completion_tokens": n, "total_tokens": 11 + n} for n in expected]
+    assert all("usage" not in c for c in stream(CompletionRenderer(), deltas, include_usage=False, rid=CRID))
 
 
 # ---- the validators themselves catch what they must ----------------------------------------
