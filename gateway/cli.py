@@ -60,7 +60,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
         backend = SyntheticBackend(SyntheticSettings(
-            models=[args.served_name or "synthetic"], tokens=args.tokens, token_delay_s=args.token_delay,
+            models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
             first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256))
     else:
         for k, v in CPU_ENGINE_ENV.items():
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     en = sub.add_parser("engine", help="Run an engine process.")
     en.add_argument("--kind", choices=["vllm", "synthetic"], default="vllm")
     en.add_argument("--model", help="model path or name (vllm); 'tiny' builds the offline tiny Llama")
-    en.add_argument("--served-name", help="the model name clients use")
+    en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
     en.add_argument("--engine-id")

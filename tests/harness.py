@@ -87,12 +87,12 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    def gateway(self, **settings: object) -> Proc:
+    def gateway(self, redis_url: str | None = None, **settings: object) -> Proc:
         """Start a gateway; ``settings`` are GatewaySettings fields (as CONDUIT_* variables)."""
         self.port = free_port()
         env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1"}
         env.update({f"CONDUIT_{k.upper()}": str(v) for k, v in settings.items()})
-        proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", self.redis_url,
+        proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", redis_url or self.redis_url,
                          "--key-prefix", self.prefix, "--log-level", "warning", env=env)
         try:
             wait_for_port(self.port, proc=proc.proc, timeout=30)
@@ -102,16 +102,17 @@ class Stack:
         return proc
 
     def engine(self, *args: str, model: str | None = None, wait: bool = True, timeout: float = 30,
-               env: dict[str, str] | None = None) -> Proc:
+               env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
         """Start an engine (``args`` as for ``conduit engine``); wait until the gateway lists ``model``."""
-        proc = self._cli("engine", "engine", "--redis-url", self.redis_url, "--key-prefix", self.prefix,
+        proc = self._cli("engine", "engine", "--redis-url", redis_url or self.redis_url, "--key-prefix", self.prefix,
                          "--log-level", "info", *args, env=env)
         if wait and model:
             self.wait_for_model(model, proc, timeout=timeout)
         return proc
 
-    def synthetic(self, model: str = "synthetic", *args: str, wait: bool = True) -> Proc:
-        return self.engine("--kind", "synthetic", "--served-name", model, *args, model=model, wait=wait)
+    def synthetic(self, model: str = "synthetic", *args: str, wait: bool = True, redis_url: str | None = None) -> Proc:
+        return self.engine("--kind", "synthetic", "--served-name", model, *args, model=model.split(",")[0], wait=wait,
+                           redis_url=redis_url)
 
     def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True
                        ) -> None:
