@@ -134,7 +134,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         queue.lane.start()
         dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
-                                      decoder=RequestDecoder(), chat=Generation(dispatcher, ChatRenderer(), "chat"),
+                                      decoder=RequestDecoder(settings),
+                                      chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
                                       telemetry=telemetry, redis=redis)
         registry.metrics = gw_metrics

@@ -1,8 +1,10 @@
 """OpenAI wire schemas the gateway validates and emits (OpenAI's field order).
 
 Requests are validated here so a bad body gets a 400 naming the field before it costs a
-queue slot; the validated body travels to the engine unchanged (vLLM's own protocol
-classes build engine parameters from it). Unknown fields are let through, as vLLM accepts
+queue slot; so are the inputs that would make one request's work or memory grow far beyond
+its size in bytes (bounded by settings: ``max_choices``, ``max_messages``, ...). The
+validated body travels to the engine unchanged (vLLM's own protocol classes build engine
+parameters from it). Unknown fields are let through, as vLLM accepts
 its extensions (``top_k``, ``min_p``, ...). Responses are built from engine events and
 carry exactly the shapes of OpenAI's OpenAPI spec: no ``null`` where the spec has an array
 or object.
@@ -16,6 +18,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.errors import InvalidRequest
+from gateway.settings import GatewaySettings
 
 # ---- requests --------------------------------------------------------------------------
 
@@ -136,8 +139,29 @@ class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     parallel_tool_calls: bool | None = None
     user: str | None = None
 
-    def check(self) -> None:
-        """Rules that span fields (OpenAI answers these with a 400 too)."""
+    def check(self, limits: GatewaySettings) -> None:
+        """Bounds on the request's work, then rules that span fields (OpenAI answers these with a 400 too)."""
+        _at_most("messages", "messages", len(self.messages), limits.max_messages)
+        images = 0
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                _at_most(f"messages[{i}].content", "content parts", len(m.content), limits.max_content_parts)
+                images += sum(isinstance(p, ImagePart) for p in m.content)
+            if m.tool_calls is not None:
+                _at_most(f"messages[{i}].tool_calls", "tool calls", len(m.tool_calls), limits.max_tool_calls)
+        _at_most("messages", "images", images, limits.max_images)
+        if self.n is not None and self.n > limits.max_choices:
+            raise InvalidRequest(f"Invalid 'n': this server generates at most {limits.max_choices} choices per "
+                                 f"request, but got {self.n}.", param="n", code="invalid_value")
+        if self.logit_bias is not None:
+            _at_most("logit_bias", "entries", len(self.logit_bias), limits.max_logit_bias)
+        if self.tools is not None:
+            _at_most("tools", "tools", len(self.tools), limits.max_tools)
+            for i, t in enumerate(self.tools):
+                _nested_at_most(f"tools[{i}].function.parameters", t.function.parameters, limits.max_json_depth)
+        if isinstance(self.response_format, JsonSchemaResponseFormat):
+            _nested_at_most("response_format.json_schema.schema", self.response_format.json_schema.schema,
+                            limits.max_json_depth)
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise InvalidRequest("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
         if self.stream_options is not None and not self.stream:
@@ -176,18 +200,65 @@ class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     top_p: Probability | None = None
     user: str | None = None
 
-    def check(self) -> None:
+    def check(self, limits: GatewaySettings) -> None:
+        """Bounds on the request's work, then rules that span fields; sizes are checked before any loop."""
+        prompts = 1
         if isinstance(self.prompt, list):
+            if isinstance(self.prompt[0], int):  # one prompt given as token ids
+                _at_most("prompt", "token ids", len(self.prompt), limits.max_prompt_tokens)
+            else:
+                prompts = len(self.prompt)
+                _at_most("prompt", "prompts", prompts, limits.max_prompts)
             kinds = {type(p) for p in self.prompt}
             if len(kinds) > 1:
                 raise InvalidRequest("`prompt` must be a string, a list of strings, a list of token ids, or a list "
                                      "of token-id lists, not a mixture.", param="prompt")
+            if list in kinds:
+                for i, ids in enumerate(self.prompt):
+                    _at_most(f"prompt[{i}]", "token ids", len(ids), limits.max_prompt_tokens)  # type: ignore[arg-type]
+        if self.logit_bias is not None:
+            _at_most("logit_bias", "entries", len(self.logit_bias), limits.max_logit_bias)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
         if self.best_of is not None and self.n is not None and self.best_of < self.n:
             raise InvalidRequest("`best_of` must be greater than or equal to `n`.", param="best_of")
         if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
             raise InvalidRequest("`best_of` cannot be used with streaming.", param="best_of")
+        # Every prompt is sampled max(n, best_of) times; all of it is one request's work.
+        n, best_of = self.n or 1, self.best_of or 1
+        if max(n, best_of) * prompts > limits.max_choices:
+            param, per_prompt = ("best_of", best_of) if best_of > n else ("n", n)
+            raise InvalidRequest(f"Invalid '{param}': this request asks for {per_prompt * prompts} choices "
+                                 f"({param}={per_prompt} x {prompts} prompts), but this server generates at most "
+                                 f"{limits.max_choices} choices per request.", param=param, code="invalid_value")
+
+
+def _at_most(param: str, what: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise InvalidRequest(f"Invalid '{param}': too many {what}. This server accepts at most {limit}, but got "
+                             f"{count}.", param=param, code="invalid_value")
+
+
+def _nested_at_most(param: str, value: Any, limit: int) -> None:
+    """Refuse decoded JSON nested deeper than ``limit`` objects/arrays (``{}`` is 1 deep).
+
+    Level by level, without recursion; ``type() is`` rather than ``isinstance`` keeps it to
+    about 60 ns a node (decoding the node cost more).
+    """
+    level = [value] if type(value) is dict or type(value) is list else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise InvalidRequest(f"Invalid '{param}': nested too deeply. This server accepts JSON nested at most "
+                                 f"{limit} levels deep.", param=param, code="invalid_value")
+        below: list[Any] = []
+        append = below.append
+        for v in level:
+            for c in (v.values() if type(v) is dict else v):
+                if type(c) is dict or type(c) is list:
+                    append(c)
+        level = below
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -350,20 +421,24 @@ def _missing_field(message: str) -> str | None:
 
 
 class RequestDecoder:
-    """Decodes and validates request bodies; every failure is an :class:`InvalidRequest`."""
+    """Decodes and validates request bodies; every failure is an :class:`InvalidRequest`.
 
-    def __init__(self) -> None:
+    ``limits`` supplies the bounds on one request's work (``max_choices``, ``max_messages``, ...).
+    """
+
+    def __init__(self, limits: GatewaySettings | None = None) -> None:
+        self._limits = limits if limits is not None else GatewaySettings()
         self._chat = msgspec.json.Decoder(ChatCompletionRequest)
         self._completion = msgspec.json.Decoder(CompletionRequest)
 
     def chat(self, body: bytes) -> ChatCompletionRequest:
         req = self._decode(self._chat, body)
-        req.check()
+        req.check(self._limits)
         return req
 
     def completion(self, body: bytes) -> CompletionRequest:
         req = self._decode(self._completion, body)
-        req.check()
+        req.check(self._limits)
         return req
 
     @staticmethod

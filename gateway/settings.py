@@ -41,6 +41,43 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     max_resubmits: int = 2
     #: Models a client may name even while no engine serves them (they get 503, not 404).
     models: list[str] = []
+
+    # ---- bounds on one request's work: beyond them a 400 naming the field ----------------
+    # Each of these inputs multiplies what a request costs the gateway or an engine (choices
+    # allocated and generated, work per sampled token, chat-template items, fetched images,
+    # grammar compilation) far beyond its size in bytes, so ``max_body_bytes`` alone does not
+    # bound it. Where OpenAI enforces a limit the default is OpenAI's, so every request
+    # OpenAI accepts is accepted here too.
+    #: Sequences one request may generate: chat ``n``; completions max(``n``, ``best_of``) x
+    #: prompts. 128 is OpenAI's ceiling on ``n``, so any single prompt passes; a batch of
+    #: prompts shares it, and no request holds more than a fraction of an engine's batch.
+    max_choices: int = 128
+    #: Entries in a completions ``prompt`` list. Each prompt costs at least one choice, so this
+    #: only binds below ``max_choices``; it exists so a long list is refused naming ``prompt``.
+    max_prompts: int = 128
+    #: Token ids in one token-id prompt. Engines refuse prompts longer than the model's
+    #: context anyway; this keeps them (Python ints, ~8x their JSON size) off the gateway.
+    #: 256 Ki covers nearly every served model's context; raise it for longer ones.
+    max_prompt_tokens: int = 262_144
+    #: Messages in a chat request (OpenAI's limit).
+    max_messages: int = 2048
+    #: Content parts in one message: 500, so that one message can carry all of ``max_images``.
+    max_content_parts: int = 500
+    #: Image parts in a chat request (OpenAI's limit); an engine fetches and encodes each one.
+    max_images: int = 500
+    #: Tools in a chat request (OpenAI's limit); each is rendered into the prompt and may be
+    #: compiled into a grammar.
+    max_tools: int = 128
+    #: Tool calls in one assistant message (OpenAI's limit).
+    max_tool_calls: int = 128
+    #: Entries in ``logit_bias`` (OpenAI's limit): applied to every sampled token of every choice.
+    max_logit_bias: int = 300
+    #: JSON nesting depth of a tool's ``parameters`` and of a ``json_schema`` response format,
+    #: which engines compile into a grammar. OpenAI's structured outputs allow 10 levels of
+    #: schema nesting, 2 to 3 JSON levels each. (Anywhere else in a body, msgspec refuses
+    #: nesting deeper than Python's recursion limit, about 1000, as invalid JSON.)
+    max_json_depth: int = 64
+
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1
     log_level: str = "info"

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from gateway.errors import InvalidRequest, encode_error
+from gateway.settings import GatewaySettings
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -256,6 +257,98 @@ def test_completion_valid_options(decoder: RequestDecoder) -> None:
     req = decoder.completion(completion_body(echo=True, logprobs=5, max_tokens=0, suffix="!", best_of=2, n=2,
                                              stream=True, stream_options={"include_usage": True}, stop="\n"))
     assert (req.logprobs, req.max_tokens, req.best_of) == (5, 0, 2)
+
+
+# ---- bounds on one request's work (GatewaySettings.max_*) -------------------------------------
+
+LIMITS = GatewaySettings()
+TOOL = {"type": "function", "function": {"name": "f"}}
+CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+
+
+def nested(depth: int) -> dict[str, Any]:
+    """An object ``depth`` containers deep (``{}`` is 1), objects and arrays alternating."""
+    value: Any = {}
+    for level in range(depth - 1, 0, -1):
+        value = {"p": value} if level % 2 else [value]
+    return value  # type: ignore[no-any-return]
+
+
+# (endpoint, request fields for a count, the default limit on that count, param named beyond it)
+BOUNDS = [
+    pytest.param("chat", lambda k: {"messages": [USER] * k}, LIMITS.max_messages, "messages", id="messages"),
+    pytest.param("chat", lambda k: {"messages": [{"role": "user", "content": [{"type": "text", "text": "x"}] * k}]},
+                 LIMITS.max_content_parts, "messages[0].content", id="content-parts"),
+    # Images are counted over the whole request, not per message.
+    pytest.param("chat", lambda k: {"messages": [{"role": "user", "content": [IMAGE] * (k // 2)},
+                                                 {"role": "user", "content": [IMAGE] * (k - k // 2)}]},
+                 LIMITS.max_images, "messages", id="images"),
+    pytest.param("chat", lambda k: {"messages": [USER, {"role": "assistant", "tool_calls": [CALL] * k}]},
+                 LIMITS.max_tool_calls, "messages[1].tool_calls", id="tool-calls"),
+    pytest.param("chat", lambda k: {"tools": [TOOL] * k}, LIMITS.max_tools, "tools", id="tools"),
+    pytest.param("chat", lambda k: {"logit_bias": {str(i): 1 for i in range(k)}}, LIMITS.max_logit_bias,
+                 "logit_bias", id="chat-logit-bias"),
+    pytest.param("chat", lambda k: {"tools": [TOOL, {"type": "function", "function": {
+        "name": "g", "parameters": nested(k)}}]}, LIMITS.max_json_depth, "tools[1].function.parameters",
+                 id="tool-parameters-depth"),
+    pytest.param("chat", lambda k: {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": nested(k)}}}, LIMITS.max_json_depth, "response_format.json_schema.schema",
+                 id="json-schema-depth"),
+    pytest.param("completion", lambda k: {"prompt": ["a"] * k}, LIMITS.max_prompts, "prompt", id="prompts"),
+    pytest.param("completion", lambda k: {"prompt": [7] * k}, LIMITS.max_prompt_tokens, "prompt", id="token-ids"),
+    pytest.param("completion", lambda k: {"prompt": [[7], [7] * k]}, LIMITS.max_prompt_tokens, "prompt[1]",
+                 id="token-ids-in-a-batch"),
+    pytest.param("completion", lambda k: {"logit_bias": {str(i): 1 for i in range(k)}}, LIMITS.max_logit_bias,
+                 "logit_bias", id="completion-logit-bias"),
+]
+
+
+@pytest.mark.parametrize(("endpoint", "fields", "limit", "param"), BOUNDS)
+def test_bound_at_the_limit_passes_one_over_is_400(decoder: RequestDecoder, endpoint: str, fields: Any,
+                                                    limit: int, param: str) -> None:
+    make = chat_body if endpoint == "chat" else completion_body
+    call = decoder.chat if endpoint == "chat" else decoder.completion
+    call(make(**fields(limit)))
+    err = rejected(call, make(**fields(limit + 1)))
+    assert (err.param, err.code) == (param, "invalid_value")
+    assert f"'{param}'" in err.message and str(limit) in err.message
+
+
+def test_defaults_are_openais_limits() -> None:
+    # Where OpenAI enforces a limit, every request it accepts is accepted here too.
+    assert (LIMITS.max_choices, LIMITS.max_messages, LIMITS.max_images, LIMITS.max_tools, LIMITS.max_tool_calls,
+            LIMITS.max_logit_bias) == (128, 2048, 500, 128, 128, 300)
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"prompt": ["a", "b"], "n": 64}, None),         # 128 choices
+    ({"prompt": ["a", "b", "c"], "n": 43}, "n"),     # 129
+    ({"prompt": [1, 2, 3], "n": 128}, None),         # one token-id prompt
+    ({"prompt": [[1], [2]], "n": 128}, "n"),         # two token-id prompts: 256
+    ({"prompt": ["a"] * 6, "best_of": 20}, None),    # 120 sequences sampled
+    ({"prompt": ["a"] * 7, "n": 2, "best_of": 20}, "best_of"),  # 140: best_of is what to lower
+    ({"prompt": ["a"] * 20_000, "n": 128}, "prompt"),  # the issue's 100 KB body
+])
+def test_completion_choices_are_n_times_prompts(decoder: RequestDecoder, fields: dict[str, Any],
+                                                param: str | None) -> None:
+    body = completion_body(**fields)
+    if param is None:
+        decoder.completion(body)
+        return
+    err = rejected(decoder.completion, body)
+    assert (err.param, err.code) == (param, "invalid_value")
+    assert "128" in err.message
+
+
+def test_limits_come_from_the_settings() -> None:
+    decoder = RequestDecoder(GatewaySettings(max_choices=4, max_prompts=2, max_messages=1))
+    assert decoder.chat(chat_body(n=4)).n == 4
+    assert rejected(decoder.chat, chat_body(n=5)).param == "n"
+    assert rejected(decoder.chat, chat_body(messages=[USER, USER])).param == "messages"
+    decoder.completion(completion_body(prompt=["a", "b"], n=2))
+    assert rejected(decoder.completion, completion_body(prompt=["a", "b", "c"])).param == "prompt"
+    assert rejected(decoder.completion, completion_body(prompt=["a", "b"], n=3)).param == "n"
 
 
 # ---- the error envelope ----------------------------------------------------------------------
