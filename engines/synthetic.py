@@ -38,6 +38,9 @@ class SyntheticSettings(msgspec.Struct, kw_only=True):
     max_concurrency: int = 256
     #: The text of every token.
     token_text: str = "tok "
+    #: Token i's text is ``"<i> "`` instead (i = 0, 1, ... per choice): a client can check an
+    #: answer for duplicated or missing tokens (the fault suite does).
+    numbered: bool = False
 
 
 class SyntheticBackend:
@@ -72,7 +75,8 @@ class SyntheticBackend:
         for i in range(count):
             last = i == count - 1
             reason = ("length" if limit is not None and count == limit else "stop") if last else None
-            out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)])
+            text = f"{i} " if s.numbered else s.token_text
+            out.delta([ChoiceDelta(index=c, text=text, finish_reason=reason) for c in range(n)])
             # At zero delay every token exists at once (like a backend that answers instantly):
             # they go out together. With a delay, tokens trickle like a real model's steps.
             if s.token_delay_s:
