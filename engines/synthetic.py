@@ -45,6 +45,9 @@ class SyntheticSettings(msgspec.Struct, kw_only=True):
     max_concurrency: int = 256
     #: The text of every token.
     token_text: str = "tok "
+    #: Token i's text is ``"<i> "`` instead (i = 0, 1, ... per choice): a client can check an
+    #: answer for duplicated or missing tokens (the fault suite does).
+    numbered: bool = False
 
 
 class SyntheticBackend:
@@ -82,8 +85,9 @@ class SyntheticBackend:
         for i in range(count):
             last = i == count - 1
             reason = ("length" if limit is not None and count == limit else "stop") if last else None
+            text = f"{i} " if s.numbered else s.token_text
             # Usage on every delta as vLLM counts it: each choice has produced i + 1 tokens.
-            out.delta([ChoiceDelta(index=c, text=s.token_text, finish_reason=reason) for c in range(n)],
+            out.delta([ChoiceDelta(index=c, text=text, finish_reason=reason) for c in range(n)],
                       Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1) if continuous else None)
             # At zero delay every token exists at once (like a backend that answers instantly):
             # they go out together. With a delay, tokens trickle like a real model's steps.

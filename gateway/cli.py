@@ -61,7 +61,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
         backend = SyntheticBackend(SyntheticSettings(
             models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
-            first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256))
+            first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
+            numbered=args.numbered))
     else:
         for k, v in CPU_ENGINE_ENV.items():
             os.environ.setdefault(k, v)
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
     en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")
+    en.add_argument("--numbered", action="store_true",
+                    help="synthetic: token i's text is '<i> ', so clients can check for gaps and duplicates")
     en.add_argument("--log-level", default="info")
     en.set_defaults(func=cmd_engine)
 

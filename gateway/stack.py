@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 log = logging.getLogger("conduit.up")
@@ -29,14 +30,14 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, pro
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-def start_redis(port: int, workdir: Path) -> subprocess.Popen[bytes]:
-    """A private, non-persistent redis-server on ``port``."""
+def start_redis(port: int, workdir: Path, extra_args: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """A private, non-persistent redis-server on ``port`` (``extra_args``: more server options)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server not found: install it (Debian: apt-get install redis-server)")
     workdir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning"])
+                             "--dir", str(workdir), "--daemonize", "no", "--loglevel", "warning", *extra_args])
     wait_for_port(port, proc=proc, timeout=10)
     return proc
 

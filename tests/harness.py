@@ -60,14 +60,23 @@ class Proc:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    """A private redis-server; ``args`` are extra server options (kept across :meth:`restart`)."""
+
+    def __init__(self, workdir: Path, *args: str) -> None:
         self.port = free_port()
-        self.proc = start_redis(self.port, workdir)
+        self.workdir = workdir
+        self.args = args
+        self.proc = start_redis(self.port, workdir, args)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=10)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port: every key is gone (no persistence)."""
+        self.stop()
+        self.proc = start_redis(self.port, self.workdir, self.args)
 
 
 class Stack:
