@@ -29,8 +29,10 @@ Command = tuple[Any, ...]
 class RedisLane:
     """Pipelines commands from many callers over one connection; replies in call order.
 
-    A command whose connection broke is retried once on a fresh connection, so callers
-    must only send commands that are safe to repeat (or accept the rare duplicate).
+    Commands whose connection broke (or whose reply timed out) are sent once more on a fresh
+    connection, though Redis may already have run them: at-least-once. Every command Conduit
+    sends through a lane is safe to repeat: job submission is idempotent (the job key), events
+    are numbered (gateways drop repeats), acks and deletes are idempotent, reads are reads.
     """
 
     def __init__(self, redis: aioredis.Redis, name: str = "lane", *, blocking: bool = False) -> None:
