@@ -19,11 +19,41 @@ from collections.abc import Iterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, ResponseError
 
 log = logging.getLogger("conduit.redis")
 
 Command = tuple[Any, ...]
+
+#: A single Redis server's client or a Redis Cluster's: both speak the same commands here.
+RedisClient = aioredis.Redis | RedisCluster
+
+_CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> Any:
+    """A client for ``url``: a Redis Cluster's when ``cluster`` is set or the URL's scheme is
+    ``redis+cluster://`` (``rediss+cluster://`` with TLS), else a single server's.
+
+    The cluster client discovers every node from the one in the URL and follows failovers.
+    """
+    scheme, sep, rest = url.partition("://")
+    if scheme in _CLUSTER_SCHEMES:
+        url, cluster = f"{_CLUSTER_SCHEMES[scheme]}{sep}{rest}", True
+    if cluster:
+        # Reads block at most a few seconds (BLOCK 1000): a 5 s timeout ends a read on a frozen
+        # master instead of hanging it forever, and the client then finds the new master.
+        kwargs.pop("max_connections", None)
+        return RedisCluster.from_url(url, decode_responses=False, socket_timeout=5, **kwargs)
+    return aioredis.from_url(url, decode_responses=False, **kwargs)
+
+
+def open_lane(redis: Any, name: str, *, blocking: bool = False) -> RedisLane | ClusterLane:
+    """The lane for ``redis``: one pipelined connection, or (cluster) the cluster's pipelines."""
+    if isinstance(redis, RedisCluster):
+        return ClusterLane(redis, name)
+    return RedisLane(redis, name, blocking=blocking)
 
 
 class RedisLane:
@@ -128,6 +158,64 @@ class RedisLane:
                     raise
                 log.warning("redis %s connection lost; reconnecting", self._name)
         raise AssertionError("unreachable")
+
+
+class ClusterLane:
+    """:class:`RedisLane`'s interface over a Redis Cluster client.
+
+    Each round trip is a cluster pipeline: split by slot into one pipelined write per node, in
+    parallel, with replies back in call order (so no order holds *between* nodes: callers that
+    need one thing to land before another use two round trips, as the event writer does).
+    Failures the cluster client raises outside redis-py's error tree (a slot not covered
+    during a failover, its internal races) come out as ``ConnectionError``s, so callers
+    treat them as the transient outage they are.
+    """
+
+    def __init__(self, redis: RedisCluster, name: str = "lane") -> None:
+        self._redis = redis
+        self._name = name
+
+    def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def round_trip(self, commands: list[Command]) -> list[Any]:
+        try:
+            if len(commands) == 1 and commands[0][0] in ("XREAD", "XREADGROUP"):
+                # A blocking read straight to its stream's node (no key look-up round trips).
+                cmd = commands[0]
+                node = self._redis.get_node_from_key(cmd[cmd.index("STREAMS") + 1])
+                try:
+                    return [await self._redis.execute_command(*cmd, target_nodes=node)]
+                except ResponseError as exc:
+                    return [exc]
+            pipe = self._redis.pipeline(transaction=False)
+            for cmd in commands:
+                pipe.execute_command(*cmd)
+            return list(await pipe.execute(raise_on_error=False))
+        except (RedisClusterException, AttributeError, IndexError, KeyError) as exc:
+            await self._refresh()
+            raise aioredis.ConnectionError(f"redis cluster {self._name}: {exc!r}") from exc
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError):
+            await self._refresh()
+            raise
+
+    async def _refresh(self) -> None:
+        try:
+            await self._redis.nodes_manager.initialize()
+        except Exception as exc:  # noqa: BLE001 - the next round trip tries again
+            log.debug("cluster topology refresh failed: %s", exc)
+
+    async def execute(self, *args: Any) -> Any:
+        (reply,) = await self.round_trip([args])
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
+        return asyncio.ensure_future(self.round_trip(commands))
 
 
 def stream_entries(reply: Any) -> Iterator[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:

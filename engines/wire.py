@@ -206,6 +206,15 @@ Event = Started | Delta | Done | Failed
 """Everything an engine writes to a reply stream."""
 
 
+class Unknown(msgspec.Struct, forbid_unknown_fields=False):
+    """An event this version cannot read (a newer type, a damaged one), kept only for its place:
+    its number still counts, so skipping it is not mistaken for lost events."""
+
+    job: str = ""
+    attempt: int = 1
+    seq: int = 0
+
+
 class EngineInfo(msgspec.Struct, omit_defaults=True):
     """What an engine announces in its heartbeat."""
 
@@ -234,6 +243,7 @@ class Codec:
         self._events = msgspec.msgpack.Decoder(list[Event])
         self._raw_events = msgspec.msgpack.Decoder(list[msgspec.Raw])
         self._event = msgspec.msgpack.Decoder(Event)  # type: ignore[arg-type]
+        self._unknown = msgspec.msgpack.Decoder(Unknown)
         self._info = msgspec.msgpack.Decoder(EngineInfo)
 
     def encode(self, obj: object) -> bytes:
@@ -246,25 +256,31 @@ class Codec:
         """Just enough of a job to answer it (raises like :meth:`decode_job`)."""
         return self._header.decode(data)
 
-    def decode_events(self, data: bytes) -> tuple[list[Event], int]:
-        """The events of one reply-stream entry (one engine flush), and how many were skipped.
+    def decode_events(self, data: bytes) -> tuple[list[Event | Unknown], int]:
+        """The events of one reply-stream entry (one engine flush), and how many it could not read.
 
         The whole batch is decoded at once when every event is one this version knows;
-        otherwise event by event, skipping those it cannot read (an unknown type from a newer
-        engine, a damaged one), so one such event never costs its neighbours. Raises only
-        when the entry is not a list at all.
+        otherwise event by event: one it cannot read (an unknown type from a newer engine, a
+        damaged one) becomes an :class:`Unknown` holding its job and number, if those can be
+        read, and never costs its neighbours. Raises only when the entry is not a list at all.
         """
         try:
-            return self._events.decode(data), 0
+            return self._events.decode(data), 0  # type: ignore[return-value]
         except (msgspec.ValidationError, msgspec.DecodeError):
             pass
-        events: list[Event] = []
+        events: list[Event | Unknown] = []
         skipped = 0
         for raw in self._raw_events.decode(data):
             try:
                 events.append(self._event.decode(raw))
             except (msgspec.ValidationError, msgspec.DecodeError):
                 skipped += 1
+                try:
+                    unknown = self._unknown.decode(raw)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    continue
+                if unknown.job:
+                    events.append(unknown)
         return events, skipped
 
     def decode_info(self, data: bytes) -> EngineInfo:

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engines.backend import Backend, JobRejected
-from engines.lane import RedisLane, stream_entries
+from engines.lane import connect, open_lane, stream_entries
 from engines.wire import (
     ENGINE_GROUP,
     JOB_KINDS,
@@ -61,6 +61,8 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     """Settings of one engine process's worker (built at the entrypoint, passed down)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
+    redis_cluster: bool = False
     key_prefix: str = "conduit"
     engine_id: str = ""
     heartbeat_s: float = 1.0
@@ -154,7 +156,7 @@ class EventWriter:
 
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings,
                  metrics: EngineMetrics | None = None) -> None:
-        self.lane = RedisLane(redis, "events")
+        self.lane = open_lane(redis, "events")
         self._codec = codec
         self._settings = settings
         self.metrics = metrics or EngineMetrics.noop()
@@ -313,7 +315,7 @@ class Worker:
         self.keys = Keys(settings.key_prefix)
         self.codec = Codec()
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url, decode_responses=False)
+        self.redis: Any = connect(settings.redis_url, cluster=settings.redis_cluster)
         self.writer = EventWriter(self.redis, self.codec, settings)
         self.metrics = metrics or EngineMetrics.noop()
         self._started_ms = now_ms()
@@ -440,7 +442,7 @@ class Worker:
     async def _read_loop(self, stream: str) -> None:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
         tail = ("BLOCK", 1000, "STREAMS", stream, ">")
-        lane = RedisLane(self.redis, f"jobs-{self._streams[stream]}", blocking=True)  # its own connection: it blocks
+        lane = open_lane(self.redis, f"jobs-{self._streams[stream]}", blocking=True)  # its own connection: it blocks
         try:
             while not self._stopping.is_set():
                 free = self._free()

@@ -16,6 +16,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from engines.lane import connect
 from engines.wire import Codec, Keys
 from gateway.chat import ChatRenderer
 from gateway.completions import CompletionRenderer
@@ -126,7 +127,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         codec = Codec()
         telemetry = Telemetry("conduit-gateway", settings.gateway_id)
         gw_metrics = GatewayMetrics(telemetry.provider)
-        redis = aioredis.from_url(settings.redis_url, decode_responses=False, max_connections=1024)
+        redis = connect(settings.redis_url, cluster=settings.redis_cluster, max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
                                   configured=settings.models)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)

@@ -54,7 +54,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from engines.worker import WorkerSettings
 
     _logging(args.log_level)
-    settings = WorkerSettings(redis_url=args.redis_url, key_prefix=args.key_prefix, engine_id=args.engine_id or "",
+    settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
+                              engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
@@ -146,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--model", help="model path or name (vllm); 'tiny' builds the offline tiny Llama")
     en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    en.add_argument("--redis-cluster", action="store_true",
+                    default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
+                    help="Redis is a cluster (also chosen by a redis+cluster:// URL)")
     en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
     en.add_argument("--engine-id")
     en.add_argument("--max-concurrency", type=int)

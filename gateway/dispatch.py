@@ -24,7 +24,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from engines.wire import Done, Event, Failed, Job
+from engines.wire import Done, Event, Failed, Job, Unknown
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
@@ -160,6 +160,9 @@ class JobRun:
     def _admit(self, event: Event) -> Event | Restarted | None:
         """The exactly-once filter: the event to deliver, None to drop it, or RESTARTED (what
         follows is held for the next call to :meth:`next`)."""
+        if event.job != self.job.id:  # the job's previous submission, given up
+            self.dispatcher.metrics.skipped("stale_submission")
+            return None
         if event.attempt != self.attempt:
             if event.attempt < self.attempt:  # a given-up attempt's engine still talking
                 self.dispatcher.metrics.skipped("stale_attempt")
@@ -187,6 +190,8 @@ class JobRun:
                 self._held = _GAP
                 return RESTARTED
             self.seq = event.seq
+        if isinstance(event, Unknown):
+            return None  # counted by the router; its number is accounted for
         if isinstance(event, (Done, Failed)):
             self.ended = True
         return event

@@ -11,7 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from engines.lane import RedisLane, stream_entries
+from engines.lane import open_lane, stream_entries
 from engines.wire import Codec, Job, Keys
 from telemetry.instruments import GatewayMetrics
 
@@ -57,7 +57,7 @@ class JobQueue:
         self._max_backlog = max_backlog
         self._cap = max(max_backlog * 4, 10_000)
         self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
-        self.lane = RedisLane(redis, "submit")
+        self.lane = open_lane(redis, "submit")
 
     async def submit(self, job: Job) -> None:
         """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` instead
@@ -140,7 +140,7 @@ class ReplyRouter:
         # The stream is new with this process (its name carries a fresh id): read it whole.
         last: bytes = b"0-0"
         last_kept = 0.0
-        lane = RedisLane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
+        lane = open_lane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
         try:
             while not self.closed:
                 try:

@@ -21,6 +21,8 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     port: int = 8000
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
+    redis_cluster: bool = False
     key_prefix: str = "conduit"
     #: Names this process's reply stream; must be unique among live gateway processes.
     gateway_id: str = ""

@@ -19,6 +19,7 @@ from engines.wire import (
     Started,
     TokenLogprob,
     ToolCallDelta,
+    Unknown,
     Usage,
 )
 
@@ -106,8 +107,9 @@ def test_unknown_event_types_are_skipped_not_their_neighbours(codec: Codec) -> N
     ])
     events, skipped = codec.decode_events(data)
     assert skipped == 2
-    assert events == [Started(job="a", seq=1), Delta(job="a", choices=[ChoiceDelta(text="hi")], seq=3),
-                      Done(job="a", seq=4)]
+    # Unreadable events keep their place (job, number), so skipping them is no gap.
+    assert events == [Started(job="a", seq=1), Unknown(job="a", seq=2),
+                      Delta(job="a", choices=[ChoiceDelta(text="hi")], seq=3), Unknown(job="b"), Done(job="a", seq=4)]
 
 
 def test_an_entry_that_is_not_a_list_of_events_raises(codec: Codec) -> None:
