@@ -218,6 +218,14 @@ class ClusterLane:
         return asyncio.ensure_future(self.round_trip(commands))
 
 
+def entry_fields(fields: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields as a dict: raw replies list them flat, the cluster client's
+    parsed replies as a dict already."""
+    if isinstance(fields, dict):
+        return fields
+    return dict(zip(fields[::2], fields[1::2], strict=False))
+
+
 def stream_entries(reply: Any) -> Iterator[tuple[bytes, list[tuple[bytes, list[bytes]]]]]:
     """(stream, [(entry id, [field, value, ...])]) from an XREAD/XREADGROUP reply.
 

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engines.backend import Backend, JobRejected
-from engines.lane import connect, open_lane, stream_entries
+from engines.lane import connect, entry_fields, open_lane, stream_entries
 from engines.wire import (
     ENGINE_GROUP,
     JOB_KINDS,
@@ -467,7 +467,7 @@ class Worker:
                 for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
                         if fields:  # nil: deleted after it was delivered
-                            self._waiting.append((stream, entry_id, dict(zip(fields[::2], fields[1::2], strict=True))))
+                            self._waiting.append((stream, entry_id, entry_fields(fields)))
                 self._start_waiting()
         finally:
             await lane.close()

@@ -164,12 +164,16 @@ class ReplyRouter:
         finally:
             await lane.close()
 
-    def _dispatch(self, entry_id: bytes, fields: list[bytes]) -> None:
+    def _dispatch(self, entry_id: bytes, fields: Any) -> None:
         """Hand one entry's events to their waiters; nothing in an entry can stop the reader."""
-        if len(fields) < 2 or fields[0] != b"e":
+        if isinstance(fields, dict):  # the cluster client parses entries
+            blob = fields.get(b"e")
+        else:
+            blob = fields[1] if len(fields) >= 2 and fields[0] == b"e" else None
+        if blob is None:
             return  # the stream's own creation marker, or a kind of entry this version does not know
         try:
-            events, skipped = self._codec.decode_events(fields[1])
+            events, skipped = self._codec.decode_events(blob)
         except Exception:  # noqa: BLE001 - one bad entry must not stop the reader
             log.error("dropping undecodable reply entry %s", entry_id)
             self.metrics.skipped("undecodable_entry")

@@ -7,10 +7,8 @@ warm-up, keeps the load on a while, then prints its table row (``-s`` shows it;
 before its deadline, with a complete answer or an OpenAI-shaped error: 0 lost, 0 duplicated.
 
 Faults: (a) kill -9 one engine, (b) restart Redis with jobs queued, (c) SIGTERM a gateway
-with streams open, (d) ``DEBUG SLEEP 6`` on Redis, (e) Redis out of memory for 3 s.
-
-(f) PLACEHOLDER, not yet a test: killing a Redis Cluster master under load (its replica
-takes over) joins this suite with Cluster support (issue 5, item 8), on the same load driver.
+with streams open, (d) ``DEBUG SLEEP 6`` on Redis, (e) Redis out of memory for 3 s, (f) kill -9
+the Redis Cluster master holding the model's job stream (its replica takes over).
 """
 
 from __future__ import annotations
@@ -19,12 +17,14 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
 import redis
 
 from engines.wire import Keys
+from tests.cluster import LocalCluster
 from tests.fault.load import COMPLETED, DUPLICATED, LOST, Load, Report
 from tests.harness import Proc, RedisServer, Stack
 
@@ -196,3 +196,21 @@ def test_redis_out_of_memory(fault_stack: Stack, fault_redis: RedisServer) -> No
 
     report, _ = under_load([url for _, url in gws], "maxmemory exhausted for 3 s", exhaust)
     verdict(report, problems_of(report))
+
+
+def test_cluster_master_failover(redis_cluster: LocalCluster, tmp_path: Path) -> None:
+    """(f) On a Redis Cluster, the master holding the model's job stream and job keys dies."""
+    stack = Stack(redis_cluster.url.replace("redis://", "redis+cluster://", 1), tmp_path)
+    try:
+        gws, _ = start(stack)
+        jobs = Keys(stack.prefix).jobs(MODEL)
+
+        def kill_master(load: Load) -> float:
+            redis_cluster.kill_master(redis_cluster.master_for_key(jobs).port)
+            return redis_cluster.wait_failover()
+
+        report, _ = under_load([url for _, url in gws], "kill a Cluster master (failover)", kill_master)
+        verdict(report, problems_of(report))
+    finally:
+        stack.stop()
+        redis_cluster.heal()

@@ -1,0 +1,107 @@
+"""The core scenarios on a real Redis Cluster (3 masters + 3 replicas): every script, pipeline
+and blocking read stays within one slot, and models spread over the masters."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from engines.wire import Keys
+from tests.cluster import LocalCluster
+from tests.harness import Stack
+
+CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+
+
+def cluster_url(cluster: LocalCluster) -> str:
+    return cluster.url.replace("redis://", "redis+cluster://", 1)
+
+
+def models_on_different_masters(cluster: LocalCluster, prefix: str) -> tuple[str, str]:
+    """Two model names whose job streams live on different masters."""
+    keys = Keys(prefix)
+    first = "alpha"
+    for i in range(100):
+        other = f"beta{i}"
+        if cluster.master_for_key(keys.jobs(other)).port != cluster.master_for_key(keys.jobs(first)).port:
+            return first, other
+    raise AssertionError("no second master found")
+
+
+@pytest.fixture
+def cluster_stack(redis_cluster: LocalCluster, tmp_path: Path) -> Iterator[Stack]:
+    s = Stack(cluster_url(redis_cluster), tmp_path)
+    yield s
+    s.stop()
+
+
+def test_chat_and_completions_on_a_cluster(cluster_stack: Stack, redis_cluster: LocalCluster) -> None:
+    stack = cluster_stack
+    alpha, beta = models_on_different_masters(redis_cluster, stack.prefix)
+    stack.gateway()
+    stack.synthetic(f"{alpha},{beta}", "--token-delay", "0.01")  # one engine, two masters' streams
+    stack.wait_for_model(beta)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    assert sorted(m.id for m in client.models.list()) == sorted([alpha, beta])
+    for model in (alpha, beta):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+        assert r.choices[0].message.content == "tok " * 3
+        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=4, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 4
+        c = client.completions.create(model=model, prompt="a b", max_tokens=2, n=2)
+        assert [ch.text for ch in c.choices] == ["tok tok ", "tok tok "]
+
+
+def test_an_engine_killed_on_a_cluster_has_its_job_retried(cluster_stack: Stack) -> None:
+    stack = cluster_stack
+    stack.gateway()
+    doomed = stack.synthetic("alpha", "--token-delay", "0.2", "--tokens", "8", "--reclaim-idle-ms", "1000")
+    box: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: box.update(r=httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 8}, timeout=30)))
+    t.start()
+    time.sleep(0.8)
+    doomed.kill()
+    stack.synthetic("alpha", "--reclaim-idle-ms", "1000")
+    t.join(30)
+    assert box["r"].status_code == 200, box["r"].text
+    assert box["r"].json()["choices"][0]["message"]["content"] == "tok " * 8
+
+
+def test_a_client_that_leaves_cancels_its_job_on_a_cluster(cluster_stack: Stack) -> None:
+    """Cancellation travels by Pub/Sub, which a cluster broadcasts to every node."""
+    from tests.harness import free_port
+    from tests.integration.test_delivery import wait_for_jobs
+
+    stack = cluster_stack
+    metrics_port = free_port()
+    stack.gateway()
+    stack.synthetic("alpha", "--token-delay", "0.2", "--tokens", "50", "--metrics-port", str(metrics_port))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 50}, timeout=1.0)
+    assert wait_for_jobs(metrics_port, "cancelled", 1).get("cancelled") == 1
+
+
+def test_every_key_a_request_touches_shares_its_models_slot(cluster_stack: Stack,
+                                                           redis_cluster: LocalCluster) -> None:
+    """A streamed answer mid-flight: the job stream and the job key sit on one master."""
+    stack = cluster_stack
+    stack.gateway()
+    stack.synthetic("alpha", "--token-delay", "0.1", "--tokens", "10")
+    keys = Keys(stack.prefix)
+    with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions",
+                      json={**CHAT, "max_tokens": 10, "stream": True}, timeout=30) as s:
+        lines = s.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        job_id = first["id"]
+        assert redis_cluster.master_for_key(keys.job("alpha", job_id)).port == \
+            redis_cluster.master_for_key(keys.jobs("alpha")).port
+        assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
