@@ -25,7 +25,7 @@ import os
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +109,8 @@ class _Ack:
 
     stream: str
     entry_id: bytes
-    job_key: str
+    #: None for an entry whose job id cannot be read.
+    job_key: str | None
 
 
 class _Batch:
@@ -230,7 +231,8 @@ class EventWriter:
         for a in batch.acks:
             cmds.append(("XACK", a.stream, ENGINE_GROUP, a.entry_id))
             cmds.append(("XDEL", a.stream, a.entry_id))
-            cmds.append(("DEL", a.job_key))
+            if a.job_key is not None:
+                cmds.append(("DEL", a.job_key))
         if not cmds:
             return None
         replies = await self.lane.round_trip(cmds)
@@ -255,11 +257,12 @@ class EventWriter:
             # Written (or its gateway is gone: nil under NOMKSTREAM; nobody waits for them).
             ready.extend(batch.after.get(reply_to, ()))
         for a in batch.acks:
-            if any(isinstance(r, Exception) for r in replies[i:i + 3]):
+            n = 2 if a.job_key is None else 3
+            if any(isinstance(r, Exception) for r in replies[i:i + n]):
                 retry.acks.append(a)
             else:
                 self.unacked.pop(a.entry_id, None)
-            i += 3
+            i += n
         if ready:
             # Acked in the next round trip, together with whatever was emitted meanwhile.
             self._batch.acks.extend(ready)
@@ -390,8 +393,6 @@ class Worker:
         outlived (bad data or a Redis outage must not end a background duty for good)."""
         while not self._closed:
             await asyncio.sleep(interval)
-            if self._stopping.is_set() and name == "reclaim":
-                continue
             try:
                 await step()
             except (ConnectionError, OSError, aioredis.RedisError) as exc:
@@ -504,7 +505,8 @@ class Worker:
                                     seq=run.next_seq()))
             return
         if job.id in self._cancelled:
-            self.metrics.job_finished(job.model, "cancelled")
+            # Its client left while it waited: not a moment of compute spent on it.
+            self.metrics.job_finished(job.model, "skipped")
             self.writer.ack(self._ack_of(run))
             return
         if job.created_ms and attempt == 1:
@@ -521,7 +523,7 @@ class Worker:
             header = self.codec.decode_job_header(fields[b"j"])
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
             log.error("dropping unreadable job entry %s on %s", entry_id, stream)
-            self.writer.ack(_Ack(stream, entry_id, self.keys.job(model, entry_id.decode())))
+            self.writer.ack(_Ack(stream, entry_id, None))
             return
         log.error("refusing malformed job %s on %s", header.id, stream)
         self.writer.finish(header.reply_to, Failed(
@@ -623,22 +625,22 @@ class Worker:
         for model in self.backend.models:
             pipe.hset(self.keys.models_seen, model, now)
         by_stream: dict[str, list[bytes]] = {}
-        for run in self._running.values():
-            by_stream.setdefault(run.stream, []).append(run.entry_id)
-        for stream, entry_id, _ in self._waiting:
-            by_stream.setdefault(stream, []).append(entry_id)
-        for entry_id, stream in self.writer.unacked.items():
+        for stream, entry_id in self._held():
             by_stream.setdefault(stream, []).append(entry_id)
         for stream, ids in by_stream.items():
             # Re-claiming our own jobs resets their idle time: only a dead engine's jobs age.
             pipe.xclaim(stream, ENGINE_GROUP, self.engine_id, 0, ids, justid=True)
         await pipe.execute()
 
-    def _held(self) -> set[bytes]:
-        held = {r.entry_id for r in self._running.values()}
-        held.update(entry_id for _, entry_id, _ in self._waiting)
-        held.update(self.writer.unacked)
-        return held
+    def _held(self) -> Iterator[tuple[str, bytes]]:
+        """(job stream, entry id) of every job this engine holds: running, read but waiting for
+        a slot, or finished but not yet acked."""
+        for run in self._running.values():
+            yield run.stream, run.entry_id
+        for stream, entry_id, _ in self._waiting:
+            yield stream, entry_id
+        for entry_id, stream in self.writer.unacked.items():
+            yield stream, entry_id
 
     async def _reclaim_once(self) -> None:
         """Take over the jobs of engines that stopped heart-beating.
@@ -648,6 +650,8 @@ class Worker:
         does not move running jobs between live engines. Entries of this engine that it does
         not hold (a read whose reply was lost) are taken back too.
         """
+        if self._stopping.is_set():
+            return  # a draining engine takes on nothing new
         now = now_ms()
         live = {e.decode() for e in await self.redis.zrangebyscore(
             self.keys.engines, now - self.settings.reclaim_grace_ms, "+inf")}
@@ -658,7 +662,7 @@ class Worker:
                 return
             pending = await self.redis.xpending_range(stream, ENGINE_GROUP, min="-", max="+", count=max(free * 4, 16),
                                                       idle=self.settings.reclaim_idle_ms)
-            held = self._held()
+            held = {entry_id for _, entry_id in self._held()}
             orphans = {p["message_id"]: int(p["times_delivered"]) for p in pending
                        if (p["consumer"].decode() not in live
                            or (p["consumer"].decode() == self.engine_id and p["message_id"] not in held))}

@@ -129,7 +129,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         gw_metrics = GatewayMetrics(telemetry.provider)
         redis = connect(settings.redis_url, cluster=settings.redis_cluster, max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
-                                  configured=settings.models)
+                                  configured=settings.models, metrics=gw_metrics)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
@@ -139,7 +139,6 @@ def create_app(settings: GatewaySettings) -> Litestar:
                                       chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
                                       telemetry=telemetry, redis=redis)
-        registry.metrics = gw_metrics
         try:
             await router.create_stream()
         except (ConnectionError, OSError, aioredis.RedisError):

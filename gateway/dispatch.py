@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import Any
 
+import msgspec
 import redis.asyncio as aioredis
 
 from engines.wire import Done, Event, Failed, Job, Unknown
@@ -196,6 +197,23 @@ class JobRun:
             self.ended = True
         return event
 
+    async def batches(self) -> AsyncIterator[list[Event | Restarted]]:
+        """Events in batches: everything already delivered comes together (one write to the client)."""
+        q = self.events
+        while True:
+            batch = [await self.next()]
+            while not q.empty() and self._held is None:
+                event = q.get_nowait()
+                if event is _DEADLINE or event is _CLIENT_GONE or isinstance(event, _Lost):
+                    q.put_nowait(event)  # handled by the next next(), after this batch is out
+                    break
+                admitted = self._admit(event)
+                if admitted is not None:
+                    batch.append(admitted)
+                    if admitted is RESTARTED:
+                        break  # what follows it is held for the next next()
+            yield batch
+
     async def _start_over(self, why: str) -> None:
         """Submit the job again under a new id (nothing of it reached the client), or fail."""
         if self.shown:
@@ -289,50 +307,41 @@ class Dispatcher:
         return JobRun(self, job, receive)
 
     async def submit(self, run: JobRun) -> None:
-        """Queue a run's job; raises the right error when it cannot be queued."""
+        """Queue a run's job and start its deadline; raises the right error when it cannot be queued."""
+        try:
+            await self._queue(run)
+        except ConduitError:
+            run.closed = True
+            self._forget_id(run.job_id)
+            raise
+        loop = self.loop
+        run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
+        # One timer per request wakes its waiter at the deadline (no timeout context per wait).
+        run.timer = loop.call_at(run.deadline, run.events.put_nowait, _DEADLINE)
+
+    async def resubmit(self, run: JobRun) -> None:
+        """Queue ``run``'s job again under a new id, same deadline (its old incarnation is cancelled)."""
+        old = run.job
+        self._forget_id(old.id)
+        self._publish_cancel(old.id, old.deadline_ms)
+        run.job = msgspec.structs.replace(old, id=new_id(old.id.partition("-")[0]))
+        run.attempt, run.seq, run.missing = 1, 0, 0
+        await self._queue(run)
+
+    async def _queue(self, run: JobRun) -> None:
         job = run.job
+        # Listening before the job exists: no event can come before its waiter.
         self.router.open(job.id, run.events)
         self._runs[job.id] = run
         try:
             await self.queue.submit(job)
         except BacklogFull as exc:
-            self._drop(run)
             raise Overloaded(f"The model `{job.model}` has {exc.backlog} requests waiting, its limit; retry after "
                              f"{self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
-            self._drop(run)
             log.warning("could not queue a job: %s", exc)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
-        loop = self.loop
-        run.deadline = loop.time() + max(job.deadline_ms / 1000 - time.time(), 0)
-        # One timer per request wakes its waiter at the deadline (no timeout context per wait).
-        run.timer = loop.call_at(run.deadline, run.events.put_nowait, _DEADLINE)
-
-    async def resubmit(self, run: JobRun) -> None:
-        """Queue ``run``'s job again under a new id (its old incarnation is cancelled)."""
-        old = run.job
-        self._forget_id(old.id)
-        self._publish_cancel(old.id, old.deadline_ms)
-        run.job = Job(id=new_id(old.id.partition("-")[0]), kind=old.kind, model=old.model, body=old.body,
-                      reply_to=old.reply_to, deadline_ms=old.deadline_ms, created_ms=old.created_ms,
-                      traceparent=old.traceparent, stream=old.stream)
-        run.attempt, run.seq, run.missing = 1, 0, -1
-        self.router.open(run.job.id, run.events)
-        self._runs[run.job.id] = run
-        try:
-            await self.queue.submit(run.job)
-        except BacklogFull:
-            raise Overloaded(f"The model `{old.model}` is overloaded; retry after {self.settings.retry_after_s}s.",
-                             self.settings.retry_after_s) from None
-        except (ConnectionError, OSError, aioredis.RedisError):
-            raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
-                               code="queue_unavailable") from None
-        run.missing = 0
-
-    def _drop(self, run: JobRun) -> None:
-        run.closed = True
-        self._forget_id(run.job_id)
 
     def _forget_id(self, job_id: str) -> None:
         self.router.close(job_id)
@@ -367,34 +376,13 @@ class Dispatcher:
                 self.metrics.background_error("job-check")
 
     async def _check_jobs(self, older_than: float) -> None:
-        runs = [r for r in self._runs.values() if r.started_at < older_than and not r.ended and r.missing >= 0]
-        if not runs:
+        checked = [(r, r.job_id) for r in self._runs.values() if r.started_at < older_than and not r.ended]
+        if not checked:
             return
-        gone = await self.queue.missing([(r.model, r.job_id) for r in runs])
-        for run, missing in zip(runs, gone, strict=True):
-            if run.missing < 0:
-                continue  # resubmitted while we asked
+        gone = await self.queue.missing([(r.model, job_id) for r, job_id in checked])
+        for (run, job_id), missing in zip(checked, gone, strict=True):
+            if run.job_id != job_id:
+                continue  # submitted again while we asked
             run.missing = run.missing + 1 if missing else 0
             if run.missing == 2:
-                run.events.put_nowait(_Lost(run.job_id))
-
-    def events(self, run: JobRun) -> AsyncIterator[list[Event | Restarted]]:
-        """A run's events in batches: everything already delivered comes together (one write)."""
-        return _batches(run)
-
-
-async def _batches(run: JobRun) -> AsyncIterator[list[Event | Restarted]]:
-    q = run.events
-    while True:
-        batch = [await run.next()]
-        while not q.empty() and run._held is None:
-            event = q.get_nowait()
-            if event is _DEADLINE or event is _CLIENT_GONE or isinstance(event, _Lost):
-                q.put_nowait(event)  # handled by the next next(), after this batch is out
-                break
-            admitted = run._admit(event)
-            if admitted is not None:
-                batch.append(admitted)
-                if admitted is RESTARTED:
-                    break  # what follows it is held for the next next()
-        yield batch
+                run.events.put_nowait(_Lost(job_id))

@@ -24,7 +24,7 @@ class EngineRegistry:
     """
 
     def __init__(self, redis: aioredis.Redis, keys: Keys, codec: Codec, *, refresh_s: float,
-                 configured: list[str]) -> None:
+                 configured: list[str], metrics: GatewayMetrics | None = None) -> None:
         self._redis = redis
         self._keys = keys
         self._codec = codec
@@ -35,7 +35,7 @@ class EngineRegistry:
         self._seen: set[str] = set()
         self.redis_ok = False
         self.refreshed = asyncio.Event()
-        self.metrics = GatewayMetrics.noop()
+        self.metrics = metrics or GatewayMetrics.noop()
         self._bad_entries: set[bytes] = set()
         #: Ends :meth:`run` (a cancellation landing inside a Redis call can be swallowed).
         self.closed = False

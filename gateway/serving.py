@@ -181,7 +181,7 @@ class Generation:
         pending: list[Event | Restarted] = [first]
         state = StreamState(include_usage)
         try:
-            batches = self.dispatcher.events(run)
+            batches = run.batches()
             while True:
                 out = bytearray()
                 for event in pending:

@@ -98,8 +98,9 @@ class EngineMetrics:
         m = self._meter = _meter(provider, "conduit.engine")
         self.jobs = m.create_counter(
             "conduit.engine.jobs", unit="{job}",
-            description="Jobs ended, by outcome (ok, rejected, cancelled, expired, error, lost, dead_letter, "
-                        "unsupported, malformed)")
+            description="Jobs ended, by outcome (ok, rejected, cancelled (client gone while it ran), skipped "
+                        "(client gone before it started), expired, error, lost, dead_letter, unsupported, "
+                        "malformed)")
         self.job_duration = m.create_histogram(
             "conduit.engine.job.duration", unit="s", description="Time an engine spent on a successful job",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)

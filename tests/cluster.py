@@ -91,6 +91,11 @@ class LocalCluster:
         return f"redis://127.0.0.1:{self.masters()[0].port}/0"
 
     @property
+    def conduit_url(self) -> str:
+        """The URL gateways and engines take to run on this cluster."""
+        return self.url.replace("redis://", "redis+cluster://", 1)
+
+    @property
     def startup_nodes(self) -> list[tuple[str, int]]:
         """(host, port) of every live node, for clients that take several seeds."""
         return [("127.0.0.1", n.port) for n in self.nodes if n.alive()]

@@ -200,7 +200,7 @@ def test_redis_out_of_memory(fault_stack: Stack, fault_redis: RedisServer) -> No
 
 def test_cluster_master_failover(redis_cluster: LocalCluster, tmp_path: Path) -> None:
     """(f) On a Redis Cluster, the master holding the model's job stream and job keys dies."""
-    stack = Stack(redis_cluster.url.replace("redis://", "redis+cluster://", 1), tmp_path)
+    stack = Stack(redis_cluster.conduit_url, tmp_path)
     try:
         gws, _ = start(stack)
         jobs = Keys(stack.prefix).jobs(MODEL)

@@ -20,10 +20,6 @@ from tests.harness import Stack
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
-def cluster_url(cluster: LocalCluster) -> str:
-    return cluster.url.replace("redis://", "redis+cluster://", 1)
-
-
 def models_on_different_masters(cluster: LocalCluster, prefix: str) -> tuple[str, str]:
     """Two model names whose job streams live on different masters."""
     keys = Keys(prefix)
@@ -37,7 +33,7 @@ def models_on_different_masters(cluster: LocalCluster, prefix: str) -> tuple[str
 
 @pytest.fixture
 def cluster_stack(redis_cluster: LocalCluster, tmp_path: Path) -> Iterator[Stack]:
-    s = Stack(cluster_url(redis_cluster), tmp_path)
+    s = Stack(redis_cluster.conduit_url, tmp_path)
     yield s
     s.stop()
 

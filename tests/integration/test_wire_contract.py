@@ -201,3 +201,23 @@ def test_engine_never_recreates_a_reply_stream(stack: Stack, r: redis.Redis) -> 
     r.xadd(jobs, {b"j": msgspec.msgpack.encode(job)})
     wait_acked(r, jobs)
     assert not r.exists(reply_to), f"re-created, TTL {r.ttl(reply_to)}"
+
+
+def test_the_clients_trace_context_travels_with_its_job(stack: Stack) -> None:
+    """A W3C ``traceparent`` header reaches the engine in the job, so its logs join the trace."""
+    stack.gateway(request_timeout_s=10)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with FakeEngine(stack.redis_url, stack.prefix, "traced") as engine:
+        stack.wait_for_model("traced", timeout=10)
+        box: dict[str, httpx.Response] = {}
+        t = threading.Thread(target=lambda: box.update(r=httpx.post(
+            f"{stack.base_url}/v1/chat/completions", json=chat("traced"), headers={"traceparent": traceparent},
+            timeout=10)))
+        t.start()
+        job = engine.next_job()
+        assert job.body.get("traceparent") == traceparent
+        assert job.body.get("created_ms", 0) > 0
+        engine.reply(job, [{"t": "s"}, {"t": "d", "choices": [{"text": "x", "finish_reason": "stop"}]}, {"t": "f"}])
+        engine.ack(job)
+        t.join()
+    assert box["r"].status_code == 200
