@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import httpx
+import openai
 
 from gateway.stack import start_redis, wait_for_port
 
@@ -87,6 +88,7 @@ class Stack:
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.workdir = workdir
         self.procs: list[Proc] = []
+        self._clients: list[openai.OpenAI] = []
         self.base_url = ""
         self.port = 0
 
@@ -136,8 +138,16 @@ class Stack:
         raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'}"
                            + (f"\n{proc.output()}" if proc else ""))
 
+    def sdk(self) -> openai.OpenAI:
+        """The `openai` SDK pointed at the latest gateway (closed with the stack)."""
+        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
+        self._clients.append(client)
+        return client
+
     def stop(self) -> None:
         """Stop every process, then report the first that would not stop."""
+        for client in self._clients:
+            client.close()
         errors: list[AssertionError] = []
         for p in reversed(self.procs):
             try:

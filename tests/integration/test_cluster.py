@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from engines.wire import Keys
@@ -44,7 +43,7 @@ def test_chat_and_completions_on_a_cluster(cluster_stack: Stack, redis_cluster: 
     stack.gateway()
     stack.synthetic(f"{alpha},{beta}", "--token-delay", "0.01")  # one engine, two masters' streams
     stack.wait_for_model(beta)
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = stack.sdk()
     assert sorted(m.id for m in client.models.list()) == sorted([alpha, beta])
     for model in (alpha, beta):
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)

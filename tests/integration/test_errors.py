@@ -54,7 +54,7 @@ def test_schema_violation_names_the_param(gw: Stack, body: dict[str, object], pa
 
 
 def test_sdk_raises_bad_request(gw: Stack) -> None:
-    client = openai.OpenAI(base_url=f"{gw.base_url}/v1", api_key="unused", max_retries=0)
+    client = gw.sdk()
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "x"}],
                                        temperature=5)

@@ -8,7 +8,6 @@ import threading
 import time
 
 import httpx
-import openai
 import pytest
 
 from tests.harness import Stack, free_port, hang_up_after
@@ -19,7 +18,7 @@ CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
 
 def test_models_follow_engines_that_start_and_stop(stack: Stack) -> None:
     stack.gateway()
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = stack.sdk()
     assert [m.id for m in client.models.list()] == []
     assert httpx.get(f"{stack.base_url}/ready").status_code == 503
 
@@ -198,7 +197,7 @@ def test_job_that_kills_every_engine_is_dead_lettered(stack: Stack, request: pyt
 def test_gateway_exports_metrics(stack: Stack) -> None:
     stack.gateway()
     stack.synthetic()
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = stack.sdk()
     client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "a b c"}], max_tokens=4)
     for _ in range(2):
         assert httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404

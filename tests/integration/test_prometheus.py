@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 import pytest
 
 from tests.harness import Proc, Stack, free_port
@@ -20,7 +19,7 @@ def test_prometheus_scrapes_gateway_and_engine(stack: Stack, tmp_path: Path) -> 
     engine_metrics = free_port()
     stack.gateway()
     stack.synthetic("synthetic", "--metrics-port", str(engine_metrics))
-    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0)
+    client = stack.sdk()
     for _ in range(3):
         client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
