@@ -41,6 +41,11 @@ class JobOutput(Protocol):
     def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
         """New output for some choices; ``usage``: the usage so far, for clients that want it per chunk."""
 
+    async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
+                    partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
+        """One encoded image (final, or partial preview number ``partial``) of an image job:
+        stored once in the image store, announced by an ``ImageReady`` event carrying its reference."""
+
     def done(self, usage: Usage) -> None:
         """The job finished successfully; nothing may follow."""
 

@@ -16,12 +16,13 @@ import msgspec
 ENGINE_GROUP = "engines"
 
 #: Version of this contract, announced in :class:`EngineInfo`. 1: no event sequence numbers,
-#: no job keys; 2: events numbered per attempt, jobs keyed for idempotent submission.
-PROTOCOL_VERSION = 2
+#: no job keys; 2: events numbered per attempt, jobs keyed for idempotent submission;
+#: 3: image jobs and :class:`ImageReady` events.
+PROTOCOL_VERSION = 3
 
 #: The job kinds this version of the contract defines. An engine answers any other kind it
 #: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
-JOB_KINDS = frozenset({"chat", "completion"})
+JOB_KINDS = frozenset({"chat", "completion", "image"})
 
 
 class Keys:
@@ -65,6 +66,10 @@ class Keys:
         """
         return f"{self.prefix}:job:{{{model}}}:{job_id}"
 
+    def image(self, ref: str) -> str:
+        """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
+        return f"{self.prefix}:image:{ref}"
+
 
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"
@@ -95,6 +100,9 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     #: never reached anyone, so a job lost mid-output is retried rather than failed. Older
     #: gateways do not send it: True is the safe reading.
     stream: bool = True
+    #: How long outputs an engine stores rather than sends (images) must stay readable, in
+    #: milliseconds (0: the engine's default). The gateway serves ``url`` images that long.
+    output_ttl_ms: int = 0
 
 
 class JobHeader(msgspec.Struct, forbid_unknown_fields=False):
@@ -202,7 +210,35 @@ class Failed(msgspec.Struct, tag="e", tag_field="t", omit_defaults=True):
     seq: int = 0
 
 
-Event = Started | Delta | Done | Failed
+class ImageReady(msgspec.Struct, tag="i", tag_field="t", omit_defaults=True):
+    """One image of an image job (final, or a partial preview) is in the image store.
+
+    Events carry the image's reference, never its bytes: the engine writes each image once
+    (``ImageStore``) and the gateway serves ``url`` and ``b64_json`` answers from that copy.
+    """
+
+    job: str
+    #: The image's name in the store (unguessable; it ends in the format's extension).
+    ref: str
+    #: Which of the request's ``n`` images.
+    index: int = 0
+    #: ``png``, ``jpeg`` or ``webp``.
+    format: str = "png"
+    width: int = 0
+    height: int = 0
+    #: The seed of the image's own generator: the same seed gives the same image.
+    seed: int = 0
+    #: For a partial preview, its number (0-based, ``partial_image_index``); None: the final image.
+    partial: int | None = None
+    #: The image joined a denoising batch that was already running (continuous batching).
+    joined: bool = False
+    #: The largest denoising batch (images per step) the image ran in.
+    batch: int = 1
+    attempt: int = 1
+    seq: int = 0
+
+
+Event = Started | Delta | ImageReady | Done | Failed
 """Everything an engine writes to a reply stream."""
 
 

@@ -35,6 +35,7 @@ from redis.exceptions import ResponseError
 
 from engines.backend import Backend, JobRejected
 from engines.lane import connect, entry_fields, open_lane, stream_entries
+from engines.store import new_ref, open_image_store
 from engines.wire import (
     ENGINE_GROUP,
     JOB_KINDS,
@@ -47,6 +48,7 @@ from engines.wire import (
     EngineInfo,
     Event,
     Failed,
+    ImageReady,
     Job,
     Keys,
     Started,
@@ -80,6 +82,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     dead_letter_maxlen: int = 10_000
     #: How long a cancellation is remembered when its message carries no deadline (older gateways).
     cancel_memory_s: float = 600.0
+    #: Where images go (``engines.store``): ``redis`` or a directory every gateway reads too.
+    image_store: str = "redis"
+    #: How long a stored image stays readable when its job does not say (``Job.output_ttl_ms``).
+    image_ttl_s: float = 3600.0
 
 
 def now_ms() -> int:
@@ -291,8 +297,7 @@ class _Output:
                         seq=run.next_seq()),
             )
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
-        self.started()
+    def _mark_output(self) -> None:
         run = self._run
         job = run.job
         if not run.output_marked and job.stream:
@@ -300,8 +305,30 @@ class _Output:
             # collected one can always be run again from scratch.
             run.output_marked = True
             self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
+
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+        self.started()
+        self._mark_output()
+        run = self._run
+        job = run.job
         self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
                                                      seq=run.next_seq(), usage=usage))
+
+    async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
+                    partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
+        self.started()
+        worker = self._worker
+        job = self._run.job
+        ref = new_ref(format)
+        # Stored before its event is emitted: a gateway never sees a reference it cannot read.
+        await worker.images.put(ref, data, job.output_ttl_ms or int(worker.settings.image_ttl_s * 1000))
+        run = self._run
+        if run.finished:
+            return  # cancelled or failed while the image was being stored
+        self._mark_output()
+        worker.writer.emit(job.reply_to, ImageReady(
+            job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
+            joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()))
 
     def done(self, usage: Usage) -> None:
         self.started()
@@ -320,10 +347,11 @@ class Worker:
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.redis: Any = connect(settings.redis_url, cluster=settings.redis_cluster)
         self.writer = EventWriter(self.redis, self.codec, settings)
+        self.images = open_image_store(settings.image_store, self.redis, self.keys)
         self.metrics = metrics or EngineMetrics.noop()
         self._started_ms = now_ms()
         self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
-        self._kinds = frozenset(getattr(backend, "kinds", JOB_KINDS))
+        self._kinds = frozenset(backend.kinds) & JOB_KINDS
         self._running: dict[str, _Running] = {}
         #: Jobs read but not started yet (a read across several models can bring more than the
         #: free slots); started in order as slots free, claimed by the heartbeat meanwhile.
