@@ -17,11 +17,13 @@ from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from engines.lane import connect
+from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
 from engines.wire import Codec, Keys
 from gateway.chat import ChatRenderer
 from gateway.completions import CompletionRenderer
 from gateway.dispatch import Dispatcher
-from gateway.errors import ConduitError, ModelNotFound, error_response
+from gateway.errors import ConduitError, ModelNotFound, NotFound, error_response
+from gateway.images.serving import ImageGeneration
 from gateway.protocol import Model, ModelList, RequestDecoder
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
@@ -43,6 +45,8 @@ class Services(msgspec.Struct):
     decoder: RequestDecoder
     chat: Generation
     completion: Generation
+    images: ImageGeneration
+    image_store: ImageStore
     telemetry: Telemetry
     redis: aioredis.Redis
 
@@ -69,6 +73,24 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
                                              include_usage=include_usage)
+
+
+@post("/v1/images/generations", status_code=200)
+async def image_generations(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
+    body = await request.body()
+    req = services.decoder.image(body)
+    return await services.images.respond(request, req, body)
+
+
+@get("/v1/images/files/{name:str}")
+async def image_file(name: str, services: Services) -> Response[bytes]:
+    """A generated image, until it expires (its unguessable name is the capability to read it)."""
+    data = await services.image_store.get(name) if valid_ref(name) else None
+    if data is None:
+        raise NotFound(f"The image `{name[:80]}` does not exist or has expired.", param="name",
+                       code="image_not_found")
+    return Response(data, media_type=media_type(name), headers={"Cache-Control": "private, max-age=300"})
 
 
 @get("/v1/models")
@@ -116,6 +138,18 @@ async def metrics(services: Services) -> Response[bytes]:
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def _sweep(store: DirectoryImageStore, every_s: float = 60.0) -> None:
+    """Delete expired images from a directory store (Redis expires its own)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            removed = await asyncio.to_thread(store.sweep)
+            if removed:
+                log.info("deleted %d expired images", removed)
+        except Exception:
+            log.exception("sweeping expired images failed; carrying on")
+
+
 def create_app(settings: GatewaySettings) -> Litestar:
     """The gateway application for one process (``settings.gateway_id`` must be unique)."""
     if not settings.gateway_id:
@@ -134,10 +168,12 @@ def create_app(settings: GatewaySettings) -> Litestar:
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
         dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
+        store = open_image_store(settings.image_store, redis, keys)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
                                       decoder=RequestDecoder(settings),
                                       chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
+                                      images=ImageGeneration(dispatcher, store, settings), image_store=store,
                                       telemetry=telemetry, redis=redis)
         try:
             await router.create_stream()
@@ -146,6 +182,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
                  asyncio.create_task(registry.run(), name="engine-registry"),
                  asyncio.create_task(dispatcher.watch_jobs(), name="job-check")]
+        if isinstance(store, DirectoryImageStore):
+            tasks.append(asyncio.create_task(_sweep(store), name="image-sweep"))
         try:
             await asyncio.wait_for(registry.refreshed.wait(), timeout=5)
         except TimeoutError:
@@ -167,7 +205,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             telemetry.shutdown()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, list_models, get_model, health, ready, metrics],
+        route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready, metrics],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],

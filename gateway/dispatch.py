@@ -294,16 +294,17 @@ class Dispatcher:
 
     def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
             receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
-            traceparent: str = "") -> JobRun:
+            traceparent: str = "", output_ttl_ms: int = 0) -> JobRun:
         """A request's job, submitted when its ``async with`` block is entered.
 
-        ``receive`` (the request's ASGI receive) lets the run notice a client that leaves.
+        ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
+        ``output_ttl_ms``: how long the engine keeps what it stores (images) readable.
         """
         self.check_model(model)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
-                  traceparent=traceparent, stream=stream)
+                  traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms)
         return JobRun(self, job, receive)
 
     async def submit(self, run: JobRun) -> None:

@@ -18,6 +18,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.errors import InvalidRequest
+from gateway.images.protocol import ImageRequest
 from gateway.settings import GatewaySettings
 
 # ---- requests --------------------------------------------------------------------------
@@ -430,6 +431,7 @@ class RequestDecoder:
         self._limits = limits if limits is not None else GatewaySettings()
         self._chat = msgspec.json.Decoder(ChatCompletionRequest)
         self._completion = msgspec.json.Decoder(CompletionRequest)
+        self._image = msgspec.json.Decoder(ImageRequest)
 
     def chat(self, body: bytes) -> ChatCompletionRequest:
         req = self._decode(self._chat, body)
@@ -438,6 +440,11 @@ class RequestDecoder:
 
     def completion(self, body: bytes) -> CompletionRequest:
         req = self._decode(self._completion, body)
+        req.check(self._limits)
+        return req
+
+    def image(self, body: bytes) -> ImageRequest:
+        req = self._decode(self._image, body)
         req.check(self._limits)
         return req
 

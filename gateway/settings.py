@@ -80,6 +80,24 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: nesting deeper than Python's recursion limit, about 1000, as invalid JSON.)
     max_json_depth: int = 64
 
+    #: Characters in an image ``prompt`` / ``negative_prompt`` (OpenAI's limit).
+    max_image_prompt_chars: int = 32_000
+    #: Pixels (width x height) of one requested image; engines hold their models' own limits.
+    max_image_pixels: int = 4096 * 4096
+    #: Denoising steps one image may ask for (``num_inference_steps``); engines may allow fewer.
+    max_image_steps: int = 500
+
+    # ---- images --------------------------------------------------------------------------
+    #: Where engines put images and gateways read them (``engines.store``): ``redis`` or a
+    #: directory every gateway and engine mounts. Engines must be configured alike.
+    image_store: str = "redis"
+    #: How long a ``url`` image stays downloadable (OpenAI: 60 minutes).
+    image_url_ttl_s: float = 3600.0
+    #: ``response_format`` when a request names none (OpenAI's default is ``url``).
+    image_response_format: str = "url"
+    #: Base of image URLs (``https://api.example.com``); empty: the request's own scheme and host.
+    public_url: str = ""
+
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1
     log_level: str = "info"

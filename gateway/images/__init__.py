@@ -1,0 +1,1 @@
+"""``/v1/images/generations`` and the images it serves (``/v1/images/files/{ref}``)."""

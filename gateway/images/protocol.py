@@ -1,0 +1,138 @@
+"""OpenAI's image generation schemas: the request the gateway validates, the objects it answers with.
+
+The request is OpenAI's ``CreateImageRequest`` plus the diffusion parameters clients send
+through ``extra_body`` (``negative_prompt``, ``num_inference_steps``, ``guidance_scale``,
+``seed``). The gateway checks every field's type and range (a 400 naming it); limits that
+depend on the model (its sizes, its most steps, whether it can draw alpha) are the engine's
+to check, with the same kind of 400. The body travels to the engine unchanged: it applies
+every default, since the SDK sends only what the caller set.
+
+Responses follow ``ImagesResponse`` and ``ImageGenStreamEvent``: fields whose values the
+schema enumerates (``size``, ``quality``) are reported only with values it allows, and each
+image also carries the ``seed`` it was made with (an extension).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway.errors import InvalidRequest
+from gateway.settings import GatewaySettings
+
+_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+#: Values the response schemas allow for ``size`` and ``quality``.
+RESPONSE_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
+RESPONSE_QUALITIES = frozenset({"low", "medium", "high"})
+
+
+class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/images/generations`` (OpenAI's field order, then the diffusion extensions)."""
+
+    prompt: Annotated[str, Meta(min_length=1)]
+    model: str
+    n: Annotated[int, Meta(ge=1, le=10)] | None = None
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
+    stream: bool | None = None
+    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
+    size: str | None = None
+    moderation: Literal["low", "auto"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
+    user: str | None = None
+    # ---- extensions (diffusers), sent through the SDK's ``extra_body`` ----
+    negative_prompt: str | None = None
+    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
+    guidance_scale: Annotated[float, Meta(ge=0, le=50)] | None = None
+    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+
+    def check(self, limits: GatewaySettings) -> None:
+        """Bounds that depend on settings, and the syntax of ``size``."""
+        if len(self.prompt) > limits.max_image_prompt_chars:
+            raise InvalidRequest(f"Invalid 'prompt': at most {limits.max_image_prompt_chars} characters, but got "
+                                 f"{len(self.prompt)}.", param="prompt", code="invalid_value")
+        if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_image_prompt_chars:
+            raise InvalidRequest(f"Invalid 'negative_prompt': at most {limits.max_image_prompt_chars} characters.",
+                                 param="negative_prompt", code="invalid_value")
+        if self.num_inference_steps is not None and self.num_inference_steps > limits.max_image_steps:
+            raise InvalidRequest(f"Invalid 'num_inference_steps': at most {limits.max_image_steps}, but got "
+                                 f"{self.num_inference_steps}.", param="num_inference_steps", code="invalid_value")
+        if self.size is not None and self.size != "auto":
+            m = _SIZE.match(self.size)
+            if m is None or int(m[1]) % 8 or int(m[2]) % 8:
+                raise InvalidRequest(f"Invalid 'size': {self.size!r}. Use 'auto' or 'WIDTHxHEIGHT' with both in "
+                                     "pixels and multiples of 8, e.g. '1024x1024'.", param="size", code="invalid_value")
+            if int(m[1]) * int(m[2]) > limits.max_image_pixels:
+                raise InvalidRequest(f"Invalid 'size': {self.size} is more than {limits.max_image_pixels} pixels.",
+                                     param="size", code="invalid_value")
+        if self.partial_images and not self.stream:
+            raise InvalidRequest("`partial_images` is only allowed when `stream` is true.", param="partial_images")
+
+
+class ImageObject(Struct, omit_defaults=True):
+    b64_json: str | UnsetType = UNSET
+    url: str | UnsetType = UNSET
+    #: Extension: the seed of the image's generator (the same seed makes the same image).
+    seed: int | UnsetType = UNSET
+
+
+class InputTokensDetails(Struct):
+    text_tokens: int
+    image_tokens: int = 0
+
+
+class ImagesUsage(Struct):
+    """Both ``ImageGenUsage`` (responses) and ``ImagesUsage`` (stream events) take this shape."""
+
+    total_tokens: int
+    input_tokens: int
+    output_tokens: int
+    input_tokens_details: InputTokensDetails
+
+
+class ImagesResponse(Struct, omit_defaults=True):
+    created: int
+    data: list[ImageObject]
+    background: str | UnsetType = UNSET
+    output_format: str | UnsetType = UNSET
+    size: str | UnsetType = UNSET
+    quality: str | UnsetType = UNSET
+    usage: ImagesUsage | UnsetType = UNSET
+
+
+class PartialImageEvent(Struct, tag="image_generation.partial_image", tag_field="type"):
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    partial_image_index: int
+
+
+class CompletedImageEvent(Struct, tag="image_generation.completed", tag_field="type"):
+    b64_json: str
+    created_at: int
+    size: str
+    quality: str
+    background: str
+    output_format: str
+    usage: ImagesUsage
+
+
+def images_usage(text_tokens: int) -> ImagesUsage:
+    """Usage of an image request: its prompt's text tokens in, no tokens out (a diffusion model
+    makes pixels, not tokens)."""
+    return ImagesUsage(total_tokens=text_tokens, input_tokens=text_tokens, output_tokens=0,
+                       input_tokens_details=InputTokensDetails(text_tokens=text_tokens))
+
+
+def decoder() -> msgspec.json.Decoder[ImageRequest]:
+    return msgspec.json.Decoder(ImageRequest)
