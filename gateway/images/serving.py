@@ -176,6 +176,8 @@ class ImageGeneration:
                     elif isinstance(event, Failed):
                         yield _error_event(engine_failure(event))
                         return
+                    elif isinstance(event, Restarted):
+                        finals.clear()  # nothing was shown yet: another attempt makes them again
                 try:
                     pending = await anext(batches)
                 except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
