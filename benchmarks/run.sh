@@ -30,6 +30,8 @@ Options:
   --harness PATH        the peer-overhead harness (default: <repo>/../shared/bench); used when present
   --no-harness          do not use the harness even if present (gateway_path.py only)
   --no-gateway-path     do not run benchmarks/gateway_path.py
+  --with-images         also run benchmarks/images.py (tiny diffusers pipeline; its own Redis, gateway and
+                        engine on free ports): images/s and latency, raw pipeline vs Conduit
   -r, --repeats N       harness repeats (default 1)
   -o, --out DIR         output folder (default: $HOME_DIR/<timestamp>)
   --home DIR            where venvs live (default: $CONDUIT_BENCH_HOME or /tmp/conduit-bench)
@@ -40,11 +42,12 @@ Ports (environment): CONDUIT_PORT (8000), CONDUIT_PORT_2W (8001), REDIS_PORT (63
 EOF
 }
 
-WITH_LITELLM=0; QUICK=0; WORKERS=1; HARNESS="$ROOT/../shared/bench"; USE_HARNESS=1; USE_GP=1
+WITH_LITELLM=0; WITH_IMAGES=0; QUICK=0; WORKERS=1; HARNESS="$ROOT/../shared/bench"; USE_HARNESS=1; USE_GP=1
 REPEATS=1; OUT=""; HOME_DIR="${CONDUIT_BENCH_HOME:-/tmp/conduit-bench}"; HARNESS_TIMEOUT=""; EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --with-litellm) WITH_LITELLM=1; shift ;;
+    --with-images) WITH_IMAGES=1; shift ;;
     --quick) QUICK=1; shift ;;
     --workers) WORKERS="$2"; shift 2 ;;
     --harness) HARNESS="$2"; shift 2 ;;
@@ -317,12 +320,24 @@ if [[ $USE_GP == 1 ]]; then
   log "gateway_path.py exit status: $GP_RC"
 fi
 
+# ---- 3. images.py (diffusers; starts and stops its own processes) --------------------------
+IMG_RC=skipped
+if [[ $WITH_IMAGES == 1 ]]; then
+  IMG_ARGS=(-o "$OUT/images.json" --workdir "$HOME_DIR/images")
+  [[ $QUICK == 1 ]] && IMG_ARGS+=(--repeats 1)
+  log "images.py (limit 1200s)"
+  IMG_RC=0
+  run_step "$OUT/logs/images.log" timeout --kill-after=30 1200 \
+    "$ROOT/.venv/bin/python" "$BENCH_DIR/images.py" "${IMG_ARGS[@]}" || IMG_RC=$?
+  log "images.py exit status: $IMG_RC"
+fi
+
 # ---- report --------------------------------------------------------------------------------
 echo "loadavg after: $(cat /proc/loadavg)" >> "$OUT/meta.txt"
 {
   echo "# Conduit gateway-path benchmark   ($OUT)"
   cat "$OUT/meta.txt"
-  echo "harness exit: $HARNESS_RC; gateway_path.py exit: $GP_RC"
+  echo "harness exit: $HARNESS_RC; gateway_path.py exit: $GP_RC; images.py exit: $IMG_RC"
   if [[ -f $OUT/harness/report.txt ]]; then
     echo; echo "################ harness (peer_overhead.sh; wrk + stream_client.py) ################"
     cat "$OUT/harness/report.txt"
@@ -335,6 +350,10 @@ echo "loadavg after: $(cat /proc/loadavg)" >> "$OUT/meta.txt"
   if [[ -f $OUT/gateway_path.txt ]]; then
     echo; echo "################ benchmarks/gateway_path.py ################"
     cat "$OUT/gateway_path.txt"
+  fi
+  if [[ $WITH_IMAGES == 1 && -f $OUT/logs/images.log ]]; then
+    echo; echo "################ benchmarks/images.py ################"
+    sed -n '/^# images benchmark/,$p' "$OUT/logs/images.log" | grep -v -E 'Loading|it/s\]|torchvision'
   fi
   echo; echo "################ targets ################"
   TARGET_ARGS=()

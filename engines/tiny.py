@@ -181,8 +181,9 @@ def main(argv: list[str] | None = None) -> None:
 # ---- the tiny Stable Diffusion pipeline ---------------------------------------------------
 
 #: Files whose presence means a pipeline build finished.
+# (transformers 5 saves a CLIPTokenizer as tokenizer.json, without vocab.json/merges.txt.)
 _SD_REQUIRED = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json")
+                "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json")
 
 CLIP_BOS, CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
 

@@ -103,10 +103,13 @@ def _run_loop(main: Coroutine[Any, Any, None]) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from engines.tiny import build_tiny_llama, default_model_dir
+    """Build the tiny models (both unless ``--only``) and print their paths, one a line, Llama first."""
+    from engines.tiny import build_tiny_llama, build_tiny_sd, default_model_dir, default_sd_dir
 
-    path = build_tiny_llama(Path(args.path) if args.path else default_model_dir())
-    print(path)
+    if args.only in (None, "llama"):
+        print(build_tiny_llama(Path(args.path) if args.path else default_model_dir()), flush=True)
+    if args.only in (None, "sd"):
+        print(build_tiny_sd(Path(args.sd_path) if args.sd_path else default_sd_dir()), flush=True)
     return 0
 
 
@@ -114,7 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     from gateway.stack import LocalStack
 
     _logging("info")
-    stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir))
+    stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir),
+                       images=args.engine != "synthetic" and not args.no_images)
     return stack.run_forever()
 
 
@@ -122,10 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conduit", description="OpenAI-compatible inference gateway.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    up = sub.add_parser("up", help="Run the local stack: Redis + gateway + a CPU engine on a tiny model.")
+    up = sub.add_parser("up", help="Run the local stack: Redis + gateway + CPU engines on tiny models "
+                                   "(a Llama for chat, a Stable Diffusion pipeline for images).")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--redis-port", type=int, default=6390)
-    up.add_argument("--engine", choices=["vllm", "synthetic"], default="vllm")
+    up.add_argument("--engine", choices=["vllm", "synthetic"], default="vllm",
+                    help="the chat engine; 'synthetic' (no model) starts no image engine either")
+    up.add_argument("--no-images", action="store_true", help="no diffusers engine (chat only)")
     up.add_argument("--workdir", default=os.path.expanduser("~/.cache/conduit/stack"))
     up.set_defaults(func=cmd_up)
 
@@ -171,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     mo = sub.add_parser("models", help="Model utilities.")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)
-    bt = mo_sub.add_parser("build-tiny", help="Build the tiny random-weight Llama used by tests and `conduit up`.")
-    bt.add_argument("--path")
+    bt = mo_sub.add_parser("build-tiny", help="Build the tiny random-weight Llama and Stable Diffusion pipeline "
+                                              "used by tests and `conduit up`; prints their paths, Llama first.")
+    bt.add_argument("--only", choices=["llama", "sd"], help="build only this one (prints one path)")
+    bt.add_argument("--path", help="where the Llama goes (default: ~/.cache/conduit/models/tiny-llama, "
+                                   "or under $CONDUIT_CACHE_DIR)")
+    bt.add_argument("--sd-path", help="where the Stable Diffusion pipeline goes (default: beside the Llama's "
+                                      "default, models/tiny-sd)")
     bt.set_defaults(func=cmd_models)
     return p
 

@@ -1,4 +1,4 @@
-"""``conduit up``: the all-in-one local stack as child processes (Redis, engine, gateway)."""
+"""``conduit up``: the all-in-one local stack as child processes (Redis, engines, gateway)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,34 @@ def start_redis(port: int, workdir: Path, extra_args: Sequence[str] = ()) -> sub
     return proc
 
 
-class LocalStack:
-    """Redis + one engine + one gateway, stopped together on Ctrl-C / SIGTERM."""
+#: The model names ``conduit up`` serves its tiny models under.
+CHAT_MODEL, IMAGE_MODEL = "tiny-llama", "tiny-sd"
 
-    def __init__(self, *, port: int, redis_port: int, engine: str, workdir: Path) -> None:
+
+def startup_message(base: str, chat_model: str, image_model: str | None) -> str:
+    """What ``conduit up`` prints once its gateway listens: the models and a curl line for each."""
+    models = f"models {chat_model!r} and {image_model!r}" if image_model else f"model {chat_model!r}"
+    lines = [f"\nConduit is starting at {base} ({models}); try:",
+             f"  curl {base}/chat/completions -H 'Content-Type: application/json' "
+             f"-d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'"]
+    if image_model:
+        lines.append(f"  curl {base}/images/generations -H 'Content-Type: application/json' "
+                     f"-d '{{\"model\": \"{image_model}\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"64x64\"}}'"
+                     "   # the answer's data[0].url is the PNG (random weights: noise)")
+    lines.append("Ctrl-C stops it.\n")
+    return "\n".join(lines)
+
+
+class LocalStack:
+    """Redis + a chat engine (+ an image engine) + one gateway, stopped together on Ctrl-C / SIGTERM."""
+
+    def __init__(self, *, port: int, redis_port: int, engine: str, workdir: Path, images: bool = True) -> None:
         self.port = port
         self.redis_port = redis_port
         self.engine = engine
         self.workdir = workdir
+        # The synthetic stack is for trying the gateway without ML libraries: chat only.
+        self.images = images and engine != "synthetic"
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def _conduit(self, *args: str) -> subprocess.Popen[bytes]:
@@ -76,15 +96,18 @@ class LocalStack:
             else:
                 self._conduit("engine", "--kind", "vllm", "--model", "tiny", "--cpu", "--enforce-eager",
                               "--max-model-len", "2048", "--redis-url", redis_url)
-                model = "tiny-llama"
+                model = CHAT_MODEL
+            image_model = None
+            if self.images:
+                self._conduit("engine", "--kind", "diffusers", "--model", "tiny", "--served-name", IMAGE_MODEL,
+                              "--redis-url", redis_url)
+                image_model = IMAGE_MODEL
             gw = self._conduit("gateway", "--port", str(self.port), "--redis-url", redis_url)
             wait_for_port(self.port, proc=gw, timeout=60)
             base = f"http://127.0.0.1:{self.port}/v1"
-            log.info("gateway on %s; waiting for the %s engine to announce itself", base, model)
-            print(f"\nConduit is starting at {base} (model {model!r}); try:\n"
-                  f"  curl {base}/chat/completions -H 'Content-Type: application/json' "
-                  f"-d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'\n"
-                  "Ctrl-C stops it.\n", flush=True)
+            log.info("gateway on %s; waiting for the engines (%s) to announce themselves", base,
+                     ", ".join(m for m in (model, image_model) if m))
+            print(startup_message(base, model, image_model), flush=True)
             while not stopping:
                 for p in self.procs:
                     if p.poll() is not None:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.cluster import LocalCluster
-from tests.harness import RedisServer, Stack
+from tests.harness import ROOT, RedisServer, Stack
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,16 @@ def shared_stack(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     s.synthetic()
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Stable Diffusion pipeline, built once per session into a temporary folder (never
+    ~/.cache), by ``conduit models build-tiny`` in a child process: the test process itself
+    never imports torch or diffusers."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "sd",
+                           "--sd-path", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [str(path)], done.stdout
+    return path

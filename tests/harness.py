@@ -125,6 +125,15 @@ class Stack:
         return self.engine("--kind", "synthetic", "--served-name", model, *args, model=model.split(",")[0], wait=wait,
                            redis_url=redis_url)
 
+    def diffusers(self, model: str = "tiny-sd", *args: str, path: Path | str | None = None, wait: bool = True,
+                  timeout: float = 60, env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
+        """Start a diffusers engine serving the pipeline at ``path`` as ``model`` (``args`` as for
+        ``conduit engine``). Pass the session's ``tiny_sd_dir``: without ``path`` the engine builds
+        the tiny pipeline itself (``--model tiny``) into ``CONDUIT_CACHE_DIR``."""
+        where = str(path) if path is not None else "tiny"
+        return self.engine("--kind", "diffusers", "--model", where, "--served-name", model, *args, model=model,
+                           wait=wait, timeout=timeout, env=env, redis_url=redis_url)
+
     def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True
                        ) -> None:
         deadline = time.monotonic() + timeout

@@ -39,6 +39,8 @@ ROOTS = (
     "ListModelsResponse",
     "Model",
     "ErrorResponse",
+    "ImagesResponse",
+    "ImageGenStreamEvent",
 )
 
 #: The id of the vendored resource; ``tests/openai_schema.py`` registers it under this URI.
