@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -219,7 +220,12 @@ class DiffusersBackend:
 
     def _load(self) -> Any:
         import torch
-        from diffusers import AutoPipelineForText2Image
+
+        with warnings.catch_warnings():
+            # Importing the auto pipeline imports every pipeline family; some of them call
+            # torch.jit.script at import time, deprecated in torch 2.13 (not our code).
+            warnings.filterwarnings("ignore", message=".*torch.jit.script. is deprecated", category=DeprecationWarning)
+            from diffusers import AutoPipelineForText2Image
 
         s = self.settings
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
