@@ -20,6 +20,8 @@ async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int
     telemetry = Telemetry("conduit-engine", worker.engine_id)
     worker.metrics = EngineMetrics(telemetry.provider)
     worker.metrics.watch_backend(backend)
+    if hasattr(backend, "metrics"):  # backends that record their own (diffusers: images, denoising steps)
+        backend.metrics = worker.metrics
     if metrics_port:
         telemetry.serve(metrics_port)
     loop = asyncio.get_running_loop()

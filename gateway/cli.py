@@ -64,6 +64,19 @@ def cmd_engine(args: argparse.Namespace) -> int:
             models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
             first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
             numbered=args.numbered))
+    elif args.kind == "diffusers":
+        from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
+
+        model = args.model
+        tiny = model in (None, "tiny")
+        if tiny:
+            from engines.tiny import build_tiny_sd, default_sd_dir
+
+            model = str(build_tiny_sd(default_sd_dir()))
+        backend = DiffusersBackend(DiffusersSettings(
+            model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
+            dtype=args.dtype, compile=args.compile, batching=args.batching, max_concurrency=args.max_concurrency or 64,
+            **({"max_batch_pixels": args.max_batch_pixels} if args.max_batch_pixels else {})))
     else:
         for k, v in CPU_ENGINE_ENV.items():
             os.environ.setdefault(k, v)
@@ -150,8 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     gw.set_defaults(func=cmd_gateway)
 
     en = sub.add_parser("engine", help="Run an engine process.")
-    en.add_argument("--kind", choices=["vllm", "synthetic"], default="vllm")
-    en.add_argument("--model", help="model path or name (vllm); 'tiny' builds the offline tiny Llama")
+    en.add_argument("--kind", choices=["vllm", "synthetic", "diffusers"], default="vllm")
+    en.add_argument("--model", help="model path or name (vllm), pipeline directory (diffusers); 'tiny' builds "
+                                    "the offline tiny Llama (vllm) or tiny Stable Diffusion (diffusers)")
+    en.add_argument("--device", help="diffusers: cpu, cuda, cuda:1... (default: cuda when available)")
+    en.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                    help="diffusers: weights' type (default: float32 on cpu, float16 on a GPU)")
+    en.add_argument("--compile", action="store_true", help="diffusers: torch.compile UNet and VAE (slow start)")
+    en.add_argument("--batching", choices=["auto", "step", "request"], default="auto",
+                    help="diffusers: step-level continuous batching, whole-request batching, or auto")
+    en.add_argument("--max-batch-pixels", type=int, help="diffusers: sum of width*height per denoising step")
     en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     en.add_argument("--redis-cluster", action="store_true",

@@ -111,6 +111,14 @@ class EngineMetrics:
         self.background_errors = m.create_counter(
             "conduit.engine.background.errors", unit="{error}",
             description="Errors a background duty (heartbeat, reclaim, event writer, ...) outlived, by task")
+        self.images = m.create_counter(
+            "conduit.engine.images", unit="{image}",
+            description="Final images generated, by model and whether the image joined a running denoising batch")
+        self.denoise_batch_size = m.create_histogram(
+            "conduit.engine.denoise.batch_size", unit="{image}", description="Images in one denoising step",
+            explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32, 64])
+        self.denoise_steps = m.create_counter(
+            "conduit.engine.denoise.steps", unit="{step}", description="Denoising steps (UNet calls) run")
 
     def watch_backend(self, backend: object) -> None:
         """Export a backend's own counters where it has them (vLLM: unfinished and aborted requests)."""
@@ -132,6 +140,15 @@ class EngineMetrics:
 
     def background_error(self, task: str) -> None:
         self.background_errors.add(1, {"task": task})
+
+    def image_generated(self, model: str, joined: bool) -> None:
+        self.images.add(1, {"gen_ai.request.model": model, "joined": "true" if joined else "false"})
+
+    def denoise_step(self, model: str, images: int) -> None:
+        """One denoising step over ``images`` images (called from the denoising thread)."""
+        attrs = {"gen_ai.request.model": model}
+        self.denoise_steps.add(1, attrs)
+        self.denoise_batch_size.record(images, attrs)
 
     def job_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
         self.jobs.add(1, {"gen_ai.request.model": model, "outcome": outcome})
