@@ -19,8 +19,11 @@ from engines.backend import JobRejected
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-#: Largest seed a client may send (and the range random seeds are drawn from).
+#: Largest seed a client may send.
 MAX_SEED = 2**63 - 1
+#: Seeds the engine picks are below 2**53, so JSON readers that hold numbers as doubles
+#: (JavaScript) read back the seed exactly and can reproduce the image.
+RANDOM_SEEDS = 2**53
 FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("auto", "low", "medium", "high", "standard", "hd")
 
@@ -147,7 +150,7 @@ def resolve(body: bytes, limits: ImageLimits) -> ImageSpec:
             raise _reject("seed must be between 0 and 2**63-1 (less n-1).", "seed")
         seeds = [req.seed + i for i in range(n)]
     else:
-        seeds = [secrets.randbits(63) for _ in range(n)]
+        seeds = [secrets.randbelow(RANDOM_SEEDS) for _ in range(n)]
     return ImageSpec(prompt=req.prompt, negative_prompt=req.negative_prompt, width=width, height=height,
                      steps=steps, guidance=guidance, seeds=seeds, output_format=fmt,
                      output_compression=compression, partial_images=partial if req.stream else 0)
