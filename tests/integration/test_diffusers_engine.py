@@ -17,7 +17,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,18 @@ TOLERANCE = 2
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Stable Diffusion pipeline, built once per session."""
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """64x64 images need no parallel kernels; with two OpenMP threads on a 2-core machine that
+    other processes also load, spinning threads slow every kernel tenfold or more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Collect:
