@@ -109,7 +109,12 @@ class RequestBatcher:
                 pixels += area
             if not waiting:
                 del self._pending[key]
-            await loop.run_in_executor(self._executor, self._generate, batch)
+            try:
+                await loop.run_in_executor(self._executor, self._generate, batch)
+            except Exception as exc:  # noqa: BLE001 - its jobs fail; later batches still run
+                log.exception("request batch failed")
+                for req in batch:
+                    req.fail(RuntimeError(f"generating the images failed: {exc}"))
 
     def _generate(self, batch: list[Request]) -> None:
         import torch
