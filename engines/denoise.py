@@ -155,11 +155,21 @@ class StepLoop:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop after the current step (running requests get no more frames); joins the thread."""
+        """Stop after the current step; requests still running fail. Joins the thread."""
         with self._cond:
             self._stopped = True
             self._cond.notify()
-        self._thread.join()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._fail_all(RuntimeError("the engine stopped before the images were done"))
+
+    def _fail_all(self, error: Exception) -> None:
+        with self._cond:
+            new, self._inbox = self._inbox, []
+        for req in {*new, *(img.req for group in self._groups.values() for img in group)}:
+            req.fail(error)
+        self._groups.clear()
+        self._turns.clear()
 
     def submit(self, req: Request) -> None:
         """Queue ``req``; its images join the loop before its next step."""
@@ -182,12 +192,16 @@ class StepLoop:
                     if self._stopped:
                         return
                     new, self._inbox = self._inbox, []
-                for req in new:
-                    self._admit(req)
-                self._prune()
-                batch = self._take()
-                if batch:
-                    self._step(batch)
+                try:
+                    for req in new:
+                        self._admit(req)
+                    self._prune()
+                    batch = self._take()
+                    if batch:
+                        self._step(batch)
+                except Exception as exc:  # noqa: BLE001 - a bug here must not leave jobs waiting forever
+                    log.exception("the denoising loop failed; failing its %d images", self.running())
+                    self._fail_all(RuntimeError(f"the denoising loop failed: {exc}"))
 
     def _admit(self, req: Request) -> None:
         """Encode the prompt once and add the request's images, each with its own scheduler and noise."""

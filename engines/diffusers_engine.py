@@ -48,6 +48,9 @@ class DiffusersSettings(msgspec.Struct, kw_only=True):
     dtype: str | None = None
     #: torch.compile the UNet and the VAE decoder (channels_last), warmed up at start.
     compile: bool = False
+    #: torch's CPU threads (``torch.set_num_threads``); None: torch's default. On a small,
+    #: shared CPU, 1 avoids OpenMP threads spinning against other processes.
+    threads: int | None = None
     #: Jobs held at once (their images wait in the step loop, cheaply).
     max_concurrency: int = 64
     #: ``step``, ``request``, or ``auto`` (step where the pipeline allows it).
@@ -106,7 +109,12 @@ class RequestBatcher:
                 pixels += area
             if not waiting:
                 del self._pending[key]
-            await loop.run_in_executor(self._executor, self._generate, batch)
+            try:
+                await loop.run_in_executor(self._executor, self._generate, batch)
+            except Exception as exc:  # noqa: BLE001 - its jobs fail; later batches still run
+                log.exception("request batch failed")
+                for req in batch:
+                    req.fail(RuntimeError(f"generating the images failed: {exc}"))
 
     def _generate(self, batch: list[Request]) -> None:
         import torch
@@ -165,9 +173,14 @@ class RequestBatcher:
             req.emit(Frame(index, seed, image, batch=len(rows)))
 
     def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
+        """Run nothing more; requests not yet run fail (called from a thread, after the worker drained)."""
+        for task in list(self._tasks):
+            task.get_loop().call_soon_threadsafe(task.cancel)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        for waiting in self._pending.values():
+            for req in waiting:
+                req.fail(RuntimeError("the engine stopped before the images were done"))
+        self._pending.clear()
 
 
 class DiffusersBackend:
@@ -228,6 +241,8 @@ class DiffusersBackend:
             from diffusers import AutoPipelineForText2Image
 
         s = self.settings
+        if s.threads:
+            torch.set_num_threads(s.threads)
         device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, s.dtype or ("float32" if device == "cpu" else "float16"))
         pipe = AutoPipelineForText2Image.from_pretrained(s.model, dtype=dtype)

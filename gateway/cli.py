@@ -76,6 +76,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
         backend = DiffusersBackend(DiffusersSettings(
             model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
             dtype=args.dtype, compile=args.compile, batching=args.batching, max_concurrency=args.max_concurrency or 64,
+            threads=args.threads,
             **({"max_batch_pixels": args.max_batch_pixels} if args.max_batch_pixels else {})))
     else:
         for k, v in CPU_ENGINE_ENV.items():
@@ -173,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--batching", choices=["auto", "step", "request"], default="auto",
                     help="diffusers: step-level continuous batching, whole-request batching, or auto")
     en.add_argument("--max-batch-pixels", type=int, help="diffusers: sum of width*height per denoising step")
+    en.add_argument("--threads", type=int, help="diffusers: torch CPU threads (1 suits small shared CPUs)")
     en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     en.add_argument("--redis-cluster", action="store_true",

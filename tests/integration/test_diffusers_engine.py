@@ -17,7 +17,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,18 @@ TOLERANCE = 2
 def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random Stable Diffusion pipeline, built once per session."""
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """64x64 images need no parallel kernels; with two OpenMP threads on a 2-core machine that
+    other processes also load, spinning threads slow every kernel tenfold or more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class Collect:
@@ -340,3 +352,58 @@ async def test_an_image_job_through_a_real_worker_and_redis(tiny_sd: Path, redis
         worker.stop()
         await serving
         await r.aclose()
+
+
+def build_tiny_sdxl(path: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random SDXL pipeline (diffusers' own test-size configuration, two text encoders)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=64)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.eos_token_id)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(config), tokenizer=tokenizer,
+                                     text_encoder_2=CLIPTextModelWithProjection(config), tokenizer_2=tokenizer,
+                                     unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(path)
+    return path
+
+
+async def test_sdxl_runs_in_the_step_loop_with_its_added_conditioning(tiny_sd: Path, tmp_path: Path) -> None:
+    """SDXL's pooled text embeddings and time ids ride along per row: batched = alone = the pipeline."""
+    import torch
+
+    model = await asyncio.to_thread(build_tiny_sdxl, tmp_path / "tiny-sdxl", tiny_sd / "tokenizer")
+    backend = await start(model)
+    try:
+        assert backend.batcher.sdxl and (backend.limits.default_width, backend.limits.default_height) == (64, 64)
+        alone = (await run(backend, job(body(seed=4, steps=4)))).final()[0]
+        outs = await asyncio.gather(*(run(backend, job(body(seed=s, steps=4, guidance_scale=g)))
+                                      for s, g in ((4, 7.5), (5, 3.0), (6, 1.0))))
+        reference = await asyncio.to_thread(lambda: backend.pipe(
+            "a red cat on a mat", num_inference_steps=4, height=64, width=64, guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(4)).images[0])
+    finally:
+        await backend.close()
+    buf = io.BytesIO()
+    reference.save(buf, format="PNG")
+    (batched, meta), *_ = (o.final() for o in outs)
+    assert meta["batch"] == 3
+    print("SDXL max abs pixel difference vs alone:", max_diff(alone, batched), max_diff(alone, buf.getvalue()))
+    assert max_diff(alone, batched) <= TOLERANCE and max_diff(alone, buf.getvalue()) <= TOLERANCE
+    assert max_diff(alone, outs[1].final()[0]) > 10 * TOLERANCE
