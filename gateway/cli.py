@@ -56,7 +56,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
                               engine_id=args.engine_id or "",
-                              reclaim_idle_ms=args.reclaim_idle_ms)
+                              reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
+                              image_ttl_s=args.image_ttl_s)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Redis is a cluster (also chosen by a redis+cluster:// URL)")
     en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
     en.add_argument("--engine-id")
+    en.add_argument("--image-store", default=os.environ.get("CONDUIT_IMAGE_STORE", "redis"),
+                    help="where images go: redis (default) or a directory the gateways read too")
+    en.add_argument("--image-ttl-s", type=float, default=3600.0,
+                    help="how long a stored image stays readable when its job does not say")
     en.add_argument("--max-concurrency", type=int)
     en.add_argument("--max-model-len", type=int)
     en.add_argument("--enforce-eager", action="store_true")

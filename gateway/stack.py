@@ -99,8 +99,9 @@ class LocalStack:
                 model = CHAT_MODEL
             image_model = None
             if self.images:
+                # One torch thread: the tiny pipeline gains nothing from more, and vLLM shares the CPU.
                 self._conduit("engine", "--kind", "diffusers", "--model", "tiny", "--served-name", IMAGE_MODEL,
-                              "--redis-url", redis_url)
+                              "--threads", "1", "--redis-url", redis_url)
                 image_model = IMAGE_MODEL
             gw = self._conduit("gateway", "--port", str(self.port), "--redis-url", redis_url)
             wait_for_port(self.port, proc=gw, timeout=60)

@@ -131,7 +131,10 @@ class Stack:
         ``conduit engine``). Pass the session's ``tiny_sd_dir``: without ``path`` the engine builds
         the tiny pipeline itself (``--model tiny``) into ``CONDUIT_CACHE_DIR``."""
         where = str(path) if path is not None else "tiny"
-        return self.engine("--kind", "diffusers", "--model", where, "--served-name", model, *args, model=model,
+        # One torch thread: on a small shared CPU, OpenMP threads spinning against the other
+        # processes make every kernel 10-100x slower.
+        return self.engine("--kind", "diffusers", "--model", where, "--served-name", model, "--threads", "1", *args,
+                           model=model,
                            wait=wait, timeout=timeout, env=env, redis_url=redis_url)
 
     def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True
