@@ -9,6 +9,9 @@ once, their step counts mixed (``--steps 4,16``: half 4, half 16, interleaved):
 * **(b) raw, max batch**: one pipeline call per step-count group with every image of the
   group in it (at most ``--max-batch``; default: the engine's pixel budget, 16 x 512 x 512
   pixels per step), shortest group first: the throughput ceiling a batching server aims at;
+* **(e) the engine alone**: the same requests straight into Conduit's diffusers backend in
+  this process (its step loop, PNG encoding included): its batching without the HTTP, gateway
+  and Redis costs, which on a small CPU machine compete with the engine for the same cores;
 * **(c) Conduit**: the same requests, concurrently, over HTTP (``b64_json``) through a real
   redis-server, gateway and diffusers engine started here (``conduit gateway`` /
   ``conduit engine --kind diffusers``) on free local ports;
@@ -115,7 +118,7 @@ class Raw:
         self.torch = torch
         self.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = getattr(torch, args.dtype) if args.dtype else (torch.float32 if self.device == "cpu" else torch.float16)
-        self.pipe = AutoPipelineForText2Image.from_pretrained(path, torch_dtype=dtype).to(self.device)
+        self.pipe = AutoPipelineForText2Image.from_pretrained(path, dtype=dtype).to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         if args.compile:
             self.pipe.unet.to(memory_format=torch.channels_last)
@@ -171,6 +174,68 @@ def max_batch(raw: Raw, plan: list[int], cap: int) -> Run:
             t += raw.call(steps, len(chunk), first=chunk[0])
             done += [t] * len(chunk)
     return Run(done, t)
+
+
+# ---- the engine alone ----------------------------------------------------------------------------
+
+class _Sink:
+    """A JobOutput that drops what it is given (the engine still encodes every image)."""
+
+    def started(self) -> None: ...
+
+    def delta(self, *_: object) -> None: ...
+
+    async def image(self, data: bytes, **_: object) -> None: ...
+
+    def done(self, *_: object) -> None: ...
+
+
+def engine_in_process(path: Path, args: argparse.Namespace, plan: list[int], size: str) -> list[Run]:
+    """(e): the same requests straight into Conduit's diffusers backend (its step loop), in this
+    process: the engine's batching without HTTP, the gateway or Redis."""
+    import msgspec
+
+    from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
+    from engines.wire import Job
+
+    async def one_run(backend: Any) -> Run:
+        t = time.perf_counter()
+
+        async def one(i: int, steps: int) -> float:
+            body = msgspec.json.encode({"prompt": f"a photograph of subject {i}", "size": size,
+                                        "num_inference_steps": steps})
+            await backend.run(Job(id=f"bench-{i}", kind="image", model=SERVED, body=body, reply_to="",
+                                  deadline_ms=0), _Sink())
+            return time.perf_counter() - t
+
+        latencies = await asyncio.gather(*(one(i, steps) for i, steps in enumerate(plan)))
+        return Run(list(latencies), time.perf_counter() - t)
+
+    async def runs() -> list[Run]:
+        backend = DiffusersBackend(DiffusersSettings(model=str(path), served_name=SERVED, device=args.device,
+                                                     dtype=args.dtype, compile=args.compile))
+        await backend.start()
+        try:
+            await one_run(backend)  # warm-up
+            return [await one_run(backend) for _ in range(args.repeats)]
+        finally:
+            await backend.close()
+
+    return asyncio.run(runs())
+
+
+def engine_in_child(argv: list[str] | None) -> dict[str, Any]:
+    """(e) measured by this script in a child process (``--parts e``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--parts", "-o", "--out"):
+        while flag in args:
+            i = args.index(flag)
+            del args[i:i + 2]
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        subprocess.run([sys.executable, __file__, *args, "--parts", "e", "-o", out.name], check=True,
+                       stdout=subprocess.DEVNULL)
+        row: dict[str, Any] = json.loads(Path(out.name).read_text())["rows"]["e"]
+    return row
 
 
 # ---- Conduit -------------------------------------------------------------------------------------
@@ -320,8 +385,9 @@ def table(rows: dict[str, dict[str, Any]]) -> str:
            "|---|---|---|---|---|---|---|"]
     ceiling = rows.get("b", {}).get("images_per_s")
     names = {"a": "(a) raw pipeline, one request at a time", "b": "(b) raw pipeline, max batch per step count",
+             "e": "(e) Conduit's diffusers engine in-process (step loop; no HTTP, gateway or Redis)",
              "c": "(c) Conduit (HTTP, gateway, Redis, diffusers engine)"}
-    for key in ("a", "b", "c"):
+    for key in ("a", "b", "e", "c"):
         if key in rows:
             r = rows[key]
             ratio = f"{r['images_per_s'] / ceiling:.0%}" if ceiling else "-"
@@ -363,7 +429,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--short-steps", type=int, default=4)
     p.add_argument("--short-delay", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--parts", default="a,b,c,d", help="which measurements (default a,b,c,d)")
+    p.add_argument("--parts", default="a,b,e,c,d", help="which measurements (default a,b,e,c,d)")
     p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "conduit-bench-images"),
                    help="where pipelines are built and logs go")
     p.add_argument("--ready-timeout", type=float, default=600, help="seconds for the engine to come up")
@@ -406,6 +472,15 @@ def main(argv: list[str] | None = None) -> int:
                          "long_1": raw.call(args.long_steps, 1),
                          "long_batch": raw.call(args.long_steps, min(cap, args.long_count))}
         raw.close()
+    if "e" in args.part_set:
+        if args.part_set == {"e"}:
+            rows["e"] = summary(engine_in_process(path, args, plan, size), len(plan))
+        else:
+            # In a process of its own: torch run from a second thread of a process whose main
+            # thread already ran it (the raw rows) gets a second OpenMP team, and on a small
+            # CPU the two teams' spinning threads halve the engine's speed.
+            rows["e"] = engine_in_child(argv)
+    if args.part_set & {"a", "b", "d", "e"}:
         if args.part_set & {"c", "d"}:  # the final tables come after Conduit's run
             print(table(rows), flush=True)
 
