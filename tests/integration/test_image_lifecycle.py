@@ -35,6 +35,19 @@ def metric(port: int, name: str, **labels: str) -> float:
     return total
 
 
+def max_diff(a: str, b: str) -> int:
+    """Largest per-pixel difference (uint8 levels) of two base64 images."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def pixels(b64: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
 def wait_until(predicate: object, timeout: float = 30, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():  # type: ignore[operator]
@@ -79,6 +92,11 @@ def test_a_request_joins_a_running_batch(stack: Stack, tiny_sd_dir: Path) -> Non
     assert results["long"].elapsed > short.elapsed  # it finished within the long one's run
     assert metric(port, "conduit_engine_images_total", joined="true") == 1
     assert metric(port, "conduit_engine_images_total", joined="false") == 1
+    # The image that joined midway is the one its seed makes alone (see test_diffusers_engine for
+    # the tolerance: exact on this CPU).
+    alone = generate(stack, num_inference_steps=3, size="128x128", seed=2, response_format="b64_json")
+    assert metric(port, "conduit_engine_images_total", joined="false") == 2
+    assert max_diff(short.json()["data"][0]["b64_json"], alone.json()["data"][0]["b64_json"]) <= 2
 
 
 def test_an_image_job_whose_engine_dies_is_finished_by_another(stack: Stack, tiny_sd_dir: Path) -> None:
