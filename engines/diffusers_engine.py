@@ -48,6 +48,8 @@ class DiffusersSettings(msgspec.Struct, kw_only=True):
     dtype: str | None = None
     #: torch.compile the UNet and the VAE decoder (channels_last), warmed up at start.
     compile: bool = False
+    #: torch.compile's backend: ``inductor`` (generated kernels), or any other dynamo backend.
+    compile_backend: str = "inductor"
     #: torch's CPU threads (``torch.set_num_threads``); None: torch's default. On a small,
     #: shared CPU, 1 avoids OpenMP threads spinning against other processes.
     threads: int | None = None
@@ -220,7 +222,9 @@ class DiffusersBackend:
             self.batcher.start()
         else:
             self.batcher = RequestBatcher(pipe, s, self.metrics, self.served_name)
-        native = pipe.unet.config.sample_size * pipe.vae_scale_factor if getattr(pipe, "unet", None) else 1024
+        # ``is not None``: a compiled UNet (OptimizedModule) refuses truth tests (it has no len()).
+        unet = getattr(pipe, "unet", None)
+        native = unet.config.sample_size * pipe.vae_scale_factor if unet is not None else 1024
         width, height = s.default_size or (native, native)
         self.limits = ImageLimits(
             default_width=width, default_height=height, min_size=max(s.min_size, 8), max_size=s.max_size,
@@ -254,8 +258,8 @@ class DiffusersBackend:
         if s.compile:
             for module in (pipe.unet, vae):
                 module.to(memory_format=torch.channels_last)
-            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
-            vae.decode = torch.compile(vae.decode, fullgraph=True)
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend=s.compile_backend)
+            vae.decode = torch.compile(vae.decode, fullgraph=True, backend=s.compile_backend)
         return pipe
 
     async def _warm_up(self) -> None:

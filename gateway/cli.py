@@ -76,7 +76,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             model = str(build_tiny_sd(default_sd_dir()))
         backend = DiffusersBackend(DiffusersSettings(
             model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
-            dtype=args.dtype, compile=args.compile, batching=args.batching, max_concurrency=args.max_concurrency or 64,
+            dtype=args.dtype, compile=args.compile, compile_backend=args.compile_backend, batching=args.batching, max_concurrency=args.max_concurrency or 64,
             threads=args.threads,
             **({"max_batch_pixels": args.max_batch_pixels} if args.max_batch_pixels else {})))
     else:
@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                     help="diffusers: weights' type (default: float32 on cpu, float16 on a GPU)")
     en.add_argument("--compile", action="store_true", help="diffusers: torch.compile UNet and VAE (slow start)")
+    en.add_argument("--compile-backend", default="inductor", help="diffusers: torch.compile's backend")
     en.add_argument("--batching", choices=["auto", "step", "request"], default="auto",
                     help="diffusers: step-level continuous batching, whole-request batching, or auto")
     en.add_argument("--max-batch-pixels", type=int, help="diffusers: sum of width*height per denoising step")

@@ -407,3 +407,18 @@ async def test_sdxl_runs_in_the_step_loop_with_its_added_conditioning(tiny_sd: P
     print("SDXL max abs pixel difference vs alone:", max_diff(alone, batched), max_diff(alone, buf.getvalue()))
     assert max_diff(alone, batched) <= TOLERANCE and max_diff(alone, buf.getvalue()) <= TOLERANCE
     assert max_diff(alone, outs[1].final()[0]) > 10 * TOLERANCE
+
+
+async def test_a_compiled_pipeline_serves_the_same_images(tiny_sd: Path, backend: DiffusersBackend) -> None:
+    """``compile``: UNet and VAE decoder wrapped by torch.compile (channels_last) and warmed up at
+    start. Dynamo's ``eager`` backend traces the same graphs without generating code (inductor needs
+    a C compiler and minutes on a CPU), so this checks everything around the compiled modules."""
+    expected = (await run(backend, job(body(seed=11, steps=3, n=2)))).finals()
+    compiled = await start(tiny_sd, compile=True, compile_backend="eager")
+    try:
+        assert type(compiled.pipe.unet).__name__ == "OptimizedModule"
+        got = (await run(compiled, job(body(seed=11, steps=3, n=2)))).finals()
+    finally:
+        await compiled.close()
+    assert [m["seed"] for _, m in got] == [11, 12]
+    assert all(max_diff(a, b) <= TOLERANCE for (a, _), (b, _) in zip(expected, got))
