@@ -1,0 +1,1 @@
+"""API keys, per-key limits and usage, fair queueing and idempotency: everything about who is asking."""
