@@ -103,6 +103,11 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     #: How long outputs an engine stores rather than sends (images) must stay readable, in
     #: milliseconds (0: the engine's default). The gateway serves ``url`` images that long.
     output_ttl_ms: int = 0
+    #: The API key id the job runs for ("" when authentication is off): fair queueing serves
+    #: the keys with work waiting in turn.
+    tenant: str = ""
+    #: The key's weight in fair queueing.
+    priority: int = 1
 
 
 class JobHeader(msgspec.Struct, forbid_unknown_fields=False):

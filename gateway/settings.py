@@ -98,6 +98,18 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: Base of image URLs (``https://api.example.com``); empty: the request's own scheme and host.
     public_url: str = ""
 
+    # ---- API keys and tenancy (gateway/tenancy) -------------------------------------------
+    #: Require an API key (``Authorization: Bearer``) on every ``/v1`` route. Off: every
+    #: request runs as the anonymous principal, with no per-key limits.
+    auth: bool = True
+    #: argon2id hash of the admin credential for ``/admin/*`` (``conduit keys hash-admin``);
+    #: empty: the admin API is off.
+    admin_key_hash: str = ""
+    #: Whether ``/metrics`` needs the admin credential too.
+    metrics_auth: bool = False
+    #: Default fraction of a model's ``max_backlog`` one key may hold (``KeyLimits.backlog_share``).
+    key_backlog_share: float = 0.5
+
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1
     log_level: str = "info"

@@ -1,0 +1,46 @@
+"""Who is asking: an API key's limits and the principal a request runs as.
+
+Data only: the key store (``gateway.tenancy.keys``) makes principals from key records, the
+guard attaches one to each request (``scope["state"]["principal"]``), and admission, limits,
+fair queueing, usage and idempotency read it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class KeyLimits(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """Per-key limits; None: unlimited (or, for ``backlog_share``, the gateway's default)."""
+
+    #: Requests per minute.
+    rpm: int | None = None
+    #: Tokens per minute (prompt + completion; reserved at admission, reconciled at the end).
+    tpm: int | None = None
+    #: Images per minute.
+    ipm: int | None = None
+    #: Requests running or queued at once.
+    concurrency: int | None = None
+    #: Weight in fair queueing: a key of priority 2 is served twice as often as one of 1.
+    priority: int = 1
+    #: At most this fraction of a model's backlog may be this key's (None: ``key_backlog_share``).
+    backlog_share: float | None = None
+
+
+class Principal(msgspec.Struct, frozen=True):
+    """The identity a request runs as: an API key's id, name, model access and limits."""
+
+    #: The key's public id ("" when authentication is off).
+    key_id: str
+    #: The key's name: safe to log and to put in metric labels (never the key itself).
+    name: str
+    #: Models the key may use; None: all.
+    models: frozenset[str] | None = None
+    limits: KeyLimits = msgspec.field(default_factory=KeyLimits)
+
+    def allows(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+#: The principal of every request when authentication is off (``auth = false``).
+ANONYMOUS = Principal(key_id="", name="anonymous")
