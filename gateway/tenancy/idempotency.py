@@ -188,8 +188,10 @@ class IdempotencyMiddleware:
                 return
             record = _DECODER.decode(held)
             if record.fingerprint != fp:
+                # The SDK retries 409s (lock timeouts) unless told this one would not change.
                 raise Conflict("This Idempotency-Key was already used with a different request; use a new key "
-                               "for a new request.", code="idempotency_key_reused")
+                               "for a new request.", code="idempotency_key_reused",
+                               headers={"x-should-retry": "false"})
             if record.state == DONE:
                 await _replay(scope, send, record)
                 return

@@ -63,6 +63,7 @@ def test_a_retry_gets_the_first_response_and_the_job_runs_once(stack: Stack) -> 
     # The same key on another route is another request: refused, not replayed.
     r = post(stack.base_url, key["Idempotency-Key"], {"model": "synthetic", "prompt": "hi"}, "/v1/completions")
     assert r.status_code == 409 and r.json()["error"]["code"] == "idempotency_key_reused"
+    assert r.headers["x-should-retry"] == "false"  # the SDK would retry a 409 otherwise
 
 
 def test_a_retry_while_the_first_runs_waits_for_its_response(stack: Stack) -> None:
