@@ -254,10 +254,24 @@ class IdempotencyMiddleware:
         chunks: list[bytes] = []
         size = 0
         storable = not stream
-        complete = False
+        finished = False
+
+        async def finish(complete: bool) -> None:
+            nonlocal finished
+            finished = True
+            done = b""
+            if complete and storable and status < 500 and status not in _TRANSIENT:
+                done = _ENCODER.encode(IdempotencyRecord(
+                    state=DONE, fingerprint=_DECODER.decode(mine).fingerprint, status=status, headers=headers,
+                    request_id=scope.get("state", {}).get("request_id", b""), body=b"".join(chunks)))
+            try:
+                await self._scripts.run(redis, "finish", key, mine, done, self._ttl_ms)
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                # The lease runs out by itself: a retry then runs the request again.
+                log.warning("could not record an idempotent request's end: %s", exc)
 
         async def capture(message: Message) -> None:
-            nonlocal status, size, storable, complete
+            nonlocal status, size, storable
             if message["type"] == "http.response.start":
                 status = message["status"]
                 for name, value in message.get("headers", ()):
@@ -266,15 +280,17 @@ class IdempotencyMiddleware:
                         storable = False
                     if name in _KEPT:
                         headers.append((name, value))
-            elif message["type"] == "http.response.body" and storable:
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self._settings.idempotency_max_response_bytes:
-                    storable = False
-                    chunks.clear()
-                else:
-                    chunks.append(chunk)
-                complete = not message.get("more_body", False)
+            elif message["type"] == "http.response.body":
+                if storable:
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self._settings.idempotency_max_response_bytes:
+                        storable = False
+                        chunks.clear()
+                if not message.get("more_body", False):
+                    # Stored (or released) before the client has its whole response: a retry
+                    # it sends next finds the key done (or free), never still running.
+                    await finish(complete=True)
             await send(message)
 
         refresher = asyncio.create_task(self._refresh(redis, key, mine))
@@ -282,18 +298,8 @@ class IdempotencyMiddleware:
             await self._app(scope, replay_body, capture)
         finally:
             refresher.cancel()
-            keep = storable and complete and status < 500 and status not in _TRANSIENT
-            done = b""
-            if keep:
-                rid = scope.get("state", {}).get("request_id", b"")
-                done = _ENCODER.encode(IdempotencyRecord(state=DONE, fingerprint=_DECODER.decode(mine).fingerprint,
-                                                         status=status, headers=headers, request_id=rid,
-                                                         body=b"".join(chunks)))
-            try:
-                await self._scripts.run(redis, "finish", key, mine, done, self._ttl_ms)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
-                # The lease runs out by itself: a retry then runs the request again.
-                log.warning("could not record an idempotent request's end: %s", exc)
+            if not finished:
+                await finish(complete=False)
 
     async def _refresh(self, redis: Any, key: str, mine: bytes) -> None:
         while True:

@@ -77,7 +77,8 @@ def test_a_retry_while_the_first_runs_waits_for_its_response(stack: Stack) -> No
         a, b = first.result(), second.result()
     assert a.status_code == b.status_code == 200, (a.text, b.text)
     assert a.content == b.content
-    assert b.headers["idempotent-replayed"] == "true"
+    # Normally the second waited for the first; either way, exactly one was replayed.
+    assert sorted(r.headers.get("idempotent-replayed", "") for r in (a, b)) == ["", "true"]
     assert settle(metrics_port, 1) == {"ok": 1}
 
 
