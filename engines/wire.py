@@ -70,6 +70,12 @@ class Keys:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
         return f"{self.prefix}:image:{ref}"
 
+    def idempotency(self, key_id: str, digest: str) -> str:
+        """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): msgpack state
+        ``running`` (lease, refreshed by its owner) or ``done`` (the stored response, 24 h).
+        ``digest`` is the SHA-256 of the client's header value, never the value itself."""
+        return f"{self.prefix}:idem:{{{key_id}}}:{digest}"
+
 
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"
