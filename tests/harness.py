@@ -103,11 +103,12 @@ class Stack:
     def gateway(self, redis_url: str | None = None, **settings: object) -> Proc:
         """Start a gateway; ``settings`` are GatewaySettings fields (as CONDUIT_* variables)."""
         self.port = free_port()
+        log_level = str(settings.pop("log_level", "warning"))
         # Without auth unless the test asks for it (``auth=True``): most tests are about other things.
         env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1", "CONDUIT_AUTH": "false"}
         env.update({f"CONDUIT_{k.upper()}": str(v) for k, v in settings.items()})
         proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", redis_url or self.redis_url,
-                         "--key-prefix", self.prefix, "--log-level", "warning", env=env)
+                         "--key-prefix", self.prefix, "--log-level", log_level, env=env)
         try:
             wait_for_port(self.port, proc=proc.proc, timeout=30)
         except Exception as exc:

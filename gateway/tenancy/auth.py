@@ -85,6 +85,9 @@ class FailureLimiter:
         self.block_s = block_s
         self._failures: dict[str, deque[float]] = {}
         self._blocked: dict[str, float] = {}
+        #: Checks under way per address that may still fail (each counts against the limit, so
+        #: a burst of concurrent wrong keys cannot all pass before the first failure is counted).
+        self._pending: dict[str, int] = {}
 
     def blocked(self, addr: str) -> float:
         """Seconds ``addr`` stays blocked (0: not blocked)."""
@@ -96,6 +99,27 @@ class FailureLimiter:
             del self._blocked[addr]
             return 0.0
         return left
+
+    def admit(self, addr: str) -> float:
+        """0 when ``addr`` may start a check that can fail; else seconds to wait before retrying."""
+        left = self.blocked(addr)
+        if left:
+            return left
+        times = self._failures.get(addr)
+        recent = sum(1 for t in times if t > time.monotonic() - self.window_s) if times else 0
+        if recent + self._pending.get(addr, 0) >= self.limit:
+            return 1.0
+        return 0.0
+
+    def begin(self, addr: str) -> None:
+        self._pending[addr] = self._pending.get(addr, 0) + 1
+
+    def end(self, addr: str) -> None:
+        n = self._pending[addr] - 1
+        if n:
+            self._pending[addr] = n
+        else:
+            del self._pending[addr]
 
     def failed(self, addr: str) -> None:
         now = time.monotonic()
@@ -154,21 +178,32 @@ class Authenticator:
         key_id, secret = parsed
         cached = self._records.get(key_id, False)
         if cached is False:
-            self._refuse_if_blocked(addr)
-            cached = await self._record(key_id)
+            self._admit(addr)
+            self.failures.begin(addr)
+            try:
+                cached = await self._record(key_id)
+            finally:
+                self.failures.end(addr)
         if cached is None:
             self._fail(addr, INCORRECT_KEY)
         record, principal = cached
         digest = hmac.digest(self._hmac_key, text.encode(), "sha256")
         verdict = self._verdicts.get(digest)
         if verdict is None or verdict[0] != record.hash:
-            self._refuse_if_blocked(addr)
-            ok = await self._verify(digest, record.hash, secret)
+            ok = await self._verify_from(addr, digest, record.hash, secret)
         else:
             ok = verdict[1]
         if not ok or record.disabled or record.expired():
             self._fail(addr, INCORRECT_KEY)
         return principal
+
+    async def _verify_from(self, addr: str, digest: bytes, hashed: str, secret: str) -> bool:
+        self._admit(addr)
+        self.failures.begin(addr)
+        try:
+            return await self._verify(digest, hashed, secret)
+        finally:
+            self.failures.end(addr)
 
     async def _record(self, key_id: str) -> tuple[KeyRecord, Principal] | None:
         """A key's record from Redis (concurrent requests for one id share one read)."""
@@ -235,8 +270,8 @@ class Authenticator:
             raise TooManyFailures(left)
         raise Unauthorized(message)
 
-    def _refuse_if_blocked(self, addr: str) -> None:
-        left = self.failures.blocked(addr)
+    def _admit(self, addr: str) -> None:
+        left = self.failures.admit(addr)
         if left:
             raise TooManyFailures(left)
 
@@ -250,8 +285,7 @@ class Authenticator:
         digest = hmac.digest(self._hmac_key, b"admin\0" + text.encode(), "sha256")
         verdict = self._verdicts.get(digest)
         if verdict is None or verdict[0] != self.admin_hash:
-            self._refuse_if_blocked(addr)
-            ok = await self._verify(digest, self.admin_hash, text)
+            ok = await self._verify_from(addr, digest, self.admin_hash, text)
         else:
             ok = verdict[1]
         if not ok:
