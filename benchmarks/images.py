@@ -268,14 +268,15 @@ class Conduit:
         if args.compile:
             engine.append("--compile")
         self.engine = self._start("engine", [*engine, *args.engine_arg])
+        # Without API keys: the benchmark measures image serving.
         self.gateway = self._start("gateway", ["gateway", "--port", str(self.port), "--redis-url", redis_url,
-                                               "--log-level", "warning"])
+                                               "--log-level", "warning"], env={"CONDUIT_AUTH": "false"})
         self.url = f"http://127.0.0.1:{self.port}"
 
-    def _start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
         proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", *argv], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=ROOT, start_new_session=True)
+                                cwd=ROOT, start_new_session=True, env={**os.environ, **(env or {})})
         log.close()
         self.procs.append(proc)
         return proc

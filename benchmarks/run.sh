@@ -229,11 +229,12 @@ port_busy "$REDIS_PORT" || { echo "redis did not start; see $OUT/logs/redis.log"
 start engine "$OUT/logs/engine.log" "$CONDUIT_BIN" engine --kind synthetic --served-name mock \
   --redis-url "$REDIS_URL" --tokens 64 --log-level warning
 ENGINE_PID=${PIDS[-1]}
-start conduit "$OUT/logs/conduit-1w.log" "$CONDUIT_BIN" gateway --host 127.0.0.1 --port "$CONDUIT_PORT" \
+# Without API keys (CONDUIT_AUTH=false): this measures the gateway path itself.
+start conduit "$OUT/logs/conduit-1w.log" env CONDUIT_AUTH=false "$CONDUIT_BIN" gateway --host 127.0.0.1 --port "$CONDUIT_PORT" \
   --redis-url "$REDIS_URL" --workers 1 --log-level warning
 GW1_PID=${PIDS[-1]}
 if [[ $WORKERS == 2 ]]; then
-  start conduit-2w "$OUT/logs/conduit-2w.log" "$CONDUIT_BIN" gateway --host 127.0.0.1 --port "$CONDUIT_PORT_2W" \
+  start conduit-2w "$OUT/logs/conduit-2w.log" env CONDUIT_AUTH=false "$CONDUIT_BIN" gateway --host 127.0.0.1 --port "$CONDUIT_PORT_2W" \
     --redis-url "$REDIS_URL" --workers 2 --log-level warning
   GW2_PID=${PIDS[-1]}
 fi

@@ -42,6 +42,12 @@ class Keys:
         self.models_seen = f"{prefix}:{{registry}}:models-seen"
         #: Pub/Sub channel: job ids whose client went away.
         self.cancel_channel = f"{prefix}:cancel"
+        #: STRING: INCRed on every API key change; gateways poll it to drop their key caches.
+        self.keys_version = f"{prefix}:{{keys}}:version"
+        #: SET of every API key id (``conduit keys list`` without a SCAN; same slot as the records).
+        self.keys_index = f"{prefix}:{{keys}}:index"
+        #: Pub/Sub channel: the new ``keys_version`` after each key change (a fast path; polling suffices).
+        self.keys_changed = f"{prefix}:keys-changed"
 
     def jobs(self, model: str) -> str:
         """The job stream of one model (one consumer group, every engine of it consumes)."""
@@ -65,6 +71,10 @@ class Keys:
         Same hash tag as the model's job stream: one slot.
         """
         return f"{self.prefix}:job:{{{model}}}:{job_id}"
+
+    def api_key(self, key_id: str) -> str:
+        """One API key's record (msgpack ``KeyRecord``: its argon2id hash, never the secret)."""
+        return f"{self.prefix}:{{keys}}:key:{key_id}"
 
     def image(self, ref: str) -> str:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""

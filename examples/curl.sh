@@ -3,16 +3,18 @@
 set -euo pipefail
 BASE=${CONDUIT_URL:-http://127.0.0.1:8000/v1}
 MODEL=${MODEL:-tiny-llama}
+# The key `conduit up` printed (or one from `conduit keys create`).
+AUTH="Authorization: Bearer ${OPENAI_API_KEY:?set OPENAI_API_KEY to your Conduit API key}"
 
-curl -sS "$BASE/models"; echo
+curl -sS "$BASE/models" -H "$AUTH"; echo
 
-curl -sS "$BASE/chat/completions" -H 'Content-Type: application/json' -d "{
+curl -sS "$BASE/chat/completions" -H "$AUTH" -H 'Content-Type: application/json' -d "{
   \"model\": \"$MODEL\", \"max_tokens\": 16,
   \"messages\": [{\"role\": \"system\", \"content\": \"Be brief.\"}, {\"role\": \"user\", \"content\": \"Hi\"}]}"; echo
 
-curl -sS -N "$BASE/chat/completions" -H 'Content-Type: application/json' -d "{
+curl -sS -N "$BASE/chat/completions" -H "$AUTH" -H 'Content-Type: application/json' -d "{
   \"model\": \"$MODEL\", \"max_tokens\": 8, \"stream\": true, \"stream_options\": {\"include_usage\": true},
   \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}"
 
-curl -sS "$BASE/completions" -H 'Content-Type: application/json' \
+curl -sS "$BASE/completions" -H "$AUTH" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 8, \"logprobs\": 2}"; echo

@@ -7,7 +7,7 @@ import os
 
 from openai import OpenAI
 
-client = OpenAI(base_url=os.environ.get("CONDUIT_URL", "http://127.0.0.1:8000/v1"), api_key="unused")
+client = OpenAI(base_url=os.environ.get("CONDUIT_URL", "http://127.0.0.1:8000/v1"), api_key=os.environ["OPENAI_API_KEY"])
 MODEL = os.environ.get("MODEL", "tiny-llama")
 
 

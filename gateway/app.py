@@ -29,7 +29,11 @@ from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.serving import Generation
 from gateway.settings import GatewaySettings
+from gateway.tenancy.admin import ADMIN_ROUTES
+from gateway.tenancy.auth import Authenticator
+from gateway.tenancy.guard import Guard, principal_of
 from gateway.tenancy.idempotency import IdempotencyMiddleware
+from gateway.tenancy.keys import KeyStore
 from telemetry.instruments import GatewayMetrics
 from telemetry.setup import Telemetry
 
@@ -50,10 +54,16 @@ class Services(msgspec.Struct):
     image_store: ImageStore
     telemetry: Telemetry
     redis: aioredis.Redis
+    key_store: KeyStore
+    auth: Authenticator
 
 
 def provide_services(state: State) -> Services:
     return state.services  # type: ignore[no-any-return]
+
+
+def provide_key_store(state: State) -> KeyStore:
+    return state.services.key_store  # type: ignore[no-any-return]
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -95,19 +105,20 @@ async def image_file(name: str, services: Services) -> Response[bytes]:
 
 
 @get("/v1/models")
-async def list_models(services: Services) -> Response[bytes]:
-    """The models that have a live engine now."""
+async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+    """The models that have a live engine now (those the request's key may use)."""
     reg = services.registry
-    models = ModelList(data=[Model(id=m, created=reg.created(m)) for m in sorted(reg.models)])
+    principal = principal_of(request.scope)
+    models = ModelList(data=[Model(id=m, created=reg.created(m)) for m in sorted(reg.models) if principal.allows(m)])
     return Response(_JSON.encode(models), media_type="application/json")
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, services: Services) -> Response[bytes]:
-    """One live model."""
+async def get_model(model_id: str, request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+    """One live model (that the request's key may use)."""
     model_id = model_id.lstrip("/")
     reg = services.registry
-    if not reg.is_live(model_id):
+    if not reg.is_live(model_id) or not principal_of(request.scope).allows(model_id):
         raise ModelNotFound(model_id)
     return Response(_JSON.encode(Model(id=model_id, created=reg.created(model_id))), media_type="application/json")
 
@@ -170,19 +181,24 @@ def create_app(settings: GatewaySettings) -> Litestar:
         queue.lane.start()
         dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
         store = open_image_store(settings.image_store, redis, keys)
+        key_store = KeyStore(redis, keys)
+        auth = Authenticator(key_store, admin_hash=settings.admin_key_hash, poll_s=settings.keys_poll_s,
+                             threads=settings.auth_threads, failures=settings.auth_failures,
+                             block_s=settings.auth_block_s)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
                                       decoder=RequestDecoder(settings),
                                       chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
                                       images=ImageGeneration(dispatcher, store, settings), image_store=store,
-                                      telemetry=telemetry, redis=redis)
+                                      telemetry=telemetry, redis=redis, key_store=key_store, auth=auth)
         try:
             await router.create_stream()
         except (ConnectionError, OSError, aioredis.RedisError):
             pass  # the router re-creates it as soon as Redis answers
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
                  asyncio.create_task(registry.run(), name="engine-registry"),
-                 asyncio.create_task(dispatcher.watch_jobs(), name="job-check")]
+                 asyncio.create_task(dispatcher.watch_jobs(), name="job-check"),
+                 asyncio.create_task(auth.run(), name="keys-version")]
         if isinstance(store, DirectoryImageStore):
             tasks.append(asyncio.create_task(_sweep(store), name="image-sweep"))
         try:
@@ -198,6 +214,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)
             await queue.lane.close()
+            auth.close()
             try:
                 await redis.delete(router.stream)
             except (ConnectionError, OSError, aioredis.RedisError):
@@ -206,8 +223,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
             telemetry.shutdown()
 
     return Litestar(
-        route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready, metrics],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
+                        metrics, *ADMIN_ROUTES],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False),
+                      "key_store": Provide(provide_key_store, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
@@ -249,9 +268,21 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
 
 
 def build_asgi(settings: GatewaySettings) -> ASGIApp:
-    """The ASGI callable a server runs."""
+    """The ASGI callable a server runs: request ids, then the guard (credentials), then
+    idempotency (keyed by the principal the guard found), then the app."""
     app = create_app(settings)
-    return with_request_id(IdempotencyMiddleware(app, settings, lambda: app.state.services.redis))
+
+    def authenticator() -> Authenticator | None:
+        services = getattr(app.state, "services", None)
+        return services.auth if services is not None else None
+
+    def rejected(err: ConduitError) -> None:
+        services = getattr(app.state, "services", None)
+        if services is not None:
+            services.dispatcher.metrics.rejected(err.code or "error")
+
+    idempotent = IdempotencyMiddleware(app, settings, lambda: app.state.services.redis)
+    return with_request_id(Guard(idempotent, settings, authenticator, rejected))
 
 
 def asgi_from_env() -> ASGIApp:

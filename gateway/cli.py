@@ -1,4 +1,4 @@
-"""The ``conduit`` command: ``up``, ``gateway``, ``engine``, ``models``.
+"""The ``conduit`` command: ``up``, ``gateway``, ``engine``, ``models``, ``keys``.
 
 Imports are deferred to the subcommand that needs them, so ``conduit gateway`` never
 imports an ML library and ``conduit engine`` never imports Litestar.
@@ -137,6 +137,64 @@ def cmd_up(args: argparse.Namespace) -> int:
     return stack.run_forever()
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from gateway.tenancy.keys_cli import cmd_keys as run
+
+    return run(args)
+
+
+def _opt_int(value: str) -> int | None:
+    return None if value.lower() == "none" else int(value)
+
+
+def _opt_float(value: str) -> float | None:
+    return None if value.lower() == "none" else float(value)
+
+
+def _add_key_options(p: argparse.ArgumentParser) -> None:
+    """The options ``create`` and ``update`` share (a limit left out: unchanged on update)."""
+    p.add_argument("--name")
+    p.add_argument("--owner")
+    p.add_argument("--models", help="comma-separated models the key may use ('all': every model)")
+    for name in ("rpm", "tpm", "ipm", "concurrency"):
+        p.add_argument(f"--{name}", type=_opt_int, default=argparse.SUPPRESS, help=f"{name} limit ('none': unlimited)")
+    p.add_argument("--priority", type=int, default=argparse.SUPPRESS, help="weight in fair queueing (default 1)")
+    p.add_argument("--backlog-share", type=_opt_float, default=argparse.SUPPRESS,
+                   help="fraction of a model's backlog this key may hold ('none': the gateway's default)")
+    p.add_argument("--expires-in-days", type=float, help="the key stops working this many days from now")
+
+
+def _add_keys_parser(sub: Any) -> None:
+    """``conduit keys ...`` (implemented in gateway/tenancy/keys_cli.py)."""
+    # Connection options go after the subcommand (`conduit keys list --redis-url ...`).
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    conn.add_argument("--redis-cluster", action="store_true",
+                      default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"))
+    conn.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    keys = sub.add_parser("keys", help="Manage API keys (in the gateway's Redis).")
+    keys.set_defaults(func=cmd_keys)
+    ks = keys.add_subparsers(dest="keys_command", required=True)
+    create = ks.add_parser("create", parents=[conn], help="Make a key; prints its text once, alone on stdout.")
+    _add_key_options(create)
+    create.add_argument("--disable", action="store_true", help="make it disabled")
+    ls = ks.add_parser("list", parents=[conn], help="Every key (never hashes or secrets).")
+    ls.add_argument("--json", action="store_true", help="one JSON object a line")
+    ks.add_parser("show", parents=[conn], help="One key, as JSON.").add_argument("id")
+    update = ks.add_parser("update", parents=[conn], help="Change a key (options left out stay as they are).")
+    update.add_argument("id")
+    _add_key_options(update)
+    state = update.add_mutually_exclusive_group()
+    state.add_argument("--disable", action="store_true")
+    state.add_argument("--enable", action="store_true")
+    update.add_argument("--never-expires", action="store_true")
+    ks.add_parser("revoke", parents=[conn], help="Delete a key for good (every gateway refuses it within a "
+                                                 "second).").add_argument("id")
+    ks.add_parser("hash-admin", help="Read an admin credential on stdin; print its argon2id hash "
+                                     "(for CONDUIT_ADMIN_KEY_HASH).")
+    # `conduit keys usage` (usage accounting) goes here.
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="conduit", description="OpenAI-compatible inference gateway.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -215,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--sd-path", help="where the Stable Diffusion pipeline goes (default: beside the Llama's "
                                       "default, models/tiny-sd)")
     bt.set_defaults(func=cmd_models)
+
+    _add_keys_parser(sub)
     return p
 
 

@@ -30,6 +30,7 @@ from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNot
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
+from gateway.tenancy.principal import ANONYMOUS, Principal
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
@@ -284,8 +285,11 @@ class Dispatcher:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def check_model(self, model: str) -> None:
-        """404 for a model nobody serves or configured, 503 for one whose engines are all gone."""
+    def check_model(self, model: str, principal: Principal = ANONYMOUS) -> None:
+        """404 for a model nobody serves or configured, or that the key may not use; 503 for one
+        whose engines are all gone."""
+        if not principal.allows(model):
+            raise ModelNotFound(model)
         if self.registry.is_live(model):
             return
         if self.registry.is_known(model):
@@ -294,13 +298,14 @@ class Dispatcher:
 
     def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
             receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
-            traceparent: str = "", output_ttl_ms: int = 0) -> JobRun:
+            traceparent: str = "", output_ttl_ms: int = 0, principal: Principal = ANONYMOUS) -> JobRun:
         """A request's job, submitted when its ``async with`` block is entered.
 
         ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
-        ``output_ttl_ms``: how long the engine keeps what it stores (images) readable.
+        ``output_ttl_ms``: how long the engine keeps what it stores (images) readable;
+        ``principal``: who asks (the guard's, ``gateway.tenancy.guard.principal_of``).
         """
-        self.check_model(model)
+        self.check_model(model, principal)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,

@@ -22,6 +22,7 @@ from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob
 from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.protocol import CompletionUsage, PromptTokensDetails
+from gateway.tenancy.guard import principal_of
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -117,7 +118,8 @@ class Generation:
         # Job ids are always our own: a client's x-request-id need not be unique.
         run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,
-                                  traceparent=request.headers.get("traceparent", "")[:55])
+                                  traceparent=request.headers.get("traceparent", "")[:55],
+                                  principal=principal_of(request.scope))
         try:
             if stream:
                 return await self._stream(run, include_usage)

@@ -118,6 +118,15 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     idempotency_max_key_chars: int = 255
     #: Responses larger than this are not stored for replay (a retry runs again).
     idempotency_max_response_bytes: int = 16 * 1024 * 1024
+    #: How often the keys version is read: a revoked, disabled or changed key stops working on
+    #: every gateway within this (plus a Redis round trip).
+    keys_poll_s: float = 0.25
+    #: argon2 verifications at once (threads); a key is verified once per gateway, then cached.
+    auth_threads: int = 2
+    #: Failed authentications per client address per minute before it gets 429s ...
+    auth_failures: int = 20
+    #: ... for this long (keys it already used successfully keep working).
+    auth_block_s: float = 60.0
 
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1

@@ -46,18 +46,44 @@ def start_redis(port: int, workdir: Path, extra_args: Sequence[str] = ()) -> sub
 CHAT_MODEL, IMAGE_MODEL = "tiny-llama", "tiny-sd"
 
 
-def startup_message(base: str, chat_model: str, image_model: str | None) -> str:
-    """What ``conduit up`` prints once its gateway listens: the models and a curl line for each."""
+def startup_message(base: str, chat_model: str, image_model: str | None, api_key: str) -> str:
+    """What ``conduit up`` prints once its gateway listens: the models, the development API key
+    (printed this once), and a curl line for each model and an SDK line, using that key."""
     models = f"models {chat_model!r} and {image_model!r}" if image_model else f"model {chat_model!r}"
-    lines = [f"\nConduit is starting at {base} ({models}); try:",
-             f"  curl {base}/chat/completions -H 'Content-Type: application/json' "
+    auth = f"-H 'Authorization: Bearer {api_key}'"
+    lines = [f"\nConduit is starting at {base} ({models}).",
+             f"Development API key (shown only now): {api_key}",
+             "Try:",
+             f"  curl {base}/chat/completions {auth} -H 'Content-Type: application/json' "
              f"-d '{{\"model\": \"{chat_model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'"]
     if image_model:
-        lines.append(f"  curl {base}/images/generations -H 'Content-Type: application/json' "
+        lines.append(f"  curl {base}/images/generations {auth} -H 'Content-Type: application/json' "
                      f"-d '{{\"model\": \"{image_model}\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"64x64\"}}'"
                      "   # the answer's data[0].url is the PNG (random weights: noise)")
+    lines.append(f"  python -c \"from openai import OpenAI; print(OpenAI(base_url='{base}', api_key='{api_key}')"
+                 f".chat.completions.create(model='{chat_model}', messages=[{{'role': 'user', 'content': 'Hi'}}])"
+                 f".choices[0].message.content)\"")
     lines.append("Ctrl-C stops it.\n")
     return "\n".join(lines)
+
+
+def create_dev_key(redis_url: str, key_prefix: str = "conduit") -> str:
+    """A new API key (every model, no limits) in the stack's Redis; its text, to print once."""
+    import asyncio
+
+    from engines.lane import connect
+    from engines.wire import Keys
+    from gateway.tenancy.keys import KeyStore
+
+    async def create() -> str:
+        redis = connect(redis_url)
+        try:
+            text, _ = await KeyStore(redis, Keys(key_prefix)).create("development", owner="conduit up")
+            return text
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(create())
 
 
 class LocalStack:
@@ -90,6 +116,7 @@ class LocalStack:
         try:
             self.procs.append(start_redis(self.redis_port, self.workdir / "redis"))
             log.info("redis on %s", redis_url)
+            api_key = create_dev_key(redis_url)
             if self.engine == "synthetic":
                 self._conduit("engine", "--kind", "synthetic", "--redis-url", redis_url)
                 model = "synthetic"
@@ -108,7 +135,7 @@ class LocalStack:
             base = f"http://127.0.0.1:{self.port}/v1"
             log.info("gateway on %s; waiting for the engines (%s) to announce themselves", base,
                      ", ".join(m for m in (model, image_model) if m))
-            print(startup_message(base, model, image_model), flush=True)
+            print(startup_message(base, model, image_model, api_key), flush=True)
             while not stopping:
                 for p in self.procs:
                     if p.poll() is not None:

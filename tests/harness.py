@@ -91,6 +91,8 @@ class Stack:
         self._clients: list[openai.OpenAI] = []
         self.base_url = ""
         self.port = 0
+        #: The API key ``sdk()`` and ``wait_for_model`` send (gateways started with ``auth=True``).
+        self.api_key = ""
 
     def _cli(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
         log = self.workdir / f"{name}-{len(self.procs)}.log"
@@ -101,11 +103,12 @@ class Stack:
     def gateway(self, redis_url: str | None = None, **settings: object) -> Proc:
         """Start a gateway; ``settings`` are GatewaySettings fields (as CONDUIT_* variables)."""
         self.port = free_port()
+        log_level = str(settings.pop("log_level", "warning"))
         # Without auth unless the test asks for it (``auth=True``): most tests are about other things.
         env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1", "CONDUIT_AUTH": "false"}
         env.update({f"CONDUIT_{k.upper()}": str(v) for k, v in settings.items()})
         proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", redis_url or self.redis_url,
-                         "--key-prefix", self.prefix, "--log-level", "warning", env=env)
+                         "--key-prefix", self.prefix, "--log-level", log_level, env=env)
         try:
             wait_for_port(self.port, proc=proc.proc, timeout=30)
         except Exception as exc:
@@ -144,7 +147,8 @@ class Stack:
         while time.monotonic() < deadline:
             if proc is not None and present and not proc.alive():
                 raise RuntimeError(f"engine exited:\n{proc.output()}")
-            ids = {m["id"] for m in httpx.get(f"{self.base_url}/v1/models").json()["data"]}
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            ids = {m["id"] for m in httpx.get(f"{self.base_url}/v1/models", headers=headers).json()["data"]}
             if (model in ids) == present:
                 return
             time.sleep(0.1)
@@ -153,7 +157,7 @@ class Stack:
 
     def sdk(self) -> openai.OpenAI:
         """The `openai` SDK pointed at the latest gateway (closed with the stack)."""
-        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
+        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key=self.api_key or "unused", max_retries=0)
         self._clients.append(client)
         return client
 

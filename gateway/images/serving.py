@@ -38,6 +38,7 @@ from gateway.images.protocol import (
 )
 from gateway.serving import SSE_HEADERS
 from gateway.settings import GatewaySettings
+from gateway.tenancy.guard import principal_of
 
 OPERATION = "image_generation"
 
@@ -74,7 +75,8 @@ class ImageGeneration:
     async def respond(self, request: Request[Any, Any, Any], req: ImageRequest, body: bytes) -> Response[Any]:
         run = self.dispatcher.job("image", req.model, body, job_id=new_id("img"), stream=bool(req.stream),
                                   receive=request.receive, traceparent=request.headers.get("traceparent", "")[:55],
-                                  output_ttl_ms=int(self.settings.image_url_ttl_s * 1000))
+                                  output_ttl_ms=int(self.settings.image_url_ttl_s * 1000),
+                                  principal=principal_of(request.scope))
         try:
             if req.stream:
                 return await self._stream(run, req)
