@@ -70,6 +70,17 @@ class Keys:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
         return f"{self.prefix}:image:{ref}"
 
+    def rate_limits(self, key_id: str) -> tuple[str, str, str, str]:
+        """One API key's rate-limit state (``gateway.tenancy.limits``): requests, tokens and
+        images per second of the last minute (hashes, second -> count) and its requests in
+        flight (ZSET request id -> expiry ms). One hash tag: one slot, one script sees all."""
+        tag = f"{self.prefix}:{{rl:{key_id}}}"
+        return f"{tag}:requests", f"{tag}:tokens", f"{tag}:images", f"{tag}:in-flight"
+
+    def usage(self, key_id: str, day: str) -> str:
+        """One API key's usage on one UTC day (``yyyymmdd``): a hash ``<model>|<counter>`` -> count."""
+        return f"{self.prefix}:usage:{{{key_id}}}:{day}"
+
 
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"

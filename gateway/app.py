@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from engines.lane import connect
+from engines.lane import connect, open_lane
 from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
 from engines.wire import Codec, Keys
 from gateway.chat import ChatRenderer
@@ -29,6 +29,9 @@ from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.serving import Generation
 from gateway.settings import GatewaySettings
+from gateway.tenancy.cost import estimate
+from gateway.tenancy.limits import Limiter
+from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
 from telemetry.setup import Telemetry
 
@@ -62,7 +65,7 @@ async def chat_completions(request: Request[Any, Any, Any], services: Services) 
     req = services.decoder.chat(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
-                                       include_usage=include_usage)
+                                       include_usage=include_usage, cost=estimate(req, services.settings))
 
 
 @post("/v1/completions", status_code=200)
@@ -72,7 +75,7 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     req = services.decoder.completion(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
-                                             include_usage=include_usage)
+                                             include_usage=include_usage, cost=estimate(req, services.settings))
 
 
 @post("/v1/images/generations", status_code=200)
@@ -167,7 +170,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
-        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
+        limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
+        limiter.lane.start()
+        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter,
+                                usage=UsageLog(redis, keys, ttl_days=settings.usage_ttl_days))
         store = open_image_store(settings.image_store, redis, keys)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
                                       decoder=RequestDecoder(settings),
@@ -197,6 +203,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)
             await queue.lane.close()
+            await limiter.lane.close()
             try:
                 await redis.delete(router.stream)
             except (ConnectionError, OSError, aioredis.RedisError):
