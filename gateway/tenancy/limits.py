@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -52,15 +53,59 @@ from telemetry.instruments import GatewayMetrics
 SLOT_GRACE_MS = 2_000
 WINDOW_S = 60
 
-# KEYS: requests, tokens, images (hashes: second -> amount), in-flight (ZSET: request id -> expiry ms)
-# ARGV: now ms, request id, slot expiry ms, rpm, tpm, ipm, concurrency (-1: no limit), tokens, images
+# Each window hash: field <second> -> amount taken in it, plus "sum" (the total of the second
+# fields present), "low" (every second before it has been dropped) and "new" (the latest second
+# taken in). Keeping the sum makes an admission read a few fields, not 60 buckets; a second
+# leaves the window by being subtracted and deleted. A hash unused for 61 s expires whole.
+# Dropping: seconds low .. oldest-1 (at most the 62 a live hash can hold below the window;
+# more means the clock jumped, and the hash is recounted whole).
+_WINDOW_FUNCTIONS = """
+local function now_ms(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function window(k, now_s)
+  local v = redis.call('HMGET', k, 'sum', 'low', 'new')
+  local sum = tonumber(v[1]) or 0
+  local oldest = now_s - 59
+  local low = tonumber(v[2]) or oldest
+  if low < oldest - 62 then
+    -- more seconds behind than a live hash can hold (the clock jumped): recount it whole
+    local h = redis.call('HGETALL', k)
+    sum = 0
+    for i = 1, #h, 2 do
+      local b = tonumber(h[i])
+      if b and b < oldest then redis.call('HDEL', k, h[i]) elseif b then sum = sum + tonumber(h[i + 1]) end
+    end
+    redis.call('HSET', k, 'sum', sum, 'low', oldest)
+  elseif low < oldest then
+    local gone = {}
+    for b = low, oldest - 1 do gone[#gone + 1] = b end
+    local amounts = redis.call('HMGET', k, unpack(gone))
+    for i = 1, #gone do sum = sum - (tonumber(amounts[i]) or 0) end
+    redis.call('HDEL', k, unpack(gone))
+    redis.call('HSET', k, 'sum', sum, 'low', oldest)
+  end
+  return sum, tonumber(v[3]) or -1
+end
+local function take(k, s, n)
+  redis.call('HINCRBY', k, s, n)
+  redis.call('HINCRBY', k, 'sum', n)
+  redis.call('HSET', k, 'new', s)
+  if not redis.call('HGET', k, 'low') then redis.call('HSET', k, 'low', s - 59) end
+  redis.call('PEXPIRE', k, 61000)
+end
+"""
+
+# KEYS: requests, tokens, images (window hashes), in-flight (ZSET: request id -> expiry ms)
+# ARGV: now ms ("": Redis's TIME), request id, slot expiry ms, rpm, tpm, ipm, concurrency (-1: no limit), tokens, images
 # Returns {admitted 0/1, retry ms (-1: can never fit), refused dimension (1 requests, 2 tokens,
 #          3 images, 4 concurrency), used of it, requests remaining, requests reset ms,
 #          tokens remaining, tokens reset ms, bucket second}
-_ADMIT = """
-local now = tonumber(ARGV[1])
+_ADMIT = _WINDOW_FUNCTIONS + """
+local now = now_ms(ARGV[1])
 local sec = math.floor(now / 1000)
-local oldest = sec - 59
 local rid = ARGV[2]
 local expiry = tonumber(ARGV[3])
 local limit = {tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])}
@@ -69,32 +114,24 @@ local cost = {1, tonumber(ARGV[8]), tonumber(ARGV[9])}
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now)
 local again = redis.call('ZSCORE', KEYS[4], rid)
 local used = {0, 0, 0}
-local buckets = {{}, {}, {}}
 local newest = {-1, -1, -1}
 for d = 1, 3 do
-  if limit[d] >= 0 then
-    local h = redis.call('HGETALL', KEYS[d])
-    for i = 1, #h, 2 do
-      local b = tonumber(h[i])
-      if b < oldest then
-        redis.call('HDEL', KEYS[d], h[i])
-      else
-        local n = tonumber(h[i + 1])
-        used[d] = used[d] + n
-        buckets[d][#buckets[d] + 1] = {b, n}
-        if n > 0 and b > newest[d] then newest[d] = b end
-      end
-    end
-  end
+  if limit[d] >= 0 then used[d], newest[d] = window(KEYS[d], sec) end
 end
 local refused, retry, refused_used = 0, 0, 0
 if not again then
   for d = 1, 3 do
     if limit[d] >= 0 and cost[d] > 0 and used[d] + cost[d] > limit[d] then
       if cost[d] > limit[d] then return {0, -1, d, used[d], 0, 0, 0, 0, sec} end
-      local list = buckets[d]
+      -- Refused: find when enough seconds leave the window (oldest first) for it to fit.
+      local h = redis.call('HGETALL', KEYS[d])
+      local list = {}
+      for i = 1, #h, 2 do
+        local b = tonumber(h[i])
+        if b and b >= sec - 59 then list[#list + 1] = {b, tonumber(h[i + 1])} end
+      end
       table.sort(list, function(x, y) return x[1] < y[1] end)
-      local left, wait = used[d], WINDOW
+      local left, wait = used[d], 60000
       for _, e in ipairs(list) do
         left = left - e[2]
         if left + cost[d] <= limit[d] then wait = (e[1] + 60) * 1000 - now break end
@@ -111,8 +148,7 @@ if not again then
   end
   for d = 1, 3 do
     if limit[d] >= 0 and cost[d] > 0 then
-      redis.call('HINCRBY', KEYS[d], sec, cost[d])
-      redis.call('PEXPIRE', KEYS[d], 61000)
+      take(KEYS[d], sec, cost[d])
       used[d] = used[d] + cost[d]
       newest[d] = sec
     end
@@ -123,28 +159,31 @@ end
 local out = {1, 0, 0, 0}
 for d = 1, 2 do
   local reset = 0
-  if newest[d] >= 0 then reset = (newest[d] + 60) * 1000 - now end
+  if newest[d] >= 0 and used[d] > 0 then reset = (newest[d] + 60) * 1000 - now end
   out[#out + 1] = math.max(limit[d] - used[d], 0)
   out[#out + 1] = reset
 end
 out[#out + 1] = sec
 return out
-""".replace("WINDOW", str(WINDOW_S * 1000))
+"""
 
-# KEYS: tokens hash, in-flight ZSET. ARGV: now ms, request id, admission second, token difference.
+# KEYS: tokens hash, in-flight ZSET. ARGV: now ms ("": TIME), request id, admission second, token difference.
 # Once per request (the ZREM): a resent release changes nothing.
-_RELEASE = """
+_RELEASE = _WINDOW_FUNCTIONS + """
 if redis.call('ZREM', KEYS[2], ARGV[2]) == 0 then return 0 end
 local delta = tonumber(ARGV[4])
 if delta ~= 0 then
-  local sec = math.floor(tonumber(ARGV[1]) / 1000)
+  local sec = math.floor(now_ms(ARGV[1]) / 1000)
   local b = tonumber(ARGV[3])
-  if b >= sec - 59 then
-    if redis.call('HINCRBY', KEYS[1], b, delta) <= 0 then redis.call('HDEL', KEYS[1], b) end
-    redis.call('PEXPIRE', KEYS[1], 61000)
+  window(KEYS[1], sec)
+  if b >= sec - 59 and redis.call('HEXISTS', KEYS[1], b) == 1 then
+    -- still in the window: the reservation's own second gets the difference (never below 0)
+    local have = tonumber(redis.call('HGET', KEYS[1], b))
+    local d = math.max(delta, -have)
+    redis.call('HINCRBY', KEYS[1], b, d)
+    redis.call('HINCRBY', KEYS[1], 'sum', d)
   elseif delta > 0 then
-    redis.call('HINCRBY', KEYS[1], sec, delta)
-    redis.call('PEXPIRE', KEYS[1], 61000)
+    take(KEYS[1], sec, delta)
   end
 end
 return 1
@@ -202,8 +241,12 @@ class Limiter:
     loads the scripts when Redis lost them.
     """
 
-    def __init__(self, redis: Any, lane: Any, keys: Keys, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, redis: Any, lane: Any, keys: Keys, metrics: GatewayMetrics | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self._redis = redis
+        #: None: the window runs on Redis's clock (``TIME``), one clock for every gateway, so
+        #: their clocks' skew cannot shift it. Tests pass one to move time.
+        self._clock = clock
         self.lane = lane
         self._keys = keys
         self._metrics = metrics or GatewayMetrics.noop()
@@ -228,7 +271,7 @@ class Limiter:
         lim = principal.limits
         tokens = cost.tokens or 0
         metered = lim.tpm is not None and cost.tokens is not None
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self._clock() * 1000) if self._clock else ""
         r = await self._eval(_ADMIT, self._admit_sha, self._keys.rate_limits(principal.key_id), now_ms, rid,
                              expiry_ms + SLOT_GRACE_MS, _limit(lim.rpm), _limit(lim.tpm), _limit(lim.ipm),
                              _limit(lim.concurrency), tokens if metered else 0, cost.images)
@@ -275,7 +318,7 @@ class Limiter:
         with ``used_tokens`` (None: unknown, the reservation stands)."""
         delta = 0 if used_tokens is None or not grant.metered else used_tokens - grant.reserved
         requests, tokens, images, in_flight = self._keys.rate_limits(grant.key_id)
-        return ("EVALSHA", self._release_sha, 2, tokens, in_flight, int(time.time() * 1000), grant.rid,
+        return ("EVALSHA", self._release_sha, 2, tokens, in_flight, int(self._clock() * 1000) if self._clock else "", grant.rid,
                 grant.second, delta)
 
     async def release(self, grant: Grant | None, used_tokens: int | None,

@@ -196,3 +196,52 @@ async def test_every_key_expires(pair: Pair) -> None:
     assert len(names) == 4
     for name in names:
         assert 0 < await pair.clients[0].pttl(name) <= 61_000 + SLOT_GRACE_MS + 30_000
+
+
+async def test_the_window_slides_second_by_second(redis_server: RedisServer) -> None:
+    """Moved by a clock of the test's: what second ``s`` took is counted until second ``s + 60``."""
+    now = [1_000_000.0]
+    client = aioredis.Redis.from_url(redis_server.url)
+    keys = Keys(f"t{uuid.uuid4().hex[:8]}")
+    limiter = Limiter(client, open_lane(client, "clock"), keys, clock=lambda: now[0])
+    limiter.lane.start()
+    try:
+        p = key(rpm=3, tpm=100)
+        expiry = int(now[0] * 1000) + 10**9
+
+        async def admit(tokens: int = 10) -> bool:
+            try:
+                return await limiter.admit(p, uuid.uuid4().hex, Cost(tokens=tokens), expiry) is not None
+            except RateLimited:
+                return False
+
+        assert await admit() and await admit(50)   # second 0: 2 requests, 60 tokens
+        now[0] += 30.5
+        assert await admit()                       # second 30: 3 requests, 70 tokens
+        assert not await admit()
+        now[0] += 29.4                             # 59.9 s: second 0 still counts
+        assert not await admit()
+        now[0] += 0.1                              # second 60: second 0 has left the window
+        headers: dict[str, str] = {}
+        assert await limiter.admit(p, "h", Cost(tokens=10), expiry, headers)
+        assert headers["x-ratelimit-remaining-requests"] == "1"
+        assert headers["x-ratelimit-remaining-tokens"] == str(100 - 10 - 10)
+        assert headers["x-ratelimit-reset-requests"] == "1m0s"  # at 120 the window is empty
+        assert await admit()
+        refused: dict[str, str] = {}
+        with pytest.raises(RateLimited) as info:
+            await limiter.admit(p, "r", Cost(tokens=10), expiry, refused)
+        assert info.value.headers["Retry-After"] == "30"  # second 30 leaves the window at 90
+        assert refused["x-ratelimit-reset-requests"] == "30s"
+        now[0] += 30
+        assert await admit(75)                     # 10 + 10 + 75 tokens
+        assert not await admit(10)                 # 3 requests in 60..90, and tokens short
+        now[0] += 200                              # everything gone, the hashes included
+        assert await admit(100)
+        tokens_hash = keys.rate_limits(p.key_id)[1]
+        fields = {k.decode(): int(v) for k, v in (await client.hgetall(tokens_hash)).items()}
+        seconds = {k: v for k, v in fields.items() if k.isdigit()}
+        assert seconds == {str(int(now[0])): 100} and fields["sum"] == 100
+    finally:
+        await limiter.lane.close()
+        await client.aclose()
