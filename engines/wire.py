@@ -81,6 +81,12 @@ class Keys:
         """One API key's usage on one UTC day (``yyyymmdd``): a hash ``<model>|<counter>`` -> count."""
         return f"{self.prefix}:usage:{{{key_id}}}:{day}"
 
+    def idempotency(self, key_id: str, digest: str) -> str:
+        """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): msgpack state
+        ``running`` (lease, refreshed by its owner) or ``done`` (the stored response, 24 h).
+        ``digest`` is the SHA-256 of the client's header value, never the value itself."""
+        return f"{self.prefix}:idem:{{{key_id}}}:{digest}"
+
 
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"

@@ -30,6 +30,7 @@ from gateway.registry import EngineRegistry
 from gateway.serving import Generation
 from gateway.settings import GatewaySettings
 from gateway.tenancy.cost import estimate
+from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.limits import Limiter
 from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
@@ -225,7 +226,9 @@ def create_app(settings: GatewaySettings) -> Litestar:
 def with_request_id(app: ASGIApp) -> ASGIApp:
     """Outermost wrapper: every response, routing errors included, carries ``x-request-id``.
 
-    A client's own ``x-request-id`` is echoed; otherwise one is made.
+    A client's own ``x-request-id`` is echoed; otherwise one is made. It is kept at
+    ``scope["state"]["request_id"]``, read when the response starts: an inner layer may put
+    another there (an idempotent replay sends the first request's).
     """
 
     async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
@@ -239,10 +242,12 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
                 break
         if not rid:
             rid = b"req_" + os.urandom(12).hex().encode()
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", state["request_id"])]
             await send(message)
 
         await app(scope, receive, send_with_id)
@@ -252,7 +257,8 @@ def with_request_id(app: ASGIApp) -> ASGIApp:
 
 def build_asgi(settings: GatewaySettings) -> ASGIApp:
     """The ASGI callable a server runs."""
-    return with_request_id(create_app(settings))
+    app = create_app(settings)
+    return with_request_id(IdempotencyMiddleware(app, settings, lambda: app.state.services.redis))
 
 
 def asgi_from_env() -> ASGIApp:

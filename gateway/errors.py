@@ -6,6 +6,7 @@
     ├── NotFound              404    unknown route
     │   └── ModelNotFound     404    model_not_found
     ├── MethodNotAllowed      405
+    ├── Conflict              409    Idempotency-Key reused or in use
     ├── PayloadTooLarge       413
     ├── Overloaded            429    backlog over its limit (Retry-After)
     ├── RateLimited           429    an API key over one of its limits (Retry-After)
@@ -91,6 +92,12 @@ class MethodNotAllowed(ConduitError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class Conflict(ConduitError):
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 class PayloadTooLarge(ConduitError):

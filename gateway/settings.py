@@ -114,6 +114,15 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     default_max_tokens_estimate: int = 1024
     #: Days a key's daily usage counters are kept in Redis.
     usage_ttl_days: int = 400
+    #: How long a finished request's response is kept for retries with its ``Idempotency-Key``.
+    idempotency_ttl_s: float = 86_400.0
+    #: Lease of a request that holds an ``Idempotency-Key`` while it runs, refreshed by its
+    #: gateway every third of it: a gateway that died releases its keys within this time.
+    idempotency_lease_s: float = 10.0
+    #: Longest ``Idempotency-Key`` accepted (400 beyond).
+    idempotency_max_key_chars: int = 255
+    #: Responses larger than this are not stored for replay (a retry runs again).
+    idempotency_max_response_bytes: int = 16 * 1024 * 1024
 
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1
