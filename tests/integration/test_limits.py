@@ -221,3 +221,29 @@ async def test_the_sdk_raises_rate_limit_error(stack: Stack) -> None:
             await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
         assert info.value.code == "rate_limit_exceeded"
         assert info.value.response.headers["retry-after"]
+
+
+async def test_streamed_requests_are_settled_and_counted(stack: Stack) -> None:
+    async with gateways(stack) as g:
+        token = g.key(name="stream-team", tpm=10_000, concurrency=5)
+        sdk = openai.AsyncOpenAI(base_url="http://gw/v1", api_key=token, max_retries=0, http_client=g.clients[1])
+        totals = []
+        for _ in range(3):
+            stream = await sdk.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "one two three"}], max_tokens=100, stream=True,
+                stream_options={"include_usage": True})
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    totals.append(chunk.usage.total_tokens)
+        assert len(totals) == 3
+        await asyncio.sleep(0.3)
+        assert await g.in_flight(token) == 0
+        # Each reservation (4 + 4 + 100) was replaced by the real total.
+        after = await g.chat(0, token, max_tokens=100)
+        assert after.headers["x-ratelimit-remaining-tokens"] == str(10_000 - sum(totals) - 108)
+        services = g.apps[0].state.services
+        log = UsageLog(services.redis, services.dispatcher.limiter._keys)
+        deadline = time.monotonic() + 5
+        while (await log.read(g.principals[token].key_id, 1, time.time())).days[0].models[MODEL].requests < 4:
+            assert time.monotonic() < deadline  # counted just after the answer went out
+            await asyncio.sleep(0.05)
