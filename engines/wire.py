@@ -80,6 +80,17 @@ class Keys:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
         return f"{self.prefix}:image:{ref}"
 
+    def rate_limits(self, key_id: str) -> tuple[str, str, str, str]:
+        """One API key's rate-limit state (``gateway.tenancy.limits``): requests, tokens and
+        images per second of the last minute (hashes, second -> count) and its requests in
+        flight (ZSET request id -> expiry ms). One hash tag: one slot, one script sees all."""
+        tag = f"{self.prefix}:{{rl:{key_id}}}"
+        return f"{tag}:requests", f"{tag}:tokens", f"{tag}:images", f"{tag}:in-flight"
+
+    def usage(self, key_id: str, day: str) -> str:
+        """One API key's usage on one UTC day (``yyyymmdd``): a hash ``<model>|<counter>`` -> count."""
+        return f"{self.prefix}:usage:{{{key_id}}}:{day}"
+
     def idempotency(self, key_id: str, digest: str) -> str:
         """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): msgpack state
         ``running`` (lease, refreshed by its owner) or ``done`` (the stored response, 24 h).

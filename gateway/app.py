@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from engines.lane import connect
+from engines.lane import connect, open_lane
 from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
 from engines.wire import Codec, Keys
 from gateway.chat import ChatRenderer
@@ -31,9 +31,12 @@ from gateway.serving import Generation
 from gateway.settings import GatewaySettings
 from gateway.tenancy.admin import ADMIN_ROUTES
 from gateway.tenancy.auth import Authenticator
+from gateway.tenancy.cost import estimate
 from gateway.tenancy.guard import Guard, principal_of
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.keys import KeyStore
+from gateway.tenancy.limits import Limiter
+from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
 from telemetry.setup import Telemetry
 
@@ -73,7 +76,7 @@ async def chat_completions(request: Request[Any, Any, Any], services: Services) 
     req = services.decoder.chat(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
-                                       include_usage=include_usage)
+                                       include_usage=include_usage, cost=estimate(req, services.settings))
 
 
 @post("/v1/completions", status_code=200)
@@ -83,7 +86,7 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     req = services.decoder.completion(body)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
-                                             include_usage=include_usage)
+                                             include_usage=include_usage, cost=estimate(req, services.settings))
 
 
 @post("/v1/images/generations", status_code=200)
@@ -179,7 +182,10 @@ def create_app(settings: GatewaySettings) -> Litestar:
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
-        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics)
+        limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
+        limiter.lane.start()
+        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter,
+                                usage=UsageLog(redis, keys, ttl_days=settings.usage_ttl_days))
         store = open_image_store(settings.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
         auth = Authenticator(key_store, admin_hash=settings.admin_key_hash, poll_s=settings.keys_poll_s,
@@ -215,6 +221,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             await asyncio.wait(tasks, timeout=5)
             await queue.lane.close()
             auth.close()
+            await limiter.lane.close()
             try:
                 await redis.delete(router.stream)
             except (ConnectionError, OSError, aioredis.RedisError):

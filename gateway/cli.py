@@ -192,7 +192,53 @@ def _add_keys_parser(sub: Any) -> None:
                                                  "second).").add_argument("id")
     ks.add_parser("hash-admin", help="Read an admin credential on stdin; print its argon2id hash "
                                      "(for CONDUIT_ADMIN_KEY_HASH).")
-    # `conduit keys usage` (usage accounting) goes here.
+    add_keys_usage(ks)
+
+
+def cmd_keys_usage(args: argparse.Namespace) -> int:
+    """Print a key's usage per UTC day and model (newest first), as a table or JSON."""
+    import asyncio
+    import time
+
+    import msgspec
+
+    from engines.lane import connect
+    from engines.wire import Keys
+    from gateway.settings import GatewaySettings
+    from gateway.tenancy.usage import UsageLog
+
+    settings = GatewaySettings.from_env(file=args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
+
+    async def read() -> Any:
+        redis = connect(settings.redis_url, cluster=settings.redis_cluster)
+        try:
+            return await UsageLog(redis, Keys(settings.key_prefix)).read(args.id, args.days, time.time())
+        finally:
+            await redis.aclose()
+
+    usage = asyncio.run(read())
+    if args.json:
+        print(msgspec.json.format(msgspec.json.encode(usage).decode(), indent=2))
+        return 0
+    rows = [(day.date, model, m.requests, m.prompt_tokens, m.completion_tokens, m.images)
+            for day in usage.days for model, m in day.models.items()]
+    header = ("date", "model", "requests", "prompt_tokens", "completion_tokens", "images")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def add_keys_usage(keys_sub: Any) -> None:
+    """``conduit keys usage <id> [--days N]``."""
+    us = keys_sub.add_parser("usage", help="A key's requests, tokens and images per UTC day and model.")
+    us.add_argument("id", help="the key's public id (the 12 hex digits after `cdt-`)")
+    us.add_argument("--days", type=int, default=7, help="how many days back, today included (default 7)")
+    us.add_argument("--json", action="store_true", help="print JSON")
+    us.add_argument("--redis-url")
+    us.add_argument("--key-prefix")
+    us.add_argument("--config", help="TOML or JSON settings file (CONDUIT_* variables override it)")
+    us.set_defaults(func=cmd_keys_usage)
 
 
 def build_parser() -> argparse.ArgumentParser:

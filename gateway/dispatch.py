@@ -30,7 +30,10 @@ from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNot
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
+from gateway.tenancy.cost import Cost
+from gateway.tenancy.limits import Grant, Limiter
 from gateway.tenancy.principal import ANONYMOUS, Principal
+from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
@@ -71,10 +74,11 @@ class JobRun:
 
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
-                 "_held")
+                 "_held", "principal", "cost", "grant", "ratelimit")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
-                 | None) -> None:
+                 | None, principal: Principal = ANONYMOUS, cost: Cost | None = None,
+                 ratelimit: dict[str, str] | None = None) -> None:
         self.dispatcher = dispatcher
         self.job = job
         #: The id the client sees (the first job id: a resubmitted job gets a new one).
@@ -102,6 +106,12 @@ class JobRun:
         self._receive = receive
         self._watcher: asyncio.Task[None] | None = None
         self._held: Any = None  # an event, or _GAP
+        #: Who asks, what the request costs against the key's limits, what admission took,
+        #: and where admission puts the ``x-ratelimit-*`` headers.
+        self.principal = principal
+        self.cost = cost or Cost()
+        self.grant: Grant | None = None
+        self.ratelimit = ratelimit
 
     @property
     def job_id(self) -> str:
@@ -237,6 +247,8 @@ class JobRun:
             self.timer.cancel()
         self.stop_watching()
         self.dispatcher.forget(self)
+        if self.principal.key_id:
+            self.dispatcher.settle(self)
 
     def record(self, status: int, operation: str) -> None:
         """Record the request's metrics (called once its answer is out)."""
@@ -266,8 +278,11 @@ class Dispatcher:
     """Admits requests, hands their jobs to engines and delivers the engines' events."""
 
     def __init__(self, settings: GatewaySettings, registry: EngineRegistry, queue: JobQueue,
-                 router: ReplyRouter, metrics: GatewayMetrics) -> None:
+                 router: ReplyRouter, metrics: GatewayMetrics, *, limiter: Limiter | None = None,
+                 usage: UsageLog | None = None) -> None:
         self.settings = settings
+        self.limiter = limiter
+        self.usage = usage
         self.registry = registry
         self.queue = queue
         self.router = router
@@ -298,32 +313,77 @@ class Dispatcher:
 
     def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
             receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
-            traceparent: str = "", output_ttl_ms: int = 0, principal: Principal = ANONYMOUS) -> JobRun:
+            traceparent: str = "", output_ttl_ms: int = 0, principal: Principal = ANONYMOUS,
+            cost: Cost | None = None, ratelimit: dict[str, str] | None = None) -> JobRun:
         """A request's job, submitted when its ``async with`` block is entered.
 
         ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
         ``output_ttl_ms``: how long the engine keeps what it stores (images) readable;
-        ``principal``: who asks (the guard's, ``gateway.tenancy.guard.principal_of``).
+        ``principal``: who asks; ``cost``: what it takes from the key's limits
+        (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the ``x-ratelimit-*`` headers.
         """
         self.check_model(model, principal)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
                   traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms)
-        return JobRun(self, job, receive)
+        return JobRun(self, job, receive, principal, cost, ratelimit)
 
     async def submit(self, run: JobRun) -> None:
         """Queue a run's job and start its deadline; raises the right error when it cannot be queued."""
         try:
+            await self._admit(run)
             await self._queue(run)
         except ConduitError:
             run.closed = True
             self._forget_id(run.job_id)
+            if run.grant is not None:  # admitted, never queued: every reserved token back
+                self._spawn(self._release(run.grant, 0, []))
             raise
         loop = self.loop
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
         # One timer per request wakes its waiter at the deadline (no timeout context per wait).
         run.timer = loop.call_at(run.deadline, run.events.put_nowait, _DEADLINE)
+
+    async def _admit(self, run: JobRun) -> None:
+        """The key's rate limits (429 taking nothing when one is reached); no-op without limits."""
+        if self.limiter is None or not run.principal.key_id:
+            return
+        try:
+            run.grant = await self.limiter.admit(run.principal, run.rid, run.cost, run.job.deadline_ms, run.ratelimit)
+        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            log.warning("could not check rate limits: %s", exc)
+            raise ConduitError("The rate limiter is unavailable; retry shortly.", status=503,
+                               code="queue_unavailable") from None
+
+    def settle(self, run: JobRun) -> None:
+        """A keyed run ended: free what admission took (reconciling its tokens with the real
+        usage) and count its usage, in one pipelined write off the response's path."""
+        if self.limiter is None:
+            return
+        u = run.usage
+        prompt, completion = (u.prompt_tokens, u.completion_tokens) if u is not None else (0, 0)
+        images = run.cost.images if u is not None else 0
+        cmds: list[tuple[Any, ...]] = []
+        if self.usage is not None:
+            cmds = self.usage.commands(run.principal.key_id, run.model, time.time(), prompt_tokens=prompt,
+                                       completion_tokens=completion, images=images)
+            self.metrics.key_used(run.principal.name, run.model, prompt, completion, images)
+        if run.grant is not None or cmds:
+            self._spawn(self._release(run.grant, prompt + completion if u is not None else None, cmds))
+
+    async def _release(self, grant: Grant | None, used_tokens: int | None, also: list[tuple[Any, ...]]) -> None:
+        try:
+            await self.limiter.release(grant, used_tokens, also)  # type: ignore[union-attr]
+        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            # The slot expires at the request's deadline anyway; the usage of this request is lost.
+            log.warning("could not release rate limits / record usage: %s", exc)
+            self.metrics.background_error("limits-release")
+
+    def _spawn(self, coro: Any) -> None:
+        task = self.loop.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def resubmit(self, run: JobRun) -> None:
         """Queue ``run``'s job again under a new id, same deadline (its old incarnation is cancelled)."""
@@ -361,9 +421,7 @@ class Dispatcher:
             self._publish_cancel(run.job_id, run.job.deadline_ms)
 
     def _publish_cancel(self, job_id: str, deadline_ms: int) -> None:
-        task = self.loop.create_task(self.queue.cancel(job_id, deadline_ms))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self.queue.cancel(job_id, deadline_ms))
 
     async def watch_jobs(self) -> None:
         """Find jobs Redis lost (a restart without persistence, a failover, a refused write):

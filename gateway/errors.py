@@ -9,6 +9,7 @@
     ├── Conflict              409    Idempotency-Key reused or in use
     ├── PayloadTooLarge       413
     ├── Overloaded            429    backlog over its limit (Retry-After)
+    ├── RateLimited           429    an API key over one of its limits (Retry-After)
     ├── EngineError           5xx    an engine failed the request
     ├── NoEngine              503    no live engine serves the model
     └── DeadlineExceeded      504
@@ -109,6 +110,15 @@ class Overloaded(ConduitError):
     status = 429
     type = "rate_limit_error"
     code = "model_overloaded"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class RateLimited(ConduitError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})

@@ -22,7 +22,9 @@ from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob
 from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.protocol import CompletionUsage, PromptTokensDetails
+from gateway.tenancy.cost import Cost
 from gateway.tenancy.guard import principal_of
+from gateway.tenancy.principal import Principal
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -75,6 +77,14 @@ class ChoiceState:
             self.stop_reason = d.stop_reason
 
 
+def tenancy(request: Request[Any, Any, Any]) -> tuple[Principal, dict[str, str] | None]:
+    """Who the request runs as (put there by the auth guard), and the dict its ``x-ratelimit-*``
+    headers go into (``scope["state"]["ratelimit"]``, sent by the guard; None without a key)."""
+    principal = principal_of(request.scope)
+    state = request.scope.setdefault("state", {})  # type: ignore[typeddict-item]
+    return principal, (state.setdefault("ratelimit", {}) if principal.key_id else None)
+
+
 def usage_of(u: Usage) -> CompletionUsage:
     details = PromptTokensDetails(cached_tokens=u.cached_tokens) if u.cached_tokens is not None else None
     return CompletionUsage(completion_tokens=u.completion_tokens, prompt_tokens=u.prompt_tokens,
@@ -114,12 +124,13 @@ class Generation:
         self.kind = kind
 
     async def respond(self, request: Request[Any, Any, Any], model: str, body: bytes, *, stream: bool,
-                      include_usage: bool) -> Response[Any]:
+                      include_usage: bool, cost: Cost | None = None) -> Response[Any]:
+        principal, ratelimit = tenancy(request)
         # Job ids are always our own: a client's x-request-id need not be unique.
         run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,
-                                  traceparent=request.headers.get("traceparent", "")[:55],
-                                  principal=principal_of(request.scope))
+                                  traceparent=request.headers.get("traceparent", "")[:55], principal=principal,
+                                  cost=cost, ratelimit=ratelimit)
         try:
             if stream:
                 return await self._stream(run, include_usage)

@@ -109,6 +109,11 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     metrics_auth: bool = False
     #: Default fraction of a model's ``max_backlog`` one key may hold (``KeyLimits.backlog_share``).
     key_backlog_share: float = 0.5
+    #: Output tokens a chat or completions request without ``max_tokens`` is reckoned to ask for
+    #: when its tokens-per-minute reservation is made (``gateway.tenancy.cost``).
+    default_max_tokens_estimate: int = 1024
+    #: Days a key's daily usage counters are kept in Redis.
+    usage_ttl_days: int = 400
     #: How long a finished request's response is kept for retries with its ``Idempotency-Key``.
     idempotency_ttl_s: float = 86_400.0
     #: Lease of a request that holds an ``Idempotency-Key`` while it runs, refreshed by its

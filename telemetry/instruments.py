@@ -50,6 +50,18 @@ class GatewayMetrics:
         self.resubmissions = m.create_counter(
             "conduit.gateway.resubmissions", unit="{job}",
             description="Jobs submitted again because their first submission was lost (no client output yet)")
+        # Per API key, labelled by the key's *name* (never the key): a key's traffic and refusals.
+        self.key_requests = m.create_counter(
+            "conduit.gateway.key.requests", unit="{request}", description="Requests admitted, by key name and model")
+        self.key_tokens = m.create_counter(
+            "conduit.gateway.key.tokens", unit="{token}",
+            description="Tokens used, by key name, model and gen_ai.token.type (input, output)")
+        self.key_images = m.create_counter(
+            "conduit.gateway.key.images", unit="{image}", description="Images generated, by key name and model")
+        self.key_rate_limited = m.create_counter(
+            "conduit.gateway.key.rate_limited", unit="{request}",
+            description="Requests refused by a key's rate limit, by key name and limit (requests, tokens, images, "
+                        "concurrency)")
         self._meter = m
         self._attrs: dict[tuple[str, str], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
 
@@ -76,6 +88,20 @@ class GatewayMetrics:
             self.token_usage.record(prompt_tokens, inp)
         if completion_tokens is not None:
             self.token_usage.record(completion_tokens, outp)
+
+    def key_used(self, key_name: str, model: str, prompt_tokens: int, completion_tokens: int, images: int) -> None:
+        """One keyed request's usage (called off the response's critical path)."""
+        base = {"conduit.key.name": key_name, "gen_ai.request.model": model}
+        self.key_requests.add(1, base)
+        if prompt_tokens:
+            self.key_tokens.add(prompt_tokens, {**base, "gen_ai.token.type": "input"})
+        if completion_tokens:
+            self.key_tokens.add(completion_tokens, {**base, "gen_ai.token.type": "output"})
+        if images:
+            self.key_images.add(images, base)
+
+    def key_refused(self, key_name: str, limit: str) -> None:
+        self.key_rate_limited.add(1, {"conduit.key.name": key_name, "limit": limit})
 
     def rejected(self, code: str) -> None:
         self.rejections.add(1, {"error.type": code})

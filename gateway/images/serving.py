@@ -36,9 +36,9 @@ from gateway.images.protocol import (
     PartialImageEvent,
     images_usage,
 )
-from gateway.serving import SSE_HEADERS
+from gateway.serving import SSE_HEADERS, tenancy
 from gateway.settings import GatewaySettings
-from gateway.tenancy.guard import principal_of
+from gateway.tenancy.cost import estimate
 
 OPERATION = "image_generation"
 
@@ -73,10 +73,11 @@ class ImageGeneration:
         self._enc = msgspec.json.Encoder()
 
     async def respond(self, request: Request[Any, Any, Any], req: ImageRequest, body: bytes) -> Response[Any]:
+        principal, ratelimit = tenancy(request)
         run = self.dispatcher.job("image", req.model, body, job_id=new_id("img"), stream=bool(req.stream),
                                   receive=request.receive, traceparent=request.headers.get("traceparent", "")[:55],
-                                  output_ttl_ms=int(self.settings.image_url_ttl_s * 1000),
-                                  principal=principal_of(request.scope))
+                                  output_ttl_ms=int(self.settings.image_url_ttl_s * 1000), principal=principal,
+                                  cost=estimate(req, self.settings), ratelimit=ratelimit)
         try:
             if req.stream:
                 return await self._stream(run, req)
@@ -125,6 +126,7 @@ class ImageGeneration:
                 if event.partial is None:
                     finals[event.index] = event
             elif isinstance(event, Done):
+                run.usage = event.usage  # known when the run ends (its limits are settled with it)
                 return created, [finals[i] for i in sorted(finals)], event.usage
             elif isinstance(event, Failed):
                 raise engine_failure(event)
