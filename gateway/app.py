@@ -59,6 +59,7 @@ class Services(msgspec.Struct):
     redis: aioredis.Redis
     key_store: KeyStore
     auth: Authenticator
+    usage_log: UsageLog
 
 
 def provide_services(state: State) -> Services:
@@ -67,6 +68,10 @@ def provide_services(state: State) -> Services:
 
 def provide_key_store(state: State) -> KeyStore:
     return state.services.key_store  # type: ignore[no-any-return]
+
+
+def provide_usage_log(state: State) -> UsageLog:
+    return state.services.usage_log  # type: ignore[no-any-return]
 
 
 @post("/v1/chat/completions", status_code=200)
@@ -184,8 +189,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         queue.lane.start()
         limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
         limiter.lane.start()
-        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter,
-                                usage=UsageLog(redis, keys, ttl_days=settings.usage_ttl_days))
+        usage_log = UsageLog(redis, keys, ttl_days=settings.usage_ttl_days)
+        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log)
         store = open_image_store(settings.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
         auth = Authenticator(key_store, admin_hash=settings.admin_key_hash, poll_s=settings.keys_poll_s,
@@ -196,7 +201,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
                                       chat=Generation(dispatcher, ChatRenderer(), "chat"),
                                       completion=Generation(dispatcher, CompletionRenderer(), "completion"),
                                       images=ImageGeneration(dispatcher, store, settings), image_store=store,
-                                      telemetry=telemetry, redis=redis, key_store=key_store, auth=auth)
+                                      telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
+                                      usage_log=usage_log)
         try:
             await router.create_stream()
         except (ConnectionError, OSError, aioredis.RedisError):
@@ -233,7 +239,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
                         metrics, *ADMIN_ROUTES],
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
-                      "key_store": Provide(provide_key_store, sync_to_thread=False)},
+                      "key_store": Provide(provide_key_store, sync_to_thread=False),
+                      "usage_log": Provide(provide_usage_log, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

@@ -16,6 +16,7 @@ from litestar import Request, Response, delete, get, patch, post
 from gateway.errors import InvalidRequest, NotFound
 from gateway.tenancy.keys import InvalidKeyField, KeyChanges, KeyInfo, KeyStore
 from gateway.tenancy.principal import KeyLimits
+from gateway.tenancy.usage import UsageLog
 
 _JSON = msgspec.json.Encoder()
 
@@ -122,4 +123,16 @@ async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
 
 
 #: The admin routes, for ``create_app``.
-ADMIN_ROUTES = [create_key, list_keys, show_key, update_key, revoke_key]
+@get("/admin/keys/{key_id:str}/usage")
+async def key_usage(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore,
+                    usage_log: UsageLog) -> Response[bytes]:
+    """A key's requests, tokens and images per UTC day and model (``?days=N``, default 7, at most 400)."""
+    if await key_store.get(key_id) is None:
+        raise _missing(key_id)
+    raw = request.query_params.get("days", "7")
+    if not raw.isdigit() or not 1 <= int(raw) <= 400:
+        raise InvalidRequest("`days` must be a whole number from 1 to 400.", param="days", code="invalid_value")
+    return _json(await usage_log.read(key_id, int(raw), time.time()))
+
+
+ADMIN_ROUTES = [create_key, list_keys, show_key, update_key, revoke_key, key_usage]
