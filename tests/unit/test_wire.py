@@ -157,7 +157,7 @@ class _JobV2(msgspec.Struct, omit_defaults=True):
     deadline_ms: int
     created_ms: int = 0
     traceparent: str = ""
-    priority: int = 0
+    speculative: int = 0
 
 
 class _JobV0(msgspec.Struct):
@@ -195,8 +195,8 @@ class _SampledLogprobV2(msgspec.Struct, array_like=True):
 
 def test_newer_job_decodes_with_current_struct(codec: Codec) -> None:
     data = msgspec.msgpack.encode(_JobV2(id="j", kind="chat", model="m", body=b"{}", reply_to="r",
-                                         deadline_ms=10, traceparent="tp", priority=3))
-    assert "priority" in msgspec.msgpack.decode(data)  # the new field is really on the wire
+                                         deadline_ms=10, traceparent="tp", speculative=3))
+    assert "speculative" in msgspec.msgpack.decode(data)  # the new field is really on the wire
     job = codec.decode_job(data)
     assert job == Job(id="j", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=10, traceparent="tp")
 
