@@ -26,11 +26,12 @@ from engines.wire import Keys
 # the model's hash tag, hence the slot of the declared keys.
 # LPOP (not refused under OOM) comes before XADD: a script that has written may go on under
 # maxmemory, so a promotion never stops half done.
+# The ring is the truth of whether anything waits: every key here goes when nothing does.
 # Returns the number of jobs still waiting (the engine then looks again soon).
 # KEYS: 1 job stream, 2 ring, 3 fair state, 4 weights. ARGV: 1 free slots, 2 wait-list prefix.
 PROMOTE = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
 local waiting = tonumber(redis.call('HGET', KEYS[3], 'waiting') or '0')
-if waiting <= 0 then return 0 end
 local free = tonumber(ARGV[1])
 local used = tonumber(redis.call('HGET', KEYS[3], 'turn') or '0')
 local moved = 0
@@ -53,11 +54,11 @@ while moved < free do
     used = 0
   end
 end
-if redis.call('LLEN', KEYS[2]) == 0 then
-  waiting = 0  -- nothing waits, whatever the counter said
-else
-  waiting = math.max(waiting - moved, 0)
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('DEL', KEYS[3])  -- nothing waits: no state to keep (and no key left forever)
+  return 0
 end
+waiting = math.max(waiting - moved, 1)
 redis.call('HSET', KEYS[3], 'waiting', waiting, 'turn', used)
 return waiting
 """
