@@ -76,6 +76,34 @@ class Keys:
         """One API key's record (msgpack ``KeyRecord``: its argon2id hash, never the secret)."""
         return f"{self.prefix}:{{keys}}:key:{key_id}"
 
+    # ---- fair queueing (engines.fairness): one slot per model, the job stream's ----------
+
+    def wait(self, model: str, tenant: str) -> str:
+        """LIST of the jobs of one tenant (API key id) waiting for an engine of ``model``."""
+        return f"{self.wait_prefix(model)}{tenant}"
+
+    def wait_prefix(self, model: str) -> str:
+        """:meth:`wait` without the tenant: the promote script names the lists of the ring's tenants."""
+        return f"{self.prefix}:wait:{{{model}}}:"
+
+    def ring(self, model: str) -> str:
+        """LIST of the tenants with jobs waiting for ``model``, served in turn from its head."""
+        return f"{self.prefix}:ring:{{{model}}}"
+
+    def fair_state(self, model: str) -> str:
+        """HASH ``waiting`` (jobs in all wait lists of ``model``), ``turn`` (jobs the ring's
+        head took in its current turn)."""
+        return f"{self.prefix}:fair:{{{model}}}"
+
+    def weights(self, model: str) -> str:
+        """HASH tenant -> weight (``Job.priority``) of the tenants in the ring."""
+        return f"{self.prefix}:weights:{{{model}}}"
+
+    def tenant_backlog(self, model: str, tenant: str) -> str:
+        """ZSET job id -> deadline (ms) of one tenant's jobs queued or running on ``model``: its
+        share of the backlog. Added by the submit script, removed with the job's ack."""
+        return f"{self.prefix}:tenant-backlog:{{{model}}}:{tenant}"
+
     def image(self, ref: str) -> str:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
         return f"{self.prefix}:image:{ref}"
@@ -142,6 +170,8 @@ class JobHeader(msgspec.Struct, forbid_unknown_fields=False):
 
     id: str
     reply_to: str
+    #: Whose backlog share the job holds (released with its ack).
+    tenant: str = ""
 
 
 class TokenLogprob(msgspec.Struct, array_like=True):

@@ -31,9 +31,10 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
+from engines.fairness import PROMOTE, promote_command
 from engines.lane import connect, entry_fields, open_lane, stream_entries
 from engines.store import new_ref, open_image_store
 from engines.wire import (
@@ -111,12 +112,25 @@ class _Running:
 
 @dataclass(slots=True)
 class _Ack:
-    """A job to XACK + XDEL on its stream, and its job key to delete."""
+    """A job to XACK + XDEL on its stream, its job key to delete, and its tenant's backlog
+    share to release."""
 
     stream: str
     entry_id: bytes
     #: None for an entry whose job id cannot be read.
     job_key: str | None
+    #: (``Keys.tenant_backlog``, job id) of a job that has a tenant.
+    release: tuple[str, str] | None = None
+
+    def commands(self) -> list[tuple[object, ...]]:
+        """Idempotent, and none refused under maxmemory: an ack may be sent twice, and frees memory."""
+        cmds: list[tuple[object, ...]] = [("XACK", self.stream, ENGINE_GROUP, self.entry_id),
+                                          ("XDEL", self.stream, self.entry_id)]
+        if self.job_key is not None:
+            cmds.append(("DEL", self.job_key))
+        if self.release is not None:
+            cmds.append(("ZREM", *self.release))
+        return cmds
 
 
 class _Batch:
@@ -234,11 +248,9 @@ class EventWriter:
         # expiry); events for a gateway that is gone are dropped, not left to live forever.
         cmds.extend(("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", b"e", encode(batch.events[reply_to]))
                     for reply_to in streams)
-        for a in batch.acks:
-            cmds.append(("XACK", a.stream, ENGINE_GROUP, a.entry_id))
-            cmds.append(("XDEL", a.stream, a.entry_id))
-            if a.job_key is not None:
-                cmds.append(("DEL", a.job_key))
+        ack_cmds = [a.commands() for a in batch.acks]
+        for c in ack_cmds:
+            cmds.extend(c)
         if not cmds:
             return None
         replies = await self.lane.round_trip(cmds)
@@ -262,8 +274,8 @@ class EventWriter:
                 continue
             # Written (or its gateway is gone: nil under NOMKSTREAM; nobody waits for them).
             ready.extend(batch.after.get(reply_to, ()))
-        for a in batch.acks:
-            n = 2 if a.job_key is None else 3
+        for a, c in zip(batch.acks, ack_cmds, strict=True):
+            n = len(c)
             if any(isinstance(r, Exception) for r in replies[i:i + n]):
                 retry.acks.append(a)
             else:
@@ -470,7 +482,7 @@ class Worker:
 
     async def _read_loop(self, stream: str) -> None:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, self.engine_id, "COUNT")
-        tail = ("BLOCK", 1000, "STREAMS", stream, ">")
+        model = self._streams[stream]
         lane = open_lane(self.redis, f"jobs-{self._streams[stream]}", blocking=True)  # its own connection: it blocks
         try:
             while not self._stopping.is_set():
@@ -480,9 +492,13 @@ class Worker:
                     await self._slot_free.wait()  # set by a finishing job, and by stop()
                     continue
                 try:
+                    # Every turn with free slots (a job read, a slot freed, a read timed out)
+                    # first takes waiting jobs into the stream, in turn by key. When jobs still
+                    # wait after that (other engines read the ones promoted here), look again soon.
+                    block = 100 if await self._promote(lane, model, free) else 1000
                     # A read blocks at most a second, so a stop takes effect within one; it is
                     # never cut short, so no job is left half-read.
-                    (reply,) = await lane.round_trip([(*read_cmd, free, *tail)])
+                    (reply,) = await lane.round_trip([(*read_cmd, free, "BLOCK", block, "STREAMS", stream, ">")])
                     if isinstance(reply, Exception):
                         raise reply
                 except (ConnectionError, OSError, aioredis.RedisError) as exc:
@@ -500,6 +516,21 @@ class Worker:
                 self._start_waiting()
         finally:
             await lane.close()
+
+    async def _promote(self, lane: Any, model: str, free: int) -> int:
+        """Move up to ``free`` waiting jobs of ``model`` into its stream (``engines.fairness``);
+        returns how many still wait."""
+        cmd = promote_command(self.keys, model, free)
+        (reply,) = await lane.round_trip([cmd])
+        if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
+            await self.redis.script_load(PROMOTE)
+            (reply,) = await lane.round_trip([cmd])
+        if isinstance(reply, Exception):
+            # Refused (a failover, out of memory): what is in the stream is read all the same.
+            log.warning("promoting waiting jobs of %s failed: %s", model, reply)
+            self.metrics.background_error("promote")
+            return 0
+        return int(reply)
 
     def _start_waiting(self) -> None:
         while self._waiting and len(self._running) < self.backend.max_concurrency and not self._stopping.is_set():
@@ -557,7 +588,7 @@ class Worker:
         self.writer.finish(header.reply_to, Failed(
             job=header.id, message="The engine could not read this request (a newer or damaged job).",
             code="malformed_job", status=400, type="invalid_request_error", attempt=attempt, seq=1),
-            _Ack(stream, entry_id, self.keys.job(model, header.id)))
+            _Ack(stream, entry_id, self.keys.job(model, header.id), self._share_of(model, header.tenant, header.id)))
 
     async def _run_job(self, run: _Running) -> None:
         job = run.job
@@ -598,7 +629,12 @@ class Worker:
         self.writer.finish(run.job.reply_to, final, self._ack_of(run))
 
     def _ack_of(self, run: _Running) -> _Ack:
-        return _Ack(run.stream, run.entry_id, self.keys.job(run.job.model, run.job.id))
+        job = run.job
+        return _Ack(run.stream, run.entry_id, self.keys.job(job.model, job.id), self._share_of(job.model, job.tenant,
+                                                                                               job.id))
+
+    def _share_of(self, model: str, tenant: str, job_id: str) -> tuple[str, str] | None:
+        return (self.keys.tenant_backlog(model, tenant), job_id) if tenant else None
 
     def _release(self, run: _Running) -> None:
         if self._running.get(run.job.id) is run:

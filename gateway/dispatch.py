@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 
 from engines.wire import Done, Event, Failed, Job, Unknown
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
-from gateway.queue import BacklogFull, JobQueue, ReplyRouter
+from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
 from gateway.tenancy.cost import Cost
@@ -77,10 +77,12 @@ class JobRun:
                  "_held", "principal", "cost", "grant", "ratelimit")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
-                 | None, principal: Principal = ANONYMOUS, cost: Cost | None = None,
+                 | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
                  ratelimit: dict[str, str] | None = None) -> None:
         self.dispatcher = dispatcher
         self.job = job
+        #: Who the request runs as (its key's share of the backlog applies to every submission).
+        self.principal = principal
         #: The id the client sees (the first job id: a resubmitted job gets a new one).
         self.rid = job.id
         self.model = job.model
@@ -319,15 +321,17 @@ class Dispatcher:
 
         ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
         ``output_ttl_ms``: how long the engine keeps what it stores (images) readable;
-        ``principal``: who asks; ``cost``: what it takes from the key's limits
-        (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the ``x-ratelimit-*`` headers.
+        ``principal``: who asks (its key id is the job's tenant in fair queueing); ``cost``: what it
+        takes from the key's limits (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the
+        ``x-ratelimit-*`` headers.
         """
         self.check_model(model, principal)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
-                  traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms)
-        return JobRun(self, job, receive, principal, cost, ratelimit)
+                  traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms,
+                  tenant=principal.key_id, priority=principal.limits.priority)
+        return JobRun(self, job, receive, principal=principal, cost=cost, ratelimit=ratelimit)
 
     async def submit(self, run: JobRun) -> None:
         """Queue a run's job and start its deadline; raises the right error when it cannot be queued."""
@@ -399,11 +403,17 @@ class Dispatcher:
         # Listening before the job exists: no event can come before its waiter.
         self.router.open(job.id, run.events)
         self._runs[job.id] = run
+        share = run.principal.limits.backlog_share
+        share = self.settings.key_backlog_share if share is None else share
         try:
-            await self.queue.submit(job)
+            await self.queue.submit(job, share=share)
         except BacklogFull as exc:
             raise Overloaded(f"The model `{job.model}` has {exc.backlog} requests waiting, its limit; retry after "
                              f"{self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
+        except ShareFull as exc:
+            raise Overloaded(f"This API key has {exc.held} requests queued or running on the model `{job.model}`, "
+                             f"its share ({share:.0%} of the model's backlog of {self.settings.max_backlog}); retry "
+                             f"after {self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             log.warning("could not queue a job: %s", exc)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,

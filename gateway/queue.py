@@ -12,24 +12,61 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.lane import open_lane, stream_entries
-from engines.wire import Codec, Job, Keys
+from engines.wire import ENGINE_GROUP, Codec, Job, Keys
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
 
 # Admission and enqueue in one atomic round trip. Engines delete a job's entry when they
-# ack it, so the stream's length is exactly the model's backlog (queued + running).
+# ack it, so the model's backlog (queued + running) is its stream's length plus the jobs
+# waiting in its tenants' lists (engines.fairness).
 # The job key (KEYS[2], same slot) makes a submission idempotent: a resend after a lost
 # reply finds it and queues nothing. It lives until the engine acks the job, at most
 # until the job's deadline (after which no engine would start the job anyway).
+# A tenant (API key) may hold at most ARGV[6] jobs of the backlog (0: no limit, tenant "").
+# Its jobs are members of a ZSET scored by deadline rather than a counter: the engine's ack
+# removes the member (idempotent, though acks may repeat; allowed under maxmemory), and a
+# removal lost in a failover stops counting at the job's deadline.
+# The job goes straight into the stream when nothing waits and every entry there is taken
+# (XLEN - pending = 0; with no consumer group yet, every entry counts as untaken): an engine
+# has a free slot, or will read it next. Otherwise it waits in its tenant's list and the tenant
+# joins the ring; engines promote jobs from the lists in turn as their slots free.
+# SET is the first write: under maxmemory the script is refused with nothing written.
+# KEYS: 1 job stream, 2 job key, 3 tenant's wait list, 4 ring, 5 fair state, 6 weights,
+# 7 tenant backlog. ARGV: 1 max backlog, 2 stream cap, 3 job, 4 deadline (ms), 5 tenant,
+# 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer group.
+# Returns {outcome, n}: QUEUED, DUPLICATE, BACKLOG_FULL (n: the backlog) or SHARE_FULL
+# (n: the tenant's jobs).
 _SUBMIT = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return -2 end
-local n = redis.call('XLEN', KEYS[1])
-if n >= tonumber(ARGV[1]) then return n end
+if redis.call('EXISTS', KEYS[2]) == 1 then return {1, 0} end
+local waiting = tonumber(redis.call('HGET', KEYS[5], 'waiting') or '0')
+local xlen = redis.call('XLEN', KEYS[1])
+if xlen + waiting >= tonumber(ARGV[1]) then return {2, xlen + waiting} end
+local limit = tonumber(ARGV[6])
+if limit > 0 then
+  local held = redis.call('ZCOUNT', KEYS[7], '(' .. ARGV[8], '+inf')
+  if held >= limit then return {3, held} end
+end
 redis.call('SET', KEYS[2], 'q', 'PXAT', ARGV[4])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
-return -1
+if ARGV[5] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
+  redis.call('ZADD', KEYS[7], ARGV[4], ARGV[9])
+  local last = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', KEYS[7], last[2])
+end
+local pending = 0
+local summary = redis.pcall('XPENDING', KEYS[1], ARGV[10])
+if type(summary) == 'table' and summary.err == nil then pending = summary[1] end
+if waiting == 0 and xlen - pending <= 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
+  return {0, 0}
+end
+if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 then redis.call('RPUSH', KEYS[4], ARGV[5]) end
+redis.call('HSET', KEYS[6], ARGV[5], ARGV[7])
+redis.call('HINCRBY', KEYS[5], 'waiting', 1)
+return {0, 1}
 """
+_QUEUED, _DUPLICATE, _BACKLOG_FULL, _SHARE_FULL = 0, 1, 2, 3
 
 #: Seconds a reply stream outlives its gateway's last sign of life (the gateway refreshes it
 #: every second); engines never re-create one (NOMKSTREAM).
@@ -42,6 +79,15 @@ class BacklogFull(Exception):
     def __init__(self, backlog: int) -> None:
         super().__init__(f"backlog {backlog}")
         self.backlog = backlog
+
+
+class ShareFull(Exception):
+    """The job's tenant (API key) holds its share of the model's backlog; the job was not queued."""
+
+    def __init__(self, held: int, limit: int) -> None:
+        super().__init__(f"tenant holds {held} of {limit}")
+        self.held = held
+        self.limit = limit
 
 
 class JobQueue:
@@ -59,19 +105,31 @@ class JobQueue:
         self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
         self.lane = open_lane(redis, "submit")
 
-    async def submit(self, job: Job) -> None:
+    async def submit(self, job: Job, *, share: float | None = None) -> None:
         """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` instead
-        of queueing past the limit."""
-        args = ("EVALSHA", self._sha, 2, self._keys.jobs(job.model), self._keys.job(job.model, job.id),
-                self._max_backlog, self._cap, self._codec.encode(job), job.deadline_ms)
+        of queueing past the limit, :class:`ShareFull` when the job's tenant would hold more
+        than ``share`` of it (None, or tenant "": no per-tenant limit)."""
+        model, tenant = job.model, job.tenant
+        limit = self.share_limit(share) if tenant and share is not None else 0
+        args = ("EVALSHA", self._sha, 7, self._keys.jobs(model), self._keys.job(model, job.id),
+                self._keys.wait(model, tenant), self._keys.ring(model), self._keys.fair_state(model),
+                self._keys.weights(model), self._keys.tenant_backlog(model, tenant),
+                self._max_backlog, self._cap, self._codec.encode(job), job.deadline_ms, tenant, limit,
+                max(job.priority, 1), int(time.time() * 1000), job.id, ENGINE_GROUP)
         try:
-            res = await self.lane.execute(*args)
+            outcome, n = await self.lane.execute(*args)
         except NoScriptError:
             # Redis restarted (or flushed its scripts) since we last loaded it.
             await self._redis.script_load(_SUBMIT)
-            res = await self.lane.execute(*args)
-        if res >= 0:
-            raise BacklogFull(int(res))
+            outcome, n = await self.lane.execute(*args)
+        if outcome == _BACKLOG_FULL:
+            raise BacklogFull(int(n))
+        if outcome == _SHARE_FULL:
+            raise ShareFull(int(n), limit)
+
+    def share_limit(self, share: float) -> int:
+        """How many jobs of a model's backlog ``share`` (a fraction of ``max_backlog``) allows: at least one."""
+        return max(int(share * self._max_backlog), 1)
 
     async def missing(self, jobs: list[tuple[str, str]]) -> list[bool]:
         """For each (model, job id): whether its job key is gone (acked, or lost with Redis)."""

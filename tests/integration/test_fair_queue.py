@@ -1,0 +1,239 @@
+"""Fair queueing: one API key cannot fill a model's backlog and starve the others.
+
+Real Redis and real synthetic engine processes; the gateway side is the gateway's own
+dispatcher, job queue, reply router and engine registry in this process, so each job runs as
+a principal (an API key) without going through key authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from engines.wire import Codec, Done, Failed, Job, Keys
+from gateway.dispatch import Dispatcher, new_id
+from gateway.errors import Overloaded
+from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
+from gateway.registry import EngineRegistry
+from gateway.settings import GatewaySettings
+from gateway.tenancy.principal import ANONYMOUS, KeyLimits, Principal
+from telemetry.instruments import GatewayMetrics
+from tests.harness import Stack
+
+MODEL = "synthetic"
+
+
+def key(key_id: str, priority: int = 1, share: float | None = None) -> Principal:
+    return Principal(key_id=key_id, name=f"key {key_id}", limits=KeyLimits(priority=priority, backlog_share=share))
+
+
+@dataclass
+class Gateway:
+    """A gateway's dispatcher without HTTP, and a record of which key's jobs finished in what order."""
+
+    dispatcher: Dispatcher
+    queue: JobQueue
+    redis: aioredis.Redis
+    keys: Keys
+    finished: list[str] = field(default_factory=list)
+
+    async def run(self, principal: Principal, *, tokens: int = 2, stream: bool = False) -> Done | Failed:
+        """One job to its end; its key id is recorded when it finishes."""
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                           "max_tokens": tokens}).encode()
+        async with self.dispatcher.job("chat", MODEL, body, job_id=new_id("chatcmpl"), stream=stream,
+                                       principal=principal) as run:
+            while True:
+                event = await run.next()
+                if isinstance(event, (Done, Failed)):
+                    self.finished.append(principal.key_id)
+                    return event
+
+    async def wait_live(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.dispatcher.registry.is_live(MODEL):
+            assert time.monotonic() < deadline, "no engine registered"
+            await asyncio.sleep(0.05)
+
+    async def held(self, key_id: str) -> int:
+        """The key's share of the backlog as Redis counts it."""
+        return await self.redis.zcard(self.keys.tenant_backlog(MODEL, key_id))
+
+    async def assert_drained(self, *key_ids: str, timeout: float = 15) -> None:
+        """Every count back to zero: keys' shares, waiting jobs, the ring, the stream."""
+        deadline = time.monotonic() + timeout
+        while True:
+            state = {
+                "held": {k: await self.held(k) for k in key_ids},
+                "waiting": int(await self.redis.hget(self.keys.fair_state(MODEL), "waiting") or 0),
+                "ring": await self.redis.llen(self.keys.ring(MODEL)),
+                "stream": await self.redis.xlen(self.keys.jobs(MODEL)),
+            }
+            if state == {"held": dict.fromkeys(key_ids, 0), "waiting": 0, "ring": 0, "stream": 0}:
+                return
+            assert time.monotonic() < deadline, f"not drained: {state}"
+            await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def gw(stack: Stack) -> AsyncIterator[Gateway]:
+    settings = GatewaySettings(redis_url=stack.redis_url, key_prefix=stack.prefix, max_backlog=400,
+                               request_timeout_s=60, registry_refresh_s=0.1).with_gateway_id()
+    keys, codec, metrics = Keys(stack.prefix), Codec(), GatewayMetrics.noop()
+    redis = aioredis.from_url(stack.redis_url)
+    registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s, configured=[], metrics=metrics)
+    router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, metrics)
+    queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
+    queue.lane.start()
+    dispatcher = Dispatcher(settings, registry, queue, router, metrics)
+    await router.create_stream()
+    tasks = [asyncio.create_task(router.run()), asyncio.create_task(registry.run())]
+    try:
+        yield Gateway(dispatcher, queue, redis, keys)
+    finally:
+        router.closed = registry.closed = dispatcher.closed = True
+        for t in tasks:
+            t.cancel()
+        await asyncio.wait(tasks, timeout=5)
+        await queue.lane.close()
+        await redis.aclose()
+
+
+def engine(stack: Stack, *args: str) -> None:
+    """A synthetic engine of two slots: jobs of two tokens take about 60 ms."""
+    stack.synthetic(MODEL, "--max-concurrency", "2", "--token-delay", "0.03", *args, wait=False)
+
+
+async def test_a_key_flooding_a_model_does_not_starve_another(stack: Stack, gw: Gateway) -> None:
+    engine(stack)
+    await gw.wait_live()
+    flood = [asyncio.create_task(gw.run(key("a"))) for _ in range(100)]
+    await asyncio.sleep(0.3)  # A's jobs are all queued (and the engine is busy with them)
+    assert 1 < await gw.held("a") <= 100 and len(gw.finished) < 20
+    a_done_before = len(gw.finished)
+    late = [asyncio.create_task(gw.run(key("b"))) for _ in range(5)]
+    results = await asyncio.gather(*late)
+    assert all(isinstance(r, Done) for r in results)
+    # Served in turn: from the moment B's jobs wait, they alternate with A's (one each per
+    # turn), so they finish among the next few of A's, not after A's 100. Ahead of them: at
+    # most 3 of A's in the stream (two slots, one read next), then one of A's per job of B's,
+    # and 2 for the order in which two slots finish.
+    a_done_before_last_b = gw.finished[:len(gw.finished) - 1 - gw.finished[::-1].index("b")].count("a")
+    assert a_done_before_last_b <= a_done_before + 3 + 5 + 2, gw.finished
+    assert all(isinstance(r, Done) for r in await asyncio.gather(*flood))
+    await gw.assert_drained("a", "b")
+
+
+async def test_weights_share_the_engines_two_to_one(stack: Stack, gw: Gateway) -> None:
+    engine(stack)
+    await gw.wait_live()
+    heavy, light = key("heavy", priority=2), key("light", priority=1)
+    jobs = [asyncio.create_task(gw.run(heavy)) for _ in range(30)]
+    await asyncio.sleep(0)  # queued in this order, in one pipelined round trip
+    jobs += [asyncio.create_task(gw.run(light)) for _ in range(30)]
+    assert all(isinstance(r, Done) for r in await asyncio.gather(*jobs))
+    # Both keys wait from the start (3 of heavy's at most went straight to the engine): of the
+    # next 27 jobs, weight 2 against 1 gives heavy 18; equal weights would give it 13 or 14.
+    both_waiting = gw.finished[3:30]
+    assert 16 <= both_waiting.count("heavy") <= 20, gw.finished
+    await gw.assert_drained("heavy", "light")
+
+
+async def test_a_key_beyond_its_share_is_refused_and_others_are_admitted(stack: Stack, gw: Gateway) -> None:
+    # Keys get 5% of the backlog of 400 (20 jobs) by default; "other" has a share of its own.
+    d = gw.dispatcher
+    d.settings = msgspec.structs.replace(d.settings, key_backlog_share=0.05)
+    greedy, other = key("greedy"), key("other", share=0.5)
+    # One slot, busy for the whole test: every other job stays queued.
+    stack.synthetic(MODEL, "--max-concurrency", "1", "--first-token-delay", "30", wait=False)
+    await gw.wait_live()
+    hold = [asyncio.create_task(gw.run(greedy)) for _ in range(20)]
+    while await gw.held("greedy") < 20:
+        await asyncio.sleep(0.05)
+    with pytest.raises(Overloaded) as refused:
+        await gw.run(greedy)
+    err = refused.value
+    assert (err.status, err.code, err.type) == (429, "model_overloaded", "rate_limit_error")
+    assert "share (5% of the model's backlog of 400)" in err.message
+    assert err.headers is not None and "Retry-After" in err.headers
+    assert await gw.held("greedy") == 20  # the refused job took nothing
+    hold += [asyncio.create_task(gw.run(other)) for _ in range(25)]  # more than 20: its own share
+    while await gw.held("other") < 25:
+        await asyncio.sleep(0.05)
+    # Without authentication (tenant ""), no share applies: only the model's backlog limit.
+    hold += [asyncio.create_task(gw.run(ANONYMOUS)) for _ in range(30)]
+    while await backlog(gw) < 20 + 25 + 30:
+        assert not any(t.done() for t in hold), [t.exception() for t in hold if t.done()]
+        await asyncio.sleep(0.05)
+    for t in hold:
+        t.cancel()
+    await asyncio.gather(*hold, return_exceptions=True)
+
+
+async def backlog(gw: Gateway) -> int:
+    return await gw.redis.xlen(gw.keys.jobs(MODEL)) + int(await gw.redis.hget(gw.keys.fair_state(MODEL), "waiting")
+                                                          or 0)
+
+
+async def test_job_queue_limits(stack: Stack) -> None:
+    """The queue's own verdicts: the backlog counts waiting jobs, a share allows at least one job."""
+    redis = aioredis.from_url(stack.redis_url)
+    keys, codec = Keys(stack.prefix), Codec()
+    queue = JobQueue(redis, keys, codec, max_backlog=4)
+    queue.lane.start()
+    try:
+        def job(tenant: str) -> Job:
+            now = int(time.time() * 1000)
+            return Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"{}", reply_to="r",
+                       deadline_ms=now + 60_000, tenant=tenant)
+
+        assert queue.share_limit(0.01) == 1
+        await queue.submit(job("x"), share=0.01)
+        with pytest.raises(ShareFull):
+            await queue.submit(job("x"), share=0.01)
+        for _ in range(3):
+            await queue.submit(job("y"), share=1.0)
+        with pytest.raises(BacklogFull) as full:
+            await queue.submit(job(""), share=1.0)
+        assert full.value.backlog == 4
+        # No consumer group (no engine yet): the first job went into the stream, the rest wait.
+        assert await redis.xlen(keys.jobs(MODEL)) == 1
+        assert int(await redis.hget(keys.fair_state(MODEL), "waiting")) == 3
+    finally:
+        await queue.lane.close()
+        await redis.aclose()
+
+
+async def test_no_share_leaks_from_cancelled_or_reclaimed_jobs(stack: Stack, gw: Gateway) -> None:
+    slow = ("--token-delay", "0.2", "--reclaim-idle-ms", "1000")
+    doomed = stack.synthetic(MODEL, "--max-concurrency", "2", *slow, wait=False)
+    stack.synthetic(MODEL, "--max-concurrency", "2", *slow, wait=False)
+    await gw.wait_live()
+    while len(gw.dispatcher.registry.models.get(MODEL, [])) < 2:
+        await asyncio.sleep(0.05)
+    # Four running (two on each engine), two waiting.
+    running = [asyncio.create_task(gw.run(key("r"), tokens=5)) for _ in range(6)]
+    while await gw.held("r") < 6:
+        await asyncio.sleep(0.05)
+    # A key whose clients give up while their jobs wait: cancelled, skipped once promoted.
+    gone = [asyncio.create_task(gw.run(key("c"))) for _ in range(5)]
+    while await gw.held("c") < 5:
+        await asyncio.sleep(0.05)
+    assert int(await gw.redis.hget(gw.keys.fair_state(MODEL), "waiting")) >= 5
+    for t in gone:
+        t.cancel()
+    await asyncio.gather(*gone, return_exceptions=True)
+    await asyncio.sleep(0.2)  # the cancellations reach the engines
+    doomed.kill()
+    # The other engine reclaims the dead one's jobs (non-streaming: run again) and promotes the rest.
+    results = await asyncio.wait_for(asyncio.gather(*running), timeout=40)
+    assert all(isinstance(r, Done) for r in results), results
+    await gw.assert_drained("r", "c")
