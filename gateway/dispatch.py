@@ -81,8 +81,6 @@ class JobRun:
                  ratelimit: dict[str, str] | None = None) -> None:
         self.dispatcher = dispatcher
         self.job = job
-        #: Who the request runs as (its key's share of the backlog applies to every submission).
-        self.principal = principal
         #: The id the client sees (the first job id: a resubmitted job gets a new one).
         self.rid = job.id
         self.model = job.model
@@ -110,6 +108,7 @@ class JobRun:
         self._held: Any = None  # an event, or _GAP
         #: Who asks, what the request costs against the key's limits, what admission took,
         #: and where admission puts the ``x-ratelimit-*`` headers.
+        #: Who the request runs as (its key's share of the backlog applies to every submission).
         self.principal = principal
         self.cost = cost or Cost()
         self.grant: Grant | None = None
