@@ -189,7 +189,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
         queue.lane.start()
         limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
         limiter.lane.start()
-        usage_log = UsageLog(redis, keys, ttl_days=settings.usage_ttl_days)
+        usage_log = UsageLog(redis, keys, ttl_days=settings.usage_ttl_days, metrics=gw_metrics)
         dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log)
         store = open_image_store(settings.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
@@ -210,7 +210,8 @@ def create_app(settings: GatewaySettings) -> Litestar:
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
                  asyncio.create_task(registry.run(), name="engine-registry"),
                  asyncio.create_task(dispatcher.watch_jobs(), name="job-check"),
-                 asyncio.create_task(auth.run(), name="keys-version")]
+                 asyncio.create_task(auth.run(), name="keys-version"),
+                 asyncio.create_task(usage_log.run(), name="usage-flush")]
         if isinstance(store, DirectoryImageStore):
             tasks.append(asyncio.create_task(_sweep(store), name="image-sweep"))
         try:
@@ -221,10 +222,14 @@ def create_app(settings: GatewaySettings) -> Litestar:
         try:
             yield
         finally:
-            router.closed = registry.closed = dispatcher.closed = True
+            router.closed = registry.closed = dispatcher.closed = usage_log.closed = True
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)
+            try:
+                await usage_log.flush()  # the last second's counts
+            except (ConnectionError, OSError, aioredis.RedisError):
+                log.warning("the last usage counts could not be written")
             await queue.lane.close()
             auth.close()
             await limiter.lane.close()

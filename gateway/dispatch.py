@@ -341,7 +341,7 @@ class Dispatcher:
             run.closed = True
             self._forget_id(run.job_id)
             if run.grant is not None:  # admitted, never queued: every reserved token back
-                self._spawn(self._release(run.grant, 0, []))
+                self._spawn(self._release(run.grant, 0))
             raise
         loop = self.loop
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
@@ -361,23 +361,18 @@ class Dispatcher:
 
     def settle(self, run: JobRun) -> None:
         """A keyed run ended: free what admission took (reconciling its tokens with the real
-        usage) and count its usage, in one pipelined write off the response's path."""
-        if self.limiter is None:
-            return
+        usage), off the response's path, and count its usage (in memory, flushed every second)."""
         u = run.usage
         prompt, completion = (u.prompt_tokens, u.completion_tokens) if u is not None else (0, 0)
-        images = run.cost.images if u is not None else 0
-        cmds: list[tuple[Any, ...]] = []
         if self.usage is not None:
-            cmds = self.usage.commands(run.principal.key_id, run.model, time.time(), prompt_tokens=prompt,
-                                       completion_tokens=completion, images=images)
-            self.metrics.key_used(run.principal.name, run.model, prompt, completion, images)
-        if run.grant is not None or cmds:
-            self._spawn(self._release(run.grant, prompt + completion if u is not None else None, cmds))
+            self.usage.add(run.principal.key_id, run.principal.name, run.model, prompt_tokens=prompt,
+                           completion_tokens=completion, images=run.cost.images if u is not None else 0)
+        if run.grant is not None and self.limiter is not None:
+            self._spawn(self._release(run.grant, prompt + completion if u is not None else None))
 
-    async def _release(self, grant: Grant | None, used_tokens: int | None, also: list[tuple[Any, ...]]) -> None:
+    async def _release(self, grant: Grant, used_tokens: int | None) -> None:
         try:
-            await self.limiter.release(grant, used_tokens, also)  # type: ignore[union-attr]
+            await self.limiter.release(grant, used_tokens)  # type: ignore[union-attr]
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             # The slot expires at the request's deadline anyway; the usage of this request is lost.
             log.warning("could not release rate limits / record usage: %s", exc)

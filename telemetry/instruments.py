@@ -89,10 +89,11 @@ class GatewayMetrics:
         if completion_tokens is not None:
             self.token_usage.record(completion_tokens, outp)
 
-    def key_used(self, key_name: str, model: str, prompt_tokens: int, completion_tokens: int, images: int) -> None:
-        """One keyed request's usage (called off the response's critical path)."""
+    def key_used(self, key_name: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int,
+                 images: int) -> None:
+        """A key's usage on one model since the last flush (``gateway.tenancy.usage``)."""
         base = {"conduit.key.name": key_name, "gen_ai.request.model": model}
-        self.key_requests.add(1, base)
+        self.key_requests.add(requests, base)
         if prompt_tokens:
             self.key_tokens.add(prompt_tokens, {**base, "gen_ai.token.type": "input"})
         if completion_tokens:

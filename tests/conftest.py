@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -58,3 +59,18 @@ def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [str(path)], done.stdout
     return path
+
+
+#: An API key's text (``gateway.tenancy.keys``): public id, then the 43-character secret.
+_KEY_TEXT = re.compile(rb"cdt-[0-9a-f]{12}-[A-Za-z0-9_-]{43}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_key_material_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """After the whole run: no log any gateway, engine or CLI process of any test wrote (every
+    ``*.log`` under the session's temporary folder) holds an API key's text. Keys are made in
+    many tests (CLI, admin API, two-gateway limits); none may ever be logged."""
+    yield
+    root = tmp_path_factory.getbasetemp()
+    leaks = [str(p) for p in root.rglob("*.log") if p.is_file() and _KEY_TEXT.search(p.read_bytes())]
+    assert not leaks, f"API key text found in logs: {leaks}"

@@ -321,18 +321,11 @@ class Limiter:
         return ("EVALSHA", self._release_sha, 2, tokens, in_flight, int(self._clock() * 1000) if self._clock else "", grant.rid,
                 grant.second, delta)
 
-    async def release(self, grant: Grant | None, used_tokens: int | None,
-                      also: list[tuple[Any, ...]] | tuple[()] = ()) -> None:
-        """End ``grant`` (see :meth:`release_command`; safe to repeat), with the commands ``also``
-        (usage counters) in the same pipelined write."""
-        cmds = [self.release_command(grant, used_tokens)] if grant is not None else []
-        cmds += also
-        if not cmds:
-            return
-        replies = await self.lane.pipeline(cmds)
-        if cmds[0][0] == "EVALSHA" and isinstance(replies[0], NoScriptError):
+    async def release(self, grant: Grant, used_tokens: int | None) -> None:
+        """End ``grant`` (see :meth:`release_command`; safe to repeat)."""
+        cmd = self.release_command(grant, used_tokens)
+        try:
+            await self.lane.execute(*cmd)
+        except NoScriptError:
             await self._redis.script_load(_RELEASE)
-            replies[0] = await self.lane.execute(*cmds[0])
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+            await self.lane.execute(*cmd)
