@@ -2,12 +2,13 @@
 """auth_overhead.py - what API keys and per-key limits cost the gateway path.
 
 Starts one redis-server and one synthetic engine (zero delay) and two gateways on them:
-``open`` (``auth = false``) and ``keyed`` (``auth = true``, requests carry a key whose
-requests-, tokens-per-minute and concurrency limits are set far above the load, so every
-request is authenticated from the cache and passes the limiter's script in Redis, usage
-accounted). Then runs ``benchmarks/gateway_path.py`` against both, alternating ``--rounds``
-times (this machine is shared and noisy: compare means of alternated runs), and prints the
-mean requests/s and p50 per concurrency and the differences.
+``open`` (``auth = false``) and one with ``auth = true``, measured twice: ``keyed`` with a key
+without limits (authentication, fair-queue tenancy and usage accounting) and ``limited`` with
+a key whose requests-, tokens-per-minute and concurrency limits are set far above the load (so
+every request also passes the limiter's script in Redis and releases its grant after). Runs
+``benchmarks/gateway_path.py`` against the three, alternating ``--rounds`` times (this machine
+is shared and noisy: compare means of alternated runs), and prints the mean requests/s and p50
+per concurrency and the differences from ``open``.
 
     python benchmarks/auth_overhead.py [--rounds 3] [--quick] [-c "1 64"] [-o results.json]
 
@@ -75,7 +76,15 @@ class Bench:
     def conduit(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "gateway.cli", *args]
 
-    def up(self) -> tuple[str, str, str]:
+    def key(self, *limits: str) -> str:
+        created = subprocess.run(self.conduit("keys", "create", "--redis-url", self.redis_url, "--name", "bench",
+                                              *limits), cwd=ROOT, capture_output=True, text=True, check=True)
+        match = KEY_RE.search(created.stdout)
+        if match is None:
+            raise RuntimeError("`conduit keys create` printed no key")
+        return match.group(0)
+
+    def up(self) -> tuple[str, str, str, str]:
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
@@ -84,11 +93,7 @@ class Bench:
         wait_port(self.redis_port, redis)
         self.start("engine", self.conduit("engine", "--kind", "synthetic", "--served-name", "mock",
                                           "--redis-url", self.redis_url, "--log-level", "warning"))
-        created = subprocess.run(self.conduit("keys", "create", "--redis-url", self.redis_url, "--name", "bench",
-                                              *LIMITS), cwd=ROOT, capture_output=True, text=True, check=True)
-        match = KEY_RE.search(created.stdout)
-        if match is None:
-            raise RuntimeError("`conduit keys create` printed no key")
+        plain, limited = self.key(), self.key(*LIMITS)
         urls = []
         for name, auth in (("open", "false"), ("keyed", "true")):
             port = free_port()
@@ -97,7 +102,7 @@ class Bench:
                             env={"CONDUIT_AUTH": auth, "CONDUIT_REGISTRY_REFRESH_S": "0.5"})
             wait_port(port, gw)
             urls.append(f"http://127.0.0.1:{port}/v1")
-        return urls[0], urls[1], match.group(0)
+        return urls[0], urls[1], plain, limited
 
     def stop(self) -> None:
         for group in (self.procs[1:], self.procs[:1]):  # Redis last
@@ -132,27 +137,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="conduit-auth-bench-"))
     bench = Bench(workdir)
-    runs: dict[str, list[dict[str, dict[str, float]]]] = {"open": [], "keyed": []}
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"open": [], "keyed": [], "limited": []}
     try:
-        open_url, keyed_url, key = bench.up()
+        open_url, keyed_url, plain, limited = bench.up()
         time.sleep(1.5)  # the gateways' registries see the engine
         for r in range(args.rounds):
-            for label, url, k in (("open", open_url, ""), ("keyed", keyed_url, key)):
+            for label, url, k in (("open", open_url, ""), ("keyed", keyed_url, plain), ("limited", keyed_url, limited)):
                 runs[label].append(measure(label, url, k, args, workdir / f"{label}-{r}.json"))
                 print(f"round {r + 1} {label}: {runs[label][-1]}", flush=True)
     finally:
         bench.stop()
-    print("\n| concurrency | open req/s | keyed req/s | change | open p50 ms | keyed p50 ms | added p50 ms |")
-    print("|---|---|---|---|---|---|---|")
-    summary = {}
+    print("\n| concurrency | gateway | req/s | vs open | p50 ms | added p50 ms |")
+    print("|---|---|---|---|---|---|")
+    summary: dict[str, dict[str, dict[str, float]]] = {}
     for conc in args.conc.split():
-        o = [run[conc] for run in runs["open"]]
-        k = [run[conc] for run in runs["keyed"]]
-        o_rps, k_rps = statistics.mean(x["rps"] for x in o), statistics.mean(x["rps"] for x in k)
-        o_p50, k_p50 = statistics.mean(x["p50_ms"] for x in o), statistics.mean(x["p50_ms"] for x in k)
-        summary[conc] = {"open_rps": o_rps, "keyed_rps": k_rps, "open_p50_ms": o_p50, "keyed_p50_ms": k_p50}
-        print(f"| {conc} | {o_rps:,.0f} | {k_rps:,.0f} | {k_rps / o_rps - 1:+.1%} | {o_p50:.3f} | {k_p50:.3f} "
-              f"| {k_p50 - o_p50:+.3f} |")
+        means = {label: {"rps": statistics.mean(run[conc]["rps"] for run in r),
+                         "p50_ms": statistics.mean(run[conc]["p50_ms"] for run in r)} for label, r in runs.items()}
+        summary[conc] = means
+        base = means["open"]
+        for label, m in means.items():
+            print(f"| {conc} | {label} | {m['rps']:,.0f} | {m['rps'] / base['rps'] - 1:+.1%} | {m['p50_ms']:.3f} "
+                  f"| {m['p50_ms'] - base['p50_ms']:+.3f} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
     return 0
