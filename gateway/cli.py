@@ -132,6 +132,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from gateway.stack import LocalStack
 
     _logging("info")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # it polls the gateway: one line a request
     stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir),
                        images=args.engine != "synthetic" and not args.no_images)
     return stack.run_forever()
