@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Chat, streamed chat and a legacy completion against a running Conduit (`conduit up`).
+# Chat, streamed chat, a legacy completion and an image against a running Conduit (`conduit up`).
 set -euo pipefail
 BASE=${CONDUIT_URL:-http://127.0.0.1:8000/v1}
 MODEL=${MODEL:-tiny-llama}
@@ -18,3 +18,6 @@ curl -sS -N "$BASE/chat/completions" -H "$AUTH" -H 'Content-Type: application/js
 
 curl -sS "$BASE/completions" -H "$AUTH" -H 'Content-Type: application/json' \
   -d "{\"model\": \"$MODEL\", \"prompt\": \"Once upon a time\", \"max_tokens\": 8, \"logprobs\": 2}"; echo
+
+curl -sS "$BASE/images/generations" -H "$AUTH" -H 'Content-Type: application/json' \
+  -d "{\"model\": \"${IMAGE_MODEL:-tiny-sd}\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"64x64\"}"; echo
