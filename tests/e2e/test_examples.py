@@ -21,7 +21,7 @@ EXAMPLES = ROOT / "examples"
 def env(vllm_stack: VllmStack, tiny_sd_dir: Path) -> Iterator[dict[str, str]]:
     """A keyed gateway beside the suite's open one (same Redis prefix, same engines), a key made
     with `conduit keys create`, and the environment the examples read."""
-    vllm_stack.diffusers("tiny-sd", path=tiny_sd_dir, timeout=120)
+    images = vllm_stack.diffusers("tiny-sd", path=tiny_sd_dir, timeout=120)
     open_url, open_port = vllm_stack.base_url, vllm_stack.port
     vllm_stack.gateway(auth=True)
     keyed_url = vllm_stack.base_url
@@ -31,6 +31,9 @@ def env(vllm_stack: VllmStack, tiny_sd_dir: Path) -> Iterator[dict[str, str]]:
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     yield {**os.environ, "CONDUIT_URL": f"{keyed_url}/v1", "OPENAI_API_KEY": made.stdout.strip(), "MODEL": MODEL,
            "IMAGE_MODEL": "tiny-sd"}
+    # The suite's stack is as it was: its last test stops the vLLM engine and expects no live engine.
+    images.stop()
+    vllm_stack.procs.remove(images)
 
 
 def run(env: dict[str, str], *argv: str) -> str:
