@@ -133,6 +133,23 @@ class JobRun:
             pass
         self.events.put_nowait(_CLIENT_GONE)
 
+    async def first_event(self) -> Event:
+        """Submit the job and wait for the engine to accept it, for a streaming answer: a job
+        the engine refuses raises its error while the status can still say so. From the event
+        returned on, the caller's response owns the run (watches the connection, closes it)."""
+        await self.__aenter__()
+        try:
+            first = await self.next()
+            while isinstance(first, Restarted):
+                first = await self.next()
+            if isinstance(first, Failed):
+                raise engine_failure(first)
+        except BaseException:
+            self.close()
+            raise
+        self.stop_watching()
+        return first
+
     def stop_watching(self) -> None:
         """The streaming response watches the connection from here on (one reader of ``receive``)."""
         if self._watcher is not None:

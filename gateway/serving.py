@@ -9,7 +9,6 @@ goes away, streaming or not, cancels the job on the engine.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -176,16 +175,7 @@ class Generation:
 
     async def _stream(self, run: JobRun, include_usage: bool) -> Response[Any]:
         # Wait for the engine to accept before committing to 200: a refused job keeps its status.
-        async with contextlib.AsyncExitStack() as scope:
-            await scope.enter_async_context(run)
-            first = await run.next()
-            while isinstance(first, Restarted):
-                first = await run.next()
-            if isinstance(first, Failed):
-                raise engine_failure(first)
-            # From here the response owns the run (and watches the connection itself).
-            run.stop_watching()
-            scope.pop_all()
+        first = await run.first_event()
         return Stream(self._sse(run, first, include_usage), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _sse(self, run: JobRun, first: Event, include_usage: bool) -> AsyncIterator[bytes]:

@@ -107,23 +107,22 @@ class ImagesResponse(Struct, omit_defaults=True):
     usage: ImagesUsage | UnsetType = UNSET
 
 
-class PartialImageEvent(Struct, tag="image_generation.partial_image", tag_field="type"):
+class _ImageEvent(Struct):
+    """What both ``ImageGenStreamEvent`` kinds carry."""
+
     b64_json: str
     created_at: int
     size: str
     quality: str
     background: str
     output_format: str
+
+
+class PartialImageEvent(_ImageEvent, tag="image_generation.partial_image", tag_field="type"):
     partial_image_index: int
 
 
-class CompletedImageEvent(Struct, tag="image_generation.completed", tag_field="type"):
-    b64_json: str
-    created_at: int
-    size: str
-    quality: str
-    background: str
-    output_format: str
+class CompletedImageEvent(_ImageEvent, tag="image_generation.completed", tag_field="type"):
     usage: ImagesUsage
 
 

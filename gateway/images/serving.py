@@ -145,15 +145,7 @@ class ImageGeneration:
 
     async def _stream(self, run: JobRun, req: ImageRequest) -> Response[Any]:
         # Wait for the engine to accept before committing to 200: a refused job keeps its status.
-        async with contextlib.AsyncExitStack() as scope:
-            await scope.enter_async_context(run)
-            first = await run.next()
-            while isinstance(first, Restarted):
-                first = await run.next()
-            if isinstance(first, Failed):
-                raise engine_failure(first)
-            run.stop_watching()  # the streaming response watches the connection from here on
-            scope.pop_all()
+        first = await run.first_event()
         return Stream(self._sse(run, req, first), media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def _sse(self, run: JobRun, req: ImageRequest, first: Any) -> AsyncIterator[bytes]:

@@ -60,6 +60,11 @@ class Guard:
             await self._reject(err, send)
             return
 
+        principal = state.get("principal")
+        if principal is None or not principal.key_id:
+            await self.app(scope, receive, send)  # no key: no rate-limit headers to add
+            return
+
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
                 limits = state.get("ratelimit")
