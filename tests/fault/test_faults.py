@@ -112,14 +112,16 @@ def test_kill_engine(fault_stack: Stack) -> None:
 def test_restart_redis_with_jobs_queued(fault_stack: Stack, fault_redis: RedisServer) -> None:
     """(b) Redis restarts without persistence while jobs wait in the queue: every key is gone."""
     gws, _ = start(fault_stack)
-    jobs = Keys(fault_stack.prefix).jobs(MODEL)
+    keys = Keys(fault_stack.prefix)
+    jobs, fair = keys.jobs(MODEL), keys.fair_state(MODEL)
 
     def restart(load: Load) -> int:
         running = 2 * ENGINE_CONCURRENCY
         with redis.Redis.from_url(fault_redis.url) as r:
-            # Jobs start in waves: catch a moment when some wait (a stream's length is queued + running).
+            # Jobs start in waves: catch a moment when some wait. The backlog is the stream (queued
+            # + running) plus the jobs waiting their turn in fair queueing's lists.
             for _ in range(100):
-                backlog = int(r.xlen(jobs))
+                backlog = int(r.xlen(jobs)) + int(r.hget(fair, "waiting") or 0)
                 if backlog > running:
                     break
                 time.sleep(0.02)
