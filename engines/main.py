@@ -7,6 +7,7 @@ import logging
 import signal
 
 from engines.backend import Backend
+from engines.gpu import nvml_reader
 from engines.worker import Worker, WorkerSettings
 from telemetry.instruments import EngineMetrics
 from telemetry.setup import Telemetry
@@ -14,14 +15,21 @@ from telemetry.setup import Telemetry
 log = logging.getLogger("conduit.engine")
 
 
-async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int | None = None) -> None:
+async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int | None = None,
+                otlp_endpoint: str = "") -> None:
     """Serve jobs until SIGTERM/SIGINT, then drain (finish in-flight jobs) and exit."""
     worker = Worker(backend, settings)
-    telemetry = Telemetry("conduit-engine", worker.engine_id)
-    worker.metrics = EngineMetrics(telemetry.provider)
-    worker.metrics.watch_backend(backend)
-    if hasattr(backend, "metrics"):  # backends that record their own (diffusers: images, denoising steps)
-        backend.metrics = worker.metrics
+    telemetry = Telemetry("conduit-engine", worker.engine_id, otlp_endpoint=otlp_endpoint)
+    worker.metrics = metrics = EngineMetrics(telemetry.meter)
+    worker.tracing = telemetry.tracing
+    metrics.serving(backend.models)
+    metrics.watch_jobs(worker.in_flight, backend.max_concurrency)
+    metrics.watch_backend(backend)
+    gpus = nvml_reader()
+    if gpus is not None:
+        metrics.watch_gpus(gpus)
+    if hasattr(backend, "metrics"):  # backends that record their own (vLLM's engine stats, denoising steps)
+        backend.metrics = metrics
     if metrics_port:
         telemetry.serve(metrics_port)
     loop = asyncio.get_running_loop()

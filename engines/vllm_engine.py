@@ -20,6 +20,7 @@ import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+from telemetry.instruments import EngineMetrics, VllmMetrics
 
 
 #: The vLLM releases this module is written and tested against: it drives vLLM's internal
@@ -238,6 +239,8 @@ class VllmBackend:
         self.max_model_len: int | None = settings.max_model_len
         #: Requests aborted in vLLM because their job was cancelled.
         self.aborted_requests = 0
+        #: Set by the engine entrypoint before start(): vLLM's own statistics go to its meter.
+        self.metrics = EngineMetrics.noop()
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
@@ -262,7 +265,11 @@ class VllmBackend:
             enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
             gpu_memory_utilization=s.gpu_memory_utilization, reasoning_parser=s.reasoning_parser or "",
             **s.extra_engine_args)
-        self.engine = engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+        from engines.vllm_stats import stat_logger_factory
+
+        stats = stat_logger_factory(VllmMetrics(self.metrics.meter, self.served_name))
+        self.engine = engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
+                                                         stat_loggers=[stats])
         self.max_model_len = engine.model_config.max_model_len
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])

@@ -55,7 +55,8 @@ from engines.wire import (
     Started,
     Usage,
 )
-from telemetry.instruments import EngineMetrics
+from telemetry.instruments import OPERATIONS, EngineMetrics
+from telemetry.tracing import SpanKind, Status, StatusCode, Tracing
 
 log = logging.getLogger("conduit.engine")
 
@@ -104,6 +105,8 @@ class _Running:
     finished: bool = False
     #: Number of the last event emitted for this attempt.
     seq: int = 0
+    #: The job's usage, once the backend reported it.
+    usage: Usage | None = None
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -345,6 +348,7 @@ class _Output:
     def done(self, usage: Usage) -> None:
         self.started()
         run = self._run
+        run.usage = usage
         self._worker.finish(run, Done(job=run.job.id, usage=usage, attempt=run.attempt, seq=run.next_seq()))
 
 
@@ -361,6 +365,8 @@ class Worker:
         self.writer = EventWriter(self.redis, self.codec, settings)
         self.images = open_image_store(settings.image_store, self.redis, self.keys)
         self.metrics = metrics or EngineMetrics.noop()
+        #: Continues the traces gateways sampled (``Job.traceparent``); None: no spans.
+        self.tracing: Tracing | None = None
         self._started_ms = now_ms()
         self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
         self._kinds = frozenset(backend.kinds) & JOB_KINDS
@@ -476,6 +482,13 @@ class Worker:
             log.warning("could not deregister from Redis")
 
     # ---- reading jobs ------------------------------------------------------------------
+
+    def in_flight(self) -> list[tuple[str, int]]:
+        """(model, jobs running now) for each model this engine serves."""
+        counts = dict.fromkeys(self.backend.models, 0)
+        for run in self._running.values():
+            counts[run.job.model] = counts.get(run.job.model, 0) + 1
+        return list(counts.items())
 
     def _free(self) -> int:
         return self.backend.max_concurrency - len(self._running) - len(self._waiting)
@@ -594,32 +607,53 @@ class Worker:
         job = run.job
         out = _Output(self, run)
         started = time.perf_counter()
+        span = self._span(run) if self.tracing is not None and job.traceparent else None
+        outcome = "interrupted"
         try:
             await self.backend.run(job, out)
             if not run.finished:
                 self.finish(run, Failed(job=job.id, message="The engine ended the job without a result.",
                                         attempt=run.attempt, seq=run.next_seq()))
+            outcome = "ok"
             # After the event writer's turn: metrics must not delay the final flush.
             asyncio.get_running_loop().call_soon(self.metrics.job_finished, job.model, "ok",
                                                  time.perf_counter() - started)
         except JobRejected as exc:
+            outcome = "rejected"
             self.metrics.job_finished(job.model, "rejected")
             self.finish(run, Failed(job=job.id, message=exc.message, code=exc.code, status=exc.status,
                                     type=exc.type, param=exc.param, attempt=run.attempt, seq=run.next_seq()))
         except asyncio.CancelledError:
             if self._stopping.is_set() and job.id not in self._cancelled:
                 raise  # drain timed out: left pending (unacked), so another engine reclaims it
+            outcome = "cancelled"
             self.metrics.job_finished(job.model, "cancelled")
             if not run.finished:  # the client is gone: ack without a final event
                 run.finished = True
                 self.writer.ack(self._ack_of(run))
         except Exception:
+            outcome = "error"
             log.exception("job %s failed (traceparent %s)", job.id, job.traceparent or "-")
             self.metrics.job_finished(job.model, "error")
             self.finish(run, Failed(job=job.id, message="The engine failed while running the request.",
                                     attempt=run.attempt, seq=run.next_seq()))
         finally:
             self._release(run)
+            if span is not None:
+                _end_span(span, run, outcome)
+
+    def _span(self, run: _Running) -> Any:
+        """The job's span in its client's trace (None when that trace is not sampled)."""
+        job = run.job
+        attrs: dict[str, Any] = {"gen_ai.operation.name": OPERATIONS.get(job.kind, job.kind),
+                                 "gen_ai.request.model": job.model, "messaging.system": "redis",
+                                 "messaging.operation.type": "process", "messaging.destination.name": run.stream,
+                                 "messaging.message.id": job.id, "conduit.engine.id": self.engine_id,
+                                 "conduit.job.attempt": run.attempt}
+        if job.created_ms:
+            attrs["conduit.job.queue_wait_s"] = max(now_ms() - job.created_ms, 0) / 1000
+        name = f"{attrs['gen_ai.operation.name']} {job.model}"
+        return self.tracing.continued(job.traceparent, name, SpanKind.CONSUMER, attrs)  # type: ignore[union-attr]
 
     def finish(self, run: _Running, final: Done | Failed) -> None:
         """Write the final event; the job is acked once it is in Redis."""
@@ -741,6 +775,7 @@ class Worker:
 
     async def _retry_claimed(self, stream: str, model: str, entry_id: bytes, fields: dict[bytes, bytes],
                              attempt: int) -> None:
+        self.metrics.job_reclaimed(model)
         try:
             job = self.codec.decode_job(fields[b"j"])
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
@@ -764,6 +799,16 @@ class Worker:
             return
         log.info("retrying job %s (attempt %d)", job.id, attempt)
         self._accept(stream, entry_id, fields, attempt=attempt)
+
+
+def _end_span(span: Any, run: _Running, outcome: str) -> None:
+    span.set_attribute("conduit.job.outcome", outcome)
+    if run.usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", run.usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", run.usage.completion_tokens)
+    if outcome == "error":
+        span.set_status(Status(StatusCode.ERROR, "the engine failed while running the job"))
+    span.end()
 
 
 def parse_cancel(data: bytes) -> tuple[str, int | None]:

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp
 
 from engines.lane import connect, open_lane
 from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
@@ -24,6 +24,7 @@ from gateway.completions import CompletionRenderer
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, ModelNotFound, NotFound, error_response
 from gateway.images.serving import ImageGeneration
+from gateway.observe import RequestObserver, note_prompt, template_name
 from gateway.protocol import Model, ModelList, RequestDecoder
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
@@ -38,6 +39,7 @@ from gateway.tenancy.keys import KeyStore
 from gateway.tenancy.limits import Limiter
 from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
+from telemetry.logs import RequestLog, configure_logging
 from telemetry.setup import Telemetry
 
 log = logging.getLogger("conduit.gateway")
@@ -79,6 +81,7 @@ async def chat_completions(request: Request[Any, Any, Any], services: Services) 
     """Chat completion, streamed as SSE when ``stream`` is true."""
     body = await request.body()
     req = services.decoder.chat(body)
+    note_prompt(request.scope, body, services.settings)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
                                        include_usage=include_usage, cost=estimate(req, services.settings))
@@ -89,6 +92,7 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     """Legacy text completion, streamed as SSE when ``stream`` is true."""
     body = await request.body()
     req = services.decoder.completion(body)
+    note_prompt(request.scope, body, services.settings)
     include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
     return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
                                              include_usage=include_usage, cost=estimate(req, services.settings))
@@ -99,6 +103,7 @@ async def image_generations(request: Request[Any, Any, Any], services: Services)
     """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
     body = await request.body()
     req = services.decoder.image(body)
+    note_prompt(request.scope, body, services.settings)
     return await services.images.respond(request, req, body)
 
 
@@ -155,6 +160,8 @@ async def ready(services: Services) -> Response[bytes]:
 @get("/metrics")
 async def metrics(services: Services) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
+    if not services.settings.metrics:
+        raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -170,27 +177,39 @@ async def _sweep(store: DirectoryImageStore, every_s: float = 60.0) -> None:
             log.exception("sweeping expired images failed; carrying on")
 
 
-def create_app(settings: GatewaySettings) -> Litestar:
-    """The gateway application for one process (``settings.gateway_id`` must be unique)."""
+def gateway_telemetry(settings: GatewaySettings) -> Telemetry:
+    """The process's telemetry, as its settings configure it."""
+    return Telemetry("conduit-gateway", settings.gateway_id, otlp_endpoint=settings.otlp_endpoint,
+                     sample_ratio=settings.trace_sample_ratio)
+
+
+def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) -> Litestar:
+    """The gateway application for one process (``settings.gateway_id`` must be unique).
+
+    ``telemetry``: the process's (the observer around the app shares it); made here if not given.
+    """
     if not settings.gateway_id:
         settings = settings.with_gateway_id()
+    telemetry = telemetry or gateway_telemetry(settings)
+    gw_metrics = GatewayMetrics(telemetry.meter)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         keys = Keys(settings.key_prefix)
         codec = Codec()
-        telemetry = Telemetry("conduit-gateway", settings.gateway_id)
-        gw_metrics = GatewayMetrics(telemetry.provider)
         redis = connect(settings.redis_url, cluster=settings.redis_cluster, max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
                                   configured=settings.models, metrics=gw_metrics)
+        gw_metrics.watch_queue(registry.backlog_counts)
+        gw_metrics.watch_engines(registry.engine_counts)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
         queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
         queue.lane.start()
         limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
         limiter.lane.start()
         usage_log = UsageLog(redis, keys, ttl_days=settings.usage_ttl_days, metrics=gw_metrics)
-        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log)
+        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log,
+                                tracing=telemetry.tracing)
         store = open_image_store(settings.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
         auth = Authenticator(key_store, admin_hash=settings.admin_key_hash, poll_s=settings.keys_poll_s,
@@ -240,7 +259,7 @@ def create_app(settings: GatewaySettings) -> Litestar:
             await redis.aclose()
             telemetry.shutdown()
 
-    return Litestar(
+    app = Litestar(
         route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
                         metrics, *ADMIN_ROUTES],
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
@@ -252,44 +271,31 @@ def create_app(settings: GatewaySettings) -> Litestar:
         openapi_config=None,
         logging_config=None,
     )
+    app.state.metrics = gw_metrics
+    return app
 
 
-def with_request_id(app: ASGIApp) -> ASGIApp:
-    """Outermost wrapper: every response, routing errors included, carries ``x-request-id``.
+def _route_of(app: Litestar) -> Any:
+    """A path's route template, for requests answered before routing (the guard's 401s)."""
 
-    A client's own ``x-request-id`` is echoed; otherwise one is made. It is kept at
-    ``scope["state"]["request_id"]``, read when the response starts: an inner layer may put
-    another there (an idempotent replay sends the first request's).
-    """
+    def route_of(path: str, method: str) -> str:
+        try:
+            template = app.asgi_router.handle_routing(path=path, method=method)[4]  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - no such route (a 404 of its own)
+            return "other"
+        return template_name(str(template))
 
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        rid = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                rid = value[:128]
-                break
-        if not rid:
-            rid = b"req_" + os.urandom(12).hex().encode()
-        state = scope.setdefault("state", {})
-        state["request_id"] = rid
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", state["request_id"])]
-            await send(message)
-
-        await app(scope, receive, send_with_id)
-
-    return wrapped
+    return route_of
 
 
 def build_asgi(settings: GatewaySettings) -> ASGIApp:
-    """The ASGI callable a server runs: request ids, then the guard (credentials), then
-    idempotency (keyed by the principal the guard found), then the app."""
-    app = create_app(settings)
+    """The ASGI callable a server runs: the observer (request ids, spans, metrics, the request
+    log), then the guard (credentials), then idempotency (keyed by the principal the guard
+    found), then the app."""
+    if not settings.gateway_id:
+        settings = settings.with_gateway_id()
+    telemetry = gateway_telemetry(settings)
+    app = create_app(settings, telemetry)
 
     def authenticator() -> Authenticator | None:
         services = getattr(app.state, "services", None)
@@ -301,12 +307,17 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
             services.dispatcher.metrics.rejected(err.code or "error")
 
     idempotent = IdempotencyMiddleware(app, settings, lambda: app.state.services.redis)
-    return with_request_id(Guard(idempotent, settings, authenticator, rejected))
+    request_log = RequestLog(service="conduit-gateway", instance=settings.gateway_id) if settings.log_requests else None
+    return RequestObserver(Guard(idempotent, settings, authenticator, rejected),
+                           metrics=app.state.metrics if settings.metrics else None, tracing=telemetry.tracing,
+                           log=request_log, route_of=_route_of(app))
 
 
 def asgi_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory gateway.app:asgi_from_env`` (one per worker process)."""
-    return build_asgi(GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id())
+    settings = GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id()
+    configure_logging(settings.log_level, settings.log_format, service="conduit-gateway", instance=settings.gateway_id)
+    return build_asgi(settings)
 
 
 __all__ = ["ConduitError", "asgi_from_env", "build_asgi", "create_app"]

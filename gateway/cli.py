@@ -24,8 +24,10 @@ CPU_ENGINE_ENV = {
 }
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _logging(level: str, fmt: str = "text", service: str = "") -> None:
+    from telemetry.logs import configure_logging
+
+    configure_logging(level, fmt, service=service)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -33,7 +35,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
     # Each uvicorn worker builds its settings from the environment (with its own gateway id).
     for name in ("host", "port", "redis_url", "key_prefix", "request_timeout_s", "max_backlog", "max_body_bytes",
-                 "log_level"):
+                 "log_level", "log_format", "otlp_endpoint", "trace_sample_ratio"):
         value = getattr(args, name, None)
         if value is not None:
             os.environ[f"CONDUIT_{name.upper()}"] = str(value)
@@ -42,10 +44,11 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings.from_env(file=args.config)
-    _logging(settings.log_level)
+    _logging(settings.log_level, settings.log_format, "conduit-gateway")
+    # Each worker configures logging itself (asgi_from_env): uvicorn's own config would replace it.
     uvicorn.run("gateway.app:asgi_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=args.workers or settings.workers, loop="uvloop", http="httptools", access_log=False,
-                log_level=settings.log_level.lower(), lifespan="on", timeout_graceful_shutdown=30)
+                log_level=settings.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
     return 0
 
 
@@ -53,7 +56,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from engines.main import serve
     from engines.worker import WorkerSettings
 
-    _logging(args.log_level)
+    _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
     settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
                               engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
@@ -101,7 +104,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
             enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
             reasoning_parser=args.reasoning_parser))
-    _run_loop(serve(backend, settings, metrics_port=args.metrics_port))
+    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
     return 0
 
 
@@ -266,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--max-backlog", type=int)
     gw.add_argument("--max-body-bytes", type=int)
     gw.add_argument("--log-level")
+    gw.add_argument("--log-format", choices=["text", "json"], help="json: one JSON object a line (log collectors)")
+    gw.add_argument("--otlp-endpoint", help="OTLP/HTTP collector for traces (http://collector:4318); off if unset")
+    gw.add_argument("--trace-sample-ratio", type=float, help="share of new traces recorded (default 0.1)")
     gw.add_argument("--config", help="TOML or JSON settings file (CONDUIT_* variables override it)")
     gw.set_defaults(func=cmd_gateway)
 
@@ -308,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--numbered", action="store_true",
                     help="synthetic: token i's text is '<i> ', so clients can check for gaps and duplicates")
     en.add_argument("--log-level", default="info")
+    en.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("CONDUIT_LOG_FORMAT", "text"),
+                    help="json: one JSON object a line (log collectors)")
+    en.add_argument("--otlp-endpoint", default=os.environ.get("CONDUIT_OTLP_ENDPOINT", ""),
+                    help="OTLP/HTTP collector for traces; the engine continues the traces gateways sample")
     en.set_defaults(func=cmd_engine)
 
     mo = sub.add_parser("models", help="Model utilities.")

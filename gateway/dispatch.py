@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.wire import Done, Event, Failed, Job, Unknown
+from engines.wire import Done, Event, Failed, Job, Started, Unknown
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
@@ -35,6 +35,7 @@ from gateway.tenancy.limits import Grant, Limiter
 from gateway.tenancy.principal import ANONYMOUS, Principal
 from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
+from telemetry.tracing import Span, SpanKind, Tracing, format_traceparent
 
 log = logging.getLogger("conduit.gateway")
 
@@ -74,11 +75,11 @@ class JobRun:
 
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
-                 "_held", "principal", "cost", "grant", "ratelimit")
+                 "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
-                 ratelimit: dict[str, str] | None = None) -> None:
+                 ratelimit: dict[str, str] | None = None, queue_span: Span | None = None) -> None:
         self.dispatcher = dispatcher
         self.job = job
         #: The id the client sees (the first job id: a resubmitted job gets a new one).
@@ -113,6 +114,10 @@ class JobRun:
         self.cost = cost or Cost()
         self.grant: Grant | None = None
         self.ratelimit = ratelimit
+        #: The trace's span from submission until an engine starts the job (sampled requests only).
+        self.queue_span = queue_span
+        #: The error code a stream ended with after its 200 (for the request's log line).
+        self.error = ""
 
     @property
     def job_id(self) -> str:
@@ -224,7 +229,20 @@ class JobRun:
             return None  # counted by the router; its number is accounted for
         if isinstance(event, (Done, Failed)):
             self.ended = True
+        if self.queue_span is not None:
+            self.end_queue_span(event)
         return event
+
+    def end_queue_span(self, event: Event | None) -> None:
+        """The job left the queue: an engine's first event arrived (or the run ended without one)."""
+        span, self.queue_span = self.queue_span, None
+        if span is None:
+            return
+        if isinstance(event, Started) and event.engine:
+            span.set_attribute("conduit.engine.id", event.engine)
+        span.set_attribute("conduit.job.attempt", self.attempt)
+        span.set_attribute("conduit.job.resubmits", self.resubmits)
+        span.end()
 
     async def batches(self) -> AsyncIterator[list[Event | Restarted]]:
         """Events in batches: everything already delivered comes together (one write to the client)."""
@@ -264,16 +282,11 @@ class JobRun:
         if self.timer is not None:
             self.timer.cancel()
         self.stop_watching()
+        if self.queue_span is not None:
+            self.end_queue_span(None)
         self.dispatcher.forget(self)
         if self.principal.key_id:
             self.dispatcher.settle(self)
-
-    def record(self, status: int, operation: str) -> None:
-        """Record the request's metrics (called once its answer is out)."""
-        u = self.usage
-        self.dispatcher.metrics.request_finished(
-            self.model, operation, status, time.perf_counter() - self.started_at, self.ttft,
-            u.prompt_tokens if u else None, u.completion_tokens if u else None)
 
 
 class _Gap:
@@ -297,8 +310,9 @@ class Dispatcher:
 
     def __init__(self, settings: GatewaySettings, registry: EngineRegistry, queue: JobQueue,
                  router: ReplyRouter, metrics: GatewayMetrics, *, limiter: Limiter | None = None,
-                 usage: UsageLog | None = None) -> None:
+                 usage: UsageLog | None = None, tracing: Tracing | None = None) -> None:
         self.settings = settings
+        self.tracing = tracing
         self.limiter = limiter
         self.usage = usage
         self.registry = registry
@@ -332,9 +346,14 @@ class Dispatcher:
     def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
             receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
             traceparent: str = "", output_ttl_ms: int = 0, principal: Principal = ANONYMOUS,
-            cost: Cost | None = None, ratelimit: dict[str, str] | None = None) -> JobRun:
+            cost: Cost | None = None, ratelimit: dict[str, str] | None = None,
+            state: dict[str, Any] | None = None) -> JobRun:
         """A request's job, submitted when its ``async with`` block is entered.
 
+        ``state`` (the request's ``scope["state"]``) gets the run (``"run"``: the request's
+        observer records its metrics and log line from it) and gives the request's span
+        (``"span"``, a sampled trace): the job's queue span hangs under it and its context
+        replaces ``traceparent`` (the client's) in the job, so the engine's span joins the trace.
         ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
         ``output_ttl_ms``: how long the engine keeps what it stores (images) readable;
         ``principal``: who asks (its key id is the job's tenant in fair queueing); ``cost``: what it
@@ -343,11 +362,23 @@ class Dispatcher:
         """
         self.check_model(model, principal)
         now_ms = int(time.time() * 1000)
+        span = state.get("span") if state is not None else None
+        queue_span = None
+        if span is not None and self.tracing is not None:
+            queue_span = self.tracing.start(
+                f"queue {model}", SpanKind.PRODUCER, span,
+                {"messaging.system": "redis", "messaging.operation.type": "send",
+                 "messaging.destination.name": self.queue.stream_of(model), "messaging.message.id": job_id,
+                 "gen_ai.request.model": model})
+            traceparent = format_traceparent(queue_span.get_span_context())
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
                   traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms,
                   tenant=principal.key_id, priority=principal.limits.priority)
-        return JobRun(self, job, receive, principal=principal, cost=cost, ratelimit=ratelimit)
+        run = JobRun(self, job, receive, principal=principal, cost=cost, ratelimit=ratelimit, queue_span=queue_span)
+        if state is not None:
+            state["run"] = run
+        return run
 
     async def submit(self, run: JobRun) -> None:
         """Queue a run's job and start its deadline; raises the right error when it cannot be queued."""
@@ -356,6 +387,7 @@ class Dispatcher:
             await self._queue(run)
         except ConduitError:
             run.closed = True
+            run.end_queue_span(None)
             self._forget_id(run.job_id)
             if run.grant is not None:  # admitted, never queued: every reserved token back
                 self._spawn(self._release(run.grant, 0))

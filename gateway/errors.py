@@ -178,6 +178,9 @@ def from_exception(exc: Exception) -> ConduitError:
 def error_response(request: Request, exc: Exception) -> Response[bytes]:
     """The single exception handler of the app: every error becomes the OpenAI envelope."""
     err = from_exception(exc)
+    state = request.scope.get("state")
+    if state is not None:
+        state["error"] = err.code or "error"  # for the request's log line and span
     services = getattr(request.app.state, "services", None)
     if services is not None:
         services.dispatcher.metrics.rejected(err.code or "error")

@@ -105,6 +105,10 @@ class JobQueue:
         self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
         self.lane = open_lane(redis, "submit")
 
+    def stream_of(self, model: str) -> str:
+        """The job stream of ``model``."""
+        return self._keys.jobs(model)
+
     async def submit(self, job: Job, *, share: float | None = None) -> None:
         """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` instead
         of queueing past the limit, :class:`ShareFull` when the job's tenant would hold more

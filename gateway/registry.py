@@ -32,6 +32,9 @@ class EngineRegistry:
         self._configured = set(configured)
         self.engines: dict[str, EngineInfo] = {}
         self.models: dict[str, list[EngineInfo]] = {}
+        #: model -> (jobs in its stream: queued or running, jobs waiting in fair queueing's lists),
+        #: for every known model, read with each refresh (exported as ``conduit.queue.*``).
+        self.backlog: dict[str, tuple[int, int]] = {}
         self._seen: set[str] = set()
         self.redis_ok = False
         self.refreshed = asyncio.Event()
@@ -45,6 +48,22 @@ class EngineRegistry:
 
     def is_known(self, model: str) -> bool:
         return model in self.models or model in self._configured or model in self._seen
+
+    def known(self) -> set[str]:
+        """Every model that is configured, served now, or was served before."""
+        return self._configured | self._seen | set(self.models)
+
+    def engine_counts(self) -> list[tuple[str, int, int]]:
+        """(model, live engines, their slots) for every known model (0, 0: none serves it now)."""
+        out = []
+        for m in sorted(self.known()):
+            engines = self.models.get(m, [])
+            out.append((m, len(engines), sum(e.max_concurrency for e in engines)))
+        return out
+
+    def backlog_counts(self) -> list[tuple[str, int, int]]:
+        """(model, jobs queued or running in its stream, jobs waiting) from the last refresh."""
+        return [(m, q, w) for m, (q, w) in sorted(self.backlog.items())]
 
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""
@@ -82,8 +101,22 @@ class EngineRegistry:
         # if Redis loses its data.
         self._seen.update(s.decode() for s in seen)
         self._seen.update(models)
+        await self._read_backlog()
         self.redis_ok = True
         self.refreshed.set()
+
+    async def _read_backlog(self) -> None:
+        """Each known model's stream length and waiting jobs: one pipelined round trip."""
+        known = sorted(self.known())
+        if not known:
+            self.backlog = {}
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for m in known:
+            pipe.xlen(self._keys.jobs(m))
+            pipe.hget(self._keys.fair_state(m), "waiting")
+        replies = await pipe.execute()
+        self.backlog = {m: (int(replies[2 * i] or 0), int(replies[2 * i + 1] or 0)) for i, m in enumerate(known)}
 
     async def _prune(self) -> None:
         # Engines that died without deregistering: drop their entries after a grace period.

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from litestar import Request, Response
-from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 
 from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob, Started, Usage
@@ -129,7 +128,7 @@ class Generation:
         run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,
                                   traceparent=request.headers.get("traceparent", "")[:55], principal=principal,
-                                  cost=cost, ratelimit=ratelimit)
+                                  cost=cost, ratelimit=ratelimit, state=request.scope["state"])
         try:
             if stream:
                 return await self._stream(run, include_usage)
@@ -143,9 +142,8 @@ class Generation:
     async def _collect(self, run: JobRun) -> Response[Any]:
         async with run:
             content = await self._answer(run)
-        # Metrics are recorded after the response went out: off the latency's critical path.
-        return Response(content=content, media_type="application/json",
-                        background=BackgroundTask(self._record_later, run, 200))
+        # Its metrics and log line are written by the observer once the response is out.
+        return Response(content=content, media_type="application/json")
 
     async def _answer(self, run: JobRun) -> bytes:
         # Choices are made as their output arrives: ``n`` costs nothing before the engine answers.
@@ -200,6 +198,7 @@ class Generation:
                         yield bytes(out)
                         return
                     elif isinstance(event, Failed):
+                        run.error = event.code
                         out += _error_event(engine_failure(event))
                         out += DONE
                         yield bytes(out)
@@ -210,16 +209,17 @@ class Generation:
                 try:
                     pending = await anext(batches)
                 except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
-                    self.dispatcher.metrics.rejected(exc.code or "error")
+                    failed_mid_stream(run, exc)
                     yield _error_event(exc) + DONE
                     return
         finally:
             run.close()
-            run.record(200, r.operation)
 
-    async def _record_later(self, run: JobRun, status: int) -> None:
-        # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
-        run.record(status, self.renderer.operation)
+
+def failed_mid_stream(run: JobRun, exc: ConduitError) -> None:
+    """A stream that ended in an error after its 200: counted, and its code put in the request's log line."""
+    run.dispatcher.metrics.rejected(exc.code or "error")
+    run.error = exc.code or "error"
 
 
 def _error_event(exc: ConduitError | Exception) -> bytes:

@@ -133,6 +133,23 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0
 
+    # ---- telemetry (telemetry/) -----------------------------------------------------------
+    #: Record and serve metrics (``/metrics``). Off: no per-request metric work, ``/metrics`` is 404.
+    metrics: bool = True
+    #: OTLP/HTTP collector for traces (``http://collector:4318``); empty: tracing off.
+    otlp_endpoint: str = ""
+    #: Share of new traces recorded (a client's ``traceparent`` decides for its own trace).
+    trace_sample_ratio: float = 0.1
+    #: ``text`` (people) or ``json`` (one object a line, for log collectors).
+    log_format: str = "text"
+    #: One JSON line per finished request (``telemetry.logs.RequestRecord``) on stderr.
+    log_requests: bool = True
+    #: Put each generation request's ``messages`` / ``prompt`` in its log line. Off by default:
+    #: prompts are the users' data.
+    log_prompts: bool = False
+    #: Characters of a logged prompt (the rest is cut).
+    log_prompt_chars: int = 2000
+
     #: HTTP workers (processes) for ``conduit gateway``.
     workers: int = 1
     log_level: str = "info"

@@ -1,103 +1,202 @@
-"""Every metric Conduit exports, defined in one place.
+"""Every metric Conduit exports, defined in one place: name, unit, description, attributes.
 
-Names follow the OpenTelemetry GenAI semantic conventions where they exist
-(``gen_ai.server.*``, ``gen_ai.client.token.usage``); Conduit's own are ``conduit.*``.
-Instruments are created per process from a meter provider passed in (see
-:mod:`telemetry.setup`), never at import time.
+Names follow the OpenTelemetry semantic conventions where they exist (``gen_ai.server.*``,
+``gen_ai.client.token.usage``, ``http.server.request.duration``, ``hw.gpu.memory.*``);
+Conduit's own are ``conduit.*``. Attribute values are model names, key *names*, operations,
+outcomes, error codes and routes: never an API key, a prompt or any other request content
+(``tests/integration/test_telemetry.py`` checks the exposition for both).
+
+Instruments are made per process from a :class:`~telemetry.aggregate.Meter` passed in (see
+:mod:`telemetry.setup`), never at import time. Hot paths bind their attribute sets once
+(``Histogram.bind``) so that a record costs well under a microsecond.
+
+Prometheus names: dots become underscores, the unit is appended (``_seconds``, ``_bytes``,
+none for ``1`` and ``{...}`` units) and counters end in ``_total``, so
+``gen_ai.server.time_to_first_token`` is ``gen_ai_server_time_to_first_token_seconds``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from opentelemetry.metrics import Meter, MeterProvider, NoOpMeterProvider, Observation
+from telemetry.aggregate import Attributes, CounterSeries, HistogramSeries, Meter, Observations
 
 # Seconds buckets that resolve both sub-millisecond gateway work and minute-long generations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Time per output token / between tokens: 1 ms to 2.5 s.
+TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2,
+                      0.3, 0.5, 1, 2.5)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: ``gen_ai.operation.name`` of each job kind.
+OPERATIONS = {"chat": "chat", "completion": "text_completion", "image": "image_generation"}
+
+#: Every outcome an engine reports for a job (``conduit.engine.jobs``).
+JOB_OUTCOMES = ("ok", "rejected", "cancelled", "skipped", "expired", "error", "lost", "dead_letter", "unsupported",
+                "malformed")
+
+#: Background duties of each process (``background.errors``'s ``task``) and the reasons a gateway
+#: drops a reply event (``events.skipped``): their series exist at 0 from the start.
+GATEWAY_TASKS = ("reply-router", "engine-registry", "job-check", "limits-release", "usage-flush")
+ENGINE_TASKS = ("event-writer", "heartbeat", "reclaim", "read-jobs", "promote", "cancel-listener")
+SKIP_REASONS = ("unknown_type", "undecodable_entry", "duplicate", "gap", "stale_attempt", "stale_submission",
+                "registry_entry")
+
+MODEL = "gen_ai.request.model"
+OPERATION = "gen_ai.operation.name"
+TOKEN_TYPE = "gen_ai.token.type"
 
 
-def _meter(provider: MeterProvider, name: str) -> Meter:
-    return provider.get_meter(name, version="0.1.0")
+class _Generation:
+    """The bound series of one (model, operation): a finished request records into these."""
+
+    __slots__ = ("ttft", "tpot", "input", "output", "by_status", "_metrics", "_attrs")
+
+    def __init__(self, metrics: GatewayMetrics, model: str, operation: str) -> None:
+        attrs = {MODEL: model, OPERATION: operation}
+        self._metrics = metrics
+        self._attrs = attrs
+        self.ttft = metrics.time_to_first_token.bind(attrs)
+        self.tpot = metrics.time_per_output_token.bind(attrs)
+        self.input = metrics.token_usage.bind({**attrs, TOKEN_TYPE: "input"})
+        self.output = metrics.token_usage.bind({**attrs, TOKEN_TYPE: "output"})
+        self.by_status: dict[int, HistogramSeries] = {}
+
+    def duration(self, status: int) -> HistogramSeries:
+        series = self.by_status.get(status)
+        if series is None:
+            series = self.by_status[status] = self._metrics.request_duration.bind(
+                {**self._attrs, "http.response.status_code": status})
+        return series
 
 
 class GatewayMetrics:
     """Instruments of a gateway process."""
 
-    def __init__(self, provider: MeterProvider) -> None:
-        m = _meter(provider, "conduit.gateway")
-        self.request_duration = m.create_histogram(
-            "gen_ai.server.request.duration", unit="s",
-            description="Time from request arrival to its last byte", explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.time_to_first_token = m.create_histogram(
-            "gen_ai.server.time_to_first_token", unit="s",
-            description="Time from request arrival to its first output token",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.token_usage = m.create_histogram(
-            "gen_ai.client.token.usage", unit="{token}", description="Tokens per request, by gen_ai.token.type",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self.rejections = m.create_counter(
-            "conduit.gateway.rejections", unit="{request}", description="Requests answered with an error, by error code")
-        self.cancellations = m.create_counter(
+    def __init__(self, meter: Meter) -> None:
+        m = self.meter = meter
+        # ---- every HTTP request --------------------------------------------------------
+        self.http_duration = m.histogram(
+            "http.server.request.duration", unit="s", bounds=DURATION_BUCKETS,
+            description="Every HTTP request, by http.route, http.request.method and http.response.status_code "
+                        "(refusals at the door included: 401, 404, 413, 429)")
+        # ---- generation requests (chat, completions, images) ---------------------------
+        self.request_duration = m.histogram(
+            "gen_ai.server.request.duration", unit="s", bounds=DURATION_BUCKETS,
+            description="Time from a generation request's arrival to its last byte")
+        self.time_to_first_token = m.histogram(
+            "gen_ai.server.time_to_first_token", unit="s", bounds=DURATION_BUCKETS,
+            description="Time from request arrival to its first output token (first image for image requests)")
+        self.time_per_output_token = m.histogram(
+            "gen_ai.server.time_per_output_token", unit="s", bounds=TOKEN_TIME_BUCKETS,
+            description="Time per output token after the first: (duration - time to first token) / (tokens - 1)")
+        self.token_usage = m.histogram(
+            "gen_ai.client.token.usage", unit="{token}", bounds=TOKEN_BUCKETS,
+            description="Tokens per request, by gen_ai.token.type (input, output)")
+        self.rejections = m.counter(
+            "conduit.gateway.rejections", unit="{request}",
+            description="Requests answered with an error, by error.type (the OpenAI error code: invalid_api_key, "
+                        "rate_limit_exceeded, model_overloaded, model_not_found, ...)")
+        self.cancellations = m.counter(
             "conduit.gateway.cancellations", unit="{request}", description="Requests whose client went away")
-        self.background_errors = m.create_counter(
+        self.background_errors = m.counter(
             "conduit.gateway.background.errors", unit="{error}",
             description="Errors a background duty (reply router, registry, job watch) outlived, by task")
-        self.skipped_events = m.create_counter(
+        self.skipped_events = m.counter(
             "conduit.gateway.events.skipped", unit="{event}",
             description="Reply events dropped: unknown to this version, undecodable, repeated or of a stale attempt, "
                         "by reason")
-        self.resubmissions = m.create_counter(
+        self.resubmissions = m.counter(
             "conduit.gateway.resubmissions", unit="{job}",
             description="Jobs submitted again because their first submission was lost (no client output yet)")
-        # Per API key, labelled by the key's *name* (never the key): a key's traffic and refusals.
-        self.key_requests = m.create_counter(
+        # ---- per API key, labelled by the key's *name* (never the key) ----------------------
+        self.key_requests = m.counter(
             "conduit.gateway.key.requests", unit="{request}", description="Requests admitted, by key name and model")
-        self.key_tokens = m.create_counter(
+        self.key_tokens = m.counter(
             "conduit.gateway.key.tokens", unit="{token}",
             description="Tokens used, by key name, model and gen_ai.token.type (input, output)")
-        self.key_images = m.create_counter(
+        self.key_images = m.counter(
             "conduit.gateway.key.images", unit="{image}", description="Images generated, by key name and model")
-        self.key_rate_limited = m.create_counter(
+        self.key_rate_limited = m.counter(
             "conduit.gateway.key.rate_limited", unit="{request}",
             description="Requests refused by a key's rate limit, by key name and limit (requests, tokens, images, "
                         "concurrency)")
-        self._meter = m
-        self._attrs: dict[tuple[str, str], tuple[dict[str, str], dict[str, str], dict[str, str]]] = {}
+        self._generations: dict[tuple[str, str], _Generation] = {}
+        self._rejections: dict[str, CounterSeries] = {}
+        # Series that exist from the start, so that a rate of them is 0 rather than "no data".
+        for code in ("invalid_api_key", "rate_limit_exceeded", "model_overloaded"):
+            self._rejections[code] = self.rejections.bind({"error.type": code})
+        for task in GATEWAY_TASKS:
+            self.background_errors.bind({"task": task})
+        for reason in SKIP_REASONS:
+            self.skipped_events.bind({"reason": reason})
+        self.cancellations.bind()
+        self.resubmissions.bind()
+
+    # ---- read at scrape time (no per-request cost) ------------------------------------
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
-        """Export the number of requests waiting on an engine, read at scrape time (no per-request cost)."""
-        self._meter.create_observable_gauge(
-            "conduit.gateway.requests.in_flight", unit="{request}", description="Requests waiting on an engine",
-            callbacks=[lambda _options: [Observation(count())]])
+        """Export the number of requests waiting on an engine."""
+        self.meter.gauge("conduit.gateway.requests.in_flight", unit="{request}",
+                         description="Requests waiting on an engine", callback=lambda: [(count(), None)])
+
+    def watch_queue(self, backlog: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export each model's backlog from ``backlog()``: (model, queued or running, waiting)."""
+        self.meter.gauge("conduit.queue.backlog", unit="{job}",
+                         description="Jobs of a model queued or running (its stream) plus those waiting their key's "
+                                     "turn; the same value from every gateway (read from Redis)",
+                         callback=lambda: [(q + w, {MODEL: m}) for m, q, w in backlog()])
+        self.meter.gauge("conduit.queue.waiting", unit="{job}",
+                         description="Jobs of a model waiting in fair queueing's per-key lists (every engine slot "
+                                     "busy)",
+                         callback=lambda: [(w, {MODEL: m}) for m, _, w in backlog()])
+
+    def watch_engines(self, engines: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+        """Export the live engines of every known model from ``engines()``: (model, engines, slots)."""
+        self.meter.gauge("conduit.gateway.engines.live", unit="{engine}",
+                         description="Engines heart-beating for a model (0: a known model no engine serves)",
+                         callback=lambda: [(n, {MODEL: m}) for m, n, _ in engines()])
+        self.meter.gauge("conduit.gateway.engines.slots", unit="{job}",
+                         description="Jobs the live engines of a model run at once (sum of their max concurrency)",
+                         callback=lambda: [(s, {MODEL: m}) for m, _, s in engines()])
+
+    # ---- recorded as things happen ------------------------------------------------------
+
+    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.http_duration.record(seconds, {"http.route": route, "http.request.method": method,
+                                            "http.response.status_code": status})
+
+    def generation(self, model: str, operation: str) -> _Generation:
+        key = (model, operation)
+        g = self._generations.get(key)
+        if g is None:
+            g = self._generations[key] = _Generation(self, model, operation)
+        return g
 
     def request_finished(self, model: str, operation: str, status: int, seconds: float, ttft: float | None,
                          prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """Everything recorded about one finished request (called off the response's critical path)."""
-        key = (model, operation)
-        attrs = self._attrs.get(key)
-        if attrs is None:
-            base = {"gen_ai.request.model": model, "gen_ai.operation.name": operation}
-            attrs = self._attrs[key] = (base, {**base, "gen_ai.token.type": "input"},
-                                        {**base, "gen_ai.token.type": "output"})
-        base, inp, outp = attrs
-        self.request_duration.record(seconds, {**base, "http.response.status_code": status})
+        """Everything recorded about one finished generation request (after its last byte)."""
+        g = self.generation(model, operation)
+        g.duration(status).record(seconds)
         if ttft is not None:
-            self.time_to_first_token.record(ttft, base)
+            g.ttft.record(ttft)
+            if completion_tokens is not None and completion_tokens > 1:
+                g.tpot.record(max(seconds - ttft, 0.0) / (completion_tokens - 1))
         if prompt_tokens is not None:
-            self.token_usage.record(prompt_tokens, inp)
+            g.input.record(prompt_tokens)
         if completion_tokens is not None:
-            self.token_usage.record(completion_tokens, outp)
+            g.output.record(completion_tokens)
 
     def key_used(self, key_name: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int,
                  images: int) -> None:
         """A key's usage on one model since the last flush (``gateway.tenancy.usage``)."""
-        base = {"conduit.key.name": key_name, "gen_ai.request.model": model}
+        base = {"conduit.key.name": key_name, MODEL: model}
         self.key_requests.add(requests, base)
         if prompt_tokens:
-            self.key_tokens.add(prompt_tokens, {**base, "gen_ai.token.type": "input"})
+            self.key_tokens.add(prompt_tokens, {**base, TOKEN_TYPE: "input"})
         if completion_tokens:
-            self.key_tokens.add(completion_tokens, {**base, "gen_ai.token.type": "output"})
+            self.key_tokens.add(completion_tokens, {**base, TOKEN_TYPE: "output"})
         if images:
             self.key_images.add(images, base)
 
@@ -105,7 +204,10 @@ class GatewayMetrics:
         self.key_rate_limited.add(1, {"conduit.key.name": key_name, "limit": limit})
 
     def rejected(self, code: str) -> None:
-        self.rejections.add(1, {"error.type": code})
+        series = self._rejections.get(code)
+        if series is None:
+            series = self._rejections[code] = self.rejections.bind({"error.type": code})
+        series.add(1)
 
     def background_error(self, task: str) -> None:
         self.background_errors.add(1, {"task": task})
@@ -115,73 +217,166 @@ class GatewayMetrics:
 
     @classmethod
     def noop(cls) -> GatewayMetrics:
-        return cls(NoOpMeterProvider())
+        """Instruments nobody exports (components used on their own, in tests and tools)."""
+        return cls(Meter("conduit.gateway"))
 
 
 class EngineMetrics:
     """Instruments of an engine process."""
 
-    def __init__(self, provider: MeterProvider) -> None:
-        m = self._meter = _meter(provider, "conduit.engine")
-        self.jobs = m.create_counter(
+    def __init__(self, meter: Meter) -> None:
+        m = self.meter = meter
+        self.jobs = m.counter(
             "conduit.engine.jobs", unit="{job}",
             description="Jobs ended, by outcome (ok, rejected, cancelled (client gone while it ran), skipped "
                         "(client gone before it started), expired, error, lost, dead_letter, unsupported, "
                         "malformed)")
-        self.job_duration = m.create_histogram(
-            "conduit.engine.job.duration", unit="s", description="Time an engine spent on a successful job",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.job_queue_wait = m.create_histogram(
-            "conduit.engine.job.queue_wait", unit="s",
-            description="Time from the gateway queueing a job to an engine starting it (first attempt)",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.background_errors = m.create_counter(
+        self.job_duration = m.histogram(
+            "conduit.engine.job.duration", unit="s", bounds=DURATION_BUCKETS,
+            description="Time an engine spent on a successful job")
+        self.job_queue_wait = m.histogram(
+            "conduit.engine.job.queue_wait", unit="s", bounds=DURATION_BUCKETS,
+            description="Time from the gateway queueing a job (its created_ms) to an engine starting it (first "
+                        "attempt)")
+        self.reclaimed = m.counter(
+            "conduit.engine.jobs.reclaimed", unit="{job}",
+            description="Jobs taken over from an engine that stopped heart-beating (retried, failed cleanly or "
+                        "dead-lettered)")
+        self.background_errors = m.counter(
             "conduit.engine.background.errors", unit="{error}",
             description="Errors a background duty (heartbeat, reclaim, event writer, ...) outlived, by task")
-        self.images = m.create_counter(
+        self.images = m.counter(
             "conduit.engine.images", unit="{image}",
             description="Final images generated, by model and whether the image joined a running denoising batch")
-        self.denoise_batch_size = m.create_histogram(
-            "conduit.engine.denoise.batch_size", unit="{image}", description="Images in one denoising step",
-            explicit_bucket_boundaries_advisory=[1, 2, 4, 8, 16, 32, 64])
-        self.denoise_steps = m.create_counter(
+        self.denoise_batch_size = m.histogram(
+            "conduit.engine.denoise.batch_size", unit="{image}", bounds=BATCH_BUCKETS,
+            description="Images in one denoising step")
+        self.denoise_steps = m.counter(
             "conduit.engine.denoise.steps", unit="{step}", description="Denoising steps (UNet calls) run")
+        for task in ENGINE_TASKS:
+            self.background_errors.bind({"task": task})
+        self._outcomes: dict[tuple[str, str], CounterSeries] = {}
+        self._durations: dict[str, HistogramSeries] = {}
+        self._waits: dict[str, HistogramSeries] = {}
+
+    def serving(self, models: Iterable[str]) -> None:
+        """Create the per-model series at 0 (a rate of dead letters exists before the first one)."""
+        for model in models:
+            for outcome in JOB_OUTCOMES:
+                self._outcome(model, outcome)
+            self.reclaimed.bind({MODEL: model})
+
+    def watch_jobs(self, in_flight: Callable[[], Iterable[tuple[str, int]]], max_concurrency: int) -> None:
+        """Export the jobs running now per model (``in_flight()``: (model, jobs)) and the slots."""
+        self.meter.gauge("conduit.engine.jobs.in_flight", unit="{job}",
+                         description="Jobs this engine is running now (the batch it hands its model)",
+                         callback=lambda: [(n, {MODEL: m}) for m, n in in_flight()])
+        self.meter.gauge("conduit.engine.jobs.max", unit="{job}",
+                         description="Jobs this engine runs at once at most (--max-concurrency)",
+                         callback=lambda: [(max_concurrency, None)])
 
     def watch_backend(self, backend: object) -> None:
         """Export a backend's own counters where it has them (vLLM: unfinished and aborted requests)."""
-        m = self._meter
+        m = self.meter
         unfinished = getattr(backend, "unfinished_requests", None)
         if callable(unfinished):
-            m.create_observable_gauge(
-                "conduit.engine.backend.unfinished_requests", unit="{request}",
-                description="Requests the inference engine itself still holds (vLLM's own count)",
-                callbacks=[lambda _options: [Observation(unfinished())]])
+            m.gauge("conduit.engine.backend.unfinished_requests", unit="{request}",
+                    description="Requests the inference engine itself still holds (vLLM's own count)",
+                    callback=lambda: [(unfinished(), None)])
         if hasattr(backend, "aborted_requests"):
-            m.create_observable_counter(
-                "conduit.engine.backend.aborted_requests", unit="{request}",
-                description="Requests aborted inside the inference engine (client gone)",
-                callbacks=[lambda _options: [Observation(backend.aborted_requests)]])  # type: ignore[attr-defined]
+            m.observable_counter("conduit.engine.backend.aborted_requests", unit="{request}",
+                                 description="Requests aborted inside the inference engine (client gone)",
+                                 callback=lambda: [(backend.aborted_requests, None)])  # type: ignore[attr-defined]
+
+    def watch_gpus(self, read: Callable[[], Iterable[tuple[str, str, int, int]]]) -> None:
+        """Export GPU memory from ``read()``: (device id, name, used bytes, total bytes) per device."""
+        self.meter.gauge("hw.gpu.memory.usage", unit="By", description="GPU memory in use (the whole device)",
+                         callback=lambda: [(used, {"hw.id": i, "hw.name": n}) for i, n, used, _ in read()])
+        self.meter.gauge("hw.gpu.memory.limit", unit="By", description="GPU memory size",
+                         callback=lambda: [(total, {"hw.id": i, "hw.name": n}) for i, n, _, total in read()])
+
+    def _outcome(self, model: str, outcome: str) -> CounterSeries:
+        key = (model, outcome)
+        series = self._outcomes.get(key)
+        if series is None:
+            series = self._outcomes[key] = self.jobs.bind({MODEL: model, "outcome": outcome})
+        return series
 
     def queue_wait(self, model: str, seconds: float) -> None:
-        self.job_queue_wait.record(seconds, {"gen_ai.request.model": model})
+        series = self._waits.get(model)
+        if series is None:
+            series = self._waits[model] = self.job_queue_wait.bind({MODEL: model})
+        series.record(seconds)
+
+    def job_reclaimed(self, model: str) -> None:
+        self.reclaimed.add(1, {MODEL: model})
 
     def background_error(self, task: str) -> None:
         self.background_errors.add(1, {"task": task})
 
     def image_generated(self, model: str, joined: bool) -> None:
-        self.images.add(1, {"gen_ai.request.model": model, "joined": "true" if joined else "false"})
+        self.images.add(1, {MODEL: model, "joined": "true" if joined else "false"})
 
     def denoise_step(self, model: str, images: int) -> None:
         """One denoising step over ``images`` images (called from the denoising thread)."""
-        attrs = {"gen_ai.request.model": model}
+        attrs = {MODEL: model}
         self.denoise_steps.add(1, attrs)
         self.denoise_batch_size.record(images, attrs)
 
     def job_finished(self, model: str, outcome: str, seconds: float | None = None) -> None:
-        self.jobs.add(1, {"gen_ai.request.model": model, "outcome": outcome})
+        self._outcome(model, outcome).add(1)
         if seconds is not None:
-            self.job_duration.record(seconds, {"gen_ai.request.model": model})
+            series = self._durations.get(model)
+            if series is None:
+                series = self._durations[model] = self.job_duration.bind({MODEL: model})
+            series.record(seconds)
 
     @classmethod
     def noop(cls) -> EngineMetrics:
-        return cls(NoOpMeterProvider())
+        """Instruments nobody exports (a worker built without telemetry)."""
+        return cls(Meter("conduit.engine"))
+
+
+class VllmMetrics:
+    """vLLM's own engine statistics, as vLLM's OpenAI server exports them (read through a stat
+    logger: ``engines.vllm_stats``). Attributes: the served model name."""
+
+    def __init__(self, meter: Meter, model: str) -> None:
+        m = meter
+        attrs: Attributes = {MODEL: model}
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+        m.gauge("conduit.engine.vllm.requests.running", unit="{request}",
+                description="Requests in vLLM's running batch", callback=lambda: [(self.running, attrs)])
+        m.gauge("conduit.engine.vllm.requests.waiting", unit="{request}",
+                description="Requests waiting in vLLM's scheduler", callback=lambda: [(self.waiting, attrs)])
+        m.gauge("conduit.engine.vllm.kv_cache.usage", unit="1",
+                description="Fraction of vLLM's KV-cache blocks in use (0-1)",
+                callback=lambda: [(self.kv_cache_usage, attrs)])
+        self.batch_size = m.histogram(
+            "conduit.engine.vllm.batch_size", unit="{request}", bounds=BATCH_BUCKETS,
+            description="Requests in each vLLM engine step").bind(attrs)
+        self.time_to_first_token = m.histogram(
+            "conduit.engine.vllm.time_to_first_token", unit="s", bounds=DURATION_BUCKETS,
+            description="vLLM's time to first token (arrival in vLLM to first token)").bind(attrs)
+        self.inter_token_latency = m.histogram(
+            "conduit.engine.vllm.inter_token_latency", unit="s", bounds=TOKEN_TIME_BUCKETS,
+            description="Time between consecutive output tokens in vLLM").bind(attrs)
+        self.queue_time = m.histogram(
+            "conduit.engine.vllm.request.queue_time", unit="s", bounds=DURATION_BUCKETS,
+            description="Time a request waited in vLLM's scheduler before running").bind(attrs)
+        self.e2e = m.histogram(
+            "conduit.engine.vllm.request.duration", unit="s", bounds=DURATION_BUCKETS,
+            description="vLLM's end-to-end request latency").bind(attrs)
+        tokens = m.counter("conduit.engine.vllm.tokens", unit="{token}",
+                           description="Tokens vLLM processed, by gen_ai.token.type (input: prefilled prompt "
+                                       "tokens; output: generated)")
+        self.prompt_tokens = tokens.bind({**attrs, TOKEN_TYPE: "input"})
+        self.generation_tokens = tokens.bind({**attrs, TOKEN_TYPE: "output"})
+        self.preemptions = m.counter("conduit.engine.vllm.preemptions", unit="{request}",
+                                     description="Requests vLLM preempted (KV cache exhausted)").bind(attrs)
+
+
+__all__ = ["DURATION_BUCKETS", "JOB_OUTCOMES", "OPERATIONS", "TOKEN_BUCKETS", "EngineMetrics", "GatewayMetrics",
+           "Observations", "VllmMetrics"]

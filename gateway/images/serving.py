@@ -36,12 +36,9 @@ from gateway.images.protocol import (
     PartialImageEvent,
     images_usage,
 )
-from gateway.serving import SSE_HEADERS, tenancy
+from gateway.serving import SSE_HEADERS, failed_mid_stream, tenancy
 from gateway.settings import GatewaySettings
 from gateway.tenancy.cost import estimate
-
-OPERATION = "image_generation"
-
 
 class _Shape:
     """What every image object of one request reports about it (from the request and its images)."""
@@ -77,7 +74,7 @@ class ImageGeneration:
         run = self.dispatcher.job("image", req.model, body, job_id=new_id("img"), stream=bool(req.stream),
                                   receive=request.receive, traceparent=request.headers.get("traceparent", "")[:55],
                                   output_ttl_ms=int(self.settings.image_url_ttl_s * 1000), principal=principal,
-                                  cost=estimate(req, self.settings), ratelimit=ratelimit)
+                                  cost=estimate(req, self.settings), ratelimit=ratelimit, state=request.scope["state"])
         try:
             if req.stream:
                 return await self._stream(run, req)
@@ -114,7 +111,7 @@ class ImageGeneration:
             quality=shape.quality if shape.quality in RESPONSE_QUALITIES else UNSET,
             usage=images_usage(usage.prompt_tokens))
         return Response(content=self._enc.encode(body), media_type="application/json",
-                        background=BackgroundTask(self._after, run, 200, refs if b64 else []))
+                        background=BackgroundTask(self._delete, refs) if b64 else None)
 
     async def _finals(self, run: JobRun) -> tuple[int, list[ImageReady], Usage]:
         """The job's final images in request order, once it is done."""
@@ -135,9 +132,8 @@ class ImageGeneration:
             elif isinstance(event, Restarted):
                 finals.clear()  # another attempt makes them again
 
-    async def _after(self, run: JobRun, status: int, used: list[str]) -> None:
+    async def _delete(self, used: list[str]) -> None:
         # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
-        run.record(status, OPERATION)
         with contextlib.suppress(Exception):  # they expire anyway
             await self.store.delete(used)
 
@@ -170,6 +166,7 @@ class ImageGeneration:
                         yield await self._completed([finals[i] for i in sorted(finals)], shape, event.usage)
                         return
                     elif isinstance(event, Failed):
+                        run.error = event.code
                         yield _error_event(engine_failure(event))
                         return
                     elif isinstance(event, Restarted):
@@ -177,12 +174,11 @@ class ImageGeneration:
                 try:
                     pending = await anext(batches)
                 except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
-                    self.dispatcher.metrics.rejected(exc.code or "error")
+                    failed_mid_stream(run, exc)
                     yield _error_event(exc)
                     return
         finally:
             run.close()
-            run.record(200, OPERATION)
 
     async def _partial(self, image: ImageReady, shape: _Shape) -> bytes:
         blob = await self.store.get(image.ref)

@@ -57,6 +57,7 @@ class Guard:
         try:
             await self._check(scope["path"], scope, state)
         except ConduitError as err:
+            state["error"] = err.code or "error"  # for the request's log line and span
             await self._reject(err, send)
             return
 

@@ -159,10 +159,10 @@ class IdempotencyMiddleware:
         try:
             await self._idempotent(value, scope, receive, send)
         except ConduitError as exc:
-            await _send_error(send, exc)
+            await _send_error(scope, send, exc)
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             log.warning("idempotency state unavailable: %s", exc)
-            await _send_error(send, ConduitError("The request could not be checked for idempotency; retry it.",
+            await _send_error(scope, send, ConduitError("The request could not be checked for idempotency; retry it.",
                                                  status=503, code="idempotency_unavailable"))
 
     async def _idempotent(self, value: bytes, scope: Scope, receive: Receive, send: Send) -> None:
@@ -313,7 +313,7 @@ class IdempotencyMiddleware:
 
 async def _replay(scope: Scope, send: Send, record: IdempotencyRecord) -> None:
     if record.request_id:
-        # ``with_request_id`` (outside) sends the first request's id with the replay.
+        # The observer (outside) sends the first request's id with the replay.
         scope.setdefault("state", {})["request_id"] = record.request_id
     headers = [*record.headers, (b"content-length", str(len(record.body)).encode()),
                (b"idempotent-replayed", b"true")]
@@ -321,7 +321,8 @@ async def _replay(scope: Scope, send: Send, record: IdempotencyRecord) -> None:
     await send({"type": "http.response.body", "body": record.body, "more_body": False})
 
 
-async def _send_error(send: Send, exc: ConduitError) -> None:
+async def _send_error(scope: Scope, send: Send, exc: ConduitError) -> None:
+    scope.setdefault("state", {})["error"] = exc.code or "error"  # for the request's log line and span
     body = encode_error(exc)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]

@@ -24,10 +24,13 @@ CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def engine_jobs(metrics_port: int) -> dict[str, float]:
-    """The engine's ``conduit_engine_jobs_total`` by outcome."""
+    """The engine's ``conduit_engine_jobs_total`` by outcome, all its models together (outcomes
+    no job has had yet, which the engine exports at 0, left out)."""
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
-    return {m.group(1): float(m.group(2))
-            for m in re.finditer(r'conduit_engine_jobs_total\{[^}]*outcome="(\w+)"[^}]*\} ([\d.]+)', text)}
+    jobs: dict[str, float] = {}
+    for m in re.finditer(r'conduit_engine_jobs_total\{[^}]*outcome="(\w+)"[^}]*\} ([\d.]+)', text):
+        jobs[m.group(1)] = jobs.get(m.group(1), 0.0) + float(m.group(2))
+    return {outcome: n for outcome, n in jobs.items() if n}
 
 
 def wait_for_jobs(metrics_port: int, outcome: str, count: int, timeout: float = 10) -> dict[str, float]:

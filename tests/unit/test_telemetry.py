@@ -1,0 +1,202 @@
+"""Conduit's instruments against OpenTelemetry's SDK, the exposition, traceparent, logs, GPU reading."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from types import SimpleNamespace
+
+import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, generate_latest
+
+from engines.gpu import nvml_reader
+from telemetry.aggregate import Meter
+from telemetry.instruments import DURATION_BUCKETS, EngineMetrics, GatewayMetrics
+from telemetry.logs import JsonFormatter, RequestLog, RequestRecord
+from telemetry.setup import Telemetry
+from telemetry.tracing import Tracing, format_traceparent, is_sampled, parse_traceparent
+
+_SCOPE_LABELS = re.compile(r'otel_scope_[a-z_]+="[^"]*",?')
+
+
+def _exposition(render: bytes) -> list[str]:
+    """Sample lines without scope labels and target_info, sorted (the two sides' order differs)."""
+    lines = []
+    for line in render.decode().splitlines():
+        if line.startswith("#") or line.startswith("target_info"):
+            continue
+        lines.append(_SCOPE_LABELS.sub("", line).replace(",}", "}").replace("{}", ""))
+    return sorted(lines)
+
+
+def test_histograms_and_counters_expose_exactly_what_the_sdk_would() -> None:
+    """The same records through OpenTelemetry's SDK and through Conduit's meter give the same
+    Prometheus samples: names, units, bucket boundaries (values on a boundary included), sums."""
+    rng = random.Random(7)
+    values = [rng.choice([0.0005, 0.001, 0.25, 1.0, 300.0, 301.0]) if rng.random() < 0.3 else rng.uniform(0, 400)
+              for _ in range(2000)]
+    attrs = [{"gen_ai.request.model": m, "http.response.status_code": c} for m in ("a", "b") for c in (200, 429)]
+
+    registry = CollectorRegistry()
+    sdk = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)],
+                        views=[View(instrument_name="d", aggregation=ExplicitBucketHistogramAggregation(
+                            DURATION_BUCKETS))], resource=Resource.create({}))
+    sdk_meter = sdk.get_meter("x")
+    sdk_h = sdk_meter.create_histogram("d", unit="s", description="desc")
+    sdk_c = sdk_meter.create_counter("c", unit="{request}", description="desc")
+
+    telemetry = Telemetry("x", "i")
+    h = telemetry.meter.histogram("d", unit="s", description="desc", bounds=DURATION_BUCKETS)
+    c = telemetry.meter.counter("c", unit="{request}", description="desc")
+    for i, v in enumerate(values):
+        a = attrs[i % len(attrs)]
+        sdk_h.record(v, a)
+        h.record(v, a)
+        sdk_c.add(i % 3, a)
+        c.add(i % 3, a)
+    assert _exposition(telemetry.render()) == _exposition(generate_latest(registry))
+    sdk.shutdown()
+    telemetry.shutdown()
+
+
+def test_every_instrument_has_a_unique_name_unit_and_description() -> None:
+    meter = Meter("x")
+    gw = GatewayMetrics(meter)
+    gw.watch_in_flight(lambda: 0)
+    gw.watch_queue(lambda: [])
+    gw.watch_engines(lambda: [])
+    EngineMetrics(meter).watch_jobs(lambda: [], 1)
+    names = [i.name for i in meter.instruments]
+    assert len(names) == len(set(names))
+    assert all(i.unit and i.description for i in meter.instruments)
+    with pytest.raises(ValueError, match="defined twice"):
+        meter.counter("conduit.gateway.rejections", unit="1", description="again")
+
+
+def test_series_beyond_the_limit_are_counted_in_one_overflow_series() -> None:
+    meter = Meter("x", max_series=3)
+    c = meter.counter("c", unit="1", description="d")
+    for i in range(10):
+        c.add(1, {"k": str(i)})
+    points = {tuple(sorted(p.attributes.items())): p.value
+              for p in meter.produce().resource_metrics[0].scope_metrics[0].metrics[0].data.data_points}
+    assert points == {(("k", "0"),): 1, (("k", "1"),): 1, (("k", "2"),): 1, (("otel.metric.overflow", True),): 7}
+
+
+def test_a_failing_gauge_does_not_take_the_scrape_down(caplog: pytest.LogCaptureFixture) -> None:
+    telemetry = Telemetry("x", "i")
+
+    def broken() -> list[tuple[float, None]]:
+        raise RuntimeError("engine gone")
+
+    telemetry.meter.gauge("broken", unit="1", description="d", callback=broken)
+    telemetry.meter.counter("fine", unit="1", description="d").add(2)
+    with caplog.at_level(logging.ERROR, "conduit.telemetry"):
+        text = telemetry.render().decode()
+    assert re.search(r"^fine_total\{[^}]*\} 2.0$", text, re.M) and "broken" not in text
+    assert "reading broken failed" in caplog.text
+
+
+def test_bound_zero_series_are_exported_before_anything_happens() -> None:
+    telemetry = Telemetry("x", "i")
+    EngineMetrics(telemetry.meter).serving(["m"])
+    text = telemetry.render().decode()
+    assert 'conduit_engine_jobs_total{gen_ai_request_model="m",otel_scope_name="x",otel_scope_schema_url="",' \
+           'otel_scope_version="0.1.0",outcome="dead_letter"} 0.0' in text
+
+
+def test_time_per_output_token_is_the_time_after_the_first_over_the_tokens_after_the_first() -> None:
+    meter = Meter("x")
+    gw = GatewayMetrics(meter)
+    gw.request_finished("m", "chat", 200, 2.0, 0.5, 10, 16)
+    gw.request_finished("m", "chat", 200, 1.0, 0.5, 10, 1)  # one token: no time per output token
+    series = gw.generation("m", "chat").tpot
+    assert series.count == 1 and series.sum == pytest.approx(1.5 / 15)
+
+
+def test_traceparent_round_trip_and_invalid_headers() -> None:
+    header = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    ctx = parse_traceparent(header)
+    assert ctx is not None and ctx.is_remote and ctx.trace_flags.sampled
+    assert format_traceparent(ctx) == header and is_sampled(header)
+    assert not is_sampled(header[:-2] + "00")
+    for bad in ("", "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-"
+                + "0" * 16 + "-01", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", header + "-extra"):
+        assert parse_traceparent(bad) is None, bad
+    # A future version may add fields after the flags.
+    assert parse_traceparent("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future") is not None
+
+
+def test_sampling_follows_the_parent_else_the_ratio() -> None:
+    class Nothing:
+        def export(self, spans: object) -> None: ...
+
+        def shutdown(self) -> None: ...
+
+    tracing = Tracing(Resource.create({}), exporter=Nothing(), sample_ratio=0.25)
+    sampled = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    unsampled = parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+    assert tracing.sample(sampled) and not tracing.sample(unsampled)
+    random.seed(3)
+    share = sum(tracing.sample(None) for _ in range(20_000)) / 20_000
+    assert 0.23 < share < 0.27
+    off = Tracing(Resource.create({}))
+    assert not off.enabled and not off.sample(sampled) and off.continued(
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "x", 1) is None  # type: ignore[arg-type]
+    tracing.shutdown()
+
+
+def test_json_log_lines_carry_the_fields_and_the_traceback() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("conduit-gateway", "gw-1"))
+    logger = logging.getLogger("conduit.test.json")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("queued %d jobs", 3, extra={"model": "m"})
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert first["message"] == "queued 3 jobs" and first["level"] == "warning" and first["model"] == "m"
+    assert first["service"] == "conduit-gateway" and first["instance"] == "gw-1" and first["ts"].endswith("Z")
+    assert "ValueError: boom" in second["exception"]
+
+
+def test_request_log_writes_lines_in_batches_when_not_in_a_loop() -> None:
+    out = io.BytesIO()
+    log = RequestLog(out, service="s", instance="i")
+    log.write(RequestRecord(ts="t", level="info", logger="conduit.request", request_id="r", method="GET",
+                            route="/health", status=200, duration_ms=0.5))
+    (line,) = out.getvalue().decode().splitlines()
+    assert json.loads(line) == {"ts": "t", "level": "info", "logger": "conduit.request", "request_id": "r",
+                                "method": "GET", "route": "/health", "status": 200, "duration_ms": 0.5,
+                                "service": "s", "instance": "i"}
+
+
+def test_no_gpu_means_no_reader_here() -> None:
+    # This machine has no GPU (and no NVML library): nothing is read, no instrument is made.
+    assert nvml_reader() is None
+
+
+def test_nvml_devices_are_read_as_used_and_total_bytes() -> None:
+    # A stand-in for the pynvml module (no GPU here): the reader's mapping of NVML's answers.
+    handles = ["h0", "h1"]
+    nvml = SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: handles[i],
+        nvmlDeviceGetName=lambda h: b"NVIDIA H100" if h == "h0" else "NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=5 if h == "h0" else 7, total=80))
+    read = nvml_reader(nvml)
+    assert read is not None and read() == [("gpu0", "NVIDIA H100", 5, 80), ("gpu1", "NVIDIA H200", 7, 80)]
