@@ -118,13 +118,15 @@ class Bench:
 
 
 def measure(label: str, url: str, key: str, args: argparse.Namespace, out: Path) -> dict[str, dict[str, float]]:
-    """One gateway_path.py run against one target: {conc: {rps, p50_ms}}."""
+    """One gateway_path.py run against one target: {conc: {rps, p50_ms, cpu_us}} (``cpu_us``: the
+    gateway process's CPU time per request, which a busy machine disturbs far less than req/s)."""
     target = f"{label}={url},model=mock" + (f",key={key}" if key else "")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gateway_path.py"), "-t", target, "-c", args.conc, "-s", "",
            "-o", str(out)] + (["--quick"] if args.quick else [])
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     runs = json.loads(out.read_text())["targets"][0]["runs"]
-    return {str(r["conc"]): {"rps": float(r["rps"]), "p50_ms": float(r["p50_ms"])} for r in runs}
+    return {str(r["conc"]): {"rps": float(r["rps"]), "p50_ms": float(r["p50_ms"]),
+                             "cpu_us": r["cpu_pct"]["target"] / 100 / max(float(r["rps"]), 1e-9) * 1e6} for r in runs}
 
 
 def main(argv: list[str] | None = None) -> int:

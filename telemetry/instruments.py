@@ -123,6 +123,7 @@ class GatewayMetrics:
             description="Requests refused by a key's rate limit, by key name and limit (requests, tokens, images, "
                         "concurrency)")
         self._generations: dict[tuple[str, str], _Generation] = {}
+        self._http: dict[tuple[str, str, int], HistogramSeries] = {}
         self._rejections: dict[str, CounterSeries] = {}
         # Series that exist from the start, so that a rate of them is 0 rather than "no data".
         for code in ("invalid_api_key", "rate_limit_exceeded", "model_overloaded"):
@@ -164,8 +165,12 @@ class GatewayMetrics:
     # ---- recorded as things happen ------------------------------------------------------
 
     def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.http_duration.record(seconds, {"http.route": route, "http.request.method": method,
-                                            "http.response.status_code": status})
+        key = (route, method, status)
+        series = self._http.get(key)
+        if series is None:
+            series = self._http[key] = self.http_duration.bind(
+                {"http.route": route, "http.request.method": method, "http.response.status_code": status})
+        series.record(seconds)
 
     def generation(self, model: str, operation: str) -> _Generation:
         key = (model, operation)

@@ -144,7 +144,14 @@ class RequestLog:
             pass
 
 
+_second: list[Any] = [-1, ""]
+
+
 def timestamp(epoch_s: float | None = None) -> str:
-    """RFC 3339 UTC with milliseconds, as every log line writes it."""
+    """RFC 3339 UTC with milliseconds, as every log line writes it (the date and time to the
+    second are formatted once a second)."""
     t = time.time() if epoch_s is None else epoch_s
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second = int(t)
+    if second != _second[0]:
+        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{int((t - second) * 1000):03d}Z"

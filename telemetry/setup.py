@@ -40,7 +40,7 @@ class Telemetry:
         # telemetry can live in one test interpreter.
         self.registry = CollectorRegistry(auto_describe=True)
         self._reader = _MeterReader(self.meter, self.registry)
-        self.tracing = Tracing(self.resource, otlp_endpoint, sample_ratio, **(tracing_options or {}))
+        self.tracing = Tracing(self.resource.attributes, otlp_endpoint, sample_ratio, **(tracing_options or {}))
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every instrument."""

@@ -1,10 +1,13 @@
 """An OTLP/HTTP trace receiver for tests and benchmarks: what a collector's ``otlp`` receiver does
-on ``POST /v1/traces`` (protobuf ``ExportTraceServiceRequest`` in, ``ExportTraceServiceResponse``
-out), decoded with OpenTelemetry's own protocol classes, keeping every span it is sent."""
+on ``POST /v1/traces`` (an ``ExportTraceServiceRequest`` in, binary protobuf or OTLP's JSON
+encoding; an ``ExportTraceServiceResponse`` out), decoded with OpenTelemetry's own protocol
+classes, which refuse a field the protocol does not have, keeping every span it is sent."""
 
 from __future__ import annotations
 
+import base64
 import gzip
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +18,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
+from google.protobuf import json_format
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 #: OTLP's span kinds (``opentelemetry.proto.trace.v1.Span.SpanKind``) by name.
@@ -26,6 +30,19 @@ def _value(v: AnyValue) -> Any:
     if which == "array_value":
         return [_value(x) for x in v.array_value.values]
     return getattr(v, which) if which else None
+
+
+def _from_json(body: bytes) -> ExportTraceServiceRequest:
+    """OTLP/JSON: protobuf's JSON mapping, except that trace and span ids are hex, not base64
+    (the OTLP specification's one deviation, which collectors undo before parsing)."""
+    data = json.loads(body)
+    for rs in data.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for name in ("traceId", "spanId", "parentSpanId"):
+                    if span.get(name):
+                        span[name] = base64.b64encode(bytes.fromhex(span[name])).decode()
+    return json_format.ParseDict(data, ExportTraceServiceRequest())
 
 
 @dataclass
@@ -61,7 +78,11 @@ class OtlpReceiver:
                     self.send_response(404)
                     self.end_headers()
                     return
-                receiver._receive(ExportTraceServiceRequest.FromString(body))
+                if self.headers.get("Content-Type", "").startswith("application/json"):
+                    request = _from_json(body)
+                else:
+                    request = ExportTraceServiceRequest.FromString(body)
+                receiver._receive(request)
                 out = ExportTraceServiceResponse().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""telemetry_overhead.py - what metrics, traces and logs cost the gateway path.
+
+Starts one redis-server, an OTLP/HTTP trace receiver (``tests/otlp.py``, in this process), one
+synthetic engine (zero delay, tracing to the receiver) and two gateways on them:
+
+* ``off``: ``CONDUIT_METRICS=false``, no OTLP endpoint, ``CONDUIT_LOG_REQUESTS=false``, text logs;
+* ``on``: metrics recorded (and scraped every 5 s by this script, as Prometheus would), traces
+  exported to the receiver with ``CONDUIT_TRACE_SAMPLE_RATIO`` (default 0.1), a JSON log line per
+  request and JSON logs.
+
+Runs ``benchmarks/gateway_path.py`` against the two, alternating ``--rounds`` times (the machine
+is shared and noisy: compare means of alternated runs), and prints mean requests/s and p50 per
+concurrency and the difference of ``on`` from ``off``.
+
+    python benchmarks/telemetry_overhead.py [--rounds 4] [--quick] [-c "1 64"] [--ratio 0.1] [-o out.json]
+
+Run on purpose, not in CI. Target (issue 8): ``on`` within 5% of ``off``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from auth_overhead import ROOT, Bench, free_port, measure, wait_port
+
+sys.path.insert(0, str(ROOT))
+from tests.otlp import OtlpReceiver  # noqa: E402 - after the path that finds it
+
+
+def up(bench: Bench, receiver: OtlpReceiver, ratio: float) -> dict[str, tuple[str, int]]:
+    """Redis, the engine and the two gateways; label -> (base URL, port)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
+    redis = bench.start("redis", [exe, "--port", str(bench.redis_port), "--bind", "127.0.0.1", "--save", "",
+                                  "--appendonly", "no", "--dir", str(bench.workdir)])
+    wait_port(bench.redis_port, redis)
+    bench.start("engine", bench.conduit("engine", "--kind", "synthetic", "--served-name", "mock", "--redis-url",
+                                        bench.redis_url, "--log-level", "warning", "--otlp-endpoint",
+                                        receiver.endpoint))
+    settings = {
+        "off": {"CONDUIT_METRICS": "false", "CONDUIT_LOG_REQUESTS": "false", "CONDUIT_OTLP_ENDPOINT": ""},
+        "on": {"CONDUIT_METRICS": "true", "CONDUIT_LOG_REQUESTS": "true", "CONDUIT_LOG_FORMAT": "json",
+               "CONDUIT_OTLP_ENDPOINT": receiver.endpoint, "CONDUIT_TRACE_SAMPLE_RATIO": str(ratio)},
+    }
+    out = {}
+    for label, env in settings.items():
+        port = free_port()
+        gw = bench.start(label, bench.conduit("gateway", "--port", str(port), "--redis-url", bench.redis_url,
+                                              "--log-level", "warning"),
+                         env={"CONDUIT_AUTH": "false", "CONDUIT_REGISTRY_REFRESH_S": "0.5", **env})
+        wait_port(port, gw)
+        out[label] = (f"http://127.0.0.1:{port}/v1", port)
+    return out
+
+
+def scrape_every(port: int, stop: threading.Event, seconds: float = 5.0) -> None:
+    """Scrape the gateway's /metrics as Prometheus would (the exposition costs the gateway too)."""
+    with httpx.Client(timeout=10) as client:
+        while not stop.wait(seconds):
+            try:
+                client.get(f"http://127.0.0.1:{port}/metrics")
+            except httpx.HTTPError:
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=4, help="alternated runs per gateway (default 4)")
+    p.add_argument("-c", "--conc", default="1 64", help='concurrencies (default "1 64")')
+    p.add_argument("--quick", action="store_true", help="5 s windows (gateway_path.py --quick)")
+    p.add_argument("--ratio", type=float, default=0.1, help="trace sample ratio of the `on` gateway (default 0.1)")
+    p.add_argument("-o", "--out", help="write every run as JSON here")
+    args = p.parse_args(argv)
+    workdir = Path(tempfile.mkdtemp(prefix="conduit-telemetry-bench-"))
+    bench = Bench(workdir)
+    receiver = OtlpReceiver()
+    stop = threading.Event()
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {"off": [], "on": []}
+    try:
+        gateways = up(bench, receiver, args.ratio)
+        threading.Thread(target=scrape_every, args=(gateways["on"][1], stop), daemon=True).start()
+        time.sleep(1.5)  # the gateways' registries see the engine
+        for r in range(args.rounds):
+            order = ("off", "on") if r % 2 == 0 else ("on", "off")
+            for label in order:
+                runs[label].append(measure(label, gateways[label][0], "", args, workdir / f"{label}-{r}.json"))
+                print(f"round {r + 1} {label}: {runs[label][-1]}", flush=True)
+        log_lines = sum(1 for line in (workdir / "on.log").open() if '"conduit.request"' in line)
+    finally:
+        stop.set()
+        bench.stop()
+        receiver.close()
+    spans = len(receiver.spans)
+    traces = len({s.trace_id for s in receiver.spans if s.kind == "SERVER"})
+    print(f"\n`on` exported {spans} spans in {traces} traces and wrote {log_lines} request log lines")
+    print("\n| concurrency | gateway | req/s | vs off | p50 ms | added p50 ms | gateway CPU µs/request | vs off |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary: dict[str, dict[str, dict[str, float]]] = {}
+    for conc in args.conc.split():
+        means = {label: {k: statistics.mean(run[conc][k] for run in r) for k in ("rps", "p50_ms", "cpu_us")}
+                 for label, r in runs.items()}
+        summary[conc] = means
+        base = means["off"]
+        for label, m in means.items():
+            print(f"| {conc} | {label} | {m['rps']:,.0f} | {m['rps'] / base['rps'] - 1:+.1%} | {m['p50_ms']:.3f} "
+                  f"| {m['p50_ms'] - base['p50_ms']:+.3f} | {m['cpu_us']:.0f} | {m['cpu_us'] / base['cpu_us'] - 1:+.1%} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"runs": runs, "summary": summary, "spans": spans, "traces": traces,
+                                              "log_lines": log_lines}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
