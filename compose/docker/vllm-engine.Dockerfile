@@ -1,0 +1,60 @@
+# syntax=docker/dockerfile:1.7
+# A Conduit vLLM engine on NVIDIA GPUs: Conduit with its `gpu` extra (vLLM at the release the
+# engine is written against, `vllm>=0.32,<0.33`, and the CUDA build of torch it pins).
+# CUDA itself comes in the wheels (torch's nvidia-* dependencies); the host provides only
+# the driver, through the NVIDIA Container Toolkit (compose: deploy.resources.reservations).
+#
+# Build from the repository root (BuildKit reads vllm-engine.Dockerfile.dockerignore):
+#   docker build -f compose/docker/vllm-engine.Dockerfile -t conduit/vllm-engine:0.1.0 .
+
+# ---- builder: wheels for Conduit[gpu] and every dependency ----------------------------
+FROM python:3.11.14-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway/ gateway/
+COPY engines/ engines/
+COPY telemetry/ telemetry/
+RUN pip wheel --wheel-dir /wheels ".[gpu]"
+
+# ---- runtime ---------------------------------------------------------------------------
+FROM python:3.11.14-slim-bookworm
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/conduit \
+    PATH=/opt/conduit/bin:$PATH \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    XDG_CACHE_HOME=/var/cache/conduit \
+    HF_HOME=/var/cache/conduit/huggingface \
+    TRITON_CACHE_DIR=/var/cache/conduit/triton \
+    VLLM_NO_USAGE_STATS=1 \
+    DO_NOT_TRACK=1
+# Triton (under vLLM's kernels) compiles a small C launcher at run time: it needs a C
+# compiler and libc headers; Python's headers are already in this image.
+# DL3008 (pin apt versions): Debian's archive drops a package's old version when a security
+# update replaces it, so an exact pin breaks the build; the base image's tag pins the release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+# The wheels are bind-mounted from the builder, so they never land in a layer.
+RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
+    python -m venv /opt/conduit \
+    && pip install --no-index /wheels/*.whl \
+    && groupadd --system --gid 10001 conduit \
+    && useradd --system --uid 10001 --gid conduit --home-dir /home/conduit --create-home conduit \
+    && install -d -o conduit -g conduit /var/cache/conduit /models
+USER 10001:10001
+WORKDIR /home/conduit
+EXPOSE 9100
+STOPSIGNAL SIGTERM
+# Alive = the Prometheus endpoint answers (engines serve no other HTTP). It starts before the
+# model loads; readiness is the engine's heartbeat in Redis (the gateway's /ready, /v1/models).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=2)"]
+ENTRYPOINT ["conduit", "engine", "--kind", "vllm"]
+CMD ["--model", "/models/model", "--metrics-port", "9100"]
