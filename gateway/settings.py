@@ -182,6 +182,6 @@ def load_settings(cls: type[Any], environ: dict[str, str] | None, file: str | No
         value = env.get(ENV_PREFIX + field.name.upper())
         if value is None:
             continue
-        raw[field.name] = value.split(",") if field.type == list[str] else value
+        raw[field.name] = [v.strip() for v in value.split(",") if v.strip()] if field.type == list[str] else value
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return msgspec.convert(raw, cls, strict=False)

@@ -34,12 +34,14 @@ def test_promtool_accepts_the_scrape_config_and_its_rule_files(tmp_path: Path) -
     for job in config["scrape_configs"]:
         for sd in job.get("file_sd_configs", []):
             sd["files"] = [str(PROMETHEUS_DIR / "targets" / Path(f).name) for f in sd["files"]]
+            assert all(list((PROMETHEUS_DIR / "targets").glob(Path(f).name)) for f in sd["files"]), sd
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     done = promtool("check", "config", str(tmp_path / "prometheus.yml"))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SUCCESS" in done.stdout and "9 rules found" in done.stdout
-    # The targets file engines of other machines go in is valid file_sd (an empty list today).
-    assert yaml.safe_load((PROMETHEUS_DIR / "targets" / "engines.yml").read_text()) == []
+    # The targets files gateways and engines of other machines go in are valid file_sd (empty lists today).
+    for name in ("engines.yml", "gateways.yml"):
+        assert yaml.safe_load((PROMETHEUS_DIR / "targets" / name).read_text()) == []
 
 
 def test_alert_rules_pass_their_unit_tests() -> None:
