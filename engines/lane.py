@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from urllib.parse import urlsplit, urlunsplit
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,16 @@ Command = tuple[Any, ...]
 RedisClient = aioredis.Redis | RedisCluster
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+
+def redacted(url: str) -> str:
+    """``url`` without its password, for logs (``redis://:secret@host`` -> ``redis://:***@host``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> Any:

@@ -35,7 +35,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
 from engines.fairness import PROMOTE, promote_command
-from engines.lane import connect, entry_fields, open_lane, stream_entries
+from engines.lane import connect, entry_fields, open_lane, redacted, stream_entries
 from engines.store import new_ref, open_image_store
 from engines.wire import (
     ENGINE_GROUP,
@@ -406,8 +406,9 @@ class Worker:
             max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
             started_ms=self._started_ms, max_model_len=self.backend.max_model_len, protocol=PROTOCOL_VERSION,
             kinds=sorted(self._kinds)))
-        await self._create_groups()
-        await self._heartbeat_once()
+        if not await self._join():
+            await self._close()
+            return
         tasks = [
             asyncio.create_task(self.writer.run(), name="event-writer"),
             asyncio.create_task(self._every(self.settings.heartbeat_s, self._heartbeat_once, "heartbeat"),
@@ -430,9 +431,32 @@ class Worker:
             _, stuck = await asyncio.wait(tasks, timeout=5)
             if stuck:
                 log.warning("background tasks did not stop: %s", ", ".join(t.get_name() for t in stuck))
-            await self.writer.lane.close()
-            await self.backend.close()
-            await self.redis.aclose()
+            await self._close()
+
+    async def _join(self) -> bool:
+        """Join the consumer groups and announce this engine, waiting for Redis as long as it
+        takes (it may start after the engine, or be restarting): a loaded model is not thrown
+        away over it. False if stopped first."""
+        delay = 0.5
+        while not self._stopping.is_set():
+            try:
+                await self._create_groups()
+                await self._heartbeat_once()
+                return True
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                log.warning("Redis at %s not reachable (%s); retrying in %.1f s", redacted(self.settings.redis_url),
+                            exc, delay)
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+                delay = min(delay * 2, 5.0)
+        return False
+
+    async def _close(self) -> None:
+        await self.writer.lane.close()
+        await self.backend.close()
+        await self.redis.aclose()
 
     async def _every(self, interval: float, step: Callable[[], Awaitable[None]], name: str) -> None:
         """Run ``step`` every ``interval`` seconds until closed; an error is logged, counted and

@@ -16,7 +16,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp
 
-from engines.lane import connect, open_lane
+from engines.lane import connect, open_lane, redacted
 from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
 from engines.wire import Codec, Keys
 from gateway.chat import ChatRenderer
@@ -236,7 +236,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
         try:
             await asyncio.wait_for(registry.refreshed.wait(), timeout=5)
         except TimeoutError:
-            log.warning("Redis at %s not reachable yet; serving 503s until it is", settings.redis_url)
+            log.warning("Redis at %s not reachable yet; serving 503s until it is", redacted(settings.redis_url))
         log.info("gateway %s ready on %s:%d", settings.gateway_id, settings.host, settings.port)
         try:
             yield

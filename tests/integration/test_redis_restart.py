@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from gateway.stack import start_redis
-from tests.harness import RedisServer, Stack
+from tests.harness import RedisServer, Stack, free_port
 
 CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -40,3 +40,26 @@ def test_stack_recovers_after_redis_restarts(tmp_path: Path) -> None:
     finally:
         stack.stop()
         redis.stop()
+
+
+def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
+    """An engine whose Redis is not up yet (containers start in any order; Redis restarting)
+    keeps its loaded model and joins once Redis answers, instead of exiting."""
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    stack = Stack(url, tmp_path)
+    redis = None
+    try:
+        engine = stack.synthetic(wait=False)
+        time.sleep(3)
+        assert engine.alive(), engine.output()[-2000:]
+        assert "not reachable" in engine.output()
+        redis = start_redis(port, tmp_path / "redis")
+        stack.gateway()
+        stack.wait_for_model("synthetic", engine, timeout=20)
+        assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+    finally:
+        stack.stop()
+        if redis is not None:
+            redis.terminate()
+            redis.wait(timeout=10)
