@@ -60,7 +60,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
     settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
                               engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
-                              image_ttl_s=args.image_ttl_s)
+                              image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
     en.add_argument("--metrics-port", type=int)
     en.add_argument("--reclaim-idle-ms", type=int, default=5000)
+    en.add_argument("--drain-timeout-s", type=float, default=30.0,
+                    help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
+                         "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
     en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")
