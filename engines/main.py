@@ -31,7 +31,7 @@ async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int
     if hasattr(backend, "metrics"):  # backends that record their own (vLLM's engine stats, denoising steps)
         backend.metrics = metrics
     if metrics_port:
-        telemetry.serve(metrics_port)
+        telemetry.serve(metrics_port, ready=worker.ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -368,6 +368,8 @@ class Worker:
         #: Continues the traces gateways sampled (``Job.traceparent``); None: no spans.
         self.tracing: Tracing | None = None
         self._started_ms = now_ms()
+        #: When this engine's heartbeat last reached Redis (monotonic; 0: never).
+        self._heartbeat_ok = 0.0
         self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
         self._kinds = frozenset(backend.kinds) & JOB_KINDS
         self._running: dict[str, _Running] = {}
@@ -506,6 +508,12 @@ class Worker:
             log.warning("could not deregister from Redis")
 
     # ---- reading jobs ------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        """Serving: the model is loaded, the engine joined its job streams and its heartbeat
+        reached Redis within ``engine_ttl_s`` (so gateways see it), and it is not draining."""
+        return (self._heartbeat_ok > 0 and not self._stopping.is_set()
+                and time.monotonic() - self._heartbeat_ok < self.settings.engine_ttl_s)
 
     def in_flight(self) -> list[tuple[str, int]]:
         """(model, jobs running now) for each model this engine serves."""
@@ -753,6 +761,7 @@ class Worker:
             # Re-claiming our own jobs resets their idle time: only a dead engine's jobs age.
             pipe.xclaim(stream, ENGINE_GROUP, self.engine_id, 0, ids, justid=True)
         await pipe.execute()
+        self._heartbeat_ok = time.monotonic()
 
     def _held(self) -> Iterator[tuple[str, bytes]]:
         """(job stream, entry id) of every job this engine holds: running, read but waiting for

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from telemetry.aggregate import Meter
 from telemetry.tracing import Tracing
@@ -41,16 +44,51 @@ class Telemetry:
         self.registry = CollectorRegistry(auto_describe=True)
         self._reader = _MeterReader(self.meter, self.registry)
         self.tracing = Tracing(self.resource.attributes, otlp_endpoint, sample_ratio, **(tracing_options or {}))
+        self._server: ThreadingHTTPServer | None = None
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every instrument."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        """Serve ``/metrics`` on its own port (engines, which have no HTTP server of their own)."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None) -> None:
+        """Serve ``/metrics`` on its own port (engines, which have no HTTP server of their own),
+        with ``/health`` (200 while the process serves) and ``/ready`` (200 when ``ready()``, else
+        503) for probes, from a daemon thread."""
+        telemetry = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._answer(200, telemetry.render(), CONTENT_TYPE_LATEST)
+                elif path == "/health":
+                    self._answer(200, b'{"status":"ok"}', "application/json")
+                elif path == "/ready":
+                    ok = ready is None or ready()
+                    self._answer(200 if ok else 503, b'{"status":"ready"}' if ok else b'{"status":"not_ready"}',
+                                 "application/json")
+                else:
+                    self._answer(404, b'{"status":"not_found"}', "application/json")
+
+            def _answer(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:  # scrapes and probes are not news
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+        self._server = server
 
     def shutdown(self) -> None:
         """Flush what is left (spans) and stop exporting."""
         self.tracing.shutdown()
         self._reader.shutdown()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -56,6 +56,6 @@ STOPSIGNAL SIGTERM
 # Alive = the Prometheus endpoint answers (engines serve no other HTTP). It starts before the
 # pipeline loads; readiness is the engine's heartbeat in Redis (the gateway's /ready, /v1/models).
 HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/metrics', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/ready', timeout=2)"]
 ENTRYPOINT ["conduit", "engine", "--kind", "diffusers"]
 CMD ["--model", "/models/model", "--metrics-port", "9100"]

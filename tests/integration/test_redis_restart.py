@@ -45,18 +45,22 @@ def test_stack_recovers_after_redis_restarts(tmp_path: Path) -> None:
 def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
     """An engine whose Redis is not up yet (containers start in any order; Redis restarting)
     keeps its loaded model and joins once Redis answers, instead of exiting."""
-    port = free_port()
+    port, metrics = free_port(), free_port()
     url = f"redis://127.0.0.1:{port}/0"
     stack = Stack(url, tmp_path)
     redis = None
     try:
-        engine = stack.synthetic(wait=False)
+        engine = stack.synthetic("synthetic", "--metrics-port", str(metrics), wait=False)
         time.sleep(3)
         assert engine.alive(), engine.output()[-2000:]
         assert "not reachable" in engine.output()
+        # Alive, not ready: probes (Kubernetes, compose) tell a waiting engine from a serving one.
+        assert httpx.get(f"http://127.0.0.1:{metrics}/health").status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{metrics}/ready").status_code == 503
         redis = start_redis(port, tmp_path / "redis")
         stack.gateway()
         stack.wait_for_model("synthetic", engine, timeout=20)
+        assert httpx.get(f"http://127.0.0.1:{metrics}/ready").status_code == 200
         assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
     finally:
         stack.stop()

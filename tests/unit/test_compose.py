@@ -462,7 +462,8 @@ def test_images_run_as_a_fixed_non_root_user_and_stop_cleanly(name: str) -> None
     assert len(healthchecks) == 1, f"{name}: no HEALTHCHECK"
     probe = json.loads(healthchecks[0].split(" CMD ", 1)[1])
     assert probe[:2] == ["python", "-c"] and "urllib.request" in probe[2]
-    endpoint = "/health" if name == "gateway" else "127.0.0.1:9100/metrics"  # 9100: the CMD's --metrics-port
+    # Engines: ready once the model is loaded and the engine is registered in Redis (9100: the CMD's --metrics-port).
+    endpoint = "/health" if name == "gateway" else "127.0.0.1:9100/ready"
     assert endpoint in probe[2], f"{name}'s HEALTHCHECK does not ask {endpoint}"
     for stage in dockerfile.stages():
         env = " ".join(a for k, a in stage if k == "ENV")

@@ -356,6 +356,15 @@ def test_gateways_stay_in_the_service_without_engines() -> None:
         assert c[probe]["httpGet"]["path"] == "/health"
 
 
+@pytest.mark.parametrize("engine", ["engine-llama-3-1-8b", "engine-sdxl"])
+def test_engines_are_ready_only_once_serving(engine: str) -> None:
+    """An engine's metrics port answers /health while the process lives and /ready once it serves
+    (model loaded, registered in Redis): a rollout waits for the new engine before stopping the old."""
+    c = named("Deployment", engine)["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert c["livenessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/health"
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) not installed")
 def test_kustomize_builds_the_same_objects() -> None:
     built = subprocess.run(["kubectl", "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=True)
