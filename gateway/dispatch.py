@@ -26,7 +26,15 @@ import msgspec
 import redis.asyncio as aioredis
 
 from engines.wire import Done, Event, Failed, Job, Unknown
-from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
+from gateway.errors import (
+    ConduitError,
+    DeadlineExceeded,
+    EngineError,
+    ModelNotFound,
+    ModelNotSupported,
+    NoEngine,
+    Overloaded,
+)
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
@@ -318,12 +326,15 @@ class Dispatcher:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def check_model(self, model: str, principal: Principal = ANONYMOUS) -> None:
-        """404 for a model nobody serves or configured, or that the key may not use; 503 for one
-        whose engines are all gone."""
+    def check_model(self, model: str, principal: Principal = ANONYMOUS, kind: str | None = None) -> None:
+        """404 for a model nobody serves or configured, or that the key may not use, or whose live
+        engines announce no job of ``kind`` (an engine that cannot run a job it gets still answers
+        501: a fleet of mixed versions); 503 for one whose engines are all gone."""
         if not principal.allows(model):
             raise ModelNotFound(model)
         if self.registry.is_live(model):
+            if kind is not None and not self.registry.runs(model, kind):
+                raise ModelNotSupported(model, kind)
             return
         if self.registry.is_known(model):
             raise NoEngine(model)
@@ -341,7 +352,7 @@ class Dispatcher:
         takes from the key's limits (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the
         ``x-ratelimit-*`` headers.
         """
-        self.check_model(model, principal)
+        self.check_model(model, principal, kind)
         now_ms = int(time.time() * 1000)
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,

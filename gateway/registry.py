@@ -46,6 +46,10 @@ class EngineRegistry:
     def is_known(self, model: str) -> bool:
         return model in self.models or model in self._configured or model in self._seen
 
+    def runs(self, model: str, kind: str) -> bool:
+        """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
+        return any(kind in e.kinds for e in self.models.get(model, ()))
+
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""
         return min((e.started_ms for e in self.models.get(model, [])), default=0) // 1000
