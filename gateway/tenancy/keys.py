@@ -16,7 +16,7 @@ import asyncio
 import re
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from argon2 import PasswordHasher
@@ -86,16 +86,27 @@ class KeyInfo(msgspec.Struct, kw_only=True):
     expired: bool
 
 
+#: What the admin API accepts for a key's name, owner and model names (``validate`` also wants
+#: printable text); in the OpenAPI document.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_NAME)]
+Owner = Annotated[str, msgspec.Meta(max_length=_MAX_NAME)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: An expiry in epoch milliseconds (a record holds it as a 64-bit integer) ...
+Expiry = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+#: ... or a lifetime in days from now (at most a century).
+Lifetime = Annotated[float, msgspec.Meta(gt=0, le=36_525)]
+
+
 class KeyChanges(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Fields of a key to change (``KeyStore.update``, ``PATCH /admin/keys/{id}``); UNSET: keep."""
 
-    name: str | msgspec.UnsetType = msgspec.UNSET
-    owner: str | msgspec.UnsetType = msgspec.UNSET
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    owner: Owner | msgspec.UnsetType = msgspec.UNSET
     #: None: all models.
-    models: list[str] | None | msgspec.UnsetType = msgspec.UNSET
+    models: list[ModelName] | None | msgspec.UnsetType = msgspec.UNSET
     limits: KeyLimits | msgspec.UnsetType = msgspec.UNSET
     #: None: never expires.
-    expires_ms: int | None | msgspec.UnsetType = msgspec.UNSET
+    expires_ms: Expiry | None | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
 
 
