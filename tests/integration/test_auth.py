@@ -345,4 +345,11 @@ def test_a_flood_of_wrong_keys_is_limited_while_a_valid_key_keeps_working(stack:
     # would exhaust); keys it knows do not.
     assert httpx.get(url, headers={"Authorization": f"Bearer {fresh}"}).status_code == 429
     assert httpx.get(url, headers=headers).status_code == 200
+    # Found by fuzzing: a change to any key drops the cached records, and the known key's next
+    # request, which reads its record again, was then refused 429 with the wrong ones.
+    fresh_id, _ = parse_key(fresh)  # type: ignore[misc]
+    assert admin(stack, "PATCH", f"/keys/{fresh_id}", {"owner": "someone"}).status_code == 200
+    time.sleep(0.6)  # every gateway drops its records within keys_poll_s (0.25 s)
+    assert httpx.get(url, headers=headers).status_code == 200
+    assert httpx.get(url, headers={"Authorization": f"Bearer {fresh}"}).status_code == 429
     assert_no_key_material(stack, [good, fresh])
