@@ -85,6 +85,8 @@ class OperationResult:
     cases: int = 0
     negative: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
+    #: 2xx answers that were event streams.
+    streamed: int = 0
     #: Error answers by (status, OpenAI error code).
     codes: Counter[tuple[int, str]] = field(default_factory=Counter)
 
@@ -114,10 +116,10 @@ class Report:
     def render(self) -> str:
         lines = [f"{self.cases} cases in {self.wall_s:.1f}s (seed {self.seed}); 5xx: {self.server_errors}; "
                  f"failures: {sum(n for n, _ in self.failures.values())} ({len(self.failures)} distinct)",
-                 f"{'operation':<40} {'cases':>6} {'neg':>5}  statuses"]
+                 f"{'operation':<40} {'cases':>6} {'neg':>5} {'sse':>5}  statuses"]
         for name, r in sorted(self.operations.items()):
             statuses = " ".join(f"{s}:{n}" for s, n in sorted(r.statuses.items()))
-            lines.append(f"{name:<40} {r.cases:>6} {r.negative:>5}  {statuses}")
+            lines.append(f"{name:<40} {r.cases:>6} {r.negative:>5} {r.streamed:>5}  {statuses}")
         codes: Counter[tuple[int, str]] = sum((r.codes for r in self.operations.values()), Counter())
         lines.append("error codes: " + ", ".join(f"{s} {c}: {n}" for (s, c), n in sorted(codes.items())))
         for (name, what), (count, first) in sorted(self.failures.items()):
@@ -127,7 +129,7 @@ class Report:
     def as_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "cases": self.cases, "wall_s": round(self.wall_s, 1),
                 "server_errors": self.server_errors,
-                "operations": {name: {"cases": r.cases, "negative": r.negative,
+                "operations": {name: {"cases": r.cases, "negative": r.negative, "streamed": r.streamed,
                                       "statuses": {str(s): n for s, n in sorted(r.statuses.items())},
                                       "codes": {f"{s} {c}": n for (s, c), n in sorted(r.codes.items())}}
                                for name, r in sorted(self.operations.items())},
@@ -178,6 +180,8 @@ def adjust(case: Any, target: Target, rng: random.Random) -> dict[str, str]:
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) and rng.random() < 0.9:
         main, other = (IMAGE_MODEL, CHAT_MODEL) if op_id == "createImage" else (CHAT_MODEL, IMAGE_MODEL)
         case.body["model"] = main if rng.random() < 0.93 else other
+        if case.meta is not None and case.meta.generation.mode.is_positive and rng.random() < 0.3:
+            case.body["stream"] = True  # rarely generated otherwise: most answers would be JSON
     params = case.path_parameters or {}
     if "model_id" in params and rng.random() < 0.75:
         params["model_id"] = rng.choice([CHAT_MODEL, IMAGE_MODEL])
@@ -259,6 +263,7 @@ def _run(op: Any, mode: GenerationMode, count: int, seed_: int, target: Target, 
             report.fail(label, f"no answer: {type(exc).__name__}", f"{exc}\n{case.as_curl_command(headers=headers)}")
             return
         result.statuses[response.status_code] += 1
+        result.streamed += response.status_code < 300 and "event-stream" in str(response.headers.get("content-type"))
         if response.status_code >= 400:
             result.codes[(response.status_code, _error_code(response.content))] += 1
         try:
