@@ -196,9 +196,9 @@ def test_lifecycle_through_the_admin_api_with_sdk_and_langchain(stack: Stack) ->
     assert_no_key_material_after_revoke(stack, [key])
 
 
-def test_expiries_out_of_range_are_400s_naming_the_field(stack: Stack) -> None:
-    """Found by fuzzing: a lifetime of -2e303 days overflowed to a 500, as did an ``expires_ms`` beyond
-    64 bits (a record the store cannot encode). Both are refused before anything is stored."""
+def test_numbers_out_of_range_are_400s_naming_the_field(stack: Stack) -> None:
+    """Found by fuzzing: a lifetime of -2e303 days overflowed to a 500, as did an ``expires_ms`` or a
+    limit beyond 64 bits (a record the store cannot encode). All are refused before anything is stored."""
     gateway(stack)
     key_id = admin(stack, "POST", "/keys", {"name": "k"}).json()["id"]
     for method, path, body, param in (
@@ -206,7 +206,9 @@ def test_expiries_out_of_range_are_400s_naming_the_field(stack: Stack) -> None:
             ("POST", "/keys", {"name": "x", "expires_in_days": 1e300}, "expires_in_days"),
             ("POST", "/keys", {"name": "x", "expires_ms": 2**64}, "expires_ms"),
             ("PATCH", f"/keys/{key_id}", {"expires_ms": -57409446666635329355569430528}, "expires_ms"),
-            ("PATCH", f"/keys/{key_id}", {"expires_ms": -1}, "expires_ms")):
+            ("PATCH", f"/keys/{key_id}", {"expires_ms": -1}, "expires_ms"),
+            ("PATCH", f"/keys/{key_id}", {"limits": {"priority": 495826073331549077504}}, "limits.priority"),
+            ("POST", "/keys", {"name": "x", "limits": {"rpm": 2**70}}, "limits.rpm")):
         resp = admin(stack, method, path, body)
         assert resp.status_code == 400, (body, resp.text)
         assert resp.json()["error"]["param"] == param, resp.text
