@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import subprocess
 import sys
@@ -77,7 +78,10 @@ class Target:
     api_key: str
     limited_key: str
     image_refs: list[str]
+    #: Keys the cases may change or revoke ...
     key_ids: list[str]
+    #: ... and keys they may only read (the run's own: they must keep working).
+    read_only_ids: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,8 +153,9 @@ def start(stack: Stack, tiny_sd_dir: Path) -> Target:
         assert resp.status_code == 201, resp.text
         return resp.json()  # type: ignore[no-any-return]
 
-    stack.api_key = new_key("fuzz")["key"]
-    limited = new_key("fuzz-limited", limits={"rpm": 120, "tpm": 20000, "ipm": 60})["key"]
+    main = new_key("fuzz")
+    limited = new_key("fuzz-limited", limits={"rpm": 120, "tpm": 20000, "ipm": 60})
+    stack.api_key = main["key"]
     key_ids = [new_key(f"spare-{i}", owner="fuzz")["id"] for i in range(8)]
     stack.synthetic(CHAT_MODEL, "--tokens", "8")
     # Engine limits: any image the gateway accepts is at most 64x64 pixels and 4 steps.
@@ -164,8 +169,8 @@ def start(stack: Stack, tiny_sd_dir: Path) -> Target:
                                 "output_format": fmt, "response_format": "url"})
         assert resp.status_code == 200, resp.text
         refs += [d["url"].rsplit("/", 1)[1] for d in resp.json()["data"]]
-    return Target(base_url=stack.base_url, api_key=stack.api_key, limited_key=limited, image_refs=refs,
-                  key_ids=key_ids)
+    return Target(base_url=stack.base_url, api_key=stack.api_key, limited_key=limited["key"], image_refs=refs,
+                  key_ids=key_ids, read_only_ids=[main["id"], limited["id"]])
 
 
 # ---- the cases -----------------------------------------------------------------------------
@@ -188,7 +193,8 @@ def adjust(case: Any, target: Target, rng: random.Random) -> dict[str, str]:
     if "name" in params and target.image_refs and rng.random() < 0.75:
         params["name"] = rng.choice(target.image_refs)
     if "key_id" in params and rng.random() < 0.75:
-        params["key_id"] = rng.choice(target.key_ids)
+        reading = op.method.upper() == "GET" and target.read_only_ids and rng.random() < 0.5
+        params["key_id"] = rng.choice(target.read_only_ids if reading else target.key_ids)
     headers = case.headers if case.headers is not None else {}
     key = next((h for h in headers if h.lower() == "idempotency-key"), None)
     if key is not None and case.meta is not None and case.meta.generation.mode.is_positive:
@@ -229,14 +235,12 @@ def fuzz(target: Target, cases: int, seed_: int = 0, log: Callable[[str], None] 
     for i, op in enumerate(ops):
         op_id = op.definition.raw["operationId"]
         label = f"{op.method.upper()} {op.path}"
-        n = max(1, round(cases * WEIGHTS[op_id] / total))
-        modes = [(GenerationMode.POSITIVE, n)]
-        if _has_input(op):
-            negative = round(n * NEGATIVE_SHARE)
-            modes = [(GenerationMode.POSITIVE, n - negative), (GenerationMode.NEGATIVE, negative)]
-        for mode, count in modes:
-            if count:
-                _run(op, mode, count, seed_ + i, target, report, label)
+        n = max(1, math.ceil(cases * WEIGHTS[op_id] / total))
+        negative = round(n * NEGATIVE_SHARE) if _has_input(op) else 0
+        if negative:
+            negative = _run(op, GenerationMode.NEGATIVE, negative, seed_ + i, target, report, label)
+        # What negative generation could not make (a string path parameter has no invalid value) is made valid.
+        _run(op, GenerationMode.POSITIVE, n - negative, seed_ + i, target, report, label)
         if log is not None:
             r = report.operations[label]
             log(f"{label}: {r.cases} cases, {dict(sorted(r.statuses.items()))} ({time.perf_counter() - started:.0f}s)")
@@ -244,10 +248,12 @@ def fuzz(target: Target, cases: int, seed_: int = 0, log: Callable[[str], None] 
     return report
 
 
-def _run(op: Any, mode: GenerationMode, count: int, seed_: int, target: Target, report: Report, label: str) -> None:
+def _run(op: Any, mode: GenerationMode, count: int, seed_: int, target: Target, report: Report, label: str) -> int:
+    """Send ``count`` cases of ``mode`` (fewer if there are no more to make); how many were sent."""
     strategy = op.as_strategy(generation_mode=mode)
     result = report.operations[label]
     rng = random.Random(f"{seed_}:{label}:{mode}")
+    before = result.cases
 
     @seed(seed_ * 2 + (mode is GenerationMode.NEGATIVE))
     @settings(max_examples=count, deadline=None, database=None, phases=[Phase.generate],
@@ -277,7 +283,8 @@ def _run(op: Any, mode: GenerationMode, count: int, seed_: int, target: Target, 
     try:
         one()
     except Unsatisfiable:
-        pass  # nothing (more) of this mode to generate: a string path parameter has no invalid value
+        pass  # nothing (more) of this mode to generate
+    return result.cases - before
 
 
 def _error_code(body: bytes) -> str:
