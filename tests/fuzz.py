@@ -204,6 +204,9 @@ def adjust(case: Any, target: Target, rng: random.Random) -> dict[str, str]:
             del headers[key]
         elif choice < 0.8:
             headers[key] = f"{headers[key][:200]}-{rng.getrandbits(64):016x}"
+    if (case.meta is not None and not case.meta.generation.mode.is_positive and op.definition.raw.get("security")
+            and not any(h.lower() == "authorization" for h in headers)):
+        return {}  # the invalid part of this case is the missing credential: keep it missing
     if op.path.startswith("/admin/"):
         credential = ADMIN if rng.random() < 0.95 else "wrong-admin-credential"
     elif op.path.startswith("/v1/"):
