@@ -25,6 +25,7 @@ from gateway.protocol import (
 )
 from gateway.serving import ChoiceState, StreamState, usage_of
 
+
 def finish_reason(reason: str | None) -> ChatFinishReason:
     """OpenAI's finish reason for an engine's (vLLM's "abort" or "error" must not leak through)."""
     return reason if reason in CHAT_FINISH_REASONS else "stop"  # type: ignore[return-value]

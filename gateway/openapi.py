@@ -29,7 +29,7 @@ import argparse
 import functools
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,12 @@ import msgspec
 import msgspec.inspect as mi
 
 from gateway.errors import ErrorEnvelope
-from gateway.images.protocol import CompletedImageEvent, ImageRequest, ImagesResponse, PartialImageEvent
+from gateway.images.protocol import (
+    CompletedImageEvent,
+    ImageRequest,
+    ImagesResponse,
+    PartialImageEvent,
+)
 from gateway.protocol import (
     ChatCompletion,
     ChatCompletionChunk,

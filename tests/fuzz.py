@@ -118,8 +118,9 @@ class Report:
         self.failures[(operation, what)] = (count + 1, first)
 
     def render(self) -> str:
-        lines = [f"{self.cases} cases in {self.wall_s:.1f}s (seed {self.seed}); 5xx: {self.server_errors}; "
-                 f"failures: {sum(n for n, _ in self.failures.values())} ({len(self.failures)} distinct)",
+        failures = sum(n for n, _ in self.failures.values())
+        lines = [(f"{self.cases} cases in {self.wall_s:.1f}s (seed {self.seed}); 5xx: {self.server_errors}; "
+                  f"failures: {failures} ({len(self.failures)} distinct)"),
                  f"{'operation':<40} {'cases':>6} {'neg':>5} {'sse':>5}  statuses"]
         for name, r in sorted(self.operations.items()):
             statuses = " ".join(f"{s}:{n}" for s, n in sorted(r.statuses.items()))

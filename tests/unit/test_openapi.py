@@ -105,7 +105,12 @@ def test_request_bodies_say_they_take_unknown_fields_and_admin_bodies_do_not() -
 
 
 def test_response_schemas_require_what_the_encoder_always_writes() -> None:
-    from gateway.protocol import ChatCompletionChunk, ChunkChoice, ChunkDelta, ResponseMessage
+    from gateway.protocol import (
+        ChatCompletionChunk,
+        ChunkChoice,
+        ChunkDelta,
+        ResponseMessage,
+    )
 
     schemas = DOC["components"]["schemas"]
     # omit_defaults: what equals its default is left out; the tag is always written.
