@@ -393,7 +393,7 @@ def _error_response(op: Operation, status: int) -> dict[str, Any]:
         headers["x-should-retry"] = {"$ref": "#/components/headers/x-should-retry"}
     if status in op.replayed:
         headers["idempotent-replayed"] = {"$ref": "#/components/headers/idempotent-replayed"}
-    body = _ref(Readiness) if op.json is Readiness else _ref(ErrorEnvelope)
+    body = _ref(Readiness) if op.json is Readiness and status == 503 else _ref(ErrorEnvelope)
     return {"description": f"{ERRORS[status]} {op.errors[status]}", "headers": headers, "content": _content(body)}
 
 
