@@ -26,12 +26,20 @@ class _StreamOptions(msgspec.Struct):
 
 
 class _Body(msgspec.Struct):
-    messages: list[_Message] = []
-    prompt: str | list[object] = ""
     n: int | None = None
     max_tokens: int | None = None
-    max_completion_tokens: int | None = None
     stream_options: _StreamOptions | None = None
+
+
+# One body per job kind: a field the other kind defines is, to this one, an unknown field the
+# gateway let through unchecked (a chat request's `prompt` may be any JSON).
+class _ChatBody(_Body):
+    messages: list[_Message] = []
+    max_completion_tokens: int | None = None
+
+
+class _CompletionBody(_Body):
+    prompt: str | list[object] = ""
 
 
 class SyntheticSettings(msgspec.Struct, kw_only=True):
@@ -61,7 +69,8 @@ class SyntheticBackend:
         self.models = list(settings.models)
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
-        self._decoder = msgspec.json.Decoder(_Body)
+        self._chat = msgspec.json.Decoder(_ChatBody)
+        self._completion = msgspec.json.Decoder(_CompletionBody)
 
     async def start(self) -> None:
         return None
@@ -71,12 +80,17 @@ class SyntheticBackend:
 
     async def run(self, job: Job, out: JobOutput) -> None:
         s = self.settings
-        body = self._decoder.decode(job.body)
-        limit = body.max_completion_tokens or body.max_tokens
+        body: _Body
+        if job.kind == "chat":
+            body = chat = self._chat.decode(job.body)
+            prompt_tokens = sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in chat.messages)
+            limit = chat.max_completion_tokens or chat.max_tokens
+        else:
+            body = completion = self._completion.decode(job.body)
+            prompt_tokens = len(str(completion.prompt).split())
+            limit = completion.max_tokens
         count = min(limit, s.tokens) if limit is not None else s.tokens
         n = body.n or 1
-        prompt_tokens = sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in body.messages) \
-            if body.messages else len(str(body.prompt).split())
         so = body.stream_options
         continuous = so is not None and bool(so.include_usage and so.continuous_usage_stats)
         out.started()

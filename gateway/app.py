@@ -25,7 +25,8 @@ from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, ModelNotFound, NotFound, error_response
 from gateway.images.serving import ImageGeneration
 from gateway.observe import RequestObserver, note_prompt, template_name
-from gateway.protocol import Model, ModelList, RequestDecoder
+from gateway.openapi import document_bytes
+from gateway.protocol import Health, Model, ModelList, Readiness, RequestDecoder
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
 from gateway.serving import Generation
@@ -44,6 +45,7 @@ from telemetry.setup import Telemetry
 
 log = logging.getLogger("conduit.gateway")
 _JSON = msgspec.json.Encoder()
+_HEALTHY = _JSON.encode(Health())
 
 
 class Services(msgspec.Struct):
@@ -139,7 +141,7 @@ async def get_model(model_id: str, request: Request[Any, Any, Any], services: Se
 @get("/health")
 async def health() -> Response[bytes]:
     """The process is alive (says nothing about Redis or engines)."""
-    return Response(b'{"status":"ok"}', media_type="application/json")
+    return Response(_HEALTHY, media_type="application/json")
 
 
 @get("/ready")
@@ -152,8 +154,8 @@ async def ready(services: Services) -> Response[bytes]:
         redis_ok = False
     engines = len(services.registry.engines)
     ok = redis_ok and engines > 0
-    body = _JSON.encode({"status": "ready" if ok else "not_ready", "redis": redis_ok, "engines": engines,
-                         "models": sorted(services.registry.models)})
+    body = _JSON.encode(Readiness(status="ready" if ok else "not_ready", redis=redis_ok, engines=engines,
+                                  models=sorted(services.registry.models)))
     return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
 
@@ -163,6 +165,12 @@ async def metrics(services: Services) -> Response[bytes]:
     if not services.settings.metrics:
         raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/openapi.json")
+async def openapi_document() -> Response[bytes]:
+    """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
+    return Response(document_bytes(), media_type="application/json")
 
 
 async def _sweep(store: DirectoryImageStore, every_s: float = 60.0) -> None:
@@ -261,7 +269,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
 
     app = Litestar(
         route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
-                        metrics, *ADMIN_ROUTES],
+                        metrics, openapi_document, *ADMIN_ROUTES],
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
                       "key_store": Provide(provide_key_store, sync_to_thread=False),
                       "usage_log": Provide(provide_usage_log, sync_to_thread=False)},

@@ -7,9 +7,11 @@ from msgspec import UNSET
 
 from engines.wire import Delta, SampledLogprob, Usage
 from gateway.protocol import (
+    CHAT_FINISH_REASONS,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
+    ChatFinishReason,
     ChatLogprobs,
     ChatTokenLogprob,
     ChunkChoice,
@@ -23,12 +25,10 @@ from gateway.protocol import (
 )
 from gateway.serving import ChoiceState, StreamState, usage_of
 
-# OpenAI's finish reasons; an engine's own (vLLM's "abort", "error") must not leak through.
-FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
 
-
-def finish_reason(reason: str | None) -> str:
-    return reason if reason in FINISH_REASONS else "stop"
+def finish_reason(reason: str | None) -> ChatFinishReason:
+    """OpenAI's finish reason for an engine's (vLLM's "abort" or "error" must not leak through)."""
+    return reason if reason in CHAT_FINISH_REASONS else "stop"  # type: ignore[return-value]
 
 
 def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:

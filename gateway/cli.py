@@ -12,7 +12,10 @@ import os
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engines.diffusers_engine import DiffusersSettings
 
 CPU_ENGINE_ENV = {
     # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
@@ -69,7 +72,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
             numbered=args.numbered))
     elif args.kind == "diffusers":
-        from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
+        from engines.diffusers_engine import DiffusersBackend
 
         model = args.model
         tiny = model in (None, "tiny")
@@ -77,11 +80,7 @@ def cmd_engine(args: argparse.Namespace) -> int:
             from engines.tiny import build_tiny_sd, default_sd_dir
 
             model = str(build_tiny_sd(default_sd_dir()))
-        backend = DiffusersBackend(DiffusersSettings(
-            model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
-            dtype=args.dtype, compile=args.compile, compile_backend=args.compile_backend, batching=args.batching, max_concurrency=args.max_concurrency or 64,
-            threads=args.threads,
-            **({"max_batch_pixels": args.max_batch_pixels} if args.max_batch_pixels else {})))
+        backend = DiffusersBackend(diffusers_settings(args, model))
     else:
         for k, v in CPU_ENGINE_ENV.items():
             os.environ.setdefault(k, v)
@@ -106,6 +105,19 @@ def cmd_engine(args: argparse.Namespace) -> int:
             reasoning_parser=args.reasoning_parser))
     _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
     return 0
+
+
+def diffusers_settings(args: argparse.Namespace, model: str) -> DiffusersSettings:
+    """A diffusers engine's settings from ``conduit engine``'s flags (``model``: the pipeline directory)."""
+    from engines.diffusers_engine import DiffusersSettings
+
+    tiny = args.model in (None, "tiny")
+    limits = {name: getattr(args, name) for name in ("max_batch_pixels", "max_size", "max_steps", "default_steps")
+              if getattr(args, name) is not None}
+    return DiffusersSettings(
+        model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
+        dtype=args.dtype, compile=args.compile, compile_backend=args.compile_backend, batching=args.batching,
+        max_concurrency=args.max_concurrency or 64, threads=args.threads, **limits)
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -287,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--batching", choices=["auto", "step", "request"], default="auto",
                     help="diffusers: step-level continuous batching, whole-request batching, or auto")
     en.add_argument("--max-batch-pixels", type=int, help="diffusers: sum of width*height per denoising step")
+    en.add_argument("--max-size", type=int, help="diffusers: largest width or height in pixels (default 2048)")
+    en.add_argument("--max-steps", type=int, help="diffusers: most denoising steps a request may take (default 150)")
+    en.add_argument("--default-steps", type=int, help="diffusers: steps of quality 'auto' (default 30)")
     en.add_argument("--threads", type=int, help="diffusers: torch CPU threads (1 suits small shared CPUs)")
     en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))

@@ -26,7 +26,15 @@ import msgspec
 import redis.asyncio as aioredis
 
 from engines.wire import Done, Event, Failed, Job, Started, Unknown
-from gateway.errors import ConduitError, DeadlineExceeded, EngineError, ModelNotFound, NoEngine, Overloaded
+from gateway.errors import (
+    ConduitError,
+    DeadlineExceeded,
+    EngineError,
+    ModelNotFound,
+    ModelNotSupported,
+    NoEngine,
+    Overloaded,
+)
 from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
@@ -332,12 +340,15 @@ class Dispatcher:
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def check_model(self, model: str, principal: Principal = ANONYMOUS) -> None:
-        """404 for a model nobody serves or configured, or that the key may not use; 503 for one
-        whose engines are all gone."""
+    def check_model(self, model: str, principal: Principal = ANONYMOUS, kind: str | None = None) -> None:
+        """404 for a model nobody serves or configured, or that the key may not use, or whose live
+        engines announce no job of ``kind`` (an engine that cannot run a job it gets still answers
+        501: a fleet of mixed versions); 503 for one whose engines are all gone."""
         if not principal.allows(model):
             raise ModelNotFound(model)
         if self.registry.is_live(model):
+            if kind is not None and not self.registry.runs(model, kind):
+                raise ModelNotSupported(model, kind)
             return
         if self.registry.is_known(model):
             raise NoEngine(model)
@@ -360,7 +371,7 @@ class Dispatcher:
         takes from the key's limits (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the
         ``x-ratelimit-*`` headers.
         """
-        self.check_model(model, principal)
+        self.check_model(model, principal, kind)
         now_ms = int(time.time() * 1000)
         span = state.get("span") if state is not None else None
         queue_span = None

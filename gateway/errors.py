@@ -4,7 +4,8 @@
     ├── InvalidRequest        400    malformed JSON, schema violation (param names the field)
     ├── Unauthorized          401
     ├── NotFound              404    unknown route
-    │   └── ModelNotFound     404    model_not_found
+    │   ├── ModelNotFound     404    model_not_found
+    │   └── ModelNotSupported 404    model_not_supported: the model's engines run no job of this kind
     ├── MethodNotAllowed      405
     ├── Conflict              409    Idempotency-Key reused or in use
     ├── PayloadTooLarge       413
@@ -86,6 +87,24 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
+
+
+#: What OpenAI says when a model exists but not on the endpoint asked (its own words for chat).
+_NOT_SUPPORTED = {
+    "chat": "This is not a chat model and thus not supported in the v1/chat/completions endpoint.",
+    "completion": "This is not a text completion model and thus not supported in the v1/completions endpoint.",
+    "image": "This is not an image generation model and thus not supported in the v1/images/generations endpoint.",
+}
+
+
+class ModelNotSupported(NotFound):
+    """A live model whose engines announce no job kind this endpoint needs (OpenAI answers 404 too)."""
+
+    code = "model_not_supported"
+
+    def __init__(self, model: str, kind: str) -> None:
+        message = _NOT_SUPPORTED.get(kind, f"The model `{model}` does not run `{kind}` requests.")
+        super().__init__(message, param="model")
 
 
 class MethodNotAllowed(ConduitError):

@@ -12,7 +12,7 @@ or object.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -20,6 +20,10 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 from gateway.errors import InvalidRequest
 from gateway.images.protocol import ImageRequest
 from gateway.settings import GatewaySettings
+
+#: Marks a field OpenAI's API does not define: ``x-conduit-extension`` (whose it is) in Conduit's
+#: OpenAPI document (``gateway.openapi``). Decoding ignores it.
+VLLM_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "vllm"})
 
 # ---- requests --------------------------------------------------------------------------
 
@@ -71,7 +75,7 @@ class ChatMessage(Struct, forbid_unknown_fields=False):
 
 class StreamOptions(Struct, forbid_unknown_fields=False):
     include_usage: bool | None = None
-    continuous_usage_stats: bool | None = None  # vLLM extension
+    continuous_usage_stats: Annotated[bool | None, VLLM_EXTENSION] = None
 
 
 class JsonSchemaFormat(Struct):
@@ -118,6 +122,9 @@ class NamedToolChoice(Struct):
 
 
 class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/chat/completions``. Fields it does not name go to the engine unchanged (vLLM's
+    extensions: ``top_k``, ``min_p``, ``ignore_eos``, ...; OpenAI's fields vLLM ignores)."""
+
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     model: str
     frequency_penalty: Penalty | None = None
@@ -182,6 +189,8 @@ Prompt = str | Annotated[list[str | int | Annotated[list[int], Meta(min_length=1
 
 
 class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/completions``. Fields it does not name go to the engine unchanged (vLLM's extensions)."""
+
     model: str
     prompt: Prompt
     best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
@@ -263,6 +272,14 @@ def _nested_at_most(param: str, value: Any, limit: int) -> None:
 
 
 # ---- responses -------------------------------------------------------------------------
+# Literal types name every value the renderers emit (they are checked when encoding only by
+# the renderers themselves: the OpenAPI document and the tests read them from here).
+
+#: OpenAI's finish reasons: an engine's own (vLLM's "abort", "error") never leak through.
+ChatFinishReason = Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+CompletionFinishReason = Literal["stop", "length", "content_filter"]
+CHAT_FINISH_REASONS = frozenset(get_args(ChatFinishReason))
+COMPLETION_FINISH_REASONS = frozenset(get_args(CompletionFinishReason))
 
 
 class TopLogprob(Struct):
@@ -290,7 +307,7 @@ class ResponseFunction(Struct):
 
 class ResponseToolCall(Struct):
     id: str
-    type: str
+    type: Literal["function"]
     function: ResponseFunction
 
 
@@ -298,13 +315,14 @@ class ResponseMessage(Struct, omit_defaults=True):
     # content and refusal are required by the spec (null allowed), so they have no default.
     content: str | None
     refusal: str | None
-    role: str
+    role: Literal["assistant"]
     tool_calls: list[ResponseToolCall] = []
-    reasoning_content: str | None = None  # vLLM extension, present only when the model reasons
+    #: Present only when the model reasons (vLLM's reasoning parsers).
+    reasoning_content: Annotated[str | None, VLLM_EXTENSION] = None
 
 
 class ChatChoice(Struct):
-    finish_reason: str
+    finish_reason: ChatFinishReason
     index: int
     message: ResponseMessage
     logprobs: ChatLogprobs | None
@@ -321,13 +339,13 @@ class CompletionUsage(Struct, omit_defaults=True):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
-class ChatCompletion(Struct):
+class ChatCompletion(Struct, kw_only=True):
     id: str
     choices: list[ChatChoice]
     created: int
     model: str
-    object: str = "chat.completion"
-    usage: CompletionUsage | None = None
+    object: Literal["chat.completion"] = "chat.completion"
+    usage: CompletionUsage
 
 
 class ChunkFunction(Struct, omit_defaults=True):
@@ -338,20 +356,20 @@ class ChunkFunction(Struct, omit_defaults=True):
 class ChunkToolCall(Struct, omit_defaults=True):
     index: int
     id: str | None = None
-    type: str | None = None
+    type: Literal["function"] | None = None
     function: ChunkFunction | None = None
 
 
 class ChunkDelta(Struct, omit_defaults=True):
-    role: str | None = None
+    role: Literal["assistant"] | None = None
     content: str | None = None
-    reasoning_content: str | None = None
+    reasoning_content: Annotated[str | None, VLLM_EXTENSION] = None
     tool_calls: list[ChunkToolCall] | None = None
 
 
 class ChunkChoice(Struct):
     delta: ChunkDelta
-    finish_reason: str | None
+    finish_reason: ChatFinishReason | None
     index: int
     logprobs: ChatLogprobs | None = None
 
@@ -375,15 +393,35 @@ class CompletionLogprobs(Struct):
 
 
 class CompletionChoice(Struct):
-    finish_reason: str | None
+    finish_reason: CompletionFinishReason
     index: int
     logprobs: CompletionLogprobs | None
     text: str
 
 
-class Completion(Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+class CompletionChunkChoice(Struct):
+    """A streamed choice: as :class:`CompletionChoice`, with no finish reason until it ends."""
+
+    finish_reason: CompletionFinishReason | None
+    index: int
+    logprobs: CompletionLogprobs | None
+    text: str
+
+
+class Completion(Struct, tag_field="object", tag="text_completion"):
     id: str
     choices: list[CompletionChoice]
+    created: int
+    model: str
+    usage: CompletionUsage
+
+
+class CompletionChunk(Struct, omit_defaults=True, tag_field="object", tag="text_completion"):
+    """A streamed ``text_completion`` (OpenAI's stream sends the full response's shape, but with
+    ``finish_reason: null`` until a choice ends, and ``usage: null`` with ``include_usage``)."""
+
+    id: str
+    choices: list[CompletionChunkChoice]
     created: int
     model: str
     usage: CompletionUsage | None | UnsetType = UNSET
@@ -392,13 +430,32 @@ class Completion(Struct, omit_defaults=True, tag_field="object", tag="text_compl
 class Model(Struct):
     id: str
     created: int
-    object: str = "model"
+    object: Literal["model"] = "model"
     owned_by: str = "conduit"
 
 
 class ModelList(Struct):
     data: list[Model]
-    object: str = "list"
+    object: Literal["list"] = "list"
+
+
+# ---- Conduit's own endpoints -------------------------------------------------------------
+
+
+class Health(Struct):
+    """``GET /health``: the process is alive."""
+
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(Struct):
+    """``GET /ready``: whether Redis answers and at least one engine is live."""
+
+    status: Literal["ready", "not_ready"]
+    redis: bool
+    engines: int
+    #: Models with a live engine now.
+    models: list[str]
 
 
 # ---- decoding --------------------------------------------------------------------------

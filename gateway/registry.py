@@ -65,6 +65,10 @@ class EngineRegistry:
         """(model, jobs queued or running in its stream, jobs waiting) from the last refresh."""
         return [(m, q, w) for m, (q, w) in sorted(self.backlog.items())]
 
+    def runs(self, model: str, kind: str) -> bool:
+        """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
+        return any(kind in e.kinds for e in self.models.get(model, ()))
+
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""
         return min((e.started_ms for e in self.models.get(model, [])), default=0) // 1000

@@ -15,7 +15,7 @@ image also carries the ``seed`` it was made with (an extension).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -25,9 +25,17 @@ from gateway.settings import GatewaySettings
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
-#: Values the response schemas allow for ``size`` and ``quality``.
-RESPONSE_SIZES = frozenset({"1024x1024", "1024x1536", "1536x1024"})
-RESPONSE_QUALITIES = frozenset({"low", "medium", "high"})
+#: Values the response schemas allow for ``size`` and ``quality`` (stream events add ``auto``).
+ResponseSize = Literal["1024x1024", "1024x1536", "1536x1024"]
+ResponseQuality = Literal["low", "medium", "high"]
+OutputFormat = Literal["png", "jpeg", "webp"]
+RESPONSE_SIZES = frozenset(get_args(ResponseSize))
+RESPONSE_QUALITIES = frozenset(get_args(ResponseQuality))
+
+#: Fields OpenAI's API does not define (``x-conduit-extension`` in the OpenAPI document, see
+#: ``gateway.openapi``): the diffusion parameters, and what Conduit adds to its answers.
+DIFFUSERS_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "diffusers"})
+CONDUIT_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "conduit"})
 
 
 class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
@@ -38,7 +46,7 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     n: Annotated[int, Meta(ge=1, le=10)] | None = None
     quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
-    output_format: Literal["png", "jpeg", "webp"] | None = None
+    output_format: OutputFormat | None = None
     output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
     stream: bool | None = None
     partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
@@ -48,10 +56,10 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     style: Literal["vivid", "natural"] | None = None
     user: str | None = None
     # ---- extensions (diffusers), sent through the SDK's ``extra_body`` ----
-    negative_prompt: str | None = None
-    num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
-    guidance_scale: Annotated[float, Meta(ge=0, le=50)] | None = None
-    seed: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
+    negative_prompt: Annotated[str | None, DIFFUSERS_EXTENSION] = None
+    num_inference_steps: Annotated[Annotated[int, Meta(ge=1)] | None, DIFFUSERS_EXTENSION] = None
+    guidance_scale: Annotated[Annotated[float, Meta(ge=0, le=50)] | None, DIFFUSERS_EXTENSION] = None
+    seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
 
     def check(self, limits: GatewaySettings) -> None:
         """Bounds that depend on settings, and the syntax of ``size``."""
@@ -79,8 +87,8 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
 class ImageObject(Struct, omit_defaults=True):
     b64_json: str | UnsetType = UNSET
     url: str | UnsetType = UNSET
-    #: Extension: the seed of the image's generator (the same seed makes the same image).
-    seed: int | UnsetType = UNSET
+    #: The seed of the image's generator (the same seed makes the same image).
+    seed: Annotated[int, CONDUIT_EXTENSION] | UnsetType = UNSET
 
 
 class InputTokensDetails(Struct):
@@ -100,10 +108,10 @@ class ImagesUsage(Struct):
 class ImagesResponse(Struct, omit_defaults=True):
     created: int
     data: list[ImageObject]
-    background: str | UnsetType = UNSET
-    output_format: str | UnsetType = UNSET
-    size: str | UnsetType = UNSET
-    quality: str | UnsetType = UNSET
+    background: Literal["transparent", "opaque"] | UnsetType = UNSET
+    output_format: OutputFormat | UnsetType = UNSET
+    size: ResponseSize | UnsetType = UNSET
+    quality: ResponseQuality | UnsetType = UNSET
     usage: ImagesUsage | UnsetType = UNSET
 
 
@@ -112,10 +120,10 @@ class _ImageEvent(Struct):
 
     b64_json: str
     created_at: int
-    size: str
-    quality: str
-    background: str
-    output_format: str
+    size: ResponseSize | Literal["auto"]
+    quality: ResponseQuality | Literal["auto"]
+    background: Literal["transparent", "opaque", "auto"]
+    output_format: OutputFormat
 
 
 class PartialImageEvent(_ImageEvent, tag="image_generation.partial_image", tag_field="type"):

@@ -14,7 +14,17 @@ import msgspec
 from litestar import Request, Response, delete, get, patch, post
 
 from gateway.errors import InvalidRequest, NotFound
-from gateway.tenancy.keys import InvalidKeyField, KeyChanges, KeyInfo, KeyStore
+from gateway.tenancy.keys import (
+    Expiry,
+    InvalidKeyField,
+    KeyChanges,
+    KeyInfo,
+    KeyStore,
+    Lifetime,
+    ModelName,
+    Name,
+    Owner,
+)
 from gateway.tenancy.principal import KeyLimits
 from gateway.tenancy.usage import UsageLog
 
@@ -24,15 +34,15 @@ _JSON = msgspec.json.Encoder()
 class NewKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """``POST /admin/keys``: the key to make."""
 
-    name: str
-    owner: str = ""
+    name: Name
+    owner: Owner = ""
     #: None: every model.
-    models: list[str] | None = None
+    models: list[ModelName] | None = None
     limits: KeyLimits = msgspec.field(default_factory=KeyLimits)
     #: Epoch milliseconds after which the key stops working ...
-    expires_ms: int | None = None
+    expires_ms: Expiry | None = None
     #: ... or a lifetime in days from now.
-    expires_in_days: float | None = None
+    expires_in_days: Lifetime | None = None
     disabled: bool = False
 
 

@@ -176,9 +176,14 @@ class Authenticator:
         if parsed is None:
             self._fail(addr, INCORRECT_KEY)
         key_id, secret = parsed
+        digest = hmac.digest(self._hmac_key, text.encode(), "sha256")
+        verdict = self._verdicts.get(digest)
         cached = self._records.get(key_id, False)
         if cached is False:
-            self._admit(addr)
+            # A text this process verified keeps working while its address is blocked, also when
+            # its record must be read again (any key change drops every cached record).
+            if verdict is None or not verdict[1]:
+                self._admit(addr)
             self.failures.begin(addr)
             try:
                 cached = await self._record(key_id)
@@ -187,8 +192,6 @@ class Authenticator:
         if cached is None:
             self._fail(addr, INCORRECT_KEY)
         record, principal = cached
-        digest = hmac.digest(self._hmac_key, text.encode(), "sha256")
-        verdict = self._verdicts.get(digest)
         if verdict is None or verdict[0] != record.hash:
             ok = await self._verify_from(addr, digest, record.hash, secret)
         else:

@@ -16,13 +16,13 @@ import asyncio
 import re
 import secrets
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 from argon2 import PasswordHasher
 
 from engines.wire import Keys
-from gateway.tenancy.principal import KeyLimits, Principal
+from gateway.tenancy.principal import MAX_COUNT, MAX_PRIORITY, KeyLimits, Principal
 
 #: The first part of every key's text (tells a Conduit key from others in a leaked-secret scan).
 KEY_PREFIX = "cdt"
@@ -37,6 +37,7 @@ _ID_RE = re.compile(r"[0-9a-f]{12}")
 HASHER = PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1, hash_len=32, salt_len=16)
 
 _MAX_NAME = 128
+_MAX_EXPIRY = 2**63 - 1
 
 
 class KeyRecord(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=False):
@@ -86,16 +87,27 @@ class KeyInfo(msgspec.Struct, kw_only=True):
     expired: bool
 
 
+#: What the admin API accepts for a key's name, owner and model names (``validate`` also wants
+#: printable text); in the OpenAPI document.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_NAME)]
+Owner = Annotated[str, msgspec.Meta(max_length=_MAX_NAME)]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+#: An expiry in epoch milliseconds (a record holds it as a 64-bit integer) ...
+Expiry = Annotated[int, msgspec.Meta(ge=0, le=_MAX_EXPIRY)]
+#: ... or a lifetime in days from now (at most a century).
+Lifetime = Annotated[float, msgspec.Meta(gt=0, le=36_525)]
+
+
 class KeyChanges(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
     """Fields of a key to change (``KeyStore.update``, ``PATCH /admin/keys/{id}``); UNSET: keep."""
 
-    name: str | msgspec.UnsetType = msgspec.UNSET
-    owner: str | msgspec.UnsetType = msgspec.UNSET
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    owner: Owner | msgspec.UnsetType = msgspec.UNSET
     #: None: all models.
-    models: list[str] | None | msgspec.UnsetType = msgspec.UNSET
+    models: list[ModelName] | None | msgspec.UnsetType = msgspec.UNSET
     limits: KeyLimits | msgspec.UnsetType = msgspec.UNSET
     #: None: never expires.
-    expires_ms: int | None | msgspec.UnsetType = msgspec.UNSET
+    expires_ms: Expiry | None | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -138,13 +150,15 @@ def validate(record: KeyRecord) -> None:
         raise InvalidKeyField("`name` must not be empty.", "name")
     if record.models is not None and any(not m or len(m) > 256 for m in record.models):
         raise InvalidKeyField("`models` must be non-empty model names.", "models")
+    if record.expires_ms is not None and not 0 <= record.expires_ms <= _MAX_EXPIRY:
+        raise InvalidKeyField("`expires_ms` must be epoch milliseconds (a 64-bit integer).", "expires_ms")
     lim = record.limits
     for field in ("rpm", "tpm", "ipm", "concurrency"):
         value = getattr(lim, field)
-        if value is not None and value < 0:
-            raise InvalidKeyField(f"`limits.{field}` must not be negative.", f"limits.{field}")
-    if lim.priority < 1:
-        raise InvalidKeyField("`limits.priority` must be at least 1.", "limits.priority")
+        if value is not None and not 0 <= value <= MAX_COUNT:
+            raise InvalidKeyField(f"`limits.{field}` must be from 0 to {MAX_COUNT}.", f"limits.{field}")
+    if not 1 <= lim.priority <= MAX_PRIORITY:
+        raise InvalidKeyField(f"`limits.priority` must be from 1 to {MAX_PRIORITY}.", "limits.priority")
     if lim.backlog_share is not None and not 0 < lim.backlog_share <= 1:
         raise InvalidKeyField("`limits.backlog_share` must be in (0, 1].", "limits.backlog_share")
 

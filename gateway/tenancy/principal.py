@@ -7,24 +7,34 @@ fair queueing, usage and idempotency read it.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
+from msgspec import Meta
+
+# Bounds the API refuses with a 400 when a key's limits are decoded (``KeyStore`` checks them
+# again for keys made in code); they appear in the OpenAPI document. A count is exact as a
+# double (Lua's numbers); a priority is jobs per turn in fair queueing.
+MAX_COUNT = 2**53
+MAX_PRIORITY = 1000
+Count = Annotated[int, Meta(ge=0, le=MAX_COUNT)]
 
 
 class KeyLimits(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     """Per-key limits; None: unlimited (or, for ``backlog_share``, the gateway's default)."""
 
     #: Requests per minute.
-    rpm: int | None = None
+    rpm: Count | None = None
     #: Tokens per minute (prompt + completion; reserved at admission, reconciled at the end).
-    tpm: int | None = None
+    tpm: Count | None = None
     #: Images per minute.
-    ipm: int | None = None
+    ipm: Count | None = None
     #: Requests running or queued at once.
-    concurrency: int | None = None
+    concurrency: Count | None = None
     #: Weight in fair queueing: a key of priority 2 is served twice as often as one of 1.
-    priority: int = 1
+    priority: Annotated[int, Meta(ge=1, le=MAX_PRIORITY)] = 1
     #: At most this fraction of a model's backlog may be this key's (None: ``key_backlog_share``).
-    backlog_share: float | None = None
+    backlog_share: Annotated[float, Meta(gt=0, le=1)] | None = None
 
 
 class Principal(msgspec.Struct, frozen=True):

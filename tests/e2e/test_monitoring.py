@@ -137,4 +137,4 @@ def test_panels_show_the_traffic_they_describe(monitored: Monitored) -> None:
     assert scalar('sum(conduit_gateway_rejections_total{error_type="invalid_api_key"})') >= 1
     assert scalar('sum(conduit_engine_images_total{gen_ai_request_model="tiny-sd"})') >= 2
     assert scalar(f'max(conduit_gateway_engines_live{{gen_ai_request_model="{MODEL}"}})') == 1
-    assert scalar(f'sum(conduit_engine_vllm_tokens_total{{gen_ai_token_type="output"}})') > 0
+    assert scalar('sum(conduit_engine_vllm_tokens_total{gen_ai_token_type="output"})') > 0

@@ -196,6 +196,26 @@ def test_lifecycle_through_the_admin_api_with_sdk_and_langchain(stack: Stack) ->
     assert_no_key_material_after_revoke(stack, [key])
 
 
+def test_numbers_out_of_range_are_400s_naming_the_field(stack: Stack) -> None:
+    """Found by fuzzing: a lifetime of -2e303 days overflowed to a 500, as did an ``expires_ms`` or a
+    limit beyond 64 bits (a record the store cannot encode). All are refused before anything is stored."""
+    gateway(stack)
+    key_id = admin(stack, "POST", "/keys", {"name": "k"}).json()["id"]
+    for method, path, body, param in (
+            ("POST", "/keys", {"name": "x", "expires_in_days": -2.1e303}, "expires_in_days"),
+            ("POST", "/keys", {"name": "x", "expires_in_days": 1e300}, "expires_in_days"),
+            ("POST", "/keys", {"name": "x", "expires_ms": 2**64}, "expires_ms"),
+            ("PATCH", f"/keys/{key_id}", {"expires_ms": -57409446666635329355569430528}, "expires_ms"),
+            ("PATCH", f"/keys/{key_id}", {"expires_ms": -1}, "expires_ms"),
+            ("PATCH", f"/keys/{key_id}", {"limits": {"priority": 495826073331549077504}}, "limits.priority"),
+            ("POST", "/keys", {"name": "x", "limits": {"rpm": 2**70}}, "limits.rpm")):
+        resp = admin(stack, method, path, body)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["param"] == param, resp.text
+    assert [k["id"] for k in admin(stack, "GET", "/keys").json()["data"]] == [key_id]
+    assert admin(stack, "PATCH", f"/keys/{key_id}", {"expires_ms": None}).status_code == 200
+
+
 def test_admin_api_is_off_without_an_admin_hash(stack: Stack) -> None:
     stack.gateway(auth=True)
     resp = admin(stack, "GET", "/keys")
@@ -327,4 +347,11 @@ def test_a_flood_of_wrong_keys_is_limited_while_a_valid_key_keeps_working(stack:
     # would exhaust); keys it knows do not.
     assert httpx.get(url, headers={"Authorization": f"Bearer {fresh}"}).status_code == 429
     assert httpx.get(url, headers=headers).status_code == 200
+    # Found by fuzzing: a change to any key drops the cached records, and the known key's next
+    # request, which reads its record again, was then refused 429 with the wrong ones.
+    fresh_id, _ = parse_key(fresh)  # type: ignore[misc]
+    assert admin(stack, "PATCH", f"/keys/{fresh_id}", {"owner": "someone"}).status_code == 200
+    time.sleep(0.6)  # every gateway drops its records within keys_poll_s (0.25 s)
+    assert httpx.get(url, headers=headers).status_code == 200
+    assert httpx.get(url, headers={"Authorization": f"Bearer {fresh}"}).status_code == 429
     assert_no_key_material(stack, [good, fresh])

@@ -344,14 +344,26 @@ def test_unknown_model_is_404(images: ImageStack, sdk: openai.OpenAI) -> None:
         sdk.images.generate(model="dall-e-99", prompt="a fox", size="64x64")
 
 
-def test_chat_with_the_image_model_is_501(images: ImageStack) -> None:
+def not_supported(r: httpx.Response) -> str:
+    """The 404 OpenAI answers for a model that exists but not on this endpoint; its message."""
+    assert r.status_code == 404, r.text
+    err = envelope(r)
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model", "model_not_supported"), err
+    return str(err["message"])
+
+
+def test_chat_with_the_image_model_is_404_before_any_job(images: ImageStack) -> None:
+    """Refused at admission (the engines announce what they run), as OpenAI refuses a chat request
+    for a model that is not a chat model: a 404 naming ``model``, not a job the engine answers 501."""
     r = httpx.post(f"{images.base_url}/v1/chat/completions", timeout=60,
                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-    assert r.status_code == 501, r.text
-    assert envelope(r)["code"] == "unsupported_job_kind"
+    assert "not a chat model" in not_supported(r)
+    r = httpx.post(f"{images.base_url}/v1/completions", timeout=60, json={"model": MODEL, "prompt": "hi"})
+    assert "v1/completions" in not_supported(r)
 
 
-def test_images_from_the_chat_model_is_501(images: ImageStack) -> None:
+def test_images_from_the_chat_model_is_404_before_any_job(images: ImageStack, sdk: openai.OpenAI) -> None:
     r = post(images, {**BODY, "model": CHAT_MODEL})
-    assert r.status_code == 501, r.text
-    assert envelope(r)["code"] == "unsupported_job_kind"
+    assert "v1/images/generations" in not_supported(r)
+    with pytest.raises(openai.NotFoundError):
+        sdk.images.generate(model=CHAT_MODEL, prompt="a fox", size="64x64")

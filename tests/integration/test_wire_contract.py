@@ -191,6 +191,42 @@ def test_engine_answers_a_job_kind_it_does_not_run_and_a_malformed_job(stack: St
     wait_acked(r, jobs)
 
 
+def test_gateway_refuses_a_kind_no_live_engine_of_the_model_announces(stack: Stack, r: redis.Redis) -> None:
+    """Engines announce the job kinds they run; a request of another kind is a 404 at admission
+    (OpenAI's answer for a model that exists but not on that endpoint), and nothing is queued."""
+    stack.gateway(request_timeout_s=10)
+    with FakeEngine(stack.redis_url, stack.prefix, "painter", kinds=["image"]):
+        stack.wait_for_model("painter", timeout=10)
+        for path, body in (("chat/completions", chat("painter")),
+                           ("completions", {"model": "painter", "prompt": "hi"})):
+            resp = httpx.post(f"{stack.base_url}/v1/{path}", json=body, timeout=10)
+            assert resp.status_code == 404, resp.text
+            err = resp.json()["error"]
+            assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "model",
+                                                                "model_not_supported"), err
+            assert f"v1/{path}" in err["message"]
+        assert r.xlen(Keys(stack.prefix).jobs("painter")) == 0
+
+
+def test_a_kind_one_engine_of_a_mixed_fleet_announces_is_queued(stack: Stack) -> None:
+    """One engine of the model announces ``image``, an older one does not: the request is queued,
+    and an engine that cannot run it after all answers 501, which the client gets."""
+    stack.gateway(request_timeout_s=10)
+    with FakeEngine(stack.redis_url, stack.prefix, "mixed", kinds=["chat", "completion", "image"]) as engine, \
+            FakeEngine(stack.redis_url, stack.prefix, "mixed", protocol=1):
+        stack.wait_for_model("mixed", timeout=10)
+        t, result = post_in_thread(f"{stack.base_url}/v1/images/generations", {"model": "mixed", "prompt": "a cat"})
+        job = engine.next_job()
+        assert job.body["kind"] == "image"
+        engine.reply(job, [{"t": "e", "message": "This engine does not run image jobs.",
+                            "code": "unsupported_job_kind", "status": 501, "type": "invalid_request_error"}])
+        engine.ack(job)
+        t.join()
+    resp = result["r"]
+    assert resp.status_code == 501, resp.text
+    assert resp.json()["error"]["code"] == "unsupported_job_kind"
+
+
 def test_engine_never_recreates_a_reply_stream(stack: Stack, r: redis.Redis) -> None:
     """Events for a gateway whose stream is gone are dropped, not left in a key that never expires."""
     jobs = start_engine_without_gateway(stack, r)

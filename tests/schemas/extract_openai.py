@@ -1,4 +1,7 @@
-"""Vendor the subset of OpenAI's OpenAPI spec the tests validate responses against.
+"""Vendor the subset of OpenAI's OpenAPI spec the tests compare Conduit with.
+
+The response schemas validate Conduit's answers (``tests/openai_schema.py``); the request
+schemas are compared with Conduit's own OpenAPI document (``tests/unit/test_openai_agreement.py``).
 
 Run by hand to refresh ``tests/schemas/openai.json`` (tests never read the upstream spec)::
 
@@ -33,6 +36,9 @@ from pathlib import Path
 from typing import Any
 
 ROOTS = (
+    "CreateChatCompletionRequest",
+    "CreateCompletionRequest",
+    "CreateImageRequest",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
     "CreateCompletionResponse",

@@ -59,6 +59,9 @@ def test_expiry_is_checked_against_the_clock() -> None:
                                                ({"owner": "a\nb"}, "owner"), ({"models": [""]}, "models"),
                                                ({"limits": KeyLimits(rpm=-1)}, "limits.rpm"),
                                                ({"limits": KeyLimits(priority=0)}, "limits.priority"),
+                                               ({"limits": KeyLimits(priority=10**21)}, "limits.priority"),
+                                               ({"limits": KeyLimits(tpm=2**64)}, "limits.tpm"),
+                                               ({"expires_ms": 2**64}, "expires_ms"),
                                                ({"limits": KeyLimits(backlog_share=1.5)}, "limits.backlog_share")])
 def test_validation_names_the_field(fields: dict[str, object], param: str) -> None:
     rec = msgspec.structs.replace(KeyRecord(id="0" * 12, name="n", hash="h"), **fields)
