@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from engines.diffusers_engine import DiffusersSettings
+    from engines.vllm_engine import VllmSettings
 
 CPU_ENGINE_ENV = {
     # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
@@ -82,29 +83,52 @@ def cmd_engine(args: argparse.Namespace) -> int:
             model = str(build_tiny_sd(default_sd_dir()))
         backend = DiffusersBackend(diffusers_settings(args, model))
     else:
-        for k, v in CPU_ENGINE_ENV.items():
-            os.environ.setdefault(k, v)
-        from engines.vllm_engine import VllmBackend, VllmSettings
+        from engines.vllm_engine import VllmBackend
 
+        for k, v in cpu_engine_environment(cpu_flag=args.cpu, cpu_build=_is_cpu_build()).items():
+            os.environ.setdefault(k, v)
         model = args.model
         if model in (None, "tiny"):
             from engines.tiny import build_tiny_llama, default_model_dir
 
             model = str(build_tiny_llama(default_model_dir()))
-        extra: dict[str, object] = {}
-        if args.cpu:
-            extra["distributed_executor_backend"] = "uni"
-        tiny = args.model in (None, "tiny")
-        backend = VllmBackend(VllmSettings(
-            model=model, served_name=args.served_name or ("tiny-llama" if tiny else None),
-            max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
-            enforce_eager=args.enforce_eager, extra_engine_args=extra,
-            # The tiny model's chat template speaks the Hermes tool-call format.
-            tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
-            enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
-            reasoning_parser=args.reasoning_parser))
+        backend = VllmBackend(vllm_settings(args, model))
     _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
     return 0
+
+
+def cpu_engine_environment(*, cpu_flag: bool, cpu_build: bool) -> dict[str, str]:
+    """The environment a vLLM engine on the CPU needs (``--cpu``, or the ``vllm-cpu`` build):
+    a bounded KV cache and no model hub. A GPU engine gets none of it."""
+    return dict(CPU_ENGINE_ENV) if cpu_flag or cpu_build else {}
+
+
+def _is_cpu_build() -> bool:
+    import importlib.metadata
+
+    try:
+        importlib.metadata.version("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def vllm_settings(args: argparse.Namespace, model: str) -> VllmSettings:
+    """A vLLM engine's settings from ``conduit engine``'s flags (``model``: a path or model id)."""
+    from engines.vllm_engine import VllmSettings
+
+    tiny = args.model in (None, "tiny")
+    extra: dict[str, object] = {"distributed_executor_backend": "uni"} if args.cpu else {}
+    optional = {name: getattr(args, name) for name in ("gpu_memory_utilization", "tensor_parallel_size")
+                if getattr(args, name) is not None}
+    return VllmSettings(
+        model=model, served_name=args.served_name or ("tiny-llama" if tiny else None),
+        max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager, extra_engine_args=extra,
+        # The tiny model's chat template speaks the Hermes tool-call format.
+        tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
+        enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
+        reasoning_parser=args.reasoning_parser, **optional)
 
 
 def diffusers_settings(args: argparse.Namespace, model: str) -> DiffusersSettings:
@@ -316,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long a stored image stays readable when its job does not say")
     en.add_argument("--max-concurrency", type=int)
     en.add_argument("--max-model-len", type=int)
+    en.add_argument("--gpu-memory-utilization", type=float,
+                    help="vllm: share of the GPU's memory vLLM takes (default 0.9; lower it to share a GPU)")
+    en.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs one model is split across (default 1)")
     en.add_argument("--enforce-eager", action="store_true")
     en.add_argument("--cpu", action="store_true", help="run vLLM in-process on the CPU")
     en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
