@@ -247,9 +247,11 @@ class JobRun:
         if span is None:
             return
         if isinstance(event, Started) and event.engine:
-            span.set_attribute("conduit.engine.id", event.engine)
-        span.set_attribute("conduit.job.attempt", self.attempt)
-        span.set_attribute("conduit.job.resubmits", self.resubmits)
+            span.attributes["conduit.engine.id"] = event.engine
+        if self.attempt > 1:  # another engine took the job over
+            span.attributes["conduit.job.attempt"] = self.attempt
+        if self.resubmits:  # Redis lost it and the gateway submitted it again
+            span.attributes["conduit.job.resubmits"] = self.resubmits
         span.end()
 
     async def batches(self) -> AsyncIterator[list[Event | Restarted]]:
@@ -379,8 +381,7 @@ class Dispatcher:
             queue_span = self.tracing.start(
                 f"queue {model}", SpanKind.PRODUCER, span,
                 {"messaging.system": "redis", "messaging.operation.type": "send",
-                 "messaging.destination.name": self.queue.stream_of(model), "messaging.message.id": job_id,
-                 "gen_ai.request.model": model})
+                 "messaging.destination.name": self.queue.stream_of(model), "messaging.message.id": job_id})
             traceparent = format_traceparent(queue_span.get_span_context())
         job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,

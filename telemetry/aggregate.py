@@ -21,12 +21,13 @@ import logging
 import threading
 import time
 from bisect import bisect_left
+from collections import Counter as _Counts
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import repeat
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Gauge,
-    Histogram as HistogramData,
     HistogramDataPoint,
     Metric,
     MetricsData,
@@ -34,6 +35,9 @@ from opentelemetry.sdk.metrics.export import (
     ResourceMetrics,
     ScopeMetrics,
     Sum,
+)
+from opentelemetry.sdk.metrics.export import (
+    Histogram as HistogramData,
 )
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
@@ -116,10 +120,20 @@ class Counter(_Instrument):
         return Metric(self.name, self.description, self.unit, Sum(points, _CUMULATIVE, is_monotonic=True))
 
 
-class HistogramSeries:
-    """A histogram bound to one attribute set (see :meth:`Histogram.bind`)."""
+#: Values a histogram series keeps before it folds them into its buckets.
+FOLD_AT = 2048
 
-    __slots__ = ("bounds", "counts", "count", "sum", "min", "max", "_lock")
+
+class HistogramSeries:
+    """A histogram bound to one attribute set (see :meth:`Histogram.bind`).
+
+    A record only appends the value (list.append is atomic under the GIL, so any thread may
+    record); values are folded into the buckets in C-level loops (``map``, ``Counter``,
+    ``sum``, ``min``, ``max``) at collection time or every :data:`FOLD_AT` values, so a record
+    costs a few hundred CPU instructions instead of a bisect and a dozen attribute updates.
+    """
+
+    __slots__ = ("bounds", "counts", "count", "sum", "min", "max", "pending", "_lock")
 
     def __init__(self, bounds: Sequence[float], lock: threading.Lock) -> None:
         self.bounds = bounds
@@ -128,19 +142,29 @@ class HistogramSeries:
         self.sum = 0.0
         self.min = float("inf")
         self.max = float("-inf")
+        self.pending: list[float] = []
         self._lock = lock
 
     def record(self, value: float) -> None:
-        # Bucket i holds (bounds[i-1], bounds[i]]: OpenTelemetry's (and Prometheus's ``le``).
-        i = bisect_left(self.bounds, value)
+        pending = self.pending
+        pending.append(value)
+        if len(pending) >= FOLD_AT:
+            self.fold()
+
+    def fold(self) -> None:
+        """Fold the pending values into the buckets (bucket i holds (bounds[i-1], bounds[i]]:
+        OpenTelemetry's, and Prometheus's ``le``)."""
         with self._lock:
-            self.counts[i] += 1
-            self.count += 1
-            self.sum += value
-            if value < self.min:
-                self.min = value
-            if value > self.max:
-                self.max = value
+            values, self.pending = self.pending, []
+            if not values:
+                return
+            counts = self.counts
+            for i, n in _Counts(map(bisect_left, repeat(self.bounds), values)).items():
+                counts[i] += n
+            self.count += len(values)
+            self.sum += sum(values)
+            self.min = min(self.min, min(values))
+            self.max = max(self.max, max(values))
 
 
 class Histogram(_Instrument):
@@ -169,6 +193,8 @@ class Histogram(_Instrument):
         self.bind(attributes).record(value)
 
     def metric(self, start_ns: int, now_ns: int) -> Metric | None:
+        for series in list(self._series.values()):
+            series.fold()
         with self._lock:
             points = [HistogramDataPoint(dict(k), start_ns, now_ns, s.count, _number(s.sum), list(s.counts),
                                          list(self.bounds), s.min, s.max)
@@ -232,6 +258,8 @@ class Meter:
         self.resource = resource or Resource.create({})
         self.max_series = max_series
         self.instruments: list[_Instrument] = []
+        #: Called before each collection (callers that batch their records fold them here).
+        self.before_collect: list[Callable[[], None]] = []
         self._start_ns = time.time_ns()
         self._lock = threading.Lock()
 
@@ -265,6 +293,8 @@ class Meter:
 
     def produce(self) -> MetricsData:
         """Every instrument's current state (cumulative since the meter was made)."""
+        for fold in list(self.before_collect):
+            fold()
         now = time.time_ns()
         with self._lock:
             instruments = list(self.instruments)

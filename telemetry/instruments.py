@@ -18,8 +18,17 @@ none for ``1`` and ``{...}`` units) and counters end in ``_total``, so
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
 
-from telemetry.aggregate import Attributes, CounterSeries, HistogramSeries, Meter, Observations
+from telemetry.aggregate import (
+    Attributes,
+    CounterSeries,
+    HistogramSeries,
+    Meter,
+    Observations,
+)
 
 # Seconds buckets that resolve both sub-millisecond gateway work and minute-long generations.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -42,6 +51,12 @@ GATEWAY_TASKS = ("reply-router", "engine-registry", "job-check", "limits-release
 ENGINE_TASKS = ("event-writer", "heartbeat", "reclaim", "read-jobs", "promote", "cancel-listener")
 SKIP_REASONS = ("unknown_type", "undecodable_entry", "duplicate", "gap", "stale_attempt", "stale_submission",
                 "registry_entry")
+
+#: Requests a gateway keeps before folding them into its histograms (``GatewayMetrics.request``).
+REQUESTS_FOLD_AT = 4096
+_HTTP_KEY = itemgetter(0, 1, 2)
+_GEN_KEY = itemgetter(4, 5, 2)
+_SECONDS = itemgetter(3)
 
 MODEL = "gen_ai.request.model"
 OPERATION = "gen_ai.operation.name"
@@ -69,6 +84,12 @@ class _Generation:
             series = self.by_status[status] = self._metrics.request_duration.bind(
                 {**self._attrs, "http.response.status_code": status})
         return series
+
+
+def _fold(series: HistogramSeries, values: list[float]) -> None:
+    if values:
+        series.pending.extend(values)
+        series.fold()
 
 
 class GatewayMetrics:
@@ -124,6 +145,9 @@ class GatewayMetrics:
                         "concurrency)")
         self._generations: dict[tuple[str, str], _Generation] = {}
         self._http: dict[tuple[str, str, int], HistogramSeries] = {}
+        #: Finished requests not yet folded into the histograms (see :meth:`request`).
+        self._requests: list[tuple[Any, ...]] = []
+        meter.before_collect.append(self.fold_requests)
         self._rejections: dict[str, CounterSeries] = {}
         # Series that exist from the start, so that a rate of them is 0 rather than "no data".
         for code in ("invalid_api_key", "rate_limit_exceeded", "model_overloaded"):
@@ -164,34 +188,50 @@ class GatewayMetrics:
 
     # ---- recorded as things happen ------------------------------------------------------
 
-    def http_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
-        series = self._http.get(key)
-        if series is None:
-            series = self._http[key] = self.http_duration.bind(
-                {"http.route": route, "http.request.method": method, "http.response.status_code": status})
-        series.record(seconds)
+    def request(self, route: str, method: str, status: int, seconds: float, model: str | None = None,
+                operation: str = "", ttft: float | None = None, prompt_tokens: int | None = None,
+                completion_tokens: int | None = None) -> None:
+        """One finished HTTP request (``model``: of a generation request, with its time to first
+        token and token counts). Kept as one tuple and folded into ``http.server.request.duration``
+        and the ``gen_ai.*`` histograms in C-level loops at the next scrape (or every
+        :data:`REQUESTS_FOLD_AT` requests): a request costs the gateway one append here."""
+        requests = self._requests
+        requests.append((route, method, status, seconds, model, operation, ttft, prompt_tokens, completion_tokens))
+        if len(requests) >= REQUESTS_FOLD_AT:
+            self.fold_requests()
+
+    def fold_requests(self) -> None:
+        """Fold the requests kept by :meth:`request` into the histograms."""
+        items, self._requests = self._requests, []
+        if not items:
+            return
+        items.sort(key=_HTTP_KEY)
+        for (route, method, status), group in groupby(items, _HTTP_KEY):
+            series = self._http.get((route, method, status))
+            if series is None:
+                series = self._http[(route, method, status)] = self.http_duration.bind(
+                    {"http.route": route, "http.request.method": method, "http.response.status_code": status})
+            series.pending.extend(map(_SECONDS, group))
+            series.fold()
+        generations = [r for r in items if r[4] is not None]
+        generations.sort(key=_GEN_KEY)
+        for (model, operation, status), grouped in groupby(generations, _GEN_KEY):
+            g = self.generation(model, operation)
+            rows = list(grouped)
+            _fold(g.duration(status), [r[3] for r in rows])
+            _fold(g.ttft, [r[6] for r in rows if r[6] is not None])
+            _fold(g.tpot, [max(r[3] - r[6], 0.0) / (r[8] - 1) for r in rows
+                           if r[6] is not None and r[8] is not None and r[8] > 1])
+            _fold(g.input, [r[7] for r in rows if r[7] is not None])
+            _fold(g.output, [r[8] for r in rows if r[8] is not None])
 
     def generation(self, model: str, operation: str) -> _Generation:
+        """The bound series of one (model, operation)."""
         key = (model, operation)
         g = self._generations.get(key)
         if g is None:
             g = self._generations[key] = _Generation(self, model, operation)
         return g
-
-    def request_finished(self, model: str, operation: str, status: int, seconds: float, ttft: float | None,
-                         prompt_tokens: int | None, completion_tokens: int | None) -> None:
-        """Everything recorded about one finished generation request (after its last byte)."""
-        g = self.generation(model, operation)
-        g.duration(status).record(seconds)
-        if ttft is not None:
-            g.ttft.record(ttft)
-            if completion_tokens is not None and completion_tokens > 1:
-                g.tpot.record(max(seconds - ttft, 0.0) / (completion_tokens - 1))
-        if prompt_tokens is not None:
-            g.input.record(prompt_tokens)
-        if completion_tokens is not None:
-            g.output.record(completion_tokens)
 
     def key_used(self, key_name: str, model: str, requests: int, prompt_tokens: int, completion_tokens: int,
                  images: int) -> None:

@@ -100,7 +100,8 @@ class RequestRecord(msgspec.Struct, omit_defaults=True):
 
 
 class RequestLog:
-    """Writes :class:`RequestRecord` lines to a binary stream, batched (see the module docstring)."""
+    """Writes :class:`RequestRecord` lines to a binary stream, batched (see the module docstring).
+    Records carry ``service`` and ``instance`` themselves (their writer fills them from these)."""
 
     def __init__(self, stream: BinaryIO | None = None, *, service: str = "", instance: str = "",
                  flush_s: float = 0.1, max_buffer: int = 256 * 1024) -> None:
@@ -116,8 +117,6 @@ class RequestLog:
 
     def write(self, record: RequestRecord) -> None:
         """Queue one line; it is written within ``flush_s`` (at once past ``max_buffer``)."""
-        record.service = self.service
-        record.instance = self.instance
         self._encode(record, self._buffer, -1)
         self._buffer += b"\n"
         if len(self._buffer) >= self.max_buffer:
@@ -145,13 +144,13 @@ class RequestLog:
 
 
 _second: list[Any] = [-1, ""]
+_MILLIS = [f".{ms:03d}Z" for ms in range(1000)]
 
 
-def timestamp(epoch_s: float | None = None) -> str:
+def timestamp(epoch_ms: int | None = None) -> str:
     """RFC 3339 UTC with milliseconds, as every log line writes it (the date and time to the
-    second are formatted once a second)."""
-    t = time.time() if epoch_s is None else epoch_s
-    second = int(t)
+    second are formatted once a second; the request log writes one a request)."""
+    second, ms = divmod(time.time_ns() // 1_000_000 if epoch_ms is None else epoch_ms, 1000)
     if second != _second[0]:
         _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
-    return f"{_second[1]}.{int((t - second) * 1000):03d}Z"
+    return _second[1] + _MILLIS[ms]

@@ -270,7 +270,8 @@ def test_new_traces_are_sampled_at_the_configured_ratio(stack: Stack, receiver: 
     for _ in range(3):
         assert post(stack, CHAT).status_code == 200
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and len({s.trace_id for s in receiver.spans if s.kind == "CONSUMER"}) < 3:
+    while time.monotonic() < deadline and (len({s.trace_id for s in receiver.spans if s.kind == "CONSUMER"}) < 3 or len(
+            {s.trace_id for s in receiver.spans if s.name == "POST /v1/chat/completions"}) < 3):
         time.sleep(0.1)
     # Each request is a trace of its own (the readiness polls of /v1/models too).
     traces = {s.trace_id for s in receiver.spans if s.name == "POST /v1/chat/completions"}

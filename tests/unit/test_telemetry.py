@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engines.gpu import nvml_reader
 from telemetry.aggregate import Meter
-from telemetry.instruments import DURATION_BUCKETS, EngineMetrics, GatewayMetrics
+from telemetry.instruments import DURATION_BUCKETS, REQUESTS_FOLD_AT, EngineMetrics, GatewayMetrics
 from telemetry.logs import JsonFormatter, RequestLog, RequestRecord
 from telemetry.setup import Telemetry
 from telemetry.tracing import Tracing, format_traceparent, is_sampled, parse_traceparent
@@ -36,12 +36,17 @@ def _exposition(render: bytes) -> list[str]:
     return sorted(lines)
 
 
+def _sample(line: str) -> tuple[str, float]:
+    name, value = line.rsplit(" ", 1)
+    return name, float(value)
+
+
 def test_histograms_and_counters_expose_exactly_what_the_sdk_would() -> None:
     """The same records through OpenTelemetry's SDK and through Conduit's meter give the same
     Prometheus samples: names, units, bucket boundaries (values on a boundary included), sums."""
     rng = random.Random(7)
     values = [rng.choice([0.0005, 0.001, 0.25, 1.0, 300.0, 301.0]) if rng.random() < 0.3 else rng.uniform(0, 400)
-              for _ in range(2000)]
+              for _ in range(10000)]
     attrs = [{"gen_ai.request.model": m, "http.response.status_code": c} for m in ("a", "b") for c in (200, 429)]
 
     registry = CollectorRegistry()
@@ -61,7 +66,11 @@ def test_histograms_and_counters_expose_exactly_what_the_sdk_would() -> None:
         h.record(v, a)
         sdk_c.add(i % 3, a)
         c.add(i % 3, a)
-    assert _exposition(telemetry.render()) == _exposition(generate_latest(registry))
+    ours, theirs = _exposition(telemetry.render()), _exposition(generate_latest(registry))
+    assert [_sample(line)[0] for line in ours] == [_sample(line)[0] for line in theirs]
+    for mine, sdk_line in zip(ours, theirs, strict=True):
+        # Sums are added in another order (folded in batches): equal to the last bits.
+        assert _sample(mine)[1] == pytest.approx(_sample(sdk_line)[1], rel=1e-12), (mine, sdk_line)
     sdk.shutdown()
     telemetry.shutdown()
 
@@ -115,10 +124,25 @@ def test_bound_zero_series_are_exported_before_anything_happens() -> None:
 def test_time_per_output_token_is_the_time_after_the_first_over_the_tokens_after_the_first() -> None:
     meter = Meter("x")
     gw = GatewayMetrics(meter)
-    gw.request_finished("m", "chat", 200, 2.0, 0.5, 10, 16)
-    gw.request_finished("m", "chat", 200, 1.0, 0.5, 10, 1)  # one token: no time per output token
+    gw.request("/v1/chat/completions", "POST", 200, 2.0, "m", "chat", 0.5, 10, 16)
+    gw.request("/v1/chat/completions", "POST", 200, 1.0, "m", "chat", 0.5, 10, 1)  # one token: no time per token
+    gw.fold_requests()
     series = gw.generation("m", "chat").tpot
     assert series.count == 1 and series.sum == pytest.approx(1.5 / 15)
+
+
+def test_requests_kept_for_folding_are_bounded_and_all_counted() -> None:
+    meter = Meter("x")
+    gw = GatewayMetrics(meter)
+    n = REQUESTS_FOLD_AT * 2 + 5
+    for i in range(n):
+        gw.request("/v1/completions", "POST", 200 if i % 2 else 429, 0.001 * (i % 7), "m" if i % 2 else None,
+                   "text_completion", 0.0005, 3, 2)
+    assert len(gw._requests) == 5  # folded every REQUESTS_FOLD_AT requests, not kept
+    data = {m.name: m.data.data_points for m in meter.produce().resource_metrics[0].scope_metrics[0].metrics}
+    assert sum(p.count for p in data["http.server.request.duration"]) == n
+    assert sum(p.count for p in data["gen_ai.server.request.duration"]) == n // 2
+    assert sum(p.sum for p in data["gen_ai.client.token.usage"]) == (3 + 2) * (n // 2)
 
 
 def test_traceparent_round_trip_and_invalid_headers() -> None:
@@ -178,7 +202,7 @@ def test_request_log_writes_lines_in_batches_when_not_in_a_loop() -> None:
     out = io.BytesIO()
     log = RequestLog(out, service="s", instance="i")
     log.write(RequestRecord(ts="t", level="info", logger="conduit.request", request_id="r", method="GET",
-                            route="/health", status=200, duration_ms=0.5))
+                            route="/health", status=200, duration_ms=0.5, service=log.service, instance=log.instance))
     (line,) = out.getvalue().decode().splitlines()
     assert json.loads(line) == {"ts": "t", "level": "info", "logger": "conduit.request", "request_id": "r",
                                 "method": "GET", "route": "/health", "status": 200, "duration_ms": 0.5,
@@ -199,3 +223,11 @@ def test_nvml_devices_are_read_as_used_and_total_bytes() -> None:
         nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(used=5 if h == "h0" else 7, total=80))
     read = nvml_reader(nvml)
     assert read is not None and read() == [("gpu0", "NVIDIA H100", 5, 80), ("gpu1", "NVIDIA H200", 7, 80)]
+
+
+def test_log_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
+    from telemetry.logs import timestamp
+
+    assert timestamp(0) == "1970-01-01T00:00:00.000Z"
+    assert timestamp(1_796_180_530_395) == "2026-12-02T03:02:10.395Z"
+    assert timestamp(1_796_180_531_007) == "2026-12-02T03:02:11.007Z"
