@@ -84,13 +84,17 @@ class Bench:
             raise RuntimeError("`conduit keys create` printed no key")
         return match.group(0)
 
-    def up(self) -> tuple[str, str, str, str]:
+    def start_redis(self) -> None:
+        """A private, non-persistent redis-server on ``redis_port``."""
         exe = shutil.which("redis-server")
         if exe is None:
             raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
         redis = self.start("redis", [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                                      "--appendonly", "no", "--dir", str(self.workdir)])
         wait_port(self.redis_port, redis)
+
+    def up(self) -> tuple[str, str, str, str]:
+        self.start_redis()
         self.start("engine", self.conduit("engine", "--kind", "synthetic", "--served-name", "mock",
                                           "--redis-url", self.redis_url, "--log-level", "warning"))
         plain, limited = self.key(), self.key(*LIMITS)

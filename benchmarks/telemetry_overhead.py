@@ -55,12 +55,7 @@ SETTINGS = {
 def up(bench: Bench, receiver: OtlpReceiver, ratio: float, wrap: list[str] | None = None
        ) -> dict[str, tuple[str, int]]:
     """Redis, the engine and the two gateways; label -> (base URL, port)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
-    redis = bench.start("redis", [exe, "--port", str(bench.redis_port), "--bind", "127.0.0.1", "--save", "",
-                                  "--appendonly", "no", "--dir", str(bench.workdir)])
-    wait_port(bench.redis_port, redis)
+    bench.start_redis()
     bench.start("engine", bench.conduit("engine", "--kind", "synthetic", "--served-name", "mock", "--redis-url",
                                         bench.redis_url, "--log-level", "warning", "--otlp-endpoint",
                                         receiver.endpoint))
@@ -203,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         base = means["off"]
         for label, m in means.items():
             print(f"| {conc} | {label} | {m['rps']:,.0f} | {m['rps'] / base['rps'] - 1:+.1%} | {m['p50_ms']:.3f} "
-                  f"| {m['p50_ms'] - base['p50_ms']:+.3f} | {m['cpu_us']:.0f} | {m['cpu_us'] / base['cpu_us'] - 1:+.1%} |")
+                  f"| {m['p50_ms'] - base['p50_ms']:+.3f} | {m['cpu_us']:.0f} "
+                  f"| {m['cpu_us'] / base['cpu_us'] - 1:+.1%} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"runs": runs, "summary": summary, "spans": spans,
                                               "log_lines": log_lines}, indent=1))

@@ -26,6 +26,7 @@ from bisect import bisect_left
 from collections import Counter as _Counts
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
+from typing import Any
 
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
@@ -68,8 +69,19 @@ class _Instrument:
         self.max_series = max_series
         self._lock = threading.Lock()
 
-    def _slot_key(self, key: _Key, series: Mapping[_Key, object]) -> _Key:
-        return key if key in series or len(series) < self.max_series else _OVERFLOW
+    def _series_of(self, attributes: Attributes | None, series: dict[_Key, Any], make: Callable[[], Any]) -> Any:
+        """The series of ``attributes`` in ``series``, made by ``make()`` the first time (the
+        overflow series once ``max_series`` exist)."""
+        key = _key(attributes)
+        found = series.get(key)
+        if found is None:
+            with self._lock:
+                if key not in series and len(series) >= self.max_series:
+                    key = _OVERFLOW
+                found = series.get(key)
+                if found is None:
+                    found = series[key] = make()
+        return found
 
     def metric(self, start_ns: int, now_ns: int) -> Metric | None:
         raise NotImplementedError
@@ -101,14 +113,7 @@ class Counter(_Instrument):
     def bind(self, attributes: Attributes | None = None) -> CounterSeries:
         """The series of ``attributes`` (created at 0: bind known attribute sets at start, so a
         rate over them exists before the first event)."""
-        key = _key(attributes)
-        series = self._series.get(key)
-        if series is None:
-            with self._lock:
-                key = self._slot_key(key, self._series)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = CounterSeries(self._lock)
+        series: CounterSeries = self._series_of(attributes, self._series, lambda: CounterSeries(self._lock))
         return series
 
     def add(self, amount: float, attributes: Attributes | None = None) -> None:
@@ -181,14 +186,8 @@ class Histogram(_Instrument):
 
     def bind(self, attributes: Attributes | None = None) -> HistogramSeries:
         """The series of ``attributes``; keep it for attributes that repeat (a model's, say)."""
-        key = _key(attributes)
-        series = self._series.get(key)
-        if series is None:
-            with self._lock:
-                key = self._slot_key(key, self._series)
-                series = self._series.get(key)
-                if series is None:
-                    series = self._series[key] = HistogramSeries(self.bounds, self._lock)
+        series: HistogramSeries = self._series_of(attributes, self._series,
+                                                  lambda: HistogramSeries(self.bounds, self._lock))
         return series
 
     def record(self, value: float, attributes: Attributes | None = None) -> None:
