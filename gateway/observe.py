@@ -19,6 +19,7 @@ the benchmark (``benchmarks/telemetry_overhead.py``).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from gateway.settings import GatewaySettings
 from telemetry.instruments import OPERATIONS, GatewayMetrics
 from telemetry.logs import RequestLog, RequestRecord, timestamp
 from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, parse_traceparent
+
+log = logging.getLogger("conduit.gateway")
 
 #: Probes and scrapes: counted in ``http.server.request.duration`` but neither traced nor logged
 #: (a load balancer's health checks would otherwise be most of both).
@@ -111,7 +114,10 @@ class RequestObserver:
             await self.app(scope, receive, observed_send)
         finally:
             ended = response[1] or time.perf_counter()
-            self._finished(scope, state, response[0] or 499, ended - started, quiet)
+            try:
+                self._finished(scope, state, response[0] or 499, ended - started, quiet)
+            except Exception:  # the answer is out: what records it must never fail the request
+                log.exception("recording a finished request failed")
 
     def _finished(self, scope: Scope, state: dict[str, Any], status: int, seconds: float, quiet: bool) -> None:
         method = scope["method"]

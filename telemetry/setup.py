@@ -35,15 +35,14 @@ class Telemetry:
     decides for its own).
     """
 
-    def __init__(self, service: str, instance: str, *, otlp_endpoint: str = "", sample_ratio: float = 0.1,
-                 tracing_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, service: str, instance: str, *, otlp_endpoint: str = "", sample_ratio: float = 0.1) -> None:
         self.resource = Resource.create({"service.name": service, "service.instance.id": instance})
         self.meter = Meter(service.replace("-", "."), self.resource)
         # A registry of our own (not the global one), so several processes' worth of
         # telemetry can live in one test interpreter.
         self.registry = CollectorRegistry(auto_describe=True)
         self._reader = _MeterReader(self.meter, self.registry)
-        self.tracing = Tracing(self.resource.attributes, otlp_endpoint, sample_ratio, **(tracing_options or {}))
+        self.tracing = Tracing(self.resource.attributes, otlp_endpoint, sample_ratio)
         self._server: ThreadingHTTPServer | None = None
 
     def render(self) -> bytes:

@@ -263,9 +263,11 @@ class _Exporter:
             try:
                 self._post(self._body(spans))
                 self.exported += len(spans)
-            except (OSError, http.client.HTTPException, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the exporter thread outlives any batch (spans are dropped)
                 self.dropped += len(spans)
-                self._conn = None
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
                 if time.monotonic() - self._warned > 60:  # once a minute: a collector down is one problem
                     self._warned = time.monotonic()
                     log.warning("could not export %d spans to %s%s: %s", len(spans), self._host, self._path, exc)

@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import re
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -231,3 +232,58 @@ def test_log_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
     assert timestamp(0) == "1970-01-01T00:00:00.000Z"
     assert timestamp(1_796_180_530_395) == "2026-12-02T03:02:10.395Z"
     assert timestamp(1_796_180_531_007) == "2026-12-02T03:02:11.007Z"
+
+
+def test_a_batch_that_cannot_be_sent_does_not_stop_the_exporter(monkeypatch: pytest.MonkeyPatch) -> None:
+    from telemetry.tracing import SpanKind
+    from tests.otlp import OtlpReceiver
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise ValueError("no text")
+
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "50")
+    receiver = OtlpReceiver()
+    tracing = Tracing({"service.name": "t"}, receiver.endpoint, 1.0)
+    try:
+        tracing.start("bad", SpanKind.INTERNAL, None, {"x": Unprintable()}).end()
+        deadline = time.monotonic() + 5
+        while tracing._exporter.dropped == 0 and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        tracing.start("good", SpanKind.INTERNAL, None, {"x": 1}).end()
+    finally:
+        tracing.shutdown()
+        receiver.close()
+    assert [s.name for s in receiver.spans] == ["good"]
+
+
+def test_a_failure_recording_a_request_never_fails_the_request(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+
+    from gateway.observe import RequestObserver
+
+    class BrokenLog:
+        service = instance = ""
+
+        def write(self, record: object) -> None:
+            raise OSError("disk full")
+
+    async def app(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"ok"})  # type: ignore[operator]
+
+    sent: list[dict[str, object]] = []
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    observer = RequestObserver(app, metrics=None, tracing=Tracing({}), log=BrokenLog(),  # type: ignore[arg-type]
+                               route_of=lambda path, method: path)
+    scope = {"type": "http", "method": "GET", "path": "/v1/models", "headers": []}
+    with caplog.at_level(logging.ERROR, "conduit.gateway"):
+        asyncio.run(observer(scope, receive, send))  # type: ignore[arg-type]
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert "recording a finished request failed" in caplog.text
