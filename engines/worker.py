@@ -518,7 +518,7 @@ class Worker:
     def in_flight(self) -> list[tuple[str, int]]:
         """(model, jobs running now) for each model this engine serves."""
         counts = dict.fromkeys(self.backend.models, 0)
-        for run in self._running.values():
+        for run in list(self._running.values()):  # read from the metrics server's thread
             counts[run.job.model] = counts.get(run.job.model, 0) + 1
         return list(counts.items())
 

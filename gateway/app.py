@@ -164,6 +164,10 @@ async def metrics(services: Services) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
     if not services.settings.metrics:
         raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
+    try:
+        await services.registry.read_backlog()
+    except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        log.warning("could not read the queue backlog for /metrics: %s", exc)  # the last values are exported
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

@@ -33,7 +33,7 @@ class EngineRegistry:
         self.engines: dict[str, EngineInfo] = {}
         self.models: dict[str, list[EngineInfo]] = {}
         #: model -> (jobs in its stream: queued or running, jobs waiting in fair queueing's lists),
-        #: for every known model, read with each refresh (exported as ``conduit.queue.*``).
+        #: for every known model, as :meth:`read_backlog` last found them (``conduit.queue.*``).
         self.backlog: dict[str, tuple[int, int]] = {}
         self._seen: set[str] = set()
         self.redis_ok = False
@@ -105,12 +105,12 @@ class EngineRegistry:
         # if Redis loses its data.
         self._seen.update(s.decode() for s in seen)
         self._seen.update(models)
-        await self._read_backlog()
         self.redis_ok = True
         self.refreshed.set()
 
-    async def _read_backlog(self) -> None:
-        """Each known model's stream length and waiting jobs: one pipelined round trip."""
+    async def read_backlog(self) -> None:
+        """Each known model's stream length and waiting jobs, in one pipelined round trip (when
+        metrics are scraped, not with every refresh: only the ``conduit.queue.*`` gauges read them)."""
         known = sorted(self.known())
         if not known:
             self.backlog = {}

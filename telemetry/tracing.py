@@ -23,6 +23,7 @@ these cost ~15 µs, which keeps tracing within the gateway's overhead budget
 
 from __future__ import annotations
 
+import base64
 import http.client
 import logging
 import os
@@ -33,7 +34,7 @@ from collections import deque
 from collections.abc import Mapping
 from enum import IntEnum
 from typing import Any, NamedTuple
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import msgspec
 
@@ -211,11 +212,26 @@ def _attributes(attrs: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [{"key": k, "value": _value(v)} for k, v in attrs.items() if v is not None]
 
 
+def _otlp_headers(value: str) -> dict[str, str]:
+    """``OTEL_EXPORTER_OTLP_HEADERS``: ``key=value`` pairs, comma-separated, values URL-encoded."""
+    headers = {}
+    for pair in value.split(","):
+        key, sep, val = pair.partition("=")
+        if sep and key.strip():
+            headers[key.strip()] = unquote(val.strip())
+    return headers
+
+
 class _Exporter:
     """Sends ended spans to an OTLP/HTTP collector (``POST {endpoint}/v1/traces``, JSON) in batches
     of up to ``batch`` every ``delay_s`` (``OTEL_BSP_SCHEDULE_DELAY`` ms, default 1 s), from a
     daemon thread. At most ``max_queue`` spans wait; beyond that new ones are dropped and counted
-    (a collector that is down must not grow the process)."""
+    (a collector that is down must not grow the process).
+
+    Credentials reach the collector as OpenTelemetry's exporters send them: user info in the
+    endpoint (``https://user:password@collector``) as HTTP basic auth, and the standard
+    ``OTEL_EXPORTER_OTLP_HEADERS`` (``key=value,...``) as headers. A keep-alive connection the
+    collector closed while idle is opened again once for the same batch."""
 
     def __init__(self, endpoint: str, resource: Mapping[str, Any], *, batch: int = 512, max_queue: int = 4096,
                  timeout_s: float = 10.0) -> None:
@@ -223,8 +239,13 @@ class _Exporter:
         url = url if url.endswith("/v1/traces") else f"{url}/v1/traces"
         parts = urlsplit(url)
         self._https = parts.scheme == "https"
-        self._host = parts.netloc
+        self._host = parts.netloc.rpartition("@")[2]  # never the credentials: it is logged
         self._path = parts.path or "/v1/traces"
+        self._headers = {"Content-Type": "application/json", **_otlp_headers(os.environ.get(
+            "OTEL_EXPORTER_OTLP_HEADERS", ""))}
+        if parts.username is not None:
+            token = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(token).decode()
         self._timeout = timeout_s
         self._resource = {"attributes": _attributes(resource)}
         self._scope = {"name": "conduit", "version": "0.1.0"}
@@ -298,14 +319,23 @@ class _Exporter:
                                                 "scopeSpans": [{"scope": self._scope, "spans": out}]}]})
 
     def _post(self, body: bytes) -> None:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-            self._conn = cls(self._host, timeout=self._timeout)
-        self._conn.request("POST", self._path, body, {"Content-Type": "application/json"})
-        resp = self._conn.getresponse()
-        resp.read()
-        if resp.status >= 300:
-            raise RuntimeError(f"the collector answered {resp.status}")
+        for fresh in (self._conn is None, True):
+            if self._conn is None:
+                cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+                self._conn = cls(self._host, timeout=self._timeout)
+            try:
+                self._conn.request("POST", self._path, body, self._headers)
+                resp = self._conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self._conn.close()
+                self._conn = None
+                if fresh:
+                    raise
+                continue  # the collector closed an idle keep-alive connection: once more, on a new one
+            resp.read()
+            if resp.status >= 300:
+                raise RuntimeError(f"the collector answered {resp.status}")
+            return
 
     def shutdown(self) -> None:
         self._closed = True

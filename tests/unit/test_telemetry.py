@@ -287,3 +287,87 @@ def test_a_failure_recording_a_request_never_fails_the_request(caplog: pytest.Lo
         asyncio.run(observer(scope, receive, send))  # type: ignore[arg-type]
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert "recording a finished request failed" in caplog.text
+
+
+def test_records_from_many_threads_while_scraped_are_all_counted() -> None:
+    import threading
+
+    telemetry = Telemetry("x", "i")
+    series = telemetry.meter.histogram("h", unit="s", description="d", bounds=(1, 2)).bind()
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            telemetry.meter.produce()
+
+    def record() -> None:
+        for _ in range(20_000):
+            series.record(1.5)
+
+    scraper = threading.Thread(target=scrape)
+    scraper.start()
+    workers = [threading.Thread(target=record) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    scraper.join()
+    series.fold()
+    assert series.count == 80_000 and series.counts == [0, 80_000, 0]
+
+
+def test_the_exporter_sends_credentials_as_headers_and_never_logs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    from telemetry.tracing import _Exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-tenant=conduit, api-key=a%3Db")
+    exporter = _Exporter("https://user:s3cret@collector.internal:4318", {})
+    try:
+        assert exporter._host == "collector.internal:4318"
+        assert exporter._headers["x-tenant"] == "conduit" and exporter._headers["api-key"] == "a=b"
+        assert exporter._headers["Authorization"] == "Basic dXNlcjpzM2NyZXQ="
+    finally:
+        exporter.shutdown()
+
+
+def test_a_keep_alive_connection_the_collector_closed_is_reopened_for_the_same_batch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from telemetry.tracing import SpanKind
+
+    names: list[str] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        # Answers as HTTP/1.1 (the client keeps the connection) and then closes it, as a
+        # collector or proxy does with connections idle too long.
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            names.extend(s["name"] for s in body["resourceSpans"][0]["scopeSpans"][0]["spans"])
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            self.close_connection = True
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "20")
+    tracing = Tracing({}, f"http://127.0.0.1:{server.server_address[1]}", 1.0)
+    try:
+        tracing.start("one", SpanKind.INTERNAL, None).end()
+        deadline = time.monotonic() + 5
+        while names != ["one"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)  # the collector has closed the connection the exporter keeps
+        tracing.start("two", SpanKind.INTERNAL, None).end()
+    finally:
+        tracing.shutdown()
+        server.shutdown()
+        server.server_close()
+    assert names == ["one", "two"]
