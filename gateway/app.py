@@ -195,10 +195,12 @@ def gateway_telemetry(settings: GatewaySettings) -> Telemetry:
                      sample_ratio=settings.trace_sample_ratio)
 
 
-def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) -> Litestar:
+def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
+               request_log: RequestLog | None = None) -> Litestar:
     """The gateway application for one process (``settings.gateway_id`` must be unique).
 
     ``telemetry``: the process's (the observer around the app shares it); made here if not given.
+    ``request_log``: the observer's, flushed when the app shuts down.
     """
     if not settings.gateway_id:
         settings = settings.with_gateway_id()
@@ -270,6 +272,8 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None) ->
                 pass
             await redis.aclose()
             telemetry.shutdown()
+            if request_log is not None:
+                request_log.flush()  # the last lines (they are written every 0.1 s)
 
     app = Litestar(
         route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
@@ -307,27 +311,22 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
     if not settings.gateway_id:
         settings = settings.with_gateway_id()
     telemetry = gateway_telemetry(settings)
-    app = create_app(settings, telemetry)
+    request_log = RequestLog(service="conduit-gateway", instance=settings.gateway_id) if settings.log_requests else None
+    app = create_app(settings, telemetry, request_log)
 
     def authenticator() -> Authenticator | None:
         services = getattr(app.state, "services", None)
         return services.auth if services is not None else None
 
-    def rejected(err: ConduitError) -> None:
-        services = getattr(app.state, "services", None)
-        if services is not None:
-            services.dispatcher.metrics.rejected(err.code or "error")
-
     idempotent = IdempotencyMiddleware(app, settings, lambda: app.state.services.redis)
-    request_log = RequestLog(service="conduit-gateway", instance=settings.gateway_id) if settings.log_requests else None
-    return RequestObserver(Guard(idempotent, settings, authenticator, rejected),
+    return RequestObserver(Guard(idempotent, settings, authenticator),
                            metrics=app.state.metrics if settings.metrics else None, tracing=telemetry.tracing,
                            log=request_log, route_of=_route_of(app))
 
 
 def asgi_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory gateway.app:asgi_from_env`` (one per worker process)."""
-    settings = GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id()
+    settings = GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id()  # its own id
     configure_logging(settings.log_level, settings.log_format, service="conduit-gateway", instance=settings.gateway_id)
     return build_asgi(settings)
 

@@ -397,10 +397,13 @@ class Dispatcher:
         try:
             await self._admit(run)
             await self._queue(run)
-        except ConduitError:
+        except BaseException as exc:  # refused (ConduitError), or interrupted (a shutdown's cancel)
             run.closed = True
             run.end_queue_span(None)
             self._forget_id(run.job_id)
+            if not isinstance(exc, ConduitError):
+                # It may have been queued before the interruption: engines skip it.
+                self._publish_cancel(run.job_id, run.job.deadline_ms)
             if run.grant is not None:  # admitted, never queued: every reserved token back
                 self._spawn(self._release(run.grant, 0))
             raise

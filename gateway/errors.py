@@ -199,9 +199,6 @@ def error_response(request: Request, exc: Exception) -> Response[bytes]:
     err = from_exception(exc)
     state = request.scope.get("state")
     if state is not None:
-        state["error"] = err.code or "error"  # for the request's log line and span
-    services = getattr(request.app.state, "services", None)
-    if services is not None:
-        services.dispatcher.metrics.rejected(err.code or "error")
+        state["error"] = err.code or "error"  # counted, logged and traced by the request's observer
     return Response(content=encode_error(err), status_code=err.status, media_type="application/json",
                     headers=err.headers)

@@ -35,6 +35,9 @@ from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, parse_trace
 
 log = logging.getLogger("conduit.gateway")
 
+#: Methods recorded by name (OpenTelemetry's list); any other is ``_OTHER``.
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
+
 #: Probes and scrapes: counted in ``http.server.request.duration`` but neither traced nor logged
 #: (a load balancer's health checks would otherwise be most of both).
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json"})
@@ -112,6 +115,11 @@ class RequestObserver:
 
         try:
             await self.app(scope, receive, observed_send)
+        except Exception:
+            if not response[0]:
+                response[0] = 500  # what the server answers for it
+                state.setdefault("error", "internal_error")
+            raise
         finally:
             ended = response[1] or time.perf_counter()
             try:
@@ -123,9 +131,16 @@ class RequestObserver:
         method = scope["method"]
         template = scope.get("path_template")  # type: ignore[typeddict-item]
         route = template_name(template) if template else self.route_of(scope["path"], method)
+        if method not in HTTP_METHODS:
+            method = "_OTHER"  # a client's made-up method must not make a label of its own
         run = state.get("run")
         metrics = self.metrics
         if metrics is not None:
+            # Every refusal and failure, counted here once by its code: the guard's, the
+            # idempotency middleware's, the app's errors and streams that failed after their 200.
+            code = state.get("error") or (run.error if run is not None else "")
+            if code:
+                metrics.rejected(code)
             if run is None:
                 metrics.request(route, method, status, seconds)
             else:

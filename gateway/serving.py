@@ -217,8 +217,8 @@ class Generation:
 
 
 def failed_mid_stream(run: JobRun, exc: ConduitError) -> None:
-    """A stream that ended in an error after its 200: counted, and its code put in the request's log line."""
-    run.dispatcher.metrics.rejected(exc.code or "error")
+    """A stream that ended in an error after its 200: its code for the request's observer (counted,
+    logged, traced there)."""
     run.error = exc.code or "error"
 
 

@@ -40,12 +40,10 @@ class Guard:
     made it (None before: requests that need one get a 503).
     """
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, authenticator: Any,
-                 on_reject: Any = None) -> None:
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, authenticator: Any) -> None:
         self.app = app
         self.settings = settings
         self.authenticator = authenticator
-        self.on_reject = on_reject
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -96,8 +94,6 @@ class Guard:
         return auth
 
     async def _reject(self, err: ConduitError, send: Send) -> None:
-        if self.on_reject is not None:
-            self.on_reject(err)
         body = encode_error(err)
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]

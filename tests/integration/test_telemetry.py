@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import ROOT, Proc, Stack, free_port
+from tests.harness import ROOT, Proc, RedisServer, Stack, free_port
 from tests.otlp import OtlpReceiver
 
 MODEL = "synthetic"
@@ -291,3 +291,21 @@ def test_logs_are_json_lines_when_asked(stack: Stack, tmp_path: Path) -> None:
         lines = [line for line in proc.output().splitlines() if line.strip()]
         records = [json.loads(line) for line in lines]  # every line is one JSON object
         assert any(r.get("service") == service and r.get("level") == "info" for r in records), lines[:5]
+
+
+@pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
+async def test_request_log_lines_still_buffered_are_written_at_shutdown(redis_server: RedisServer) -> None:
+    import io
+
+    from gateway.app import create_app
+    from gateway.settings import GatewaySettings
+    from telemetry.logs import RequestLog, RequestRecord
+
+    out = io.BytesIO()
+    log = RequestLog(out, flush_s=60)  # nothing would reach the stream for a minute
+    app = create_app(GatewaySettings(redis_url=redis_server.url, key_prefix="t-shutdown"), request_log=log)
+    async with app.lifespan():
+        log.write(RequestRecord(ts="t", level="info", logger="conduit.request", request_id="req-last", method="GET",
+                                route="/v1/models", status=200, duration_ms=1.0))
+        assert out.getvalue() == b""
+    assert b'"request_id":"req-last"' in out.getvalue()

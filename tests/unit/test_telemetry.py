@@ -371,3 +371,71 @@ def test_a_keep_alive_connection_the_collector_closed_is_reopened_for_the_same_b
         server.shutdown()
         server.server_close()
     assert names == ["one", "two"]
+
+
+def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions") -> tuple[GatewayMetrics,
+                                                                                           list[object]]:
+    """Run one request through a RequestObserver (metrics on, a log that keeps its records)."""
+    import asyncio
+
+    from gateway.observe import RequestObserver
+
+    class Keep:
+        service = instance = ""
+        records: list[object] = []
+
+        def write(self, record: object) -> None:
+            self.records.append(record)
+
+    async def send(message: object) -> None:
+        pass
+
+    async def receive() -> dict[str, object]:
+        return {"type": "http.request", "body": b""}
+
+    metrics, log = GatewayMetrics(Meter("x")), Keep()
+    observer = RequestObserver(app, metrics=metrics, tracing=Tracing({}), log=log,  # type: ignore[arg-type]
+                               route_of=lambda p, m: p)
+    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    try:
+        asyncio.run(observer(scope, receive, send))  # type: ignore[arg-type]
+    except RuntimeError:
+        pass
+    metrics.fold_requests()
+    return metrics, log.records
+
+
+def _http_points(metrics: GatewayMetrics) -> dict[tuple[object, ...], int]:
+    return {tuple(sorted(k)): s.count for k, s in metrics.http_duration._series.items()}
+
+
+def test_every_refusal_is_counted_once_by_its_code() -> None:
+    # A refusal written by a middleware (here: as the idempotency middleware does) is counted too.
+    async def refuse(scope: dict[str, object], receive: object, send: object) -> None:
+        scope["state"]["error"] = "idempotency_key_reused"  # type: ignore[index]
+        await send({"type": "http.response.start", "status": 409, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
+
+    metrics, _ = _observe(refuse)
+    assert metrics._rejections["idempotency_key_reused"].value == 1
+
+
+def test_an_app_that_raises_before_answering_is_recorded_as_a_500() -> None:
+    async def broken(scope: object, receive: object, send: object) -> None:
+        raise RuntimeError("bug")
+
+    metrics, records = _observe(broken)
+    assert records[0].status == 500  # type: ignore[attr-defined]
+    assert list(_http_points(metrics).values()) == [1]
+    assert (("http.request.method", "POST"), ("http.response.status_code", 500),
+            ("http.route", "/v1/chat/completions")) in _http_points(metrics)
+
+
+def test_unknown_http_methods_share_one_label() -> None:
+    async def ok(scope: object, receive: object, send: object) -> None:
+        await send({"type": "http.response.start", "status": 405, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b""})  # type: ignore[operator]
+
+    metrics, _ = _observe(ok, method="FROBNICATE")
+    ((labels, count),) = _http_points(metrics).items()
+    assert ("http.request.method", "_OTHER") in labels and count == 1
