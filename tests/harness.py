@@ -91,6 +91,8 @@ class Stack:
         self._clients: list[openai.OpenAI] = []
         self.base_url = ""
         self.port = 0
+        #: (base URL, Redis URL, process) of every gateway started, for :meth:`wait_for_model`.
+        self.gateways: list[tuple[str, str, Proc]] = []
         #: The API key ``sdk()`` and ``wait_for_model`` send (gateways started with ``auth=True``).
         self.api_key = ""
 
@@ -114,6 +116,7 @@ class Stack:
         except Exception as exc:
             raise RuntimeError(f"gateway did not start:\n{proc.output()}") from exc
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.gateways.append((self.base_url, redis_url or self.redis_url, proc))
         return proc
 
     def engine(self, *args: str, model: str | None = None, wait: bool = True, timeout: float = 30,
@@ -122,7 +125,7 @@ class Stack:
         proc = self._cli("engine", "engine", "--redis-url", redis_url or self.redis_url, "--key-prefix", self.prefix,
                          "--log-level", "info", *args, env=env)
         if wait and model:
-            self.wait_for_model(model, proc, timeout=timeout)
+            self.wait_for_model(model, proc, timeout=timeout, redis_url=redis_url or self.redis_url)
         return proc
 
     def synthetic(self, model: str = "synthetic", *args: str, wait: bool = True, redis_url: str | None = None) -> Proc:
@@ -141,18 +144,23 @@ class Stack:
                            model=model,
                            wait=wait, timeout=timeout, env=env, redis_url=redis_url)
 
-    def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True
-                       ) -> None:
+    def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True,
+                       redis_url: str | None = None) -> None:
+        """Wait until every running gateway on ``redis_url`` (the stack's) lists ``model`` (or, with
+        ``present=False``, none does): each refreshes its view of the engines on its own clock, so
+        the latest gateway seeing a new engine says nothing about the others."""
+        redis_url = redis_url or self.redis_url
+        urls = [url for url, on, gw in self.gateways if on == redis_url and gw.alive()] or [self.base_url]
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and present and not proc.alive():
                 raise RuntimeError(f"engine exited:\n{proc.output()}")
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            ids = {m["id"] for m in httpx.get(f"{self.base_url}/v1/models", headers=headers).json()["data"]}
-            if (model in ids) == present:
+            if all((model in {m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]})
+                   == present for url in urls):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'}"
+        raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'} on {urls}"
                            + (f"\n{proc.output()}" if proc else ""))
 
     def sdk(self) -> openai.OpenAI:
