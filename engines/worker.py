@@ -56,7 +56,7 @@ from engines.wire import (
     Usage,
 )
 from telemetry.instruments import OPERATIONS, EngineMetrics
-from telemetry.tracing import SpanKind, Status, StatusCode, Tracing
+from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, is_sampled
 
 log = logging.getLogger("conduit.engine")
 
@@ -639,13 +639,19 @@ class Worker:
         job = run.job
         out = _Output(self, run)
         started = time.perf_counter()
-        span = self._span(run) if self.tracing is not None and job.traceparent else None
+        # Attributes are built only for a sampled trace (most are not, at a 10% ratio).
+        span = self._span(run) if self.tracing is not None and is_sampled(job.traceparent) else None
         outcome = "interrupted"
         try:
             await self.backend.run(job, out)
             if not run.finished:
+                outcome = "error"
+                log.error("job %s: the backend ended it without a result (traceparent %s)", job.id,
+                          job.traceparent or "-")
+                self.metrics.job_finished(job.model, "error")
                 self.finish(run, Failed(job=job.id, message="The engine ended the job without a result.",
                                         attempt=run.attempt, seq=run.next_seq()))
+                return
             outcome = "ok"
             # After the event writer's turn: metrics must not delay the final flush.
             asyncio.get_running_loop().call_soon(self.metrics.job_finished, job.model, "ok",

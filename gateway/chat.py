@@ -43,7 +43,6 @@ def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:
 class ChatRenderer:
     """Chat completion objects: ``chat.completion`` and ``chat.completion.chunk``."""
 
-    operation = "chat"
     id_prefix = "chatcmpl"
 
     def __init__(self) -> None:

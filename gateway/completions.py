@@ -34,7 +34,6 @@ def completion_logprobs(items: list[SampledLogprob] | None) -> CompletionLogprob
 class CompletionRenderer:
     """Text completion objects; streamed chunks share the shape of the full response."""
 
-    operation = "text_completion"
     id_prefix = "cmpl"
 
     def __init__(self) -> None:

@@ -102,7 +102,6 @@ class StreamState:
 class Renderer(Protocol):
     """How one endpoint's OpenAI objects look."""
 
-    operation: str
     id_prefix: str
 
     def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes: ...

@@ -129,9 +129,6 @@ class Span:
     def set_attribute(self, key: str, value: Any) -> None:
         self.attributes[key] = value
 
-    def update_name(self, name: str) -> None:
-        self.name = name
-
     def set_status(self, status: Status) -> None:
         self.status = status
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
-from engines.worker import Worker, WorkerSettings, now_ms, parse_cancel
+from engines.wire import Failed, Job
+from engines.worker import Worker, WorkerSettings, _Running, now_ms, parse_cancel
+from telemetry.instruments import EngineMetrics
+from telemetry.setup import Telemetry
 
 
 def test_cancel_messages_carry_a_deadline() -> None:
@@ -24,5 +29,27 @@ async def test_a_cancellation_is_remembered_until_its_jobs_deadline() -> None:
         assert "soon" not in worker._cancelled
         assert set(worker._cancelled) == {"later", "old-style"}
         assert worker._cancelled["old-style"] - now_ms() > 25_000
+    finally:
+        await worker.redis.aclose()
+
+
+async def test_a_job_the_backend_ends_without_a_result_is_an_error() -> None:
+    """The client gets a failure, and the jobs counter says ``error`` (it said ``ok``)."""
+
+    class Silent(SyntheticBackend):
+        async def run(self, job: Job, out: object) -> None:
+            return None
+
+    telemetry = Telemetry("conduit.engine", "e")
+    worker = Worker(Silent(SyntheticSettings()), WorkerSettings(), EngineMetrics(telemetry.meter))
+    try:
+        run = _Running(Job(id="j1", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=0), "s", b"1-0", 1)
+        await worker._run_job(run)
+        await asyncio.sleep(0)  # call_soon'd metrics run on the next turn
+        final = worker.writer._batch.events["r"][-1]
+        assert isinstance(final, Failed) and "without a result" in final.message
+        text = telemetry.render().decode()
+        assert re.search(r'conduit_engine_jobs_total\{[^}]*outcome="error"[^}]*\} 1', text), text
+        assert not re.search(r'conduit_engine_jobs_total\{[^}]*outcome="ok"[^}]*\} 1', text), text
     finally:
         await worker.redis.aclose()
