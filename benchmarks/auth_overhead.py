@@ -84,7 +84,7 @@ class Bench:
             raise RuntimeError("`conduit keys create` printed no key")
         return match.group(0)
 
-    def start_redis(self) -> None:
+    def start_redis(self) -> subprocess.Popen[bytes]:
         """A private, non-persistent redis-server on ``redis_port``."""
         exe = shutil.which("redis-server")
         if exe is None:
@@ -92,6 +92,7 @@ class Bench:
         redis = self.start("redis", [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
                                      "--appendonly", "no", "--dir", str(self.workdir)])
         wait_port(self.redis_port, redis)
+        return redis
 
     def up(self) -> tuple[str, str, str, str]:
         self.start_redis()

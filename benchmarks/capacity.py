@@ -37,7 +37,6 @@ import asyncio
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -138,12 +137,7 @@ class Capacity(ao.Bench):
 
     def up_all(self) -> tuple[dict[str, str], dict[str, int]]:
         """Redis, the two engines and both gateways; the targets and process ids."""
-        exe = shutil.which("redis-server")
-        if exe is None:
-            raise RuntimeError("redis-server not found (Debian: apt-get install redis-server)")
-        redis = self.start("redis", [exe, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
-                                     "--appendonly", "no", "--dir", str(self.workdir)])
-        ao.wait_port(self.redis_port, redis)
+        redis = self.start_redis()
         engine = self.start("engine", self.conduit("engine", "--kind", "synthetic", "--served-name", "mock",
                                                    "--tokens", "64", "--redis-url", self.redis_url,
                                                    "--log-level", "warning"))

@@ -146,21 +146,28 @@ class Stack:
 
     def wait_for_model(self, model: str, proc: Proc | None = None, *, timeout: float = 30, present: bool = True,
                        redis_url: str | None = None) -> None:
-        """Wait until every running gateway on ``redis_url`` (the stack's) lists ``model`` (or, with
-        ``present=False``, none does): each refreshes its view of the engines on its own clock, so
-        the latest gateway seeing a new engine says nothing about the others."""
+        """Wait until the latest gateway, and every other running one on ``redis_url`` (the stack's)
+        that ``api_key`` may read, lists ``model`` (or, with ``present=False``, none does): each
+        refreshes its view of the engines on its own clock, so one gateway seeing a new engine says
+        nothing about the others."""
         redis_url = redis_url or self.redis_url
-        urls = [url for url, on, gw in self.gateways if on == redis_url and gw.alive()] or [self.base_url]
+        others = [url for url, on, gw in self.gateways if on == redis_url and gw.alive() and url != self.base_url]
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+        def settled(url: str, *, latest: bool) -> bool:
+            r = httpx.get(f"{url}/v1/models", headers=headers)
+            if r.status_code == 401 and not latest:
+                return True  # a keyed gateway of another part of the test: not ours to read
+            return (model in {m["id"] for m in r.json()["data"]}) == present
+
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc is not None and present and not proc.alive():
                 raise RuntimeError(f"engine exited:\n{proc.output()}")
-            if all((model in {m["id"] for m in httpx.get(f"{url}/v1/models", headers=headers).json()["data"]})
-                   == present for url in urls):
+            if settled(self.base_url, latest=True) and all(settled(url, latest=False) for url in others):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'} on {urls}"
+        raise TimeoutError(f"model {model!r} {'never appeared' if present else 'never went away'}"
                            + (f"\n{proc.output()}" if proc else ""))
 
     def sdk(self) -> openai.OpenAI:
