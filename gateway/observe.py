@@ -94,6 +94,9 @@ class RequestObserver:
         if state is None:
             state = scope["state"] = {}  # type: ignore[typeddict-unknown-key]
         state["request_id"] = rid
+        if traceparent:
+            # For the job (its engine's logs join the client's trace), read here once.
+            state["traceparent"] = traceparent[:55].decode("latin-1")
         quiet = scope["path"] in QUIET_PATHS
         tracing = self.tracing
         if tracing.enabled and not quiet:
@@ -134,13 +137,13 @@ class RequestObserver:
         if method not in HTTP_METHODS:
             method = "_OTHER"  # a client's made-up method must not make a label of its own
         run = state.get("run")
+        # Every refusal and failure, by its code: the guard's, the idempotency middleware's, the
+        # app's errors and streams that failed after their 200 (counted, logged and traced here).
+        error = state.get("error") or (run.error if run is not None else "")
         metrics = self.metrics
         if metrics is not None:
-            # Every refusal and failure, counted here once by its code: the guard's, the
-            # idempotency middleware's, the app's errors and streams that failed after their 200.
-            code = state.get("error") or (run.error if run is not None else "")
-            if code:
-                metrics.rejected(code)
+            if error:
+                metrics.rejected(error)
             if run is None:
                 metrics.request(route, method, status, seconds)
             else:
@@ -149,18 +152,18 @@ class RequestObserver:
                                 run.ttft, u.prompt_tokens if u else None, u.completion_tokens if u else None)
         span = state.get("span")
         if span is not None:
-            self._end_span(span, route, method, status, state, run)
+            self._end_span(span, route, method, status, state, run, error)
         if self.log is not None and not quiet:
-            self._log(scope, state, route, method, status, seconds, run, span)
+            self._log(scope, state, route, method, status, seconds, run, span, error)
 
     @staticmethod
-    def _end_span(span: Any, route: str, method: str, status: int, state: dict[str, Any], run: Any) -> None:
+    def _end_span(span: Any, route: str, method: str, status: int, state: dict[str, Any], run: Any,
+                  error: str) -> None:
         span.name = f"{method} {route}"
         attrs = span.attributes
         attrs["http.route"] = route
         attrs["http.response.status_code"] = status
         attrs["conduit.request.id"] = state["request_id"].decode("latin-1")
-        error = state.get("error")
         if error:
             attrs["error.type"] = error
         if run is not None:
@@ -175,7 +178,7 @@ class RequestObserver:
         span.end()
 
     def _log(self, scope: Scope, state: dict[str, Any], route: str, method: str, status: int, seconds: float,
-             run: Any, span: Any) -> None:
+             run: Any, span: Any, error: str) -> None:
         log: RequestLog = self.log  # type: ignore[assignment]
         principal = state.get("principal")
         client = scope.get("client")
@@ -185,7 +188,7 @@ class RequestObserver:
             record = RequestRecord(
                 timestamp(), "info", "conduit.request", state["request_id"].decode("latin-1"), method, route, status,
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, "", "", "", None,
-                principal.name if principal is not None and principal.key_id else "", state.get("error") or "",
+                principal.name if principal is not None and principal.key_id else "", error,
                 None, None, None, None, 0, f"{span.context.trace_id:032x}" if span is not None else "",
                 client[0] if client else "", None)
         else:
@@ -196,7 +199,7 @@ class RequestObserver:
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, run.rid, run.model,
                 OPERATIONS.get(job.kind, job.kind), job.stream,
                 principal.name if principal is not None and principal.key_id else "",
-                state.get("error") or run.error, int(ttft * 1_000_000 + 0.5) / 1000 if ttft is not None else None,
+                error, int(ttft * 1_000_000 + 0.5) / 1000 if ttft is not None else None,
                 u.prompt_tokens if u is not None else None,
                 u.completion_tokens if u is not None and not image else None,
                 run.cost.images if u is not None and image else None, run.resubmits,

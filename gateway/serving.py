@@ -126,7 +126,7 @@ class Generation:
         # Job ids are always our own: a client's x-request-id need not be unique.
         run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,
-                                  traceparent=request.headers.get("traceparent", "")[:55], principal=principal,
+                                  traceparent=request.scope["state"].get("traceparent", ""), principal=principal,
                                   cost=cost, ratelimit=ratelimit, state=request.scope["state"])
         try:
             if stream:

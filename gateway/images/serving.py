@@ -72,7 +72,7 @@ class ImageGeneration:
     async def respond(self, request: Request[Any, Any, Any], req: ImageRequest, body: bytes) -> Response[Any]:
         principal, ratelimit = tenancy(request)
         run = self.dispatcher.job("image", req.model, body, job_id=new_id("img"), stream=bool(req.stream),
-                                  receive=request.receive, traceparent=request.headers.get("traceparent", "")[:55],
+                                  receive=request.receive, traceparent=request.scope["state"].get("traceparent", ""),
                                   output_ttl_ms=int(self.settings.image_url_ttl_s * 1000), principal=principal,
                                   cost=estimate(req, self.settings), ratelimit=ratelimit, state=request.scope["state"])
         try:

@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import time
+from typing import Any
 from types import SimpleNamespace
 
 import pytest
@@ -373,8 +374,8 @@ def test_a_keep_alive_connection_the_collector_closed_is_reopened_for_the_same_b
     assert names == ["one", "two"]
 
 
-def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions") -> tuple[GatewayMetrics,
-                                                                                           list[object]]:
+def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions", tracing: Tracing | None = None
+             ) -> tuple[GatewayMetrics, list[object]]:
     """Run one request through a RequestObserver (metrics on, a log that keeps its records)."""
     import asyncio
 
@@ -394,7 +395,7 @@ def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completion
         return {"type": "http.request", "body": b""}
 
     metrics, log = GatewayMetrics(Meter("x")), Keep()
-    observer = RequestObserver(app, metrics=metrics, tracing=Tracing({}), log=log,  # type: ignore[arg-type]
+    observer = RequestObserver(app, metrics=metrics, tracing=tracing or Tracing({}), log=log,  # type: ignore[arg-type]
                                route_of=lambda p, m: p)
     scope = {"type": "http", "method": method, "path": path, "headers": []}
     try:
@@ -439,3 +440,37 @@ def test_unknown_http_methods_share_one_label() -> None:
     metrics, _ = _observe(ok, method="FROBNICATE")
     ((labels, count),) = _http_points(metrics).items()
     assert ("http.request.method", "_OTHER") in labels and count == 1
+
+
+def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and_span() -> None:
+    from gateway.dispatch import Dispatcher
+    from gateway.errors import ConduitError
+    from gateway.queue import ReplyRouter
+    from gateway.serving import failed_mid_stream
+    from gateway.settings import GatewaySettings
+    from tests.unit.test_dispatch import Live
+
+    ended: list[Any] = []
+
+    class Collect:
+        add = ended.append
+
+        def shutdown(self) -> None:
+            pass
+
+    tracing = Tracing({}, sample_ratio=1.0, exporter=Collect())
+    router = ReplyRouter(None, "replies:gw", None)  # type: ignore[arg-type]
+    dispatcher = Dispatcher(GatewaySettings(), Live(), None, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
+                            tracing=None)
+
+    async def streamed(scope: dict[str, Any], receive: object, send: Any) -> None:
+        run = dispatcher.job("chat", "m", b"{}", job_id="chatcmpl-1", stream=True, state=scope["state"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        failed_mid_stream(run, ConduitError("The engine went away.", status=502, code="engine_lost"))
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+    metrics, records = _observe(streamed, tracing=tracing)
+    assert metrics._rejections["engine_lost"].value == 1
+    assert records[0].error == "engine_lost"  # type: ignore[attr-defined]
+    (span,) = ended
+    assert span.attributes["error.type"] == "engine_lost"
