@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -39,6 +41,11 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def request_lines(self) -> list[dict[str, Any]]:
+        """A gateway's JSON request log lines (``conduit.request``) written so far."""
+        return [json.loads(line) for line in self.output().splitlines()
+                if line.startswith("{") and '"conduit.request"' in line]
 
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:

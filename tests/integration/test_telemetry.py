@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import ROOT, Proc, RedisServer, Stack, free_port
+from tests.harness import ROOT, RedisServer, Stack, free_port
 from tests.otlp import OtlpReceiver
 
 MODEL = "synthetic"
@@ -69,14 +69,6 @@ def create_key(stack: Stack, name: str) -> str:
 def post(stack: Stack, body: dict[str, Any], key: str | None = None, **headers: str) -> httpx.Response:
     h = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, headers={**h, **headers}, timeout=60)
-
-
-def request_lines(proc: Proc) -> list[dict[str, Any]]:
-    lines = []
-    for line in proc.output().splitlines():
-        if line.startswith("{") and '"conduit.request"' in line:
-            lines.append(json.loads(line))
-    return lines
 
 
 def test_ttft_tokens_and_queue_wait_land_in_their_buckets(stack: Stack) -> None:
@@ -192,7 +184,7 @@ def test_every_request_gets_one_json_log_line_without_its_prompt(stack: Stack) -
     refused = post(stack, CHAT, None)
     assert (ok.status_code, streamed.status_code, refused.status_code) == (200, 200, 401)
     time.sleep(0.5)
-    lines = {line["request_id"]: line for line in request_lines(gateway)}
+    lines = {line["request_id"]: line for line in gateway.request_lines()}
     first = lines["req-telemetry-1"]
     assert first["status"] == 200 and first["route"] == "/v1/chat/completions" and first["method"] == "POST"
     assert first["key"] == "team-logs" and first["model"] == MODEL and first["operation"] == "chat"
@@ -215,7 +207,7 @@ def test_prompts_are_logged_only_when_the_operator_turns_it_on(stack: Stack) -> 
     resp = post(stack, CHAT)
     assert resp.status_code == 200
     time.sleep(0.5)
-    (line,) = [x for x in request_lines(gateway) if x["request_id"] == resp.headers["x-request-id"]]
+    (line,) = [x for x in gateway.request_lines() if x["request_id"] == resp.headers["x-request-id"]]
     assert line["prompt"] == json.dumps(CHAT["messages"], separators=(",", ":"))[:60]
 
 
