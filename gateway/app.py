@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from litestar import Litestar, Request, Response, get, post
 from litestar.datastructures import State
 from litestar.di import Provide
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
 from engines.lane import connect, open_lane, redacted
@@ -34,7 +35,7 @@ from gateway.settings import GatewaySettings
 from gateway.tenancy.admin import ADMIN_ROUTES
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.cost import estimate
-from gateway.tenancy.guard import Guard, principal_of
+from gateway.tenancy.guard import METRICS_ACCESS, PUBLIC, Guard, RouteAccess, principal_of
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.keys import KeyStore
 from gateway.tenancy.limits import Limiter
@@ -109,7 +110,7 @@ async def image_generations(request: Request[Any, Any, Any], services: Services)
     return await services.images.respond(request, req, body)
 
 
-@get("/v1/images/files/{name:str}")
+@get("/v1/images/files/{name:str}", opt=PUBLIC)
 async def image_file(name: str, services: Services) -> Response[bytes]:
     """A generated image, until it expires (its unguessable name is the capability to read it)."""
     data = await services.image_store.get(name) if valid_ref(name) else None
@@ -138,13 +139,13 @@ async def get_model(model_id: str, request: Request[Any, Any, Any], services: Se
     return Response(_JSON.encode(Model(id=model_id, created=reg.created(model_id))), media_type="application/json")
 
 
-@get("/health")
+@get("/health", opt=PUBLIC)
 async def health() -> Response[bytes]:
     """The process is alive (says nothing about Redis or engines)."""
     return Response(_HEALTHY, media_type="application/json")
 
 
-@get("/ready")
+@get("/ready", opt=PUBLIC)
 async def ready(services: Services) -> Response[bytes]:
     """Redis reachable and at least one live engine: ready for traffic."""
     try:
@@ -159,7 +160,7 @@ async def ready(services: Services) -> Response[bytes]:
     return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
 
-@get("/metrics")
+@get("/metrics", opt=METRICS_ACCESS)
 async def metrics(services: Services) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
     if not services.settings.metrics:
@@ -171,7 +172,7 @@ async def metrics(services: Services) -> Response[bytes]:
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@get("/openapi.json")
+@get("/openapi.json", opt=PUBLIC)
 async def openapi_document() -> Response[bytes]:
     """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
     return Response(document_bytes(), media_type="application/json")
@@ -276,8 +277,9 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                 request_log.flush()  # the last lines (they are written every 0.1 s)
 
     app = Litestar(
+        # Admin routes do not exist without an admin credential to guard them.
         route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
-                        metrics, openapi_document, *ADMIN_ROUTES],
+                        metrics, openapi_document, *(ADMIN_ROUTES if settings.admin_key_hash else ())],
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
                       "key_store": Provide(provide_key_store, sync_to_thread=False),
                       "usage_log": Provide(provide_usage_log, sync_to_thread=False)},
@@ -304,6 +306,26 @@ def _route_of(app: Litestar) -> Any:
     return route_of
 
 
+def route_access(app: Litestar) -> RouteAccess:
+    """What the route a path and method reach needs (its handler's ``opt["access"]``; the guard
+    reads none as "key"), asked of the app's own router so that the guard and the router can
+    never disagree on the route. None: no route has the path. A path whose route lacks the
+    method needs a key (the router then answers 405). The router caches its answers, so
+    routing the request again after the guard costs a dict lookup."""
+    handle_routing = app.asgi_router.handle_routing
+
+    def access(path: str, method: str) -> str | None:
+        try:
+            handler = handle_routing(path=path, method=method)[1]  # type: ignore[arg-type]
+        except NotFoundException:
+            return None
+        except HTTPException:  # the method is not the route's: authenticate, then the router's 405
+            return "key"
+        return handler.opt.get("access", "key")  # type: ignore[no-any-return]
+
+    return access
+
+
 def build_asgi(settings: GatewaySettings) -> ASGIApp:
     """The ASGI callable a server runs: the observer (request ids, spans, metrics, the request
     log), then the guard (credentials), then idempotency (keyed by the principal the guard
@@ -319,7 +341,7 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
         return services.auth if services is not None else None
 
     idempotent = IdempotencyMiddleware(app, settings, lambda: app.state.services.redis)
-    return RequestObserver(Guard(idempotent, settings, authenticator),
+    return RequestObserver(Guard(idempotent, settings, authenticator, route_access(app)),
                            metrics=app.state.metrics if settings.metrics else None, tracing=telemetry.tracing,
                            log=request_log, route_of=_route_of(app))
 

@@ -1,7 +1,7 @@
 """The admin API for API keys: ``/admin/keys`` (create, list) and ``/admin/keys/{id}`` (show, change, revoke).
 
-The guard (``gateway.tenancy.guard``) lets only the admin credential through, and answers 404
-for all of ``/admin`` when no ``admin_key_hash`` is set. A created key's text is in the
+Every handler here is ``ADMIN_ONLY``: the guard (``gateway.tenancy.guard``) lets only the admin
+credential through, and without an ``admin_key_hash`` the app does not register them (404). A created key's text is in the
 creation's answer and nowhere else; no answer ever carries a hash.
 """
 
@@ -14,6 +14,7 @@ import msgspec
 from litestar import Request, Response, delete, get, patch, post
 
 from gateway.errors import InvalidRequest, NotFound
+from gateway.tenancy.guard import ADMIN_ONLY
 from gateway.tenancy.keys import (
     Expiry,
     InvalidKeyField,
@@ -81,7 +82,7 @@ def _missing(key_id: str) -> NotFound:
     return NotFound(f"No API key with id `{key_id[:40]}`.", param="id", code="key_not_found")
 
 
-@post("/admin/keys", status_code=201)
+@post("/admin/keys", status_code=201, opt=ADMIN_ONLY)
 async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
     """Make a key; the answer carries its text once."""
     new: NewKey = _decode(await request.body(), NewKey)
@@ -97,13 +98,13 @@ async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Re
     return _json(CreatedKey(key=text, **msgspec.structs.asdict(info)), 201)
 
 
-@get("/admin/keys")
+@get("/admin/keys", opt=ADMIN_ONLY)
 async def list_keys(key_store: KeyStore) -> Response[bytes]:
     """Every key (no hashes, no secrets)."""
     return _json(KeyList(data=[r.info() for r in await key_store.list()]))
 
 
-@get("/admin/keys/{key_id:str}")
+@get("/admin/keys/{key_id:str}", opt=ADMIN_ONLY)
 async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     record = await key_store.get(key_id)
     if record is None:
@@ -111,7 +112,7 @@ async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     return _json(record.info())
 
 
-@patch("/admin/keys/{key_id:str}")
+@patch("/admin/keys/{key_id:str}", opt=ADMIN_ONLY)
 async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
     """Change a key's name, owner, models, limits, expiry or disabled flag (fields left out stay)."""
     changes: KeyChanges = _decode(await request.body(), KeyChanges)
@@ -124,7 +125,7 @@ async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: Ke
     return _json(record.info())
 
 
-@delete("/admin/keys/{key_id:str}", status_code=200)
+@delete("/admin/keys/{key_id:str}", status_code=200, opt=ADMIN_ONLY)
 async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     """Revoke a key for good (its record is deleted; every gateway refuses it within a second)."""
     if not await key_store.revoke(key_id):
@@ -132,8 +133,7 @@ async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     return _json(DeletedKey(id=key_id))
 
 
-#: The admin routes, for ``create_app``.
-@get("/admin/keys/{key_id:str}/usage")
+@get("/admin/keys/{key_id:str}/usage", opt=ADMIN_ONLY)
 async def key_usage(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore,
                     usage_log: UsageLog) -> Response[bytes]:
     """A key's requests, tokens and images per UTC day and model (``?days=N``, default 7, at most 400)."""
@@ -145,4 +145,5 @@ async def key_usage(key_id: str, request: Request[Any, Any, Any], key_store: Key
     return _json(await usage_log.read(key_id, int(raw), time.time()))
 
 
+#: The admin routes, for ``create_app`` (registered only with an admin credential set).
 ADMIN_ROUTES = [create_key, list_keys, show_key, update_key, revoke_key, key_usage]

@@ -1,12 +1,27 @@
-"""The one door: every request's credential is checked here, before routing, and nowhere else.
+"""The one door: every request's path is checked, then its credential, before anything else runs.
 
-* ``/v1/*`` needs an API key (``Authorization: Bearer cdt-...``) when ``settings.auth`` is on;
-  the request's :class:`Principal` goes to ``scope["state"]["principal"]`` (``ANONYMOUS``
-  when auth is off). ``/v1/images/files/*`` stays open: its unguessable names are the
-  capability (as OpenAI's signed image URLs are), and ``<img src>`` sends no header.
-* ``/admin/*`` needs the admin credential (``settings.admin_key_hash``); without a hash set the
-  admin API does not exist (404). ``/metrics`` needs it too when ``settings.metrics_auth``.
-* ``/health``, ``/ready`` and anything else stay open (unknown routes get their 404).
+**One canonical path.** The guard decides on the path Litestar's router routes: a path that
+the router would normalise into another (doubled or trailing slashes) or that holds ``.`` or
+``..`` segments is refused first with a 404, so no two spellings of one route can be judged
+differently here, in a proxy in front, or in the router. (Percent-encoding is decoded by the
+server before either sees the path: ``/v1/models/org%2Fname`` is the canonical
+``/v1/models/org/name``, which is how the ``openai`` SDK sends a model id with a slash.)
+
+**Deny by default.** What a route needs is asked of the router itself (``route_access``: the
+handler the path and method reach, and its ``opt["access"]``), never read from a path prefix:
+
+* ``key`` (every handler that says nothing, so a route added later is protected): an API key
+  (``Authorization: Bearer cdt-...``) when ``settings.auth`` is on; the request's
+  :class:`Principal` goes to ``scope["state"]["principal"]`` (``ANONYMOUS`` when auth is off);
+* ``admin``: the admin credential (``settings.admin_key_hash``); without a hash set the admin
+  routes are not registered at all (404);
+* ``metrics``: ``/metrics``, open unless ``settings.metrics_auth`` (then as ``admin``);
+* ``public``: the short list: ``/health``, ``/ready``, ``/openapi.json`` and
+  ``/v1/images/files/{name}`` (its unguessable name is the capability, as OpenAI's signed image
+  URLs are, and ``<img src>`` sends no header).
+
+A path no route matches is answered 404 here; one whose route lacks the method needs a key
+(then the router's 405).
 
 On ``http.response.start`` of every response the guard adds the rate-limit headers found at
 ``scope["state"]["ratelimit"]``: a dict header name -> value filled by the limits check
@@ -15,6 +30,7 @@ On ``http.response.start`` of every response the guard adds the rate-limit heade
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +42,26 @@ from gateway.tenancy.principal import ANONYMOUS, Principal
 
 _RATELIMIT = b"x-ratelimit-"
 
+#: What a route needs, as its handler's ``opt`` (``@get(..., opt=PUBLIC)``); a handler without
+#: one needs an API key.
+KEY, ADMIN, METRICS, PUBLIC_ACCESS = "key", "admin", "metrics", "public"
+PUBLIC: dict[str, Any] = {"access": PUBLIC_ACCESS}
+ADMIN_ONLY: dict[str, Any] = {"access": ADMIN}
+METRICS_ACCESS: dict[str, Any] = {"access": METRICS}
+
+#: ``route_access(path, method)``: the access its route needs, or None when no route has the path.
+RouteAccess = Callable[[str, str], str | None]
+
+
+def canonical(path: str) -> bool:
+    """Whether ``path`` is the one spelling of itself that the router routes: it starts with a
+    slash and has no empty (``//``, a trailing ``/``), ``.`` or ``..`` segment."""
+    if path == "/":
+        return True
+    if not path.startswith("/") or path.endswith("/") or "//" in path:
+        return False
+    return "/." not in path or all(seg not in (".", "..") for seg in path.split("/"))
+
 
 def principal_of(scope: Any) -> Principal:
     """The principal the guard attached to a request (``ANONYMOUS`` when there is none)."""
@@ -34,16 +70,19 @@ def principal_of(scope: Any) -> Principal:
 
 
 class Guard:
-    """ASGI middleware authenticating requests (see the module docstring).
+    """ASGI middleware refusing non-canonical paths and authenticating requests (see the module
+    docstring).
 
     ``authenticator`` returns the process's :class:`Authenticator` once the app's lifespan
-    made it (None before: requests that need one get a 503).
+    made it (None before: requests that need one get a 503); ``route_access`` asks the app's
+    router what a path needs (``gateway.app.route_access``).
     """
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, authenticator: Any) -> None:
+    def __init__(self, app: ASGIApp, settings: GatewaySettings, authenticator: Any, route_access: RouteAccess) -> None:
         self.app = app
         self.settings = settings
         self.authenticator = authenticator
+        self.route_access = route_access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,18 +113,25 @@ class Guard:
         await self.app(scope, receive, send_with_limits)
 
     async def _check(self, path: str, scope: Scope, state: dict[str, Any]) -> None:
+        if root_path := scope.get("root_path"):  # as the router reads it (no server of ours sets one)
+            path = path.split(root_path, maxsplit=1)[-1]
+        if not canonical(path):
+            raise NotFound(f"Not found: `{path[:200]}` is not a canonical path (no doubled or trailing slashes, no "
+                           "`.` or `..` segments).")
+        access = self.route_access(path, scope["method"])
+        if access is None:
+            raise NotFound("Not found: no such route.")
         settings = self.settings
-        if path.startswith("/v1/") or path == "/v1":
-            if not settings.auth or path.startswith("/v1/images/files/"):
-                state["principal"] = ANONYMOUS
-                return
-            state["principal"] = await self._auth().authenticate(_header(scope, b"authorization"), _addr(scope))
-        elif path.startswith("/admin/") or path == "/admin":
-            if not settings.admin_key_hash:
-                raise NotFound("Not found: no such route.")
+        if access == PUBLIC_ACCESS or (access == METRICS and not settings.metrics_auth):
+            return
+        if access == ADMIN or access == METRICS:
             await self._auth().authenticate_admin(_header(scope, b"authorization"), _addr(scope))
-        elif path == "/metrics" and settings.metrics_auth:
-            await self._auth().authenticate_admin(_header(scope, b"authorization"), _addr(scope))
+            return
+        # KEY, and anything a handler names that this guard does not know: deny by default.
+        if not settings.auth:
+            state["principal"] = ANONYMOUS
+            return
+        state["principal"] = await self._auth().authenticate(_header(scope, b"authorization"), _addr(scope))
 
     def _auth(self) -> Authenticator:
         auth: Authenticator | None = self.authenticator()

@@ -1,0 +1,168 @@
+"""The HTTP edge: every route the app registers, under every spelling, without a credential.
+
+A client without a key may reach only the public list (``/health``, ``/ready``,
+``/openapi.json``, image files, ``/metrics`` while metrics auth is off); every other request
+is a 401 or a 404 in OpenAI's envelope, whatever the spelling of its path (doubled, trailing
+and percent-encoded slashes, dot segments, percent-encoded dots, case, query strings) and
+whatever its method (HEAD, OPTIONS, ones no route has). The routes come from the app itself, so a
+route added later is walked too. Requests go out byte for byte as written (``http.client``
+neither normalises nor re-encodes a request target), through the real server (uvicorn, which
+decodes percent-encoding before the app sees the path).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import unquote
+
+import pytest
+
+from gateway.app import create_app
+from gateway.settings import GatewaySettings
+from gateway.tenancy.keys import HASHER
+from tests.harness import Stack
+
+# Building the app here to list its routes: Litestar 2.23+ asks for explicitly marked dependencies.
+pytestmark = pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
+
+ADMIN = "edge-admin-credential-0123456789"
+#: Values for the routes' path parameters (any value: the route is what is being walked).
+PARAMS = {"name": "0123456789abcdef0123456789abcdef.png", "model_id": "synthetic", "key_id": "0123456789ab"}
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND")
+
+
+def routes(settings: GatewaySettings) -> list[tuple[str, frozenset[str], dict[str, str]]]:
+    """(path with its parameters filled in, the methods it registers, method -> access) of every
+    route the gateway's app registers under ``settings``."""
+    app = create_app(settings)
+    out = []
+    for route in app.routes:
+        path = re.sub(r"\{(\w+)(:\w+)?\}", lambda m: PARAMS[m[1]], route.path)
+        access = {m: h.opt.get("access", "key") for h in route.route_handlers for m in h.http_methods}
+        out.append((path, frozenset(route.methods), access))
+    return out
+
+
+def spellings(path: str) -> Iterator[str]:
+    """Request targets that name ``path`` differently, each a way past a guard that compares
+    strings (and some plain mistakes a client makes)."""
+    yield path
+    yield path + "/"
+    yield "/" + path
+    yield path.replace("/", "//")
+    slashes = [i for i, c in enumerate(path) if c == "/"]
+    for i in slashes[1:]:
+        yield path[:i] + "/" + path[i:]  # one inner slash doubled
+        yield path[:i] + "%2F" + path[i + 1:]  # one inner slash percent-encoded
+        yield path[:i] + "/./" + path[i + 1:]
+        yield path[:i] + "/%2e/" + path[i + 1:]
+        yield path[:i] + "/x/../" + path[i + 1:]
+    yield "/%2F" + path[1:]
+    yield "/%2f" + path[1:]
+    yield "/." + path
+    yield "/x/.." + path
+    yield "/x/%2e%2e" + path
+    yield "/x/%2E%2E" + path
+    yield "/%2e%2e" + path
+    yield path + "/."
+    yield path + "/.."
+    yield path + "/%2e%2e/x"
+    yield path.upper()
+    yield path[:1] + path[1:2].upper() + path[2:]
+    yield path[:1] + f"%{ord(path[1]):02x}" + path[2:]  # a letter percent-encoded (decodes to the path)
+    yield path + "?x=1"
+    yield path + "?"
+    yield path + "?/../../admin/keys"
+    yield path + "%3Fx=1"
+    yield path + ";x=1"
+    yield path + "%00"
+    yield path + "%20"
+    yield "/" + path[1:].replace("/", "\\")
+
+
+def send(port: int, method: str, target: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.putrequest(method, target, skip_accept_encoding=True)
+        body = b"{}" if method in ("POST", "PUT", "PATCH") else b""
+        for k, v in (headers or {}).items():
+            conn.putheader(k, v)
+        if body:
+            conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def walk(port: int, settings: GatewaySettings) -> tuple[int, list[str]]:
+    """Send every spelling of every route with every method, without a credential. Returns how
+    many requests went out and what went wrong: anything but a 401 / 404 in OpenAI's envelope,
+    except the canonical spelling of a public route with its own method."""
+    problems = []
+    sent = 0
+    for path, methods, access in routes(settings):
+        for target in dict.fromkeys(spellings(path)):
+            for method in METHODS:
+                status, body = send(port, method, target)
+                sent += 1
+                # Public: the canonical path once the server decoded it, with the route's own method.
+                open_route = (unquote(target.split("?")[0]) == path and method in methods
+                              and (access.get(method) == "public"
+                                   or (access.get(method) == "metrics" and not settings.metrics_auth)))
+                if open_route:
+                    continue
+                if status not in (401, 404):
+                    problems.append(f"{method} {target} -> {status} {body[:120]!r}")
+                elif method != "HEAD":
+                    error = json.loads(body)["error"]
+                    if set(error) != {"message", "type", "param", "code"}:
+                        problems.append(f"{method} {target} -> {status} without OpenAI's envelope: {body[:120]!r}")
+    return sent, problems
+
+
+def _gateway(stack: Stack, **settings: Any) -> GatewaySettings:
+    stack.gateway(auth=True, auth_failures=1_000_000, **settings)
+    return GatewaySettings(**settings)
+
+
+def test_no_spelling_of_any_route_reaches_it_without_a_credential(stack: Stack) -> None:
+    settings = _gateway(stack, admin_key_hash=HASHER.hash(ADMIN))
+    sent, problems = walk(stack.port, settings)
+    assert {p for p, _, _ in routes(settings)} >= {"/admin/keys", "/v1/chat/completions", "/metrics"}
+    assert sent > 3000
+    assert not problems, f"{len(problems)} of {sent} requests got through:\n" + "\n".join(problems[:40])
+    # The canonical spellings still serve those who hold the credential.
+    status, _ = send(stack.port, "GET", "/admin/keys", {"Authorization": f"Bearer {ADMIN}"})
+    assert status == 200
+
+
+def test_admin_routes_do_not_exist_without_an_admin_credential(stack: Stack) -> None:
+    settings = _gateway(stack, metrics_auth=True)
+    assert not [p for p, _, _ in routes(settings) if p.startswith("/admin")]
+    sent, problems = walk(stack.port, settings)
+    assert not problems, f"{len(problems)} of {sent} requests got through:\n" + "\n".join(problems[:40])
+    admin = routes(GatewaySettings(admin_key_hash="x"))
+    for path, _, _ in admin:
+        if path.startswith("/admin"):
+            for target in dict.fromkeys(spellings(path)):
+                for method in ("GET", "POST", "PATCH", "DELETE"):
+                    status, body = send(stack.port, method, target, {"Authorization": f"Bearer {ADMIN}"})
+                    assert status == 404, f"{method} {target} -> {status} {body[:200]!r}"
+
+
+@pytest.mark.parametrize("target", ["//v1/models", "/v1//models", "/v1/models/", "/v1/./models", "/x/../v1/models",
+                                    "/%2Fv1/models"])
+def test_a_non_canonical_spelling_is_refused_even_with_a_key(stack: Stack, target: str) -> None:
+    """Refused before anything else, as a 404 in OpenAI's envelope that names the rule."""
+    stack.gateway(auth=False)
+    status, body = send(stack.port, "GET", target)
+    assert status == 404, body
+    assert "not a canonical path" in json.loads(body)["error"]["message"]
+    assert send(stack.port, "GET", "/v1/models")[0] == 200
