@@ -59,6 +59,8 @@ class Backend(Protocol):
     models: list[str]
     max_concurrency: int
     max_model_len: int | None
+    #: Characters of the longest vocabulary entry (None: no tokenizer; see ``EngineInfo``).
+    max_chars_per_token: int | None
 
     async def start(self) -> None:
         """Load the model(s); called once before any job."""

@@ -197,6 +197,7 @@ class DiffusersBackend:
         self.models = [self.served_name]
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
+        self.max_chars_per_token: int | None = None
         #: Set by the engine entrypoint (``engines.main.serve``).
         self.metrics = EngineMetrics.noop()
         self.pipe: Any = None

@@ -69,6 +69,7 @@ class SyntheticBackend:
         self.models = list(settings.models)
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
+        self.max_chars_per_token: int | None = None
         self._chat = msgspec.json.Decoder(_ChatBody)
         self._completion = msgspec.json.Decoder(_CompletionBody)
 

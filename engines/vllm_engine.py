@@ -52,20 +52,42 @@ def check_vllm_version(version: str | None) -> None:
                            f"{SUPPORTED_VLLM} only (it drives vLLM's internal serving classes). {fix}")
 
 
-def vllm_request(body: dict[str, Any], served_name: str, request_id: str) -> dict[str, Any]:
-    """The client's request body as vLLM's serving classes get it.
+# The request fields vLLM gets: the ones the gateway names and bounds (``gateway.protocol``; a
+# test holds the two together), and OpenAI's ``reasoning_effort``, which vLLM reads. Anything
+# else a body carries (OpenAI-hosted features, another server's extensions) never reaches vLLM,
+# so no field the gateway did not bound can make an engine do work.
+_SAMPLING_FIELDS = frozenset({
+    "model", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty", "seed", "stop",
+    "stream", "stream_options", "temperature", "top_p", "user", "response_format",
+    # vLLM's extensions (gateway.protocol.VllmSampling)
+    "top_k", "min_p", "repetition_penalty", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
+    "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
+    "truncation_side", "allowed_token_ids", "prompt_logprobs", "bad_words", "add_special_tokens",
+    "structured_outputs", "request_id", "return_tokens_as_token_ids", "cache_salt", "thinking_token_budget",
+})
+REQUEST_FIELDS: dict[str, frozenset[str]] = {
+    "chat": _SAMPLING_FIELDS | {"messages", "top_logprobs", "max_completion_tokens", "tools", "tool_choice",
+                                "parallel_tool_calls", "reasoning_effort", "echo", "add_generation_prompt",
+                                "continue_final_message", "include_reasoning", "documents", "chat_template_kwargs"},
+    "completion": _SAMPLING_FIELDS | {"prompt", "best_of", "echo", "suffix"},
+}
+
+
+def vllm_request(body: dict[str, Any], kind: str, served_name: str, request_id: str) -> dict[str, Any]:
+    """The client's request body as vLLM's serving classes get it: only :data:`REQUEST_FIELDS`.
 
     The gateway always consumes a stream and rebuilds non-streaming responses itself, and
     needs the final usage chunk for its accounting; usage on every chunk (vLLM's
     ``continuous_usage_stats``) only when the client asked for it with ``include_usage``,
     as vLLM's own server requires. The request id is the job id so an abort can name it.
     """
+    fields = REQUEST_FIELDS[kind]
     options = body.get("stream_options") or {}
     stream_options: dict[str, bool] = {"include_usage": True}
     if options.get("include_usage") and options.get("continuous_usage_stats"):
         stream_options["continuous_usage_stats"] = True
-    return {**body, "model": served_name, "stream": True, "stream_options": stream_options,
-            "request_id": request_id}
+    return {**{k: v for k, v in body.items() if k in fields}, "model": served_name, "stream": True,
+            "stream_options": stream_options, "request_id": request_id}
 
 
 class VllmSettings(msgspec.Struct, kw_only=True):
@@ -237,6 +259,7 @@ class VllmBackend:
         self.models = [self.served_name]
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = settings.max_model_len
+        self.max_chars_per_token: int | None = None
         #: Requests aborted in vLLM because their job was cancelled.
         self.aborted_requests = 0
         #: Set by the engine entrypoint before start(): vLLM's own statistics go to its meter.
@@ -271,6 +294,7 @@ class VllmBackend:
         self.engine = engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
                                                          stat_loggers=[stats])
         self.max_model_len = engine.model_config.max_model_len
+        self.max_chars_per_token = engine.get_tokenizer().max_chars_per_token
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
         tools: dict[str, Any] = {"enable_auto_tools": s.enable_auto_tool_choice, "tool_parser": s.tool_call_parser,
@@ -301,7 +325,7 @@ class VllmBackend:
 
         chat = job.kind == "chat"
         try:
-            body = vllm_request(json.loads(job.body), self.served_name, job.id)
+            body = vllm_request(json.loads(job.body), job.kind, self.served_name, job.id)
             if chat:
                 result = await self._chat.create_chat_completion(ChatCompletionRequest.model_validate(body))
             else:

@@ -325,6 +325,10 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     started_ms: int = 0
     #: Longest prompt + output the engine's model takes, when known.
     max_model_len: int | None = None
+    #: Characters of the longest entry of the model's vocabulary, when known: a text of ``c``
+    #: characters is at least ``c / max_chars_per_token`` tokens (gateways refuse prompts
+    #: beyond the context before queueing them).
+    max_chars_per_token: int | None = None
     #: The wire contract version the engine speaks (absent: 1).
     protocol: int = 1
     #: Job kinds the engine runs (absent: chat and completion, all that version 1 had).

@@ -406,7 +406,8 @@ class Worker:
         self._info_blob = self.codec.encode(EngineInfo(
             id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
             max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, max_model_len=self.backend.max_model_len, protocol=PROTOCOL_VERSION,
+            started_ms=self._started_ms, max_model_len=self.backend.max_model_len,
+            max_chars_per_token=self.backend.max_chars_per_token, protocol=PROTOCOL_VERSION,
             kinds=sorted(self._kinds)))
         if not await self._join():
             await self._close()

@@ -30,6 +30,7 @@ from gateway.openapi import document_bytes
 from gateway.protocol import Health, Model, ModelList, Readiness, RequestDecoder
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
+from gateway.server import BoundedHttpToolsProtocol
 from gateway.serving import Generation
 from gateway.settings import GatewaySettings
 from gateway.tenancy.admin import ADMIN_ROUTES
@@ -85,9 +86,7 @@ async def chat_completions(request: Request[Any, Any, Any], services: Services) 
     body = await request.body()
     req = services.decoder.chat(body)
     note_prompt(request.scope, body, services.settings)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return await services.chat.respond(request, req.model, body, stream=bool(req.stream),
-                                       include_usage=include_usage, cost=estimate(req, services.settings))
+    return await services.chat.respond(request, req, body, cost=estimate(req, services.settings))
 
 
 @post("/v1/completions", status_code=200)
@@ -96,9 +95,7 @@ async def completions(request: Request[Any, Any, Any], services: Services) -> Re
     body = await request.body()
     req = services.decoder.completion(body)
     note_prompt(request.scope, body, services.settings)
-    include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
-    return await services.completion.respond(request, req.model, body, stream=bool(req.stream),
-                                             include_usage=include_usage, cost=estimate(req, services.settings))
+    return await services.completion.respond(request, req, body, cost=estimate(req, services.settings))
 
 
 @post("/v1/images/generations", status_code=200)
@@ -349,6 +346,7 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
 def asgi_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory gateway.app:asgi_from_env`` (one per worker process)."""
     settings = GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id()  # its own id
+    BoundedHttpToolsProtocol.max_head_bytes = settings.max_header_bytes  # this worker's server protocol
     configure_logging(settings.log_level, settings.log_format, service="conduit-gateway", instance=settings.gateway_id)
     return build_asgi(settings)
 

@@ -51,7 +51,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     _logging(settings.log_level, settings.log_format, "conduit-gateway")
     # Each worker configures logging itself (asgi_from_env): uvicorn's own config would replace it.
     uvicorn.run("gateway.app:asgi_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers or settings.workers, loop="uvloop", http="httptools", access_log=False,
+                workers=args.workers or settings.workers, loop="uvloop",
+                http="gateway.server:BoundedHttpToolsProtocol", access_log=False,
                 log_level=settings.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
     return 0
 

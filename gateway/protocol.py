@@ -2,17 +2,26 @@
 
 Requests are validated here so a bad body gets a 400 naming the field before it costs a
 queue slot; so are the inputs that would make one request's work or memory grow far beyond
-its size in bytes (bounded by settings: ``max_choices``, ``max_messages``, ...). The
-validated body travels to the engine unchanged (vLLM's own protocol classes build engine
-parameters from it). Unknown fields are let through, as vLLM accepts
-its extensions (``top_k``, ``min_p``, ...). Responses are built from engine events and
+its size in bytes (bounded by settings: ``max_choices``, ``max_messages``, ...), and, once the
+model's engines are known, what the request may generate: ``fits`` checks the prompt against
+the model's context and bounds ``n`` x ``max_tokens`` x (1 + logprob candidates) by
+``max_output_work``. The validated body travels to the engine unchanged (vLLM's own protocol
+classes build engine parameters from it).
+
+Every field has one decided outcome. OpenAI's fields are typed here (or passed to the engine,
+which ignores what it does not use: ``tests/unit/test_openai_agreement.py`` lists them). vLLM's
+extensions (``top_k``, ``min_p``, ``bad_words``, ``structured_outputs``, ...) are named here
+with bounds (:class:`VllmSampling`, marked ``x-conduit-extension``), or refused with a 400
+naming them (:data:`REFUSED`: request-supplied chat templates, scheduling priority, transfer
+parameters, ...). Any other field is ignored: the vLLM engine forwards only the fields named
+here (``engines.vllm_engine.REQUEST_FIELDS``). Responses are built from engine events and
 carry exactly the shapes of OpenAI's OpenAPI spec: no ``null`` where the spec has an array
 or object.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
@@ -24,6 +33,44 @@ from gateway.settings import GatewaySettings
 #: Marks a field OpenAI's API does not define: ``x-conduit-extension`` (whose it is) in Conduit's
 #: OpenAPI document (``gateway.openapi``). Decoding ignores it.
 VLLM_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "vllm"})
+#: A vLLM extension Conduit refuses (any value: ``not: {}``); the reason is in :data:`REFUSED`.
+_REFUSED = Meta(extra_json_schema={"x-conduit-extension": "vllm", "not": {},
+                                   "description": "Refused by Conduit with a 400 (see gateway.protocol.REFUSED)."})
+Refused = Annotated[msgspec.Raw, _REFUSED] | UnsetType
+
+#: vLLM's extensions Conduit refuses, and why (a 400 ``unsupported_parameter`` naming the field).
+REFUSED: dict[str, str] = {
+    "chat_template": "a request's own chat template is code the engine would run; the model's own template applies",
+    "priority": "scheduling priority is the server's to set (fair queueing weighs API keys)",
+    "use_beam_search": "beam search is not served through Conduit",
+    "length_penalty": "it applies to beam search only, which is not served through Conduit",
+    "logprob_token_ids": "logprobs of chosen token ids are not relayed; use `logprobs` / `top_logprobs`",
+    "prompt_embeds": "prompt embeddings are not accepted from clients",
+    "mm_processor_kwargs": "multimodal processing options are the server's to set",
+    "media_io_kwargs": "media loading options are the server's to set",
+    "mm_payload": "pre-processed multimodal payloads are not accepted from clients",
+    "kv_transfer_params": "KV-cache transfer is internal to a deployment",
+    "ec_transfer_params": "encoder-cache transfer is internal to a deployment",
+    "vllm_xargs": "custom logits-processor arguments are not accepted from clients",
+    "routed_experts_prompt_start": "expert routing data is not relayed",
+    "return_token_ids": "token ids are not relayed; use `return_tokens_as_token_ids` with logprobs",
+    "return_token_offsets": "token offsets are not relayed",
+    "return_prompt_text": "the rendered prompt is not relayed",
+    "return_mm_kwargs": "multimodal processor outputs are not relayed",
+    "repetition_detection": "not served through Conduit",
+    "watermarking": "not served through Conduit",
+    "session_id": "sessions are not served through Conduit",
+    "stream_interval": "Conduit relays output as the engine produces it",
+}
+
+#: Bounds on vLLM's extensions (a 400 naming the field beyond them).
+MAX_STOP_TOKEN_IDS = 64
+MAX_BAD_WORDS, MAX_BAD_WORD_CHARS = 128, 256
+MAX_GUIDED_CHOICES = 1024
+#: Characters of a structured-output regex, grammar or structural tag: the engine compiles each
+#: into a grammar for the request.
+MAX_GRAMMAR_CHARS = 65_536
+MAX_ID_CHARS = 256
 
 # ---- requests --------------------------------------------------------------------------
 
@@ -121,9 +168,91 @@ class NamedToolChoice(Struct):
     type: Literal["function"] = "function"
 
 
-class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
-    """``POST /v1/chat/completions``. Fields it does not name go to the engine unchanged (vLLM's
-    extensions: ``top_k``, ``min_p``, ``ignore_eos``, ...; OpenAI's fields vLLM ignores)."""
+Ext = VLLM_EXTENSION
+TokenIds = list[int]
+
+
+class StructuredOutputs(Struct, forbid_unknown_fields=True):
+    """vLLM's ``structured_outputs``: constrain the output to a JSON schema, regex, choice or grammar
+    (compiled into a grammar per request, hence the bounds)."""
+
+    json: Annotated[dict[str, Any] | str | None, Ext] = None
+    regex: Annotated[Annotated[str, Meta(max_length=MAX_GRAMMAR_CHARS)] | None, Ext] = None
+    choice: Annotated[Annotated[list[Annotated[str, Meta(max_length=MAX_GRAMMAR_CHARS)]],
+                                Meta(max_length=MAX_GUIDED_CHOICES)] | None, Ext] = None
+    grammar: Annotated[Annotated[str, Meta(max_length=MAX_GRAMMAR_CHARS)] | None, Ext] = None
+    json_object: Annotated[bool | None, Ext] = None
+    disable_any_whitespace: Annotated[bool | None, Ext] = None
+    disable_additional_properties: Annotated[bool | None, Ext] = None
+    whitespace_pattern: Annotated[Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None, Ext] = None
+    structural_tag: Annotated[Annotated[str, Meta(max_length=MAX_GRAMMAR_CHARS)] | None, Ext] = None
+
+
+class VllmSampling(Struct, kw_only=True, forbid_unknown_fields=False):
+    """vLLM's extensions both chat and completions take, as Conduit bounds them, and those it refuses."""
+
+    top_k: Annotated[int | None, Ext] = None
+    min_p: Annotated[Probability | None, Ext] = None
+    repetition_penalty: Annotated[Annotated[float, Meta(gt=0)] | None, Ext] = None
+    stop_token_ids: Annotated[Annotated[TokenIds, Meta(max_length=MAX_STOP_TOKEN_IDS)] | None, Ext] = None
+    include_stop_str_in_output: Annotated[bool | None, Ext] = None
+    ignore_eos: Annotated[bool | None, Ext] = None
+    #: At most the request's ``max_tokens`` (vLLM refuses more).
+    min_tokens: Annotated[Annotated[int, Meta(ge=0)] | None, Ext] = None
+    skip_special_tokens: Annotated[bool | None, Ext] = None
+    spaces_between_special_tokens: Annotated[bool | None, Ext] = None
+    truncate_prompt_tokens: Annotated[Annotated[int, Meta(ge=-1)] | None, Ext] = None
+    truncation_side: Annotated[Literal["left", "right"] | None, Ext] = None
+    #: Counted in ``max_prompt_tokens`` (a list of a vocabulary's ids at most).
+    allowed_token_ids: Annotated[TokenIds | None, Ext] = None
+    #: Candidates per prompt token (counted in ``max_output_work``); vLLM's -1 (the whole vocabulary) is refused.
+    prompt_logprobs: Annotated[Annotated[int, Meta(ge=0, le=20)] | None, Ext] = None
+    bad_words: Annotated[Annotated[list[Annotated[str, Meta(max_length=MAX_BAD_WORD_CHARS)]],
+                                   Meta(max_length=MAX_BAD_WORDS)] | None, Ext] = None
+    add_special_tokens: Annotated[bool | None, Ext] = None
+    structured_outputs: Annotated[StructuredOutputs | None, Ext] = None
+    #: The engine names the request by its job id; a client's own is accepted and not used.
+    request_id: Annotated[Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None, Ext] = None
+    return_tokens_as_token_ids: Annotated[bool | None, Ext] = None
+    cache_salt: Annotated[Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None, Ext] = None
+    thinking_token_budget: Annotated[Annotated[int, Meta(ge=-1)] | None, Ext] = None
+
+    use_beam_search: Refused = UNSET
+    length_penalty: Refused = UNSET
+    priority: Refused = UNSET
+    logprob_token_ids: Refused = UNSET
+    mm_payload: Refused = UNSET
+    kv_transfer_params: Refused = UNSET
+    ec_transfer_params: Refused = UNSET
+    vllm_xargs: Refused = UNSET
+    routed_experts_prompt_start: Refused = UNSET
+    return_token_ids: Refused = UNSET
+    return_token_offsets: Refused = UNSET
+    return_mm_kwargs: Refused = UNSET
+    repetition_detection: Refused = UNSET
+    watermarking: Refused = UNSET
+    session_id: Refused = UNSET
+    stream_interval: Refused = UNSET
+
+    def check_extensions(self, limits: GatewaySettings) -> None:
+        """Refused fields, then the bounds a type cannot say."""
+        for name in self._refused:
+            if getattr(self, name) is not UNSET:
+                raise InvalidRequest(f"Unsupported parameter: '{name}' is not supported by this server: "
+                                     f"{REFUSED[name]}.", param=name, code="unsupported_parameter")
+        if self.allowed_token_ids is not None:
+            _at_most("allowed_token_ids", "token ids", len(self.allowed_token_ids), limits.max_prompt_tokens)
+        so = self.structured_outputs
+        if so is not None and isinstance(so.json, dict):
+            _nested_at_most("structured_outputs.json", so.json, limits.max_json_depth)
+
+    #: The refused fields this request type has (set per class below).
+    _refused: ClassVar[tuple[str, ...]] = ()
+
+
+class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/chat/completions``. OpenAI's fields, then vLLM's chat extensions (with those of
+    :class:`VllmSampling`); fields named nowhere are ignored."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     model: str
@@ -146,9 +275,25 @@ class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None
+    # ---- vLLM's chat extensions ----
+    echo: Annotated[bool | None, Ext] = None
+    add_generation_prompt: Annotated[bool | None, Ext] = None
+    continue_final_message: Annotated[bool | None, Ext] = None
+    include_reasoning: Annotated[bool | None, Ext] = None
+    #: Documents for retrieval-augmented chat templates (rendered into the prompt).
+    documents: Annotated[Annotated[list[dict[str, str]], Meta(max_length=2048)] | None, Ext] = None
+    #: Variables for the model's chat template (``{"enable_thinking": false}``).
+    chat_template_kwargs: Annotated[dict[str, Any] | None, Ext] = None
+    chat_template: Refused = UNSET
+    mm_processor_kwargs: Refused = UNSET
+    media_io_kwargs: Refused = UNSET
+    return_prompt_text: Refused = UNSET
 
     def check(self, limits: GatewaySettings) -> None:
         """Bounds on the request's work, then rules that span fields (OpenAI answers these with a 400 too)."""
+        self.check_extensions(limits)
+        if self.chat_template_kwargs is not None:
+            _nested_at_most("chat_template_kwargs", self.chat_template_kwargs, limits.max_json_depth)
         _at_most("messages", "messages", len(self.messages), limits.max_messages)
         images = 0
         for i, m in enumerate(self.messages):
@@ -182,14 +327,38 @@ class ChatCompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
                 raise InvalidRequest(f"Tool `{self.tool_choice.function.name}` named in `tool_choice` is not in "
                                      "`tools`.", param="tool_choice")
 
+    def fits(self, model: ModelContext, limits: GatewaySettings) -> None:
+        """What the request may generate, against the model's context and ``max_output_work``
+        (checked once the model's engines are known, before anything is queued)."""
+        param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        most = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        chars = 0
+        if model.max_chars_per_token and self.truncate_prompt_tokens is None:
+            for m in self.messages:
+                content = m.content
+                if isinstance(content, str):
+                    chars += len(content)
+                elif content:
+                    chars += sum(len(p.text) for p in content if isinstance(p, TextPart))
+        most = _room(model, "messages", param, most, chars)
+        top = (self.top_logprobs or 0) if self.logprobs else 0
+        echoed = 0
+        if self.prompt_logprobs is not None:
+            echoed = (sum(_utf8_len(m.content) if isinstance(m.content, str) else
+                          sum(_utf8_len(p.text) for p in m.content if isinstance(p, TextPart)) if m.content else 0
+                          for m in self.messages) + _TEMPLATE_TOKENS * len(self.messages)) * (1 + self.prompt_logprobs)
+        _work_at_most(limits, most, self.n or 1, top, echoed, param, "top_logprobs",
+                      defaulted=self.max_completion_tokens is None and self.max_tokens is None)
+
 
 # A string, a batch of strings, a token list, or a batch of token lists (msgspec takes one
 # list type per union, so the element kinds are checked in ``check``).
 Prompt = str | Annotated[list[str | int | Annotated[list[int], Meta(min_length=1)]], Meta(min_length=1)]
 
 
-class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
-    """``POST /v1/completions``. Fields it does not name go to the engine unchanged (vLLM's extensions)."""
+class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/completions``. OpenAI's fields, then vLLM's completion extensions (with those of
+    :class:`VllmSampling`); fields named nowhere are ignored."""
 
     model: str
     prompt: Prompt
@@ -209,9 +378,16 @@ class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     temperature: Temperature | None = None
     top_p: Probability | None = None
     user: str | None = None
+    # ---- vLLM's completion extensions ----
+    response_format: Annotated[ResponseFormat | None, Ext] = None
+    prompt_embeds: Refused = UNSET
 
     def check(self, limits: GatewaySettings) -> None:
         """Bounds on the request's work, then rules that span fields; sizes are checked before any loop."""
+        self.check_extensions(limits)
+        if isinstance(self.response_format, JsonSchemaResponseFormat):
+            _nested_at_most("response_format.json_schema.schema", self.response_format.json_schema.schema,
+                            limits.max_json_depth)
         prompts = 1
         if isinstance(self.prompt, list):
             if isinstance(self.prompt[0], int):  # one prompt given as token ids
@@ -241,6 +417,104 @@ class CompletionRequest(Struct, kw_only=True, forbid_unknown_fields=False):
             raise InvalidRequest(f"Invalid '{param}': this request asks for {per_prompt * prompts} choices "
                                  f"({param}={per_prompt} x {prompts} prompts), but this server generates at most "
                                  f"{limits.max_choices} choices per request.", param=param, code="invalid_value")
+
+    def fits(self, model: ModelContext, limits: GatewaySettings) -> None:
+        """What the request may generate (every prompt sampled max(``n``, ``best_of``) times, and what
+        ``echo`` and ``prompt_logprobs`` return of the prompts), against the model's context and
+        ``max_output_work``."""
+        prompt = self.prompt
+        prompts: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
+        shortest = 0
+        if model.max_model_len is not None and self.truncate_prompt_tokens is None:
+            per_token = model.max_chars_per_token
+            lengths = [len(p) if not isinstance(p, str) else -(-len(p) // per_token) if per_token else 0
+                       for p in prompts]
+            longest = max(lengths)
+            if longest >= model.max_model_len:
+                _context_exceeded(model.max_model_len, longest, "prompt", exact=not isinstance(prompts[0], str))
+            shortest = min(lengths)
+        most = _room(model, "prompt", "max_tokens", self.max_tokens, 0, prompt_tokens=shortest)
+        top = self.logprobs or 0
+        sequences = max(self.n or 1, self.best_of or 1) * len(prompts)
+        echoed = 0
+        if self.echo or self.prompt_logprobs is not None:
+            tokens = sum(len(p) if not isinstance(p, str) else _utf8_len(p) + 1 for p in prompts)
+            if self.echo:
+                echoed += tokens * max(self.n or 1, self.best_of or 1) * (1 + top)
+            if self.prompt_logprobs is not None:
+                echoed += tokens * (1 + self.prompt_logprobs)
+        _work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs",
+                      defaulted=self.max_tokens is None)
+
+
+class ModelContext(NamedTuple):
+    """What the live engines of a model announce (``EngineInfo``; None: not announced)."""
+
+    #: Tokens of prompt and output together (the smallest of the model's engines).
+    max_model_len: int | None = None
+    #: The most characters one token of the model's vocabulary spells (its longest entry): a text
+    #: of ``c`` characters is at least ``c / max_chars_per_token`` tokens, as vLLM reckons too.
+    max_chars_per_token: int | None = None
+
+
+#: Tokens a chat template may add around one message (role markers, separators), reckoned high.
+_TEMPLATE_TOKENS = 32
+
+
+def _utf8_len(text: str) -> int:
+    """Bytes of ``text`` in UTF-8: the most tokens it can be (byte-level vocabularies)."""
+    return len(text) if text.isascii() else len(text.encode())
+
+
+def _context_exceeded(context: int, tokens: int, param: str, *, exact: bool) -> None:
+    what = "your messages resulted in" if param == "messages" else "your prompt contains"
+    raise InvalidRequest(f"This model's maximum context length is {context} tokens. However, {what} "
+                         f"{'' if exact else 'at least '}{tokens} tokens. Please reduce the length of the {param}.",
+                         param=param, code="context_length_exceeded")
+
+
+def _room(model: ModelContext, prompt_param: str, param: str, most: int | None, chars: int,
+          prompt_tokens: int = 0) -> int | None:
+    """The most tokens one choice may generate: ``most`` (the request's ``max_tokens``) within the
+    model's context less the prompt (``chars`` of text, or ``prompt_tokens`` known), as vLLM clamps it.
+    Refuses a ``max_tokens`` over the whole context and a prompt that fills it (as vLLM would, but
+    before the request costs a queue slot and a tokenisation)."""
+    context = model.max_model_len
+    if context is None:
+        return most
+    if most is not None and most > context:
+        raise InvalidRequest(f"{param} is too large: {most}. This model supports at most {context} completion "
+                             f"tokens, whereas you provided {most}.", param=param, code="invalid_value")
+    if chars and model.max_chars_per_token:
+        prompt_tokens = -(-chars // model.max_chars_per_token)
+        if prompt_tokens >= context:
+            _context_exceeded(context, prompt_tokens, prompt_param, exact=False)
+    room = context - prompt_tokens
+    return room if most is None else min(most, room)
+
+
+def _work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top: int, echoed: int, param: str,
+                  top_param: str, *, defaulted: bool) -> None:
+    """Refuse a request whose output (tokens of every choice with their logprob candidates, plus what
+    ``echo`` / ``prompt_logprobs`` return) may pass ``max_output_work``."""
+    per_choice = most if most is not None else limits.default_max_tokens_estimate
+    work = sequences * per_choice * (1 + top) + echoed
+    if work <= limits.max_output_work:
+        return
+    unset = (f" (`{param}` is unset: the model's context less the prompt)" if most is not None else
+             f" (`{param}` is unset)") if defaulted else ""
+    factors = [f"{sequences} choices", f"{per_choice} tokens each{unset}"]
+    if top:
+        factors.append(f"1 + {top} logprob candidates per token")
+    if echoed:
+        factors.append(f"plus {echoed} tokens and candidates echoed from the prompt")
+    raise InvalidRequest(f"Invalid '{param}': this request may generate up to {work} tokens and logprob candidates "
+                         f"({', '.join(factors)}), but this server allows at most {limits.max_output_work} per "
+                         f"request. Lower `n`, `{param}` or `{top_param}`.", param=param, code="invalid_value")
+
+
+for _request in (ChatCompletionRequest, CompletionRequest):
+    _request._refused = tuple(f for f in _request.__struct_fields__ if f in REFUSED)
 
 
 def _at_most(param: str, what: str, count: int, limit: int) -> None:

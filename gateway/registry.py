@@ -10,6 +10,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from engines.wire import Codec, EngineInfo, Keys
+from gateway.protocol import ModelContext
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
@@ -68,6 +69,15 @@ class EngineRegistry:
     def runs(self, model: str, kind: str) -> bool:
         """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
         return any(kind in e.kinds for e in self.models.get(model, ()))
+
+    def context(self, model: str) -> ModelContext:
+        """What ``model``'s live engines announce of its context: the smallest ``max_model_len`` and
+        the largest ``max_chars_per_token`` among them (a request must fit whichever engine takes it)."""
+        engines = self.models.get(model, ())
+        lens = [e.max_model_len for e in engines if e.max_model_len]
+        chars = [e.max_chars_per_token for e in engines if e.max_chars_per_token]
+        return ModelContext(min(lens) if len(lens) == len(engines) and lens else None,
+                            max(chars) if len(chars) == len(engines) and chars else None)
 
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""

@@ -19,7 +19,7 @@ from litestar.response import Stream
 from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob, Started, Usage
 from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
 from gateway.errors import ConduitError, encode_error, from_exception
-from gateway.protocol import CompletionUsage, PromptTokensDetails
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, CompletionUsage, PromptTokensDetails
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.guard import principal_of
 from gateway.tenancy.principal import Principal
@@ -120,11 +120,17 @@ class Generation:
         self.renderer = renderer
         self.kind = kind
 
-    async def respond(self, request: Request[Any, Any, Any], model: str, body: bytes, *, stream: bool,
-                      include_usage: bool, cost: Cost | None = None) -> Response[Any]:
+    async def respond(self, request: Request[Any, Any, Any], req: ChatCompletionRequest | CompletionRequest,
+                      body: bytes, *, cost: Cost | None = None) -> Response[Any]:
         principal, ratelimit = tenancy(request)
+        model, stream = req.model, bool(req.stream)
+        include_usage = bool(stream and req.stream_options and req.stream_options.include_usage)
+        dispatcher = self.dispatcher
+        # The model's engines known (404/503 first), what it may generate is checked against them.
+        dispatcher.check_model(model, principal, self.kind)
+        req.fits(dispatcher.registry.context(model), dispatcher.settings)
         # Job ids are always our own: a client's x-request-id need not be unique.
-        run = self.dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
+        run = dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,
                                   traceparent=request.scope["state"].get("traceparent", ""), principal=principal,
                                   cost=cost, ratelimit=ratelimit, state=request.scope["state"])

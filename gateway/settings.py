@@ -30,6 +30,8 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     request_timeout_s: float = 600.0
     #: Bodies larger than this get a 413.
     max_body_bytes: int = 8 * 1024 * 1024
+    #: A request line and headers larger than this get a 431 (``gateway.server``).
+    max_header_bytes: int = 65_536
     #: Jobs queued or running per model above which new requests get a 429.
     max_backlog: int = 1024
     #: Retry-After sent with a 429.
@@ -57,6 +59,14 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: Entries in a completions ``prompt`` list. Each prompt costs at least one choice, so this
     #: only binds below ``max_choices``; it exists so a long list is refused naming ``prompt``.
     max_prompts: int = 128
+    #: The most one request may make an engine generate and the gateway relay: every choice's
+    #: tokens, each with its logprob candidates (chat: ``n`` x ``max_tokens`` x (1 +
+    #: ``top_logprobs``); completions: max(``n``, ``best_of``) x prompts x ``max_tokens`` x (1 +
+    #: ``logprobs``), plus what ``echo`` and ``prompt_logprobs`` return of the prompts). Without
+    #: ``max_tokens`` a choice may run to the model's context. A non-streaming answer holds all of
+    #: it in the gateway's memory (about 100-300 bytes a candidate), and the engine's process
+    #: renders every candidate.
+    max_output_work: int = 1_048_576
     #: Token ids in one token-id prompt. Engines refuse prompts longer than the model's
     #: context anyway; this keeps them (Python ints, ~8x their JSON size) off the gateway.
     #: 256 Ki covers nearly every served model's context; raise it for longer ones.

@@ -189,9 +189,9 @@ def test_models_lists_the_live_engine(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_engine_refusals_keep_their_status(vllm_stack: VllmStack, stream: bool) -> None:
-    """vLLM's own validation (here: more tokens than the model's context) is a 400 with the envelope."""
+    """vLLM's own validation (here: ``min_tokens`` over ``max_tokens``) is a 400 with the envelope."""
     r = httpx.post(f"{vllm_stack.base_url}/v1/chat/completions", timeout=60,
-                   json={"model": MODEL, "messages": USER, "max_tokens": 5000, "stream": stream})
+                   json={"model": MODEL, "messages": USER, "max_tokens": 5, "min_tokens": 10, "stream": stream})
     assert r.status_code == 400, r.text
     validate("ErrorResponse", r.json())
     assert r.json()["error"]["type"] == "invalid_request_error"
@@ -201,6 +201,12 @@ def _metric(vllm_stack: VllmStack, name: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{vllm_stack.metrics_port}/metrics").text
     m = re.search(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def _total(vllm_stack: VllmStack, name: str) -> float:
+    """The sum of every series of a metric of the engine."""
+    text = httpx.get(f"http://127.0.0.1:{vllm_stack.metrics_port}/metrics").text
+    return sum(float(v) for v in re.findall(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M))
 
 
 @pytest.mark.parametrize("stream", [True, False])
@@ -223,3 +229,33 @@ def test_disconnect_aborts_the_vllm_request(vllm_stack: VllmStack, stream: bool)
     while time.monotonic() < deadline and _metric(vllm_stack, "conduit_engine_backend_unfinished_requests"):
         time.sleep(0.1)
     assert _metric(vllm_stack, "conduit_engine_backend_unfinished_requests") == 0
+
+
+def test_bounds_at_the_door_use_what_the_engine_announces(vllm_stack: VllmStack, client: openai.OpenAI) -> None:
+    """The engine announces its context (1024 here) and its longest token; the gateway refuses what can
+    never run before anything is queued (the engine sees no job), as a 400 naming the field."""
+    jobs = _total(vllm_stack, "conduit_engine_jobs_total")
+    refused = [
+        ({"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20, "ignore_eos": True}, "max_tokens",
+         "invalid_value"),
+        ({"messages": [{"role": "user", "content": "ab" * 200_000}]}, "messages", "context_length_exceeded"),
+        ({"max_tokens": 1025}, "max_tokens", "invalid_value"),
+        ({"chat_template": "{{ messages }}"}, "chat_template", "unsupported_parameter"),
+        ({"bad_words": ["w"] * 1000}, "bad_words", "invalid_value"),
+    ]
+    for fields, param, code in refused:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=USER, extra_body=fields)  # type: ignore[arg-type]
+        error = exc.value.body
+        assert isinstance(error, dict) and (error["param"], error["code"]) == (param, code), error
+    assert _total(vllm_stack, "conduit_engine_jobs_total") == jobs
+    # The largest job of that shape the bound allows runs (128 x 390 x 21 = 1,048,320): see
+    # tests/e2e/test_engine_liveness.py. Named extensions within their bounds reach vLLM.
+    done = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0,
+                                          extra_body={"min_tokens": 4, "ignore_eos": True, "bad_words": ["zz"],
+                                                      "top_k": 5, "stop_token_ids": [0]})
+    assert done.usage is not None and done.usage.completion_tokens == 4
+    deadline = time.monotonic() + 10
+    while _total(vllm_stack, "conduit_engine_jobs_total") == jobs and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _total(vllm_stack, "conduit_engine_jobs_total") == jobs + 1  # the count counts

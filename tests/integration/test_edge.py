@@ -13,6 +13,7 @@ decodes percent-encoding before the app sees the path).
 from __future__ import annotations
 
 import http.client
+import socket
 import json
 import re
 from collections.abc import Iterator
@@ -166,3 +167,52 @@ def test_a_non_canonical_spelling_is_refused_even_with_a_key(stack: Stack, targe
     assert status == 404, body
     assert "not a canonical path" in json.loads(body)["error"]["message"]
     assert send(stack.port, "GET", "/v1/models")[0] == 200
+
+
+def _raw(port: int, head: bytes, chunk: int = 65_536) -> bytes:
+    """Send ``head`` in ``chunk``-sized writes; what the server answered until it closed the
+    connection (b"" when it reset it: a server that closes with unread bytes in its socket does)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        out = b""
+        try:
+            for i in range(0, len(head), chunk):
+                s.sendall(head[i:i + chunk])
+            while block := s.recv(65_536):
+                out += block
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        return out
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
+def test_request_heads_are_bounded(stack: Stack) -> None:
+    """A request line and headers past ``max_header_bytes`` get a 431 in OpenAI's envelope and the
+    connection is closed, however the bytes arrive; heads within it, one after another on a
+    kept-alive connection, are served."""
+    stack.gateway(auth=False, max_header_bytes=8192)
+    big = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n"
+    many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-P: a\r\n" * 2000 + b"\r\n"
+    huge = b"GET /health HTTP/1.1\r\nHost: x\r\n" + (b"X-Pad: " + b"a" * 8000 + b"\r\n") * 2500 + b"\r\n"  # 20 MB
+    url = b"GET /v1/models?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    gateway = stack.procs[-1].proc.pid
+    before = _rss_kib(gateway)
+    for _ in range(3):  # 60 MB of head in all
+        answer = _raw(stack.port, huge)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:300]
+    assert _rss_kib(gateway) - before < 16_384, "the gateway held the oversized heads"
+    for head, chunk in ((big, 65_536), (big, 100), (many, 1000), (url, 65_536)):
+        answer = _raw(stack.port, head, chunk)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:300]
+        error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_header_too_large" and error["type"] == "invalid_request_error"
+    fine = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 7000 + b"\r\n\r\n"
+    answer = _raw(stack.port, fine * 3 + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 500)
+    assert answer.count(b"HTTP/1.1 200 OK") == 4, answer[:500]
+    post = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 20000\r\nConnection: close\r\n\r\n" + b" " * 20000)  # a body past the bound: not a head
+    assert _raw(stack.port, post).startswith(b"HTTP/1.1 400 ")  # blank JSON: the app's own 400

@@ -14,7 +14,9 @@ from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ImagePart,
+    REFUSED,
     JsonSchemaResponseFormat,
+    ModelContext,
     Model,
     ModelList,
     NamedToolChoice,
@@ -398,3 +400,107 @@ def test_model_list_matches_openai() -> None:
 def test_undecodable_bodies_are_invalid_json(decoder: RequestDecoder, body: bytes) -> None:
     err = rejected(decoder.chat, body)
     assert err.code == "invalid_json"
+
+
+# ---- what a request may generate, against the model's context (ModelContext) ------------------
+
+TINY = ModelContext(max_model_len=2048, max_chars_per_token=16)
+ISSUE_BODY = {"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20, "ignore_eos": True}
+
+
+def fits(decoder: RequestDecoder, body: bytes, model: ModelContext = TINY, **settings: Any) -> InvalidRequest | None:
+    req = decoder.completion(body) if b'"prompt"' in body else decoder.chat(body)
+    try:
+        req.fits(model, GatewaySettings(**settings))
+    except InvalidRequest as exc:
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("model", [TINY, ModelContext()])
+def test_the_output_one_request_may_cause_is_bounded(decoder: RequestDecoder, model: ModelContext) -> None:
+    """n x max_tokens x (1 + top_logprobs): 128 x 1000 x 21 = 2,688,000 > 1,048,576 (context known or not)."""
+    err = fits(decoder, chat_body(**ISSUE_BODY), model)
+    assert err is not None and err.param == "max_tokens" and err.code == "invalid_value"
+    assert "2688000" in err.message and "1048576" in err.message
+    # The largest such request the bound allows: 128 x 390 x 21 = 1,048,320.
+    assert fits(decoder, chat_body(**{**ISSUE_BODY, "max_tokens": 390}), model) is None
+    assert fits(decoder, chat_body(**{**ISSUE_BODY, "max_tokens": 391}), model) is not None
+    assert fits(decoder, chat_body(**ISSUE_BODY), model, max_output_work=3_000_000) is None
+
+
+def test_without_max_tokens_a_choice_may_fill_the_context(decoder: RequestDecoder) -> None:
+    err = fits(decoder, chat_body(n=128, logprobs=True, top_logprobs=20))
+    assert err is not None and "unset" in err.message and "2047 tokens each" in err.message
+    assert fits(decoder, chat_body(n=16, logprobs=True, top_logprobs=20)) is None  # 16 x 2047 x 21 < 2^20
+
+
+def test_completions_count_every_prompt_best_of_and_echo(decoder: RequestDecoder) -> None:
+    assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=2000, logprobs=5)) is not None  # 1,536,000
+    assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=1000)) is None  # 128,000
+    assert fits(decoder, completion_body(n=4, best_of=20, max_tokens=1000, logprobs=5)) is None  # 120,000
+    assert fits(decoder, completion_body(n=20, best_of=20, max_tokens=10000, logprobs=5), ModelContext()) is not None
+    # echo returns every prompt token (with its candidates) once per choice.
+    long_prompt = "x " * 40_000  # 80,000 bytes: at most 80,001 tokens
+    assert fits(decoder, completion_body(prompt=long_prompt, max_tokens=1, echo=True, logprobs=5, n=3),
+                ModelContext()) is not None
+    assert fits(decoder, completion_body(prompt=long_prompt, max_tokens=1, echo=True), ModelContext()) is None
+    err = fits(decoder, completion_body(prompt=long_prompt, max_tokens=1, prompt_logprobs=20), ModelContext())
+    assert err is not None and "echoed from the prompt" in err.message
+
+
+def test_prompts_past_the_context_are_refused_before_queueing(decoder: RequestDecoder) -> None:
+    # 2048 tokens x 16 characters at most each: 32,768 characters can never fit.
+    err = fits(decoder, chat_body(messages=[{"role": "user", "content": "a" * 32_768}]))
+    assert err is not None and err.code == "context_length_exceeded" and err.param == "messages"
+    assert "maximum context length is 2048 tokens" in err.message
+    assert fits(decoder, chat_body(messages=[{"role": "user", "content": "a" * 32_000}], max_tokens=5)) is None
+    # A prompt that may fit is left to the engine, which counts it exactly.
+    assert fits(decoder, chat_body(messages=[{"role": "user", "content": "a" * 32_000}])) is None
+    # Unless it is truncated by the engine anyway (vLLM's truncate_prompt_tokens).
+    assert fits(decoder, chat_body(messages=[{"role": "user", "content": "a" * 40_000}],
+                                   truncate_prompt_tokens=100)) is None
+    err = fits(decoder, completion_body(prompt=list(range(2048))))
+    assert err is not None and err.code == "context_length_exceeded" and "contains 2048 tokens" in err.message
+    err = fits(decoder, completion_body(prompt=[[1, 2], list(range(3000))]))
+    assert err is not None and err.param == "prompt"
+    err = fits(decoder, chat_body(max_tokens=4096))
+    assert err is not None and err.param == "max_tokens" and "at most 2048" in err.message
+    err = fits(decoder, chat_body(max_completion_tokens=4096))
+    assert err is not None and err.param == "max_completion_tokens"
+    assert fits(decoder, chat_body(max_tokens=4096), ModelContext()) is None  # context unknown: the engine decides
+
+
+@pytest.mark.parametrize("field", sorted(REFUSED))
+def test_refused_vllm_extensions_are_400s_naming_them(decoder: RequestDecoder, field: str) -> None:
+    body = completion_body(**{field: 1}) if field == "prompt_embeds" else chat_body(**{field: 1})
+    with pytest.raises(InvalidRequest) as exc:
+        decoder.completion(body) if field == "prompt_embeds" else decoder.chat(body)
+    assert exc.value.param == field and exc.value.code == "unsupported_parameter"
+    assert field in exc.value.message
+
+
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
+    ({"bad_words": ["w"] * 129}, "bad_words"),
+    ({"bad_words": ["w" * 257]}, "bad_words[0]"),
+    ({"allowed_token_ids": list(range(262_145))}, "allowed_token_ids"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"min_tokens": -1}, "min_tokens"),
+    ({"structured_outputs": {"regex": "a" * 65_537}}, "structured_outputs.regex"),
+    ({"structured_outputs": {"choice": ["a"] * 1025}}, "structured_outputs.choice"),
+    ({"structured_outputs": {"grammar": "g", "unknown": 1}}, "structured_outputs"),
+    ({"structured_outputs": {"json": json.loads("[" * 65 + "]" * 65)}}, None),
+    ({"chat_template_kwargs": json.loads('{"a":' * 65 + "1" + "}" * 65)}, "chat_template_kwargs"),
+    ({"cache_salt": "s" * 257}, "cache_salt"),
+])
+def test_vllm_extensions_are_bounded(decoder: RequestDecoder, fields: dict[str, Any], param: str | None) -> None:
+    with pytest.raises(InvalidRequest) as exc:
+        decoder.chat(chat_body(**fields))
+    if param is not None:
+        assert exc.value.param == param
+    # Within the bounds they pass (and reach the engine: engines.vllm_engine.REQUEST_FIELDS).
+    decoder.chat(chat_body(stop_token_ids=[1, 2], bad_words=["w"], allowed_token_ids=[1, 2, 3], prompt_logprobs=2,
+                           min_tokens=1, structured_outputs={"regex": "[ab]+"}, top_k=5, min_p=0.1,
+                           chat_template_kwargs={"enable_thinking": False}, cache_salt="s"))

@@ -21,9 +21,11 @@ from engines.vllm_engine import (
     VllmSettings,
     check_vllm_version,
     installed_vllm_version,
+    REQUEST_FIELDS,
     vllm_request,
 )
 from engines.wire import ChoiceDelta, Usage
+from gateway.protocol import REFUSED, ChatCompletionRequest, CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -200,8 +202,26 @@ def test_vllm_request_forces_streaming_and_keeps_continuous_usage(options: dict[
     body: dict[str, Any] = {"model": "alias", "messages": [], "stream": options is not None}
     if options is not None:
         body["stream_options"] = options
-    request = vllm_request(body, "served", "job-1")
+    request = vllm_request(body, "chat", "served", "job-1")
     assert request["model"] == "served" and request["stream"] is True and request["request_id"] == "job-1"
     # The final usage chunk is always needed (the gateway's accounting); per-chunk usage only on request.
     assert request["stream_options"] == ({"include_usage": True, "continuous_usage_stats": True} if continuous
                                          else {"include_usage": True})
+
+
+def test_vllm_gets_only_the_fields_the_gateway_bounds() -> None:
+    """A field the gateway did not name (so did not bound) never reaches vLLM, even if a gateway
+    of another version let it through."""
+    body = {"model": "alias", "messages": [], "chat_template": "{% for i in range(10**9) %}{% endfor %}",
+            "priority": -1000, "metadata": {"a": "b"}, "top_k": 3, "bad_words": ["x"]}
+    request = vllm_request(body, "chat", "served", "job-1")
+    assert {"chat_template", "priority", "metadata"}.isdisjoint(request)
+    assert request["top_k"] == 3 and request["bad_words"] == ["x"] and request["messages"] == []
+
+
+@pytest.mark.parametrize(("kind", "struct"), [("chat", ChatCompletionRequest), ("completion", CompletionRequest)])
+def test_the_engine_forwards_exactly_the_fields_the_gateway_names(kind: str, struct: Any) -> None:
+    named = {f for f in struct.__struct_fields__ if f not in REFUSED}
+    assert named - REQUEST_FIELDS[kind] == set(), "named and bounded by the gateway, dropped by the engine"
+    # OpenAI's reasoning_effort: not named by the gateway (any value vLLM takes), read by vLLM.
+    assert REQUEST_FIELDS[kind] - named == ({"reasoning_effort"} if kind == "chat" else set())
