@@ -38,8 +38,10 @@ class JobOutput(Protocol):
     def started(self) -> None:
         """Generation began (call once, before the first delta)."""
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
-        """New output for some choices; ``usage``: the usage so far, for clients that want it per chunk."""
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
+        """New output for some choices; ``usage``: the usage so far as the client asked to see it per
+        chunk; ``total``: the job's usage so far, every choice together (what it is charged if it
+        never ends with ``done``: give it on every delta)."""
 
     async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
                     partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
@@ -61,6 +63,8 @@ class Backend(Protocol):
     max_model_len: int | None
     #: Characters of the longest vocabulary entry (None: no tokenizer; see ``EngineInfo``).
     max_chars_per_token: int | None
+    #: Sequences it runs at once (None: not a sequence batcher; see ``EngineInfo``).
+    max_sequences: int | None
 
     async def start(self) -> None:
         """Load the model(s); called once before any job."""

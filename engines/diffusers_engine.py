@@ -198,6 +198,7 @@ class DiffusersBackend:
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
         self.max_chars_per_token: int | None = None
+        self.max_sequences: int | None = None
         #: Set by the engine entrypoint (``engines.main.serve``).
         self.metrics = EngineMetrics.noop()
         self.pipe: Any = None

@@ -12,7 +12,7 @@ import asyncio
 
 import msgspec
 
-from engines.backend import JobOutput
+from engines.backend import JobOutput, JobRejected
 from engines.wire import ChoiceDelta, Job, Usage
 
 
@@ -28,6 +28,7 @@ class _StreamOptions(msgspec.Struct):
 class _Body(msgspec.Struct):
     n: int | None = None
     max_tokens: int | None = None
+    min_tokens: int | None = None
     stream_options: _StreamOptions | None = None
 
 
@@ -70,6 +71,7 @@ class SyntheticBackend:
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
         self.max_chars_per_token: int | None = None
+        self.max_sequences: int | None = None
         self._chat = msgspec.json.Decoder(_ChatBody)
         self._completion = msgspec.json.Decoder(_CompletionBody)
 
@@ -90,6 +92,10 @@ class SyntheticBackend:
             body = completion = self._completion.decode(job.body)
             prompt_tokens = len(str(completion.prompt).split())
             limit = completion.max_tokens
+        if body.min_tokens is not None and limit is not None and body.min_tokens > limit:
+            # vLLM's own check (the gateway lets it through): its 400, so tests see an engine's refusal.
+            raise JobRejected(f"min_tokens must be less than or equal to max_tokens={limit}, got {body.min_tokens}.",
+                              param="min_tokens")
         count = min(limit, s.tokens) if limit is not None else s.tokens
         n = body.n or 1
         so = body.stream_options
@@ -103,7 +109,8 @@ class SyntheticBackend:
             text = f"{i} " if s.numbered else s.token_text
             # Usage on every delta as vLLM counts it: each choice has produced i + 1 tokens.
             out.delta([ChoiceDelta(index=c, text=text, finish_reason=reason) for c in range(n)],
-                      Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1) if continuous else None)
+                      Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1) if continuous else None,
+                      Usage(prompt_tokens=prompt_tokens, completion_tokens=(i + 1) * n))
             # At zero delay every token exists at once (like a backend that answers instantly):
             # they go out together. With a delay, tokens trickle like a real model's steps.
             if s.token_delay_s:

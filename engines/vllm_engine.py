@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import os
 import re
+import time
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -77,17 +79,20 @@ def vllm_request(body: dict[str, Any], kind: str, served_name: str, request_id: 
     """The client's request body as vLLM's serving classes get it: only :data:`REQUEST_FIELDS`.
 
     The gateway always consumes a stream and rebuilds non-streaming responses itself, and
-    needs the final usage chunk for its accounting; usage on every chunk (vLLM's
-    ``continuous_usage_stats``) only when the client asked for it with ``include_usage``,
-    as vLLM's own server requires. The request id is the job id so an abort can name it.
+    needs the final usage chunk for its accounting, and usage on every chunk (vLLM's
+    ``continuous_usage_stats``) to charge a job that never finishes for what it generated
+    (the client sees it per chunk only if it asked: :func:`wants_continuous_usage`). The
+    request id is the job id so an abort can name it.
     """
     fields = REQUEST_FIELDS[kind]
-    options = body.get("stream_options") or {}
-    stream_options: dict[str, bool] = {"include_usage": True}
-    if options.get("include_usage") and options.get("continuous_usage_stats"):
-        stream_options["continuous_usage_stats"] = True
     return {**{k: v for k, v in body.items() if k in fields}, "model": served_name, "stream": True,
-            "stream_options": stream_options, "request_id": request_id}
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "request_id": request_id}
+
+
+def wants_continuous_usage(body: dict[str, Any]) -> bool:
+    """Whether the client asked for usage on every chunk (vLLM's rule: only with ``include_usage``)."""
+    options = body.get("stream_options") or {}
+    return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
 
 class VllmSettings(msgspec.Struct, kw_only=True):
@@ -197,6 +202,11 @@ _CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_larg
           422: "unprocessable_entity", 429: "rate_limited", 501: "not_implemented", 503: "overloaded"}
 
 
+#: Requests' outputs vLLM's output handler processes between turns of the event loop.
+OUTPUT_SLICE = 8
+#: Seconds of one job's chunk handling after which it gives the event loop a turn.
+TURN_S = 0.005
+
 #: vLLM's finish reasons for a choice that did not finish.
 _UNFINISHED = frozenset({"abort", "error"})
 
@@ -260,6 +270,7 @@ class VllmBackend:
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = settings.max_model_len
         self.max_chars_per_token: int | None = None
+        self.max_sequences: int | None = None
         #: Requests aborted in vLLM because their job was cancelled.
         self.aborted_requests = 0
         #: Set by the engine entrypoint before start(): vLLM's own statistics go to its meter.
@@ -283,6 +294,10 @@ class VllmBackend:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
+        # vLLM's output handler gives the event loop a turn only between slices of this many
+        # requests' outputs (128 by default: a whole step of a big batch). Smaller slices keep the
+        # loop's other duties (cancellations, job intake, events) from waiting behind a step.
+        os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", str(OUTPUT_SLICE))
         args = AsyncEngineArgs(
             model=s.model, served_model_name=self.served_name, max_model_len=s.max_model_len, dtype=s.dtype,
             enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
@@ -295,6 +310,7 @@ class VllmBackend:
                                                          stat_loggers=[stats])
         self.max_model_len = engine.model_config.max_model_len
         self.max_chars_per_token = engine.get_tokenizer().max_chars_per_token
+        self.max_sequences = engine.vllm_config.scheduler_config.max_num_seqs
         models = OpenAIServingModels(engine_client=engine,
                                      base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
         tools: dict[str, Any] = {"enable_auto_tools": s.enable_auto_tool_choice, "tool_parser": s.tool_call_parser,
@@ -325,7 +341,8 @@ class VllmBackend:
 
         chat = job.kind == "chat"
         try:
-            body = vllm_request(json.loads(job.body), job.kind, self.served_name, job.id)
+            client = json.loads(job.body)
+            body = vllm_request(client, job.kind, self.served_name, job.id)
             if chat:
                 result = await self._chat.create_chat_completion(ChatCompletionRequest.model_validate(body))
             else:
@@ -336,7 +353,7 @@ class VllmBackend:
             raise _failure(_Error(result.error.message, result.error.type, result.error.param, result.error.code))
 
         try:
-            await self._stream(result, out, chat)
+            await self._stream(result, out, chat, wants_continuous_usage(client))
         except asyncio.CancelledError:
             # vLLM's generate() aborts only if the cancel lands inside it; aborting by the
             # external ids vLLM derives from ``request_id`` is idempotent, so always do it.
@@ -347,10 +364,20 @@ class VllmBackend:
                                     [f"cmpl-{job.id}-{i}" for i in range(len(prompt) if many else 1)])
             raise
 
-    async def _stream(self, stream: Any, out: JobOutput, chat: bool) -> None:
+    async def _stream(self, stream: Any, out: JobOutput, chat: bool, continuous: bool) -> None:
+        """Relay vLLM's chunks as deltas, each with the job's usage so far (``total``: vLLM puts each
+        choice's own count on its chunks; they are summed here), and the per-chunk usage the client
+        sees only when it asked (``continuous``)."""
         decode = self._chat_decoder.decode if chat else self._completion_decoder.decode
         to_delta = _chat_delta if chat else _completion_delta
         usage, produced = Usage(), False
+        # vLLM's stream yields a step's chunks back to back (all of them at once when it fell
+        # behind): this job gives the loop a turn at least every TURN_S of its own work.
+        clock = time.perf_counter
+        turn_ends = clock() + TURN_S
+        #: Completion tokens of each choice so far, and their sum.
+        counts: dict[int, int] = {}
+        generated = prompt = 0
         async for event in stream:
             if not event.startswith("data: "):
                 continue
@@ -371,16 +398,25 @@ class VllmBackend:
                     raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
             u = chunk.usage
+            if u is not None and chunk.choices:  # continuous usage: the count of this chunk's choice
+                prompt = u.prompt_tokens
+                for c in chunk.choices:
+                    now = u.completion_tokens or 0
+                    generated += now - counts.get(c.index, 0)
+                    counts[c.index] = now
             if deltas:
                 if not produced:
                     # Started with the first output, not vLLM's role-only first chunk: a job
                     # failing before any output keeps its status (no 200 committed yet).
                     produced = True
                     out.started()
-                # vLLM puts usage on chunks with choices only under continuous_usage_stats.
-                out.delta(deltas, _usage(u) if u is not None else None)
+                out.delta(deltas, _usage(u) if u is not None and continuous else None,
+                          Usage(prompt_tokens=prompt, completion_tokens=generated))
             if u is not None and not chunk.choices:  # the final usage chunk
                 usage = _usage(u)
+            if clock() > turn_ends:
+                await asyncio.sleep(0)
+                turn_ends = clock() + TURN_S
         out.done(usage)
 
     async def close(self) -> None:

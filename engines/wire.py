@@ -17,8 +17,8 @@ ENGINE_GROUP = "engines"
 
 #: Version of this contract, announced in :class:`EngineInfo`. 1: no event sequence numbers,
 #: no job keys; 2: events numbered per attempt, jobs keyed for idempotent submission;
-#: 3: image jobs and :class:`ImageReady` events.
-PROTOCOL_VERSION = 3
+#: 3: image jobs and :class:`ImageReady` events; 4: :attr:`Delta.total` on every delta.
+PROTOCOL_VERSION = 4
 
 #: The job kinds this version of the contract defines. An engine answers any other kind it
 #: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
@@ -244,6 +244,9 @@ class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
     #: The usage so far, only when the client asked for it on every chunk (vLLM's
     #: ``continuous_usage_stats``); vLLM counts the completion tokens of this delta's choice.
     usage: Usage | None = None
+    #: The job's usage so far, every choice together (protocol 4): what the job's key is charged
+    #: if the job ends without its ``Done`` (client gone, deadline, engine lost).
+    total: Usage | None = None
 
 
 class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):
@@ -329,6 +332,8 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     #: characters is at least ``c / max_chars_per_token`` tokens (gateways refuse prompts
     #: beyond the context before queueing them).
     max_chars_per_token: int | None = None
+    #: Sequences the engine's model runs at once (vLLM's ``max_num_seqs``), when it batches so.
+    max_sequences: int | None = None
     #: The wire contract version the engine speaks (absent: 1).
     protocol: int = 1
     #: Job kinds the engine runs (absent: chat and completion, all that version 1 had).

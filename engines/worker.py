@@ -35,6 +35,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
 from engines.fairness import PROMOTE, promote_command
+from engines.heartbeat import HeartbeatThread
 from engines.lane import connect, entry_fields, open_lane, redacted, stream_entries
 from engines.store import new_ref, open_image_store
 from engines.wire import (
@@ -321,13 +322,13 @@ class _Output:
             run.output_marked = True
             self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
         self.started()
         self._mark_output()
         run = self._run
         job = run.job
         self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
-                                                     seq=run.next_seq(), usage=usage))
+                                                     seq=run.next_seq(), usage=usage, total=total))
 
     async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
                     partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
@@ -407,15 +408,18 @@ class Worker:
             id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
             max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
             started_ms=self._started_ms, max_model_len=self.backend.max_model_len,
-            max_chars_per_token=self.backend.max_chars_per_token, protocol=PROTOCOL_VERSION,
+            max_chars_per_token=self.backend.max_chars_per_token, max_sequences=self.backend.max_sequences,
+            protocol=PROTOCOL_VERSION,
             kinds=sorted(self._kinds)))
         if not await self._join():
             await self._close()
             return
+        # Its own thread, loop and connection: a job that keeps this loop busy cannot stop it.
+        heartbeat = HeartbeatThread(lambda: connect(self.settings.redis_url, cluster=self.settings.redis_cluster),
+                                    self._heartbeat_once, self.settings.heartbeat_s, self._heartbeat_failed)
+        heartbeat.start()
         tasks = [
             asyncio.create_task(self.writer.run(), name="event-writer"),
-            asyncio.create_task(self._every(self.settings.heartbeat_s, self._heartbeat_once, "heartbeat"),
-                                name="heartbeat"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
             asyncio.create_task(self._every(max(self.settings.reclaim_idle_ms / 2000, 0.2), self._reclaim_once,
                                             "reclaim"), name="reclaim"),
@@ -427,6 +431,7 @@ class Worker:
             await asyncio.gather(*(self._read_loop(stream) for stream in self._streams))
             await self._drain()
         finally:
+            await asyncio.to_thread(heartbeat.stop)  # no beat may re-register it after this
             await self._deregister()
             self._closed = True
             for t in tasks:
@@ -444,7 +449,7 @@ class Worker:
         while not self._stopping.is_set():
             try:
                 await self._create_groups()
-                await self._heartbeat_once()
+                await self._heartbeat_once(self.redis)
                 return True
             except (ConnectionError, OSError, aioredis.RedisError) as exc:
                 log.warning("Redis at %s not reachable (%s); retrying in %.1f s", redacted(self.settings.redis_url),
@@ -754,9 +759,11 @@ class Worker:
 
     # ---- heartbeats and reclaiming -----------------------------------------------------
 
-    async def _heartbeat_once(self) -> None:
+    async def _heartbeat_once(self, redis: Any) -> None:
+        """Announce this engine and re-claim the jobs it holds (on the heartbeat thread, with its
+        own client ``redis``; what it reads of the worker's state it copies first)."""
         now = now_ms()
-        pipe = self.redis.pipeline(transaction=False)
+        pipe = redis.pipeline(transaction=False)
         pipe.zadd(self.keys.engines, {self.engine_id: now + int(self.settings.engine_ttl_s * 1000)})
         pipe.hset(self.keys.engine_info, self.engine_id, self._info_blob)
         for model in self.backend.models:
@@ -770,14 +777,22 @@ class Worker:
         await pipe.execute()
         self._heartbeat_ok = time.monotonic()
 
+    def _heartbeat_failed(self, exc: BaseException) -> None:
+        if isinstance(exc, (ConnectionError, OSError, aioredis.RedisError, TimeoutError)):
+            log.warning("heartbeat: redis unavailable (%s)", exc)
+        else:
+            log.error("heartbeat failed; carrying on", exc_info=exc)
+        self.metrics.background_error("heartbeat")
+
     def _held(self) -> Iterator[tuple[str, bytes]]:
         """(job stream, entry id) of every job this engine holds: running, read but waiting for
-        a slot, or finished but not yet acked."""
-        for run in self._running.values():
+        a slot, or finished but not yet acked. Read from the heartbeat thread too: each collection
+        is copied whole first (one C call, under the GIL), never iterated while it may change."""
+        for run in list(self._running.values()):
             yield run.stream, run.entry_id
-        for stream, entry_id, _ in self._waiting:
+        for stream, entry_id, _ in list(self._waiting):
             yield stream, entry_id
-        for entry_id, stream in self.writer.unacked.items():
+        for entry_id, stream in list(self.writer.unacked.items()):
             yield stream, entry_id
 
     async def _reclaim_once(self) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.wire import Done, Event, Failed, Job, Started, Unknown
+from engines.wire import Delta, Done, Event, Failed, ImageReady, Job, Started, Unknown, Usage
 from gateway.errors import (
     ConduitError,
     DeadlineExceeded,
@@ -83,7 +83,8 @@ class JobRun:
 
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
-                 "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error")
+                 "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
+                 "refused")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -126,6 +127,12 @@ class JobRun:
         self.queue_span = queue_span
         #: The error code a stream ended with after its 200 (for the request's log line).
         self.error = ""
+        #: What the current attempt generated so far (its latest ``Delta.total``) and its final
+        #: images: what the key is charged if the run ends without its ``Done``.
+        self.generated: Usage | None = None
+        self.images = 0
+        #: The engine refused the job (a 4xx before any output): the key gets its request back.
+        self.refused = False
 
     @property
     def job_id(self) -> str:
@@ -212,6 +219,7 @@ class JobRun:
                 return None
             self.attempt = event.attempt
             self.seq = 0
+            self.generated, self.images = None, 0  # only what the attempt that answers made is charged
             if isinstance(event, Failed):  # the job's new owner only reports its end
                 self.ended = True
                 return event
@@ -235,8 +243,16 @@ class JobRun:
             self.seq = event.seq
         if isinstance(event, Unknown):
             return None  # counted by the router; its number is accounted for
-        if isinstance(event, (Done, Failed)):
+        if isinstance(event, Delta):
+            if event.total is not None:
+                self.generated = event.total
+        elif isinstance(event, ImageReady):
+            if event.partial is None:
+                self.images += 1
+        elif isinstance(event, (Done, Failed)):
             self.ended = True
+            if isinstance(event, Failed) and 400 <= event.status < 500 and not self.shown:
+                self.refused = True
         if self.queue_span is not None:
             self.end_queue_span(event)
         return event
@@ -404,8 +420,8 @@ class Dispatcher:
             if not isinstance(exc, ConduitError):
                 # It may have been queued before the interruption: engines skip it.
                 self._publish_cancel(run.job_id, run.job.deadline_ms)
-            if run.grant is not None:  # admitted, never queued: every reserved token back
-                self._spawn(self._release(run.grant, 0))
+            if run.grant is not None:  # admitted, never queued: every reserved token back (refused: all of it)
+                self._spawn(self._release(run.grant, 0, refused=isinstance(exc, ConduitError)))
             raise
         loop = self.loop
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
@@ -424,19 +440,30 @@ class Dispatcher:
                                code="queue_unavailable") from None
 
     def settle(self, run: JobRun) -> None:
-        """A keyed run ended: free what admission took (reconciling its tokens with the real
-        usage), off the response's path, and count its usage (in memory, flushed every second)."""
+        """A keyed run ended: free what admission took (reconciling its tokens with what it used),
+        off the response's path, and count its usage (in memory, flushed every second).
+
+        What it used: its final usage, or, for a run that ended without one (client gone, deadline,
+        engine lost, an error after output), what its engine reported generating so far and the
+        images it made. A run the engine refused (a 4xx) gets its request, tokens and images back."""
+        if run.refused:
+            if run.grant is not None and self.limiter is not None:
+                self._spawn(self._release(run.grant, 0, refused=True))
+            return
         u = run.usage
+        images = run.cost.images if u is not None else run.images
+        if u is None:
+            u = run.generated
         prompt, completion = (u.prompt_tokens, u.completion_tokens) if u is not None else (0, 0)
         if self.usage is not None:
             self.usage.add(run.principal.key_id, run.principal.name, run.model, prompt_tokens=prompt,
-                           completion_tokens=completion, images=run.cost.images if u is not None else 0)
+                           completion_tokens=completion, images=images)
         if run.grant is not None and self.limiter is not None:
             self._spawn(self._release(run.grant, prompt + completion if u is not None else None))
 
-    async def _release(self, grant: Grant, used_tokens: int | None) -> None:
+    async def _release(self, grant: Grant, used_tokens: int | None, refused: bool = False) -> None:
         try:
-            await self.limiter.release(grant, used_tokens)  # type: ignore[union-attr]
+            await self.limiter.release(grant, used_tokens, refused)  # type: ignore[union-attr]
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             # The slot expires at the request's deadline anyway; the usage of this request is lost.
             log.warning("could not release rate limits / record usage: %s", exc)
@@ -454,6 +481,7 @@ class Dispatcher:
         self._publish_cancel(old.id, old.deadline_ms)
         run.job = msgspec.structs.replace(old, id=new_id(old.id.partition("-")[0]))
         run.attempt, run.seq, run.missing = 1, 0, 0
+        run.generated, run.images = None, 0
         await self._queue(run)
 
     async def _queue(self, run: JobRun) -> None:

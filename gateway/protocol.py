@@ -347,6 +347,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
             echoed = (sum(_utf8_len(m.content) if isinstance(m.content, str) else
                           sum(_utf8_len(p.text) for p in m.content if isinstance(p, TextPart)) if m.content else 0
                           for m in self.messages) + _TEMPLATE_TOKENS * len(self.messages)) * (1 + self.prompt_logprobs)
+        _step_at_most(limits, model, self.n or 1, top, "top_logprobs")
         _work_at_most(limits, most, self.n or 1, top, echoed, param, "top_logprobs",
                       defaulted=self.max_completion_tokens is None and self.max_tokens is None)
 
@@ -443,6 +444,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
                 echoed += tokens * max(self.n or 1, self.best_of or 1) * (1 + top)
             if self.prompt_logprobs is not None:
                 echoed += tokens * (1 + self.prompt_logprobs)
+        _step_at_most(limits, model, sequences, top, "logprobs")
         _work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs",
                       defaulted=self.max_tokens is None)
 
@@ -455,6 +457,8 @@ class ModelContext(NamedTuple):
     #: The most characters one token of the model's vocabulary spells (its longest entry): a text
     #: of ``c`` characters is at least ``c / max_chars_per_token`` tokens, as vLLM reckons too.
     max_chars_per_token: int | None = None
+    #: Sequences an engine of the model runs at once (its batch; the smallest of its engines).
+    max_sequences: int | None = None
 
 
 #: Tokens a chat template may add around one message (role markers, separators), reckoned high.
@@ -491,6 +495,24 @@ def _room(model: ModelContext, prompt_param: str, param: str, most: int | None, 
             _context_exceeded(context, prompt_tokens, prompt_param, exact=False)
     room = context - prompt_tokens
     return room if most is None else min(most, room)
+
+
+def _step_at_most(limits: GatewaySettings, model: ModelContext, sequences: int, top: int, top_param: str) -> None:
+    """Refuse a request that would take more than ``max_batch_share`` of an engine's batch, or whose
+    every engine step makes more than ``max_step_candidates`` tokens and logprob candidates: an
+    engine renders each of them on the loop that also serves every other request."""
+    if model.max_sequences is not None:
+        share = max(int(model.max_sequences * limits.max_batch_share), 1)
+        if sequences > share:
+            raise InvalidRequest(f"Invalid 'n': this request asks for {sequences} sequences at once, but this model's "
+                                 f"engines run {model.max_sequences} at a time and one request may take at most "
+                                 f"{share}.", param="n", code="invalid_value")
+    per_step = sequences * (1 + top)
+    if per_step > limits.max_step_candidates:
+        raise InvalidRequest(f"Invalid '{top_param if top else 'n'}': this request makes {per_step} tokens and logprob "
+                             f"candidates a step ({sequences} sequences x (1 + {top} candidates)), but this server "
+                             f"allows at most {limits.max_step_candidates}. Lower `n` or `{top_param}`.",
+                             param=top_param if top else "n", code="invalid_value")
 
 
 def _work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top: int, echoed: int, param: str,

@@ -71,13 +71,17 @@ class EngineRegistry:
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
     def context(self, model: str) -> ModelContext:
-        """What ``model``'s live engines announce of its context: the smallest ``max_model_len`` and
-        the largest ``max_chars_per_token`` among them (a request must fit whichever engine takes it)."""
+        """What ``model``'s live engines announce: the smallest ``max_model_len`` and ``max_sequences``
+        and the largest ``max_chars_per_token`` among them (a request must fit whichever engine
+        takes it); None where one of them does not say."""
         engines = self.models.get(model, ())
         lens = [e.max_model_len for e in engines if e.max_model_len]
         chars = [e.max_chars_per_token for e in engines if e.max_chars_per_token]
-        return ModelContext(min(lens) if len(lens) == len(engines) and lens else None,
-                            max(chars) if len(chars) == len(engines) and chars else None)
+        seqs = [e.max_sequences for e in engines if e.max_sequences]
+        every = len(engines)
+        return ModelContext(min(lens) if lens and len(lens) == every else None,
+                            max(chars) if chars and len(chars) == every else None,
+                            min(seqs) if seqs and len(seqs) == every else None)
 
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""

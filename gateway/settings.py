@@ -66,7 +66,16 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: ``max_tokens`` a choice may run to the model's context. A non-streaming answer holds all of
     #: it in the gateway's memory (about 100-300 bytes a candidate), and the engine's process
     #: renders every candidate.
-    max_output_work: int = 1_048_576
+    max_output_work: int = 524_288
+    #: Tokens and logprob candidates one request may make per engine step: chat ``n`` x (1 +
+    #: ``top_logprobs``), completions max(``n``, ``best_of``) x prompts x (1 + ``logprobs``). An
+    #: engine renders every one on the event loop that also serves its other jobs (measured on the
+    #: tiny model: ~30 us a candidate, 85 ms a step for 128 x 21, 3-5x the model's own step time,
+    #: so vLLM ran ahead and every other request waited behind its backlog).
+    max_step_candidates: int = 256
+    #: Share of an engine's batch (the sequences it runs at once, ``EngineInfo.max_sequences``)
+    #: one request may take with its ``n`` (or prompts x ``best_of``): the rest serve other requests.
+    max_batch_share: float = 0.5
     #: Token ids in one token-id prompt. Engines refuse prompts longer than the model's
     #: context anyway; this keeps them (Python ints, ~8x their JSON size) off the gateway.
     #: 256 Ki covers nearly every served model's context; raise it for longer ones.

@@ -22,9 +22,12 @@ the hash tag ``{rl:<key_id>}``: one Redis Cluster slot, so one script sees them 
 
 **Tokens** are reserved at admission (``gateway.tenancy.cost``: the prompt estimate plus the
 most the request may generate) in the admission's bucket, and reconciled by :meth:`release`
-with the real usage: the difference is credited back to (or charged to) that bucket while it
-is in the window, and an excess is charged to the current second after. A request that ended
-without a known usage (client gone, engine failed) keeps its reservation: conservative.
+with the real usage (the final usage, or for a request that ended without one, what its
+engine reported generating so far: a client that hung up pays for what it was sent): the
+difference is credited back to (or charged to) that bucket while it is in the window, and an
+excess is charged to the current second after. A request that ended before any output keeps
+its reservation: conservative. A request refused after admission (the queue's 429, an
+engine's 4xx) gets its request, tokens and images back.
 
 ``Retry-After``: the time until enough buckets leave the window for the request to fit
 (concurrency: 1 s, as no one knows when a running request ends). The ``x-ratelimit-reset-*``
@@ -166,25 +169,30 @@ out[#out + 1] = sec
 return out
 """
 
-# KEYS: tokens hash, in-flight ZSET. ARGV: now ms ("": TIME), request id, admission second, token difference.
-# Once per request (the ZREM): a resent release changes nothing.
+# KEYS: requests, tokens, images (window hashes), in-flight ZSET. ARGV: now ms ("": TIME), request id,
+# admission second, token difference, requests given back, images given back.
+# Once per request (the ZREM): a resent release changes nothing. A difference goes to the
+# admission's own second while it is in the window (never below 0); an excess after it left the
+# window is charged to the current second.
 _RELEASE = _WINDOW_FUNCTIONS + """
-if redis.call('ZREM', KEYS[2], ARGV[2]) == 0 then return 0 end
-local delta = tonumber(ARGV[4])
-if delta ~= 0 then
-  local sec = math.floor(now_ms(ARGV[1]) / 1000)
-  local b = tonumber(ARGV[3])
-  window(KEYS[1], sec)
-  if b >= sec - 59 and redis.call('HEXISTS', KEYS[1], b) == 1 then
-    -- still in the window: the reservation's own second gets the difference (never below 0)
-    local have = tonumber(redis.call('HGET', KEYS[1], b))
+if redis.call('ZREM', KEYS[4], ARGV[2]) == 0 then return 0 end
+local sec = math.floor(now_ms(ARGV[1]) / 1000)
+local b = tonumber(ARGV[3])
+local function adjust(k, delta)
+  if delta == 0 then return end
+  window(k, sec)
+  if b >= sec - 59 and redis.call('HEXISTS', k, b) == 1 then
+    local have = tonumber(redis.call('HGET', k, b))
     local d = math.max(delta, -have)
-    redis.call('HINCRBY', KEYS[1], b, d)
-    redis.call('HINCRBY', KEYS[1], 'sum', d)
+    redis.call('HINCRBY', k, b, d)
+    redis.call('HINCRBY', k, 'sum', d)
   elseif delta > 0 then
-    take(KEYS[1], sec, delta)
+    take(k, sec, delta)
   end
 end
+adjust(KEYS[2], tonumber(ARGV[4]))
+adjust(KEYS[1], -tonumber(ARGV[5]))
+adjust(KEYS[3], -tonumber(ARGV[6]))
 return 1
 """
 
@@ -195,16 +203,21 @@ _DIMENSIONS = {1: ("requests", "requests per minute (RPM)"), 2: ("tokens", "toke
 class Grant:
     """An admitted request's claim on its key's limits, given back by :meth:`Limiter.release`."""
 
-    __slots__ = ("key_id", "rid", "second", "reserved", "metered")
+    __slots__ = ("key_id", "rid", "second", "reserved", "metered", "requests", "images")
 
-    def __init__(self, key_id: str, rid: str, second: int, reserved: int, metered: bool) -> None:
+    def __init__(self, key_id: str, rid: str, second: int, reserved: int, metered: bool, requests: int = 0,
+                 images: int = 0) -> None:
         self.key_id = key_id
         self.rid = rid
-        #: The second whose bucket holds the token reservation.
+        #: The second whose buckets hold what admission took.
         self.second = second
         self.reserved = reserved
         #: The key's tokens are limited and the request was reserved tokens: reconcile them.
         self.metered = metered
+        #: What admission took from the request (rpm) and image (ipm) windows: given back if the
+        #: request is refused after admission.
+        self.requests = requests
+        self.images = images
 
 
 def has_limits(principal: Principal) -> bool:
@@ -287,7 +300,8 @@ class Limiter:
                     headers["x-ratelimit-remaining-tokens"] = str(tok_left)
                     headers["x-ratelimit-reset-tokens"] = duration(tok_reset)
         if admitted:
-            return Grant(principal.key_id, rid, second, tokens if metered else 0, metered)
+            return Grant(principal.key_id, rid, second, tokens if metered else 0, metered,
+                         requests=1 if lim.rpm is not None else 0, images=cost.images if lim.ipm is not None else 0)
         name, what = _DIMENSIONS[refused]
         self._metrics.key_refused(principal.name, name)
         limit = {1: lim.rpm, 2: lim.tpm, 3: lim.ipm, 4: lim.concurrency}[refused]
@@ -312,17 +326,19 @@ class Limiter:
             headers["x-ratelimit-remaining-tokens"] = str(max(limit - used, 0))
             headers["x-ratelimit-reset-tokens"] = duration(retry_ms)
 
-    def release_command(self, grant: Grant, used_tokens: int | None) -> tuple[Any, ...]:
+    def release_command(self, grant: Grant, used_tokens: int | None, refused: bool = False) -> tuple[Any, ...]:
         """The command that ends ``grant``: frees its concurrency slot and reconciles its tokens
-        with ``used_tokens`` (None: unknown, the reservation stands)."""
+        with ``used_tokens`` (None: unknown, the reservation stands); ``refused`` (the request was
+        refused after admission) also gives back its request and images."""
         delta = 0 if used_tokens is None or not grant.metered else used_tokens - grant.reserved
         requests, tokens, images, in_flight = self._keys.rate_limits(grant.key_id)
-        return ("EVALSHA", self._release_sha, 2, tokens, in_flight, int(self._clock() * 1000) if self._clock else "", grant.rid,
-                grant.second, delta)
+        return ("EVALSHA", self._release_sha, 4, requests, tokens, images, in_flight,
+                int(self._clock() * 1000) if self._clock else "", grant.rid, grant.second, delta,
+                grant.requests if refused else 0, grant.images if refused else 0)
 
-    async def release(self, grant: Grant, used_tokens: int | None) -> None:
+    async def release(self, grant: Grant, used_tokens: int | None, refused: bool = False) -> None:
         """End ``grant`` (see :meth:`release_command`; safe to repeat)."""
-        cmd = self.release_command(grant, used_tokens)
+        cmd = self.release_command(grant, used_tokens, refused)
         try:
             await self.lane.execute(*cmd)
         except NoScriptError:

@@ -249,7 +249,7 @@ def test_bounds_at_the_door_use_what_the_engine_announces(vllm_stack: VllmStack,
         error = exc.value.body
         assert isinstance(error, dict) and (error["param"], error["code"]) == (param, code), error
     assert _total(vllm_stack, "conduit_engine_jobs_total") == jobs
-    # The largest job of that shape the bound allows runs (128 x 390 x 21 = 1,048,320): see
+    # The largest jobs the bounds allow run (e.g. 12 x 1000 x 21 = 252,000, 252 candidates a step): see
     # tests/e2e/test_engine_liveness.py. Named extensions within their bounds reach vLLM.
     done = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=4, temperature=0,
                                           extra_body={"min_tokens": 4, "ignore_eos": True, "bad_words": ["zz"],

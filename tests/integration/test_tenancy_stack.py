@@ -9,6 +9,7 @@ the sum of the ``usage`` the responses carried.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from datetime import datetime
 from pathlib import Path
@@ -190,3 +191,92 @@ def test_a_flooding_key_does_not_starve_another_and_holds_only_its_share(stack: 
 def _epoch(ts: str) -> float:
     """A log line's ``ts`` (``2026-12-02T07:31:26.029Z``) in seconds since the epoch."""
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+def _usage_of(url: str, key: str) -> dict[str, Any]:
+    key_id = parse_key(key)[0]  # type: ignore[index]
+    r = httpx.get(f"{url}/admin/keys/{key_id}/usage?days=1", timeout=10, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    return dict(r.json()["days"][0]["models"].get("synthetic", {}))
+
+
+def _settled(url: str, key: str, requests: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 10  # counted once the run ends, written each second
+    while (usage := _usage_of(url, key)).get("requests", 0) < requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return usage
+
+
+def _remaining_tokens(url: str, key: str) -> int:
+    """What the key's token window has left, as the next (tiny) request's headers say."""
+    r = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 1}, timeout=30,
+                   headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    return int(r.headers["x-ratelimit-remaining-tokens"]) + r.json()["usage"]["total_tokens"]
+
+
+def test_a_dropped_stream_is_charged_every_token_it_was_sent(stack: Stack) -> None:
+    """A client that reads 2,500 streamed tokens and hangs up is charged them (usage and the tpm
+    window), not 0 tokens and its ~1,030-token admission reservation."""
+    urls = two_gateways(stack)
+    stack.synthetic("synthetic", "--tokens", "6000", "--token-delay", "0.001")
+    key = new_key(urls[0], limits={"tpm": 8000})
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi there"}], "stream": True}
+    got = 0
+    with httpx.stream("POST", f"{urls[0]}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                got += json.loads(line[6:])["choices"][0]["delta"].get("content", "").count("tok")
+                if got >= 2500:
+                    break
+    usage = _settled(urls[1], key, 1)
+    assert usage["prompt_tokens"] == 2  # the synthetic engine's count: words
+    assert 2500 <= usage["completion_tokens"] < 6000, usage
+    left = _remaining_tokens(urls[1], key)
+    assert left <= 8000 - 2502 and left >= 8000 - usage["completion_tokens"] - 2 - 50, left
+
+
+def test_a_stream_ended_by_its_deadline_is_charged_what_it_was_sent(stack: Stack) -> None:
+    stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), request_timeout_s=2)
+    url = stack.base_url
+    stack.api_key = new_key(url, name="watcher")
+    stack.synthetic("synthetic", "--tokens", "1000", "--token-delay", "0.01")
+    key = new_key(url)
+    body = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert "deadline_exceeded" in lines[-2] and lines[-1] == "data: [DONE]"
+    sent = sum(json.loads(x[6:])["choices"][0]["delta"].get("content", "").count("tok") for x in lines[:-2])
+    usage = _settled(url, key, 1)
+    assert sent > 20 and sent <= usage["completion_tokens"] <= sent + 10, (sent, usage)
+
+
+def test_refusals_after_admission_give_back_the_request_slot(stack: Stack) -> None:
+    """A 429 model_overloaded (the queue) or an engine's 400 comes after the key's limits admitted
+    the request: its request (rpm) slot and tokens go back, so the key still has its 3 requests."""
+    stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), max_backlog=2)
+    url = stack.base_url
+    stack.api_key = new_key(url, name="watcher")
+    stack.synthetic("synthetic", "--max-concurrency", "1", "--tokens", "2", "--token-delay", "1")
+    flood = new_key(url, name="flood", limits={"backlog_share": 1.0})
+    key = new_key(url, limits={"rpm": 3, "tpm": 100_000})
+
+    def post(k: str, **fields: Any) -> httpx.Response:
+        return httpx.post(f"{url}/v1/chat/completions", json={**CHAT, **fields}, timeout=30,
+                          headers={"Authorization": f"Bearer {k}"})
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        busy = [pool.submit(post, flood) for _ in range(2)]  # the backlog of 2 is full for ~2 s
+        time.sleep(0.5)
+        refused = [post(key) for _ in range(5)]
+        assert {r.json()["error"]["code"] for r in refused} == {"model_overloaded"}, [r.text for r in refused]
+        assert [f.result().status_code for f in busy] == [200, 200]
+    engine_refused = post(key, min_tokens=10, max_tokens=2)  # the engine's own validation: a 400
+    assert engine_refused.status_code == 400 and engine_refused.json()["error"]["param"] == "min_tokens"
+    ok = [post(key) for _ in range(3)]
+    assert [r.status_code for r in ok] == [200, 200, 200], [r.text for r in ok]
+    assert post(key).status_code == 429  # and then the limit holds
+    assert _settled(url, key, 3)["requests"] == 3

@@ -417,26 +417,48 @@ def fits(decoder: RequestDecoder, body: bytes, model: ModelContext = TINY, **set
     return None
 
 
+def test_the_issue_body_is_refused_at_the_door(decoder: RequestDecoder) -> None:
+    """128 x (1 + 20) = 2,688 candidates a step (max 256); and 128 x 1000 x 21 = 2,688,000 in all."""
+    err = fits(decoder, chat_body(**ISSUE_BODY))
+    assert err is not None and err.param == "top_logprobs" and err.code == "invalid_value"
+    assert "2688 tokens and logprob candidates a step" in err.message
+    err = fits(decoder, chat_body(**ISSUE_BODY), max_step_candidates=4096)
+    assert err is not None and err.param == "max_tokens" and "2688000" in err.message and "524288" in err.message
+
+
 @pytest.mark.parametrize("model", [TINY, ModelContext()])
 def test_the_output_one_request_may_cause_is_bounded(decoder: RequestDecoder, model: ModelContext) -> None:
-    """n x max_tokens x (1 + top_logprobs): 128 x 1000 x 21 = 2,688,000 > 1,048,576 (context known or not)."""
-    err = fits(decoder, chat_body(**ISSUE_BODY), model)
-    assert err is not None and err.param == "max_tokens" and err.code == "invalid_value"
-    assert "2688000" in err.message and "1048576" in err.message
-    # The largest such request the bound allows: 128 x 390 x 21 = 1,048,320.
-    assert fits(decoder, chat_body(**{**ISSUE_BODY, "max_tokens": 390}), model) is None
-    assert fits(decoder, chat_body(**{**ISSUE_BODY, "max_tokens": 391}), model) is not None
-    assert fits(decoder, chat_body(**ISSUE_BODY), model, max_output_work=3_000_000) is None
+    """n x max_tokens x (1 + top_logprobs) at most max_output_work (524,288), context known or not."""
+    largest = {"n": 12, "logprobs": True, "top_logprobs": 20, "max_tokens": 2040}  # 252 a step, 514,080 in all
+    assert fits(decoder, chat_body(**largest), model) is None
+    err = fits(decoder, chat_body(**{**largest, "max_tokens": 2100}), model)
+    if model.max_model_len is None:
+        assert fits(decoder, chat_body(**{**largest, "max_tokens": 2080}), model) is None  # 524,160
+        assert err is not None and err.param == "max_tokens" and "529200" in err.message
+    else:
+        assert err is not None and "at most 2048" in err.message  # more than the whole context
+    assert fits(decoder, chat_body(**{**largest, "n": 13}), model) is not None  # 273 a step
 
 
 def test_without_max_tokens_a_choice_may_fill_the_context(decoder: RequestDecoder) -> None:
-    err = fits(decoder, chat_body(n=128, logprobs=True, top_logprobs=20))
-    assert err is not None and "unset" in err.message and "2047 tokens each" in err.message
-    assert fits(decoder, chat_body(n=16, logprobs=True, top_logprobs=20)) is None  # 16 x 2047 x 21 < 2^20
+    long = ModelContext(max_model_len=8192, max_chars_per_token=16)
+    err = fits(decoder, chat_body(n=4, logprobs=True, top_logprobs=20), long)  # 4 x 8191 x 21
+    assert err is not None and "unset" in err.message and "8191 tokens each" in err.message
+    assert fits(decoder, chat_body(n=4, logprobs=True, top_logprobs=20, max_tokens=4000), long) is None
+    assert fits(decoder, chat_body(n=12, logprobs=True, top_logprobs=20)) is None  # 12 x 2047 x 21 in 2048
+
+
+def test_one_request_takes_at_most_half_an_engines_batch(decoder: RequestDecoder) -> None:
+    engine = ModelContext(max_model_len=1024, max_chars_per_token=16, max_sequences=128)
+    err = fits(decoder, chat_body(n=65, max_tokens=4), engine)
+    assert err is not None and err.param == "n" and "run 128 at a time" in err.message
+    assert fits(decoder, chat_body(n=64, max_tokens=4), engine) is None
+    assert fits(decoder, completion_body(prompt=["a"] * 33, best_of=2, max_tokens=4), engine) is not None
+    assert fits(decoder, chat_body(n=65, max_tokens=4), engine, max_batch_share=1.0) is None
 
 
 def test_completions_count_every_prompt_best_of_and_echo(decoder: RequestDecoder) -> None:
-    assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=2000, logprobs=5)) is not None  # 1,536,000
+    assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=2000, logprobs=5)) is not None  # 768 a step
     assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=1000)) is None  # 128,000
     assert fits(decoder, completion_body(n=4, best_of=20, max_tokens=1000, logprobs=5)) is None  # 120,000
     assert fits(decoder, completion_body(n=20, best_of=20, max_tokens=10000, logprobs=5), ModelContext()) is not None

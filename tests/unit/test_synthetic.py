@@ -21,7 +21,7 @@ class Recorder:
     def started(self) -> None:
         pass
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
         self.deltas.append(choices)
 
     def done(self, usage: Usage) -> None:

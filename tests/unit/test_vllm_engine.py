@@ -23,6 +23,7 @@ from engines.vllm_engine import (
     installed_vllm_version,
     REQUEST_FIELDS,
     vllm_request,
+    wants_continuous_usage,
 )
 from engines.wire import ChoiceDelta, Usage
 from gateway.protocol import REFUSED, ChatCompletionRequest, CompletionRequest
@@ -75,12 +76,14 @@ class RecordingOutput:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.totals: list[Usage | None] = []
 
     def started(self) -> None:
         self.calls.append(("started", None))
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
         self.calls.append(("delta", (choices, usage)))
+        self.totals.append(total)
 
     def done(self, usage: Usage) -> None:
         self.calls.append(("done", usage))
@@ -135,9 +138,9 @@ async def events(chunks: list[str]) -> AsyncIterator[str]:
         yield chunk
 
 
-def run_stream(chunks: list[str], chat: bool) -> RecordingOutput:
+def run_stream(chunks: list[str], chat: bool, continuous: bool = False) -> RecordingOutput:
     out = RecordingOutput()
-    asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, chat))
+    asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, chat, continuous))
     return out
 
 
@@ -160,7 +163,7 @@ def test_aborted_or_errored_choice_fails_the_job(reason: str, chat: bool) -> Non
     chunks = chat_stream(reason) if chat else completion_stream(reason)
     out = RecordingOutput()
     with pytest.raises(RuntimeError, match=reason):
-        asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, chat))
+        asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, chat, False))
     assert "done" not in [k for k, _ in out.calls]
     assert all(c.finish_reason is None for k, v in out.calls if k == "delta" for c in v[0])
 
@@ -171,19 +174,31 @@ def test_aborted_before_any_output_fails_the_job() -> None:
               chat_chunk([], usage(7, 0)), "data: [DONE]\n\n"]
     out = RecordingOutput()
     with pytest.raises(RuntimeError, match="abort"):
-        asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, True))
+        asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, True, False))
     # Not even Started: the gateway has committed to nothing and answers with the 5xx.
     assert out.calls == []
 
 
-def test_continuous_usage_is_forwarded_per_chunk() -> None:
-    # vLLM puts usage on chunks with choices only when asked to (see vllm_request below).
-    out = run_stream(chat_stream("length", continuous=True), chat=True)
+def test_continuous_usage_is_forwarded_per_chunk_only_when_asked() -> None:
+    # vLLM is always asked for usage on every chunk (vllm_request below); the client sees it per
+    # chunk only if it asked, and every delta carries the job's total so far either way.
+    out = run_stream(chat_stream("length", continuous=True), chat=True, continuous=True)
     usages = [v[1] for k, v in out.calls if k == "delta"]
     assert usages == [Usage(prompt_tokens=7, completion_tokens=1), Usage(prompt_tokens=7, completion_tokens=2)]
     assert out.calls[-1] == ("done", Usage(prompt_tokens=7, completion_tokens=2))
-    plain = run_stream(chat_stream("length"), chat=True)
+    assert out.totals == usages
+    plain = run_stream(chat_stream("length", continuous=True), chat=True, continuous=False)
     assert [v[1] for k, v in plain.calls if k == "delta"] == [None, None]
+    assert plain.totals == usages
+
+
+def test_totals_sum_every_choice() -> None:
+    """vLLM counts each choice's own tokens on its chunks; a delta's total is the job's (n=2 here)."""
+    chunks = [chat_chunk([{"index": i, "delta": {"content": t}, "finish_reason": None}], usage(5, c))
+              for i, t, c in ((0, "a", 1), (1, "b", 1), (0, "c", 2), (1, "d", 2), (1, "e", 3))]
+    out = run_stream([*chunks, chat_chunk([], usage(5, 5)), "data: [DONE]\n\n"], chat=True)
+    assert [t.completion_tokens for t in out.totals] == [1, 2, 3, 4, 5]
+    assert {t.prompt_tokens for t in out.totals} == {5}
 
 
 # ---- the request handed to vLLM ------------------------------------------------------------
@@ -197,16 +212,16 @@ def test_continuous_usage_is_forwarded_per_chunk() -> None:
     # vLLM (and Conduit) give continuous usage only together with include_usage.
     ({"include_usage": False, "continuous_usage_stats": True}, False),
 ])
-def test_vllm_request_forces_streaming_and_keeps_continuous_usage(options: dict[str, bool] | None,
-                                                                  continuous: bool) -> None:
+def test_vllm_request_forces_streaming_with_usage_on_every_chunk(options: dict[str, bool] | None,
+                                                                 continuous: bool) -> None:
     body: dict[str, Any] = {"model": "alias", "messages": [], "stream": options is not None}
     if options is not None:
         body["stream_options"] = options
     request = vllm_request(body, "chat", "served", "job-1")
     assert request["model"] == "served" and request["stream"] is True and request["request_id"] == "job-1"
-    # The final usage chunk is always needed (the gateway's accounting); per-chunk usage only on request.
-    assert request["stream_options"] == ({"include_usage": True, "continuous_usage_stats": True} if continuous
-                                         else {"include_usage": True})
+    # The final usage chunk and each chunk's (the gateway's accounting) always; the client's wish apart.
+    assert request["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
+    assert wants_continuous_usage(body) is continuous
 
 
 def test_vllm_gets_only_the_fields_the_gateway_bounds() -> None:
