@@ -104,6 +104,15 @@ class Keys:
         share of the backlog. Added by the submit script, removed with the job's ack."""
         return f"{self.prefix}:tenant-backlog:{{{model}}}:{tenant}"
 
+    def queued_bytes(self, model: str) -> str:
+        """HASH ``total``, ``t:<tenant>``, ``s:<job id>``: the bytes of ``model``'s jobs queued or
+        running (``engines.backlog``)."""
+        return f"{self.prefix}:queued-bytes:{{{model}}}"
+
+    def queued_jobs(self, model: str) -> str:
+        """ZSET job id -> deadline (ms) of the jobs counted in :meth:`queued_bytes`."""
+        return f"{self.prefix}:queued-jobs:{{{model}}}"
+
     def image(self, ref: str) -> str:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
         return f"{self.prefix}:image:{ref}"

@@ -34,6 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
+from engines.backlog import release_command
 from engines.fairness import PROMOTE, promote_command
 from engines.heartbeat import HeartbeatThread
 from engines.lane import connect, entry_fields, open_lane, redacted, stream_entries
@@ -125,6 +126,8 @@ class _Ack:
     job_key: str | None
     #: (``Keys.tenant_backlog``, job id) of a job that has a tenant.
     release: tuple[str, str] | None = None
+    #: The command counting the job's bytes out of its model's backlog (``engines.backlog``).
+    bytes_release: tuple[object, ...] | None = None
 
     def commands(self) -> list[tuple[object, ...]]:
         """Idempotent, and none refused under maxmemory: an ack may be sent twice, and frees memory."""
@@ -134,6 +137,8 @@ class _Ack:
             cmds.append(("DEL", self.job_key))
         if self.release is not None:
             cmds.append(("ZREM", *self.release))
+        if self.bytes_release is not None:
+            cmds.append(self.bytes_release)
         return cmds
 
 
@@ -639,7 +644,8 @@ class Worker:
         self.writer.finish(header.reply_to, Failed(
             job=header.id, message="The engine could not read this request (a newer or damaged job).",
             code="malformed_job", status=400, type="invalid_request_error", attempt=attempt, seq=1),
-            _Ack(stream, entry_id, self.keys.job(model, header.id), self._share_of(model, header.tenant, header.id)))
+            _Ack(stream, entry_id, self.keys.job(model, header.id), self._share_of(model, header.tenant, header.id),
+                 release_command(self.keys, model, header.id)))
 
     async def _run_job(self, run: _Running) -> None:
         job = run.job
@@ -708,8 +714,8 @@ class Worker:
 
     def _ack_of(self, run: _Running) -> _Ack:
         job = run.job
-        return _Ack(run.stream, run.entry_id, self.keys.job(job.model, job.id), self._share_of(job.model, job.tenant,
-                                                                                               job.id))
+        return _Ack(run.stream, run.entry_id, self.keys.job(job.model, job.id),
+                    self._share_of(job.model, job.tenant, job.id), release_command(self.keys, job.model, job.id))
 
     def _share_of(self, model: str, tenant: str, job_id: str) -> tuple[str, str] | None:
         return (self.keys.tenant_backlog(model, tenant), job_id) if tenant else None

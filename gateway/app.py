@@ -215,7 +215,8 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         gw_metrics.watch_queue(registry.backlog_counts)
         gw_metrics.watch_engines(registry.engine_counts)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
-        queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
+        queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog,
+                         max_backlog_bytes=settings.max_backlog_bytes)
         queue.lane.start()
         limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
         limiter.lane.start()

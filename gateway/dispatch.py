@@ -34,8 +34,9 @@ from gateway.errors import (
     ModelNotSupported,
     NoEngine,
     Overloaded,
+    PayloadTooLarge,
 )
-from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
+from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
 from gateway.tenancy.cost import Cost
@@ -500,6 +501,16 @@ class Dispatcher:
             raise Overloaded(f"This API key has {exc.held} requests queued or running on the model `{job.model}`, "
                              f"its share ({share:.0%} of the model's backlog of {self.settings.max_backlog}); retry "
                              f"after {self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
+        except BytesFull as exc:
+            whose = (f"This API key's requests queued or running on the model `{job.model}` hold {exc.held} bytes, "
+                     f"its share ({share:.0%})" if exc.tenant else
+                     f"The requests queued or running on the model `{job.model}` hold {exc.held} bytes")
+            raise Overloaded(f"{whose} of the {exc.limit if exc.tenant else self.queue.max_backlog_bytes} bytes its "
+                             f"backlog may hold; retry after {self.settings.retry_after_s}s.",
+                             self.settings.retry_after_s) from None
+        except JobTooLarge as exc:
+            raise PayloadTooLarge(f"This request is {exc.size} bytes as a job, more than one API key may have queued "
+                                  f"on a model ({exc.limit} bytes).") from None
         except (ConnectionError, OSError, aioredis.RedisError) as exc:
             log.warning("could not queue a job: %s", exc)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,

@@ -11,6 +11,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from engines.backlog import HELD
 from engines.lane import open_lane, stream_entries
 from engines.wire import ENGINE_GROUP, Codec, Job, Keys
 from telemetry.instruments import GatewayMetrics
@@ -31,13 +32,16 @@ log = logging.getLogger("conduit.gateway")
 # (XLEN - pending = 0; with no consumer group yet, every entry counts as untaken): an engine
 # has a free slot, or will read it next. Otherwise it waits in its tenant's list and the tenant
 # joins the ring; engines promote jobs from the lists in turn as their slots free.
+# The model's backlog is bounded in bytes too (engines.backlog: the job's encoded size counted
+# in here, out by the engine's ack), and so is the tenant's share of it (ARGV[12]).
 # SET is the first write: under maxmemory the script is refused with nothing written.
 # KEYS: 1 job stream, 2 job key, 3 tenant's wait list, 4 ring, 5 fair state, 6 weights,
-# 7 tenant backlog. ARGV: 1 max backlog, 2 stream cap, 3 job, 4 deadline (ms), 5 tenant,
-# 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer group.
-# Returns {outcome, n}: QUEUED, DUPLICATE, BACKLOG_FULL (n: the backlog) or SHARE_FULL
-# (n: the tenant's jobs).
-_SUBMIT = """
+# 7 tenant backlog, 8 queued bytes, 9 queued jobs. ARGV: 1 max backlog, 2 stream cap, 3 job,
+# 4 deadline (ms), 5 tenant, 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer
+# group, 11 max backlog bytes, 12 tenant's bytes (0: no limit).
+# Returns {outcome, n}: QUEUED, DUPLICATE, BACKLOG_FULL (n: the backlog), SHARE_FULL (n: the
+# tenant's jobs), BYTES_FULL (n: the backlog's bytes) or BYTES_SHARE_FULL (n: the tenant's bytes).
+_SUBMIT = HELD + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, 0} end
 local waiting = tonumber(redis.call('HGET', KEYS[5], 'waiting') or '0')
 local xlen = redis.call('XLEN', KEYS[1])
@@ -47,7 +51,13 @@ if limit > 0 then
   local held = redis.call('ZCOUNT', KEYS[7], '(' .. ARGV[8], '+inf')
   if held >= limit then return {3, held} end
 end
+local size = #ARGV[3]
+local total, mine, expired = backlog_bytes(KEYS[8], KEYS[9], ARGV[8], ARGV[5])
+if total + size > tonumber(ARGV[11]) then return {4, total} end
+local byte_limit = tonumber(ARGV[12])
+if byte_limit > 0 and mine + size > byte_limit then return {5, mine} end
 redis.call('SET', KEYS[2], 'q', 'PXAT', ARGV[4])
+count_in(KEYS[8], KEYS[9], expired, ARGV[9], ARGV[4], size, ARGV[5])
 if ARGV[5] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
   redis.call('ZADD', KEYS[7], ARGV[4], ARGV[9])
@@ -66,7 +76,7 @@ redis.call('HSET', KEYS[6], ARGV[5], ARGV[7])
 redis.call('HINCRBY', KEYS[5], 'waiting', 1)
 return {0, 1}
 """
-_QUEUED, _DUPLICATE, _BACKLOG_FULL, _SHARE_FULL = 0, 1, 2, 3
+_QUEUED, _DUPLICATE, _BACKLOG_FULL, _SHARE_FULL, _BYTES_FULL, _BYTES_SHARE_FULL = 0, 1, 2, 3, 4, 5
 
 #: Seconds a reply stream outlives its gateway's last sign of life (the gateway refreshes it
 #: every second); engines never re-create one (NOMKSTREAM).
@@ -90,17 +100,39 @@ class ShareFull(Exception):
         self.limit = limit
 
 
+class BytesFull(Exception):
+    """The model's backlog (``tenant`` False) or the job's tenant's share of it (True) would pass its
+    bound in bytes; the job was not queued."""
+
+    def __init__(self, held: int, limit: int, *, tenant: bool) -> None:
+        super().__init__(f"{'tenant' if tenant else 'backlog'} holds {held} of {limit} bytes")
+        self.held = held
+        self.limit = limit
+        self.tenant = tenant
+
+
+class JobTooLarge(Exception):
+    """The job alone is larger than its tenant may ever hold of the backlog (``limit`` bytes)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"job of {size} bytes, limit {limit}")
+        self.size = size
+        self.limit = limit
+
+
 class JobQueue:
     """Writes jobs to the model's stream, refusing them when its backlog is full.
 
     Submissions of concurrent requests share one pipelined round trip (a :class:`RedisLane`).
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, codec: Codec, *, max_backlog: int) -> None:
+    def __init__(self, redis: aioredis.Redis, keys: Keys, codec: Codec, *, max_backlog: int,
+                 max_backlog_bytes: int = 128 * 1024 * 1024) -> None:
         self._redis = redis
         self._keys = keys
         self._codec = codec
         self._max_backlog = max_backlog
+        self.max_backlog_bytes = max_backlog_bytes
         self._cap = max(max_backlog * 4, 10_000)
         self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
         self.lane = open_lane(redis, "submit")
@@ -110,16 +142,23 @@ class JobQueue:
         return self._keys.jobs(model)
 
     async def submit(self, job: Job, *, share: float | None = None) -> None:
-        """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` instead
-        of queueing past the limit, :class:`ShareFull` when the job's tenant would hold more
-        than ``share`` of it (None, or tenant "": no per-tenant limit)."""
+        """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` /
+        :class:`BytesFull` instead of queueing past the model's limits, :class:`ShareFull` /
+        :class:`BytesFull` when the job's tenant would hold more than ``share`` of them (None, or
+        tenant "": no per-tenant limit), :class:`JobTooLarge` for a job larger than the tenant's
+        share of the bytes (before asking Redis)."""
         model, tenant = job.model, job.tenant
         limit = self.share_limit(share) if tenant and share is not None else 0
-        args = ("EVALSHA", self._sha, 7, self._keys.jobs(model), self._keys.job(model, job.id),
+        byte_limit = max(int(share * self.max_backlog_bytes), 1) if tenant and share is not None else 0
+        encoded = self._codec.encode(job)
+        if len(encoded) > (byte_limit or self.max_backlog_bytes):
+            raise JobTooLarge(len(encoded), byte_limit or self.max_backlog_bytes)
+        args = ("EVALSHA", self._sha, 9, self._keys.jobs(model), self._keys.job(model, job.id),
                 self._keys.wait(model, tenant), self._keys.ring(model), self._keys.fair_state(model),
-                self._keys.weights(model), self._keys.tenant_backlog(model, tenant),
-                self._max_backlog, self._cap, self._codec.encode(job), job.deadline_ms, tenant, limit,
-                max(job.priority, 1), int(time.time() * 1000), job.id, ENGINE_GROUP)
+                self._keys.weights(model), self._keys.tenant_backlog(model, tenant), self._keys.queued_bytes(model),
+                self._keys.queued_jobs(model), self._max_backlog, self._cap, encoded, job.deadline_ms, tenant, limit,
+                max(job.priority, 1), int(time.time() * 1000), job.id, ENGINE_GROUP, self.max_backlog_bytes,
+                byte_limit)
         try:
             outcome, n = await self.lane.execute(*args)
         except NoScriptError:
@@ -130,6 +169,9 @@ class JobQueue:
             raise BacklogFull(int(n))
         if outcome == _SHARE_FULL:
             raise ShareFull(int(n), limit)
+        if outcome in (_BYTES_FULL, _BYTES_SHARE_FULL):
+            tenant_full = outcome == _BYTES_SHARE_FULL
+            raise BytesFull(int(n), byte_limit if tenant_full else self.max_backlog_bytes, tenant=tenant_full)
 
     def share_limit(self, share: float) -> int:
         """How many jobs of a model's backlog ``share`` (a fraction of ``max_backlog``) allows: at least one."""

@@ -34,6 +34,10 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     max_header_bytes: int = 65_536
     #: Jobs queued or running per model above which new requests get a 429.
     max_backlog: int = 1024
+    #: Bytes those jobs may hold in Redis (their encoded size, bodies included) per model; a key
+    #: holds at most its ``backlog_share`` of them. Beyond it a 429 ``model_overloaded`` (a job
+    #: larger than a key's whole share: 413), so a full backlog never fills Redis.
+    max_backlog_bytes: int = 128 * 1024 * 1024
     #: Retry-After sent with a 429.
     retry_after_s: int = 1
     #: How often the live-engine view is refreshed from Redis.

@@ -18,10 +18,11 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from engines.backlog import release_command
 from engines.wire import Codec, Done, Failed, Job, Keys
 from gateway.dispatch import Dispatcher, new_id
 from gateway.errors import Overloaded
-from gateway.queue import BacklogFull, JobQueue, ReplyRouter, ShareFull
+from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.settings import GatewaySettings
 from gateway.tenancy.principal import ANONYMOUS, KeyLimits, Principal
@@ -76,8 +77,10 @@ class Gateway:
                 "waiting": int(await self.redis.hget(self.keys.fair_state(MODEL), "waiting") or 0),
                 "ring": await self.redis.llen(self.keys.ring(MODEL)),
                 "stream": await self.redis.xlen(self.keys.jobs(MODEL)),
+                # The backlog's byte counts (engines.backlog) go with their last job.
+                "bytes": await self.redis.exists(self.keys.queued_bytes(MODEL), self.keys.queued_jobs(MODEL)),
             }
-            if state == {"held": dict.fromkeys(key_ids, 0), "waiting": 0, "ring": 0, "stream": 0}:
+            if state == {"held": dict.fromkeys(key_ids, 0), "waiting": 0, "ring": 0, "stream": 0, "bytes": 0}:
                 return
             assert time.monotonic() < deadline, f"not drained: {state}"
             await asyncio.sleep(0.1)
@@ -237,3 +240,58 @@ async def test_no_share_leaks_from_cancelled_or_reclaimed_jobs(stack: Stack, gw:
     results = await asyncio.wait_for(asyncio.gather(*running), timeout=40)
     assert all(isinstance(r, Done) for r in results), results
     await gw.assert_drained("r", "c")
+
+
+async def test_the_backlog_is_bounded_in_bytes(stack: Stack) -> None:
+    """The model's jobs may hold at most max_backlog_bytes, a key at most its share of them; counted
+    out by the engine's ack (once, however often it is sent), and after their deadline without one."""
+    redis = aioredis.from_url(stack.redis_url)
+    keys, codec = Keys(stack.prefix), Codec()
+    queue = JobQueue(redis, keys, codec, max_backlog=1000, max_backlog_bytes=100_000)
+    queue.lane.start()
+
+    def job(tenant: str, size: int, deadline_s: float = 60) -> Job:
+        now = int(time.time() * 1000)
+        return Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"x" * size, reply_to="r",
+                   deadline_ms=now + int(deadline_s * 1000), tenant=tenant)
+
+    async def counts() -> dict[bytes, bytes]:
+        return {k: v for k, v in (await redis.hgetall(keys.queued_bytes(MODEL))).items() if not k.startswith(b"s:")}
+
+    try:
+        a = [job("a", 20_000) for _ in range(2)]
+        for j in a:
+            await queue.submit(j, share=0.5)
+        with pytest.raises(BytesFull) as full:  # a's share: 50,000 bytes
+            await queue.submit(job("a", 20_000), share=0.5)
+        assert full.value.tenant and full.value.limit == 50_000 and 40_000 < full.value.held < 41_000
+        with pytest.raises(JobTooLarge):  # never fits a's share: refused before Redis
+            await queue.submit(job("a", 60_000), share=0.5)
+        b = [job("b", 20_000) for _ in range(2)]
+        for j in b:
+            await queue.submit(j, share=0.5)
+        short = job("", 15_000, deadline_s=0.3)  # no tenant: only the model's bound
+        await queue.submit(short, share=None)
+        with pytest.raises(BytesFull) as full:  # the model's 100,000
+            await queue.submit(job("c", 10_000), share=0.5)
+        assert not full.value.tenant and full.value.held > 95_000
+        size = {j.id: len(codec.encode(j)) for j in (*a, *b, short)}
+        assert await counts() == {b"total": str(sum(size.values())).encode(),
+                                  b"t:a": str(size[a[0].id] + size[a[1].id]).encode(),
+                                  b"t:b": str(size[b[0].id] + size[b[1].id]).encode()}
+        # An ack's release counts a job out once, however often it is sent.
+        for _ in range(2):
+            await redis.execute_command(*release_command(keys, MODEL, a[0].id))
+        assert int((await counts())[b"t:a"]) == size[a[1].id]
+        await queue.submit(job("a", 20_000), share=0.5)  # room again
+        # A job never acked stops counting at its deadline.
+        await asyncio.sleep(0.4)
+        await queue.submit(job("c", 10_000), share=0.5)
+        assert await redis.zscore(keys.queued_jobs(MODEL), short.id) is None
+        # Once every job is counted out, nothing is left behind.
+        for jid in await redis.zrange(keys.queued_jobs(MODEL), 0, -1):
+            await redis.execute_command(*release_command(keys, MODEL, jid.decode()))
+        assert await redis.exists(keys.queued_bytes(MODEL), keys.queued_jobs(MODEL)) == 0
+    finally:
+        await queue.lane.close()
+        await redis.aclose()

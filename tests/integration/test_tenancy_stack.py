@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from gateway.tenancy.keys import HASHER, parse_key
 from tests.harness import Stack
@@ -280,3 +281,33 @@ def test_refusals_after_admission_give_back_the_request_slot(stack: Stack) -> No
     assert [r.status_code for r in ok] == [200, 200, 200], [r.text for r in ok]
     assert post(key).status_code == 429  # and then the limit holds
     assert _settled(url, key, 3)["requests"] == 3
+
+
+def test_one_key_cannot_fill_redis_with_jobs_at_the_body_limit(stack: Stack) -> None:
+    """The backlog is bounded in bytes: a key holds at most its share of ``max_backlog_bytes`` (here
+    4.5 of 9 MB: four 1 MB jobs), then gets 429 model_overloaded; another key still gets in."""
+    stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), max_body_bytes=1_100_000, max_backlog_bytes=9_000_000)
+    url = stack.base_url
+    stack.api_key = new_key(url, name="watcher")
+    stack.synthetic("synthetic", "--max-concurrency", "1", "--tokens", "2", "--token-delay", "1")
+    big, other = new_key(url, name="big"), new_key(url, name="other")
+    body = {**CHAT, "messages": [{"role": "user", "content": "a" * 1_000_000}]}
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        before = int(r.info("memory")["used_memory"])
+        with concurrent.futures.ThreadPoolExecutor(9) as pool:
+            floods = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60,
+                                  headers={"Authorization": f"Bearer {big}"}) for _ in range(8)]
+            time.sleep(1.0)
+            held = int(r.info("memory")["used_memory"]) - before
+            polite = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60,
+                                 headers={"Authorization": f"Bearer {other}"})
+            got = [f.result() for f in floods]
+            assert polite.result().status_code == 200, polite.result().text
+    finally:
+        r.close()
+    assert statuses(got) == {200: 4, 429: 4}, [x.text[:200] for x in got]
+    for refused in (x for x in got if x.status_code == 429):
+        error = refused.json()["error"]
+        assert error["code"] == "model_overloaded" and "bytes" in error["message"], error
+    assert held < 8_000_000, held  # four jobs' bytes (and Redis's own), not eight
