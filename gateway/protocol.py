@@ -21,6 +21,8 @@ or object.
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal, NamedTuple, get_args
 
 import msgspec
@@ -236,18 +238,20 @@ class VllmSampling(Struct, kw_only=True, forbid_unknown_fields=False):
 
     def check_extensions(self, limits: GatewaySettings) -> None:
         """Refused fields, then the bounds a type cannot say."""
-        for name in self._refused:
-            if getattr(self, name) is not UNSET:
-                raise InvalidRequest(f"Unsupported parameter: '{name}' is not supported by this server: "
-                                     f"{REFUSED[name]}.", param=name, code="unsupported_parameter")
+        given = self._refused_values(self)  # one C call for every refused field (each UNSET unless sent)
+        if given.count(UNSET) != len(given):
+            name = next(n for n, v in zip(self._refused, given, strict=True) if v is not UNSET)
+            raise InvalidRequest(f"Unsupported parameter: '{name}' is not supported by this server: "
+                                 f"{REFUSED[name]}.", param=name, code="unsupported_parameter")
         if self.allowed_token_ids is not None:
             _at_most("allowed_token_ids", "token ids", len(self.allowed_token_ids), limits.max_prompt_tokens)
         so = self.structured_outputs
         if so is not None and isinstance(so.json, dict):
             _nested_at_most("structured_outputs.json", so.json, limits.max_json_depth)
 
-    #: The refused fields this request type has (set per class below).
+    #: The refused fields this request type has, and a getter of their values (set per class below).
     _refused: ClassVar[tuple[str, ...]] = ()
+    _refused_values: ClassVar[Callable[[Any], tuple[Any, ...]]]
 
 
 class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False):
@@ -537,6 +541,7 @@ def _work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top
 
 for _request in (ChatCompletionRequest, CompletionRequest):
     _request._refused = tuple(f for f in _request.__struct_fields__ if f in REFUSED)
+    _request._refused_values = staticmethod(operator.attrgetter(*_request._refused))  # type: ignore[assignment]
 
 
 def _at_most(param: str, what: str, count: int, limit: int) -> None:
