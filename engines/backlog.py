@@ -12,8 +12,8 @@ Redis stops admission, limits and usage for every tenant. The gateway's submit s
   ack lost in a failover, an engine of an older version) stops counting at its deadline: the
   submit script leaves expired members out and drops them as it counts its job in.
 
-Both keys carry the model's hash tag (one Redis Cluster slot with its job stream) and go when
-nothing is left in them. Imports no ML library (both the gateway and the engines use it).
+Both keys carry the model's hash tag (one Redis Cluster slot with its job stream), go when
+nothing is left in them, and expire at their last job's deadline whatever becomes of the acks. Imports no ML library (both the gateway and the engines use it).
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ return 1
 # (``gateway.queue``), less the jobs whose deadline passed without an ack, and then counts a job
 # in. Reading writes nothing (the submit script's first write must be the one refused under
 # maxmemory); ``count_in`` drops those expired jobs' counts as it adds the new job's.
-# ``backlog_bytes(bytes_key, jobs_key, now_ms, tenant)`` -> total, tenant's, expired jobs;
-# ``count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)``.
+# ``backlog_bytes(bytes_key, jobs_key, now_ms, tenant)`` -> total, tenant's, expired jobs (at most
+# 256 of them); ``count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)``;
+# ``prune(bytes_key, jobs_key, expired)``: drops them alone (a refused submission does, so that
+# expired counts never hold a backlog shut; deleting is allowed under maxmemory).
 HELD = """
 local function parse(entry)
   local size, owner = string.match(entry, '^(%d+) (.*)$')
@@ -55,7 +57,7 @@ end
 local function backlog_bytes(bytes_key, jobs_key, now, tenant)
   local v = redis.call('HMGET', bytes_key, 'total', 't:' .. tenant)
   local total, mine = tonumber(v[1] or '0'), tonumber(v[2] or '0')
-  local expired = redis.call('ZRANGEBYSCORE', jobs_key, '-inf', now, 'LIMIT', 0, 64)
+  local expired = redis.call('ZRANGEBYSCORE', jobs_key, '-inf', now, 'LIMIT', 0, 256)
   for _, job in ipairs(expired) do
     local entry = redis.call('HGET', bytes_key, 's:' .. job)
     if entry then
@@ -66,7 +68,7 @@ local function backlog_bytes(bytes_key, jobs_key, now, tenant)
   end
   return total, mine, expired
 end
-local function count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)
+local function prune(bytes_key, jobs_key, expired)
   for _, old in ipairs(expired) do
     redis.call('ZREM', jobs_key, old)
     local entry = redis.call('HGET', bytes_key, 's:' .. old)
@@ -79,10 +81,17 @@ local function count_in(bytes_key, jobs_key, expired, job, deadline, size, tenan
       end
     end
   end
+end
+local function count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)
+  prune(bytes_key, jobs_key, expired)
   redis.call('ZADD', jobs_key, deadline, job)
   redis.call('HINCRBY', bytes_key, 'total', size)
   if tenant ~= '' then redis.call('HINCRBY', bytes_key, 't:' .. tenant, size) end
   redis.call('HSET', bytes_key, 's:' .. job, size .. ' ' .. tenant)
+  -- Both go by the last deadline at the latest, whatever happens to the acks.
+  local last = redis.call('ZRANGE', jobs_key, -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', bytes_key, last[2])
+  redis.call('PEXPIREAT', jobs_key, last[2])
 end
 """
 

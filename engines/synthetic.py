@@ -9,6 +9,7 @@ usage on every delta under ``stream_options.continuous_usage_stats`` (vLLM's ext
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 
@@ -57,6 +58,9 @@ class SyntheticSettings(msgspec.Struct, kw_only=True):
     #: Token i's text is ``"<i> "`` instead (i = 0, 1, ... per choice): a client can check an
     #: answer for duplicated or missing tokens (the fault suite does).
     numbered: bool = False
+    #: Seconds a job blocks the engine's event loop before its first token (a wedged backend: the
+    #: fault tests' engine that must be failed over). 0: never.
+    block_s: float = 0.0
 
 
 class SyntheticBackend:
@@ -101,6 +105,8 @@ class SyntheticBackend:
         so = body.stream_options
         continuous = so is not None and bool(so.include_usage and so.continuous_usage_stats)
         out.started()
+        if s.block_s:
+            time.sleep(s.block_s)  # on purpose: the whole event loop stops
         if s.first_token_delay_s:
             await asyncio.sleep(s.first_token_delay_s)
         for i in range(count):

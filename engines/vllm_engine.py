@@ -353,7 +353,7 @@ class VllmBackend:
             raise _failure(_Error(result.error.message, result.error.type, result.error.param, result.error.code))
 
         try:
-            await self._stream(result, out, chat, wants_continuous_usage(client))
+            await self._stream(result, out, chat, wants_continuous_usage(client), int(client.get("n") or 1))
         except asyncio.CancelledError:
             # vLLM's generate() aborts only if the cancel lands inside it; aborting by the
             # external ids vLLM derives from ``request_id`` is idempotent, so always do it.
@@ -364,10 +364,11 @@ class VllmBackend:
                                     [f"cmpl-{job.id}-{i}" for i in range(len(prompt) if many else 1)])
             raise
 
-    async def _stream(self, stream: Any, out: JobOutput, chat: bool, continuous: bool) -> None:
+    async def _stream(self, stream: Any, out: JobOutput, chat: bool, continuous: bool, n: int = 1) -> None:
         """Relay vLLM's chunks as deltas, each with the job's usage so far (``total``: vLLM puts each
-        choice's own count on its chunks; they are summed here), and the per-chunk usage the client
-        sees only when it asked (``continuous``)."""
+        choice's own counts on its chunks, its prompt's and its own output's; they are summed here,
+        a prompt once for its ``n`` choices: choice ``i`` is prompt ``i // n``'s), and the per-chunk
+        usage the client sees only when it asked (``continuous``)."""
         decode = self._chat_decoder.decode if chat else self._completion_decoder.decode
         to_delta = _chat_delta if chat else _completion_delta
         usage, produced = Usage(), False
@@ -375,8 +376,9 @@ class VllmBackend:
         # behind): this job gives the loop a turn at least every TURN_S of its own work.
         clock = time.perf_counter
         turn_ends = clock() + TURN_S
-        #: Completion tokens of each choice so far, and their sum.
+        #: Completion tokens of each choice so far, prompt tokens of each prompt, and their sums.
         counts: dict[int, int] = {}
+        prompts: dict[int, int] = {}
         generated = prompt = 0
         async for event in stream:
             if not event.startswith("data: "):
@@ -398,12 +400,14 @@ class VllmBackend:
                     raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
             deltas = [d for c in chunk.choices if (d := to_delta(c)) is not None]  # type: ignore[arg-type]
             u = chunk.usage
-            if u is not None and chunk.choices:  # continuous usage: the count of this chunk's choice
-                prompt = u.prompt_tokens
+            if u is not None and chunk.choices:  # continuous usage: the counts of this chunk's choice
                 for c in chunk.choices:
                     now = u.completion_tokens or 0
                     generated += now - counts.get(c.index, 0)
                     counts[c.index] = now
+                    group = c.index // n
+                    prompt += u.prompt_tokens - prompts.get(group, 0)
+                    prompts[group] = u.prompt_tokens
             if deltas:
                 if not produced:
                     # Started with the first output, not vLLM's role-only first chunk: a job

@@ -82,6 +82,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     reclaim_grace_ms: int = 2000
     max_attempts: int = 3
     drain_timeout_s: float = 30.0
+    #: An event loop that has not taken a turn for this long is wedged (a backend that blocks it,
+    #: a hang): the heartbeat thread stops announcing the engine, so its jobs go to other engines
+    #: and its readiness probe fails. Far above the longest turn a bounded job takes (~2 s).
+    stall_s: float = 20.0
     reply_maxlen: int = 100_000
     dead_letter_maxlen: int = 10_000
     #: How long a cancellation is remembered when its message carries no deadline (older gateways).
@@ -376,6 +380,9 @@ class Worker:
         self._started_ms = now_ms()
         #: When this engine's heartbeat last reached Redis (monotonic; 0: never).
         self._heartbeat_ok = 0.0
+        #: When the event loop last took a turn (monotonic): the heartbeat thread reads it.
+        self._loop_tick = time.monotonic()
+        self._stalled = False
         self._info_blob = b""  # the encoded EngineInfo, built once the backend has started
         self._kinds = frozenset(backend.kinds) & JOB_KINDS
         self._running: dict[str, _Running] = {}
@@ -424,6 +431,7 @@ class Worker:
                                     self._heartbeat_once, self.settings.heartbeat_s, self._heartbeat_failed)
         heartbeat.start()
         tasks = [
+            asyncio.create_task(self._tick(), name="loop-tick"),
             asyncio.create_task(self.writer.run(), name="event-writer"),
             asyncio.create_task(self._cancel_listener(), name="cancel-listener"),
             asyncio.create_task(self._every(max(self.settings.reclaim_idle_ms / 2000, 0.2), self._reclaim_once,
@@ -523,7 +531,7 @@ class Worker:
     def ready(self) -> bool:
         """Serving: the model is loaded, the engine joined its job streams and its heartbeat
         reached Redis within ``engine_ttl_s`` (so gateways see it), and it is not draining."""
-        return (self._heartbeat_ok > 0 and not self._stopping.is_set()
+        return (self._heartbeat_ok > 0 and not self._stopping.is_set() and not self._stalled
                 and time.monotonic() - self._heartbeat_ok < self.settings.engine_ttl_s)
 
     def in_flight(self) -> list[tuple[str, int]]:
@@ -765,9 +773,26 @@ class Worker:
 
     # ---- heartbeats and reclaiming -----------------------------------------------------
 
+    async def _tick(self) -> None:
+        while not self._closed:
+            self._loop_tick = time.monotonic()
+            await asyncio.sleep(0.25)
+
     async def _heartbeat_once(self, redis: Any) -> None:
         """Announce this engine and re-claim the jobs it holds (on the heartbeat thread, with its
-        own client ``redis``; what it reads of the worker's state it copies first)."""
+        own client ``redis``; what it reads of the worker's state it copies first). Not while the
+        event loop is wedged: then the engine's entry expires and its jobs are reclaimed."""
+        stalled = time.monotonic() - self._loop_tick > self.settings.stall_s
+        if stalled != self._stalled:
+            self._stalled = stalled
+            if stalled:
+                log.error("the event loop took no turn for %.0f s: no more heartbeats until it does (other engines "
+                          "take this one's jobs)", self.settings.stall_s)
+                self.metrics.background_error("stalled")
+            else:
+                log.warning("the event loop is turning again: heart-beating")
+        if stalled:
+            return
         now = now_ms()
         pipe = redis.pipeline(transaction=False)
         pipe.zadd(self.keys.engines, {self.engine_id: now + int(self.settings.engine_ttl_s * 1000)})

@@ -52,7 +52,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     # Each worker configures logging itself (asgi_from_env): uvicorn's own config would replace it.
     uvicorn.run("gateway.app:asgi_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=args.workers or settings.workers, loop="uvloop",
-                http="gateway.server:BoundedHttpToolsProtocol", access_log=False,
+                http="gateway.server:BoundedHttpToolsProtocol", ws="none", access_log=False,
                 log_level=settings.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
     return 0
 
@@ -65,14 +65,15 @@ def cmd_engine(args: argparse.Namespace) -> int:
     settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
                               engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
-                              image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s)
+                              image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
+                              stall_s=args.stall_s)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
         backend = SyntheticBackend(SyntheticSettings(
             models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
             first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
-            numbered=args.numbered))
+            numbered=args.numbered, block_s=args.block))
     elif args.kind == "diffusers":
         from engines.diffusers_engine import DiffusersBackend
 
@@ -351,12 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
     en.add_argument("--metrics-port", type=int)
     en.add_argument("--reclaim-idle-ms", type=int, default=5000)
+    en.add_argument("--stall-s", type=float, default=20.0,
+                    help="an event loop that takes no turn for this long stops the heartbeat: other engines take "
+                         "over this one's jobs")
     en.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
                          "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
     en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")
+    en.add_argument("--block", type=float, default=0.0,
+                    help="synthetic: seconds each job blocks the engine's event loop (a wedged engine, for fault tests)")
     en.add_argument("--numbered", action="store_true",
                     help="synthetic: token i's text is '<i> ', so clients can check for gaps and duplicates")
     en.add_argument("--log-level", default="info")

@@ -132,7 +132,7 @@ class JobRun:
         #: images: what the key is charged if the run ends without its ``Done``.
         self.generated: Usage | None = None
         self.images = 0
-        #: The engine refused the job (a 4xx before any output): the key gets its request back.
+        #: The engine refused the job (a 4xx before any output): the key gets its tokens back.
         self.refused = False
 
     @property
@@ -220,14 +220,14 @@ class JobRun:
                 return None
             self.attempt = event.attempt
             self.seq = 0
-            self.generated, self.images = None, 0  # only what the attempt that answers made is charged
             if isinstance(event, Failed):  # the job's new owner only reports its end
-                self.ended = True
+                self.ended = True  # (what the lost attempt generated stays charged)
                 return event
             if self.shown:
                 raise EngineError("The engine serving this request stopped after output began; retry the request.",
                                   code="engine_lost")
             self._held = event  # another engine runs it from scratch
+            self.generated, self.images = None, 0  # only what the attempt that answers made is charged
             return RESTARTED
         if event.seq:  # 0: an engine that does not number its events
             if event.seq <= self.seq:
@@ -247,13 +247,16 @@ class JobRun:
         if isinstance(event, Delta):
             if event.total is not None:
                 self.generated = event.total
+            elif self.generated is None:  # an engine of protocol < 4: output, uncounted
+                self.generated = Usage()
         elif isinstance(event, ImageReady):
             if event.partial is None:
                 self.images += 1
         elif isinstance(event, (Done, Failed)):
             self.ended = True
-            if isinstance(event, Failed) and 400 <= event.status < 500 and not self.shown:
-                self.refused = True
+            if (isinstance(event, Failed) and 400 <= event.status < 500 and self.generated is None
+                    and not self.images):
+                self.refused = True  # before any output of its attempt
         if self.queue_span is not None:
             self.end_queue_span(event)
         return event
@@ -418,8 +421,8 @@ class Dispatcher:
             run.closed = True
             run.end_queue_span(None)
             self._forget_id(run.job_id)
-            if not isinstance(exc, ConduitError):
-                # It may have been queued before the interruption: engines skip it.
+            if not isinstance(exc, ConduitError) or exc.code == "queue_unavailable":
+                # It may have been queued before the interruption or the lost reply: engines skip it.
                 self._publish_cancel(run.job_id, run.job.deadline_ms)
             if run.grant is not None:  # admitted, never queued: every reserved token back (refused: all of it)
                 self._spawn(self._release(run.grant, 0, refused=isinstance(exc, ConduitError)))
@@ -446,11 +449,9 @@ class Dispatcher:
 
         What it used: its final usage, or, for a run that ended without one (client gone, deadline,
         engine lost, an error after output), what its engine reported generating so far and the
-        images it made. A run the engine refused (a 4xx) gets its request, tokens and images back."""
-        if run.refused:
-            if run.grant is not None and self.limiter is not None:
-                self._spawn(self._release(run.grant, 0, refused=True))
-            return
+        images it made. A run the engine refused (a 4xx before any output) gets its tokens back;
+        it keeps its request (rpm) slot: the engine did work on it, and a key must not be able to
+        send engines refused requests without limit."""
         u = run.usage
         images = run.cost.images if u is not None else run.images
         if u is None:
@@ -460,7 +461,8 @@ class Dispatcher:
             self.usage.add(run.principal.key_id, run.principal.name, run.model, prompt_tokens=prompt,
                            completion_tokens=completion, images=images)
         if run.grant is not None and self.limiter is not None:
-            self._spawn(self._release(run.grant, prompt + completion if u is not None else None))
+            used = 0 if run.refused else prompt + completion if u is not None else None
+            self._spawn(self._release(run.grant, used))
 
     async def _release(self, grant: Grant, used_tokens: int | None, refused: bool = False) -> None:
         try:

@@ -296,6 +296,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
     def check(self, limits: GatewaySettings) -> None:
         """Bounds on the request's work, then rules that span fields (OpenAI answers these with a 400 too)."""
         self.check_extensions(limits)
+        _min_tokens_at_most(self.min_tokens, self.max_completion_tokens or self.max_tokens)
         if self.chat_template_kwargs is not None:
             _nested_at_most("chat_template_kwargs", self.chat_template_kwargs, limits.max_json_depth)
         _at_most("messages", "messages", len(self.messages), limits.max_messages)
@@ -331,9 +332,11 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
                 raise InvalidRequest(f"Tool `{self.tool_choice.function.name}` named in `tool_choice` is not in "
                                      "`tools`.", param="tool_choice")
 
-    def fits(self, model: ModelContext, limits: GatewaySettings) -> None:
-        """What the request may generate, against the model's context and ``max_output_work``
-        (checked once the model's engines are known, before anything is queued)."""
+    def fits(self, model: ModelContext, limits: GatewaySettings) -> int | None:
+        """What the request may generate, against the model's context, batch and ``max_output_work``
+        (checked once the model's engines are known, before anything is queued). Returns the
+        ``max_tokens`` the job must carry when the request named none and could otherwise pass
+        ``max_output_work`` (None: as it is)."""
         param = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
         most = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         chars = 0
@@ -345,15 +348,23 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
                 elif content:
                     chars += sum(len(p.text) for p in content if isinstance(p, TextPart))
         most = _room(model, "messages", param, most, chars)
+        n = self.n or 1
         top = (self.top_logprobs or 0) if self.logprobs else 0
         echoed = 0
+        if self.echo and self.messages[-1].content:  # vLLM starts every choice with the last message
+            content = self.messages[-1].content
+            echoed += n * (1 + top) * (_utf8_len(content) if isinstance(content, str) else
+                                       sum(_utf8_len(p.text) for p in content if isinstance(p, TextPart)))
         if self.prompt_logprobs is not None:
-            echoed = (sum(_utf8_len(m.content) if isinstance(m.content, str) else
-                          sum(_utf8_len(p.text) for p in m.content if isinstance(p, TextPart)) if m.content else 0
-                          for m in self.messages) + _TEMPLATE_TOKENS * len(self.messages)) * (1 + self.prompt_logprobs)
-        _step_at_most(limits, model, self.n or 1, top, "top_logprobs")
-        _work_at_most(limits, most, self.n or 1, top, echoed, param, "top_logprobs",
-                      defaulted=self.max_completion_tokens is None and self.max_tokens is None)
+            # The rendered prompt: at most the context; unknown, everything the request renders from.
+            prompt = model.max_model_len or sum(
+                _utf8_len(m.content) if isinstance(m.content, str) else
+                sum(_utf8_len(p.text) for p in m.content if isinstance(p, TextPart)) if m.content else 0
+                for m in self.messages) + _TEMPLATE_TOKENS * len(self.messages)
+            echoed += prompt * (1 + self.prompt_logprobs)
+        _step_at_most(limits, model, n, top, "top_logprobs")
+        return _work_at_most(limits, most, n, top, echoed, param, "top_logprobs",
+                             defaulted=self.max_completion_tokens is None and self.max_tokens is None)
 
 
 # A string, a batch of strings, a token list, or a batch of token lists (msgspec takes one
@@ -390,6 +401,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
     def check(self, limits: GatewaySettings) -> None:
         """Bounds on the request's work, then rules that span fields; sizes are checked before any loop."""
         self.check_extensions(limits)
+        _min_tokens_at_most(self.min_tokens, self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS)
         if isinstance(self.response_format, JsonSchemaResponseFormat):
             _nested_at_most("response_format.json_schema.schema", self.response_format.json_schema.schema,
                             limits.max_json_depth)
@@ -423,10 +435,11 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
                                  f"({param}={per_prompt} x {prompts} prompts), but this server generates at most "
                                  f"{limits.max_choices} choices per request.", param=param, code="invalid_value")
 
-    def fits(self, model: ModelContext, limits: GatewaySettings) -> None:
+    def fits(self, model: ModelContext, limits: GatewaySettings) -> int | None:
         """What the request may generate (every prompt sampled max(``n``, ``best_of``) times, and what
-        ``echo`` and ``prompt_logprobs`` return of the prompts), against the model's context and
-        ``max_output_work``."""
+        ``echo`` and ``prompt_logprobs`` return of the prompts), against the model's context, batch
+        and ``max_output_work``. An unset ``max_tokens`` is 16, as OpenAI's and vLLM's. Returns None
+        (the job as it is), as :meth:`ChatCompletionRequest.fits` may not."""
         prompt = self.prompt
         prompts: list[Any] = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         shortest = 0
@@ -438,7 +451,9 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
             if longest >= model.max_model_len:
                 _context_exceeded(model.max_model_len, longest, "prompt", exact=not isinstance(prompts[0], str))
             shortest = min(lengths)
-        most = _room(model, "prompt", "max_tokens", self.max_tokens, 0, prompt_tokens=shortest)
+        most = _room(model, "prompt", "max_tokens",
+                     self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS, 0,
+                     prompt_tokens=shortest)
         top = self.logprobs or 0
         sequences = max(self.n or 1, self.best_of or 1) * len(prompts)
         echoed = 0
@@ -449,8 +464,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
             if self.prompt_logprobs is not None:
                 echoed += tokens * (1 + self.prompt_logprobs)
         _step_at_most(limits, model, sequences, top, "logprobs")
-        _work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs",
-                      defaulted=self.max_tokens is None)
+        return _work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs", defaulted=False)
 
 
 class ModelContext(NamedTuple):
@@ -467,6 +481,8 @@ class ModelContext(NamedTuple):
 
 #: Tokens a chat template may add around one message (role markers, separators), reckoned high.
 _TEMPLATE_TOKENS = 32
+#: A completion's ``max_tokens`` when it names none (OpenAI's default, and vLLM's).
+COMPLETION_MAX_TOKENS = 16
 
 
 def _utf8_len(text: str) -> int:
@@ -520,13 +536,18 @@ def _step_at_most(limits: GatewaySettings, model: ModelContext, sequences: int, 
 
 
 def _work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top: int, echoed: int, param: str,
-                  top_param: str, *, defaulted: bool) -> None:
+                  top_param: str, *, defaulted: bool) -> int | None:
     """Refuse a request whose output (tokens of every choice with their logprob candidates, plus what
-    ``echo`` / ``prompt_logprobs`` return) may pass ``max_output_work``."""
+    ``echo`` / ``prompt_logprobs`` return) may pass ``max_output_work``; for one that named no
+    ``max_tokens`` (``defaulted``), the largest ``max_tokens`` that fits instead (None: it fits)."""
     per_choice = most if most is not None else limits.default_max_tokens_estimate
     work = sequences * per_choice * (1 + top) + echoed
     if work <= limits.max_output_work:
-        return
+        return None
+    if defaulted:  # as a model's own output limit caps a request that names none (OpenAI's too)
+        cap = (limits.max_output_work - echoed) // (sequences * (1 + top))
+        if cap >= 1:
+            return cap
     unset = (f" (`{param}` is unset: the model's context less the prompt)" if most is not None else
              f" (`{param}` is unset)") if defaulted else ""
     factors = [f"{sequences} choices", f"{per_choice} tokens each{unset}"]
@@ -542,6 +563,13 @@ def _work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top
 for _request in (ChatCompletionRequest, CompletionRequest):
     _request._refused = tuple(f for f in _request.__struct_fields__ if f in REFUSED)
     _request._refused_values = staticmethod(operator.attrgetter(*_request._refused))  # type: ignore[assignment]
+
+
+def _min_tokens_at_most(min_tokens: int | None, most: int | None) -> None:
+    """vLLM's own rule, here so that an engine is not asked (an engine's refusal is charged a request)."""
+    if min_tokens and most is not None and min_tokens > most:
+        raise InvalidRequest(f"Invalid 'min_tokens': it must be at most `max_tokens` ({most}), but got {min_tokens}.",
+                             param="min_tokens", code="invalid_value")
 
 
 def _at_most(param: str, what: str, count: int, limit: int) -> None:

@@ -75,6 +75,12 @@ class ChoiceState:
             self.stop_reason = d.stop_reason
 
 
+def with_max_tokens(body: bytes, cap: int) -> bytes:
+    """A validated JSON object ``body`` (which names no ``max_tokens``) with ``max_tokens: cap`` added."""
+    end = body.rindex(b"}")
+    return b"%s,\"max_tokens\":%d%s" % (body[:end], cap, body[end:])
+
+
 def tenancy(request: Request[Any, Any, Any]) -> tuple[Principal, dict[str, str] | None]:
     """Who the request runs as (put there by the auth guard), and the dict its ``x-ratelimit-*``
     headers go into (``scope["state"]["ratelimit"]``, sent by the guard; None without a key)."""
@@ -128,7 +134,9 @@ class Generation:
         dispatcher = self.dispatcher
         # The model's engines known (404/503 first), what it may generate is checked against them.
         dispatcher.check_model(model, principal, self.kind)
-        req.fits(dispatcher.registry.context(model), dispatcher.settings)
+        cap = req.fits(dispatcher.registry.context(model), dispatcher.settings)
+        if cap is not None:  # it named no max_tokens and could generate more than a request may
+            body = with_max_tokens(body, cap)
         # Job ids are always our own: a client's x-request-id need not be unique.
         run = dispatcher.job(self.kind, model, body, job_id=new_id(self.renderer.id_prefix), stream=stream,
                                   receive=request.receive,

@@ -2,8 +2,8 @@
 sees it, so without a tokenizer).
 
 Tokens: the prompt's characters / 4 (rounded up) plus the most the request may generate
-(``max_completion_tokens`` / ``max_tokens``, or ``default_max_tokens_estimate`` when it names
-none) times the sequences it asks for. Four characters a token is OpenAI's rule of thumb for
+(``max_completion_tokens`` / ``max_tokens``, or ``default_max_tokens_estimate`` when a chat
+request names none, 16 for a completion, as the engines default it) times the sequences it asks for. Four characters a token is OpenAI's rule of thumb for
 English; real tokenizers give about that or fewer tokens, so the prompt part rarely falls short,
 and the output part is an upper bound. The reservation is reconciled with the real usage when
 the request ends (``Limiter.release``), so a generous estimate costs nothing in the long run,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import msgspec
 
 from gateway.images.protocol import ImageRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, RefusalPart, TextPart
+from gateway.protocol import COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, ImagePart, RefusalPart, TextPart
 from gateway.settings import GatewaySettings
 
 #: Characters per token of the estimate.
@@ -100,6 +100,6 @@ def estimate(req: ChatCompletionRequest | CompletionRequest | ImageRequest, sett
     if isinstance(req, ChatCompletionRequest):
         most = req.max_completion_tokens or req.max_tokens or default
         return Cost(tokens=chat_prompt_tokens(req) + most * (req.n or 1))
-    most = req.max_tokens if req.max_tokens is not None else default
+    most = req.max_tokens if req.max_tokens is not None else COMPLETION_MAX_TOKENS  # OpenAI's and vLLM's default
     sequences = max(req.n or 1, req.best_of or 1) * _prompts(req)
     return Cost(tokens=completion_prompt_tokens(req) + most * sequences)

@@ -21,7 +21,7 @@ handler the path and method reach, and its ``opt["access"]``), never read from a
   URLs are, and ``<img src>`` sends no header).
 
 A path no route matches is answered 404 here; one whose route lacks the method needs a key
-(then the router's 405).
+(then the router's 405); one longer than ``MAX_PATH`` gets a 414; a websocket is closed.
 
 On ``http.response.start`` of every response the guard adds the rate-limit headers found at
 ``scope["state"]["ratelimit"]``: a dict header name -> value filled by the limits check
@@ -48,6 +48,9 @@ KEY, ADMIN, METRICS, PUBLIC_ACCESS = "key", "admin", "metrics", "public"
 PUBLIC: dict[str, Any] = {"access": PUBLIC_ACCESS}
 ADMIN_ONLY: dict[str, Any] = {"access": ADMIN}
 METRICS_ACCESS: dict[str, Any] = {"access": METRICS}
+
+#: Characters of the longest path routed (model ids and image names are far shorter).
+MAX_PATH = 2048
 
 #: ``route_access(path, method)``: the access its route needs, or None when no route has the path.
 RouteAccess = Callable[[str, str], str | None]
@@ -86,7 +89,10 @@ class Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
+            if scope["type"] == "websocket":  # no route takes one (the server speaks none either)
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            await self.app(scope, receive, send)  # lifespan
             return
         state = scope.get("state")
         if state is None:
@@ -115,6 +121,9 @@ class Guard:
     async def _check(self, path: str, scope: Scope, state: dict[str, Any]) -> None:
         if root_path := scope.get("root_path"):  # as the router reads it (no server of ours sets one)
             path = path.split(root_path, maxsplit=1)[-1]
+        if len(path) > MAX_PATH:  # nor are such paths remembered by the router's cache
+            raise ConduitError(f"The request's path is longer than this server accepts ({MAX_PATH} characters).",
+                               status=414, type="invalid_request_error", code="uri_too_long")
         if not canonical(path):
             raise NotFound(f"Not found: `{path[:200]}` is not a canonical path (no doubled or trailing slashes, no "
                            "`.` or `..` segments).")

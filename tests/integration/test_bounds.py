@@ -65,3 +65,18 @@ def test_raised_limit_is_honoured(gw: Stack) -> None:
     r = post(gw, "/v1/completions", {"prompt": ["a", "b"], "n": 128, "max_tokens": 1})
     assert r.status_code == 200, r.text[:500]
     assert r.json()["object"] == "text_completion"
+
+
+def test_a_chat_request_without_max_tokens_is_capped_to_what_the_bound_allows(stack: Stack) -> None:
+    """It names no max_tokens, so each of its 4 choices may run as long as the engine goes (1,000
+    tokens here): 4,000 tokens against a bound of 2,000. It is served with max_tokens 500, as a
+    model's own output limit caps it; one that names 1,000 is refused."""
+    stack.gateway(max_output_work=2000)
+    stack.synthetic("synthetic", "--tokens", "1000")
+    chat = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "n": 4}
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", json=chat, timeout=30)
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["usage"]["completion_tokens"] == 2000
+    assert {c["finish_reason"] for c in r.json()["choices"]} == {"length"}
+    r = httpx.post(f"{stack.base_url}/v1/chat/completions", json={**chat, "max_tokens": 1000}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text

@@ -197,11 +197,15 @@ def test_request_heads_are_bounded(stack: Stack) -> None:
     big = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n"
     many = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-P: a\r\n" * 2000 + b"\r\n"
     huge = b"GET /health HTTP/1.1\r\nHost: x\r\n" + (b"X-Pad: " + b"a" * 8000 + b"\r\n") * 2500 + b"\r\n"  # 20 MB
+    # Trailers of a chunked body are headers too (parsed and kept by the server), one long one or many.
+    chunked = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+    trailers = chunked + (b"X-T: " + b"a" * 8000 + b"\r\n") * 2500 + b"\r\n"
+    trailer = chunked + b"X-T: " + b"a" * 20_000_000 + b"\r\n\r\n"
     url = b"GET /v1/models?" + b"q" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
     gateway = stack.procs[-1].proc.pid
     before = _rss_kib(gateway)
-    for _ in range(3):  # 60 MB of head in all
-        answer = _raw(stack.port, huge)
+    for head in (huge, trailers, trailer, huge):  # 80 MB of head in all
+        answer = _raw(stack.port, head)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:300]
     assert _rss_kib(gateway) - before < 16_384, "the gateway held the oversized heads"
     for head, chunk in ((big, 65_536), (big, 100), (many, 1000), (url, 65_536)):
@@ -216,3 +220,8 @@ def test_request_heads_are_bounded(stack: Stack) -> None:
     post = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             b"Content-Length: 20000\r\nConnection: close\r\n\r\n" + b" " * 20000)  # a body past the bound: not a head
     assert _raw(stack.port, post).startswith(b"HTTP/1.1 400 ")  # blank JSON: the app's own 400
+    # A chunked body of many small chunks (framing bytes are not its head), with a short trailer.
+    small_chunks = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                    b"Connection: close\r\n\r\n" + b"1\r\n \r\n" * 20_000 + b"0\r\nX-T: a\r\n\r\n")
+    answer = _raw(stack.port, small_chunks, 4096)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]

@@ -288,10 +288,40 @@ async def test_the_backlog_is_bounded_in_bytes(stack: Stack) -> None:
         await asyncio.sleep(0.4)
         await queue.submit(job("c", 10_000), share=0.5)
         assert await redis.zscore(keys.queued_jobs(MODEL), short.id) is None
+        # Both keys expire with the last job's deadline at the latest (acks lost: counts do not outlive it).
+        assert 0 < await redis.pttl(keys.queued_bytes(MODEL)) <= 60_000
+        assert 0 < await redis.pttl(keys.queued_jobs(MODEL)) <= 60_000
         # Once every job is counted out, nothing is left behind.
         for jid in await redis.zrange(keys.queued_jobs(MODEL), 0, -1):
             await redis.execute_command(*release_command(keys, MODEL, jid.decode()))
         assert await redis.exists(keys.queued_bytes(MODEL), keys.queued_jobs(MODEL)) == 0
+    finally:
+        await queue.lane.close()
+        await redis.aclose()
+
+
+async def test_expired_byte_counts_never_hold_a_backlog_shut(stack: Stack) -> None:
+    """Jobs never acked stop counting at their deadline, even when there are more of them than one
+    submission prunes (256): a refused submission prunes too, so the next one gets in."""
+    redis = aioredis.from_url(stack.redis_url)
+    keys, codec = Keys(stack.prefix), Codec()
+    queue = JobQueue(redis, keys, codec, max_backlog=1000, max_backlog_bytes=100_000)
+    queue.lane.start()
+    try:
+        now = int(time.time() * 1000)
+        for _ in range(600):  # 600 jobs of ~160 bytes (96 KB) whose acks never come
+            await queue.submit(Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"x" * 79, reply_to="r",
+                                   deadline_ms=now + 300), share=None)
+        live = Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"", reply_to="r", deadline_ms=now + 60_000)
+        await queue.submit(live, share=None)  # one still running: the keys live on
+        assert 95_000 < int(await redis.hget(keys.queued_bytes(MODEL), "total")) < 100_000
+        await asyncio.sleep(0.4)
+        big = Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"x" * 50_000, reply_to="r",
+                  deadline_ms=int(time.time() * 1000) + 60_000)
+        with pytest.raises(BytesFull):  # 256 expired ones left out are not enough room yet
+            await queue.submit(big, share=None)
+        await queue.submit(big, share=None)  # the refusal pruned them: now there is room
+        assert await redis.zcard(keys.queued_jobs(MODEL)) < 600 - 256 + 1
     finally:
         await queue.lane.close()
         await redis.aclose()

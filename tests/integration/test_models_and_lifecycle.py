@@ -89,6 +89,28 @@ def test_job_of_a_dead_engine_is_retried_elsewhere(stack: Stack) -> None:
     assert r.json()["choices"][0]["message"]["content"] == "tok tok tok "
 
 
+def test_job_of_a_wedged_engine_is_retried_elsewhere(stack: Stack) -> None:
+    """An engine whose event loop stops (a backend that blocks it for 30 s) keeps heart-beating
+    from its own thread, but only while its loop turns: 2 s after it stopped the heartbeat stops,
+    and another engine takes the job over, well before the wedged one would have answered."""
+    stack.gateway()
+    wedged = stack.synthetic("synthetic", "--block", "30", "--stall-s", "2", "--reclaim-idle-ms", "1000")
+    result: dict[str, httpx.Response] = {}
+    sent = time.monotonic()
+    t = threading.Thread(target=lambda: result.update(
+        r=httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 3}, timeout=60)))
+    t.start()
+    time.sleep(1.0)  # the wedged engine took it
+    stack.synthetic("synthetic", "--reclaim-idle-ms", "1000", wait=False)
+    t.join()
+    took = time.monotonic() - sent
+    wedged.kill()  # still asleep; it would answer SIGTERM only when it wakes
+    r = result["r"]
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == "tok tok tok "
+    assert took < 20, f"answered after {took:.1f}s: the wedged engine was never failed over"
+
+
 def test_stream_of_a_dead_engine_ends_with_an_error_not_duplicates(stack: Stack) -> None:
     """Output already reached the client: a reclaimed job fails cleanly instead of re-running."""
     stack.gateway()

@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from gateway.tenancy.keys import HASHER, parse_key
+from tests.fakes import FakeEngine
 from tests.harness import Stack
 
 ADMIN = "tenancy-admin-credential-0123456789"
@@ -256,8 +257,8 @@ def test_a_stream_ended_by_its_deadline_is_charged_what_it_was_sent(stack: Stack
 
 
 def test_refusals_after_admission_give_back_the_request_slot(stack: Stack) -> None:
-    """A 429 model_overloaded (the queue) or an engine's 400 comes after the key's limits admitted
-    the request: its request (rpm) slot and tokens go back, so the key still has its 3 requests."""
+    """A 429 model_overloaded (the queue) comes after the key's limits admitted the request: its
+    request (rpm) slot and tokens go back, so the key still has its 3 requests."""
     stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), max_backlog=2)
     url = stack.base_url
     stack.api_key = new_key(url, name="watcher")
@@ -275,12 +276,43 @@ def test_refusals_after_admission_give_back_the_request_slot(stack: Stack) -> No
         refused = [post(key) for _ in range(5)]
         assert {r.json()["error"]["code"] for r in refused} == {"model_overloaded"}, [r.text for r in refused]
         assert [f.result().status_code for f in busy] == [200, 200]
-    engine_refused = post(key, min_tokens=10, max_tokens=2)  # the engine's own validation: a 400
-    assert engine_refused.status_code == 400 and engine_refused.json()["error"]["param"] == "min_tokens"
     ok = [post(key) for _ in range(3)]
     assert [r.status_code for r in ok] == [200, 200, 200], [r.text for r in ok]
     assert post(key).status_code == 429  # and then the limit holds
     assert _settled(url, key, 3)["requests"] == 3
+
+
+def test_an_engines_refusal_gives_back_tokens_not_the_request(stack: Stack) -> None:
+    """An engine that refuses a job (a 400 before any output) did work on it: the key gets its
+    tokens back but keeps the request counted, so refused requests cannot reach engines past the
+    key's rpm (a refund there let a key of rpm 5 send 30 in 0.1 s)."""
+    stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN))
+    url = stack.base_url
+    key = new_key(url, limits={"rpm": 2, "tpm": 5_000})
+    with FakeEngine(stack.redis_url, stack.prefix, "fake") as engine:
+        stack.api_key = key
+        stack.wait_for_model("fake")
+
+        def refused_by_the_engine() -> httpx.Response:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                answer = pool.submit(httpx.post, f"{url}/v1/chat/completions", timeout=30,
+                                     json={**CHAT, "model": "fake", "max_tokens": 1000},
+                                     headers={"Authorization": f"Bearer {key}"})
+                job = engine.next_job()
+                engine.reply(job, [{"t": "e", "message": "No.", "code": "invalid_request", "status": 400,
+                                    "type": "invalid_request_error", "param": "messages"}])
+                engine.ack(job)
+                return answer.result()
+
+        first = refused_by_the_engine()
+        assert first.status_code == 400 and first.json()["error"]["message"] == "No."
+        assert int(first.headers["x-ratelimit-remaining-tokens"]) < 4_000  # ~1,006 reserved at admission
+        second = refused_by_the_engine()
+        # The first's ~1,006 reserved tokens came back; its request did not.
+        assert int(second.headers["x-ratelimit-remaining-tokens"]) > 3_900, second.headers
+        third = httpx.post(f"{url}/v1/chat/completions", json={**CHAT, "model": "fake"}, timeout=30,
+                           headers={"Authorization": f"Bearer {key}"})
+        assert third.status_code == 429 and "requests per minute" in third.json()["error"]["message"], third.text
 
 
 def test_one_key_cannot_fill_redis_with_jobs_at_the_body_limit(stack: Stack) -> None:
@@ -311,3 +343,26 @@ def test_one_key_cannot_fill_redis_with_jobs_at_the_body_limit(stack: Stack) -> 
         error = refused.json()["error"]
         assert error["code"] == "model_overloaded" and "bytes" in error["message"], error
     assert held < 8_000_000, held  # four jobs' bytes (and Redis's own), not eight
+
+
+def test_a_stream_whose_engine_died_is_charged_what_it_was_sent(stack: Stack) -> None:
+    stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN))
+    url = stack.base_url
+    stack.api_key = key = new_key(url)
+    doomed = stack.synthetic("synthetic", "--token-delay", "0.05", "--tokens", "500", "--reclaim-idle-ms", "1000")
+    sent = 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**CHAT, "max_tokens": 500, "stream": True},
+                      timeout=60, headers={"Authorization": f"Bearer {key}"}) as r:
+        lines = r.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                sent += json.loads(line[6:])["choices"][0]["delta"].get("content", "").count("tok")
+                if sent >= 20:
+                    break
+        doomed.kill()
+        stack.synthetic("synthetic", "--reclaim-idle-ms", "1000", wait=False)  # finds the job, fails it cleanly
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert "engine_lost" in rest[-2], rest[-3:]
+    sent += sum(json.loads(x[6:])["choices"][0]["delta"].get("content", "").count("tok") for x in rest[:-2])
+    usage = _settled(url, key, 1)
+    assert sent <= usage["completion_tokens"] <= sent + 5 and usage["prompt_tokens"] == 1, (sent, usage)

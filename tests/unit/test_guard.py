@@ -81,3 +81,19 @@ async def test_admin_routes_are_not_registered_without_an_admin_credential() -> 
 ])
 def test_canonical(path: str, ok: bool) -> None:
     assert canonical(path) is ok
+
+
+async def test_long_paths_and_websockets_are_refused(guard: Guard) -> None:
+    status, body = await call(guard, "GET", "/v1/models/" + "m" * 3000)
+    assert status == 414 and b"uri_too_long" in body
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await guard({"type": "websocket", "path": "/admin/keys", "headers": [], "state": {}},  # type: ignore[arg-type]
+                receive, send)
+    assert sent == [{"type": "websocket.close", "code": 1008}]

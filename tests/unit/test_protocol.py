@@ -440,12 +440,32 @@ def test_the_output_one_request_may_cause_is_bounded(decoder: RequestDecoder, mo
     assert fits(decoder, chat_body(**{**largest, "n": 13}), model) is not None  # 273 a step
 
 
-def test_without_max_tokens_a_choice_may_fill_the_context(decoder: RequestDecoder) -> None:
-    long = ModelContext(max_model_len=8192, max_chars_per_token=16)
-    err = fits(decoder, chat_body(n=4, logprobs=True, top_logprobs=20), long)  # 4 x 8191 x 21
-    assert err is not None and "unset" in err.message and "8191 tokens each" in err.message
-    assert fits(decoder, chat_body(n=4, logprobs=True, top_logprobs=20, max_tokens=4000), long) is None
-    assert fits(decoder, chat_body(n=12, logprobs=True, top_logprobs=20)) is None  # 12 x 2047 x 21 in 2048
+def test_without_max_tokens_a_request_is_capped_not_refused(decoder: RequestDecoder) -> None:
+    """A chat request that names no max_tokens may run to the context; where that could pass
+    max_output_work it gets the largest max_tokens that fits (as a model's own output limit caps
+    it), and one that names a max_tokens over it is refused."""
+    long = ModelContext(max_model_len=131_072, max_chars_per_token=16)
+    body = chat_body(n=5, logprobs=True, top_logprobs=5)  # 5 x 131,071 x 6 could be 3.9 M
+    assert decoder.chat(body).fits(long, GatewaySettings()) == 524_288 // 30
+    assert decoder.chat(chat_body(n=5)).fits(long, GatewaySettings()) == 524_288 // 5
+    assert decoder.chat(chat_body()).fits(long, GatewaySettings()) is None  # 131,071 fits
+    assert fits(decoder, chat_body(n=5, logprobs=True, top_logprobs=5, max_tokens=20_000), long) is not None
+    assert decoder.chat(chat_body(n=12, logprobs=True, top_logprobs=20)).fits(TINY, GatewaySettings()) is None
+    # Completions default to 16 tokens, as OpenAI's and vLLM's do: nothing to cap.
+    assert decoder.completion(completion_body(n=5, logprobs=5)).fits(long, GatewaySettings()) is None
+
+
+def test_echo_and_min_tokens(decoder: RequestDecoder) -> None:
+    long = ModelContext(max_model_len=131_072, max_chars_per_token=128)
+    last = {"role": "assistant", "content": " " * 100_000}
+    echo = chat_body(messages=[USER, last], n=8, echo=True, continue_final_message=True, max_tokens=1)
+    err = fits(decoder, echo, long)  # vLLM starts each of the 8 choices with the 100,000 bytes
+    assert err is not None and "echoed from the prompt" in err.message
+    assert fits(decoder, chat_body(messages=[USER, last], n=2, echo=True, max_tokens=1), long) is None
+    for body in (chat_body(min_tokens=10, max_tokens=5), completion_body(min_tokens=17)):
+        with pytest.raises(InvalidRequest) as exc:
+            decoder.completion(body) if b'"prompt"' in body else decoder.chat(body)
+        assert exc.value.param == "min_tokens"
 
 
 def test_one_request_takes_at_most_half_an_engines_batch(decoder: RequestDecoder) -> None:

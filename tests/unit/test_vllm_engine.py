@@ -192,11 +192,22 @@ def test_continuous_usage_is_forwarded_per_chunk_only_when_asked() -> None:
     assert plain.totals == usages
 
 
+def test_totals_count_each_prompt_once() -> None:
+    """Completions of two prompts, n=2: choices 0-1 are prompt 0's (5 tokens), 2-3 prompt 1's (9)."""
+    chunks = [completion_chunk([{"index": i, "text": "x", "finish_reason": None}], usage(p, 1))
+              for i, p in ((0, 5), (1, 5), (2, 9), (3, 9))]
+    out = RecordingOutput()
+    asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(events(chunks), out, False, False, 2))
+    assert [(t.prompt_tokens, t.completion_tokens) for t in out.totals] == [(5, 1), (5, 2), (14, 3), (14, 4)]
+
+
 def test_totals_sum_every_choice() -> None:
     """vLLM counts each choice's own tokens on its chunks; a delta's total is the job's (n=2 here)."""
     chunks = [chat_chunk([{"index": i, "delta": {"content": t}, "finish_reason": None}], usage(5, c))
               for i, t, c in ((0, "a", 1), (1, "b", 1), (0, "c", 2), (1, "d", 2), (1, "e", 3))]
-    out = run_stream([*chunks, chat_chunk([], usage(5, 5)), "data: [DONE]\n\n"], chat=True)
+    out = RecordingOutput()
+    asyncio.run(VllmBackend(VllmSettings(model="unused"))._stream(
+        events([*chunks, chat_chunk([], usage(5, 5)), "data: [DONE]\n\n"]), out, True, False, 2))
     assert [t.completion_tokens for t in out.totals] == [1, 2, 3, 4, 5]
     assert {t.prompt_tokens for t in out.totals} == {5}
 
