@@ -6,96 +6,103 @@ Redis stops admission, limits and usage for every tenant. The gateway's submit s
 (``gateway.queue``) counts each job in when it queues it; the engine's ack counts it out with
 :data:`RELEASE` (this module), so both sides of the queue share one definition of the keys:
 
-* ``Keys.queued_bytes(model)``: HASH ``total`` (bytes of every job queued or running),
-  ``t:<tenant>`` (an API key's), ``s:<job id>`` (one job's size and tenant);
-* ``Keys.queued_jobs(model)``: ZSET job id -> deadline (ms). A job Redis never sees acked (its
-  ack lost in a failover, an engine of an older version) stops counting at its deadline: the
-  submit script leaves expired members out and drops them as it counts its job in.
+* ``Keys.queued_bytes(model)``: HASH ``total`` (bytes of every job queued or running) and
+  ``t:<tenant>`` (an API key's);
+* ``Keys.queued_jobs(model)``: ZSET of :func:`member` (``<job id> <size> <tenant>``) -> deadline
+  (ms). The engine names a job's member from the job itself (its id, its tenant, and its encoded
+  size: the stream entry's length), so counting it out needs no other record. A job Redis never
+  sees acked (its ack lost in a failover, an engine of an older version) stops counting at its
+  deadline: the submit script leaves expired members out and drops them as it goes.
 
 Both keys carry the model's hash tag (one Redis Cluster slot with its job stream), go when
-nothing is left in them, and expire at their last job's deadline whatever becomes of the acks. Imports no ML library (both the gateway and the engines use it).
+nothing is left in them, and expire within a minute after their last job's deadline whatever
+becomes of the acks.
+Imports no ML library (both the gateway and the engines use it).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 from engines.wire import Keys
 
 # Counts a job out (idempotent: an ack may be sent twice). The ZREM comes first: a script that
 # has written may go on under maxmemory, so an ack's release is never refused for memory.
-# KEYS: 1 queued bytes, 2 queued jobs. ARGV: 1 job id.
+# KEYS: 1 queued bytes, 2 queued jobs. ARGV: 1 member, 2 size, 3 tenant.
 RELEASE = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
-local entry = redis.call('HGET', KEYS[1], 's:' .. ARGV[1])
-redis.call('HDEL', KEYS[1], 's:' .. ARGV[1])
-if entry then
-  local size, tenant = string.match(entry, '^(%d+) (.*)$')
-  size = tonumber(size)
-  if redis.call('HINCRBY', KEYS[1], 'total', -size) <= 0 or redis.call('ZCARD', KEYS[2]) == 0 then
-    redis.call('DEL', KEYS[1], KEYS[2])
-    return 1
-  end
-  if tenant ~= '' and redis.call('HINCRBY', KEYS[1], 't:' .. tenant, -size) <= 0 then
-    redis.call('HDEL', KEYS[1], 't:' .. tenant)
-  end
+local size = tonumber(ARGV[2])
+if redis.call('HINCRBY', KEYS[1], 'total', -size) <= 0 then
+  redis.call('DEL', KEYS[1], KEYS[2])
+elseif ARGV[3] ~= '' and redis.call('HINCRBY', KEYS[1], 't:' .. ARGV[3], -size) <= 0 then
+  redis.call('HDEL', KEYS[1], 't:' .. ARGV[3])
 end
 return 1
 """
+RELEASE_SHA = hashlib.sha1(RELEASE.encode()).hexdigest()
 
 # The part of the gateway's submit script that reads what the model and the tenant hold
 # (``gateway.queue``), less the jobs whose deadline passed without an ack, and then counts a job
 # in. Reading writes nothing (the submit script's first write must be the one refused under
-# maxmemory); ``count_in`` drops those expired jobs' counts as it adds the new job's.
-# ``backlog_bytes(bytes_key, jobs_key, now_ms, tenant)`` -> total, tenant's, expired jobs (at most
-# 256 of them); ``count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)``;
-# ``prune(bytes_key, jobs_key, expired)``: drops them alone (a refused submission does, so that
-# expired counts never hold a backlog shut; deleting is allowed under maxmemory).
+# maxmemory).
+# ``backlog_bytes(bytes_key, jobs_key, now_ms, tenant, size, limit, tenant_limit)`` -> total,
+# tenant's, expired members (at most 256; looked for only when a job of ``size`` would not fit
+# otherwise); ``prune(bytes_key, jobs_key, expired)`` drops them (a refused submission does too, so
+# that expired counts never hold a backlog shut; deleting is allowed under maxmemory);
+# ``count_in(bytes_key, jobs_key, expired, member, deadline, size, tenant)``.
 HELD = """
-local function parse(entry)
-  local size, owner = string.match(entry, '^(%d+) (.*)$')
-  return tonumber(size), owner
+local function parse(member)
+  local size, owner = string.match(member, '^%S+ (%d+) (.*)$')
+  return tonumber(size) or 0, owner or ''
 end
-local function backlog_bytes(bytes_key, jobs_key, now, tenant)
+local function backlog_bytes(bytes_key, jobs_key, now, tenant, size, limit, tenant_limit)
   local v = redis.call('HMGET', bytes_key, 'total', 't:' .. tenant)
   local total, mine = tonumber(v[1] or '0'), tonumber(v[2] or '0')
+  if total + size <= limit and (tenant_limit <= 0 or mine + size <= tenant_limit) then
+    return total, mine, {}  -- it fits: expired jobs are left for a submission they would make room for
+  end
   local expired = redis.call('ZRANGEBYSCORE', jobs_key, '-inf', now, 'LIMIT', 0, 256)
-  for _, job in ipairs(expired) do
-    local entry = redis.call('HGET', bytes_key, 's:' .. job)
-    if entry then
-      local size, owner = parse(entry)
-      total = total - size
-      if owner == tenant then mine = mine - size end
-    end
+  for _, m in ipairs(expired) do
+    local n, owner = parse(m)
+    total = total - n
+    if owner == tenant then mine = mine - n end
   end
   return total, mine, expired
 end
 local function prune(bytes_key, jobs_key, expired)
-  for _, old in ipairs(expired) do
-    redis.call('ZREM', jobs_key, old)
-    local entry = redis.call('HGET', bytes_key, 's:' .. old)
-    if entry then
-      local n, owner = parse(entry)
-      redis.call('HDEL', bytes_key, 's:' .. old)
-      redis.call('HINCRBY', bytes_key, 'total', -n)
-      if owner ~= '' and redis.call('HINCRBY', bytes_key, 't:' .. owner, -n) <= 0 then
-        redis.call('HDEL', bytes_key, 't:' .. owner)
-      end
+  if #expired == 0 then return end
+  redis.call('ZREM', jobs_key, unpack(expired))
+  for _, m in ipairs(expired) do
+    local size, owner = parse(m)
+    redis.call('HINCRBY', bytes_key, 'total', -size)
+    if owner ~= '' and redis.call('HINCRBY', bytes_key, 't:' .. owner, -size) <= 0 then
+      redis.call('HDEL', bytes_key, 't:' .. owner)
     end
   end
 end
-local function count_in(bytes_key, jobs_key, expired, job, deadline, size, tenant)
+local function count_in(bytes_key, jobs_key, expired, member, deadline, size, tenant)
   prune(bytes_key, jobs_key, expired)
-  redis.call('ZADD', jobs_key, deadline, job)
+  redis.call('ZADD', jobs_key, deadline, member)
   redis.call('HINCRBY', bytes_key, 'total', size)
   if tenant ~= '' then redis.call('HINCRBY', bytes_key, 't:' .. tenant, size) end
-  redis.call('HSET', bytes_key, 's:' .. job, size .. ' ' .. tenant)
-  -- Both go by the last deadline at the latest, whatever happens to the acks.
-  local last = redis.call('ZRANGE', jobs_key, -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', bytes_key, last[2])
-  redis.call('PEXPIREAT', jobs_key, last[2])
+  -- Both go by the last deadline at the latest (rounded up to a minute: one read most times),
+  -- whatever becomes of the acks.
+  if redis.call('PEXPIRETIME', jobs_key) < tonumber(deadline) then
+    local at = (math.floor(tonumber(deadline) / 60000) + 1) * 60000
+    redis.call('PEXPIREAT', bytes_key, at)
+    redis.call('PEXPIREAT', jobs_key, at)
+  end
 end
 """
 
 
-def release_command(keys: Keys, model: str, job_id: str) -> tuple[object, ...]:
-    """The command (part of a job's ack) that counts the job's bytes out of its model's backlog."""
-    return ("EVAL", RELEASE, 2, keys.queued_bytes(model), keys.queued_jobs(model), job_id)
+def member(job_id: str, size: int, tenant: str) -> str:
+    """A job's member in ``Keys.queued_jobs``: its id, its encoded size (bytes), its tenant."""
+    return f"{job_id} {size} {tenant}"
+
+
+def release_command(keys: Keys, model: str, job_id: str, size: int, tenant: str) -> tuple[object, ...]:
+    """The command (part of a job's ack) that counts the job's bytes out of its model's backlog
+    (``EVALSHA``: the worker loads :data:`RELEASE` when Redis says it lacks it)."""
+    return ("EVALSHA", RELEASE_SHA, 2, keys.queued_bytes(model), keys.queued_jobs(model),
+            member(job_id, size, tenant), size, tenant)

@@ -34,7 +34,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
-from engines.backlog import release_command
+from engines.backlog import RELEASE, release_command
 from engines.fairness import PROMOTE, promote_command
 from engines.heartbeat import HeartbeatThread
 from engines.lane import connect, entry_fields, open_lane, redacted, stream_entries
@@ -113,6 +113,8 @@ class _Running:
     seq: int = 0
     #: The job's usage, once the backend reported it.
     usage: Usage | None = None
+    #: The job's encoded size (bytes), as its model's backlog counts it (``engines.backlog``).
+    size: int = 0
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -191,6 +193,7 @@ class EventWriter:
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings,
                  metrics: EngineMetrics | None = None) -> None:
         self.lane = open_lane(redis, "events")
+        self._redis = redis
         self._codec = codec
         self._settings = settings
         self.metrics = metrics or EngineMetrics.noop()
@@ -200,6 +203,9 @@ class EventWriter:
         self._idle.set()
         #: entry id -> job stream of jobs finished but not yet acked (the heartbeat claims them).
         self.unacked: dict[bytes, str] = {}
+        #: Load the ack's scripts (``engines.backlog.RELEASE``) before the next write: at first, and
+        #: after Redis answered NOSCRIPT.
+        self.load_scripts = True
 
     def emit(self, reply_to: str, event: Event) -> None:
         self._batch.events.setdefault(reply_to, []).append(event)
@@ -253,6 +259,9 @@ class EventWriter:
 
     async def _write(self, batch: _Batch) -> _Batch | None:
         """One round trip; returns what must be written again (or None)."""
+        if self.load_scripts:
+            await self._redis.script_load(RELEASE)  # every primary of a cluster
+            self.load_scripts = False
         cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
@@ -291,6 +300,8 @@ class EventWriter:
             n = len(c)
             if any(isinstance(r, Exception) for r in replies[i:i + n]):
                 retry.acks.append(a)
+                if any(isinstance(r, NoScriptError) for r in replies[i:i + n]):
+                    self.load_scripts = True  # Redis restarted or flushed its scripts: load before the retry
             else:
                 self.unacked.pop(a.entry_id, None)
             i += n
@@ -614,7 +625,7 @@ class Worker:
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
             self._refuse_malformed(stream, model, entry_id, fields, attempt)
             return
-        run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt)
+        run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt, size=len(fields[b"j"]))
         if job.kind not in self._kinds:
             self.metrics.job_finished(model, "unsupported")
             self.finish(run, Failed(job=job.id, message=f"No engine of model `{model}` runs `{job.kind}` requests "
@@ -653,7 +664,7 @@ class Worker:
             job=header.id, message="The engine could not read this request (a newer or damaged job).",
             code="malformed_job", status=400, type="invalid_request_error", attempt=attempt, seq=1),
             _Ack(stream, entry_id, self.keys.job(model, header.id), self._share_of(model, header.tenant, header.id),
-                 release_command(self.keys, model, header.id)))
+                 release_command(self.keys, model, header.id, len(fields[b"j"]), header.tenant)))
 
     async def _run_job(self, run: _Running) -> None:
         job = run.job
@@ -723,7 +734,8 @@ class Worker:
     def _ack_of(self, run: _Running) -> _Ack:
         job = run.job
         return _Ack(run.stream, run.entry_id, self.keys.job(job.model, job.id),
-                    self._share_of(job.model, job.tenant, job.id), release_command(self.keys, job.model, job.id))
+                    self._share_of(job.model, job.tenant, job.id),
+                    release_command(self.keys, job.model, job.id, run.size, job.tenant))
 
     def _share_of(self, model: str, tenant: str, job_id: str) -> tuple[str, str] | None:
         return (self.keys.tenant_backlog(model, tenant), job_id) if tenant else None
@@ -867,7 +879,7 @@ class Worker:
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
             self._refuse_malformed(stream, model, entry_id, fields, attempt)
             return
-        run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt)
+        run = _Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt, size=len(fields[b"j"]))
         if await self.redis.get(self.keys.job(model, job.id)) == OUTPUT_STARTED:
             log.warning("job %s was lost mid-output by its engine; failing it", job.id)
             self.metrics.job_finished(model, "lost")

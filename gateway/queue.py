@@ -52,15 +52,15 @@ if limit > 0 then
   if held >= limit then return {3, held} end
 end
 local size = #ARGV[3]
-local total, mine, expired = backlog_bytes(KEYS[8], KEYS[9], ARGV[8], ARGV[5])
 local byte_limit = tonumber(ARGV[12])
+local total, mine, expired = backlog_bytes(KEYS[8], KEYS[9], ARGV[8], ARGV[5], size, tonumber(ARGV[11]), byte_limit)
 if total + size > tonumber(ARGV[11]) or (byte_limit > 0 and mine + size > byte_limit) then
   prune(KEYS[8], KEYS[9], expired)
   if total + size > tonumber(ARGV[11]) then return {4, total} end
   return {5, mine}
 end
 redis.call('SET', KEYS[2], 'q', 'PXAT', ARGV[4])
-count_in(KEYS[8], KEYS[9], expired, ARGV[9], ARGV[4], size, ARGV[5])
+count_in(KEYS[8], KEYS[9], expired, ARGV[9] .. ' ' .. size .. ' ' .. ARGV[5], ARGV[4], size, ARGV[5])
 if ARGV[5] ~= '' then
   redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
   redis.call('ZADD', KEYS[7], ARGV[4], ARGV[9])
