@@ -60,6 +60,29 @@ def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> Any:
     return aioredis.from_url(url, decode_responses=False, **kwargs)
 
 
+class ScriptLoader:
+    """Loads a Lua script into Redis once, however many callers find it missing at the same moment
+    (after a Redis restart every request in flight gets NOSCRIPT: one load each could take more
+    connections than the pool has, and fail them all)."""
+
+    def __init__(self, redis: Any) -> None:
+        self._redis = redis
+        self._loading: dict[str, asyncio.Future[Any]] = {}
+
+    async def load(self, script: str) -> None:
+        fut = self._loading.get(script)
+        if fut is None:
+            fut = self._loading[script] = asyncio.ensure_future(self._redis.script_load(script))
+
+            def loaded(done: asyncio.Future[Any]) -> None:
+                self._loading.pop(script, None)
+                if not done.cancelled():
+                    done.exception()  # retrieved: its waiters get it; no "never retrieved" when none is left
+
+            fut.add_done_callback(loaded)
+        await asyncio.shield(fut)
+
+
 def open_lane(redis: Any, name: str, *, blocking: bool = False) -> RedisLane | ClusterLane:
     """The lane for ``redis``: one pipelined connection, or (cluster) the cluster's pipelines."""
     if isinstance(redis, RedisCluster):

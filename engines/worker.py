@@ -260,8 +260,12 @@ class EventWriter:
     async def _write(self, batch: _Batch) -> _Batch | None:
         """One round trip; returns what must be written again (or None)."""
         if self.load_scripts:
-            await self._redis.script_load(RELEASE)  # every primary of a cluster
             self.load_scripts = False
+            try:
+                await self._redis.script_load(RELEASE)  # every primary of a cluster
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                # Events go out all the same; an ack that meets NOSCRIPT asks for another load.
+                log.warning("could not load the ack's script: %s", exc)
         cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
@@ -381,6 +385,8 @@ class Worker:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.codec = Codec()
+        if settings.stall_s < 1:
+            raise ValueError(f"stall_s must be at least 1 s (the event loop's tick is 0.25 s), got {settings.stall_s}")
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
         self.redis: Any = connect(settings.redis_url, cluster=settings.redis_cluster)
         self.writer = EventWriter(self.redis, self.codec, settings)
@@ -471,6 +477,8 @@ class Worker:
         away over it. False if stopped first."""
         delay = 0.5
         while not self._stopping.is_set():
+            # This loop is turning (loading the model or waiting for Redis took it, no stall).
+            self._loop_tick = time.monotonic()
             try:
                 await self._create_groups()
                 await self._heartbeat_once(self.redis)

@@ -85,7 +85,7 @@ class JobRun:
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
                  "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "refused")
+                 "output", "refused", "refund_request")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -132,8 +132,13 @@ class JobRun:
         #: images: what the key is charged if the run ends without its ``Done``.
         self.generated: Usage | None = None
         self.images = 0
+        #: The current attempt produced output (a delta or an image).
+        self.output = False
         #: The engine refused the job (a 4xx before any output): the key gets its tokens back.
         self.refused = False
+        #: A refusal at the queue that is not the key's own doing (the model's whole backlog is
+        #: full, Redis is unavailable): the key gets its request back too.
+        self.refund_request = False
 
     @property
     def job_id(self) -> str:
@@ -227,7 +232,7 @@ class JobRun:
                 raise EngineError("The engine serving this request stopped after output began; retry the request.",
                                   code="engine_lost")
             self._held = event  # another engine runs it from scratch
-            self.generated, self.images = None, 0  # only what the attempt that answers made is charged
+            self.generated, self.images, self.output = None, 0, False  # only the answering attempt is charged
             return RESTARTED
         if event.seq:  # 0: an engine that does not number its events
             if event.seq <= self.seq:
@@ -245,17 +250,16 @@ class JobRun:
         if isinstance(event, Unknown):
             return None  # counted by the router; its number is accounted for
         if isinstance(event, Delta):
-            if event.total is not None:
+            self.output = True
+            if event.total is not None:  # (an engine of protocol < 4 counts nothing: the reservation stands)
                 self.generated = event.total
-            elif self.generated is None:  # an engine of protocol < 4: output, uncounted
-                self.generated = Usage()
         elif isinstance(event, ImageReady):
+            self.output = True
             if event.partial is None:
                 self.images += 1
         elif isinstance(event, (Done, Failed)):
             self.ended = True
-            if (isinstance(event, Failed) and 400 <= event.status < 500 and self.generated is None
-                    and not self.images):
+            if isinstance(event, Failed) and 400 <= event.status < 500 and not self.output:
                 self.refused = True  # before any output of its attempt
         if self.queue_span is not None:
             self.end_queue_span(event)
@@ -424,8 +428,9 @@ class Dispatcher:
             if not isinstance(exc, ConduitError) or exc.code == "queue_unavailable":
                 # It may have been queued before the interruption or the lost reply: engines skip it.
                 self._publish_cancel(run.job_id, run.job.deadline_ms)
-            if run.grant is not None:  # admitted, never queued: every reserved token back (refused: all of it)
-                self._spawn(self._release(run.grant, 0, refused=isinstance(exc, ConduitError)))
+            if run.grant is not None:  # admitted, never queued: every reserved token back (the request too,
+                # unless the key's own share of the backlog refused it)
+                self._spawn(self._release(run.grant, 0, refused=run.refund_request))
             raise
         loop = self.loop
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
@@ -484,7 +489,7 @@ class Dispatcher:
         self._publish_cancel(old.id, old.deadline_ms)
         run.job = msgspec.structs.replace(old, id=new_id(old.id.partition("-")[0]))
         run.attempt, run.seq, run.missing = 1, 0, 0
-        run.generated, run.images = None, 0
+        run.generated, run.images, run.output = None, 0, False
         await self._queue(run)
 
     async def _queue(self, run: JobRun) -> None:
@@ -494,16 +499,19 @@ class Dispatcher:
         self._runs[job.id] = run
         share = run.principal.limits.backlog_share
         share = self.settings.key_backlog_share if share is None else share
+        run.refund_request = True  # unless the key's own share refuses it (below)
         try:
             await self.queue.submit(job, share=share)
         except BacklogFull as exc:
             raise Overloaded(f"The model `{job.model}` has {exc.backlog} requests waiting, its limit; retry after "
                              f"{self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
         except ShareFull as exc:
+            run.refund_request = False
             raise Overloaded(f"This API key has {exc.held} requests queued or running on the model `{job.model}`, "
                              f"its share ({share:.0%} of the model's backlog of {self.settings.max_backlog}); retry "
                              f"after {self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
         except BytesFull as exc:
+            run.refund_request = not exc.tenant
             whose = (f"This API key's requests queued or running on the model `{job.model}` hold {exc.held} bytes, "
                      f"its share ({share:.0%})" if exc.tenant else
                      f"The requests queued or running on the model `{job.model}` hold {exc.held} bytes")
@@ -511,6 +519,7 @@ class Dispatcher:
                              f"backlog may hold; retry after {self.settings.retry_after_s}s.",
                              self.settings.retry_after_s) from None
         except JobTooLarge as exc:
+            run.refund_request = False
             raise PayloadTooLarge(f"This request is {exc.size} bytes as a job, more than one API key may have queued "
                                   f"on a model ({exc.limit} bytes).") from None
         except (ConnectionError, OSError, aioredis.RedisError) as exc:

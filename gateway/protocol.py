@@ -363,8 +363,11 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
                 for m in self.messages) + _TEMPLATE_TOKENS * len(self.messages)
             echoed += prompt * (1 + self.prompt_logprobs)
         _step_at_most(limits, model, n, top, "top_logprobs")
-        return _work_at_most(limits, most, n, top, echoed, param, "top_logprobs",
-                             defaulted=self.max_completion_tokens is None and self.max_tokens is None)
+        cap = _work_at_most(limits, most, n, top, echoed, param, "top_logprobs",
+                            defaulted=self.max_completion_tokens is None and self.max_tokens is None)
+        if cap is not None:
+            _min_tokens_at_most(self.min_tokens, cap)
+        return cap
 
 
 # A string, a batch of strings, a token list, or a batch of token lists (msgspec takes one

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.backlog import HELD
-from engines.lane import open_lane, stream_entries
+from engines.lane import ScriptLoader, open_lane, stream_entries
 from engines.wire import ENGINE_GROUP, Codec, Job, Keys
 from telemetry.instruments import GatewayMetrics
 
@@ -138,6 +138,7 @@ class JobQueue:
         self.max_backlog_bytes = max_backlog_bytes
         self._cap = max(max_backlog * 4, 10_000)
         self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
+        self._scripts = ScriptLoader(redis)
         self.lane = open_lane(redis, "submit")
 
     def stream_of(self, model: str) -> str:
@@ -166,7 +167,7 @@ class JobQueue:
             outcome, n = await self.lane.execute(*args)
         except NoScriptError:
             # Redis restarted (or flushed its scripts) since we last loaded it.
-            await self._redis.script_load(_SUBMIT)
+            await self._scripts.load(_SUBMIT)
             outcome, n = await self.lane.execute(*args)
         if outcome == _BACKLOG_FULL:
             raise BacklogFull(int(n))

@@ -44,6 +44,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from engines.lane import ScriptLoader
 from engines.wire import Keys
 from gateway.errors import RateLimited
 from gateway.tenancy.cost import Cost
@@ -262,6 +263,7 @@ class Limiter:
         self.lane = lane
         self._keys = keys
         self._metrics = metrics or GatewayMetrics.noop()
+        self._scripts = ScriptLoader(redis)
         self._admit_sha = hashlib.sha1(_ADMIT.encode()).hexdigest()
         self._release_sha = hashlib.sha1(_RELEASE.encode()).hexdigest()
 
@@ -270,7 +272,7 @@ class Limiter:
         try:
             return await self.lane.execute(*cmd)
         except NoScriptError:
-            await self._redis.script_load(script)
+            await self._scripts.load(script)
             return await self.lane.execute(*cmd)
 
     async def admit(self, principal: Principal, rid: str, cost: Cost, expiry_ms: int,
@@ -342,5 +344,5 @@ class Limiter:
         try:
             await self.lane.execute(*cmd)
         except NoScriptError:
-            await self._redis.script_load(_RELEASE)
+            await self._scripts.load(_RELEASE)
             await self.lane.execute(*cmd)

@@ -236,8 +236,10 @@ def test_bounds_at_the_door_use_what_the_engine_announces(vllm_stack: VllmStack,
     never run before anything is queued (the engine sees no job), as a 400 naming the field."""
     jobs = _total(vllm_stack, "conduit_engine_jobs_total")
     refused = [
-        ({"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20, "ignore_eos": True}, "max_tokens",
+        # The issue's body: 128 sequences, more than half the engine's batch of 128 (and 2,688 candidates a step).
+        ({"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20, "ignore_eos": True}, "n",
          "invalid_value"),
+        ({"n": 64, "logprobs": True, "top_logprobs": 20}, "top_logprobs", "invalid_value"),  # 1,344 a step
         ({"messages": [{"role": "user", "content": "ab" * 200_000}]}, "messages", "context_length_exceeded"),
         ({"max_tokens": 1025}, "max_tokens", "invalid_value"),
         ({"chat_template": "{{ messages }}"}, "chat_template", "unsupported_parameter"),

@@ -50,7 +50,8 @@ def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
     stack = Stack(url, tmp_path)
     redis = None
     try:
-        engine = stack.synthetic("synthetic", "--metrics-port", str(metrics), wait=False)
+        # --stall-s 1: waiting for Redis (or loading a model) is not a stalled event loop.
+        engine = stack.synthetic("synthetic", "--metrics-port", str(metrics), "--stall-s", "1", wait=False)
         time.sleep(3)
         assert engine.alive(), engine.output()[-2000:]
         assert "not reachable" in engine.output()
@@ -62,6 +63,7 @@ def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
         stack.wait_for_model("synthetic", engine, timeout=20)
         assert httpx.get(f"http://127.0.0.1:{metrics}/ready").status_code == 200
         assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+        assert "took no turn" not in engine.output()
     finally:
         stack.stop()
         if redis is not None:

@@ -280,6 +280,15 @@ def test_refusals_after_admission_give_back_the_request_slot(stack: Stack) -> No
     assert [r.status_code for r in ok] == [200, 200, 200], [r.text for r in ok]
     assert post(key).status_code == 429  # and then the limit holds
     assert _settled(url, key, 3)["requests"] == 3
+    # A refusal by the key's own share of the backlog is its own doing: it keeps its request slot
+    # (else a key at its share could send requests past its rpm without end).
+    small = new_key(url, name="small", limits={"rpm": 3, "backlog_share": 0.0001})  # one job at a time
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, small)
+        time.sleep(0.5)
+        assert [post(small).json()["error"]["code"] for _ in range(2)] == ["model_overloaded"] * 2
+        assert post(small).json()["error"]["code"] == "rate_limit_exceeded"  # 1 running + 2 refused = 3
+        assert running.result().status_code == 200
 
 
 def test_an_engines_refusal_gives_back_tokens_not_the_request(stack: Stack) -> None:

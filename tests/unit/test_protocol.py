@@ -462,6 +462,11 @@ def test_echo_and_min_tokens(decoder: RequestDecoder) -> None:
     err = fits(decoder, echo, long)  # vLLM starts each of the 8 choices with the 100,000 bytes
     assert err is not None and "echoed from the prompt" in err.message
     assert fits(decoder, chat_body(messages=[USER, last], n=2, echo=True, max_tokens=1), long) is None
+    # A cap set for a request without max_tokens must still leave room for its min_tokens.
+    capped = decoder.chat(chat_body(n=5, min_tokens=200_000))
+    with pytest.raises(InvalidRequest) as exc:
+        capped.fits(ModelContext(max_model_len=262_144, max_chars_per_token=16), GatewaySettings())  # cap 104,857
+    assert exc.value.param == "min_tokens"
     for body in (chat_body(min_tokens=10, max_tokens=5), completion_body(min_tokens=17)):
         with pytest.raises(InvalidRequest) as exc:
             decoder.completion(body) if b'"prompt"' in body else decoder.chat(body)
