@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from engines.wire import ChoiceDelta, Job, Usage
+    from engines.wire import ChoiceDelta, Generated, Job, Usage
 
 
 class JobRejected(Exception):
@@ -38,7 +38,7 @@ class JobOutput(Protocol):
     def started(self) -> None:
         """Generation began (call once, before the first delta)."""
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         """New output for some choices; ``usage``: the usage so far as the client asked to see it per
         chunk; ``total``: the job's usage so far, every choice together (what it is charged if it
         never ends with ``done``: give it on every delta)."""

@@ -14,9 +14,9 @@ Redis stops admission, limits and usage for every tenant. The gateway's submit s
   sees acked (its ack lost in a failover, an engine of an older version) stops counting at its
   deadline: the submit script leaves expired members out and drops them as it goes.
 
-Both keys carry the model's hash tag (one Redis Cluster slot with its job stream), go when
-nothing is left in them, and expire within a minute after their last job's deadline whatever
-becomes of the acks.
+Both keys carry the model's hash tag (one Redis Cluster slot with its job stream) and expire
+within a minute after their last job's deadline (an empty backlog keeps them that long, so that a
+model served one request at a time does not make and drop them each time).
 Imports no ML library (both the gateway and the engines use it).
 """
 
@@ -32,9 +32,8 @@ from engines.wire import Keys
 RELEASE = """
 if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 local size = tonumber(ARGV[2])
-if redis.call('HINCRBY', KEYS[1], 'total', -size) <= 0 then
-  redis.call('DEL', KEYS[1], KEYS[2])
-elseif ARGV[3] ~= '' and redis.call('HINCRBY', KEYS[1], 't:' .. ARGV[3], -size) <= 0 then
+redis.call('HINCRBY', KEYS[1], 'total', -size)
+if ARGV[3] ~= '' and redis.call('HINCRBY', KEYS[1], 't:' .. ARGV[3], -size) <= 0 then
   redis.call('HDEL', KEYS[1], 't:' .. ARGV[3])
 end
 return 1

@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
-from engines.wire import ChoiceDelta, Job, Usage
+from engines.wire import ChoiceDelta, Generated, Job, Usage
 
 
 class _Message(msgspec.Struct):
@@ -116,7 +116,7 @@ class SyntheticBackend:
             # Usage on every delta as vLLM counts it: each choice has produced i + 1 tokens.
             out.delta([ChoiceDelta(index=c, text=text, finish_reason=reason) for c in range(n)],
                       Usage(prompt_tokens=prompt_tokens, completion_tokens=i + 1) if continuous else None,
-                      Usage(prompt_tokens=prompt_tokens, completion_tokens=(i + 1) * n))
+                      Generated(prompt_tokens, (i + 1) * n))
             # At zero delay every token exists at once (like a backend that answers instantly):
             # they go out together. With a delay, tokens trickle like a real model's steps.
             if s.token_delay_s:

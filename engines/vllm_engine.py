@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
-from engines.wire import ChoiceDelta, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+from engines.wire import ChoiceDelta, Generated, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
 from telemetry.instruments import EngineMetrics, VllmMetrics
 
 
@@ -415,7 +415,7 @@ class VllmBackend:
                     produced = True
                     out.started()
                 out.delta(deltas, _usage(u) if u is not None and continuous else None,
-                          Usage(prompt_tokens=prompt, completion_tokens=generated))
+                          Generated(prompt, generated))
             if u is not None and not chunk.choices:  # the final usage chunk
                 usage = _usage(u)
             if clock() > turn_ends:

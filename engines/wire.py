@@ -231,6 +231,14 @@ class Usage(msgspec.Struct, omit_defaults=True):
     cached_tokens: int | None = None
 
 
+class Generated(msgspec.Struct, array_like=True):
+    """A job's tokens so far, all choices together (``Delta.total``; a two-number array on the wire:
+    it rides on every delta)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class Started(msgspec.Struct, tag="s", tag_field="t", omit_defaults=True):
     """The engine accepted the job (the request is valid and generation began)."""
 
@@ -255,7 +263,7 @@ class Delta(msgspec.Struct, tag="d", tag_field="t", omit_defaults=True):
     usage: Usage | None = None
     #: The job's usage so far, every choice together (protocol 4): what the job's key is charged
     #: if the job ends without its ``Done`` (client gone, deadline, engine lost).
-    total: Usage | None = None
+    total: Generated | None = None
 
 
 class Done(msgspec.Struct, tag="f", tag_field="t", omit_defaults=True):

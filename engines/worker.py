@@ -51,6 +51,7 @@ from engines.wire import (
     EngineInfo,
     Event,
     Failed,
+    Generated,
     ImageReady,
     Job,
     Keys,
@@ -346,7 +347,7 @@ class _Output:
             run.output_marked = True
             self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         self.started()
         self._mark_output()
         run = self._run

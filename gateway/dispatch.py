@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.wire import Delta, Done, Event, Failed, ImageReady, Job, Started, Unknown, Usage
+from engines.wire import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
 from gateway.errors import (
     ConduitError,
     DeadlineExceeded,
@@ -130,7 +130,7 @@ class JobRun:
         self.error = ""
         #: What the current attempt generated so far (its latest ``Delta.total``) and its final
         #: images: what the key is charged if the run ends without its ``Done``.
-        self.generated: Usage | None = None
+        self.generated: Generated | None = None
         self.images = 0
         #: The current attempt produced output (a delta or an image).
         self.output = False
@@ -247,13 +247,18 @@ class JobRun:
                 self._held = _GAP
                 return RESTARTED
             self.seq = event.seq
-        if isinstance(event, Unknown):
-            return None  # counted by the router; its number is accounted for
-        if isinstance(event, Delta):
+        kind = type(event)
+        if kind is Delta:  # the common case first
             self.output = True
-            if event.total is not None:  # (an engine of protocol < 4 counts nothing: the reservation stands)
-                self.generated = event.total
-        elif isinstance(event, ImageReady):
+            total = event.total
+            if total is not None:  # (an engine of protocol < 4 counts nothing: the reservation stands)
+                self.generated = total
+            if self.queue_span is not None:
+                self.end_queue_span(event)
+            return event
+        if kind is Unknown:
+            return None  # counted by the router; its number is accounted for
+        if kind is ImageReady:
             self.output = True
             if event.partial is None:
                 self.images += 1

@@ -33,6 +33,7 @@ class EngineRegistry:
         self._configured = set(configured)
         self.engines: dict[str, EngineInfo] = {}
         self.models: dict[str, list[EngineInfo]] = {}
+        self._contexts: dict[str, ModelContext] = {}
         #: model -> (jobs in its stream: queued or running, jobs waiting in fair queueing's lists),
         #: for every known model, as :meth:`read_backlog` last found them (``conduit.queue.*``).
         self.backlog: dict[str, tuple[int, int]] = {}
@@ -71,17 +72,8 @@ class EngineRegistry:
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
     def context(self, model: str) -> ModelContext:
-        """What ``model``'s live engines announce: the smallest ``max_model_len`` and ``max_sequences``
-        and the largest ``max_chars_per_token`` among them (a request must fit whichever engine
-        takes it); None where one of them does not say."""
-        engines = self.models.get(model, ())
-        lens = [e.max_model_len for e in engines if e.max_model_len]
-        chars = [e.max_chars_per_token for e in engines if e.max_chars_per_token]
-        seqs = [e.max_sequences for e in engines if e.max_sequences]
-        every = len(engines)
-        return ModelContext(min(lens) if lens and len(lens) == every else None,
-                            max(chars) if chars and len(chars) == every else None,
-                            min(seqs) if seqs and len(seqs) == every else None)
+        """What ``model``'s live engines announce (worked out at each refresh, not per request)."""
+        return self._contexts.get(model, _NOTHING_KNOWN)
 
     def created(self, model: str) -> int:
         """When the longest-running engine of ``model`` started (seconds since epoch)."""
@@ -115,6 +107,7 @@ class EngineRegistry:
         if bad:
             self.metrics.skipped("registry_entry", bad)
         self.engines, self.models = engines, models
+        self._contexts = {m: _context(infos) for m, infos in models.items()}
         # Accumulated, not replaced: a model served once stays "known" (503, not 404) even
         # if Redis loses its data.
         self._seen.update(s.decode() for s in seen)
@@ -166,3 +159,19 @@ class EngineRegistry:
                 self.metrics.background_error("engine-registry")
             ticks += 1
             await asyncio.sleep(self._refresh_s)
+
+
+_NOTHING_KNOWN = ModelContext()
+
+
+def _context(engines: list[EngineInfo]) -> ModelContext:
+    """What a model's live engines announce: the smallest ``max_model_len`` and ``max_sequences`` and
+    the largest ``max_chars_per_token`` among them (a request must fit whichever engine takes it);
+    None where one of them does not say."""
+    lens = [e.max_model_len for e in engines if e.max_model_len]
+    chars = [e.max_chars_per_token for e in engines if e.max_chars_per_token]
+    seqs = [e.max_sequences for e in engines if e.max_sequences]
+    every = len(engines)
+    return ModelContext(min(lens) if lens and len(lens) == every else None,
+                        max(chars) if chars and len(chars) == every else None,
+                        min(seqs) if seqs and len(seqs) == every else None)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
-from engines.wire import ChoiceDelta, Job, Usage
+from engines.wire import ChoiceDelta, Generated, Job, Usage
 
 
 class Recorder:
@@ -21,7 +21,7 @@ class Recorder:
     def started(self) -> None:
         pass
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         self.deltas.append(choices)
 
     def done(self, usage: Usage) -> None:

@@ -25,7 +25,7 @@ from engines.vllm_engine import (
     vllm_request,
     wants_continuous_usage,
 )
-from engines.wire import ChoiceDelta, Usage
+from engines.wire import ChoiceDelta, Generated, Usage
 from gateway.protocol import REFUSED, ChatCompletionRequest, CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,12 +76,12 @@ class RecordingOutput:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, Any]] = []
-        self.totals: list[Usage | None] = []
+        self.totals: list[Generated | None] = []
 
     def started(self) -> None:
         self.calls.append(("started", None))
 
-    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Usage | None = None) -> None:
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         self.calls.append(("delta", (choices, usage)))
         self.totals.append(total)
 
@@ -186,10 +186,10 @@ def test_continuous_usage_is_forwarded_per_chunk_only_when_asked() -> None:
     usages = [v[1] for k, v in out.calls if k == "delta"]
     assert usages == [Usage(prompt_tokens=7, completion_tokens=1), Usage(prompt_tokens=7, completion_tokens=2)]
     assert out.calls[-1] == ("done", Usage(prompt_tokens=7, completion_tokens=2))
-    assert out.totals == usages
+    assert out.totals == [Generated(u.prompt_tokens, u.completion_tokens) for u in usages]
     plain = run_stream(chat_stream("length", continuous=True), chat=True, continuous=False)
     assert [v[1] for k, v in plain.calls if k == "delta"] == [None, None]
-    assert plain.totals == usages
+    assert plain.totals == out.totals
 
 
 def test_totals_count_each_prompt_once() -> None:
