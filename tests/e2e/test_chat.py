@@ -198,7 +198,8 @@ def test_engine_refusals_keep_their_status(vllm_stack: VllmStack, stream: bool) 
 
 
 def _metric(vllm_stack: VllmStack, name: str) -> float:
-    text = httpx.get(f"http://127.0.0.1:{vllm_stack.metrics_port}/metrics").text
+    # A busy engine's metrics thread answers late: the default 5 s is not a deadline worth failing on.
+    text = httpx.get(f"http://127.0.0.1:{vllm_stack.metrics_port}/metrics", timeout=30).text
     m = re.search(rf"^{name}(?:\{{[^}}]*\}})? ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 

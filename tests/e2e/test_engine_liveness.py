@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -84,17 +85,23 @@ def test_the_largest_job_allowed_takes_no_model_offline(vllm_stack: VllmStack, s
     aborted = _metric(vllm_stack, "conduit_engine_backend_aborted_requests_total")
     with Probe(vllm_stack.base_url) as probe:
         time.sleep(1)
+        # Hang up 5 s in: the job (every choice runs to the 1,024-token context) is far from done.
         if stream:
             with httpx.stream("POST", url, json=big, timeout=60) as r:
                 assert r.status_code == 200, r.read()
-                until = time.monotonic() + 8
+                until = time.monotonic() + 5
                 for _ in r.iter_bytes():
                     if time.monotonic() > until:
                         break
+                assert _metric(vllm_stack, "conduit_engine_backend_unfinished_requests") >= 1
             hung_up = time.monotonic()
         else:
-            with pytest.raises(httpx.ReadTimeout):
-                httpx.post(url, json=big, timeout=8)
+            with ThreadPoolExecutor(1) as pool:
+                collected = pool.submit(httpx.post, url, json=big, timeout=5)
+                time.sleep(4.5)
+                assert _metric(vllm_stack, "conduit_engine_backend_unfinished_requests") >= 1
+                with pytest.raises(httpx.ReadTimeout):
+                    collected.result()
             hung_up = time.monotonic()
         took = _aborted_within(vllm_stack, aborted, hung_up)
         time.sleep(1)
@@ -103,7 +110,7 @@ def test_the_largest_job_allowed_takes_no_model_offline(vllm_stack: VllmStack, s
           f"hang-up; {len(latencies)} other requests, p50 {latencies[len(latencies) // 2]:.2f}s max "
           f"{latencies[-1]:.2f}s; listed {sum(probe.listed)}/{len(probe.listed)}")
     assert took < 1.0, f"the hang-up was acted on {took:.2f}s late"
-    assert all(probe.listed) and len(probe.listed) > 30, probe.listed
+    assert all(probe.listed) and len(probe.listed) > 20, probe.listed
     statuses = [s for s, _ in probe.answers]
     assert statuses and set(statuses) == {200}, probe.answers
     assert max(t for _, t in probe.answers) < 10, probe.answers
