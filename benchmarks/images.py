@@ -196,7 +196,7 @@ def engine_in_process(path: Path, args: argparse.Namespace, plan: list[int], siz
     import msgspec
 
     from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
-    from engines.wire import Job
+    from engines.contract.messages import Job
 
     async def one_run(backend: Any) -> Run:
         t = time.perf_counter()

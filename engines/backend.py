@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from engines.wire import ChoiceDelta, Generated, Job, Usage
+    from engines.contract.messages import ChoiceDelta, Generated, Job, Usage
 
 
 class JobRejected(Exception):

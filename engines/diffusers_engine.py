@@ -29,7 +29,7 @@ from engines.backend import JobOutput
 from engines.denoise import Failure, Frame, Request, StepLoop, deadline_error, decode_latents, expired, \
     preview_steps, step_supported
 from engines.image_job import ImageLimits, encode_image, resolve
-from engines.wire import Job, Usage
+from engines.contract.messages import Job, Usage
 from telemetry.instruments import EngineMetrics
 
 log = logging.getLogger("conduit.engine.diffusers")

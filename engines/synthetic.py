@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
-from engines.wire import ChoiceDelta, Generated, Job, Usage
+from engines.contract.messages import ChoiceDelta, Generated, Job, Usage
 
 
 class _Message(msgspec.Struct):

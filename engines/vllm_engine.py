@@ -21,7 +21,15 @@ from typing import Any, Generic, TypeVar
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
-from engines.wire import ChoiceDelta, Generated, Job, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+from engines.contract.messages import (
+    ChoiceDelta,
+    Generated,
+    Job,
+    SampledLogprob,
+    TokenLogprob,
+    ToolCallDelta,
+    Usage,
+)
 from telemetry.instruments import EngineMetrics, VllmMetrics
 
 

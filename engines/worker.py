@@ -34,15 +34,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from engines.backend import Backend, JobRejected
-from engines.backlog import RELEASE, release_command
-from engines.fairness import PROMOTE, promote_command
+from engines.contract.backlog import RELEASE, release_command
+from engines.contract.fairness import PROMOTE, promote_command
 from engines.heartbeat import HeartbeatThread
-from engines.lane import connect, entry_fields, open_lane, redacted, stream_entries
-from engines.store import new_ref, open_image_store
-from engines.wire import (
-    ENGINE_GROUP,
+from engines.contract.lane import connect, entry_fields, open_lane, redacted, stream_entries
+from engines.contract.store import new_ref, open_image_store
+from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED, Keys
+from engines.contract.messages import (
     JOB_KINDS,
-    OUTPUT_STARTED,
     PROTOCOL_VERSION,
     ChoiceDelta,
     Codec,
@@ -54,7 +53,6 @@ from engines.wire import (
     Generated,
     ImageReady,
     Job,
-    Keys,
     Started,
     Usage,
 )
@@ -91,7 +89,7 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     dead_letter_maxlen: int = 10_000
     #: How long a cancellation is remembered when its message carries no deadline (older gateways).
     cancel_memory_s: float = 600.0
-    #: Where images go (``engines.store``): ``redis`` or a directory every gateway reads too.
+    #: Where images go (``engines.contract.store``): ``redis`` or a directory every gateway reads too.
     image_store: str = "redis"
     #: How long a stored image stays readable when its job does not say (``Job.output_ttl_ms``).
     image_ttl_s: float = 3600.0
@@ -114,7 +112,7 @@ class _Running:
     seq: int = 0
     #: The job's usage, once the backend reported it.
     usage: Usage | None = None
-    #: The job's encoded size (bytes), as its model's backlog counts it (``engines.backlog``).
+    #: The job's encoded size (bytes), as its model's backlog counts it (``engines.contract.backlog``).
     size: int = 0
 
     def next_seq(self) -> int:
@@ -133,7 +131,7 @@ class _Ack:
     job_key: str | None
     #: (``Keys.tenant_backlog``, job id) of a job that has a tenant.
     release: tuple[str, str] | None = None
-    #: The command counting the job's bytes out of its model's backlog (``engines.backlog``).
+    #: The command counting the job's bytes out of its model's backlog (``engines.contract.backlog``).
     bytes_release: tuple[object, ...] | None = None
 
     def commands(self) -> list[tuple[object, ...]]:
@@ -204,7 +202,7 @@ class EventWriter:
         self._idle.set()
         #: entry id -> job stream of jobs finished but not yet acked (the heartbeat claims them).
         self.unacked: dict[bytes, str] = {}
-        #: Load the ack's scripts (``engines.backlog.RELEASE``) before the next write: at first, and
+        #: Load the ack's scripts (``engines.contract.backlog.RELEASE``) before the next write: at first, and
         #: after Redis answered NOSCRIPT.
         self.load_scripts = True
 
@@ -602,7 +600,7 @@ class Worker:
             await lane.close()
 
     async def _promote(self, lane: Any, model: str, free: int) -> int:
-        """Move up to ``free`` waiting jobs of ``model`` into its stream (``engines.fairness``);
+        """Move up to ``free`` waiting jobs of ``model`` into its stream (``engines.contract.fairness``);
         returns how many still wait."""
         cmd = promote_command(self.keys, model, free)
         (reply,) = await lane.round_trip([cmd])

@@ -17,9 +17,10 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
-from engines.lane import connect, open_lane, redacted
-from engines.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
-from engines.wire import Codec, Keys
+from engines.contract.lane import connect, open_lane, redacted
+from engines.contract.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
+from engines.contract.keys import Keys
+from engines.contract.messages import Codec
 from gateway.chat import ChatRenderer
 from gateway.completions import CompletionRenderer
 from gateway.dispatch import Dispatcher

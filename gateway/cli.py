@@ -1,7 +1,9 @@
 """The ``conduit`` command: ``up``, ``gateway``, ``engine``, ``models``, ``keys``.
 
-Imports are deferred to the subcommand that needs them, so ``conduit gateway`` never
-imports an ML library and ``conduit engine`` never imports Litestar.
+Imports are deferred to the subcommand that needs them, so ``conduit gateway`` never imports an
+ML library. ``conduit engine`` and ``conduit models build-tiny`` are the engine's own program
+(``python -m engines``, :mod:`engines.cli`), run in this process's place: this package never
+imports engine code.
 """
 
 from __future__ import annotations
@@ -10,22 +12,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from engines.diffusers_engine import DiffusersSettings
-    from engines.vllm_engine import VllmSettings
-
-CPU_ENGINE_ENV = {
-    # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "VLLM_NO_USAGE_STATS": "1",
-    "DO_NOT_TRACK": "1",
-}
+from typing import Any
 
 
 def _logging(level: str, fmt: str = "text", service: str = "") -> None:
@@ -54,118 +42,6 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                 workers=args.workers or settings.workers, loop="uvloop",
                 http="gateway.server:BoundedHttpToolsProtocol", ws="none", access_log=False,
                 log_level=settings.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
-    return 0
-
-
-def cmd_engine(args: argparse.Namespace) -> int:
-    from engines.main import serve
-    from engines.worker import WorkerSettings
-
-    _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
-    settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
-                              engine_id=args.engine_id or "",
-                              reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
-                              image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
-                              stall_s=args.stall_s)
-    if args.kind == "synthetic":
-        from engines.synthetic import SyntheticBackend, SyntheticSettings
-
-        backend = SyntheticBackend(SyntheticSettings(
-            models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
-            first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
-            numbered=args.numbered, block_s=args.block))
-    elif args.kind == "diffusers":
-        from engines.diffusers_engine import DiffusersBackend
-
-        model = args.model
-        tiny = model in (None, "tiny")
-        if tiny:
-            from engines.tiny import build_tiny_sd, default_sd_dir
-
-            model = str(build_tiny_sd(default_sd_dir()))
-        backend = DiffusersBackend(diffusers_settings(args, model))
-    else:
-        from engines.vllm_engine import VllmBackend
-
-        for k, v in cpu_engine_environment(cpu_flag=args.cpu, cpu_build=_is_cpu_build()).items():
-            os.environ.setdefault(k, v)
-        model = args.model
-        if model in (None, "tiny"):
-            from engines.tiny import build_tiny_llama, default_model_dir
-
-            model = str(build_tiny_llama(default_model_dir()))
-        backend = VllmBackend(vllm_settings(args, model))
-    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
-    return 0
-
-
-def cpu_engine_environment(*, cpu_flag: bool, cpu_build: bool) -> dict[str, str]:
-    """The environment a vLLM engine on the CPU needs (``--cpu``, or the ``vllm-cpu`` build):
-    a bounded KV cache and no model hub. A GPU engine gets none of it."""
-    return dict(CPU_ENGINE_ENV) if cpu_flag or cpu_build else {}
-
-
-def _is_cpu_build() -> bool:
-    import importlib.metadata
-
-    try:
-        importlib.metadata.version("vllm-cpu")
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
-
-
-def vllm_settings(args: argparse.Namespace, model: str) -> VllmSettings:
-    """A vLLM engine's settings from ``conduit engine``'s flags (``model``: a path or model id)."""
-    from engines.vllm_engine import VllmSettings
-
-    tiny = args.model in (None, "tiny")
-    extra: dict[str, object] = {"distributed_executor_backend": "uni"} if args.cpu else {}
-    optional = {name: getattr(args, name) for name in ("gpu_memory_utilization", "tensor_parallel_size")
-                if getattr(args, name) is not None}
-    return VllmSettings(
-        model=model, served_name=args.served_name or ("tiny-llama" if tiny else None),
-        max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
-        enforce_eager=args.enforce_eager, extra_engine_args=extra,
-        # The tiny model's chat template speaks the Hermes tool-call format.
-        tool_call_parser=args.tool_call_parser or ("hermes" if tiny else None),
-        enable_auto_tool_choice=args.enable_auto_tool_choice or tiny,
-        reasoning_parser=args.reasoning_parser, **optional)
-
-
-def diffusers_settings(args: argparse.Namespace, model: str) -> DiffusersSettings:
-    """A diffusers engine's settings from ``conduit engine``'s flags (``model``: the pipeline directory)."""
-    from engines.diffusers_engine import DiffusersSettings
-
-    tiny = args.model in (None, "tiny")
-    limits = {name: getattr(args, name) for name in ("max_batch_pixels", "max_size", "max_steps", "default_steps")
-              if getattr(args, name) is not None}
-    return DiffusersSettings(
-        model=model, served_name=args.served_name or ("tiny-sd" if tiny else None), device=args.device,
-        dtype=args.dtype, compile=args.compile, compile_backend=args.compile_backend, batching=args.batching,
-        max_concurrency=args.max_concurrency or 64, threads=args.threads, **limits)
-
-
-def _run_loop(main: Coroutine[Any, Any, None]) -> None:
-    """Run on uvloop where it is installed (as the gateway does): far cheaper loop turns."""
-    try:
-        import uvloop
-    except ImportError:
-        import asyncio
-
-        asyncio.run(main)
-    else:
-        uvloop.run(main)
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    """Build the tiny models (both unless ``--only``) and print their paths, one a line, Llama first."""
-    from engines.tiny import build_tiny_llama, build_tiny_sd, default_model_dir, default_sd_dir
-
-    if args.only in (None, "llama"):
-        print(build_tiny_llama(Path(args.path) if args.path else default_model_dir()), flush=True)
-    if args.only in (None, "sd"):
-        print(build_tiny_sd(Path(args.sd_path) if args.sd_path else default_sd_dir()), flush=True)
     return 0
 
 
@@ -244,8 +120,8 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from engines.lane import connect
-    from engines.wire import Keys
+    from engines.contract.lane import connect
+    from engines.contract.keys import Keys
     from gateway.settings import GatewaySettings
     from gateway.tenancy.usage import UsageLog
 
@@ -313,81 +189,36 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", help="TOML or JSON settings file (CONDUIT_* variables override it)")
     gw.set_defaults(func=cmd_gateway)
 
-    en = sub.add_parser("engine", help="Run an engine process.")
-    en.add_argument("--kind", choices=["vllm", "synthetic", "diffusers"], default="vllm")
-    en.add_argument("--model", help="model path or name (vllm), pipeline directory (diffusers); 'tiny' builds "
-                                    "the offline tiny Llama (vllm) or tiny Stable Diffusion (diffusers)")
-    en.add_argument("--device", help="diffusers: cpu, cuda, cuda:1... (default: cuda when available)")
-    en.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                    help="diffusers: weights' type (default: float32 on cpu, float16 on a GPU)")
-    en.add_argument("--compile", action="store_true", help="diffusers: torch.compile UNet and VAE (slow start)")
-    en.add_argument("--compile-backend", default="inductor", help="diffusers: torch.compile's backend")
-    en.add_argument("--batching", choices=["auto", "step", "request"], default="auto",
-                    help="diffusers: step-level continuous batching, whole-request batching, or auto")
-    en.add_argument("--max-batch-pixels", type=int, help="diffusers: sum of width*height per denoising step")
-    en.add_argument("--max-size", type=int, help="diffusers: largest width or height in pixels (default 2048)")
-    en.add_argument("--max-steps", type=int, help="diffusers: most denoising steps a request may take (default 150)")
-    en.add_argument("--default-steps", type=int, help="diffusers: steps of quality 'auto' (default 30)")
-    en.add_argument("--threads", type=int, help="diffusers: torch CPU threads (1 suits small shared CPUs)")
-    en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
-    en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    en.add_argument("--redis-cluster", action="store_true",
-                    default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
-                    help="Redis is a cluster (also chosen by a redis+cluster:// URL)")
-    en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
-    en.add_argument("--engine-id")
-    en.add_argument("--image-store", default=os.environ.get("CONDUIT_IMAGE_STORE", "redis"),
-                    help="where images go: redis (default) or a directory the gateways read too")
-    en.add_argument("--image-ttl-s", type=float, default=3600.0,
-                    help="how long a stored image stays readable when its job does not say")
-    en.add_argument("--max-concurrency", type=int)
-    en.add_argument("--max-model-len", type=int)
-    en.add_argument("--gpu-memory-utilization", type=float,
-                    help="vllm: share of the GPU's memory vLLM takes (default 0.9; lower it to share a GPU)")
-    en.add_argument("--tensor-parallel-size", type=int, help="vllm: GPUs one model is split across (default 1)")
-    en.add_argument("--enforce-eager", action="store_true")
-    en.add_argument("--cpu", action="store_true", help="run vLLM in-process on the CPU")
-    en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
-    en.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto"')
-    en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
-    en.add_argument("--metrics-port", type=int)
-    en.add_argument("--reclaim-idle-ms", type=int, default=5000)
-    en.add_argument("--stall-s", type=float, default=20.0,
-                    help="an event loop that takes no turn for this long stops the heartbeat: other engines take "
-                         "over this one's jobs")
-    en.add_argument("--drain-timeout-s", type=float, default=30.0,
-                    help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
-                         "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
-    en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
-    en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
-    en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")
-    en.add_argument("--block", type=float, default=0.0,
-                    help="synthetic: seconds each job blocks the engine's event loop (a wedged engine, for fault tests)")
-    en.add_argument("--numbered", action="store_true",
-                    help="synthetic: token i's text is '<i> ', so clients can check for gaps and duplicates")
-    en.add_argument("--log-level", default="info")
-    en.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("CONDUIT_LOG_FORMAT", "text"),
-                    help="json: one JSON object a line (log collectors)")
-    en.add_argument("--otlp-endpoint", default=os.environ.get("CONDUIT_OTLP_ENDPOINT", ""),
-                    help="OTLP/HTTP collector for traces; the engine continues the traces gateways sample")
-    en.set_defaults(func=cmd_engine)
-
+    # Engine processes are their own program (engines/cli.py): `main` runs it in this one's place.
+    sub.add_parser("engine", add_help=False, help="Run an engine process (`conduit engine --help`: its options).")
     mo = sub.add_parser("models", help="Model utilities.")
     mo_sub = mo.add_subparsers(dest="models_command", required=True)
-    bt = mo_sub.add_parser("build-tiny", help="Build the tiny random-weight Llama and Stable Diffusion pipeline "
-                                              "used by tests and `conduit up`; prints their paths, Llama first.")
-    bt.add_argument("--only", choices=["llama", "sd"], help="build only this one (prints one path)")
-    bt.add_argument("--path", help="where the Llama goes (default: ~/.cache/conduit/models/tiny-llama, "
-                                   "or under $CONDUIT_CACHE_DIR)")
-    bt.add_argument("--sd-path", help="where the Stable Diffusion pipeline goes (default: beside the Llama's "
-                                      "default, models/tiny-sd)")
-    bt.set_defaults(func=cmd_models)
+    mo_sub.add_parser("build-tiny", add_help=False, help="Build the tiny random-weight Llama and Stable Diffusion "
+                                                       "pipeline used by tests and `conduit up`; prints their paths.")
 
     _add_keys_parser(sub)
     return p
 
 
+#: ``conduit`` subcommands that are the engine's own program: ``conduit <these> ARGS`` runs
+#: ``python -m engines <command> ARGS`` in this process's place (same pid: signals reach the engine).
+ENGINE_COMMANDS = {("engine",): "serve", ("models", "build-tiny"): "build-tiny"}
+
+
+def engine_command(argv: list[str]) -> list[str] | None:
+    """The engine program's command line for ``argv`` when it names an engine subcommand, else None."""
+    for prefix, command in ENGINE_COMMANDS.items():
+        if tuple(argv[:len(prefix)]) == prefix:
+            return [sys.executable, "-m", "engines", command, *argv[len(prefix):]]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = engine_command(argv)
+    if command is not None:
+        sys.stdout.flush()
+        os.execv(command[0], command)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 from msgspec import UNSET
 
-from engines.wire import Delta, SampledLogprob, Usage
+from engines.contract.messages import Delta, SampledLogprob, Usage
 from gateway.protocol import (
     COMPLETION_FINISH_REASONS,
     Completion,

@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.wire import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
+from engines.contract.messages import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
 from gateway.errors import (
     ConduitError,
     DeadlineExceeded,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from typing import Any
@@ -11,75 +10,21 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from engines.backlog import HELD
-from engines.lane import ScriptLoader, open_lane, stream_entries
-from engines.wire import ENGINE_GROUP, Codec, Job, Keys
+from engines.contract.fairness import (
+    BACKLOG_FULL,
+    BYTES_FULL,
+    BYTES_SHARE_FULL,
+    SHARE_FULL,
+    SUBMIT,
+    submit_command,
+)
+from engines.contract.lane import ScriptLoader, open_lane, stream_entries
+from engines.contract.keys import Keys
+from engines.contract.messages import Codec, Job
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
 
-# Admission and enqueue in one atomic round trip. Engines delete a job's entry when they
-# ack it, so the model's backlog (queued + running) is its stream's length plus the jobs
-# waiting in its tenants' lists (engines.fairness).
-# The job key (KEYS[2], same slot) makes a submission idempotent: a resend after a lost
-# reply finds it and queues nothing. It lives until the engine acks the job, at most
-# until the job's deadline (after which no engine would start the job anyway).
-# A tenant (API key) may hold at most ARGV[6] jobs of the backlog (0: no limit, tenant "").
-# Its jobs are members of a ZSET scored by deadline rather than a counter: the engine's ack
-# removes the member (idempotent, though acks may repeat; allowed under maxmemory), and a
-# removal lost in a failover stops counting at the job's deadline.
-# The job goes straight into the stream when nothing waits and every entry there is taken
-# (XLEN - pending = 0; with no consumer group yet, every entry counts as untaken): an engine
-# has a free slot, or will read it next. Otherwise it waits in its tenant's list and the tenant
-# joins the ring; engines promote jobs from the lists in turn as their slots free.
-# The model's backlog is bounded in bytes too (engines.backlog: the job's encoded size counted
-# in here, out by the engine's ack), and so is the tenant's share of it (ARGV[12]).
-# SET is the first write: under maxmemory the script is refused with nothing written.
-# KEYS: 1 job stream, 2 job key, 3 tenant's wait list, 4 ring, 5 fair state, 6 weights,
-# 7 tenant backlog, 8 queued bytes, 9 queued jobs. ARGV: 1 max backlog, 2 stream cap, 3 job,
-# 4 deadline (ms), 5 tenant, 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer
-# group, 11 max backlog bytes, 12 tenant's bytes (0: no limit).
-# Returns {outcome, n}: QUEUED, DUPLICATE, BACKLOG_FULL (n: the backlog), SHARE_FULL (n: the
-# tenant's jobs), BYTES_FULL (n: the backlog's bytes) or BYTES_SHARE_FULL (n: the tenant's bytes).
-_SUBMIT = HELD + """
-if redis.call('EXISTS', KEYS[2]) == 1 then return {1, 0} end
-local waiting = tonumber(redis.call('HGET', KEYS[5], 'waiting') or '0')
-local xlen = redis.call('XLEN', KEYS[1])
-if xlen + waiting >= tonumber(ARGV[1]) then return {2, xlen + waiting} end
-local limit = tonumber(ARGV[6])
-if limit > 0 then
-  local held = redis.call('ZCOUNT', KEYS[7], '(' .. ARGV[8], '+inf')
-  if held >= limit then return {3, held} end
-end
-local size = #ARGV[3]
-local byte_limit = tonumber(ARGV[12])
-local total, mine, expired = backlog_bytes(KEYS[8], KEYS[9], ARGV[8], ARGV[5], size, tonumber(ARGV[11]), byte_limit)
-if total + size > tonumber(ARGV[11]) or (byte_limit > 0 and mine + size > byte_limit) then
-  prune(KEYS[8], KEYS[9], expired)
-  if total + size > tonumber(ARGV[11]) then return {4, total} end
-  return {5, mine}
-end
-redis.call('SET', KEYS[2], 'q', 'PXAT', ARGV[4])
-count_in(KEYS[8], KEYS[9], expired, ARGV[9] .. ' ' .. size .. ' ' .. ARGV[5], ARGV[4], size, ARGV[5])
-if ARGV[5] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[7], '-inf', ARGV[8])
-  redis.call('ZADD', KEYS[7], ARGV[4], ARGV[9])
-  local last = redis.call('ZRANGE', KEYS[7], -1, -1, 'WITHSCORES')
-  redis.call('PEXPIREAT', KEYS[7], last[2])
-end
-local pending = 0
-local summary = redis.pcall('XPENDING', KEYS[1], ARGV[10])
-if type(summary) == 'table' and summary.err == nil then pending = summary[1] end
-if waiting == 0 and xlen - pending <= 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
-  return {0, 0}
-end
-if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 then redis.call('RPUSH', KEYS[4], ARGV[5]) end
-redis.call('HSET', KEYS[6], ARGV[5], ARGV[7])
-redis.call('HINCRBY', KEYS[5], 'waiting', 1)
-return {0, 1}
-"""
-_QUEUED, _DUPLICATE, _BACKLOG_FULL, _SHARE_FULL, _BYTES_FULL, _BYTES_SHARE_FULL = 0, 1, 2, 3, 4, 5
 
 #: Seconds a reply stream outlives its gateway's last sign of life (the gateway refreshes it
 #: every second); engines never re-create one (NOMKSTREAM).
@@ -137,7 +82,6 @@ class JobQueue:
         self._max_backlog = max_backlog
         self.max_backlog_bytes = max_backlog_bytes
         self._cap = max(max_backlog * 4, 10_000)
-        self._sha = hashlib.sha1(_SUBMIT.encode()).hexdigest()
         self._scripts = ScriptLoader(redis)
         self.lane = open_lane(redis, "submit")
 
@@ -157,24 +101,22 @@ class JobQueue:
         encoded = self._codec.encode(job)
         if len(encoded) > (byte_limit or self.max_backlog_bytes):
             raise JobTooLarge(len(encoded), byte_limit or self.max_backlog_bytes)
-        args = ("EVALSHA", self._sha, 9, self._keys.jobs(model), self._keys.job(model, job.id),
-                self._keys.wait(model, tenant), self._keys.ring(model), self._keys.fair_state(model),
-                self._keys.weights(model), self._keys.tenant_backlog(model, tenant), self._keys.queued_bytes(model),
-                self._keys.queued_jobs(model), self._max_backlog, self._cap, encoded, job.deadline_ms, tenant, limit,
-                max(job.priority, 1), int(time.time() * 1000), job.id, ENGINE_GROUP, self.max_backlog_bytes,
-                byte_limit)
+        args = submit_command(self._keys, model, job.id, tenant, encoded, deadline_ms=job.deadline_ms,
+                              max_backlog=self._max_backlog, stream_cap=self._cap, tenant_limit=limit,
+                              weight=job.priority, now_ms=int(time.time() * 1000),
+                              max_bytes=self.max_backlog_bytes, tenant_bytes=byte_limit)
         try:
             outcome, n = await self.lane.execute(*args)
         except NoScriptError:
             # Redis restarted (or flushed its scripts) since we last loaded it.
-            await self._scripts.load(_SUBMIT)
+            await self._scripts.load(SUBMIT)
             outcome, n = await self.lane.execute(*args)
-        if outcome == _BACKLOG_FULL:
+        if outcome == BACKLOG_FULL:
             raise BacklogFull(int(n))
-        if outcome == _SHARE_FULL:
+        if outcome == SHARE_FULL:
             raise ShareFull(int(n), limit)
-        if outcome in (_BYTES_FULL, _BYTES_SHARE_FULL):
-            tenant_full = outcome == _BYTES_SHARE_FULL
+        if outcome in (BYTES_FULL, BYTES_SHARE_FULL):
+            tenant_full = outcome == BYTES_SHARE_FULL
             raise BytesFull(int(n), byte_limit if tenant_full else self.max_backlog_bytes, tenant=tenant_full)
 
     def share_limit(self, share: float) -> int:

@@ -9,7 +9,8 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.wire import Codec, EngineInfo, Keys
+from engines.contract.keys import Keys
+from engines.contract.messages import Codec, EngineInfo
 from gateway.protocol import ModelContext
 from telemetry.instruments import GatewayMetrics
 

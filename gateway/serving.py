@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from litestar import Request, Response
 from litestar.response import Stream
 
-from engines.wire import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob, Started, Usage
+from engines.contract.messages import ChoiceDelta, Delta, Done, Event, Failed, SampledLogprob, Started, Usage
 from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, CompletionUsage, PromptTokensDetails

@@ -111,7 +111,7 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     max_image_steps: int = 500
 
     # ---- images --------------------------------------------------------------------------
-    #: Where engines put images and gateways read them (``engines.store``): ``redis`` or a
+    #: Where engines put images and gateways read them (``engines.contract.store``): ``redis`` or a
     #: directory every gateway and engine mounts. Engines must be configured alike.
     image_store: str = "redis"
     #: How long a ``url`` image stays downloadable (OpenAI: 60 minutes).

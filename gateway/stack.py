@@ -115,8 +115,8 @@ def create_dev_key(redis_url: str, key_prefix: str = "conduit") -> str:
     """A new API key (every model, no limits) in the stack's Redis; its text, to print once."""
     import asyncio
 
-    from engines.lane import connect
-    from engines.wire import Keys
+    from engines.contract.lane import connect
+    from engines.contract.keys import Keys
     from gateway.tenancy.keys import KeyStore
 
     async def create() -> str:

@@ -3,7 +3,7 @@
 No product engine code runs here: the fake plays a peer of a chosen protocol version (an
 "older" engine that numbers nothing, a "newer" one with event types or fields this version
 does not know) so tests can check that a real gateway reads it. Only the key names come from
-:class:`engines.wire.Keys`, so they stay right when they change.
+:class:`engines.contract.messages.Keys`, so they stay right when they change.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import msgspec
 import redis
 from redis.exceptions import ResponseError
 
-from engines.wire import ENGINE_GROUP, Keys
+from engines.contract.keys import ENGINE_GROUP, Keys
 
 
 def now_ms() -> int:

@@ -1,6 +1,6 @@
 """Runs image jobs and answers them: ``url`` or ``b64_json`` collected, or streamed as SSE.
 
-The engine stores every image once (``engines.store``) and its events carry references, so
+The engine stores every image once (``engines.contract.store``) and its events carry references, so
 the reply stream never carries megabytes. A ``b64_json`` answer reads its images, encodes
 them and deletes them (nobody will ask again); a ``url`` answer leaves them to expire after
 ``image_url_ttl_s`` and points at ``/v1/images/files/{ref}``, which any gateway replica can
@@ -22,8 +22,8 @@ from litestar.background_tasks import BackgroundTask
 from litestar.response import Stream
 from msgspec import UNSET
 
-from engines.store import ImageStore
-from engines.wire import Done, Failed, ImageReady, Started, Usage
+from engines.contract.store import ImageStore
+from engines.contract.messages import Done, Failed, ImageReady, Started, Usage
 from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
 from gateway.errors import ConduitError, EngineError, encode_error, from_exception
 from gateway.images.protocol import (

@@ -34,7 +34,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, encode_error
 from gateway.settings import GatewaySettings
 from gateway.tenancy.principal import ANONYMOUS, Principal

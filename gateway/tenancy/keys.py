@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import msgspec
 from argon2 import PasswordHasher
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from gateway.tenancy.principal import MAX_COUNT, MAX_PRIORITY, KeyLimits, Principal
 
 #: The first part of every key's text (tells a Conduit key from others in a leaked-secret scan).

@@ -17,8 +17,8 @@ from typing import Any
 
 import msgspec
 
-from engines.lane import connect
-from engines.wire import Keys
+from engines.contract.lane import connect
+from engines.contract.keys import Keys
 from gateway.tenancy.keys import HASHER, KeyChanges, KeyInfo, KeyRecord, KeyStore, InvalidKeyField
 from gateway.tenancy.principal import KeyLimits
 

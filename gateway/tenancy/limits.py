@@ -44,8 +44,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from engines.lane import ScriptLoader
-from engines.wire import Keys
+from engines.contract.lane import ScriptLoader
+from engines.contract.keys import Keys
 from gateway.errors import RateLimited
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.principal import Principal
@@ -250,7 +250,7 @@ def _limit(value: int | None) -> int:
 class Limiter:
     """Admits requests within their key's limits and gives back what they took when they end.
 
-    ``lane``: a :class:`engines.lane.RedisLane` (or ``ClusterLane``) of its own; ``redis``
+    ``lane``: a :class:`engines.contract.lane.RedisLane` (or ``ClusterLane``) of its own; ``redis``
     loads the scripts when Redis lost them.
     """
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 
 COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "images")
 

@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from tests.cluster import LocalCluster
 from tests.fault.load import COMPLETED, DUPLICATED, LOST, Load, Report
 from tests.harness import Proc, RedisServer, Stack

@@ -16,7 +16,7 @@ import pytest
 import redis
 from langchain_openai import ChatOpenAI
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from gateway.tenancy.keys import HASHER, parse_key
 from tests.harness import ROOT, Proc, Stack
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from tests.cluster import LocalCluster
 from tests.harness import Stack
 

@@ -28,7 +28,7 @@ from PIL import Image
 from engines.backend import JobRejected
 from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
 from engines.tiny import build_tiny_sd
-from engines.wire import Failed, Job, Usage
+from engines.contract.messages import Failed, Job, Usage
 
 #: Largest per-pixel difference (uint8 levels) allowed between the same seed's images
 #: computed in different batches (see the module docstring).
@@ -315,8 +315,9 @@ async def test_an_image_job_through_a_real_worker_and_redis(tiny_sd: Path, redis
     """Started, ImageReady (its bytes in the Redis image store), Done, on the job's reply stream."""
     import redis.asyncio as aioredis
 
-    from engines.store import RedisImageStore
-    from engines.wire import Codec, Done, ImageReady, Keys, Started
+    from engines.contract.store import RedisImageStore
+    from engines.contract.keys import Keys
+    from engines.contract.messages import Codec, Done, ImageReady, Started
     from engines.worker import Worker, WorkerSettings
 
     keys = Keys(f"img-{os.urandom(3).hex()}")

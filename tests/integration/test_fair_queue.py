@@ -18,8 +18,9 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from engines.backlog import RELEASE, release_command
-from engines.wire import Codec, Done, Failed, Job, Keys
+from engines.contract.backlog import RELEASE, release_command
+from engines.contract.keys import Keys
+from engines.contract.messages import Codec, Done, Failed, Job
 from gateway.dispatch import Dispatcher, new_id
 from gateway.errors import Overloaded
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
@@ -77,7 +78,7 @@ class Gateway:
                 "waiting": int(await self.redis.hget(self.keys.fair_state(MODEL), "waiting") or 0),
                 "ring": await self.redis.llen(self.keys.ring(MODEL)),
                 "stream": await self.redis.xlen(self.keys.jobs(MODEL)),
-                # The backlog's byte counts (engines.backlog) are back to nothing.
+                # The backlog's byte counts (engines.contract.backlog) are back to nothing.
                 "bytes": int(await self.redis.hget(self.keys.queued_bytes(MODEL), "total") or 0)
                 + await self.redis.zcard(self.keys.queued_jobs(MODEL)),
             }

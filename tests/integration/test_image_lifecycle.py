@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engines.store import valid_ref
+from engines.contract.store import valid_ref
 from tests.harness import Stack, free_port
 
 MODEL = "tiny-sd"

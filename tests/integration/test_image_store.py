@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from engines.store import DirectoryImageStore, RedisImageStore, media_type, new_ref, open_image_store, valid_ref
-from engines.wire import Keys
+from engines.contract.store import DirectoryImageStore, RedisImageStore, media_type, new_ref, open_image_store, valid_ref
+from engines.contract.keys import Keys
 from tests.harness import RedisServer
 
 

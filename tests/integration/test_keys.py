@@ -9,7 +9,7 @@ import httpx
 import pytest
 import redis
 
-from engines.wire import ENGINE_GROUP, Keys
+from engines.contract.keys import ENGINE_GROUP, Keys
 from tests.harness import Stack, hang_up_after
 
 #: Keys that may live without an expiry, by :class:`Keys` member, and what bounds each one.

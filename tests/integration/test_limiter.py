@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from engines.lane import open_lane
-from engines.wire import Keys
+from engines.contract.lane import open_lane
+from engines.contract.keys import Keys
 from gateway.errors import RateLimited
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.limits import SLOT_GRACE_MS, Grant, Limiter

@@ -9,7 +9,7 @@ import httpx
 import msgspec
 import redis
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from tests.harness import Stack
 
 

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import redis
 
-from engines.wire import ENGINE_GROUP, Keys
+from engines.contract.keys import ENGINE_GROUP, Keys
 from tests.fakes import FakeEngine, now_ms
 from tests.harness import Stack
 
@@ -91,7 +91,7 @@ def test_newer_engine_event_types_and_fields_are_skipped_not_fatal(stack: Stack)
 
 
 class V1Job(msgspec.Struct):
-    """A job as protocol-1 engines decode it (engines/wire.py before protocol 2)."""
+    """A job as protocol-1 engines decode it (engines/contract/messages.py before protocol 2)."""
 
     id: str
     kind: Literal["chat", "completion"]

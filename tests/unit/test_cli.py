@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from gateway.cli import build_parser, diffusers_settings
+from engines.cli import diffusers_settings
+from tests.commandline import parse_conduit
 
 
 def test_diffusers_limits_come_from_flags() -> None:
-    args = build_parser().parse_args(["engine", "--kind", "diffusers", "--model", "/models/sd", "--max-size", "64",
-                                      "--max-steps", "4", "--default-steps", "2", "--max-batch-pixels", "65536"])
+    args = parse_conduit(["engine", "--kind", "diffusers", "--model", "/models/sd", "--max-size", "64",
+                          "--max-steps", "4", "--default-steps", "2", "--max-batch-pixels", "65536"])
     s = diffusers_settings(args, "/models/sd")
     assert (s.max_size, s.max_steps, s.default_steps, s.max_batch_pixels) == (64, 4, 2, 65536)
     assert s.model == "/models/sd" and s.served_name is None
@@ -16,30 +17,30 @@ def test_diffusers_limits_come_from_flags() -> None:
 def test_diffusers_limits_default_to_the_engines_own() -> None:
     from engines.diffusers_engine import DiffusersSettings
 
-    s = diffusers_settings(build_parser().parse_args(["engine", "--kind", "diffusers"]), "/models/sd")
+    s = diffusers_settings(parse_conduit(["engine", "--kind", "diffusers"]), "/models/sd")
     d = DiffusersSettings(model="/models/sd")
     assert (s.max_size, s.max_steps, s.default_steps, s.max_batch_pixels) == (d.max_size, d.max_steps,
                                                                              d.default_steps, d.max_batch_pixels)
 
 
 def test_vllm_gpu_flags_reach_the_engine_settings() -> None:
-    from gateway.cli import vllm_settings
+    from engines.cli import vllm_settings
 
-    args = build_parser().parse_args(["engine", "--kind", "vllm", "--model", "/models/llama", "--served-name", "llama",
-                                      "--gpu-memory-utilization", "0.45", "--tensor-parallel-size", "2",
-                                      "--max-model-len", "8192", "--tool-call-parser", "llama3_json"])
+    args = parse_conduit(["engine", "--kind", "vllm", "--model", "/models/llama", "--served-name", "llama",
+                          "--gpu-memory-utilization", "0.45", "--tensor-parallel-size", "2",
+                          "--max-model-len", "8192", "--tool-call-parser", "llama3_json"])
     s = vllm_settings(args, "/models/llama")
     assert (s.gpu_memory_utilization, s.tensor_parallel_size, s.max_model_len) == (0.45, 2, 8192)
     assert (s.served_name, s.tool_call_parser, s.enable_auto_tool_choice) == ("llama", "llama3_json", False)
     assert s.extra_engine_args == {}
-    tiny = vllm_settings(build_parser().parse_args(["engine", "--kind", "vllm", "--cpu"]), "/cache/tiny-llama")
+    tiny = vllm_settings(parse_conduit(["engine", "--kind", "vllm", "--cpu"]), "/cache/tiny-llama")
     assert tiny.served_name == "tiny-llama" and tiny.tool_call_parser == "hermes" and tiny.enable_auto_tool_choice
     assert tiny.extra_engine_args == {"distributed_executor_backend": "uni"}
     assert tiny.gpu_memory_utilization == 0.9 and tiny.tensor_parallel_size == 1  # vLLM's own defaults
 
 
 def test_cpu_engine_environment_only_for_a_cpu_engine() -> None:
-    from gateway.cli import cpu_engine_environment
+    from engines.cli import cpu_engine_environment
 
     # A GPU engine keeps the hub reachable (models by Hugging Face id) and vLLM's GPU defaults.
     assert cpu_engine_environment(cpu_flag=False, cpu_build=False) == {}

@@ -25,8 +25,8 @@ import pytest
 import yaml
 
 from engines.worker import WorkerSettings
-from gateway.cli import build_parser
 from gateway.settings import GatewaySettings
+from tests.commandline import parse_conduit
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
@@ -136,7 +136,7 @@ def engine_argv(name: str, config: dict[str, Any]) -> list[str]:
 
 def parse_cli(argv: list[str]) -> Any:
     try:
-        return build_parser().parse_args(argv)
+        return parse_conduit(argv)
     except SystemExit:
         pytest.fail(f"`conduit {shlex.join(argv)}` does not parse (see argparse's message above)")
 

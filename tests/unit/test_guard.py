@@ -8,7 +8,7 @@ import pytest
 import redis.asyncio as aioredis
 from litestar import Response, get, post
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 from gateway.app import create_app, route_access
 from gateway.settings import GatewaySettings
 from gateway.tenancy.auth import Authenticator

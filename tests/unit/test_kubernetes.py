@@ -26,9 +26,11 @@ import msgspec
 import pytest
 import yaml
 
-from engines.wire import ENGINE_GROUP, Keys
-from gateway.cli import build_parser, cmd_engine, cmd_gateway
+from engines.contract.keys import ENGINE_GROUP, Keys
+from engines.cli import cmd_engine
+from gateway.cli import cmd_gateway
 from gateway.settings import ENV_PREFIX, GatewaySettings
+from tests.commandline import parse_conduit
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "compose" / "kubernetes"
@@ -117,7 +119,7 @@ def parse(container: dict[str, Any]) -> Any:
     assert container["command"] == ["conduit"], container["command"]
     with mock.patch.dict("os.environ", environment(container), clear=True):
         try:
-            return build_parser().parse_args([str(a) for a in container["args"]])
+            return parse_conduit([str(a) for a in container["args"]])
         except SystemExit:
             pytest.fail(f"`conduit {' '.join(map(str, container['args']))}` does not parse (stderr above)")
 

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ML_LIBRARIES = ("torch", "vllm", "diffusers", "transformers")
-LIGHT_MODULES = ("gateway.app", "gateway.cli", "gateway.serving", "engines.wire", "engines.worker",
+LIGHT_MODULES = ("gateway.app", "gateway.cli", "gateway.serving", "engines.contract.messages", "engines.worker",
                  "engines.synthetic", "telemetry.setup")
 
 _PROBE = """
@@ -36,7 +36,7 @@ def imported_top_level_packages(*modules: str) -> set[str]:
 
 def test_probe_sees_what_a_module_imports() -> None:
     # Without this, a probe that never imported anything would pass the tests below.
-    assert {"json", "msgspec", "engines"} <= imported_top_level_packages("engines.wire")
+    assert {"json", "msgspec", "engines"} <= imported_top_level_packages("engines.contract.messages")
 
 
 def test_light_modules_import_no_ml_library() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from engines.wire import ChoiceDelta, Delta, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
+from engines.contract.messages import ChoiceDelta, Delta, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
 from gateway.chat import ChatRenderer
 from gateway.completions import CompletionRenderer
 from gateway.serving import ChoiceState, StreamState

@@ -18,7 +18,7 @@ def test_booleans_and_numbers_come_as_text() -> None:
 
 
 def test_redis_urls_are_logged_without_their_password() -> None:
-    from engines.lane import redacted
+    from engines.contract.lane import redacted
 
     assert redacted("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert redacted("rediss://app:s3cret@redis.internal:6380/1") == "rediss://app:***@redis.internal:6380/1"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
-from engines.wire import ChoiceDelta, Generated, Job, Usage
+from engines.contract.messages import ChoiceDelta, Generated, Job, Usage
 
 
 class Recorder:

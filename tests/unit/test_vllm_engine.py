@@ -25,7 +25,7 @@ from engines.vllm_engine import (
     vllm_request,
     wants_continuous_usage,
 )
-from engines.wire import ChoiceDelta, Generated, Usage
+from engines.contract.messages import ChoiceDelta, Generated, Usage
 from gateway.protocol import REFUSED, ChatCompletionRequest, CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,11 +1,12 @@
-"""engines.wire: msgpack round trips, schema evolution, Redis key names."""
+"""engines.contract.messages: msgpack round trips, schema evolution, Redis key names."""
 
 from __future__ import annotations
 
 import msgspec
 import pytest
 
-from engines.wire import (
+from engines.contract.keys import Keys
+from engines.contract.messages import (
     ChoiceDelta,
     Codec,
     Delta,
@@ -14,7 +15,6 @@ from engines.wire import (
     EngineInfo,
     Failed,
     Job,
-    Keys,
     SampledLogprob,
     Started,
     TokenLogprob,

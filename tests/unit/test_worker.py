@@ -7,7 +7,7 @@ import re
 import time
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
-from engines.wire import Failed, Job
+from engines.contract.messages import Failed, Job
 from engines.worker import Worker, WorkerSettings, _Running, now_ms, parse_cancel
 from telemetry.instruments import EngineMetrics
 from telemetry.setup import Telemetry

@@ -1,7 +1,7 @@
 """Where engines put the images they make and gateways read them from.
 
 An engine writes each image once, with an expiry; its reply-stream event carries only the
-image's reference (:class:`~engines.wire.ImageReady`). Every gateway replica can then
+image's reference (:class:`~engines.contract.messages.ImageReady`). Every gateway replica can then
 answer ``b64_json`` (read, encode, forget) and ``url`` (served at
 ``/v1/images/files/{ref}`` until it expires) from that one copy.
 
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 
 #: Output formats and their media types.
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

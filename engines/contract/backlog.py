@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 
-from engines.wire import Keys
+from engines.contract.keys import Keys
 
 # Counts a job out (idempotent: an ack may be sent twice). The ZREM comes first: a script that
 # has written may go on under maxmemory, so an ack's release is never refused for memory.

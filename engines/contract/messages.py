@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import msgspec
 
-#: Consumer group every engine of a model joins on that model's job stream.
-ENGINE_GROUP = "engines"
-
 #: Version of this contract, announced in :class:`EngineInfo`. 1: no event sequence numbers,
 #: no job keys; 2: events numbered per attempt, jobs keyed for idempotent submission;
 #: 3: image jobs and :class:`ImageReady` events; 4: :attr:`Delta.total` on every delta.
@@ -23,120 +20,6 @@ PROTOCOL_VERSION = 4
 #: The job kinds this version of the contract defines. An engine answers any other kind it
 #: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
 JOB_KINDS = frozenset({"chat", "completion", "image"})
-
-
-class Keys:
-    """Every Redis key and channel name Conduit uses, in one place.
-
-    Names carry a hash tag (``{...}``) so that keys that are used together land in the
-    same Redis Cluster slot.
-    """
-
-    def __init__(self, prefix: str = "conduit") -> None:
-        self.prefix = prefix
-        #: ZSET engine_id -> heartbeat expiry (ms since epoch).
-        self.engines = f"{prefix}:{{registry}}:engines"
-        #: HASH engine_id -> msgpack EngineInfo.
-        self.engine_info = f"{prefix}:{{registry}}:engine-info"
-        #: HASH model -> last time (ms) any engine served it; tells "down" from "unknown".
-        self.models_seen = f"{prefix}:{{registry}}:models-seen"
-        #: Pub/Sub channel: job ids whose client went away.
-        self.cancel_channel = f"{prefix}:cancel"
-        #: STRING: INCRed on every API key change; gateways poll it to drop their key caches.
-        self.keys_version = f"{prefix}:{{keys}}:version"
-        #: SET of every API key id (``conduit keys list`` without a SCAN; same slot as the records).
-        self.keys_index = f"{prefix}:{{keys}}:index"
-        #: Pub/Sub channel: the new ``keys_version`` after each key change (a fast path; polling suffices).
-        self.keys_changed = f"{prefix}:keys-changed"
-
-    def jobs(self, model: str) -> str:
-        """The job stream of one model (one consumer group, every engine of it consumes)."""
-        return f"{self.prefix}:jobs:{{{model}}}"
-
-    def dead_letters(self, model: str) -> str:
-        """Jobs that failed too many attempts, kept for inspection."""
-        return f"{self.prefix}:dead:{{{model}}}"
-
-    def replies(self, gateway_id: str) -> str:
-        """The reply stream of one gateway process; its single reader demultiplexes it."""
-        return f"{self.prefix}:replies:{{{gateway_id}}}"
-
-    def job(self, model: str, job_id: str) -> str:
-        """One job's key, alive from its submission until its engine acks it (or its deadline).
-
-        The gateway creates it (``SET NX``) in the script that queues the job, so a resent
-        submission never makes a second job; an engine sets it to ``OUTPUT_STARTED`` when a
-        streaming job's first output is written, so a reclaimed job is failed, not re-run,
-        once output may have reached its client; the engine deletes it with the job's ack.
-        Same hash tag as the model's job stream: one slot.
-        """
-        return f"{self.prefix}:job:{{{model}}}:{job_id}"
-
-    def api_key(self, key_id: str) -> str:
-        """One API key's record (msgpack ``KeyRecord``: its argon2id hash, never the secret)."""
-        return f"{self.prefix}:{{keys}}:key:{key_id}"
-
-    # ---- fair queueing (engines.fairness): one slot per model, the job stream's ----------
-
-    def wait(self, model: str, tenant: str) -> str:
-        """LIST of the jobs of one tenant (API key id) waiting for an engine of ``model``."""
-        return f"{self.wait_prefix(model)}{tenant}"
-
-    def wait_prefix(self, model: str) -> str:
-        """:meth:`wait` without the tenant: the promote script names the lists of the ring's tenants."""
-        return f"{self.prefix}:wait:{{{model}}}:"
-
-    def ring(self, model: str) -> str:
-        """LIST of the tenants with jobs waiting for ``model``, served in turn from its head."""
-        return f"{self.prefix}:ring:{{{model}}}"
-
-    def fair_state(self, model: str) -> str:
-        """HASH ``waiting`` (jobs in all wait lists of ``model``), ``turn`` (jobs the ring's
-        head took in its current turn)."""
-        return f"{self.prefix}:fair:{{{model}}}"
-
-    def weights(self, model: str) -> str:
-        """HASH tenant -> weight (``Job.priority``) of the tenants in the ring."""
-        return f"{self.prefix}:weights:{{{model}}}"
-
-    def tenant_backlog(self, model: str, tenant: str) -> str:
-        """ZSET job id -> deadline (ms) of one tenant's jobs queued or running on ``model``: its
-        share of the backlog. Added by the submit script, removed with the job's ack."""
-        return f"{self.prefix}:tenant-backlog:{{{model}}}:{tenant}"
-
-    def queued_bytes(self, model: str) -> str:
-        """HASH ``total``, ``t:<tenant>``, ``s:<job id>``: the bytes of ``model``'s jobs queued or
-        running (``engines.backlog``)."""
-        return f"{self.prefix}:queued-bytes:{{{model}}}"
-
-    def queued_jobs(self, model: str) -> str:
-        """ZSET job id -> deadline (ms) of the jobs counted in :meth:`queued_bytes`."""
-        return f"{self.prefix}:queued-jobs:{{{model}}}"
-
-    def image(self, ref: str) -> str:
-        """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``."""
-        return f"{self.prefix}:image:{ref}"
-
-    def rate_limits(self, key_id: str) -> tuple[str, str, str, str]:
-        """One API key's rate-limit state (``gateway.tenancy.limits``): requests, tokens and
-        images per second of the last minute (hashes, second -> count) and its requests in
-        flight (ZSET request id -> expiry ms). One hash tag: one slot, one script sees all."""
-        tag = f"{self.prefix}:{{rl:{key_id}}}"
-        return f"{tag}:requests", f"{tag}:tokens", f"{tag}:images", f"{tag}:in-flight"
-
-    def usage(self, key_id: str, day: str) -> str:
-        """One API key's usage on one UTC day (``yyyymmdd``): a hash ``<model>|<counter>`` -> count."""
-        return f"{self.prefix}:usage:{{{key_id}}}:{day}"
-
-    def idempotency(self, key_id: str, digest: str) -> str:
-        """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): msgpack state
-        ``running`` (lease, refreshed by its owner) or ``done`` (the stored response, 24 h).
-        ``digest`` is the SHA-256 of the client's header value, never the value itself."""
-        return f"{self.prefix}:idem:{{{key_id}}}:{digest}"
-
-
-#: Value of a job key once a streaming job's output began (``Keys.job``).
-OUTPUT_STARTED = b"o"
 
 
 class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
