@@ -32,6 +32,15 @@ RedisClient = aioredis.Redis | RedisCluster
 
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
+#: What a Redis call raises when Redis is down, slow, failing over or refusing (``OOM``,
+#: ``NOSCRIPT``, ``READONLY``...): every caller that outlives Redis catches exactly these, decided
+#: here once (``OSError`` covers ``TimeoutError`` and the socket's own errors).
+REDIS_ERRORS: tuple[type[Exception], ...] = (ConnectionError, OSError, aioredis.RedisError)
+#: The subset a lane retries on a fresh connection: the connection broke, the command may not
+#: have reached Redis (a reply error is an answer, never retried).
+RECONNECT_ERRORS: tuple[type[Exception], ...] = (ConnectionError, OSError, aioredis.ConnectionError,
+                                                 aioredis.TimeoutError)
+
 
 def redacted(url: str) -> str:
     """``url`` without its password, for logs (``redis://:secret@host`` -> ``redis://:***@host``)."""
@@ -161,7 +170,7 @@ class RedisLane:
             commands = [c for cmds, _ in batch for c in cmds]
             try:
                 replies = await self._round_trip(commands)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
@@ -184,7 +193,7 @@ class RedisLane:
                     except ResponseError as exc:
                         replies.append(exc)
                 return replies
-            except (ConnectionError, OSError, aioredis.ConnectionError, aioredis.TimeoutError):
+            except RECONNECT_ERRORS:
                 if self._conn is not None:
                     await self._conn.disconnect()
                     self._conn = None

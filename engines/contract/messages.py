@@ -19,7 +19,23 @@ PROTOCOL_VERSION = 4
 
 #: The job kinds this version of the contract defines. An engine answers any other kind it
 #: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
-JOB_KINDS = frozenset({"chat", "completion", "image"})
+#: Laid for the endpoints to come (no engine runs them yet; each announces the kinds it runs in
+#: ``EngineInfo.kinds``): ``embedding`` (``/v1/embeddings``: :class:`Embedded` events),
+#: ``image_edit`` (``/v1/images/edits``: its images are :attr:`Job.inputs`, answered with
+#: :class:`ImageReady` as ``image`` is) and ``response`` (``/v1/responses``: the Responses request
+#: as the body, answered with the text events chat uses).
+JOB_KINDS = frozenset({"chat", "completion", "image", "embedding", "image_edit", "response"})
+
+
+class BlobRef(msgspec.Struct, omit_defaults=True):
+    """A large input of a job, in the blob store rather than in the job's body (an image to edit,
+    its mask): the gateway writes it (``store.new_input_ref``) before it queues the job, the engine
+    reads it, and it expires with the job."""
+
+    ref: str
+    media_type: str = "application/octet-stream"
+    #: Its length in bytes (the gateway counts it in the job's cost and bounds).
+    size: int = 0
 
 
 class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -55,6 +71,19 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     tenant: str = ""
     #: The key's weight in fair queueing.
     priority: int = 1
+    #: The engine this job is addressed to ("": any engine of the model). An addressed job is
+    #: written to that engine's own stream (``Keys.engine_jobs``), which only an engine announcing
+    #: ``EngineInfo.addressable`` reads: for prefix-aware dispatch and for LoRA adapters loaded on
+    #: some engines only.
+    engine: str = ""
+    #: The LoRA adapter the job runs with ("": the base model); one of ``EngineInfo.adapters``.
+    adapter: str = ""
+    #: Inputs too large for ``body``, by reference into the blob store (image edits' images).
+    inputs: list[BlobRef] = []
+    #: When > 0, the engine also appends every event of the job to its result record
+    #: (``Keys.result``), kept this many milliseconds after the job ends: any gateway can read a
+    #: job whose submitting gateway is gone (background responses). 0: no record (today's jobs).
+    keep_ms: int = 0
 
 
 class JobHeader(msgspec.Struct, forbid_unknown_fields=False):
@@ -203,7 +232,20 @@ class ImageReady(msgspec.Struct, tag="i", tag_field="t", omit_defaults=True):
     seq: int = 0
 
 
-Event = Started | Delta | ImageReady | Done | Failed
+class Embedded(msgspec.Struct, tag="v", tag_field="t", omit_defaults=True):
+    """One input's embedding (an ``embedding`` job sends one per input, then ``Done`` with usage)."""
+
+    job: str
+    #: Which of the request's inputs.
+    index: int = 0
+    #: The vector as little-endian float32s (4 bytes a dimension; the gateway answers ``float`` or
+    #: ``base64`` from these bytes without decoding them twice).
+    vector: bytes = b""
+    attempt: int = 1
+    seq: int = 0
+
+
+Event = Started | Delta | ImageReady | Embedded | Done | Failed
 """Everything an engine writes to a reply stream."""
 
 
@@ -238,6 +280,13 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     protocol: int = 1
     #: Job kinds the engine runs (absent: chat and completion, all that version 1 had).
     kinds: list[str] = msgspec.field(default_factory=lambda: ["chat", "completion"])
+    #: The engine reads its own stream (``Keys.engine_jobs``) as well as its model's: gateways may
+    #: address jobs to it (:attr:`Job.engine`). Absent: it reads only the model's stream.
+    addressable: bool = False
+    #: LoRA adapters the engine has loaded (:attr:`Job.adapter` names one).
+    adapters: list[str] = []
+    #: The engine writes result records for jobs with :attr:`Job.keep_ms` (``Keys.result``).
+    results: bool = False
 
 
 class Codec:

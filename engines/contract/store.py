@@ -16,6 +16,9 @@ Two stores, chosen alike on gateways and engines by the ``image_store`` setting:
 
 References are 128 random bits plus the format's extension (``img_<32 hex>.png``): a URL is
 a capability, unguessable, and says what it holds.
+
+The same store holds a job's large inputs (``Job.inputs``: the images of an image edit), under
+``in_<32 hex>.<ext>`` references that no route serves (:func:`valid_ref` is false for them).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from engines.contract.keys import Keys
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 _REF = re.compile(r"^img_[0-9a-f]{32}\.(png|jpeg|webp)$")
+_STORED = re.compile(r"^(img|in)_[0-9a-f]{32}\.(png|jpeg|webp)$")
 
 
 def new_ref(fmt: str) -> str:
@@ -40,9 +44,20 @@ def new_ref(fmt: str) -> str:
     return f"img_{os.urandom(16).hex()}.{fmt}"
 
 
+def new_input_ref(fmt: str) -> str:
+    """A fresh reference for a job's input (``Job.inputs``) of format ``fmt``; never served."""
+    return f"in_{os.urandom(16).hex()}.{fmt}"
+
+
 def valid_ref(ref: str) -> bool:
-    """Whether ``ref`` has the shape of a reference (anything else is never looked up)."""
+    """Whether ``ref`` has the shape of an output's reference, the only kind served (anything else
+    is never looked up)."""
     return _REF.match(ref) is not None
+
+
+def stored_ref(ref: str) -> bool:
+    """Whether ``ref`` has the shape of anything the store holds: an output's or an input's."""
+    return _STORED.match(ref) is not None
 
 
 def media_type(ref: str) -> str:
@@ -104,7 +119,7 @@ class DirectoryImageStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _path(self, ref: str) -> Path:
-        if not valid_ref(ref):  # never a path outside the directory
+        if not stored_ref(ref):  # never a path outside the directory
             raise ValueError(f"not an image reference: {ref!r}")
         return self.root / ref
 

@@ -73,3 +73,14 @@ def test_sweep_removes_temp_files_of_interrupted_writes(tmp_path: Path) -> None:
     os.utime(stale, (old, old))
     assert store.sweep() == 1
     assert not stale.exists()
+
+
+def test_inputs_are_stored_but_never_served_by_reference(tmp_path: Path) -> None:
+    from engines.contract.store import new_input_ref, stored_ref
+
+    ref = new_input_ref("png")
+    assert stored_ref(ref) and not valid_ref(ref)  # the public image route looks up only outputs
+    assert not stored_ref("in_../../etc/passwd.png")
+    store = DirectoryImageStore(tmp_path)
+    asyncio.run(store.put(ref, b"input", 60_000))
+    assert asyncio.run(store.get(ref)) == b"input"

@@ -11,7 +11,10 @@ from engines.contract.messages import (
     Codec,
     Delta,
     Done,
+    JOB_KINDS,
     PROTOCOL_VERSION,
+    BlobRef,
+    Embedded,
     EngineInfo,
     Failed,
     Job,
@@ -246,7 +249,8 @@ def test_keys_carry_prefix_and_hash_tags() -> None:
 
 def test_keys_used_together_share_a_cluster_slot() -> None:
     keys = Keys("p")
-    model = {_hash_slot_tag(k) for k in (keys.jobs("m"), keys.dead_letters("m"), keys.job("m", "j"))}
+    model = {_hash_slot_tag(k) for k in (keys.jobs("m"), keys.dead_letters("m"), keys.job("m", "j"),
+                                         keys.engine_jobs("m", "e1"))}
     assert model == {"m"}
     registry = {_hash_slot_tag(k) for k in (keys.engines, keys.engine_info, keys.models_seen)}
     assert registry == {"registry"}
@@ -261,3 +265,62 @@ def test_prefixes_keep_deployments_apart() -> None:
     names_b = {b.engines, b.engine_info, b.models_seen, b.cancel_channel, b.jobs("m"), b.replies("g")}
     assert not names_a & names_b
     assert all(n.startswith("a:") for n in names_a)
+
+
+# ---- the contract laid for the next endpoints (nothing uses it yet; today's wire is unchanged) ----
+
+class _JobV4(msgspec.Struct, omit_defaults=True):
+    """A job as engines of protocol 4 decode it (before affinity, adapters, inputs, result records)."""
+
+    id: str
+    kind: str
+    model: str
+    body: bytes
+    reply_to: str
+    deadline_ms: int
+    created_ms: int = 0
+    traceparent: str = ""
+    stream: bool = True
+    output_ttl_ms: int = 0
+    tenant: str = ""
+    priority: int = 1
+
+
+def test_todays_jobs_carry_nothing_new_on_the_wire(codec: Codec) -> None:
+    fields = dict(id="j", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=5, tenant="k", priority=2)
+    new, old = codec.encode(Job(**fields)), msgspec.msgpack.encode(_JobV4(**fields))  # type: ignore[arg-type]
+    assert msgspec.msgpack.decode(new) == msgspec.msgpack.decode(old)
+    assert len(new) <= len(old) + 2  # a map16 header: the Struct has more than 15 fields now
+
+
+def test_a_job_with_the_new_fields_round_trips_and_older_engines_read_it(codec: Codec) -> None:
+    job = Job(id="j", kind="image_edit", model="m", body=b"{}", reply_to="r", deadline_ms=5, engine="e1",
+              adapter="sql-lora", inputs=[BlobRef("in_" + "0" * 32 + ".png", "image/png", 1234)], keep_ms=600_000)
+    assert codec.decode_job(codec.encode(job)) == job
+    old = msgspec.msgpack.decode(codec.encode(job), type=_JobV4)
+    assert (old.id, old.kind, old.deadline_ms) == ("j", "image_edit", 5)
+    assert {"embedding", "image_edit", "response"} <= JOB_KINDS
+
+
+def test_embedded_events_round_trip(codec: Codec) -> None:
+    import struct
+
+    vector = struct.pack("<3f", 0.5, -1.0, 2.0)
+    events, skipped = codec.decode_events(codec.encode([Embedded(job="j", index=2, vector=vector, seq=2),
+                                                        Done(job="j", seq=3)]))
+    assert skipped == 0 and events[0] == Embedded(job="j", index=2, vector=vector, seq=2)
+    assert struct.unpack("<3f", events[0].vector) == (0.5, -1.0, 2.0)  # type: ignore[union-attr]
+
+
+def test_engines_of_today_announce_none_of_the_new_capabilities(codec: Codec) -> None:
+    info = codec.decode_info(codec.encode(EngineInfo(id="e", kind="vllm", models=["m"], protocol=PROTOCOL_VERSION)))
+    assert (info.addressable, info.adapters, info.results) == (False, [], False)
+    raw = msgspec.msgpack.decode(codec.encode(info))
+    assert not {"addressable", "adapters", "results"} & set(raw)
+
+
+def test_result_records_and_engine_streams_are_named_apart() -> None:
+    keys = Keys("p")
+    assert keys.engine_jobs("m", "e1") != keys.jobs("m")
+    assert _hash_slot_tag(keys.result("job-1")) == "job-1"
+    assert keys.result("job-1").startswith("p:")
