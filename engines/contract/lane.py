@@ -140,10 +140,7 @@ class RedisLane:
 
     async def execute(self, *args: Any) -> Any:
         """One command; raises its error (``ResponseError``) or a connection error."""
-        (reply,) = await self.pipeline([args])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return _answer(await self.pipeline([args]))
 
     def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         """Queue commands for the next round trip; the future gets their replies in order
@@ -252,13 +249,18 @@ class ClusterLane:
             log.debug("cluster topology refresh failed: %s", exc)
 
     async def execute(self, *args: Any) -> Any:
-        (reply,) = await self.round_trip([args])
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
+        return _answer(await self.round_trip([args]))
 
     def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         return asyncio.ensure_future(self.round_trip(commands))
+
+
+def _answer(replies: list[Any]) -> Any:
+    """The reply of a one-command round trip, raised when it is Redis's error."""
+    (reply,) = replies
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def entry_fields(fields: Any) -> dict[bytes, bytes]:
