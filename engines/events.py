@@ -19,7 +19,7 @@ from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
 from engines.contract.lane import open_lane
 from engines.contract.messages import Codec, Event
-from telemetry.instruments import EngineMetrics
+from telemetry.engine_instruments import EngineMetrics
 
 if TYPE_CHECKING:
     from engines.worker import WorkerSettings

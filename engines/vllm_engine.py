@@ -34,7 +34,7 @@ from engines.vllm_chunks import (
     failure,
     usage_of,
 )
-from telemetry.instruments import EngineMetrics, VllmMetrics
+from telemetry.engine_instruments import EngineMetrics, VllmMetrics
 
 
 #: The vLLM releases this module is written and tested against: it drives vLLM's internal

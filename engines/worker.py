@@ -47,7 +47,7 @@ from engines.heartbeat import HeartbeatThread, Presence
 from engines.intake import Intake
 from engines.reclaim import Reclaimer
 from engines.running import JobRunner, Running, now_ms
-from telemetry.instruments import EngineMetrics
+from telemetry.engine_instruments import EngineMetrics
 from telemetry.tracing import Tracing
 
 log = logging.getLogger("conduit.engine")

@@ -12,7 +12,7 @@ from engines.contract.messages import Failed, Job
 from engines.cancel import parse_cancel
 from engines.running import Running, now_ms
 from engines.worker import Worker, WorkerSettings
-from telemetry.instruments import EngineMetrics
+from telemetry.engine_instruments import EngineMetrics
 from telemetry.setup import Telemetry
 
 
