@@ -228,23 +228,9 @@ class StepLoop:
 
     def _prepare(self, req: Request) -> list[_Image]:
         torch, pipe, spec = self._torch, self.pipe, req.spec
-        cfg = spec.guidance > 1.0
         tok = pipe.tokenizer
         req.prompt_tokens = len(tok(spec.prompt, truncation=True, max_length=tok.model_max_length).input_ids)
-        if self.sdxl:
-            pe, npe, pooled, npooled = pipe.encode_prompt(
-                spec.prompt, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-                negative_prompt=spec.negative_prompt)
-            proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None \
-                else int(pooled.shape[-1])
-            size = (spec.height, spec.width)
-            time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype,
-                                              text_encoder_projection_dim=proj).to(self.device)
-            cond = (pe, {"text_embeds": pooled, "time_ids": time_ids})
-            uncond = (npe, {"text_embeds": npooled, "time_ids": time_ids}) if cfg else None
-        else:
-            pe, npe = pipe.encode_prompt(spec.prompt, self.device, 1, cfg, spec.negative_prompt)
-            cond, uncond = (pe, None), ((npe, None) if cfg else None)
+        pe, cond, uncond = encode_prompt(pipe, spec, self.device, self.sdxl)
         scale = pipe.vae_scale_factor
         shape = (1, pipe.unet.config.in_channels, spec.height // scale, spec.width // scale)
         key = (spec.width, spec.height, *pe.shape[1:])
@@ -377,6 +363,24 @@ class StepLoop:
     def _decode(self, latents: list[Any]) -> list[Any]:
         """Latents of one size -> PIL images, in one VAE call."""
         return decode_latents(self.pipe, self._torch.cat(latents))
+
+
+def encode_prompt(pipe: Any, spec: ImageSpec, device: Any, sdxl: bool) -> tuple[Any, Any, Any]:
+    """(prompt embeddings, the prompt's UNet inputs, the negative prompt's or None): as the pipeline encodes them."""
+    cfg = spec.guidance > 1.0
+    if sdxl:
+        pe, npe, pooled, npooled = pipe.encode_prompt(
+            spec.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+            negative_prompt=spec.negative_prompt)
+        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None \
+            else int(pooled.shape[-1])
+        size = (spec.height, spec.width)
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype,
+                                          text_encoder_projection_dim=proj).to(device)
+        return (pe, (pe, {"text_embeds": pooled, "time_ids": time_ids}),
+                (npe, {"text_embeds": npooled, "time_ids": time_ids}) if cfg else None)
+    pe, npe = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt)
+    return pe, (pe, None), ((npe, None) if cfg else None)
 
 
 def decode_latents(pipe: Any, latents: Any) -> list[Any]:

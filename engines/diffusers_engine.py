@@ -30,7 +30,7 @@ from engines.denoise import Failure, Frame, Request, StepLoop, deadline_error, d
     preview_steps, step_supported
 from engines.image_job import ImageLimits, encode_image, resolve
 from engines.contract.messages import Job, Usage
-from telemetry.instruments import EngineMetrics
+from telemetry.engine_instruments import EngineMetrics
 
 log = logging.getLogger("conduit.engine.diffusers")
 

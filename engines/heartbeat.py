@@ -5,7 +5,9 @@ chunks after another): a job that keeps it busy for seconds must not let the eng
 entry expire (gateways would answer 503 for its model) nor its running jobs look abandoned (other
 engines would reclaim them). :class:`HeartbeatThread` runs the beat on its own thread, with its
 own event loop and its own Redis connection; Python switches threads every few milliseconds
-however busy the main loop is.
+however busy the main loop is. :class:`Presence` is what each beat says: the engine in the registry,
+its models seen, and every job it holds re-claimed (so only a dead engine's jobs look idle), unless
+the worker's own event loop is wedged.
 """
 
 from __future__ import annotations
@@ -13,8 +15,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from engines.contract.keys import ENGINE_GROUP
+from engines.running import now_ms
+
+if TYPE_CHECKING:
+    from engines.worker import Worker
 
 log = logging.getLogger("conduit.engine")
 
@@ -72,3 +83,71 @@ class HeartbeatThread:
                     pass
         finally:
             await redis.aclose()
+
+
+class Presence:
+    """A worker's presence in the registry: what each heartbeat announces, and whether the worker's
+    event loop still turns (a wedged one announces nothing, so its jobs go to other engines)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        #: When this engine's heartbeat last reached Redis (monotonic; 0: never).
+        self.beat_ok = 0.0
+        #: When the event loop last took a turn (monotonic): the heartbeat thread reads it.
+        self.loop_tick = time.monotonic()
+        self.stalled = False
+        self.info_blob = b""  # the encoded EngineInfo, built once the backend has started
+
+    def fresh(self) -> bool:
+        """The last beat reached Redis within ``engine_ttl_s`` (gateways see the engine) and the
+        event loop is turning."""
+        return (self.beat_ok > 0 and not self.stalled
+                and time.monotonic() - self.beat_ok < self._worker.settings.engine_ttl_s)
+
+    async def tick(self) -> None:
+        """Note every turn of the worker's event loop (at most 0.25 s apart while it turns)."""
+        worker = self._worker
+        while not worker.closed:
+            self.loop_tick = time.monotonic()
+            await asyncio.sleep(0.25)
+
+    async def beat(self, redis: Any) -> None:
+        """Announce this engine and re-claim the jobs it holds (on the heartbeat thread, with its
+        own client ``redis``; what it reads of the worker's state it copies first). Not while the
+        event loop is wedged: then the engine's entry expires and its jobs are reclaimed."""
+        worker = self._worker
+        settings = worker.settings
+        keys = worker.keys
+        stalled = time.monotonic() - self.loop_tick > settings.stall_s
+        if stalled != self.stalled:
+            self.stalled = stalled
+            if stalled:
+                log.error("the event loop took no turn for %.0f s: no more heartbeats until it does (other engines "
+                          "take this one's jobs)", settings.stall_s)
+                worker.metrics.background_error("stalled")
+            else:
+                log.warning("the event loop is turning again: heart-beating")
+        if stalled:
+            return
+        now = now_ms()
+        pipe = redis.pipeline(transaction=False)
+        pipe.zadd(keys.engines, {worker.engine_id: now + int(settings.engine_ttl_s * 1000)})
+        pipe.hset(keys.engine_info, worker.engine_id, self.info_blob)
+        for model in worker.backend.models:
+            pipe.hset(keys.models_seen, model, now)
+        by_stream: dict[str, list[bytes]] = {}
+        for stream, entry_id in worker.held():
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            # Re-claiming our own jobs resets their idle time: only a dead engine's jobs age.
+            pipe.xclaim(stream, ENGINE_GROUP, worker.engine_id, 0, ids, justid=True)
+        await pipe.execute()
+        self.beat_ok = time.monotonic()
+
+    def failed(self, exc: BaseException) -> None:
+        """A beat that failed: logged and counted (the next one is tried on time)."""
+        if isinstance(exc, (ConnectionError, OSError, aioredis.RedisError, TimeoutError)):
+            log.warning("heartbeat: redis unavailable (%s)", exc)
+        else:
+            log.error("heartbeat failed; carrying on", exc_info=exc)
+        self._worker.metrics.background_error("heartbeat")

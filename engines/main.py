@@ -9,7 +9,7 @@ import signal
 from engines.backend import Backend
 from engines.gpu import nvml_reader
 from engines.worker import Worker, WorkerSettings
-from telemetry.instruments import EngineMetrics
+from telemetry.engine_instruments import EngineMetrics
 from telemetry.setup import Telemetry
 
 log = logging.getLogger("conduit.engine")

@@ -3,8 +3,9 @@
 Jobs carry the client's OpenAI request body, so it goes to vLLM's ``OpenAIServingChat`` /
 ``OpenAIServingCompletion`` unchanged (forcing only streaming and the served model name), and
 vLLM does all it does behind its own HTTP server: chat templating, tool-call parsing,
-structured outputs, logprobs, ``n``, stop strings, seeds, validation. This module only maps its
-SSE chunks to wire events. (AsyncLLM still runs its engine core in a child process.)
+structured outputs, logprobs, ``n``, stop strings, seeds, validation. This module only relays its
+SSE chunks as wire events (their shape and mapping: ``engines.vllm_chunks``). (AsyncLLM still runs
+its engine core in a child process.)
 vLLM is imported lazily, so importing this module is cheap.
 """
 
@@ -16,21 +17,24 @@ import json
 import os
 import re
 import time
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 import msgspec
 
-from engines.backend import JobOutput, JobRejected
-from engines.contract.messages import (
-    ChoiceDelta,
-    Generated,
-    Job,
-    SampledLogprob,
-    TokenLogprob,
-    ToolCallDelta,
-    Usage,
+from engines.backend import JobOutput
+from engines.contract.messages import Generated, Job, Usage
+from engines.vllm_chunks import (
+    UNFINISHED,
+    ChatChoice,
+    Chunk,
+    ChunkError,
+    CompletionChoice,
+    chat_delta,
+    completion_delta,
+    failure,
+    usage_of,
 )
-from telemetry.instruments import EngineMetrics, VllmMetrics
+from telemetry.engine_instruments import EngineMetrics, VllmMetrics
 
 
 #: The vLLM releases this module is written and tested against: it drives vLLM's internal
@@ -126,143 +130,10 @@ class VllmSettings(msgspec.Struct, kw_only=True):
     extra_engine_args: dict[str, Any] = {}
 
 
-# ---- the shape of vLLM's stream chunks (only the fields Conduit forwards) ---------------
-class _Error(msgspec.Struct):
-    message: str = ""
-    type: str = ""
-    param: str | None = None
-    code: int | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int | None = 0
-    prompt_tokens_details: dict[str, Any] | None = None
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _ToolCall(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function = msgspec.field(default_factory=_Function)
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-    reasoning: str | None = None
-    reasoning_content: str | None = None  # older vLLM / other servers' spelling
-    tool_calls: list[_ToolCall] = []
-
-
-class _Candidate(msgspec.Struct):
-    token: str
-    logprob: float = -9999.0
-    bytes: list[int] | None = None
-
-
-class _ChatToken(_Candidate):
-    top_logprobs: list[_Candidate] = []
-
-
-class _ChatLogprobs(msgspec.Struct):
-    content: list[_ChatToken] | None = None
-
-
-class _ChatChoice(msgspec.Struct):
-    index: int = 0
-    delta: _Message | None = None
-    logprobs: _ChatLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-class _CompletionLogprobs(msgspec.Struct):
-    text_offset: list[int] = []
-    token_logprobs: list[float | None] = []
-    tokens: list[str] = []
-    top_logprobs: list[dict[str, float] | None] = []
-
-
-class _CompletionChoice(msgspec.Struct):
-    index: int = 0
-    text: str = ""
-    logprobs: _CompletionLogprobs | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-C = TypeVar("C", _ChatChoice, _CompletionChoice)
-
-
-class _Chunk(msgspec.Struct, Generic[C]):
-    choices: list[C] = []
-    usage: _Usage | None = None
-    #: vLLM reports a failure after the stream began as a chunk with only ``error``.
-    error: _Error | None = None
-
-
-#: vLLM's errors carry the HTTP status as ``code``; OpenAI's envelope wants a string.
-_CODES = {400: "invalid_request", 404: "model_not_found", 413: "request_too_large",
-          422: "unprocessable_entity", 429: "rate_limited", 501: "not_implemented", 503: "overloaded"}
-
-
 #: Requests' outputs vLLM's output handler processes between turns of the event loop.
 OUTPUT_SLICE = 8
 #: Seconds of one job's chunk handling after which it gives the event loop a turn.
 TURN_S = 0.005
-
-#: vLLM's finish reasons for a choice that did not finish.
-_UNFINISHED = frozenset({"abort", "error"})
-
-
-def _usage(u: _Usage) -> Usage:
-    return Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens or 0,
-                 cached_tokens=(u.prompt_tokens_details or {}).get("cached_tokens"))
-
-
-def _failure(error: _Error) -> Exception:
-    """The exception for a vLLM error: a rejection, or (server faults) a plain error."""
-    status = error.code or 400
-    if status >= 500 and status != 503:
-        return RuntimeError(f"vLLM failed the request: {error.message}")
-    return JobRejected(
-        error.message, status=status, code=_CODES.get(status, "invalid_request"),
-        # vLLM names Python-style types ("BadRequestError"); clients expect OpenAI's.
-        type="invalid_request_error" if status < 500 else "server_error", param=error.param)
-
-
-def _chat_delta(c: _ChatChoice) -> ChoiceDelta | None:
-    m = c.delta or _Message()
-    calls = [ToolCallDelta(index=t.index, id=t.id, name=t.function.name, arguments=t.function.arguments or "")
-             for t in m.tool_calls]
-    content = c.logprobs.content if c.logprobs is not None else None
-    logprobs = [SampledLogprob(e.token, e.logprob, e.bytes, [TokenLogprob(t.token, t.logprob, t.bytes)
-                                                              for t in e.top_logprobs])
-                for e in content] if content else None
-    text, reasoning = m.content or "", m.reasoning or m.reasoning_content or ""
-    if not (text or reasoning or calls or logprobs or c.finish_reason):
-        return None  # e.g. the role-only first chunk
-    return ChoiceDelta(index=c.index, text=text, reasoning=reasoning, tool_calls=calls, logprobs=logprobs,
-                       finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-
-
-def _completion_delta(c: _CompletionChoice) -> ChoiceDelta | None:
-    lp = c.logprobs
-    logprobs = [
-        # A None logprob (the first prompt token under echo) has no value; vLLM's own
-        # stand-in for "impossible" is -9999.
-        SampledLogprob(tok, -9999.0 if val is None else val, None,
-                       [TokenLogprob(k, v) for k, v in (top or {}).items()], offset)
-        for tok, val, top, offset in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset)
-    ] if lp is not None and lp.tokens else None
-    if not (c.text or logprobs or c.finish_reason):
-        return None
-    return ChoiceDelta(index=c.index, text=c.text, logprobs=logprobs, finish_reason=c.finish_reason,
-                       stop_reason=c.stop_reason)
 
 
 class VllmBackend:
@@ -286,8 +157,8 @@ class VllmBackend:
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
-        self._chat_decoder = msgspec.json.Decoder(_Chunk[_ChatChoice])
-        self._completion_decoder = msgspec.json.Decoder(_Chunk[_CompletionChoice])
+        self._chat_decoder = msgspec.json.Decoder(Chunk[ChatChoice])
+        self._completion_decoder = msgspec.json.Decoder(Chunk[CompletionChoice])
 
     async def start(self) -> None:
         """Start the engine and build vLLM's serving objects as its API server does."""
@@ -358,7 +229,7 @@ class VllmBackend:
         except Exception as exc:  # noqa: BLE001 - vLLM signals bad requests by raising too
             result = create_error_response(exc)
         if isinstance(result, ErrorResponse):
-            raise _failure(_Error(result.error.message, result.error.type, result.error.param, result.error.code))
+            raise failure(ChunkError(result.error.message, result.error.type, result.error.param, result.error.code))
 
         try:
             await self._stream(result, out, chat, wants_continuous_usage(client), int(client.get("n") or 1))
@@ -378,7 +249,7 @@ class VllmBackend:
         a prompt once for its ``n`` choices: choice ``i`` is prompt ``i // n``'s), and the per-chunk
         usage the client sees only when it asked (``continuous``)."""
         decode = self._chat_decoder.decode if chat else self._completion_decoder.decode
-        to_delta = _chat_delta if chat else _completion_delta
+        to_delta = chat_delta if chat else completion_delta
         usage, produced = Usage(), False
         # vLLM's stream yields a step's chunks back to back (all of them at once when it fell
         # behind): this job gives the loop a turn at least every TURN_S of its own work.
@@ -400,9 +271,9 @@ class VllmBackend:
                 # validation failures arrive this way, before any output).
                 if produced:
                     raise RuntimeError(f"vLLM failed mid-stream: {chunk.error.message}")
-                raise _failure(chunk.error)
+                raise failure(chunk.error)
             for c in chunk.choices:
-                if c.finish_reason in _UNFINISHED:
+                if c.finish_reason in UNFINISHED:
                     # The choice did not finish (vLLM aborted it, or generation failed): the
                     # job fails rather than end in a "stop" that looks complete.
                     raise RuntimeError(f"vLLM ended choice {c.index} with finish_reason {c.finish_reason!r}")
@@ -422,10 +293,10 @@ class VllmBackend:
                     # failing before any output keeps its status (no 200 committed yet).
                     produced = True
                     out.started()
-                out.delta(deltas, _usage(u) if u is not None and continuous else None,
+                out.delta(deltas, usage_of(u) if u is not None and continuous else None,
                           Generated(prompt, generated))
             if u is not None and not chunk.choices:  # the final usage chunk
-                usage = _usage(u)
+                usage = usage_of(u)
             if clock() > turn_ends:
                 await asyncio.sleep(0)
                 turn_ends = clock() + TURN_S

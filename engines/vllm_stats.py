@@ -1,4 +1,4 @@
-"""vLLM's own engine statistics into Conduit's instruments (``telemetry.instruments.VllmMetrics``).
+"""vLLM's own engine statistics into Conduit's instruments (``telemetry.engine_instruments.VllmMetrics``).
 
 vLLM's API server exports its scheduler's running and waiting requests, KV-cache usage, time to
 first token, inter-token latency, queue time and end-to-end latency. Conduit drives
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from telemetry.instruments import VllmMetrics
+from telemetry.engine_instruments import VllmMetrics
 
 
 def stat_logger_factory(metrics: VllmMetrics) -> Any:

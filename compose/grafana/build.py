@@ -3,7 +3,8 @@
     python compose/grafana/build.py           # write the JSON files
     python compose/grafana/build.py --check   # exit 1 if a JSON file differs from what this builds
 
-Every panel's PromQL uses the metric names of ``telemetry/instruments.py``; the test suite runs
+Every panel's PromQL uses the metric names of ``telemetry/instruments.py`` and
+``telemetry/engine_instruments.py``; the test suite runs
 each expression against a real Prometheus scraping a live stack, so a renamed metric fails the
 build instead of leaving an empty panel. Template variables: ``$model`` (gen_ai_request_model)
 and ``$key`` (API key name), both multi-value with "All"; ``$__rate_interval`` is Grafana's.

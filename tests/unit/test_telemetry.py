@@ -20,7 +20,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engines.gpu import nvml_reader
 from telemetry.aggregate import Meter
-from telemetry.instruments import DURATION_BUCKETS, REQUESTS_FOLD_AT, EngineMetrics, GatewayMetrics
+from telemetry.engine_instruments import EngineMetrics
+from telemetry.instruments import DURATION_BUCKETS, REQUESTS_FOLD_AT, GatewayMetrics
 from telemetry.logs import JsonFormatter, RequestLog, RequestRecord
 from telemetry.setup import Telemetry
 from telemetry.tracing import Tracing, format_traceparent, is_sampled, parse_traceparent

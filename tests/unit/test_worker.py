@@ -1,4 +1,5 @@
-"""engines.worker without Redis: cancellation memory and the cancel message format."""
+"""engines.worker without Redis: cancellation memory and the cancel message format (``engines.cancel``),
+and how a job's run ends (``engines.running``)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
 from engines.contract.messages import Failed, Job
-from engines.worker import Worker, WorkerSettings, _Running, now_ms, parse_cancel
-from telemetry.instruments import EngineMetrics
+from engines.cancel import parse_cancel
+from engines.running import Running, now_ms
+from engines.worker import Worker, WorkerSettings
+from telemetry.engine_instruments import EngineMetrics
 from telemetry.setup import Telemetry
 
 
@@ -26,9 +29,9 @@ async def test_a_cancellation_is_remembered_until_its_jobs_deadline() -> None:
         worker.cancel("later", now_ms() + 60_000)
         time.sleep(0.1)
         worker.cancel("old-style")  # no deadline: remembered for cancel_memory_s
-        assert "soon" not in worker._cancelled
-        assert set(worker._cancelled) == {"later", "old-style"}
-        assert worker._cancelled["old-style"] - now_ms() > 25_000
+        assert "soon" not in worker.cancellations.until
+        assert set(worker.cancellations.until) == {"later", "old-style"}
+        assert worker.cancellations.until["old-style"] - now_ms() > 25_000
     finally:
         await worker.redis.aclose()
 
@@ -43,8 +46,8 @@ async def test_a_job_the_backend_ends_without_a_result_is_an_error() -> None:
     telemetry = Telemetry("conduit.engine", "e")
     worker = Worker(Silent(SyntheticSettings()), WorkerSettings(), EngineMetrics(telemetry.meter))
     try:
-        run = _Running(Job(id="j1", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=0), "s", b"1-0", 1)
-        await worker._run_job(run)
+        run = Running(Job(id="j1", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=0), "s", b"1-0", 1)
+        await worker.runner.run(run)
         await asyncio.sleep(0)  # call_soon'd metrics run on the next turn
         final = worker.writer._batch.events["r"][-1]
         assert isinstance(final, Failed) and "without a result" in final.message

@@ -1,0 +1,223 @@
+"""Writing a worker's events: every running job's events batched into pipelined round trips.
+
+:class:`EventWriter` collects the events of all jobs and writes them one stream entry per reply
+stream per flush; a job's :class:`Ack` (XACK + XDEL, its job key, its backlog share and bytes)
+goes out only once its final event is in Redis. The worker (``engines.worker``) owns one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from engines.contract.backlog import RELEASE
+from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
+from engines.contract.lane import open_lane
+from engines.contract.messages import Codec, Event
+from telemetry.engine_instruments import EngineMetrics
+
+if TYPE_CHECKING:
+    from engines.worker import WorkerSettings
+
+log = logging.getLogger("conduit.engine")
+
+
+@dataclass(slots=True)
+class Ack:
+    """A job to XACK + XDEL on its stream, its job key to delete, and its tenant's backlog
+    share to release."""
+
+    stream: str
+    entry_id: bytes
+    #: None for an entry whose job id cannot be read.
+    job_key: str | None
+    #: (``Keys.tenant_backlog``, job id) of a job that has a tenant.
+    release: tuple[str, str] | None = None
+    #: The command counting the job's bytes out of its model's backlog (``engines.contract.backlog``).
+    bytes_release: tuple[object, ...] | None = None
+
+    def commands(self) -> list[tuple[object, ...]]:
+        """Idempotent, and none refused under maxmemory: an ack may be sent twice, and frees memory."""
+        cmds: list[tuple[object, ...]] = [("XACK", self.stream, ENGINE_GROUP, self.entry_id),
+                                          ("XDEL", self.stream, self.entry_id)]
+        if self.job_key is not None:
+            cmds.append(("DEL", self.job_key))
+        if self.release is not None:
+            cmds.append(("ZREM", *self.release))
+        if self.bytes_release is not None:
+            cmds.append(self.bytes_release)
+        return cmds
+
+
+class _Batch:
+    __slots__ = ("events", "after", "acks", "markers")
+
+    def __init__(self) -> None:
+        #: reply stream -> events, in emission order.
+        self.events: dict[str, list[Event]] = {}
+        #: reply stream -> acks of jobs whose final event is among that stream's events: sent
+        #: only once those events are in Redis, so a refused write never loses a job.
+        self.after: dict[str, list[Ack]] = {}
+        #: acks ready to send (their final event is already written, or they have none).
+        self.acks: list[Ack] = []
+        #: job key -> expiry (epoch ms) of streaming jobs whose output began.
+        self.markers: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.acks or self.markers)
+
+    def put_back(self, newer: _Batch) -> _Batch:
+        """``self`` (a batch that failed) in front of ``newer`` (the one that accumulated meanwhile)."""
+        for stream, events in self.events.items():
+            newer.events[stream] = events + newer.events.get(stream, [])
+        for stream, acks in self.after.items():
+            newer.after[stream] = acks + newer.after.get(stream, [])
+        newer.acks[:0] = self.acks
+        newer.markers = {**self.markers, **newer.markers}
+        return newer
+
+
+class EventWriter:
+    """Collects events from every running job and writes them in pipelined round trips.
+
+    While one flush is on the wire the next batch accumulates, so under load the deltas of
+    one engine step (and of many jobs) share a round trip and a stream entry.
+
+    A job is acked only after its final event is in its reply stream: its ack goes out in
+    the round trip after the one that wrote the event (sharing it with the next events).
+    A write Redis refuses (out of memory, a failover) is kept and retried in order, ahead of
+    the events that came later; the job stays unacked (and claimed by this engine's
+    heartbeat) meanwhile. Events reach Redis at least once: a write resent after a broken
+    connection may land twice, and gateways drop the repeats by their sequence numbers.
+    """
+
+    def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings,
+                 metrics: EngineMetrics | None = None) -> None:
+        self.lane = open_lane(redis, "events")
+        self._redis = redis
+        self._codec = codec
+        self._settings = settings
+        self.metrics = metrics or EngineMetrics.noop()
+        self._batch = _Batch()
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        #: entry id -> job stream of jobs finished but not yet acked (the heartbeat claims them).
+        self.unacked: dict[bytes, str] = {}
+        #: Load the ack's scripts (``engines.contract.backlog.RELEASE``) before the next write: at first, and
+        #: after Redis answered NOSCRIPT.
+        self.load_scripts = True
+
+    def emit(self, reply_to: str, event: Event) -> None:
+        self._batch.events.setdefault(reply_to, []).append(event)
+        self._idle.clear()
+        self._wake.set()
+
+    def mark_output(self, job_key: str, expire_at_ms: int) -> None:
+        """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
+        self._batch.markers[job_key] = expire_at_ms
+
+    def finish(self, reply_to: str, final: Event, ack: Ack) -> None:
+        """Write a job's final event, then (once it is in Redis) ack the job."""
+        self.unacked[ack.entry_id] = ack.stream
+        self._batch.events.setdefault(reply_to, []).append(final)
+        self._batch.after.setdefault(reply_to, []).append(ack)
+        self._idle.clear()
+        self._wake.set()
+
+    def ack(self, ack: Ack) -> None:
+        """Ack a job that has no final event to write (its client is gone, it is malformed)."""
+        self.unacked[ack.entry_id] = ack.stream
+        self._batch.acks.append(ack)
+        self._idle.clear()
+        self._wake.set()
+
+    async def wait_flushed(self) -> None:
+        await self._idle.wait()
+
+    async def run(self) -> None:
+        backoff = 0.0
+        while True:  # ends by cancellation only: a flush must never be cut short by a flag
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._batch = self._batch, _Batch()
+            try:
+                retry = await self._write(batch)
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                # Nothing is known to have landed: all of it again (repeats are harmless).
+                log.warning("writing events failed (%s); retrying", exc)
+                self.metrics.background_error("event-writer")
+                retry = batch
+            if retry:
+                self._batch = retry.put_back(self._batch)
+                self._wake.set()
+                backoff = min(max(backoff * 2, 0.05), 1.0)
+                await asyncio.sleep(backoff)
+                continue
+            backoff = 0.0
+            if not self._batch:
+                self._idle.set()
+
+    async def _write(self, batch: _Batch) -> _Batch | None:
+        """One round trip; returns what must be written again (or None)."""
+        if self.load_scripts:
+            self.load_scripts = False
+            try:
+                await self._redis.script_load(RELEASE)  # every primary of a cluster
+            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                # Events go out all the same; an ack that meets NOSCRIPT asks for another load.
+                log.warning("could not load the ack's script: %s", exc)
+        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
+        maxlen = self._settings.reply_maxlen
+        encode = self._codec.encode
+        streams = list(batch.events)
+        # NOMKSTREAM: a reply stream exists while its gateway lives (it refreshes the stream's
+        # expiry); events for a gateway that is gone are dropped, not left to live forever.
+        cmds.extend(("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", b"e", encode(batch.events[reply_to]))
+                    for reply_to in streams)
+        ack_cmds = [a.commands() for a in batch.acks]
+        for c in ack_cmds:
+            cmds.extend(c)
+        if not cmds:
+            return None
+        replies = await self.lane.round_trip(cmds)
+        retry = _Batch()
+        for key, reply in zip(batch.markers, replies, strict=False):
+            if isinstance(reply, Exception):
+                # A gateway that already showed output fails a re-run attempt on its own; the
+                # mark only spares that attempt's work. Retried all the same.
+                retry.markers[key] = batch.markers[key]
+        i = len(batch.markers)
+        ready: list[Ack] = []
+        for reply_to in streams:
+            reply = replies[i]
+            i += 1
+            if isinstance(reply, Exception):
+                # Refused: kept, in order, with the acks that wait for it.
+                log.warning("redis refused events for %s: %s", reply_to, reply)
+                retry.events[reply_to] = batch.events[reply_to]
+                if reply_to in batch.after:
+                    retry.after[reply_to] = batch.after[reply_to]
+                continue
+            # Written (or its gateway is gone: nil under NOMKSTREAM; nobody waits for them).
+            ready.extend(batch.after.get(reply_to, ()))
+        for a, c in zip(batch.acks, ack_cmds, strict=True):
+            n = len(c)
+            if any(isinstance(r, Exception) for r in replies[i:i + n]):
+                retry.acks.append(a)
+                if any(isinstance(r, NoScriptError) for r in replies[i:i + n]):
+                    self.load_scripts = True  # Redis restarted or flushed its scripts: load before the retry
+            else:
+                self.unacked.pop(a.entry_id, None)
+            i += n
+        if ready:
+            # Acked in the next round trip, together with whatever was emitted meanwhile.
+            self._batch.acks.extend(ready)
+            self._wake.set()
+        return retry if retry else None
+

@@ -1,0 +1,196 @@
+"""One job on the backend: its state (:class:`Running`), the output handle the backend writes to
+and the run itself (:class:`JobRunner`: the outcome, its metrics and its span).
+
+A job's events go through the worker's ``EventWriter``; its final event and ack through
+``Worker.finish``. Engines record per job here (``conduit.engine.jobs``, job duration, the
+consumer span in the client's trace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from engines.backend import JobRejected
+from engines.contract.messages import ChoiceDelta, Delta, Done, Failed, Generated, ImageReady, Job, Started, Usage
+from engines.contract.store import new_ref
+from telemetry.instruments import OPERATIONS
+from telemetry.tracing import SpanKind, Status, StatusCode, is_sampled
+
+if TYPE_CHECKING:
+    from engines.worker import Worker
+
+log = logging.getLogger("conduit.engine")
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds (deadlines, expiries and registry scores are in these)."""
+    return int(time.time() * 1000)
+
+
+@dataclass(slots=True)
+class Running:
+    """One attempt at a job this engine took: where it came from, its task and its event numbers."""
+
+    job: Job
+    stream: str
+    entry_id: bytes
+    attempt: int
+    task: asyncio.Task[None] | None = None
+    output_marked: bool = False
+    finished: bool = False
+    #: Number of the last event emitted for this attempt.
+    seq: int = 0
+    #: The job's usage, once the backend reported it.
+    usage: Usage | None = None
+    #: The job's encoded size (bytes), as its model's backlog counts it (``engines.contract.backlog``).
+    size: int = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+class _Output:
+    """The :class:`~engines.backend.JobOutput` of one running job."""
+
+    __slots__ = ("_worker", "_run", "_started")
+
+    def __init__(self, worker: Worker, run: Running) -> None:
+        self._worker = worker
+        self._run = run
+        self._started = False
+
+    def started(self) -> None:
+        if not self._started:
+            self._started = True
+            run = self._run
+            job = run.job
+            self._worker.writer.emit(
+                job.reply_to,
+                Started(job=job.id, engine=self._worker.engine_id, attempt=run.attempt, created=int(time.time()),
+                        seq=run.next_seq()),
+            )
+
+    def _mark_output(self) -> None:
+        run = self._run
+        job = run.job
+        if not run.output_marked and job.stream:
+            # Only a streaming job's output can reach its client before the job ends; a
+            # collected one can always be run again from scratch.
+            run.output_marked = True
+            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
+
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
+        self.started()
+        self._mark_output()
+        run = self._run
+        job = run.job
+        self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
+                                                     seq=run.next_seq(), usage=usage, total=total))
+
+    async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
+                    partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
+        self.started()
+        worker = self._worker
+        job = self._run.job
+        ref = new_ref(format)
+        # Stored before its event is emitted: a gateway never sees a reference it cannot read.
+        await worker.images.put(ref, data, job.output_ttl_ms or int(worker.settings.image_ttl_s * 1000))
+        run = self._run
+        if run.finished:
+            return  # cancelled or failed while the image was being stored
+        self._mark_output()
+        worker.writer.emit(job.reply_to, ImageReady(
+            job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
+            joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()))
+
+    def done(self, usage: Usage) -> None:
+        self.started()
+        run = self._run
+        run.usage = usage
+        self._worker.finish(run, Done(job=run.job.id, usage=usage, attempt=run.attempt, seq=run.next_seq()))
+
+
+class JobRunner:
+    """Runs jobs on the worker's backend and turns however each ends into its outcome: a final
+    event (``Done`` from the backend, ``Failed`` here), the job's metrics and its span."""
+
+    __slots__ = ("_worker",)
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def run(self, run: Running) -> None:
+        """Run one job to its end; its slot is released whatever happens."""
+        worker = self._worker
+        job = run.job
+        out = _Output(worker, run)
+        started = time.perf_counter()
+        # Attributes are built only for a sampled trace (most are not, at a 10% ratio).
+        span = self._span(run) if worker.tracing is not None and is_sampled(job.traceparent) else None
+        outcome = "interrupted"
+        try:
+            await worker.backend.run(job, out)
+            if not run.finished:
+                outcome = "error"
+                log.error("job %s: the backend ended it without a result (traceparent %s)", job.id,
+                          job.traceparent or "-")
+                worker.metrics.job_finished(job.model, "error")
+                worker.finish(run, Failed(job=job.id, message="The engine ended the job without a result.",
+                                          attempt=run.attempt, seq=run.next_seq()))
+                return
+            outcome = "ok"
+            # After the event writer's turn: metrics must not delay the final flush.
+            asyncio.get_running_loop().call_soon(worker.metrics.job_finished, job.model, "ok",
+                                                 time.perf_counter() - started)
+        except JobRejected as exc:
+            outcome = "rejected"
+            worker.metrics.job_finished(job.model, "rejected")
+            worker.finish(run, Failed(job=job.id, message=exc.message, code=exc.code, status=exc.status,
+                                      type=exc.type, param=exc.param, attempt=run.attempt, seq=run.next_seq()))
+        except asyncio.CancelledError:
+            if worker.stopping.is_set() and job.id not in worker.cancellations:
+                raise  # drain timed out: left pending (unacked), so another engine reclaims it
+            outcome = "cancelled"
+            worker.metrics.job_finished(job.model, "cancelled")
+            if not run.finished:  # the client is gone: ack without a final event
+                run.finished = True
+                worker.writer.ack(worker.ack_of(run))
+        except Exception:
+            outcome = "error"
+            log.exception("job %s failed (traceparent %s)", job.id, job.traceparent or "-")
+            worker.metrics.job_finished(job.model, "error")
+            worker.finish(run, Failed(job=job.id, message="The engine failed while running the request.",
+                                      attempt=run.attempt, seq=run.next_seq()))
+        finally:
+            worker.release(run)
+            if span is not None:
+                _end_span(span, run, outcome)
+
+    def _span(self, run: Running) -> Any:
+        """The job's span in its client's trace (None when that trace is not sampled)."""
+        job = run.job
+        attrs: dict[str, Any] = {"gen_ai.operation.name": OPERATIONS.get(job.kind, job.kind),
+                                 "gen_ai.request.model": job.model, "messaging.system": "redis",
+                                 "messaging.operation.type": "process", "messaging.destination.name": run.stream,
+                                 "messaging.message.id": job.id, "conduit.engine.id": self._worker.engine_id,
+                                 "conduit.job.attempt": run.attempt}
+        if job.created_ms:
+            attrs["conduit.job.queue_wait_s"] = max(now_ms() - job.created_ms, 0) / 1000
+        name = f"{attrs['gen_ai.operation.name']} {job.model}"
+        tracing = self._worker.tracing
+        return tracing.continued(job.traceparent, name, SpanKind.CONSUMER, attrs)  # type: ignore[union-attr]
+
+
+def _end_span(span: Any, run: Running, outcome: str) -> None:
+    span.set_attribute("conduit.job.outcome", outcome)
+    if run.usage is not None:
+        span.set_attribute("gen_ai.usage.input_tokens", run.usage.prompt_tokens)
+        span.set_attribute("gen_ai.usage.output_tokens", run.usage.completion_tokens)
+    if outcome == "error":
+        span.set_status(Status(StatusCode.ERROR, "the engine failed while running the job"))
+    span.end()
