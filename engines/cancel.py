@@ -10,8 +10,8 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.running import now_ms
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class Cancellations:
                     if message.get("type") != "message":
                         continue
                     worker.cancel(*parse_cancel(message["data"]))
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("cancel listener lost Redis (%s); resubscribing", exc)
                 worker.metrics.background_error("cancel-listener")
                 await asyncio.sleep(0.5)

@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 
 from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
-from engines.contract.lane import open_lane
+from engines.contract.lane import REDIS_ERRORS, open_lane
 from engines.contract.messages import Codec, Event
 from telemetry.engine_instruments import EngineMetrics
 
@@ -148,7 +148,7 @@ class EventWriter:
             batch, self._batch = self._batch, _Batch()
             try:
                 retry = await self._write(batch)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 # Nothing is known to have landed: all of it again (repeats are harmless).
                 log.warning("writing events failed (%s); retrying", exc)
                 self.metrics.background_error("event-writer")
@@ -169,7 +169,7 @@ class EventWriter:
             self.load_scripts = False
             try:
                 await self._redis.script_load(RELEASE)  # every primary of a cluster
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 # Events go out all the same; an ack that meets NOSCRIPT asks for another load.
                 log.warning("could not load the ack's script: %s", exc)
         cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]

@@ -19,8 +19,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-import redis.asyncio as aioredis
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.contract.keys import ENGINE_GROUP
 from engines.running import now_ms
 
@@ -146,7 +146,7 @@ class Presence:
 
     def failed(self, exc: BaseException) -> None:
         """A beat that failed: logged and counted (the next one is tried on time)."""
-        if isinstance(exc, (ConnectionError, OSError, aioredis.RedisError, TimeoutError)):
+        if isinstance(exc, REDIS_ERRORS):
             log.warning("heartbeat: redis unavailable (%s)", exc)
         else:
             log.error("heartbeat failed; carrying on", exc_info=exc)

@@ -16,13 +16,12 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.contract.backlog import release_command
 from engines.contract.fairness import PROMOTE, promote_command
 from engines.contract.keys import ENGINE_GROUP
-from engines.contract.lane import entry_fields, open_lane, stream_entries
+from engines.contract.lane import REDIS_ERRORS, entry_fields, open_lane, stream_entries
 from engines.contract.messages import Failed
 from engines.events import Ack
 from engines.running import Running, now_ms
@@ -67,10 +66,8 @@ class Intake:
                     block = 100 if await self._promote(lane, model, free) else 1000
                     # A read blocks at most a second, so a stop takes effect within one; it is
                     # never cut short, so no job is left half-read.
-                    (reply,) = await lane.round_trip([(*read_cmd, free, "BLOCK", block, "STREAMS", stream, ">")])
-                    if isinstance(reply, Exception):
-                        raise reply
-                except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                    reply = await lane.call(*read_cmd, free, "BLOCK", block, "STREAMS", stream, ">")
+                except REDIS_ERRORS as exc:
                     log.warning("reading jobs failed (%s); retrying", exc)
                     worker.metrics.background_error("read-jobs")
                     await asyncio.sleep(0.5)
@@ -112,7 +109,7 @@ class Intake:
     async def _try(self, op: Coroutine[Any, Any, None]) -> None:
         try:
             await op
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis still unavailable: %s", exc)
 
     def accept(self, stream: str, entry_id: bytes, fields: dict[bytes, bytes], attempt: int) -> None:

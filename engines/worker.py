@@ -32,14 +32,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from engines.backend import Backend
 from engines.cancel import Cancellations
 from engines.contract.backlog import release_command
 from engines.contract.keys import ENGINE_GROUP, Keys
-from engines.contract.lane import connect, redacted
+from engines.contract.lane import REDIS_ERRORS, connect, redacted
 from engines.contract.messages import JOB_KINDS, PROTOCOL_VERSION, Codec, Done, EngineInfo, Failed
 from engines.contract.store import open_image_store
 from engines.events import Ack, EventWriter
@@ -194,7 +193,7 @@ class Worker:
                 await self.create_groups()
                 await self.presence.beat(self.redis)
                 return True
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("Redis at %s not reachable (%s); retrying in %.1f s", redacted(self.settings.redis_url),
                             exc, delay)
                 try:
@@ -216,7 +215,7 @@ class Worker:
             await asyncio.sleep(interval)
             try:
                 await step()
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("%s: redis unavailable (%s)", name, exc)
                 self.metrics.background_error(name)
             except Exception:
@@ -253,7 +252,7 @@ class Worker:
             pipe.zrem(self.keys.engines, self.engine_id)
             pipe.hdel(self.keys.engine_info, self.engine_id)
             await pipe.execute()
-        except (ConnectionError, OSError, aioredis.RedisError):
+        except REDIS_ERRORS:
             log.warning("could not deregister from Redis")
 
     # ---- the jobs held ------------------------------------------------------------------

@@ -142,6 +142,10 @@ class RedisLane:
         """One command; raises its error (``ResponseError``) or a connection error."""
         return _answer(await self.pipeline([args]))
 
+    async def call(self, *args: Any) -> Any:
+        """One command in the calling task (:meth:`round_trip`'s terms); raises as :meth:`execute`."""
+        return _answer(await self._round_trip([args]))
+
     def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         """Queue commands for the next round trip; the future gets their replies in order
         (a failed command's reply is its ``ResponseError``)."""
@@ -250,6 +254,8 @@ class ClusterLane:
 
     async def execute(self, *args: Any) -> Any:
         return _answer(await self.round_trip([args]))
+
+    call = execute
 
     def pipeline(self, commands: list[Command]) -> asyncio.Future[list[Any]]:
         return asyncio.ensure_future(self.round_trip(commands))
