@@ -66,14 +66,14 @@ def check_vllm_version(version: str | None) -> None:
                            f"{SUPPORTED_VLLM} only (it drives vLLM's internal serving classes). {fix}")
 
 
-# The request fields vLLM gets: the ones the gateway names and bounds (``gateway.protocol``; a
+# The request fields vLLM gets: the ones the gateway names and bounds (``gateway.common.protocol``; a
 # test holds the two together), and OpenAI's ``reasoning_effort``, which vLLM reads. Anything
 # else a body carries (OpenAI-hosted features, another server's extensions) never reaches vLLM,
 # so no field the gateway did not bound can make an engine do work.
 _SAMPLING_FIELDS = frozenset({
     "model", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty", "seed", "stop",
     "stream", "stream_options", "temperature", "top_p", "user", "response_format",
-    # vLLM's extensions (gateway.protocol.VllmSampling)
+    # vLLM's extensions (gateway.common.protocol.VllmSampling)
     "top_k", "min_p", "repetition_penalty", "stop_token_ids", "include_stop_str_in_output", "ignore_eos",
     "min_tokens", "skip_special_tokens", "spaces_between_special_tokens", "truncate_prompt_tokens",
     "truncation_side", "allowed_token_ids", "prompt_logprobs", "bad_words", "add_special_tokens",

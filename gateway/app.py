@@ -1,4 +1,5 @@
-"""The Litestar application: routes, lifespan (Redis, reply reader, registry), errors."""
+"""The Litestar application: its routes (``gateway.routes``), lifespan (Redis, reply reader, registry), errors,
+and the ASGI stack around it (observer, guard, idempotency)."""
 
 from __future__ import annotations
 
@@ -9,35 +10,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
-from litestar import Litestar, Request, Response, get, post
-from litestar.datastructures import State
+from litestar import Litestar
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
-from engines.contract.lane import connect, open_lane, redacted
-from engines.contract.store import DirectoryImageStore, ImageStore, media_type, open_image_store, valid_ref
 from engines.contract.keys import Keys
+from engines.contract.lane import connect, open_lane, redacted
 from engines.contract.messages import Codec
-from gateway.chat import ChatRenderer
-from gateway.completions import CompletionRenderer
+from engines.contract.store import DirectoryImageStore, open_image_store
+from gateway.chat.serving import chat_endpoint
+from gateway.completions.serving import completion_endpoint
 from gateway.dispatch import Dispatcher
-from gateway.errors import ConduitError, ModelNotFound, NotFound, error_response
+from gateway.errors import ConduitError, error_response
+from gateway.flow import RequestFlow
 from gateway.images.serving import ImageGeneration
-from gateway.observe import RequestObserver, note_prompt, template_name
+from gateway.observe import RequestObserver, template_name
 from gateway.openapi import document_bytes
-from gateway.protocol import Health, Model, ModelList, Readiness, RequestDecoder
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
+from gateway.routes import route_handlers
 from gateway.server import BoundedHttpToolsProtocol
-from gateway.serving import Generation
+from gateway.services import Services, provide_key_store, provide_services, provide_usage_log
 from gateway.settings import GatewaySettings
-from gateway.tenancy.admin import ADMIN_ROUTES
 from gateway.tenancy.auth import Authenticator
-from gateway.tenancy.cost import estimate
-from gateway.tenancy.guard import METRICS_ACCESS, PUBLIC, Guard, RouteAccess, principal_of
+from gateway.tenancy.guard import Guard, RouteAccess
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.keys import KeyStore
 from gateway.tenancy.limits import Limiter
@@ -47,133 +45,6 @@ from telemetry.logs import RequestLog, configure_logging
 from telemetry.setup import Telemetry
 
 log = logging.getLogger("conduit.gateway")
-_JSON = msgspec.json.Encoder()
-_HEALTHY = _JSON.encode(Health())
-
-
-class Services(msgspec.Struct):
-    """What the handlers need, opened and closed by the lifespan."""
-
-    settings: GatewaySettings
-    registry: EngineRegistry
-    dispatcher: Dispatcher
-    decoder: RequestDecoder
-    chat: Generation
-    completion: Generation
-    images: ImageGeneration
-    image_store: ImageStore
-    telemetry: Telemetry
-    redis: aioredis.Redis
-    key_store: KeyStore
-    auth: Authenticator
-    usage_log: UsageLog
-
-
-def provide_services(state: State) -> Services:
-    return state.services  # type: ignore[no-any-return]
-
-
-def provide_key_store(state: State) -> KeyStore:
-    return state.services.key_store  # type: ignore[no-any-return]
-
-
-def provide_usage_log(state: State) -> UsageLog:
-    return state.services.usage_log  # type: ignore[no-any-return]
-
-
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
-    """Chat completion, streamed as SSE when ``stream`` is true."""
-    body = await request.body()
-    req = services.decoder.chat(body)
-    note_prompt(request.scope, body, services.settings)
-    return await services.chat.respond(request, req, body, cost=estimate(req, services.settings))
-
-
-@post("/v1/completions", status_code=200)
-async def completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
-    """Legacy text completion, streamed as SSE when ``stream`` is true."""
-    body = await request.body()
-    req = services.decoder.completion(body)
-    note_prompt(request.scope, body, services.settings)
-    return await services.completion.respond(request, req, body, cost=estimate(req, services.settings))
-
-
-@post("/v1/images/generations", status_code=200)
-async def image_generations(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
-    """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
-    body = await request.body()
-    req = services.decoder.image(body)
-    note_prompt(request.scope, body, services.settings)
-    return await services.images.respond(request, req, body)
-
-
-@get("/v1/images/files/{name:str}", opt=PUBLIC)
-async def image_file(name: str, services: Services) -> Response[bytes]:
-    """A generated image, until it expires (its unguessable name is the capability to read it)."""
-    data = await services.image_store.get(name) if valid_ref(name) else None
-    if data is None:
-        raise NotFound(f"The image `{name[:80]}` does not exist or has expired.", param="name",
-                       code="image_not_found")
-    return Response(data, media_type=media_type(name), headers={"Cache-Control": "private, max-age=300"})
-
-
-@get("/v1/models")
-async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
-    """The models that have a live engine now (those the request's key may use)."""
-    reg = services.registry
-    principal = principal_of(request.scope)
-    models = ModelList(data=[Model(id=m, created=reg.created(m)) for m in sorted(reg.models) if principal.allows(m)])
-    return Response(_JSON.encode(models), media_type="application/json")
-
-
-@get("/v1/models/{model_id:path}")
-async def get_model(model_id: str, request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
-    """One live model (that the request's key may use)."""
-    model_id = model_id.lstrip("/")
-    reg = services.registry
-    if not reg.is_live(model_id) or not principal_of(request.scope).allows(model_id):
-        raise ModelNotFound(model_id)
-    return Response(_JSON.encode(Model(id=model_id, created=reg.created(model_id))), media_type="application/json")
-
-
-@get("/health", opt=PUBLIC)
-async def health() -> Response[bytes]:
-    """The process is alive (says nothing about Redis or engines)."""
-    return Response(_HEALTHY, media_type="application/json")
-
-
-@get("/ready", opt=PUBLIC)
-async def ready(services: Services) -> Response[bytes]:
-    """Redis reachable and at least one live engine: ready for traffic."""
-    try:
-        await services.redis.ping()
-        redis_ok = True
-    except (ConnectionError, OSError, aioredis.RedisError):
-        redis_ok = False
-    engines = len(services.registry.engines)
-    ok = redis_ok and engines > 0
-    body = _JSON.encode(Readiness(status="ready" if ok else "not_ready", redis=redis_ok, engines=engines,
-                                  models=sorted(services.registry.models)))
-    return Response(body, status_code=200 if ok else 503, media_type="application/json")
-
-
-@get("/metrics", opt=METRICS_ACCESS)
-async def metrics(services: Services) -> Response[bytes]:
-    """Prometheus exposition of this process's OpenTelemetry instruments."""
-    if not services.settings.metrics:
-        raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
-    try:
-        await services.registry.read_backlog()
-    except (ConnectionError, OSError, aioredis.RedisError) as exc:
-        log.warning("could not read the queue backlog for /metrics: %s", exc)  # the last values are exported
-    return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-
-@get("/openapi.json", opt=PUBLIC)
-async def openapi_document() -> Response[bytes]:
-    """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
-    return Response(document_bytes(), media_type="application/json")
 
 
 async def _sweep(store: DirectoryImageStore, every_s: float = 60.0) -> None:
@@ -230,12 +101,11 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                              threads=settings.auth_threads, failures=settings.auth_failures,
                              block_s=settings.auth_block_s)
         app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
-                                      decoder=RequestDecoder(settings),
-                                      chat=Generation(dispatcher, ChatRenderer(), "chat"),
-                                      completion=Generation(dispatcher, CompletionRenderer(), "completion"),
-                                      images=ImageGeneration(dispatcher, store, settings), image_store=store,
+                                      flow=RequestFlow(dispatcher, settings), chat=chat_endpoint(settings),
+                                      completion=completion_endpoint(settings),
+                                      images=ImageGeneration(store, settings), image_store=store,
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
-                                      usage_log=usage_log)
+                                      usage_log=usage_log, openapi=document_bytes)
         try:
             await router.create_stream()
         except (ConnectionError, OSError, aioredis.RedisError):
@@ -277,8 +147,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
 
     app = Litestar(
         # Admin routes do not exist without an admin credential to guard them.
-        route_handlers=[chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
-                        metrics, openapi_document, *(ADMIN_ROUTES if settings.admin_key_hash else ())],
+        route_handlers=route_handlers(admin=bool(settings.admin_key_hash)),
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
                       "key_store": Provide(provide_key_store, sync_to_thread=False),
                       "usage_log": Provide(provide_usage_log, sync_to_thread=False)},

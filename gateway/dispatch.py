@@ -1,347 +1,49 @@
-"""One request's job from submission to its end: the only way an endpoint reaches the engines.
+"""Admission and the job lifecycle: the only way an endpoint reaches the engines.
 
-:class:`Dispatcher` admits requests (404/503/429) and opens :class:`JobRun`\\ s; a ``JobRun``
-owns everything between: the idempotent submission, the disconnect watch (from the moment
-of submission, streaming or not), the deadline, the cancellation of abandoned jobs, and
-exactly-once delivery of the engine's events:
-
-* events of an attempt that was given up are dropped, a repeated event (same ``seq``) is
-  dropped, a gap in the numbering means events were lost;
-* a job that must start over (an engine died, events were lost, Redis lost the job) is run
-  again — a new attempt by an engine, or a new submission by the gateway — as long as none
-  of its output reached the client; the caller sees :data:`RESTARTED` and discards what
-  it collected. Once output reached the client the request ends with a clean error instead.
+:class:`Dispatcher` admits requests (404/503 for the model, the key's rate limits, the
+backlog's 429s) and opens :class:`~gateway.run.JobRun`\\ s, which own each job from submission
+to its end; it submits and resubmits their jobs, settles what admission took when a run ends,
+routes cancellations to the engines and finds jobs Redis lost (:meth:`Dispatcher.watch_jobs`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
-from engines.contract.messages import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
-from gateway.errors import (
-    ConduitError,
-    DeadlineExceeded,
-    EngineError,
-    ModelNotFound,
-    ModelNotSupported,
-    NoEngine,
-    Overloaded,
-    PayloadTooLarge,
-)
+from engines.contract.messages import Job
+from gateway.context import RequestContext
+from gateway.errors import ConduitError, ModelNotFound, ModelNotSupported, NoEngine, Overloaded, PayloadTooLarge
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
+from gateway.run import DEADLINE, JobRun, Lost, new_id
 from gateway.settings import GatewaySettings
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.limits import Grant, Limiter
 from gateway.tenancy.principal import ANONYMOUS, Principal
 from gateway.tenancy.usage import UsageLog
 from telemetry.instruments import GatewayMetrics
-from telemetry.tracing import Span, SpanKind, Tracing, format_traceparent
+from telemetry.tracing import SpanKind, Tracing, format_traceparent
 
 log = logging.getLogger("conduit.gateway")
 
 
-class ClientDisconnected(Exception):
-    """The client closed the connection before its answer was ready."""
+@dataclass(frozen=True, slots=True)
+class JobKind:
+    """What every job of one endpoint shares: its kind (the engines' name for it), the prefix of
+    its ids (the first is the id the client sees: ``chatcmpl-...``) and how long an engine keeps
+    what it stores readable (images; 0: nothing stored)."""
 
-
-class Restarted:
-    """Returned by :meth:`JobRun.next`: the job is running again from scratch; discard its output so far."""
-
-    __slots__ = ()
-
-
-RESTARTED = Restarted()
-
-# Put in a run's queue by the disconnect watcher, the deadline timer and the job watch; never sent by an engine.
-_CLIENT_GONE: Any = object()
-_DEADLINE: Any = object()
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{os.urandom(12).hex()}"
-
-
-def engine_failure(event: Failed) -> ConduitError:
-    """An engine's error event as the exception the client is told about."""
-    if event.status == 504:
-        return DeadlineExceeded(event.message)
-    cls = EngineError if event.status >= 500 else ConduitError
-    return cls(event.message, param=event.param, code=event.code, status=event.status, type=event.type)
-
-
-class JobRun:
-    """One request's job: ``async with dispatcher.job(...) as run`` submits it; leaving the
-    block ends it (telling the engines to stop if it had not finished)."""
-
-    __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
-                 "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
-                 "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "output", "refused", "refund_request")
-
-    def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
-                 | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
-                 ratelimit: dict[str, str] | None = None, queue_span: Span | None = None) -> None:
-        self.dispatcher = dispatcher
-        self.job = job
-        #: The id the client sees (the first job id: a resubmitted job gets a new one).
-        self.rid = job.id
-        self.model = job.model
-        self.loop = dispatcher.loop  # kept: on Python 3.11 every get_running_loop() is a getpid() syscall
-        self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self.deadline = 0.0  # loop time
-        self.started_at = time.perf_counter()
-        #: The attempt whose events are accepted, and the number of its last event.
-        self.attempt = 1
-        self.seq = 0
-        #: A final event (Done/Failed) was taken; nothing is left to cancel.
-        self.ended = False
-        self.closed = False
-        #: Some output reached the client: the job can no longer start over silently.
-        self.shown = False
-        #: Seconds to the first output, and the final usage: recorded once the answer is out.
-        self.ttft: float | None = None
-        self.usage: Any = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.resubmits = 0
-        #: Consecutive job checks that found the job's key gone (see Dispatcher.watch_jobs).
-        self.missing = 0
-        self._receive = receive
-        self._watcher: asyncio.Task[None] | None = None
-        self._held: Any = None  # an event, or _GAP
-        #: Who asks, what the request costs against the key's limits, what admission took,
-        #: and where admission puts the ``x-ratelimit-*`` headers.
-        #: Who the request runs as (its key's share of the backlog applies to every submission).
-        self.principal = principal
-        self.cost = cost or Cost()
-        self.grant: Grant | None = None
-        self.ratelimit = ratelimit
-        #: The trace's span from submission until an engine starts the job (sampled requests only).
-        self.queue_span = queue_span
-        #: The error code a stream ended with after its 200 (for the request's log line).
-        self.error = ""
-        #: What the current attempt generated so far (its latest ``Delta.total``) and its final
-        #: images: what the key is charged if the run ends without its ``Done``.
-        self.generated: Generated | None = None
-        self.images = 0
-        #: The current attempt produced output (a delta or an image).
-        self.output = False
-        #: The engine refused the job (a 4xx before any output): the key gets its tokens back.
-        self.refused = False
-        #: A refusal at the queue that is not the key's own doing (the model's whole backlog is
-        #: full, Redis is unavailable): the key gets its request back too.
-        self.refund_request = False
-
-    @property
-    def job_id(self) -> str:
-        return self.job.id
-
-    async def __aenter__(self) -> JobRun:
-        await self.dispatcher.submit(self)
-        if self._receive is not None:
-            self._watcher = self.loop.create_task(self._watch(self._receive))
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
-
-    async def _watch(self, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]) -> None:
-        # Only for requests whose body was read in full: the next ASGI message is the disconnect.
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.events.put_nowait(_CLIENT_GONE)
-
-    async def first_event(self) -> Event:
-        """Submit the job and wait for the engine to accept it, for a streaming answer: a job
-        the engine refuses raises its error while the status can still say so. From the event
-        returned on, the caller's response owns the run (watches the connection, closes it)."""
-        await self.__aenter__()
-        try:
-            first = await self.next()
-            while isinstance(first, Restarted):
-                first = await self.next()
-            if isinstance(first, Failed):
-                raise engine_failure(first)
-        except BaseException:
-            self.close()
-            raise
-        self.stop_watching()
-        return first
-
-    def stop_watching(self) -> None:
-        """The streaming response watches the connection from here on (one reader of ``receive``)."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
-
-    async def next(self) -> Event | Restarted:
-        """The next event the client should see, or :data:`RESTARTED`.
-
-        Raises :class:`DeadlineExceeded` past the deadline, :class:`ClientDisconnected` when
-        the client left, :class:`EngineError` when the job was lost after output reached the client.
-        """
-        held = self._held
-        if held is not None:
-            self._held = None
-            if held is _GAP:
-                await self._start_over("events were lost")
-            else:
-                admitted = self._admit(held)
-                if admitted is not None:
-                    return admitted
-        while True:
-            event = await self.events.get()
-            if event is _DEADLINE:
-                raise DeadlineExceeded(f"The request did not finish within "
-                                       f"{self.dispatcher.settings.request_timeout_s:g}s.")
-            if event is _CLIENT_GONE:
-                raise ClientDisconnected
-            if isinstance(event, _Lost):
-                if event.job_id == self.job_id and not self.ended:
-                    await self._start_over("Redis lost the job")
-                    return RESTARTED
-                continue
-            admitted = self._admit(event)
-            if admitted is not None:
-                return admitted
-
-    def _admit(self, event: Event) -> Event | Restarted | None:
-        """The exactly-once filter: the event to deliver, None to drop it, or RESTARTED (what
-        follows is held for the next call to :meth:`next`)."""
-        if event.job != self.job.id:  # the job's previous submission, given up
-            self.dispatcher.metrics.skipped("stale_submission")
-            return None
-        if event.attempt != self.attempt:
-            if event.attempt < self.attempt:  # a given-up attempt's engine still talking
-                self.dispatcher.metrics.skipped("stale_attempt")
-                return None
-            self.attempt = event.attempt
-            self.seq = 0
-            if isinstance(event, Failed):  # the job's new owner only reports its end
-                self.ended = True  # (what the lost attempt generated stays charged)
-                return event
-            if self.shown:
-                raise EngineError("The engine serving this request stopped after output began; retry the request.",
-                                  code="engine_lost")
-            self._held = event  # another engine runs it from scratch
-            self.generated, self.images, self.output = None, 0, False  # only the answering attempt is charged
-            return RESTARTED
-        if event.seq:  # 0: an engine that does not number its events
-            if event.seq <= self.seq:
-                self.dispatcher.metrics.skipped("duplicate")
-                return None
-            if event.seq != self.seq + 1:
-                log.warning("job %s: events %d..%d lost", self.job_id, self.seq + 1, event.seq - 1)
-                self.dispatcher.metrics.skipped("gap")
-                if self.shown:
-                    raise EngineError("Part of this request's output was lost on its way from the engine; retry "
-                                      "the request.", code="output_lost")
-                self._held = _GAP
-                return RESTARTED
-            self.seq = event.seq
-        kind = type(event)
-        if kind is Delta:  # the common case first
-            self.output = True
-            total = event.total
-            if total is not None:  # (an engine of protocol < 4 counts nothing: the reservation stands)
-                self.generated = total
-            if self.queue_span is not None:
-                self.end_queue_span(event)
-            return event
-        if kind is Unknown:
-            return None  # counted by the router; its number is accounted for
-        if kind is ImageReady:
-            self.output = True
-            if event.partial is None:
-                self.images += 1
-        elif isinstance(event, (Done, Failed)):
-            self.ended = True
-            if isinstance(event, Failed) and 400 <= event.status < 500 and not self.output:
-                self.refused = True  # before any output of its attempt
-        if self.queue_span is not None:
-            self.end_queue_span(event)
-        return event
-
-    def end_queue_span(self, event: Event | None) -> None:
-        """The job left the queue: an engine's first event arrived (or the run ended without one)."""
-        span, self.queue_span = self.queue_span, None
-        if span is None:
-            return
-        if isinstance(event, Started) and event.engine:
-            span.attributes["conduit.engine.id"] = event.engine
-        if self.attempt > 1:  # another engine took the job over
-            span.attributes["conduit.job.attempt"] = self.attempt
-        if self.resubmits:  # Redis lost it and the gateway submitted it again
-            span.attributes["conduit.job.resubmits"] = self.resubmits
-        span.end()
-
-    async def batches(self) -> AsyncIterator[list[Event | Restarted]]:
-        """Events in batches: everything already delivered comes together (one write to the client)."""
-        q = self.events
-        while True:
-            batch = [await self.next()]
-            while not q.empty() and self._held is None:
-                event = q.get_nowait()
-                if event is _DEADLINE or event is _CLIENT_GONE or isinstance(event, _Lost):
-                    q.put_nowait(event)  # handled by the next next(), after this batch is out
-                    break
-                admitted = self._admit(event)
-                if admitted is not None:
-                    batch.append(admitted)
-                    if admitted is RESTARTED:
-                        break  # what follows it is held for the next next()
-            yield batch
-
-    async def _start_over(self, why: str) -> None:
-        """Submit the job again under a new id (nothing of it reached the client), or fail."""
-        if self.shown:
-            raise EngineError(f"This request's job was lost after output began ({why}); retry the request.",
-                              code="job_lost")
-        if self.resubmits >= self.dispatcher.settings.max_resubmits:
-            raise EngineError(f"This request's job was lost {self.resubmits + 1} times ({why}); retry the request.",
-                              code="job_lost")
-        self.resubmits += 1
-        log.warning("job %s: %s; submitting it again", self.job_id, why)
-        self.dispatcher.metrics.resubmissions.add(1)
-        await self.dispatcher.resubmit(self)
-
-    def close(self) -> None:
-        """Stop listening; if the job had not ended, tell the engines to drop it."""
-        if self.closed:
-            return
-        self.closed = True
-        if self.timer is not None:
-            self.timer.cancel()
-        self.stop_watching()
-        if self.queue_span is not None:
-            self.end_queue_span(None)
-        self.dispatcher.forget(self)
-        if self.principal.key_id:
-            self.dispatcher.settle(self)
-
-
-class _Gap:
-    """Held by a run whose events had a gap: its next call to ``next`` starts the job over."""
-
-
-_GAP: Any = _Gap()
-
-
-class _Lost:
-    """Put in a run's queue when its job key vanished (``Dispatcher.watch_jobs``)."""
-
-    __slots__ = ("job_id",)
-
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
+    name: str
+    id_prefix: str
+    output_ttl_ms: int = 0
 
 
 class Dispatcher:
@@ -385,40 +87,41 @@ class Dispatcher:
             raise NoEngine(model)
         raise ModelNotFound(model)
 
-    def job(self, kind: str, model: str, body: bytes, *, job_id: str, stream: bool,
-            receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None,
-            traceparent: str = "", output_ttl_ms: int = 0, principal: Principal = ANONYMOUS,
-            cost: Cost | None = None, ratelimit: dict[str, str] | None = None,
-            state: dict[str, Any] | None = None) -> JobRun:
-        """A request's job, submitted when its ``async with`` block is entered.
+    def job(self, kind: JobKind, model: str, body: bytes, *, stream: bool, ctx: RequestContext | None = None,
+            cost: Cost | None = None, receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None
+            ) -> JobRun:
+        """A request's job (the caller checked its model: :meth:`check_model`), submitted when its
+        ``async with`` block is entered. Its id is our own (a client's x-request-id need not be unique).
 
-        ``state`` (the request's ``scope["state"]``) gets the run (``"run"``: the request's
-        observer records its metrics and log line from it) and gives the request's span
-        (``"span"``, a sampled trace): the job's queue span hangs under it and its context
-        replaces ``traceparent`` (the client's) in the job, so the engine's span joins the trace.
-        ``receive`` (the request's ASGI receive) lets the run notice a client that leaves;
-        ``output_ttl_ms``: how long the engine keeps what it stores (images) readable;
-        ``principal``: who asks (its key id is the job's tenant in fair queueing); ``cost``: what it
-        takes from the key's limits (``gateway.tenancy.cost.estimate``); ``ratelimit``: gets the
-        ``x-ratelimit-*`` headers.
+        ``ctx`` (the request's context) gives who asks (``principal``: its key id is the job's
+        tenant in fair queueing), the request's span (a sampled trace: the job's queue span hangs
+        under it and its context replaces the client's ``traceparent`` in the job, so the engine's
+        span joins the trace) and the dict the ``x-ratelimit-*`` headers go into; it gets the run
+        (the request's observer records its metrics and log line from it). ``cost``: what the
+        request takes from the key's limits (its request type's ``cost``); ``receive`` (the
+        request's ASGI receive) lets the run notice a client that leaves.
         """
-        self.check_model(model, principal, kind)
         now_ms = int(time.time() * 1000)
-        span = state.get("span") if state is not None else None
-        queue_span = None
-        if span is not None and self.tracing is not None:
-            queue_span = self.tracing.start(
-                f"queue {model}", SpanKind.PRODUCER, span,
-                {"messaging.system": "redis", "messaging.operation.type": "send",
-                 "messaging.destination.name": self.queue.stream_of(model), "messaging.message.id": job_id})
-            traceparent = format_traceparent(queue_span.get_span_context())
-        job = Job(id=job_id, kind=kind, model=model, body=body, reply_to=self.router.stream,
+        job_id = new_id(kind.id_prefix)
+        principal, traceparent, queue_span = ANONYMOUS, "", None
+        if ctx is not None:
+            principal, traceparent = ctx.principal, ctx.traceparent
+            if principal.key_id and ctx.ratelimit is None:
+                ctx.ratelimit = {}
+            if ctx.span is not None and self.tracing is not None:
+                queue_span = self.tracing.start(
+                    f"queue {model}", SpanKind.PRODUCER, ctx.span,
+                    {"messaging.system": "redis", "messaging.operation.type": "send",
+                     "messaging.destination.name": self.queue.stream_of(model), "messaging.message.id": job_id})
+                traceparent = format_traceparent(queue_span.get_span_context())
+        job = Job(id=job_id, kind=kind.name, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
-                  traceparent=traceparent, stream=stream, output_ttl_ms=output_ttl_ms,
+                  traceparent=traceparent, stream=stream, output_ttl_ms=kind.output_ttl_ms,
                   tenant=principal.key_id, priority=principal.limits.priority)
-        run = JobRun(self, job, receive, principal=principal, cost=cost, ratelimit=ratelimit, queue_span=queue_span)
-        if state is not None:
-            state["run"] = run
+        run = JobRun(self, job, receive, principal=principal, cost=cost,
+                     ratelimit=ctx.ratelimit if ctx is not None else None, queue_span=queue_span)
+        if ctx is not None:
+            ctx.run = run
         return run
 
     async def submit(self, run: JobRun) -> None:
@@ -440,7 +143,7 @@ class Dispatcher:
         loop = self.loop
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
         # One timer per request wakes its waiter at the deadline (no timeout context per wait).
-        run.timer = loop.call_at(run.deadline, run.events.put_nowait, _DEADLINE)
+        run.timer = loop.call_at(run.deadline, run.events.put_nowait, DEADLINE)
 
     async def _admit(self, run: JobRun) -> None:
         """The key's rate limits (429 taking nothing when one is reached); no-op without limits."""
@@ -572,4 +275,4 @@ class Dispatcher:
                 continue  # submitted again while we asked
             run.missing = run.missing + 1 if missing else 0
             if run.missing == 2:
-                run.events.put_nowait(_Lost(job_id))
+                run.events.put_nowait(Lost(job_id))

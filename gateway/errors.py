@@ -26,6 +26,8 @@ import msgspec
 from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
+from gateway.context import context_of
+
 log = logging.getLogger("conduit.gateway")
 
 
@@ -125,22 +127,22 @@ class PayloadTooLarge(ConduitError):
     code = "request_too_large"
 
 
-class Overloaded(ConduitError):
+class _TooMany(ConduitError):
+    """A 429 that says when to retry (``Retry-After``)."""
+
     status = 429
     type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(_TooMany):
     code = "model_overloaded"
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
-
-class RateLimited(ConduitError):
-    status = 429
-    type = "rate_limit_error"
+class RateLimited(_TooMany):
     code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class EngineError(ConduitError):
@@ -176,6 +178,13 @@ def encode_error(exc: ConduitError) -> bytes:
     return _ENCODER.encode(exc.body())
 
 
+def error_head(exc: ConduitError) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """An error's body and response headers, for the middleware that answers before the app."""
+    body = encode_error(exc)
+    return body, [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                  *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+
+
 def from_exception(exc: Exception) -> ConduitError:
     """Any exception as the :class:`ConduitError` the client is told about."""
     if isinstance(exc, ConduitError):
@@ -197,8 +206,6 @@ def from_exception(exc: Exception) -> ConduitError:
 def error_response(request: Request, exc: Exception) -> Response[bytes]:
     """The single exception handler of the app: every error becomes the OpenAI envelope."""
     err = from_exception(exc)
-    state = request.scope.get("state")
-    if state is not None:
-        state["error"] = err.code or "error"  # counted, logged and traced by the request's observer
+    context_of(request.scope).error = err.code or "error"  # counted, logged and traced by the request's observer
     return Response(content=encode_error(err), status_code=err.status, media_type="application/json",
                     headers=err.headers)

@@ -3,15 +3,17 @@
 :class:`RequestObserver` wraps everything else (the auth guard, idempotency, the app), so it
 sees every request, refusals at the door included:
 
-* ``x-request-id``: a client's own is echoed, otherwise one is made; kept at
-  ``scope["state"]["request_id"]`` and read when the response starts (an idempotent replay
-  puts the first request's there);
-* the request's server span, when tracing is on and the trace is sampled
-  (``scope["state"]["span"]``: the dispatcher hangs the queue span under it);
+* the request's :class:`~gateway.context.RequestContext` (``scope["state"]["ctx"]``), which
+  every layer inside reads and fills;
+* ``x-request-id``: a client's own is echoed, otherwise one is made; kept in the context's
+  ``request_id`` and read when the response starts (an idempotent replay puts the first
+  request's there);
+* the request's server span, when tracing is on and the trace is sampled (the context's
+  ``span``: the dispatcher hangs the queue span under it);
 * once the last byte is out: ``http.server.request.duration`` for every request, the
-  ``gen_ai.*`` metrics of a generation request (what its :class:`~gateway.dispatch.JobRun`,
-  at ``scope["state"]["run"]``, knows: model, time to first token, usage), the span's end, and
-  one line of the request log.
+  ``gen_ai.*`` metrics of a generation request (what its :class:`~gateway.run.JobRun`, the
+  context's ``run``, knows: model, time to first token, usage), the span's end, and one line
+  of the request log.
 
 Everything after the last byte is off the latency's path; what it costs in CPU is bounded by
 the benchmark (``benchmarks/telemetry_overhead.py``).
@@ -28,6 +30,7 @@ from typing import Any
 import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.context import CTX, RequestContext
 from gateway.settings import GatewaySettings
 from telemetry.instruments import OPERATIONS, GatewayMetrics
 from telemetry.logs import RequestLog, RequestRecord, timestamp
@@ -51,7 +54,7 @@ class _Prompt(msgspec.Struct):
 _PROMPT = msgspec.json.Decoder(_Prompt)
 
 
-def note_prompt(scope: Scope, body: bytes, settings: GatewaySettings) -> None:
+def note_prompt(ctx: RequestContext, body: bytes, settings: GatewaySettings) -> None:
     """With ``log_prompts`` on, keep the request's ``messages`` / ``prompt`` (as sent, cut to
     ``log_prompt_chars``) for its log line. Off (the default), request content is never logged."""
     if not settings.log_prompts:
@@ -61,7 +64,7 @@ def note_prompt(scope: Scope, body: bytes, settings: GatewaySettings) -> None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return
     text = bytes(raw.messages if len(raw.messages) else raw.prompt).decode(errors="replace")
-    scope.setdefault("state", {})["prompt"] = text[:settings.log_prompt_chars]  # type: ignore[typeddict-item]
+    ctx.prompt = text[:settings.log_prompt_chars]
 
 
 class RequestObserver:
@@ -90,26 +93,28 @@ class RequestObserver:
                 traceparent = value
         if not rid:
             rid = b"req_" + os.urandom(12).hex().encode()
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}  # type: ignore[typeddict-unknown-key]
-        state["request_id"] = rid
+        ctx = RequestContext(rid)
         if traceparent:
             # For the job (its engine's logs join the client's trace), read here once.
-            state["traceparent"] = traceparent[:55].decode("latin-1")
+            ctx.traceparent = traceparent[:55].decode("latin-1")
+        state = scope.get("state")
+        if state is None:
+            scope["state"] = {CTX: ctx}  # type: ignore[typeddict-unknown-key]
+        else:
+            state[CTX] = ctx
         quiet = scope["path"] in QUIET_PATHS
         tracing = self.tracing
         if tracing.enabled and not quiet:
             parent = parse_traceparent(traceparent.decode("latin-1")) if traceparent else None
             if tracing.sample(parent):
-                state["span"] = tracing.start(f"{scope['method']} {scope['path']}", SpanKind.SERVER, parent,
+                ctx.span = tracing.start(f"{scope['method']} {scope['path']}", SpanKind.SERVER, parent,
                                               {"http.request.method": scope["method"]})
         response: list[Any] = [0, None]  # status, when the last byte went out
 
         async def observed_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 response[0] = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", state["request_id"])]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", ctx.request_id)]
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 await send(message)
                 response[1] = time.perf_counter()
@@ -121,25 +126,26 @@ class RequestObserver:
         except Exception:
             if not response[0]:
                 response[0] = 500  # what the server answers for it
-                state.setdefault("error", "internal_error")
+                if not ctx.error:
+                    ctx.error = "internal_error"
             raise
         finally:
             ended = response[1] or time.perf_counter()
             try:
-                self._finished(scope, state, response[0] or 499, ended - started, quiet)
+                self._finished(scope, ctx, response[0] or 499, ended - started, quiet)
             except Exception:  # the answer is out: what records it must never fail the request
                 log.exception("recording a finished request failed")
 
-    def _finished(self, scope: Scope, state: dict[str, Any], status: int, seconds: float, quiet: bool) -> None:
+    def _finished(self, scope: Scope, ctx: RequestContext, status: int, seconds: float, quiet: bool) -> None:
         method = scope["method"]
         template = scope.get("path_template")  # type: ignore[typeddict-item]
         route = template_name(template) if template else self.route_of(scope["path"], method)
         if method not in HTTP_METHODS:
             method = "_OTHER"  # a client's made-up method must not make a label of its own
-        run = state.get("run")
+        run = ctx.run
         # Every refusal and failure, by its code: the guard's, the idempotency middleware's, the
         # app's errors and streams that failed after their 200 (counted, logged and traced here).
-        error = state.get("error") or (run.error if run is not None else "")
+        error = ctx.error or (run.error if run is not None else "")
         metrics = self.metrics
         if metrics is not None:
             if error:
@@ -150,20 +156,20 @@ class RequestObserver:
                 u = run.usage
                 metrics.request(route, method, status, seconds, run.model, OPERATIONS.get(run.job.kind, run.job.kind),
                                 run.ttft, u.prompt_tokens if u else None, u.completion_tokens if u else None)
-        span = state.get("span")
+        span = ctx.span
         if span is not None:
-            self._end_span(span, route, method, status, state, run, error)
+            self._end_span(span, route, method, status, ctx, run, error)
         if self.log is not None and not quiet:
-            self._log(scope, state, route, method, status, seconds, run, span, error)
+            self._log(scope, ctx, route, method, status, seconds, run, span, error)
 
     @staticmethod
-    def _end_span(span: Any, route: str, method: str, status: int, state: dict[str, Any], run: Any,
+    def _end_span(span: Any, route: str, method: str, status: int, ctx: RequestContext, run: Any,
                   error: str) -> None:
         span.name = f"{method} {route}"
         attrs = span.attributes
         attrs["http.route"] = route
         attrs["http.response.status_code"] = status
-        attrs["conduit.request.id"] = state["request_id"].decode("latin-1")
+        attrs["conduit.request.id"] = ctx.request_id.decode("latin-1")
         if error:
             attrs["error.type"] = error
         if run is not None:
@@ -177,34 +183,34 @@ class RequestObserver:
             span.set_status(Status(StatusCode.ERROR, error or None))
         span.end()
 
-    def _log(self, scope: Scope, state: dict[str, Any], route: str, method: str, status: int, seconds: float,
+    def _log(self, scope: Scope, ctx: RequestContext, route: str, method: str, status: int, seconds: float,
              run: Any, span: Any, error: str) -> None:
         log: RequestLog = self.log  # type: ignore[assignment]
-        principal = state.get("principal")
+        principal = ctx.principal
         client = scope.get("client")
         # Positional arguments, in RequestRecord's field order: a line costs a few microseconds
         # (benchmarks/telemetry_overhead.py holds the whole of telemetry within 5%).
         if run is None:
             record = RequestRecord(
-                timestamp(), "info", "conduit.request", state["request_id"].decode("latin-1"), method, route, status,
+                timestamp(), "info", "conduit.request", ctx.request_id.decode("latin-1"), method, route, status,
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, "", "", "", None,
-                principal.name if principal is not None and principal.key_id else "", error,
+                principal.name if principal.key_id else "", error,
                 None, None, None, None, 0, f"{span.context.trace_id:032x}" if span is not None else "",
                 client[0] if client else "", None)
         else:
             job, u, ttft = run.job, run.usage, run.ttft
             image = job.kind == "image"
             record = RequestRecord(
-                timestamp(), "info", "conduit.request", state["request_id"].decode("latin-1"), method, route, status,
+                timestamp(), "info", "conduit.request", ctx.request_id.decode("latin-1"), method, route, status,
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, run.rid, run.model,
                 OPERATIONS.get(job.kind, job.kind), job.stream,
-                principal.name if principal is not None and principal.key_id else "",
+                principal.name if principal.key_id else "",
                 error, int(ttft * 1_000_000 + 0.5) / 1000 if ttft is not None else None,
                 u.prompt_tokens if u is not None else None,
                 u.completion_tokens if u is not None and not image else None,
                 run.cost.images if u is not None and image else None, run.resubmits,
                 f"{span.context.trace_id:032x}" if span is not None else "", client[0] if client else "",
-                state.get("prompt"))
+                ctx.prompt)
         log.write(record)
 
 

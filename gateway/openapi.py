@@ -1,11 +1,13 @@
 """Conduit's own OpenAPI 3.1 document, generated from the schemas the code decodes and encodes.
 
-Every request and response body is a msgspec Struct of the code (``gateway/protocol.py``,
-``gateway/images/protocol.py``, ``gateway/errors.py``, ``gateway/tenancy/``), turned into JSON
-Schema by msgspec; :data:`OPERATIONS` says, for every route the app registers, what it takes
-and every status it can answer. The tests hold the three together: the checked-in
-``openapi/openapi.json`` is :func:`document_bytes`, the table names exactly the app's routes, and
-schemathesis fuzzes a live stack against the document (``tests/fuzz.py``). Regenerate with::
+Every request and response body is a msgspec Struct of the code (each endpoint's
+``protocol.py``, ``gateway/errors.py``, ``gateway/tenancy/``), turned into JSON Schema by msgspec.
+Every route handler carries its own :class:`~gateway.apispec.Operation` (in its ``opt``): what it
+takes and every status it can answer; its path, method and success status are the handler's
+own, its security follows the guard's ``access`` in the same ``opt``. :func:`build` walks the
+app's handlers (``gateway.routes``, the admin routes included). The tests hold them together:
+the checked-in ``openapi/openapi.json`` is :func:`document_bytes`, every route of the app is in
+it, and schemathesis fuzzes a live stack against the document (``tests/fuzz.py``). Regenerate with::
 
     python -m gateway.openapi --write      # openapi/openapi.json (from a source checkout)
     python -m gateway.openapi --check      # exit status 1 when the checked-in file is stale
@@ -29,7 +31,7 @@ import argparse
 import functools
 import json
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,42 +39,18 @@ from typing import Any
 import msgspec
 import msgspec.inspect as mi
 
+from gateway.apispec import OPERATION, RATELIMIT, Operation
 from gateway.errors import ErrorEnvelope
-from gateway.images.protocol import (
-    CompletedImageEvent,
-    ImageRequest,
-    ImagesResponse,
-    PartialImageEvent,
-)
-from gateway.protocol import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    Completion,
-    CompletionChunk,
-    CompletionRequest,
-    Health,
-    Model,
-    ModelList,
-    Readiness,
-)
-from gateway.tenancy.admin import CreatedKey, DeletedKey, KeyList, NewKey
-from gateway.tenancy.keys import KeyChanges, KeyInfo
-from gateway.tenancy.usage import KeyUsage
+from gateway.observe import template_name
+from gateway.operations.protocol import Readiness
+from gateway.routes import route_handlers
+from gateway.tenancy.guard import ADMIN, KEY, METRICS, PUBLIC_ACCESS
 
 #: Where ``--write`` puts the document (a source checkout's ``openapi/`` folder).
 CHECKED_IN = Path(__file__).resolve().parents[1] / "openapi" / "openapi.json"
 REGENERATE = "python -m gateway.openapi --write"
 EXTENSION = "x-conduit-extension"
 _SCHEMAS = "#/components/schemas/"
-
-REQUEST_BODIES: tuple[type[msgspec.Struct], ...] = (ChatCompletionRequest, CompletionRequest, ImageRequest, NewKey,
-                                                    KeyChanges)
-RESPONSE_BODIES: tuple[type[msgspec.Struct], ...] = (
-    ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, ModelList, Model, ImagesResponse,
-    PartialImageEvent, CompletedImageEvent, ErrorEnvelope, CreatedKey, KeyList, KeyInfo, DeletedKey, KeyUsage, Health,
-    Readiness)
-
 
 # ---- statuses and headers ------------------------------------------------------------------
 
@@ -118,41 +96,16 @@ HEADERS: dict[str, dict[str, Any]] = {
        for what, text in (("limit", "the limit"), ("remaining", "what is left now"),
                           ("reset", "time until the window is empty again, e.g. `1s`, `6m0s`"))},
 }
-#: The rate-limit headers a keyed request's answer may carry.
-RATELIMIT = tuple(h for h in HEADERS if h.startswith("x-ratelimit-"))
 
 
-# ---- the route table -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Operation:
-    """One route: what it takes, what it answers (``errors``: status -> the codes it can send)."""
-
-    method: str
-    path: str
-    operation_id: str
-    summary: str
-    tag: str
-    #: ``api_key``, ``admin``, ``admin_optional`` (``/metrics``: only with ``metrics_auth``) or None.
-    security: str | None
-    errors: dict[int, str]
-    description: str = ""
-    body: type[msgspec.Struct] | None = None
-    body_required: bool = True
-    status: int = 200
-    ok: str = "OK"
-    json: type[msgspec.Struct] | None = None
-    #: A schema for ``application/json`` when there is no Struct (the document itself).
-    json_schema: dict[str, Any] | None = None
-    #: The event-stream answer: the schema of one event (see :func:`sse_events`).
-    stream: dict[str, Any] | None = None
-    binary: tuple[str, ...] = ()
-    text: bool = False
-    parameters: tuple[dict[str, Any], ...] = ()
-    ok_headers: tuple[str, ...] = ()
-    #: Statuses whose stored answer an ``Idempotency-Key`` retry replays.
-    replayed: tuple[int, ...] = ()
-    extension: str | None = None
+TAGS = (
+    ("Chat", "Chat completions (OpenAI's)."),
+    ("Completions", "Legacy text completions (OpenAI's)."),
+    ("Images", "Image generation (OpenAI's), and the files of `url` answers."),
+    ("Models", "Models with a live engine (OpenAI's)."),
+    ("Operations", "Liveness, readiness, metrics and this document (Conduit's)."),
+    ("Admin", "API key management behind the admin credential (Conduit's); off unless `admin_key_hash` is set."),
+)
 
 
 def _ref(cls: type[Any]) -> dict[str, str]:
@@ -163,148 +116,17 @@ def _json_data(schema: dict[str, Any]) -> dict[str, Any]:
     return {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}
 
 
-def sse_events(*events: tuple[str, dict[str, Any]], done: bool = False) -> dict[str, Any]:
-    """The schema of one event of a stream whose events are ``(name, JSON schema of its data)``;
-    ``done``: the stream ends with ``data: [DONE]``."""
+def sse_events(op: Operation) -> dict[str, Any]:
+    """The schema of one event of an operation's stream (``op.stream``: each event's name and the
+    Structs its data may be); with ``op.stream_done`` the stream ends with ``data: [DONE]``."""
     branches = []
-    for name, schema in events:
-        data = _json_data(schema)
-        if done:
+    for name, types in op.stream:
+        data = _json_data(_ref(types[0]) if len(types) == 1 else {"anyOf": [_ref(t) for t in types]})
+        if op.stream_done:
             data = {"anyOf": [{"const": "[DONE]"}, data]}
         branches.append({"type": "object", "required": ["event", "data"],
                          "properties": {"event": {"const": name}, "data": data}})
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
-
-
-def _header(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "header", "required": False, "description": description, "schema": schema}
-
-
-REQUEST_ID = _header("x-request-id", "An id of the client's own for this request, echoed in the answer (128 bytes "
-                     "at most are kept).", {"type": "string"})
-IDEMPOTENCY_KEY = _header(
-    "Idempotency-Key", "Run this request once per API key and Idempotency-Key for 24 h: a retry gets the first "
-    "answer (`idempotent-replayed: true`) or waits for it; streaming requests are never replayed.",
-    {"type": "string", "minLength": 1, "maxLength": 255, "pattern": r"\S"})
-TRACEPARENT = _header("traceparent", "W3C trace context; travels with the request's job to the engine.",
-                      {"type": "string"})
-KEY_ID = {"name": "key_id", "in": "path", "required": True, "description": "The key's public id.",
-          "schema": {"type": "string"}}
-
-_GENERATION = (REQUEST_ID, IDEMPOTENCY_KEY, TRACEPARENT)
-_AUTH_ERRORS = {401: "`invalid_api_key`.",
-                429: "`rate_limit_exceeded`: the client's address failed authentication too often.",
-                503: "`server_busy`: API keys cannot be checked right now."}
-_ADMIN_ERRORS = {**_AUTH_ERRORS, 401: "`invalid_api_key`: not the admin credential.",
-                 404: "`not_found`: the admin API is off (no `admin_key_hash` set).",
-                 500: "`internal_error`."}
-_JOB_ERRORS = {
-    400: "`invalid_json`, `invalid_value`, `missing_required_parameter`, `invalid_request` (a rule across "
-         "fields, a bound on the request's work, or the engine refused the parameters), "
-         "`invalid_idempotency_key`.",
-    401: _AUTH_ERRORS[401],
-    404: "`model_not_found`: no engine serves the model or the key may not use it; `model_not_supported`: the "
-         "model's engines do not run this endpoint's kind of request (as OpenAI answers for a model that is not "
-         "a chat model).",
-    409: "`idempotency_key_reused` (with `x-should-retry: false`), `idempotency_key_in_use`.",
-    413: "`request_too_large`.",
-    429: "`rate_limit_exceeded` (the key's rpm, tpm, ipm or concurrency; or the address failed authentication "
-         "too often), `model_overloaded` (the model's backlog, or the key's share of it).",
-    500: "`internal_error`.",
-    501: "`unsupported_job_kind`.",
-    502: "`engine_error`, `engine_failed`, `engine_lost`, `job_lost`, `output_lost`.",
-    503: "`model_unavailable` (a known model with no live engine now), `queue_unavailable`, "
-         "`idempotency_unavailable`, `server_busy`, `overloaded` (the engine).",
-    504: "`deadline_exceeded`.",
-}
-_STORED = (200, 400, 404, 413, 422)
-
-OPERATIONS: tuple[Operation, ...] = (
-    Operation("post", "/v1/chat/completions", "createChatCompletion", "Create a chat completion", "Chat", "api_key",
-              {**_JOB_ERRORS, 422: "`unprocessable_entity`."}, body=ChatCompletionRequest, json=ChatCompletion,
-              stream=sse_events(("message", {"anyOf": [_ref(ChatCompletionChunk), _ref(ErrorEnvelope)]}), done=True),
-              description="Streamed as server-sent events when `stream` is true: `chat.completion.chunk` objects, "
-                          "then `data: [DONE]`; a failure after the stream began is one error object, then "
-                          "`[DONE]`.",
-              parameters=_GENERATION, ok_headers=RATELIMIT, replayed=_STORED),
-    Operation("post", "/v1/completions", "createCompletion", "Create a text completion (legacy)", "Completions",
-              "api_key", {**_JOB_ERRORS, 422: "`unprocessable_entity`."}, body=CompletionRequest, json=Completion,
-              stream=sse_events(("message", {"anyOf": [_ref(CompletionChunk), _ref(ErrorEnvelope)]}), done=True),
-              description="Streamed as server-sent events when `stream` is true, ending with `data: [DONE]`.",
-              parameters=_GENERATION, ok_headers=RATELIMIT, replayed=_STORED),
-    Operation("post", "/v1/images/generations", "createImage", "Create images from a prompt", "Images", "api_key",
-              {**_JOB_ERRORS, 400: _JOB_ERRORS[400] + " Also the engine's own limits: `size`, "
-                                                      "`num_inference_steps`, `background: transparent`."},
-              body=ImageRequest, json=ImagesResponse,
-              stream=sse_events(("image_generation.partial_image", _ref(PartialImageEvent)),
-                                ("image_generation.completed", _ref(CompletedImageEvent)),
-                                ("error", _ref(ErrorEnvelope))),
-              description="`url` images are served by `GET /v1/images/files/{name}` until they expire. Streamed "
-                          "(`stream: true`): `partial_images` previews per image, then one "
-                          "`image_generation.completed` event per image.",
-              parameters=_GENERATION, ok_headers=RATELIMIT, replayed=_STORED),
-    Operation("get", "/v1/images/files/{name}", "getImageFile", "A generated image (a `url` answer's)", "Images", None,
-              {404: "`image_not_found`: it expired or never existed.", 500: "`internal_error`."},
-              description="Needs no API key: the unguessable name is the capability to read it, as OpenAI's "
-                          "signed image URLs are.",
-              binary=("image/png", "image/jpeg", "image/webp"), extension="conduit",
-              parameters=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-                           "description": "The image's reference, from a `url` answer."}, REQUEST_ID),
-              ok_headers=("Cache-Control",)),
-    Operation("get", "/v1/models", "listModels", "The models with a live engine now", "Models", "api_key",
-              {**_AUTH_ERRORS, 500: "`internal_error`."}, json=ModelList, parameters=(REQUEST_ID,),
-              description="Only those the request's API key may use."),
-    Operation("get", "/v1/models/{model_id}", "retrieveModel", "One model with a live engine", "Models", "api_key",
-              {**_AUTH_ERRORS, 404: "`model_not_found`.", 500: "`internal_error`."}, json=Model,
-              parameters=({"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
-                           "description": "The model's id (it may contain `/`)."}, REQUEST_ID)),
-    Operation("get", "/health", "getHealth", "The process is alive", "Operations", None, {500: "`internal_error`."},
-              json=Health, extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("get", "/ready", "getReadiness", "Ready for traffic: Redis answers and an engine is live", "Operations",
-              None, {500: "`internal_error`.", 503: "Not ready: the body says why (a `Readiness`, not an error)."},
-              json=Readiness, extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("get", "/metrics", "getMetrics", "Prometheus exposition of the gateway's instruments", "Operations",
-              "admin_optional", {**_AUTH_ERRORS, 401: "`invalid_api_key` (only with `metrics_auth`: the admin "
-                                                      "credential).", 404: "`not_found`: metrics are off "
-                                                      "(`CONDUIT_METRICS=false`).", 500: "`internal_error`."},
-              text=True, extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("get", "/openapi.json", "getOpenApi", "This document", "Operations", None, {500: "`internal_error`."},
-              json_schema={"type": "object", "description": "The OpenAPI 3.1 document of this API."},
-              extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("post", "/admin/keys", "createKey", "Create an API key", "Admin", "admin",
-              {**_ADMIN_ERRORS, 400: "`invalid_request`, `invalid_json`.", 413: "`request_too_large`."},
-              body=NewKey, status=201, ok="Created: the key's text is in this answer only.", json=CreatedKey,
-              extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("get", "/admin/keys", "listKeys", "Every API key (no hashes, no secrets)", "Admin", "admin",
-              dict(_ADMIN_ERRORS), json=KeyList, extension="conduit", parameters=(REQUEST_ID,)),
-    Operation("get", "/admin/keys/{key_id}", "retrieveKey", "One API key", "Admin", "admin",
-              {**_ADMIN_ERRORS, 404: "`key_not_found`, or `not_found` (the admin API is off)."}, json=KeyInfo,
-              extension="conduit", parameters=(KEY_ID, REQUEST_ID)),
-    Operation("patch", "/admin/keys/{key_id}", "updateKey", "Change an API key (fields left out stay)", "Admin",
-              "admin", {**_ADMIN_ERRORS, 400: "`invalid_request`.", 404: "`key_not_found`, or `not_found` (the admin "
-                                                                          "API is off).", 413: "`request_too_large`."},
-              body=KeyChanges, body_required=False, json=KeyInfo, extension="conduit", parameters=(KEY_ID, REQUEST_ID)),
-    Operation("delete", "/admin/keys/{key_id}", "revokeKey", "Revoke an API key for good", "Admin", "admin",
-              {**_ADMIN_ERRORS, 404: "`key_not_found`, or `not_found` (the admin API is off)."}, json=DeletedKey,
-              extension="conduit", parameters=(KEY_ID, REQUEST_ID)),
-    Operation("get", "/admin/keys/{key_id}/usage", "getKeyUsage", "An API key's usage per UTC day and model", "Admin",
-              "admin", {**_ADMIN_ERRORS, 400: "`invalid_value`: `days` out of range.",
-                        404: "`key_not_found`, or `not_found` (the admin API is off)."}, json=KeyUsage,
-              extension="conduit",
-              parameters=(KEY_ID, {"name": "days", "in": "query", "required": False,
-                                   "description": "How many UTC days back, today included.",
-                                   "schema": {"type": "integer", "minimum": 1, "maximum": 400, "default": 7}},
-                          REQUEST_ID)),
-)
-
-TAGS = (
-    ("Chat", "Chat completions (OpenAI's)."),
-    ("Completions", "Legacy text completions (OpenAI's)."),
-    ("Images", "Image generation (OpenAI's), and the files of `url` answers."),
-    ("Models", "Models with a live engine (OpenAI's)."),
-    ("Operations", "Liveness, readiness, metrics and this document (Conduit's)."),
-    ("Admin", "API key management behind the admin credential (Conduit's); off unless `admin_key_hash` is set."),
-)
 
 
 # ---- building ------------------------------------------------------------------------------
@@ -345,10 +167,19 @@ def _always_written(struct: mi.StructType) -> list[str]:
     return names
 
 
-def components() -> dict[str, Any]:
+def components(operations: Iterable[Operation]) -> dict[str, Any]:
     """``components.schemas``: every body's schema, from msgspec (see the module docstring)."""
-    _, schemas = msgspec.json.schema_components((*REQUEST_BODIES, *RESPONSE_BODIES), ref_template=_SCHEMAS + "{name}")
-    requests, responses = _structs(REQUEST_BODIES), _structs(RESPONSE_BODIES)
+    request_bodies: dict[type[Any], None] = {}
+    response_bodies: dict[type[Any], None] = {ErrorEnvelope: None}
+    for op in operations:
+        if op.body is not None:
+            request_bodies[op.body] = None
+        for t in (op.json, *(t for _, types in op.stream for t in types)):
+            if t is not None:
+                response_bodies[t] = None
+    bodies, answers = tuple(request_bodies), tuple(response_bodies)
+    _, schemas = msgspec.json.schema_components((*bodies, *answers), ref_template=_SCHEMAS + "{name}")
+    requests, responses = _structs(bodies), _structs(answers)
     for name, struct in requests.items():
         schema = schemas[name]
         if not struct.forbid_unknown_fields:
@@ -398,14 +229,14 @@ def _error_response(op: Operation, status: int) -> dict[str, Any]:
     return {"description": f"{ERRORS[status]} {op.errors[status]}", "headers": headers, "content": _content(body)}
 
 
-def _ok_response(op: Operation) -> dict[str, Any]:
+def _ok_response(op: Operation, status: int) -> dict[str, Any]:
     content: dict[str, Any] = {}
     if op.json is not None:
         content.update(_content(_ref(op.json)))
     if op.json_schema is not None:
         content.update(_content(op.json_schema))
-    if op.stream is not None:
-        content["text/event-stream"] = {"schema": op.stream}
+    if op.stream:
+        content["text/event-stream"] = {"schema": sse_events(op)}
     for media_type in op.binary:
         content[media_type] = {"schema": {"type": "string", "format": "binary"}}
     if op.text:
@@ -414,31 +245,33 @@ def _ok_response(op: Operation) -> dict[str, Any]:
     for h in op.ok_headers:
         headers[h] = ({"description": "How long a browser may keep the image.", "schema": {"type": "string"}}
                       if h == "Cache-Control" else {"$ref": f"#/components/headers/{h}"})
-    if op.status in op.replayed:
+    if status in op.replayed:
         headers["idempotent-replayed"] = {"$ref": "#/components/headers/idempotent-replayed"}
     return {"description": op.ok, "headers": headers, "content": content}
 
 
-_SECURITY: dict[str | None, list[dict[str, list[str]]]] = {
-    "api_key": [{"ApiKey": []}],
-    "admin": [{"AdminKey": []}],
-    "admin_optional": [{}, {"AdminKey": []}],
-    None: [],
+#: Security by the guard's ``access`` (``gateway.tenancy.guard``): ``/metrics`` needs the admin
+#: credential only with ``metrics_auth``.
+_SECURITY: dict[str, list[dict[str, list[str]]]] = {
+    KEY: [{"ApiKey": []}],
+    ADMIN: [{"AdminKey": []}],
+    METRICS: [{}, {"AdminKey": []}],
+    PUBLIC_ACCESS: [],
 }
 
 
-def _operation(op: Operation) -> dict[str, Any]:
+def _operation(op: Operation, access: str, status: int) -> dict[str, Any]:
     out: dict[str, Any] = {"operationId": op.operation_id, "summary": op.summary, "tags": [op.tag]}
     if op.description:
         out["description"] = op.description
     if op.extension:
         out[EXTENSION] = op.extension
-    out["security"] = _SECURITY[op.security]
+    out["security"] = _SECURITY[access]
     if op.parameters:
         out["parameters"] = list(op.parameters)
     if op.body is not None:
         out["requestBody"] = {"required": op.body_required, "content": _content(_ref(op.body))}
-    responses = {str(op.status): _ok_response(op)}
+    responses = {str(status): _ok_response(op, status)}
     for status in sorted(op.errors):
         responses[str(status)] = _error_response(op, status)
     out["responses"] = responses
@@ -453,11 +286,18 @@ def version() -> str:
         return "0.0.0"
 
 
-def build() -> dict[str, Any]:
-    """The OpenAPI 3.1 document of this version of the gateway."""
+def build(handlers: Iterable[Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of this version of the gateway: one operation per route handler
+    (every handler a gateway may register unless ``handlers`` are given), from its ``opt``."""
     paths: dict[str, dict[str, Any]] = {}
-    for op in OPERATIONS:
-        paths.setdefault(op.path, {})[op.method] = _operation(op)
+    operations = []
+    for handler in route_handlers(admin=True) if handlers is None else handlers:
+        op: Operation = handler.opt[OPERATION]
+        operations.append(op)
+        (method,) = handler.http_methods
+        for path in handler.paths:
+            paths.setdefault(template_name(path), {})[method.lower()] = _operation(
+                op, handler.opt.get("access", KEY), handler.status_code)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -474,7 +314,7 @@ def build() -> dict[str, Any]:
         "tags": [{"name": name, "description": text} for name, text in TAGS],
         "paths": paths,
         "components": {
-            "schemas": components(),
+            "schemas": components(operations),
             "headers": {name: {k: v for k, v in h.items()} for name, h in HEADERS.items()},
             "securitySchemes": {
                 "ApiKey": {"type": "http", "scheme": "bearer", "bearerFormat": "cdt-<id>-<secret>",

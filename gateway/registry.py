@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, EngineInfo
-from gateway.protocol import ModelContext
+from gateway.common.bounds import ModelContext
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")

@@ -17,11 +17,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, get_args
 
-import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.errors import InvalidRequest
 from gateway.settings import GatewaySettings
+from gateway.tenancy.cost import Cost
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
@@ -83,6 +83,11 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
         if self.partial_images and not self.stream:
             raise InvalidRequest("`partial_images` is only allowed when `stream` is true.", param="partial_images")
 
+    def cost(self, limits: GatewaySettings) -> Cost:
+        """What the request takes from its key's limits at admission (``gateway.tenancy.cost``): the
+        images it asks for, against images per minute (no tokens)."""
+        return Cost(tokens=None, images=self.n or 1)
+
 
 class ImageObject(Struct, omit_defaults=True):
     b64_json: str | UnsetType = UNSET
@@ -139,7 +144,3 @@ def images_usage(text_tokens: int) -> ImagesUsage:
     makes pixels, not tokens)."""
     return ImagesUsage(total_tokens=text_tokens, input_tokens=text_tokens, output_tokens=0,
                        input_tokens_details=InputTokensDetails(text_tokens=text_tokens))
-
-
-def decoder() -> msgspec.json.Decoder[ImageRequest]:
-    return msgspec.json.Decoder(ImageRequest)

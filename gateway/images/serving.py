@@ -5,7 +5,8 @@ the reply stream never carries megabytes. A ``b64_json`` answer reads its images
 them and deletes them (nobody will ask again); a ``url`` answer leaves them to expire after
 ``image_url_ttl_s`` and points at ``/v1/images/files/{ref}``, which any gateway replica can
 serve. Streamed answers (always base64, as OpenAI's are) send each partial preview as it is
-made and the final images once the job is done, with the request's usage.
+made and the final images once the job is done, with the request's usage. Everything else about
+the request (admission, the job, errors, the stream's end) is the shared flow's (``gateway.flow``).
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from __future__ import annotations
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from litestar import Request, Response
+from litestar import Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
-from litestar.response import Stream
 from msgspec import UNSET
 
-from engines.contract.store import ImageStore
-from engines.contract.messages import Done, Failed, ImageReady, Started, Usage
-from gateway.dispatch import ClientDisconnected, Dispatcher, JobRun, Restarted, engine_failure, new_id
-from gateway.errors import ConduitError, EngineError, encode_error, from_exception
+from engines.contract.messages import Event, ImageReady, Usage
+from engines.contract.store import ImageStore, media_type, valid_ref
+from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, REQUEST_ID, STORED, Operation, documented
+from gateway.common.bounds import ModelContext
+from gateway.common.decoding import RequestDecoder
+from gateway.dispatch import JobKind
+from gateway.errors import EngineError, ErrorEnvelope, NotFound
+from gateway.flow import sse_error
 from gateway.images.protocol import (
     RESPONSE_QUALITIES,
     RESPONSE_SIZES,
@@ -36,9 +39,13 @@ from gateway.images.protocol import (
     PartialImageEvent,
     images_usage,
 )
-from gateway.serving import SSE_HEADERS, failed_mid_stream, tenancy
+from gateway.run import JobRun, Restarted
+from gateway.services import Services
 from gateway.settings import GatewaySettings
-from gateway.tenancy.cost import estimate
+from gateway.tenancy.guard import PUBLIC
+
+_EXPIRED = "The generated images expired before they could be sent; retry the request."
+
 
 class _Shape:
     """What every image object of one request reports about it (from the request and its images)."""
@@ -61,155 +68,166 @@ class _Shape:
 
 
 class ImageGeneration:
-    """``POST /v1/images/generations``: one request's image job, from submission to its answer."""
+    """``POST /v1/images/generations`` as an endpoint of the shared request flow."""
 
-    def __init__(self, dispatcher: Dispatcher, store: ImageStore, settings: GatewaySettings) -> None:
-        self.dispatcher = dispatcher
+    __slots__ = ("job_kind", "decoder", "store", "settings", "_enc")
+
+    def __init__(self, store: ImageStore, settings: GatewaySettings) -> None:
+        self.job_kind = JobKind("image", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
+        self.decoder = RequestDecoder(ImageRequest, settings)
         self.store = store
         self.settings = settings
         self._enc = msgspec.json.Encoder()
 
-    async def respond(self, request: Request[Any, Any, Any], req: ImageRequest, body: bytes) -> Response[Any]:
-        principal, ratelimit = tenancy(request)
-        run = self.dispatcher.job("image", req.model, body, job_id=new_id("img"), stream=bool(req.stream),
-                                  receive=request.receive, traceparent=request.scope["state"].get("traceparent", ""),
-                                  output_ttl_ms=int(self.settings.image_url_ttl_s * 1000), principal=principal,
-                                  cost=estimate(req, self.settings), ratelimit=ratelimit, state=request.scope["state"])
-        try:
-            if req.stream:
-                return await self._stream(run, req)
-            return await self._collect(run, req, self._base_url(request))
-        except ClientDisconnected:
-            return Response(content=b"", status_code=499)
+    def prepare(self, req: ImageRequest, body: bytes, model: ModelContext, settings: GatewaySettings) -> bytes:
+        return body  # the engine checks what depends on the model (its sizes, its most steps)
 
-    def _base_url(self, request: Request[Any, Any, Any]) -> str:
-        return self.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+    def collector(self, req: ImageRequest, request: Request[Any, Any, Any]) -> _Collected:
+        base_url = self.settings.public_url.rstrip("/") or str(request.base_url).rstrip("/")
+        return _Collected(self, req, base_url)
 
-    # ---- collected -----------------------------------------------------------------------
+    def writer(self, req: ImageRequest, first: Event) -> _Streamed:
+        return _Streamed(self, req)
 
-    async def _collect(self, run: JobRun, req: ImageRequest, base_url: str) -> Response[Any]:
+    async def delete(self, used: list[str]) -> None:
+        # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
+        with contextlib.suppress(Exception):  # they expire anyway
+            await self.store.delete(used)
+
+
+class _Collected:
+    """A collected answer: the final images in request order, as ``url`` or ``b64_json``."""
+
+    __slots__ = ("images", "req", "base_url", "finals")
+
+    def __init__(self, images: ImageGeneration, req: ImageRequest, base_url: str) -> None:
+        self.images = images
+        self.req = req
+        self.base_url = base_url
+        self.finals: dict[int, ImageReady] = {}
+
+    def add(self, run: JobRun, event: Event | Restarted) -> None:
+        if type(event) is ImageReady:
+            if event.partial is None:
+                self.finals[event.index] = event
+        elif type(event) is Restarted:
+            self.finals.clear()  # another attempt makes them again
+
+    async def answer(self, run: JobRun, created: int, usage: Usage) -> Response[Any]:
+        req, gen = self.req, self.images
+        images = [self.finals[i] for i in sorted(self.finals)]
         shape = _Shape(req)
-        async with run:
-            created, images, usage = await self._finals(run)
         for image in images:
             shape.seen(image)
         refs = [image.ref for image in images]
-        b64 = (req.response_format or self.settings.image_response_format) == "b64_json"
+        b64 = (req.response_format or gen.settings.image_response_format) == "b64_json"
         if b64:
-            blobs = await self.store.get_many(refs)
+            blobs = await gen.store.get_many(refs)
             if any(blob is None for blob in blobs):
-                raise EngineError("The generated images expired before they could be sent; retry the request.",
-                                  code="output_lost")
+                raise EngineError(_EXPIRED, code="output_lost")
             data = [ImageObject(b64_json=base64.b64encode(blob).decode(), seed=image.seed)  # type: ignore[arg-type]
                     for image, blob in zip(images, blobs, strict=True)]
         else:
-            data = [ImageObject(url=f"{base_url}/v1/images/files/{image.ref}", seed=image.seed) for image in images]
-        run.usage = usage
+            data = [ImageObject(url=f"{self.base_url}/v1/images/files/{image.ref}", seed=image.seed)
+                    for image in images]
         body = ImagesResponse(
             created=created, data=data, background="opaque", output_format=shape.output_format,
             size=shape.size if shape.size in RESPONSE_SIZES else UNSET,
             quality=shape.quality if shape.quality in RESPONSE_QUALITIES else UNSET,
             usage=images_usage(usage.prompt_tokens))
-        return Response(content=self._enc.encode(body), media_type="application/json",
-                        background=BackgroundTask(self._delete, refs) if b64 else None)
+        return Response(content=gen._enc.encode(body), media_type="application/json",
+                        background=BackgroundTask(gen.delete, refs) if b64 else None)
 
-    async def _finals(self, run: JobRun) -> tuple[int, list[ImageReady], Usage]:
-        """The job's final images in request order, once it is done."""
-        created = int(time.time())
-        finals: dict[int, ImageReady] = {}
-        while True:
-            event = await run.next()
-            if isinstance(event, ImageReady):
-                if event.partial is None:
-                    finals[event.index] = event
-            elif isinstance(event, Done):
-                run.usage = event.usage  # known when the run ends (its limits are settled with it)
-                return created, [finals[i] for i in sorted(finals)], event.usage
-            elif isinstance(event, Failed):
-                raise engine_failure(event)
-            elif isinstance(event, Started):
-                created = event.created or created
-            elif isinstance(event, Restarted):
-                finals.clear()  # another attempt makes them again
 
-    async def _delete(self, used: list[str]) -> None:
-        # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
-        with contextlib.suppress(Exception):  # they expire anyway
-            await self.store.delete(used)
+class _Streamed:
+    """A streamed answer: each partial preview as it is made, the final images at the end."""
 
-    # ---- streamed ------------------------------------------------------------------------
+    __slots__ = ("images", "shape", "finals")
 
-    async def _stream(self, run: JobRun, req: ImageRequest) -> Response[Any]:
-        # Wait for the engine to accept before committing to 200: a refused job keeps its status.
-        first = await run.first_event()
-        return Stream(self._sse(run, req, first), media_type="text/event-stream", headers=SSE_HEADERS)
+    error_prefix = b"event: error\ndata: "
+    end = b""
 
-    async def _sse(self, run: JobRun, req: ImageRequest, first: Any) -> AsyncIterator[bytes]:
-        shape = _Shape(req)
-        finals: dict[int, ImageReady] = {}
-        pending: list[Any] = [first]
-        try:
-            batches = run.batches()
-            while True:
-                for event in pending:
-                    if isinstance(event, ImageReady):
-                        shape.seen(event)
-                        if event.partial is None:
-                            finals[event.index] = event
-                            continue
-                        chunk = await self._partial(event, shape)
-                        if chunk:
-                            run.shown = True  # from now on the job can only end, never start over
-                            yield chunk
-                    elif isinstance(event, Done):
-                        run.usage = event.usage
-                        yield await self._completed([finals[i] for i in sorted(finals)], shape, event.usage)
-                        return
-                    elif isinstance(event, Failed):
-                        run.error = event.code
-                        yield _error_event(engine_failure(event))
-                        return
-                    elif isinstance(event, Restarted):
-                        finals.clear()  # nothing was shown yet: another attempt makes them again
-                try:
-                    pending = await anext(batches)
-                except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
-                    failed_mid_stream(run, exc)
-                    yield _error_event(exc)
-                    return
-        finally:
-            run.close()
+    def __init__(self, images: ImageGeneration, req: ImageRequest) -> None:
+        self.images = images
+        self.shape = _Shape(req)
+        self.finals: dict[int, ImageReady] = {}
 
-    async def _partial(self, image: ImageReady, shape: _Shape) -> bytes:
-        blob = await self.store.get(image.ref)
+    def add(self, run: JobRun, event: Event | Restarted, out: bytearray) -> Any:
+        if type(event) is ImageReady:
+            self.shape.seen(event)
+            if event.partial is None:
+                self.finals[event.index] = event
+                return None
+            return self._partial(event, out)
+        if type(event) is Restarted:
+            self.finals.clear()  # nothing was shown yet: another attempt makes them again
+        return None
+
+    async def _partial(self, image: ImageReady, out: bytearray) -> None:
+        store, shape = self.images.store, self.shape
+        blob = await store.get(image.ref)
         with contextlib.suppress(Exception):
-            await self.store.delete([image.ref])
+            await store.delete([image.ref])
         if blob is None:
-            return b""  # a preview that expired is simply not shown
+            return  # a preview that expired is simply not shown
         event = PartialImageEvent(
             b64_json=base64.b64encode(blob).decode(), created_at=int(time.time()), size=shape.event_size(),
             quality=shape.event_quality(), background="opaque", output_format=shape.output_format,
             partial_image_index=image.partial or 0)
-        return b"event: image_generation.partial_image\ndata: " + self._enc.encode(event) + b"\n\n"
+        out += b"event: image_generation.partial_image\ndata: " + self.images._enc.encode(event) + b"\n\n"
 
-    async def _completed(self, images: list[ImageReady], shape: _Shape, usage: Usage) -> bytes:
-        refs = [image.ref for image in images]
-        blobs = await self.store.get_many(refs)
+    async def done(self, run: JobRun, event: Any, out: bytearray) -> None:
+        store, shape = self.images.store, self.shape
+        refs = [self.finals[i].ref for i in sorted(self.finals)]
+        blobs = await store.get_many(refs)
         with contextlib.suppress(Exception):
-            await self.store.delete(refs)
+            await store.delete(refs)
         if any(blob is None for blob in blobs):
-            return _error_event(EngineError("The generated images expired before they could be sent; retry the "
-                                            "request.", code="output_lost"))
-        out = bytearray()
+            out += sse_error(self.error_prefix, EngineError(_EXPIRED, code="output_lost"))
+            return
         created = int(time.time())
         for blob in blobs:
-            event = CompletedImageEvent(
+            completed = CompletedImageEvent(
                 b64_json=base64.b64encode(blob).decode(), created_at=created,  # type: ignore[arg-type]
                 size=shape.event_size(), quality=shape.event_quality(), background="opaque",
-                output_format=shape.output_format, usage=images_usage(usage.prompt_tokens))
-            out += b"event: image_generation.completed\ndata: " + self._enc.encode(event) + b"\n\n"
-        return bytes(out)
+                output_format=shape.output_format, usage=images_usage(event.usage.prompt_tokens))
+            out += b"event: image_generation.completed\ndata: " + self.images._enc.encode(completed) + b"\n\n"
 
 
-def _error_event(exc: ConduitError | Exception) -> bytes:
-    return b"event: error\ndata: " + encode_error(from_exception(exc)) + b"\n\n"
+CREATE_IMAGE = Operation(
+    "createImage", "Create images from a prompt", "Images",
+    {**JOB_ERRORS, 400: JOB_ERRORS[400] + " Also the engine's own limits: `size`, `num_inference_steps`, "
+                                          "`background: transparent`."},
+    body=ImageRequest, json=ImagesResponse,
+    stream=(("image_generation.partial_image", (PartialImageEvent,)),
+            ("image_generation.completed", (CompletedImageEvent,)), ("error", (ErrorEnvelope,))),
+    description="`url` images are served by `GET /v1/images/files/{name}` until they expire. Streamed "
+                "(`stream: true`): `partial_images` previews per image, then one `image_generation.completed` "
+                "event per image.",
+    parameters=GENERATION, ok_headers=RATELIMIT, replayed=STORED)
+
+GET_IMAGE_FILE = Operation(
+    "getImageFile", "A generated image (a `url` answer's)", "Images",
+    {404: "`image_not_found`: it expired or never existed.", 500: "`internal_error`."},
+    description="Needs no API key: the unguessable name is the capability to read it, as OpenAI's signed image "
+                "URLs are.",
+    binary=("image/png", "image/jpeg", "image/webp"), extension="conduit",
+    parameters=({"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "The image's reference, from a `url` answer."}, REQUEST_ID),
+    ok_headers=("Cache-Control",))
+
+
+@post("/v1/images/generations", status_code=200, opt=documented(CREATE_IMAGE))
+async def image_generations(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
+    return await services.flow.respond(request, services.images)
+
+
+@get("/v1/images/files/{name:str}", opt=documented(GET_IMAGE_FILE, PUBLIC))
+async def image_file(name: str, services: Services) -> Response[bytes]:
+    """A generated image, until it expires (its unguessable name is the capability to read it)."""
+    data = await services.image_store.get(name) if valid_ref(name) else None
+    if data is None:
+        raise NotFound(f"The image `{name[:80]}` does not exist or has expired.", param="name",
+                       code="image_not_found")
+    return Response(data, media_type=media_type(name), headers={"Cache-Control": "private, max-age=300"})

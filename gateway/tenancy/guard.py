@@ -12,7 +12,8 @@ handler the path and method reach, and its ``opt["access"]``), never read from a
 
 * ``key`` (every handler that says nothing, so a route added later is protected): an API key
   (``Authorization: Bearer cdt-...``) when ``settings.auth`` is on; the request's
-  :class:`Principal` goes to ``scope["state"]["principal"]`` (``ANONYMOUS`` when auth is off);
+  :class:`Principal` goes to its context (``gateway.context.RequestContext.principal``;
+  ``ANONYMOUS`` when auth is off);
 * ``admin``: the admin credential (``settings.admin_key_hash``); without a hash set the admin
   routes are not registered at all (404);
 * ``metrics``: ``/metrics``, open unless ``settings.metrics_auth`` (then as ``admin``);
@@ -23,8 +24,8 @@ handler the path and method reach, and its ``opt["access"]``), never read from a
 A path no route matches is answered 404 here; one whose route lacks the method needs a key
 (then the router's 405); one longer than ``MAX_PATH`` gets a 414; a websocket is closed.
 
-On ``http.response.start`` of every response the guard adds the rate-limit headers found at
-``scope["state"]["ratelimit"]``: a dict header name -> value filled by the limits check
+On ``http.response.start`` of every response the guard adds the rate-limit headers found in the
+request's context (``ratelimit``): a dict header name -> value filled by the limits check
 (``x-ratelimit-limit-requests`` ...; a name without the ``x-ratelimit-`` prefix gets it).
 """
 
@@ -35,10 +36,11 @@ from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.errors import ConduitError, NotFound, encode_error
+from gateway.context import RequestContext, context_of
+from gateway.errors import ConduitError, NotFound, error_head
 from gateway.settings import GatewaySettings
 from gateway.tenancy.auth import AuthUnavailable, Authenticator
-from gateway.tenancy.principal import ANONYMOUS, Principal
+from gateway.tenancy.principal import ANONYMOUS
 
 _RATELIMIT = b"x-ratelimit-"
 
@@ -66,12 +68,6 @@ def canonical(path: str) -> bool:
     return "/." not in path or all(seg not in (".", "..") for seg in path.split("/"))
 
 
-def principal_of(scope: Any) -> Principal:
-    """The principal the guard attached to a request (``ANONYMOUS`` when there is none)."""
-    state = scope.get("state")
-    return state.get("principal", ANONYMOUS) if state else ANONYMOUS
-
-
 class Guard:
     """ASGI middleware refusing non-canonical paths and authenticating requests (see the module
     docstring).
@@ -94,31 +90,28 @@ class Guard:
                 return
             await self.app(scope, receive, send)  # lifespan
             return
-        state = scope.get("state")
-        if state is None:
-            state = scope["state"] = {}  # type: ignore[typeddict-unknown-key]
+        ctx = context_of(scope)
         try:
-            await self._check(scope["path"], scope, state)
+            await self._check(scope["path"], scope, ctx)
         except ConduitError as err:
-            state["error"] = err.code or "error"  # for the request's log line and span
+            ctx.error = err.code or "error"  # for the request's log line and span
             await self._reject(err, send)
             return
 
-        principal = state.get("principal")
-        if principal is None or not principal.key_id:
+        if not ctx.principal.key_id:
             await self.app(scope, receive, send)  # no key: no rate-limit headers to add
             return
 
         async def send_with_limits(message: Message) -> None:
             if message["type"] == "http.response.start":
-                limits = state.get("ratelimit")
+                limits = ctx.ratelimit
                 if limits:
                     message["headers"] = [*message.get("headers", ()), *_limit_headers(limits)]
             await send(message)
 
         await self.app(scope, receive, send_with_limits)
 
-    async def _check(self, path: str, scope: Scope, state: dict[str, Any]) -> None:
+    async def _check(self, path: str, scope: Scope, ctx: RequestContext) -> None:
         if root_path := scope.get("root_path"):  # as the router reads it (no server of ours sets one)
             path = path.split(root_path, maxsplit=1)[-1]
         if len(path) > MAX_PATH:  # nor are such paths remembered by the router's cache
@@ -138,9 +131,9 @@ class Guard:
             return
         # KEY, and anything a handler names that this guard does not know: deny by default.
         if not settings.auth:
-            state["principal"] = ANONYMOUS
+            ctx.principal = ANONYMOUS
             return
-        state["principal"] = await self._auth().authenticate(_header(scope, b"authorization"), _addr(scope))
+        ctx.principal = await self._auth().authenticate(_header(scope, b"authorization"), _addr(scope))
 
     def _auth(self) -> Authenticator:
         auth: Authenticator | None = self.authenticator()
@@ -149,9 +142,7 @@ class Guard:
         return auth
 
     async def _reject(self, err: ConduitError, send: Send) -> None:
-        body = encode_error(err)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   *((k.lower().encode(), v.encode()) for k, v in err.headers.items())]
+        body, headers = error_head(err)
         if err.status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="conduit"'))
         await send({"type": "http.response.start", "status": err.status, "headers": headers})

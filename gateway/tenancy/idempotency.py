@@ -33,12 +33,12 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from engines.contract.keys import Keys
-from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, encode_error
+from gateway.context import context_of
+from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
 from gateway.settings import GatewaySettings
-from gateway.tenancy.principal import ANONYMOUS, Principal
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("conduit.gateway")
 
@@ -131,8 +131,8 @@ class IdempotencyMiddleware:
     """Replays the response of a request retried with the same ``Idempotency-Key``.
 
     ``redis`` returns the gateway's client (opened by the app's lifespan, after this is built).
-    The principal comes from ``scope["state"]["principal"]`` (set by the auth guard outside
-    this middleware); without one, :data:`ANONYMOUS`.
+    The principal comes from the request's context (set by the auth guard outside this
+    middleware; ``ANONYMOUS`` without one).
     """
 
     def __init__(self, app: ASGIApp, settings: GatewaySettings, redis: Callable[[], Any]) -> None:
@@ -173,7 +173,7 @@ class IdempotencyMiddleware:
         body = await self._read_body(receive)
         if body is None:
             return  # the client went away
-        principal: Principal = scope.get("state", {}).get("principal", ANONYMOUS)
+        principal = context_of(scope).principal
         key = self._keys.idempotency(principal.key_id, hashlib.sha256(value).hexdigest())
         fp = fingerprint(scope["method"], scope["path"], body)
         stream = _is_stream(body)
@@ -263,7 +263,7 @@ class IdempotencyMiddleware:
             if complete and storable and status < 500 and status not in _TRANSIENT:
                 done = _ENCODER.encode(IdempotencyRecord(
                     state=DONE, fingerprint=_DECODER.decode(mine).fingerprint, status=status, headers=headers,
-                    request_id=scope.get("state", {}).get("request_id", b""), body=b"".join(chunks)))
+                    request_id=context_of(scope).request_id, body=b"".join(chunks)))
             try:
                 await self._scripts.run(redis, "finish", key, mine, done, self._ttl_ms)
             except (ConnectionError, OSError, aioredis.RedisError) as exc:
@@ -314,7 +314,7 @@ class IdempotencyMiddleware:
 async def _replay(scope: Scope, send: Send, record: IdempotencyRecord) -> None:
     if record.request_id:
         # The observer (outside) sends the first request's id with the replay.
-        scope.setdefault("state", {})["request_id"] = record.request_id
+        context_of(scope).request_id = record.request_id
     headers = [*record.headers, (b"content-length", str(len(record.body)).encode()),
                (b"idempotent-replayed", b"true")]
     await send({"type": "http.response.start", "status": record.status, "headers": headers})
@@ -322,9 +322,7 @@ async def _replay(scope: Scope, send: Send, record: IdempotencyRecord) -> None:
 
 
 async def _send_error(scope: Scope, send: Send, exc: ConduitError) -> None:
-    scope.setdefault("state", {})["error"] = exc.code or "error"  # for the request's log line and span
-    body = encode_error(exc)
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-               *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
+    context_of(scope).error = exc.code or "error"  # for the request's log line and span
+    body, headers = error_head(exc)
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})

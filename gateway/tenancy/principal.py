@@ -1,7 +1,7 @@
 """Who is asking: an API key's limits and the principal a request runs as.
 
 Data only: the key store (``gateway.tenancy.keys``) makes principals from key records, the
-guard attaches one to each request (``scope["state"]["principal"]``), and admission, limits,
+guard attaches one to each request (its ``RequestContext``, ``gateway.context``), and admission, limits,
 fair queueing, usage and idempotency read it.
 """
 

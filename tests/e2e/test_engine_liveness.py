@@ -2,7 +2,7 @@
 engine, other requests keep getting 200s, the model never leaves ``/v1/models``, and the big
 job's client hanging up stops it within a second.
 
-The largest jobs at the door (``gateway.protocol``): ``n`` x (1 + logprob candidates) at most
+The largest jobs at the door (``gateway.common.bounds``): ``n`` x (1 + logprob candidates) at most
 ``max_step_candidates`` (256) per engine step, ``n`` at most half the engine's batch (the tiny
 engine runs 128 sequences), each choice running to the context (1024 here).
 """

@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from engines.contract.backlog import RELEASE, release_command
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Done, Failed, Job
-from gateway.dispatch import Dispatcher, new_id
+from gateway.context import RequestContext
+from gateway.dispatch import Dispatcher, JobKind
 from gateway.errors import Overloaded
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
@@ -51,8 +52,8 @@ class Gateway:
         """One job to its end; its key id is recorded when it finishes."""
         body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
                            "max_tokens": tokens}).encode()
-        async with self.dispatcher.job("chat", MODEL, body, job_id=new_id("chatcmpl"), stream=stream,
-                                       principal=principal) as run:
+        async with self.dispatcher.job(JobKind("chat", "chatcmpl"), MODEL, body, stream=stream,
+                                       ctx=RequestContext(principal=principal)) as run:
             while True:
                 event = await run.next()
                 if isinstance(event, (Done, Failed)):

@@ -19,6 +19,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.context import CTX, RequestContext
 from gateway.settings import GatewaySettings
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.principal import ANONYMOUS, Principal
@@ -187,7 +188,8 @@ async def redis_client(redis_server: RedisServer) -> AsyncIterator[aioredis.Redi
 async def call(app: Any, key: bytes, principal: Principal | None, body: bytes = b'{"model":"m"}'
                ) -> tuple[int, dict[bytes, bytes], bytes]:
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
-             "headers": [(b"idempotency-key", key)], "state": {} if principal is None else {"principal": principal}}
+             "headers": [(b"idempotency-key", key)],
+             "state": {} if principal is None else {CTX: RequestContext(principal=principal)}}
     messages = [{"type": "http.request", "body": body, "more_body": False}]
     out: list[dict[str, Any]] = []
 

@@ -4,8 +4,8 @@ Redis and a real synthetic engine process, driven through HTTP (httpx's ASGI tra
 the `openai` SDK.
 
 The requests run as keys: a stand-in for the auth guard (``as_keys``) puts the Principal at
-``scope["state"]["principal"]`` and sends the ``x-ratelimit-*`` headers the limiter put at
-``scope["state"]["ratelimit"]``, as the shared design has the guard do.
+the request's context (``gateway.context``) and sends the ``x-ratelimit-*`` headers the limiter
+put there, as the shared design has the guard do.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import pytest
 from litestar import Litestar
 
 from gateway.app import create_app
+from gateway.context import context_of
 from gateway.settings import GatewaySettings
 from gateway.tenancy.principal import KeyLimits, Principal
 from gateway.tenancy.usage import UsageLog
@@ -45,12 +46,12 @@ def as_keys(app: Litestar, principals: dict[str, Principal]) -> Any:
             await app(scope, receive, send)
             return
         auth = dict(scope["headers"]).get(b"authorization", b"").decode()
-        state = scope.setdefault("state", {})
-        state["principal"] = principals[auth.removeprefix("Bearer ")]
+        ctx = context_of(scope)
+        ctx.principal = principals[auth.removeprefix("Bearer ")]
 
         async def send_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
-                extra = [(k.encode(), v.encode()) for k, v in state.get("ratelimit", {}).items()]
+                extra = [(k.encode(), v.encode()) for k, v in (ctx.ratelimit or {}).items()]
                 message["headers"] = [*message.get("headers", ()), *extra]
             await send(message)
 

@@ -6,9 +6,10 @@ import msgspec
 import pytest
 
 from gateway.images.protocol import ImageRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.completions.protocol import CompletionRequest
 from gateway.settings import GatewaySettings
-from gateway.tenancy.cost import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, Cost, estimate
+from gateway.tenancy.cost import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, Cost
 from gateway.tenancy.limits import duration, has_limits
 from gateway.tenancy.principal import ANONYMOUS, KeyLimits, Principal
 
@@ -21,11 +22,11 @@ def chat(**body: object) -> ChatCompletionRequest:
 
 def test_chat_counts_characters_over_four_plus_the_most_output_times_n() -> None:
     req = chat(messages=[{"role": "user", "content": "x" * 41}], max_tokens=10, n=3)
-    assert estimate(req, SETTINGS) == Cost(tokens=11 + MESSAGE_OVERHEAD_TOKENS + 30)
+    assert req.cost(SETTINGS) == Cost(tokens=11 + MESSAGE_OVERHEAD_TOKENS + 30)
     # max_completion_tokens wins over max_tokens; absent, the setting stands in.
-    assert estimate(chat(messages=[{"role": "user", "content": ""}], max_tokens=10, max_completion_tokens=7),
-                    SETTINGS).tokens == MESSAGE_OVERHEAD_TOKENS + 7
-    assert estimate(chat(messages=[{"role": "user", "content": ""}]), SETTINGS).tokens == MESSAGE_OVERHEAD_TOKENS + 1000
+    assert chat(messages=[{"role": "user", "content": ""}], max_tokens=10, max_completion_tokens=7).cost(
+        SETTINGS).tokens == MESSAGE_OVERHEAD_TOKENS + 7
+    assert chat(messages=[{"role": "user", "content": ""}]).cost(SETTINGS).tokens == MESSAGE_OVERHEAD_TOKENS + 1000
 
 
 def test_chat_counts_parts_tool_calls_and_tools() -> None:
@@ -37,7 +38,7 @@ def test_chat_counts_parts_tool_calls_and_tools() -> None:
     ], tools=[{"type": "function", "function": {"name": "get", "description": "d", "parameters": {"a": 1}}}],
         max_tokens=1)
     # "abcd" 4 + "f{}!" 4 + "get" "d" '{"a":1}' 11 = 19 chars -> 5 tokens; the image a fixed count, not its bytes.
-    assert estimate(req, SETTINGS).tokens == 5 + IMAGE_PART_TOKENS + 2 * MESSAGE_OVERHEAD_TOKENS + 1
+    assert req.cost(SETTINGS).tokens == 5 + IMAGE_PART_TOKENS + 2 * MESSAGE_OVERHEAD_TOKENS + 1
 
 
 @pytest.mark.parametrize(("prompt", "prompt_tokens", "prompts"), [
@@ -48,15 +49,15 @@ def test_chat_counts_parts_tool_calls_and_tools() -> None:
 ])
 def test_completions_count_each_prompt_and_every_sequence(prompt: object, prompt_tokens: int, prompts: int) -> None:
     req = msgspec.convert({"model": "m", "prompt": prompt, "max_tokens": 5, "n": 2, "best_of": 3}, CompletionRequest)
-    assert estimate(req, SETTINGS) == Cost(tokens=prompt_tokens + 5 * 3 * prompts)
+    assert req.cost(SETTINGS) == Cost(tokens=prompt_tokens + 5 * 3 * prompts)
     bare = msgspec.convert({"model": "m", "prompt": prompt}, CompletionRequest)
-    assert estimate(bare, SETTINGS) == Cost(tokens=prompt_tokens + 16 * prompts)  # OpenAI's and vLLM's default
+    assert bare.cost(SETTINGS) == Cost(tokens=prompt_tokens + 16 * prompts)  # OpenAI's and vLLM's default
 
 
 def test_images_count_images_not_tokens() -> None:
-    assert estimate(msgspec.convert({"model": "m", "prompt": "a cat", "n": 3}, ImageRequest), SETTINGS) == Cost(
+    assert msgspec.convert({"model": "m", "prompt": "a cat", "n": 3}, ImageRequest).cost(SETTINGS) == Cost(
         tokens=None, images=3)
-    assert estimate(msgspec.convert({"model": "m", "prompt": "a cat"}, ImageRequest), SETTINGS).images == 1
+    assert msgspec.convert({"model": "m", "prompt": "a cat"}, ImageRequest).cost(SETTINGS).images == 1
 
 
 @pytest.mark.parametrize(("ms", "text"), [

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.dispatch import Dispatcher
+from gateway.context import RequestContext
+from gateway.dispatch import Dispatcher, JobKind
 from gateway.queue import ReplyRouter
 from gateway.settings import GatewaySettings
 from telemetry.instruments import GatewayMetrics
@@ -60,11 +61,11 @@ async def test_an_interrupted_submission_leaves_nothing_behind() -> None:
     router = ReplyRouter(None, "replies:gw", None)  # type: ignore[arg-type]
     dispatcher = Dispatcher(GatewaySettings(), Live(), queue, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
                             tracing=tracing)
-    state: dict[str, Any] = {"span": tracing.start("POST /v1/chat/completions", SpanKind.SERVER, None)}
-    run = dispatcher.job("chat", "m", b"{}", job_id="chatcmpl-1", stream=False, state=state)
+    ctx = RequestContext(span=tracing.start("POST /v1/chat/completions", SpanKind.SERVER, None))
+    run = dispatcher.job(JobKind("chat", "chatcmpl"), "m", b"{}", stream=False, ctx=ctx)
     with pytest.raises(asyncio.CancelledError):
         await run.__aenter__()
     await asyncio.sleep(0)  # the cancel message is sent in the background
     assert dispatcher._runs == {} and router.waiting == 0
     assert spans.ended == ["queue m"]  # the queue span ended with the run
-    assert queue.cancelled == ["chatcmpl-1"]  # it may have been queued: engines drop it
+    assert queue.cancelled == [run.job_id]  # it may have been queued: engines drop it

@@ -6,16 +6,16 @@ import json
 
 import pytest
 
+from gateway.common.decoding import RequestDecoder
 from gateway.errors import InvalidRequest
-from gateway.images.protocol import ImagesResponse, ImageObject, images_usage
-from gateway.protocol import RequestDecoder
+from gateway.images.protocol import ImageObject, ImageRequest, ImagesResponse, images_usage
 from gateway.settings import GatewaySettings
 
 OK = {"model": "tiny-sd", "prompt": "a fox"}
 
 
 def decode(**fields: object) -> object:
-    return RequestDecoder(GatewaySettings()).image(json.dumps({**OK, **fields}).encode())
+    return RequestDecoder(ImageRequest, GatewaySettings()).decode(json.dumps({**OK, **fields}).encode())
 
 
 def test_a_minimal_request_is_accepted_and_defaults_are_left_to_the_engine() -> None:
@@ -42,7 +42,7 @@ def test_a_bad_field_is_a_400_naming_it(field: str, value: object) -> None:
     if field == "partial_images":
         body["stream"] = True
     with pytest.raises(InvalidRequest) as err:
-        RequestDecoder(GatewaySettings()).image(json.dumps(body).encode())
+        RequestDecoder(ImageRequest, GatewaySettings()).decode(json.dumps(body).encode())
     assert err.value.status == 400
     assert err.value.param == field
 
@@ -52,7 +52,7 @@ def test_a_missing_required_field_is_named(missing: str) -> None:
     body = dict(OK)
     del body[missing]
     with pytest.raises(InvalidRequest) as err:
-        RequestDecoder().image(json.dumps(body).encode())
+        RequestDecoder(ImageRequest).decode(json.dumps(body).encode())
     assert err.value.param == missing
     assert err.value.code == "missing_required_parameter"
 
@@ -65,10 +65,11 @@ def test_partial_images_need_stream() -> None:
 
 
 def test_bounds_follow_settings() -> None:
-    decoder = RequestDecoder(GatewaySettings(max_image_prompt_chars=10, max_image_pixels=64 * 64, max_image_steps=8))
+    decoder = RequestDecoder(ImageRequest, GatewaySettings(max_image_prompt_chars=10, max_image_pixels=64 * 64,
+                                                           max_image_steps=8))
     for field, value in (("prompt", "x" * 11), ("size", "64x72"), ("num_inference_steps", 9)):
         with pytest.raises(InvalidRequest) as err:
-            decoder.image(json.dumps({**OK, field: value}).encode())
+            decoder.decode(json.dumps({**OK, field: value}).encode())
         assert err.value.param == field
 
 

@@ -7,8 +7,9 @@ import time
 import msgspec
 import pytest
 
+from gateway.context import principal_of
 from gateway.tenancy.auth import FailureLimiter, _bearer
-from gateway.tenancy.guard import _limit_headers, principal_of
+from gateway.tenancy.guard import _limit_headers
 from gateway.tenancy.keys import HASHER, InvalidKeyField, KeyChanges, KeyRecord, new_key_text, parse_key, validate
 from gateway.tenancy.principal import ANONYMOUS, KeyLimits
 

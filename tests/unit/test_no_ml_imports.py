@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 ML_LIBRARIES = ("torch", "vllm", "diffusers", "transformers")
-LIGHT_MODULES = ("gateway.app", "gateway.cli", "gateway.serving", "engines.contract.messages", "engines.worker",
+LIGHT_MODULES = ("gateway.app", "gateway.cli", "gateway.flow", "engines.contract.messages", "engines.worker",
                  "engines.synthetic", "telemetry.setup")
 
 _PROBE = """

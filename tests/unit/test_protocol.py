@@ -1,4 +1,5 @@
-"""gateway.protocol.RequestDecoder: valid bodies pass, invalid ones name the field; the error envelope."""
+"""The chat and completions requests (``gateway/*/protocol.py``) through ``RequestDecoder``: valid
+bodies pass, invalid ones name the field; the error envelope."""
 
 from __future__ import annotations
 
@@ -10,27 +11,28 @@ import pytest
 
 from gateway.errors import InvalidRequest, encode_error
 from gateway.settings import GatewaySettings
-from gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    ImagePart,
-    REFUSED,
-    JsonSchemaResponseFormat,
-    ModelContext,
-    Model,
-    ModelList,
-    NamedToolChoice,
-    RequestDecoder,
-    TextPart,
-)
+from gateway.chat.protocol import ChatCompletionRequest, ImagePart, NamedToolChoice, TextPart
+from gateway.common.bounds import ModelContext
+from gateway.common.decoding import RequestDecoder
+from gateway.common.protocol import REFUSED, JsonSchemaResponseFormat
+from gateway.completions.protocol import CompletionRequest
+from gateway.models.protocol import Model, ModelList
 from tests.openai_schema import validate
 
 USER = {"role": "user", "content": "Hello"}
 
 
+class Decoders:
+    """The chat and completions decoders, as the gateway builds them."""
+
+    def __init__(self, limits: GatewaySettings | None = None) -> None:
+        self.chat = RequestDecoder(ChatCompletionRequest, limits).decode
+        self.completion = RequestDecoder(CompletionRequest, limits).decode
+
+
 @pytest.fixture(scope="module")
-def decoder() -> RequestDecoder:
-    return RequestDecoder()
+def decoder() -> Decoders:
+    return Decoders()
 
 
 def chat_body(**fields: Any) -> bytes:
@@ -53,7 +55,7 @@ def rejected(call: Any, body: bytes) -> InvalidRequest:
 # ---- chat: valid -----------------------------------------------------------------------------
 
 
-def test_chat_minimal(decoder: RequestDecoder) -> None:
+def test_chat_minimal(decoder: Decoders) -> None:
     req = decoder.chat(chat_body())
     assert isinstance(req, ChatCompletionRequest)
     assert req.model == "tiny"
@@ -61,7 +63,7 @@ def test_chat_minimal(decoder: RequestDecoder) -> None:
     assert req.stream is None and req.stop is None
 
 
-def test_chat_content_parts(decoder: RequestDecoder) -> None:
+def test_chat_content_parts(decoder: Decoders) -> None:
     req = decoder.chat(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in"},
         {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
@@ -71,7 +73,7 @@ def test_chat_content_parts(decoder: RequestDecoder) -> None:
     assert isinstance(image, ImagePart) and image.image_url.url == "https://example.com/a.png"
 
 
-def test_chat_tool_conversation(decoder: RequestDecoder) -> None:
+def test_chat_tool_conversation(decoder: Decoders) -> None:
     body = {
         "model": "tiny",
         "messages": [
@@ -101,12 +103,12 @@ def test_chat_tool_conversation(decoder: RequestDecoder) -> None:
 
 
 @pytest.mark.parametrize("choice", ["none", "auto", "required"])
-def test_chat_tool_choice_strings(decoder: RequestDecoder, choice: str) -> None:
+def test_chat_tool_choice_strings(decoder: Decoders, choice: str) -> None:
     tools = [{"type": "function", "function": {"name": "f"}}]
     assert decoder.chat(chat_body(tools=tools, tool_choice=choice)).tool_choice == choice
 
 
-def test_chat_response_format_json_schema(decoder: RequestDecoder) -> None:
+def test_chat_response_format_json_schema(decoder: Decoders) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
     req = decoder.chat(chat_body(response_format={"type": "json_schema", "json_schema": {
         "name": "answer_1", "schema": schema, "strict": True}}))
@@ -116,18 +118,18 @@ def test_chat_response_format_json_schema(decoder: RequestDecoder) -> None:
 
 
 @pytest.mark.parametrize("stop", ["\n", ["a"], ["a", "b", "c", "d"], None])
-def test_chat_stop(decoder: RequestDecoder, stop: Any) -> None:
+def test_chat_stop(decoder: Decoders, stop: Any) -> None:
     assert decoder.chat(chat_body(stop=stop)).stop == stop
 
 
-def test_chat_streaming_options_and_sampling(decoder: RequestDecoder) -> None:
+def test_chat_streaming_options_and_sampling(decoder: Decoders) -> None:
     req = decoder.chat(chat_body(stream=True, stream_options={"include_usage": True}, temperature=2, top_p=0,
                                  n=3, logprobs=True, top_logprobs=20, seed=-1, max_completion_tokens=5))
     assert req.stream_options is not None and req.stream_options.include_usage is True
     assert (req.temperature, req.n, req.top_logprobs) == (2, 3, 20)
 
 
-def test_chat_unknown_fields_pass_through(decoder: RequestDecoder) -> None:
+def test_chat_unknown_fields_pass_through(decoder: Decoders) -> None:
     # vLLM extensions are let through to the engine.
     req = decoder.chat(chat_body(top_k=5, min_p=0.1, messages=[{**USER, "extra": 1}]))
     assert req.model == "tiny"
@@ -136,20 +138,20 @@ def test_chat_unknown_fields_pass_through(decoder: RequestDecoder) -> None:
 # ---- chat: invalid ---------------------------------------------------------------------------
 
 
-def test_malformed_json(decoder: RequestDecoder) -> None:
+def test_malformed_json(decoder: Decoders) -> None:
     err = rejected(decoder.chat, b'{"model": "tiny", "messages": [')
     assert err.code == "invalid_json"
     assert err.param is None
 
 
 @pytest.mark.parametrize("body", [b"", b"   \n"])
-def test_empty_body(decoder: RequestDecoder, body: bytes) -> None:
+def test_empty_body(decoder: Decoders, body: bytes) -> None:
     err = rejected(decoder.chat, body)
     assert err.param is None
     assert "empty" in err.message
 
 
-def test_body_not_an_object(decoder: RequestDecoder) -> None:
+def test_body_not_an_object(decoder: Decoders) -> None:
     err = rejected(decoder.chat, b"[1, 2]")
     assert err.param is None
 
@@ -165,7 +167,7 @@ def test_body_not_an_object(decoder: RequestDecoder) -> None:
      "messages[0].content[0].type", "invalid_value"),
     ({"model": 5, "messages": [USER]}, "model", "invalid_value"),
 ])
-def test_chat_schema_errors_name_the_field(decoder: RequestDecoder, body: dict[str, Any], param: str,
+def test_chat_schema_errors_name_the_field(decoder: Decoders, body: dict[str, Any], param: str,
                                            code: str) -> None:
     err = rejected(decoder.chat, json.dumps(body).encode())
     assert err.param == param
@@ -188,7 +190,7 @@ def test_chat_schema_errors_name_the_field(decoder: RequestDecoder, body: dict[s
      "response_format.json_schema.name"),
     ({"response_format": {"type": "xml"}}, "response_format.type"),
 ])
-def test_chat_out_of_range(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+def test_chat_out_of_range(decoder: Decoders, fields: dict[str, Any], param: str) -> None:
     err = rejected(decoder.chat, chat_body(**fields))
     assert err.param == param
     assert err.code == "invalid_value"
@@ -203,12 +205,12 @@ def test_chat_out_of_range(decoder: RequestDecoder, fields: dict[str, Any], para
     ({"tools": [{"type": "function", "function": {"name": "get_time"}}],
       "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
 ])
-def test_chat_cross_field_rules(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+def test_chat_cross_field_rules(decoder: Decoders, fields: dict[str, Any], param: str) -> None:
     err = rejected(decoder.chat, chat_body(**fields))
     assert err.param == param
 
 
-def test_unknown_tool_is_named(decoder: RequestDecoder) -> None:
+def test_unknown_tool_is_named(decoder: Decoders) -> None:
     err = rejected(decoder.chat, chat_body(tools=[{"type": "function", "function": {"name": "a"}}],
                                            tool_choice={"type": "function", "function": {"name": "zeta"}}))
     assert "zeta" in err.message
@@ -218,7 +220,7 @@ def test_unknown_tool_is_named(decoder: RequestDecoder) -> None:
 
 
 @pytest.mark.parametrize("prompt", ["Once upon", ["a", "b"], [1, 2, 3], [[1, 2], [3]]])
-def test_completion_prompt_forms(decoder: RequestDecoder, prompt: Any) -> None:
+def test_completion_prompt_forms(decoder: Decoders, prompt: Any) -> None:
     req = decoder.completion(completion_body(prompt=prompt))
     assert isinstance(req, CompletionRequest)
     assert req.prompt == prompt
@@ -234,11 +236,11 @@ def test_completion_prompt_forms(decoder: RequestDecoder, prompt: Any) -> None:
     (None, "prompt"),
     ({"text": "x"}, "prompt"),
 ])
-def test_completion_bad_prompt(decoder: RequestDecoder, prompt: Any, param: str) -> None:
+def test_completion_bad_prompt(decoder: Decoders, prompt: Any, param: str) -> None:
     assert rejected(decoder.completion, completion_body(prompt=prompt)).param == param
 
 
-def test_completion_missing_prompt(decoder: RequestDecoder) -> None:
+def test_completion_missing_prompt(decoder: Decoders) -> None:
     err = rejected(decoder.completion, b'{"model": "tiny"}')
     assert (err.param, err.code) == ("prompt", "missing_required_parameter")
 
@@ -251,11 +253,11 @@ def test_completion_missing_prompt(decoder: RequestDecoder) -> None:
     ({"stream": True, "best_of": 3}, "best_of"),
     ({"n": 0}, "n"),
 ])
-def test_completion_invalid(decoder: RequestDecoder, fields: dict[str, Any], param: str) -> None:
+def test_completion_invalid(decoder: Decoders, fields: dict[str, Any], param: str) -> None:
     assert rejected(decoder.completion, completion_body(**fields)).param == param
 
 
-def test_completion_valid_options(decoder: RequestDecoder) -> None:
+def test_completion_valid_options(decoder: Decoders) -> None:
     req = decoder.completion(completion_body(echo=True, logprobs=5, max_tokens=0, suffix="!", best_of=2, n=2,
                                              stream=True, stream_options={"include_usage": True}, stop="\n"))
     assert (req.logprobs, req.max_tokens, req.best_of) == (5, 0, 2)
@@ -307,7 +309,7 @@ BOUNDS = [
 
 
 @pytest.mark.parametrize(("endpoint", "fields", "limit", "param"), BOUNDS)
-def test_bound_at_the_limit_passes_one_over_is_400(decoder: RequestDecoder, endpoint: str, fields: Any,
+def test_bound_at_the_limit_passes_one_over_is_400(decoder: Decoders, endpoint: str, fields: Any,
                                                     limit: int, param: str) -> None:
     make = chat_body if endpoint == "chat" else completion_body
     call = decoder.chat if endpoint == "chat" else decoder.completion
@@ -332,7 +334,7 @@ def test_defaults_are_openais_limits() -> None:
     ({"prompt": ["a"] * 7, "n": 2, "best_of": 20}, "best_of"),  # 140: best_of is what to lower
     ({"prompt": ["a"] * 20_000, "n": 128}, "prompt"),  # the issue's 100 KB body
 ])
-def test_completion_choices_are_n_times_prompts(decoder: RequestDecoder, fields: dict[str, Any],
+def test_completion_choices_are_n_times_prompts(decoder: Decoders, fields: dict[str, Any],
                                                 param: str | None) -> None:
     body = completion_body(**fields)
     if param is None:
@@ -344,7 +346,7 @@ def test_completion_choices_are_n_times_prompts(decoder: RequestDecoder, fields:
 
 
 def test_limits_come_from_the_settings() -> None:
-    decoder = RequestDecoder(GatewaySettings(max_choices=4, max_prompts=2, max_messages=1))
+    decoder = Decoders(GatewaySettings(max_choices=4, max_prompts=2, max_messages=1))
     assert decoder.chat(chat_body(n=4)).n == 4
     assert rejected(decoder.chat, chat_body(n=5)).param == "n"
     assert rejected(decoder.chat, chat_body(messages=[USER, USER])).param == "messages"
@@ -358,7 +360,7 @@ def test_limits_come_from_the_settings() -> None:
 
 @pytest.mark.parametrize("body", [b"{", b"", chat_body(temperature=3), b'{"model": "tiny"}',
                                   chat_body(top_logprobs=1)])
-def test_error_envelope_matches_openai(decoder: RequestDecoder, body: bytes) -> None:
+def test_error_envelope_matches_openai(decoder: Decoders, body: bytes) -> None:
     err = rejected(decoder.chat, body)
     envelope = msgspec.json.decode(encode_error(err))
     assert list(envelope) == ["error"]
@@ -397,7 +399,7 @@ def test_model_list_matches_openai() -> None:
     b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "extra": ' + b"[" * 100_000
     + b"]" * 100_000 + b"}",
 ], ids=["invalid-utf8", "deeply-nested"])
-def test_undecodable_bodies_are_invalid_json(decoder: RequestDecoder, body: bytes) -> None:
+def test_undecodable_bodies_are_invalid_json(decoder: Decoders, body: bytes) -> None:
     err = rejected(decoder.chat, body)
     assert err.code == "invalid_json"
 
@@ -408,7 +410,7 @@ TINY = ModelContext(max_model_len=2048, max_chars_per_token=16)
 ISSUE_BODY = {"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20, "ignore_eos": True}
 
 
-def fits(decoder: RequestDecoder, body: bytes, model: ModelContext = TINY, **settings: Any) -> InvalidRequest | None:
+def fits(decoder: Decoders, body: bytes, model: ModelContext = TINY, **settings: Any) -> InvalidRequest | None:
     req = decoder.completion(body) if b'"prompt"' in body else decoder.chat(body)
     try:
         req.fits(model, GatewaySettings(**settings))
@@ -417,7 +419,7 @@ def fits(decoder: RequestDecoder, body: bytes, model: ModelContext = TINY, **set
     return None
 
 
-def test_the_issue_body_is_refused_at_the_door(decoder: RequestDecoder) -> None:
+def test_the_issue_body_is_refused_at_the_door(decoder: Decoders) -> None:
     """128 x (1 + 20) = 2,688 candidates a step (max 256); and 128 x 1000 x 21 = 2,688,000 in all."""
     err = fits(decoder, chat_body(**ISSUE_BODY))
     assert err is not None and err.param == "top_logprobs" and err.code == "invalid_value"
@@ -427,7 +429,7 @@ def test_the_issue_body_is_refused_at_the_door(decoder: RequestDecoder) -> None:
 
 
 @pytest.mark.parametrize("model", [TINY, ModelContext()])
-def test_the_output_one_request_may_cause_is_bounded(decoder: RequestDecoder, model: ModelContext) -> None:
+def test_the_output_one_request_may_cause_is_bounded(decoder: Decoders, model: ModelContext) -> None:
     """n x max_tokens x (1 + top_logprobs) at most max_output_work (524,288), context known or not."""
     largest = {"n": 12, "logprobs": True, "top_logprobs": 20, "max_tokens": 2040}  # 252 a step, 514,080 in all
     assert fits(decoder, chat_body(**largest), model) is None
@@ -440,7 +442,7 @@ def test_the_output_one_request_may_cause_is_bounded(decoder: RequestDecoder, mo
     assert fits(decoder, chat_body(**{**largest, "n": 13}), model) is not None  # 273 a step
 
 
-def test_without_max_tokens_a_request_is_capped_not_refused(decoder: RequestDecoder) -> None:
+def test_without_max_tokens_a_request_is_capped_not_refused(decoder: Decoders) -> None:
     """A chat request that names no max_tokens may run to the context; where that could pass
     max_output_work it gets the largest max_tokens that fits (as a model's own output limit caps
     it), and one that names a max_tokens over it is refused."""
@@ -455,7 +457,7 @@ def test_without_max_tokens_a_request_is_capped_not_refused(decoder: RequestDeco
     assert decoder.completion(completion_body(n=5, logprobs=5)).fits(long, GatewaySettings()) is None
 
 
-def test_echo_and_min_tokens(decoder: RequestDecoder) -> None:
+def test_echo_and_min_tokens(decoder: Decoders) -> None:
     long = ModelContext(max_model_len=131_072, max_chars_per_token=128)
     last = {"role": "assistant", "content": " " * 100_000}
     echo = chat_body(messages=[USER, last], n=8, echo=True, continue_final_message=True, max_tokens=1)
@@ -473,7 +475,7 @@ def test_echo_and_min_tokens(decoder: RequestDecoder) -> None:
         assert exc.value.param == "min_tokens"
 
 
-def test_one_request_takes_at_most_half_an_engines_batch(decoder: RequestDecoder) -> None:
+def test_one_request_takes_at_most_half_an_engines_batch(decoder: Decoders) -> None:
     engine = ModelContext(max_model_len=1024, max_chars_per_token=16, max_sequences=128)
     err = fits(decoder, chat_body(n=65, max_tokens=4), engine)
     assert err is not None and err.param == "n" and "run 128 at a time" in err.message
@@ -482,7 +484,7 @@ def test_one_request_takes_at_most_half_an_engines_batch(decoder: RequestDecoder
     assert fits(decoder, chat_body(n=65, max_tokens=4), engine, max_batch_share=1.0) is None
 
 
-def test_completions_count_every_prompt_best_of_and_echo(decoder: RequestDecoder) -> None:
+def test_completions_count_every_prompt_best_of_and_echo(decoder: Decoders) -> None:
     assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=2000, logprobs=5)) is not None  # 768 a step
     assert fits(decoder, completion_body(prompt=["a"] * 128, max_tokens=1000)) is None  # 128,000
     assert fits(decoder, completion_body(n=4, best_of=20, max_tokens=1000, logprobs=5)) is None  # 120,000
@@ -496,7 +498,7 @@ def test_completions_count_every_prompt_best_of_and_echo(decoder: RequestDecoder
     assert err is not None and "echoed from the prompt" in err.message
 
 
-def test_prompts_past_the_context_are_refused_before_queueing(decoder: RequestDecoder) -> None:
+def test_prompts_past_the_context_are_refused_before_queueing(decoder: Decoders) -> None:
     # 2048 tokens x 16 characters at most each: 32,768 characters can never fit.
     err = fits(decoder, chat_body(messages=[{"role": "user", "content": "a" * 32_768}]))
     assert err is not None and err.code == "context_length_exceeded" and err.param == "messages"
@@ -519,7 +521,7 @@ def test_prompts_past_the_context_are_refused_before_queueing(decoder: RequestDe
 
 
 @pytest.mark.parametrize("field", sorted(REFUSED))
-def test_refused_vllm_extensions_are_400s_naming_them(decoder: RequestDecoder, field: str) -> None:
+def test_refused_vllm_extensions_are_400s_naming_them(decoder: Decoders, field: str) -> None:
     body = completion_body(**{field: 1}) if field == "prompt_embeds" else chat_body(**{field: 1})
     with pytest.raises(InvalidRequest) as exc:
         decoder.completion(body) if field == "prompt_embeds" else decoder.chat(body)
@@ -542,7 +544,7 @@ def test_refused_vllm_extensions_are_400s_naming_them(decoder: RequestDecoder, f
     ({"chat_template_kwargs": json.loads('{"a":' * 65 + "1" + "}" * 65)}, "chat_template_kwargs"),
     ({"cache_salt": "s" * 257}, "cache_salt"),
 ])
-def test_vllm_extensions_are_bounded(decoder: RequestDecoder, fields: dict[str, Any], param: str | None) -> None:
+def test_vllm_extensions_are_bounded(decoder: Decoders, fields: dict[str, Any], param: str | None) -> None:
     with pytest.raises(InvalidRequest) as exc:
         decoder.chat(chat_body(**fields))
     if param is not None:

@@ -1,4 +1,5 @@
-"""gateway.chat / gateway.completions: engine events in, OpenAI's exact objects out.
+"""The chat and completions renderers (``gateway/chat/serving.py``, ``gateway/completions/serving.py``):
+engine events in, OpenAI's exact objects out.
 
 Every object a renderer produces is also validated against OpenAI's vendored schema.
 """
@@ -12,9 +13,9 @@ import msgspec
 import pytest
 
 from engines.contract.messages import ChoiceDelta, Delta, SampledLogprob, TokenLogprob, ToolCallDelta, Usage
-from gateway.chat import ChatRenderer
-from gateway.completions import CompletionRenderer
-from gateway.serving import ChoiceState, StreamState
+from gateway.chat.serving import ChatRenderer
+from gateway.common.generation import ChoiceState, StreamState
+from gateway.completions.serving import CompletionRenderer
 from tests.openai_schema import validate, validate_completion_chunk
 
 RID, CREATED, MODEL = "chatcmpl-0123456789abcdef", 1_700_000_000, "tiny-chat"

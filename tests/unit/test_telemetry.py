@@ -413,8 +413,10 @@ def _http_points(metrics: GatewayMetrics) -> dict[tuple[object, ...], int]:
 
 def test_every_refusal_is_counted_once_by_its_code() -> None:
     # A refusal written by a middleware (here: as the idempotency middleware does) is counted too.
+    from gateway.context import context_of
+
     async def refuse(scope: dict[str, object], receive: object, send: object) -> None:
-        scope["state"]["error"] = "idempotency_key_reused"  # type: ignore[index]
+        context_of(scope).error = "idempotency_key_reused"
         await send({"type": "http.response.start", "status": 409, "headers": []})  # type: ignore[operator]
         await send({"type": "http.response.body", "body": b"{}"})  # type: ignore[operator]
 
@@ -444,10 +446,11 @@ def test_unknown_http_methods_share_one_label() -> None:
 
 
 def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and_span() -> None:
-    from gateway.dispatch import Dispatcher
+    from gateway.context import context_of
+    from gateway.dispatch import Dispatcher, JobKind
     from gateway.errors import ConduitError
+    from gateway.flow import failed_mid_stream
     from gateway.queue import ReplyRouter
-    from gateway.serving import failed_mid_stream
     from gateway.settings import GatewaySettings
     from tests.unit.test_dispatch import Live
 
@@ -465,7 +468,7 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
                             tracing=None)
 
     async def streamed(scope: dict[str, Any], receive: object, send: Any) -> None:
-        run = dispatcher.job("chat", "m", b"{}", job_id="chatcmpl-1", stream=True, state=scope["state"])
+        run = dispatcher.job(JobKind("chat", "chatcmpl"), "m", b"{}", stream=True, ctx=context_of(scope))
         await send({"type": "http.response.start", "status": 200, "headers": []})
         failed_mid_stream(run, ConduitError("The engine went away.", status=502, code="engine_lost"))
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})

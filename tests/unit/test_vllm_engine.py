@@ -26,7 +26,9 @@ from engines.vllm_engine import (
     wants_continuous_usage,
 )
 from engines.contract.messages import ChoiceDelta, Generated, Usage
-from gateway.protocol import REFUSED, ChatCompletionRequest, CompletionRequest
+from gateway.chat.protocol import ChatCompletionRequest
+from gateway.common.protocol import REFUSED
+from gateway.completions.protocol import CompletionRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 

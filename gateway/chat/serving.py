@@ -1,17 +1,19 @@
-"""``POST /v1/chat/completions``: OpenAI's chat objects from engine events."""
+"""``POST /v1/chat/completions``: OpenAI's chat objects from engine events, and the handler."""
 
 from __future__ import annotations
 
-import msgspec
-from msgspec import UNSET
+from typing import Any
+
+from litestar import Request, Response, post
 
 from engines.contract.messages import Delta, SampledLogprob, Usage
-from gateway.protocol import (
+from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
+from gateway.chat.protocol import (
     CHAT_FINISH_REASONS,
     ChatChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatFinishReason,
+    ChatCompletionRequest,
     ChatLogprobs,
     ChatTokenLogprob,
     ChunkChoice,
@@ -23,12 +25,19 @@ from gateway.protocol import (
     ResponseToolCall,
     TopLogprob,
 )
-from gateway.serving import ChoiceState, StreamState, usage_of
-
-
-def finish_reason(reason: str | None) -> ChatFinishReason:
-    """OpenAI's finish reason for an engine's (vLLM's "abort" or "error" must not leak through)."""
-    return reason if reason in CHAT_FINISH_REASONS else "stop"  # type: ignore[return-value]
+from gateway.common.decoding import RequestDecoder
+from gateway.common.generation import (
+    ChoiceState,
+    ChunkRenderer,
+    StreamState,
+    TextGeneration,
+    chunk_usage,
+    finish_reason,
+    usage_of,
+)
+from gateway.errors import ErrorEnvelope
+from gateway.services import Services
+from gateway.settings import GatewaySettings
 
 
 def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:
@@ -40,13 +49,10 @@ def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:
         for i in items])
 
 
-class ChatRenderer:
+class ChatRenderer(ChunkRenderer):
     """Chat completion objects: ``chat.completion`` and ``chat.completion.chunk``."""
 
-    id_prefix = "chatcmpl"
-
-    def __init__(self) -> None:
-        self._enc = msgspec.json.Encoder()
+    chunk_type = ChatCompletionChunk
 
     def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes:
         out = []
@@ -58,16 +64,14 @@ class ChatRenderer:
             message = ResponseMessage(content=text if text or not tool_calls else None, refusal=None,
                                       role="assistant", tool_calls=tool_calls,
                                       reasoning_content="".join(c.reasoning) or None)
-            out.append(ChatChoice(finish_reason=finish_reason(c.finish_reason), index=c.index, message=message,
-                                  logprobs=chat_logprobs(c.logprobs)))
+            out.append(ChatChoice(finish_reason=finish_reason(c.finish_reason, CHAT_FINISH_REASONS), index=c.index,
+                                  message=message, logprobs=chat_logprobs(c.logprobs)))
         return self._enc.encode(ChatCompletion(id=rid, choices=out, created=created, model=model,
                                                usage=usage_of(usage)))
 
     def chunks(self, rid: str, created: int, model: str, delta: Delta, out: bytearray, state: StreamState) -> None:
         enc = self._enc.encode
-        usage = None if state.include_usage else UNSET
-        if state.include_usage and delta.usage is not None:  # continuous_usage_stats (vLLM's extension)
-            usage = usage_of(delta.usage)
+        usage = chunk_usage(delta, state)
         for c in delta.choices:
             tool_calls = [ChunkToolCall(index=t.index, id=t.id, type="function" if t.id else None,
                                         function=ChunkFunction(name=t.name, arguments=t.arguments))
@@ -80,7 +84,7 @@ class ChatRenderer:
             content = c.text if c.text or (role and not (tool_calls or c.reasoning)) else None
             body = ChunkDelta(role=role, content=content,
                               reasoning_content=c.reasoning or None, tool_calls=tool_calls)
-            reason = finish_reason(c.finish_reason) if c.finish_reason is not None else None
+            reason = None if c.finish_reason is None else finish_reason(c.finish_reason, CHAT_FINISH_REASONS)
             chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[
                 ChunkChoice(delta=body, finish_reason=reason, index=c.index, logprobs=chat_logprobs(c.logprobs))],
                 usage=usage)
@@ -88,6 +92,22 @@ class ChatRenderer:
             out += enc(chunk)
             out += b"\n\n"
 
-    def usage_chunk(self, rid: str, created: int, model: str, usage: Usage) -> bytes:
-        chunk = ChatCompletionChunk(id=rid, created=created, model=model, choices=[], usage=usage_of(usage))
-        return b"data: " + self._enc.encode(chunk) + b"\n\n"
+
+def chat_endpoint(settings: GatewaySettings) -> TextGeneration:
+    """Chat completions as an endpoint of the shared request flow."""
+    return TextGeneration("chat", "chatcmpl", RequestDecoder(ChatCompletionRequest, settings), ChatRenderer())
+
+
+CREATE_CHAT_COMPLETION = Operation(
+    "createChatCompletion", "Create a chat completion", "Chat", {**JOB_ERRORS, 422: "`unprocessable_entity`."},
+    body=ChatCompletionRequest, json=ChatCompletion,
+    stream=(("message", (ChatCompletionChunk, ErrorEnvelope)),), stream_done=True,
+    description="Streamed as server-sent events when `stream` is true: `chat.completion.chunk` objects, then "
+                "`data: [DONE]`; a failure after the stream began is one error object, then `[DONE]`.",
+    parameters=GENERATION, ok_headers=RATELIMIT, replayed=STORED)
+
+
+@post("/v1/chat/completions", status_code=200, opt=documented(CREATE_CHAT_COMPLETION))
+async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+    """Chat completion, streamed as SSE when ``stream`` is true."""
+    return await services.flow.respond(request, services.chat)

@@ -1,8 +1,8 @@
 """The admin API for API keys: ``/admin/keys`` (create, list) and ``/admin/keys/{id}`` (show, change, revoke).
 
 Every handler here is ``ADMIN_ONLY``: the guard (``gateway.tenancy.guard``) lets only the admin
-credential through, and without an ``admin_key_hash`` the app does not register them (404). A created key's text is in the
-creation's answer and nowhere else; no answer ever carries a hash.
+credential through, and without an ``admin_key_hash`` the app does not register them (404). A
+created key's text is in the creation's answer and nowhere else; no answer ever carries a hash.
 """
 
 from __future__ import annotations
@@ -13,55 +13,14 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
 
+from gateway.admin.protocol import CreatedKey, DeletedKey, KeyList, NewKey
+from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
 from gateway.errors import InvalidRequest, NotFound
 from gateway.tenancy.guard import ADMIN_ONLY
-from gateway.tenancy.keys import (
-    Expiry,
-    InvalidKeyField,
-    KeyChanges,
-    KeyInfo,
-    KeyStore,
-    Lifetime,
-    ModelName,
-    Name,
-    Owner,
-)
-from gateway.tenancy.principal import KeyLimits
-from gateway.tenancy.usage import UsageLog
+from gateway.tenancy.keys import InvalidKeyField, KeyChanges, KeyInfo, KeyStore
+from gateway.tenancy.usage import KeyUsage, UsageLog
 
 _JSON = msgspec.json.Encoder()
-
-
-class NewKey(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """``POST /admin/keys``: the key to make."""
-
-    name: Name
-    owner: Owner = ""
-    #: None: every model.
-    models: list[ModelName] | None = None
-    limits: KeyLimits = msgspec.field(default_factory=KeyLimits)
-    #: Epoch milliseconds after which the key stops working ...
-    expires_ms: Expiry | None = None
-    #: ... or a lifetime in days from now.
-    expires_in_days: Lifetime | None = None
-    disabled: bool = False
-
-
-class CreatedKey(KeyInfo, kw_only=True):
-    """The answer to a creation: the key's text, shown this once, and its record."""
-
-    key: str
-
-
-class KeyList(msgspec.Struct):
-    data: list[KeyInfo]
-    object: str = "list"
-
-
-class DeletedKey(msgspec.Struct):
-    id: str
-    object: str = "api_key"
-    deleted: bool = True
 
 
 def _decode(body: bytes, type_: type[Any]) -> Any:
@@ -82,7 +41,22 @@ def _missing(key_id: str) -> NotFound:
     return NotFound(f"No API key with id `{key_id[:40]}`.", param="id", code="key_not_found")
 
 
-@post("/admin/keys", status_code=201, opt=ADMIN_ONLY)
+_ERRORS = {**AUTH_ERRORS, 401: "`invalid_api_key`: not the admin credential.",
+           404: "`not_found`: the admin API is off (no `admin_key_hash` set).", 500: "`internal_error`."}
+_NO_KEY = "`key_not_found`, or `not_found` (the admin API is off)."
+KEY_ID = {"name": "key_id", "in": "path", "required": True, "description": "The key's public id.",
+          "schema": {"type": "string"}}
+
+
+def _admin(operation_id: str, summary: str, errors: dict[int, str], **more: Any) -> dict[str, Any]:
+    """An admin handler's ``opt``: its operation (tagged Admin, Conduit's own) and ``ADMIN_ONLY``."""
+    return documented(Operation(operation_id, summary, "Admin", {**_ERRORS, **errors}, extension="conduit", **more),
+                      ADMIN_ONLY)
+
+
+@post("/admin/keys", status_code=201, opt=_admin(
+    "createKey", "Create an API key", {400: "`invalid_request`, `invalid_json`.", 413: "`request_too_large`."},
+    body=NewKey, ok="Created: the key's text is in this answer only.", json=CreatedKey, parameters=(REQUEST_ID,)))
 async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
     """Make a key; the answer carries its text once."""
     new: NewKey = _decode(await request.body(), NewKey)
@@ -98,13 +72,15 @@ async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Re
     return _json(CreatedKey(key=text, **msgspec.structs.asdict(info)), 201)
 
 
-@get("/admin/keys", opt=ADMIN_ONLY)
+@get("/admin/keys", opt=_admin("listKeys", "Every API key (no hashes, no secrets)", {}, json=KeyList,
+                                parameters=(REQUEST_ID,)))
 async def list_keys(key_store: KeyStore) -> Response[bytes]:
     """Every key (no hashes, no secrets)."""
     return _json(KeyList(data=[r.info() for r in await key_store.list()]))
 
 
-@get("/admin/keys/{key_id:str}", opt=ADMIN_ONLY)
+@get("/admin/keys/{key_id:str}", opt=_admin("retrieveKey", "One API key", {404: _NO_KEY}, json=KeyInfo,
+                                            parameters=(KEY_ID, REQUEST_ID)))
 async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     record = await key_store.get(key_id)
     if record is None:
@@ -112,7 +88,10 @@ async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     return _json(record.info())
 
 
-@patch("/admin/keys/{key_id:str}", opt=ADMIN_ONLY)
+@patch("/admin/keys/{key_id:str}", opt=_admin(
+    "updateKey", "Change an API key (fields left out stay)",
+    {400: "`invalid_request`.", 404: _NO_KEY, 413: "`request_too_large`."}, body=KeyChanges, body_required=False,
+    json=KeyInfo, parameters=(KEY_ID, REQUEST_ID)))
 async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
     """Change a key's name, owner, models, limits, expiry or disabled flag (fields left out stay)."""
     changes: KeyChanges = _decode(await request.body(), KeyChanges)
@@ -125,7 +104,8 @@ async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: Ke
     return _json(record.info())
 
 
-@delete("/admin/keys/{key_id:str}", status_code=200, opt=ADMIN_ONLY)
+@delete("/admin/keys/{key_id:str}", status_code=200, opt=_admin(
+    "revokeKey", "Revoke an API key for good", {404: _NO_KEY}, json=DeletedKey, parameters=(KEY_ID, REQUEST_ID)))
 async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     """Revoke a key for good (its record is deleted; every gateway refuses it within a second)."""
     if not await key_store.revoke(key_id):
@@ -133,7 +113,12 @@ async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     return _json(DeletedKey(id=key_id))
 
 
-@get("/admin/keys/{key_id:str}/usage", opt=ADMIN_ONLY)
+@get("/admin/keys/{key_id:str}/usage", opt=_admin(
+    "getKeyUsage", "An API key's usage per UTC day and model",
+    {400: "`invalid_value`: `days` out of range.", 404: _NO_KEY}, json=KeyUsage,
+    parameters=(KEY_ID, {"name": "days", "in": "query", "required": False,
+                         "description": "How many UTC days back, today included.",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 400, "default": 7}}, REQUEST_ID)))
 async def key_usage(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore,
                     usage_log: UsageLog) -> Response[bytes]:
     """A key's requests, tokens and images per UTC day and model (``?days=N``, default 7, at most 400)."""

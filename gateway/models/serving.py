@@ -1,0 +1,44 @@
+"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the models with a live engine now."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+
+from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.context import principal_of
+from gateway.errors import ModelNotFound
+from gateway.models.protocol import Model, ModelList
+from gateway.services import Services
+
+_JSON = msgspec.json.Encoder()
+
+LIST_MODELS = Operation("listModels", "The models with a live engine now", "Models",
+                        {**AUTH_ERRORS, 500: "`internal_error`."}, json=ModelList, parameters=(REQUEST_ID,),
+                        description="Only those the request's API key may use.")
+RETRIEVE_MODEL = Operation(
+    "retrieveModel", "One model with a live engine", "Models",
+    {**AUTH_ERRORS, 404: "`model_not_found`.", 500: "`internal_error`."}, json=Model,
+    parameters=({"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"},
+                 "description": "The model's id (it may contain `/`)."}, REQUEST_ID))
+
+
+@get("/v1/models", opt=documented(LIST_MODELS))
+async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+    """The models that have a live engine now (those the request's key may use)."""
+    reg = services.registry
+    principal = principal_of(request.scope)
+    models = ModelList(data=[Model(id=m, created=reg.created(m)) for m in sorted(reg.models) if principal.allows(m)])
+    return Response(_JSON.encode(models), media_type="application/json")
+
+
+@get("/v1/models/{model_id:path}", opt=documented(RETRIEVE_MODEL))
+async def get_model(model_id: str, request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+    """One live model (that the request's key may use)."""
+    model_id = model_id.lstrip("/")
+    reg = services.registry
+    if not reg.is_live(model_id) or not principal_of(request.scope).allows(model_id):
+        raise ModelNotFound(model_id)
+    return Response(_JSON.encode(Model(id=model_id, created=reg.created(model_id))), media_type="application/json")

@@ -1,0 +1,1 @@
+"""Conduit's own routes for operators: ``/health``, ``/ready``, ``/metrics`` and ``/openapi.json``."""

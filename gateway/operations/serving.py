@@ -1,0 +1,73 @@
+"""``/health``, ``/ready``, ``/metrics`` and ``/openapi.json``: Conduit's routes for operators."""
+
+from __future__ import annotations
+
+import logging
+
+import msgspec
+import redis.asyncio as aioredis
+from litestar import Response, get
+
+from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.errors import NotFound
+from gateway.operations.protocol import Health, Readiness
+from gateway.services import Services
+from gateway.tenancy.guard import METRICS_ACCESS, PUBLIC
+
+log = logging.getLogger("conduit.gateway")
+_JSON = msgspec.json.Encoder()
+_HEALTHY = _JSON.encode(Health())
+
+GET_HEALTH = Operation("getHealth", "The process is alive", "Operations", {500: "`internal_error`."},
+                       json=Health, extension="conduit", parameters=(REQUEST_ID,))
+GET_READINESS = Operation(
+    "getReadiness", "Ready for traffic: Redis answers and an engine is live", "Operations",
+    {500: "`internal_error`.", 503: "Not ready: the body says why (a `Readiness`, not an error)."},
+    json=Readiness, extension="conduit", parameters=(REQUEST_ID,))
+GET_METRICS = Operation(
+    "getMetrics", "Prometheus exposition of the gateway's instruments", "Operations",
+    {**AUTH_ERRORS, 401: "`invalid_api_key` (only with `metrics_auth`: the admin credential).",
+     404: "`not_found`: metrics are off (`CONDUIT_METRICS=false`).", 500: "`internal_error`."},
+    text=True, extension="conduit", parameters=(REQUEST_ID,))
+GET_OPENAPI = Operation("getOpenApi", "This document", "Operations", {500: "`internal_error`."},
+                        json_schema={"type": "object", "description": "The OpenAPI 3.1 document of this API."},
+                        extension="conduit", parameters=(REQUEST_ID,))
+
+
+@get("/health", opt=documented(GET_HEALTH, PUBLIC))
+async def health() -> Response[bytes]:
+    """The process is alive (says nothing about Redis or engines)."""
+    return Response(_HEALTHY, media_type="application/json")
+
+
+@get("/ready", opt=documented(GET_READINESS, PUBLIC))
+async def ready(services: Services) -> Response[bytes]:
+    """Redis reachable and at least one live engine: ready for traffic."""
+    try:
+        await services.redis.ping()
+        redis_ok = True
+    except (ConnectionError, OSError, aioredis.RedisError):
+        redis_ok = False
+    engines = len(services.registry.engines)
+    ok = redis_ok and engines > 0
+    body = _JSON.encode(Readiness(status="ready" if ok else "not_ready", redis=redis_ok, engines=engines,
+                                  models=sorted(services.registry.models)))
+    return Response(body, status_code=200 if ok else 503, media_type="application/json")
+
+
+@get("/metrics", opt=documented(GET_METRICS, METRICS_ACCESS))
+async def metrics(services: Services) -> Response[bytes]:
+    """Prometheus exposition of this process's OpenTelemetry instruments."""
+    if not services.settings.metrics:
+        raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
+    try:
+        await services.registry.read_backlog()
+    except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        log.warning("could not read the queue backlog for /metrics: %s", exc)  # the last values are exported
+    return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@get("/openapi.json", opt=documented(GET_OPENAPI, PUBLIC))
+async def openapi_document(services: Services) -> Response[bytes]:
+    """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
+    return Response(services.openapi(), media_type="application/json")

@@ -1,0 +1,23 @@
+"""Every route handler of the gateway, in the order the app registers them (the OpenAPI document's
+order too: ``gateway.openapi`` walks these handlers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.admin.serving import ADMIN_ROUTES
+from gateway.chat.serving import chat_completions
+from gateway.completions.serving import completions
+from gateway.images.serving import image_file, image_generations
+from gateway.models.serving import get_model, list_models
+from gateway.operations.serving import health, metrics, openapi_document, ready
+
+#: The routes every gateway serves.
+ROUTES = (chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
+          metrics, openapi_document)
+
+
+def route_handlers(*, admin: bool) -> list[Any]:
+    """The handlers an app registers: the admin routes only with ``admin`` (an admin credential is
+    set: admin routes do not exist without one to guard them)."""
+    return [*ROUTES, *(ADMIN_ROUTES if admin else ())]
