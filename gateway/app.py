@@ -61,8 +61,8 @@ async def _sweep(store: DirectoryImageStore, every_s: float = 60.0) -> None:
 
 def gateway_telemetry(settings: GatewaySettings) -> Telemetry:
     """The process's telemetry, as its settings configure it."""
-    return Telemetry("conduit-gateway", settings.gateway_id, otlp_endpoint=settings.otlp_endpoint,
-                     sample_ratio=settings.trace_sample_ratio)
+    return Telemetry("conduit-gateway", settings.gateway_id, otlp_endpoint=settings.telemetry.otlp_endpoint,
+                     sample_ratio=settings.telemetry.trace_sample_ratio)
 
 
 def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
@@ -79,31 +79,32 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        keys = Keys(settings.key_prefix)
+        queueing, tenancy = settings.queue, settings.tenancy
+        keys = Keys(settings.redis.key_prefix)
         codec = Codec()
-        redis = connect(settings.redis_url, cluster=settings.redis_cluster, max_connections=1024)
-        registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s,
-                                  configured=settings.models, metrics=gw_metrics)
+        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster, max_connections=1024)
+        registry = EngineRegistry(redis, keys, codec, refresh_s=queueing.registry_refresh_s,
+                                  configured=queueing.models, metrics=gw_metrics)
         gw_metrics.watch_queue(registry.backlog_counts)
         gw_metrics.watch_engines(registry.engine_counts)
         router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, gw_metrics)
-        queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog,
-                         max_backlog_bytes=settings.max_backlog_bytes)
+        queue = JobQueue(redis, keys, codec, max_backlog=queueing.max_backlog,
+                         max_backlog_bytes=queueing.max_backlog_bytes)
         queue.lane.start()
         limiter = Limiter(redis, open_lane(redis, "tenancy"), keys, gw_metrics)
         limiter.lane.start()
-        usage_log = UsageLog(redis, keys, ttl_days=settings.usage_ttl_days, metrics=gw_metrics)
-        dispatcher = Dispatcher(settings, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log,
+        usage_log = UsageLog(redis, keys, ttl_days=tenancy.usage_ttl_days, metrics=gw_metrics)
+        dispatcher = Dispatcher(queueing, registry, queue, router, gw_metrics, limiter=limiter, usage=usage_log,
                                 tracing=telemetry.tracing)
-        store = open_image_store(settings.image_store, redis, keys)
+        store = open_image_store(settings.images.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
-        auth = Authenticator(key_store, admin_hash=settings.admin_key_hash, poll_s=settings.keys_poll_s,
-                             threads=settings.auth_threads, failures=settings.auth_failures,
-                             block_s=settings.auth_block_s)
-        app.state.services = Services(settings=settings, registry=registry, dispatcher=dispatcher,
-                                      flow=RequestFlow(dispatcher, settings), chat=chat_endpoint(settings),
-                                      completion=completion_endpoint(settings),
-                                      images=ImageGeneration(store, settings), image_store=store,
+        auth = Authenticator(key_store, admin_hash=tenancy.admin_key_hash, poll_s=tenancy.keys_poll_s,
+                             threads=tenancy.auth_threads, failures=tenancy.auth_failures, block_s=tenancy.auth_block_s)
+        bounds = settings.bounds
+        app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
+                                      flow=RequestFlow(dispatcher, bounds, settings.telemetry),
+                                      chat=chat_endpoint(bounds), completion=completion_endpoint(bounds),
+                                      images=ImageGeneration(store, bounds, settings.images), image_store=store,
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)
         try:
@@ -120,8 +121,8 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         try:
             await asyncio.wait_for(registry.refreshed.wait(), timeout=5)
         except TimeoutError:
-            log.warning("Redis at %s not reachable yet; serving 503s until it is", redacted(settings.redis_url))
-        log.info("gateway %s ready on %s:%d", settings.gateway_id, settings.host, settings.port)
+            log.warning("Redis at %s not reachable yet; serving 503s until it is", redacted(settings.redis.redis_url))
+        log.info("gateway %s ready on %s:%d", settings.gateway_id, settings.server.host, settings.server.port)
         try:
             yield
         finally:
@@ -147,13 +148,13 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
 
     app = Litestar(
         # Admin routes do not exist without an admin credential to guard them.
-        route_handlers=route_handlers(admin=bool(settings.admin_key_hash)),
+        route_handlers=route_handlers(admin=bool(settings.tenancy.admin_key_hash)),
         dependencies={"services": Provide(provide_services, sync_to_thread=False),
                       "key_store": Provide(provide_key_store, sync_to_thread=False),
                       "usage_log": Provide(provide_usage_log, sync_to_thread=False)},
         exception_handlers={Exception: error_response},
         lifespan=[lifespan],
-        request_max_body_size=settings.max_body_bytes,
+        request_max_body_size=settings.server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
     )
@@ -201,24 +202,28 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
     if not settings.gateway_id:
         settings = settings.with_gateway_id()
     telemetry = gateway_telemetry(settings)
-    request_log = RequestLog(service="conduit-gateway", instance=settings.gateway_id) if settings.log_requests else None
+    request_log = (RequestLog(service="conduit-gateway", instance=settings.gateway_id)
+                   if settings.telemetry.log_requests else None)
     app = create_app(settings, telemetry, request_log)
 
     def authenticator() -> Authenticator | None:
         services = getattr(app.state, "services", None)
         return services.auth if services is not None else None
 
-    idempotent = IdempotencyMiddleware(app, settings, lambda: app.state.services.redis)
-    return RequestObserver(Guard(idempotent, settings, authenticator, route_access(app)),
-                           metrics=app.state.metrics if settings.metrics else None, tracing=telemetry.tracing,
+    idempotent = IdempotencyMiddleware(app, settings.tenancy, lambda: app.state.services.redis,
+                                       keys=Keys(settings.redis.key_prefix), max_body_bytes=settings.server.max_body_bytes,
+                                       request_timeout_s=settings.queue.request_timeout_s)
+    return RequestObserver(Guard(idempotent, settings.tenancy, authenticator, route_access(app)),
+                           metrics=app.state.metrics if settings.telemetry.metrics else None, tracing=telemetry.tracing,
                            log=request_log, route_of=_route_of(app))
 
 
 def asgi_from_env() -> ASGIApp:
     """Factory for ``uvicorn --factory gateway.app:asgi_from_env`` (one per worker process)."""
     settings = GatewaySettings.from_env(file=os.environ.get("CONDUIT_CONFIG")).with_gateway_id()  # its own id
-    BoundedHttpToolsProtocol.max_head_bytes = settings.max_header_bytes  # this worker's server protocol
-    configure_logging(settings.log_level, settings.log_format, service="conduit-gateway", instance=settings.gateway_id)
+    BoundedHttpToolsProtocol.max_head_bytes = settings.server.max_header_bytes  # this worker's server protocol
+    configure_logging(settings.telemetry.log_level, settings.telemetry.log_format, service="conduit-gateway",
+                      instance=settings.gateway_id)
     return build_asgi(settings)
 
 

@@ -36,12 +36,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     from gateway.settings import GatewaySettings
 
     settings = GatewaySettings.from_env(file=args.config)
-    _logging(settings.log_level, settings.log_format, "conduit-gateway")
+    server, telemetry = settings.server, settings.telemetry
+    _logging(telemetry.log_level, telemetry.log_format, "conduit-gateway")
     # Each worker configures logging itself (asgi_from_env): uvicorn's own config would replace it.
-    uvicorn.run("gateway.app:asgi_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=args.workers or settings.workers, loop="uvloop",
+    uvicorn.run("gateway.app:asgi_from_env", factory=True, host=server.host, port=server.port,
+                workers=args.workers or server.workers, loop="uvloop",
                 http="gateway.server:BoundedHttpToolsProtocol", ws="none", access_log=False,
-                log_level=settings.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
+                log_level=telemetry.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
     return 0
 
 
@@ -128,9 +129,9 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_env(file=args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
 
     async def read() -> Any:
-        redis = connect(settings.redis_url, cluster=settings.redis_cluster)
+        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster)
         try:
-            return await UsageLog(redis, Keys(settings.key_prefix)).read(args.id, args.days, time.time())
+            return await UsageLog(redis, Keys(settings.redis.key_prefix)).read(args.id, args.days, time.time())
         finally:
             await redis.aclose()
 

@@ -24,7 +24,7 @@ from gateway.errors import ConduitError, ModelNotFound, ModelNotSupported, NoEng
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
 from gateway.run import DEADLINE, JobRun, Lost, new_id
-from gateway.settings import GatewaySettings
+from gateway.settings import QueueSettings
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.limits import Grant, Limiter
 from gateway.tenancy.principal import ANONYMOUS, Principal
@@ -49,7 +49,7 @@ class JobKind:
 class Dispatcher:
     """Admits requests, hands their jobs to engines and delivers the engines' events."""
 
-    def __init__(self, settings: GatewaySettings, registry: EngineRegistry, queue: JobQueue,
+    def __init__(self, settings: QueueSettings, registry: EngineRegistry, queue: JobQueue,
                  router: ReplyRouter, metrics: GatewayMetrics, *, limiter: Limiter | None = None,
                  usage: UsageLog | None = None, tracing: Tracing | None = None) -> None:
         self.settings = settings

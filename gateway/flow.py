@@ -28,7 +28,7 @@ from gateway.dispatch import Dispatcher, JobKind
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.observe import note_prompt
 from gateway.run import ClientDisconnected, JobRun, Restarted, engine_failure
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds, TelemetrySettings
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
@@ -66,7 +66,7 @@ class Endpoint(Protocol):
     job_kind: JobKind
     decoder: RequestDecoder[Any]
 
-    def prepare(self, req: Any, body: bytes, model: ModelContext, settings: GatewaySettings) -> bytes:
+    def prepare(self, req: Any, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         """The job's body, once the model's engines are known (a 400 for what they cannot do)."""
 
     def collector(self, req: Any, request: Request[Any, Any, Any]) -> Collector: ...
@@ -88,26 +88,27 @@ def failed_mid_stream(run: JobRun, exc: ConduitError) -> None:
 class RequestFlow:
     """Runs one generation request of any endpoint through the engines and answers it."""
 
-    __slots__ = ("dispatcher", "settings")
+    __slots__ = ("dispatcher", "bounds", "telemetry")
 
-    def __init__(self, dispatcher: Dispatcher, settings: GatewaySettings) -> None:
+    def __init__(self, dispatcher: Dispatcher, bounds: RequestBounds, telemetry: TelemetrySettings) -> None:
         self.dispatcher = dispatcher
-        self.settings = settings
+        self.bounds = bounds
+        self.telemetry = telemetry
 
     async def respond(self, request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
         """The answer to ``request`` (read, decoded and validated here) at ``endpoint``."""
         body = await request.body()
         req = endpoint.decoder.decode(body)
         ctx = context_of(request.scope)
-        settings = self.settings
-        note_prompt(ctx, body, settings)
-        cost = req.cost(settings)
+        bounds = self.bounds
+        note_prompt(ctx, body, self.telemetry)
+        cost = req.cost(bounds)
         model, stream = req.model, bool(req.stream)
         kind = endpoint.job_kind
         dispatcher = self.dispatcher
         # The model's engines known (404/503 first), what it may generate is checked against them.
         dispatcher.check_model(model, ctx.principal, kind.name)
-        body = endpoint.prepare(req, body, dispatcher.registry.context(model), settings)
+        body = endpoint.prepare(req, body, dispatcher.registry.context(model), bounds)
         run = dispatcher.job(kind, model, body, stream=stream, ctx=ctx, cost=cost, receive=request.receive)
         try:
             if stream:

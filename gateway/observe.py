@@ -31,7 +31,7 @@ import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import CTX, RequestContext
-from gateway.settings import GatewaySettings
+from gateway.settings import TelemetrySettings
 from telemetry.instruments import OPERATIONS, GatewayMetrics
 from telemetry.logs import RequestLog, RequestRecord, timestamp
 from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, parse_traceparent
@@ -54,7 +54,7 @@ class _Prompt(msgspec.Struct):
 _PROMPT = msgspec.json.Decoder(_Prompt)
 
 
-def note_prompt(ctx: RequestContext, body: bytes, settings: GatewaySettings) -> None:
+def note_prompt(ctx: RequestContext, body: bytes, settings: TelemetrySettings) -> None:
     """With ``log_prompts`` on, keep the request's ``messages`` / ``prompt`` (as sent, cut to
     ``log_prompt_chars``) for its log line. Off (the default), request content is never logged."""
     if not settings.log_prompts:

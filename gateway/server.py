@@ -5,7 +5,7 @@ size (measured: a 50 MB head was accepted and held, and 200 MB of trailers), and
 of the gateway then walks the header list; and it queues every pipelined request a read holds
 (8 MB of pipelined ``GET /health`` took a gateway from 67 MB to 657 MB). The
 :class:`BoundedHttpToolsProtocol` refuses a request whose line, headers and trailers pass
-``max_head_bytes`` (``GatewaySettings.max_header_bytes``) with a ``431`` in OpenAI's error
+``max_head_bytes`` (``ServerSettings.max_header_bytes``) with a ``431`` in OpenAI's error
 envelope, before the app sees it, then closes the connection; and closes a connection that
 queues more than :data:`MAX_PIPELINED` requests behind the one being answered.
 

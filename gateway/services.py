@@ -12,7 +12,6 @@ from engines.contract.store import ImageStore
 from gateway.dispatch import Dispatcher
 from gateway.flow import Endpoint, RequestFlow
 from gateway.registry import EngineRegistry
-from gateway.settings import GatewaySettings
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.keys import KeyStore
 from gateway.tenancy.usage import UsageLog
@@ -22,7 +21,8 @@ from telemetry.setup import Telemetry
 class Services(msgspec.Struct):
     """What the handlers need, opened and closed by the lifespan."""
 
-    settings: GatewaySettings
+    #: Whether metrics are recorded and served (``/metrics``; ``TelemetrySettings.metrics``).
+    metrics: bool
     registry: EngineRegistry
     dispatcher: Dispatcher
     #: The request flow every generation endpoint shares, and the endpoints.

@@ -1,4 +1,11 @@
-"""The gateway's settings: one object per process, built at the entrypoint and passed down."""
+"""The gateway's settings: small objects per concern, built at the entrypoint and passed down.
+
+Each component takes the concern it needs (the request decoder :class:`RequestBounds`, the
+limiter and the guard :class:`TenancySettings`, ...); :class:`GatewaySettings` holds them all for
+the entrypoint. Every field has one flat name across the concerns, so configuration stays flat:
+``CONDUIT_<NAME>`` environment variables, and a TOML/JSON file of ``name = value`` lines (or of one
+table per concern, ``[queue]``), as :meth:`GatewaySettings.from_env` reads them.
+"""
 
 from __future__ import annotations
 
@@ -11,27 +18,33 @@ import msgspec
 ENV_PREFIX = "CONDUIT_"
 
 
-class GatewaySettings(msgspec.Struct, kw_only=True):
-    """Everything a gateway process is configured with.
-
-    Built from a TOML/JSON file and/or ``CONDUIT_*`` environment variables by
-    :meth:`from_env`; environment variables win.
-    """
+class ServerSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """The HTTP edge of one gateway process."""
 
     host: str = "127.0.0.1"
     port: int = 8000
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
-    redis_cluster: bool = False
-    key_prefix: str = "conduit"
-    #: Names this process's reply stream; must be unique among live gateway processes.
-    gateway_id: str = ""
-    #: A request not finished after this many seconds gets a 504 and is cancelled.
-    request_timeout_s: float = 600.0
+    #: HTTP workers (processes) for ``conduit gateway``.
+    workers: int = 1
     #: Bodies larger than this get a 413.
     max_body_bytes: int = 8 * 1024 * 1024
     #: A request line and headers larger than this get a 431 (``gateway.server``).
     max_header_bytes: int = 65_536
+
+
+class RedisSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Where the queue, keys, limits and images live."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
+    redis_cluster: bool = False
+    key_prefix: str = "conduit"
+
+
+class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Jobs: their deadlines, the backlog's bounds, how gateways watch them (``gateway.dispatch``)."""
+
+    #: A request not finished after this many seconds gets a 504 and is cancelled.
+    request_timeout_s: float = 600.0
     #: Jobs queued or running per model above which new requests get a 429.
     max_backlog: int = 1024
     #: Bytes those jobs may hold in Redis (their encoded size, bodies included) per model; a key
@@ -49,13 +62,20 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     max_resubmits: int = 2
     #: Models a client may name even while no engine serves them (they get 503, not 404).
     models: list[str] = []
+    #: Default fraction of a model's ``max_backlog`` one key may hold (``KeyLimits.backlog_share``).
+    key_backlog_share: float = 0.5
 
-    # ---- bounds on one request's work: beyond them a 400 naming the field ----------------
-    # Each of these inputs multiplies what a request costs the gateway or an engine (choices
-    # allocated and generated, work per sampled token, chat-template items, fetched images,
-    # grammar compilation) far beyond its size in bytes, so ``max_body_bytes`` alone does not
-    # bound it. Where OpenAI enforces a limit the default is OpenAI's, so every request
-    # OpenAI accepts is accepted here too.
+
+class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
+    """Bounds on one request's work: beyond them a 400 naming the field.
+
+    Each of these inputs multiplies what a request costs the gateway or an engine (choices
+    allocated and generated, work per sampled token, chat-template items, fetched images,
+    grammar compilation) far beyond its size in bytes, so ``max_body_bytes`` alone does not
+    bound it. Where OpenAI enforces a limit the default is OpenAI's, so every request
+    OpenAI accepts is accepted here too.
+    """
+
     #: Sequences one request may generate: chat ``n``; completions max(``n``, ``best_of``) x
     #: prompts. 128 is OpenAI's ceiling on ``n``, so any single prompt passes; a batch of
     #: prompts shares it, and no request holds more than a fraction of an engine's batch.
@@ -102,15 +122,20 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: schema nesting, 2 to 3 JSON levels each. (Anywhere else in a body, msgspec refuses
     #: nesting deeper than Python's recursion limit, about 1000, as invalid JSON.)
     max_json_depth: int = 64
-
     #: Characters in an image ``prompt`` / ``negative_prompt`` (OpenAI's limit).
     max_image_prompt_chars: int = 32_000
     #: Pixels (width x height) of one requested image; engines hold their models' own limits.
     max_image_pixels: int = 4096 * 4096
     #: Denoising steps one image may ask for (``num_inference_steps``); engines may allow fewer.
     max_image_steps: int = 500
+    #: Output tokens a chat or completions request without ``max_tokens`` is reckoned to ask for
+    #: when its tokens-per-minute reservation is made (``gateway.tenancy.cost``) and its work bounded.
+    default_max_tokens_estimate: int = 1024
 
-    # ---- images --------------------------------------------------------------------------
+
+class ImageSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Generated images: where they are kept, for how long, how they are answered."""
+
     #: Where engines put images and gateways read them (``engines.contract.store``): ``redis`` or a
     #: directory every gateway and engine mounts. Engines must be configured alike.
     image_store: str = "redis"
@@ -121,20 +146,16 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: Base of image URLs (``https://api.example.com``); empty: the request's own scheme and host.
     public_url: str = ""
 
-    # ---- API keys and tenancy (gateway/tenancy) -------------------------------------------
+
+class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
+    """API keys, limits, usage and idempotency (``gateway/tenancy``)."""
+
     #: Require an API key (``Authorization: Bearer``) on every ``/v1`` route. Off: every
     #: request runs as the anonymous principal, with no per-key limits.
     auth: bool = True
     #: argon2id hash of the admin credential for ``/admin/*`` (``conduit keys hash-admin``);
     #: empty: the admin API is off.
     admin_key_hash: str = ""
-    #: Whether ``/metrics`` needs the admin credential too.
-    metrics_auth: bool = False
-    #: Default fraction of a model's ``max_backlog`` one key may hold (``KeyLimits.backlog_share``).
-    key_backlog_share: float = 0.5
-    #: Output tokens a chat or completions request without ``max_tokens`` is reckoned to ask for
-    #: when its tokens-per-minute reservation is made (``gateway.tenancy.cost``).
-    default_max_tokens_estimate: int = 1024
     #: Days a key's daily usage counters are kept in Redis.
     usage_ttl_days: int = 400
     #: How long a finished request's response is kept for retries with its ``Idempotency-Key``.
@@ -155,14 +176,20 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     auth_failures: int = 20
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0
+    #: Whether ``/metrics`` needs the admin credential too.
+    metrics_auth: bool = False
 
-    # ---- telemetry (telemetry/) -----------------------------------------------------------
+
+class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Metrics, traces and logs (``telemetry/``)."""
+
     #: Record and serve metrics (``/metrics``). Off: no per-request metric work, ``/metrics`` is 404.
     metrics: bool = True
     #: OTLP/HTTP collector for traces (``http://collector:4318``); empty: tracing off.
     otlp_endpoint: str = ""
     #: Share of new traces recorded (a client's ``traceparent`` decides for its own trace).
     trace_sample_ratio: float = 0.1
+    log_level: str = "info"
     #: ``text`` (people) or ``json`` (one object a line, for log collectors).
     log_format: str = "text"
     #: One JSON line per finished request (``telemetry.logs.RequestRecord``) on stderr.
@@ -173,9 +200,35 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
     #: Characters of a logged prompt (the rest is cut).
     log_prompt_chars: int = 2000
 
-    #: HTTP workers (processes) for ``conduit gateway``.
-    workers: int = 1
-    log_level: str = "info"
+
+#: The concerns, by their attribute of :class:`GatewaySettings` (a file's table names).
+CONCERNS: dict[str, type[msgspec.Struct]] = {
+    "server": ServerSettings, "redis": RedisSettings, "queue": QueueSettings, "bounds": RequestBounds,
+    "images": ImageSettings, "tenancy": TenancySettings, "telemetry": TelemetrySettings,
+}
+#: Each setting's flat name (``CONDUIT_<NAME>``) -> its concern.
+CONCERN_OF: dict[str, str] = {f.name: concern for concern, cls in CONCERNS.items()
+                              for f in msgspec.structs.fields(cls)}
+#: Settings that are lists: a variable holds them comma-separated.
+_LISTS = {f.name for cls in CONCERNS.values() for f in msgspec.structs.fields(cls) if f.type == list[str]}
+
+
+class GatewaySettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Everything a gateway process is configured with, one object per concern.
+
+    Built from a TOML/JSON file and/or ``CONDUIT_*`` environment variables by
+    :meth:`from_env`; environment variables win.
+    """
+
+    #: Names this process's reply stream; must be unique among live gateway processes.
+    gateway_id: str = ""
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
+    bounds: RequestBounds = msgspec.field(default_factory=RequestBounds)
+    images: ImageSettings = msgspec.field(default_factory=ImageSettings)
+    tenancy: TenancySettings = msgspec.field(default_factory=TenancySettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
     def with_gateway_id(self) -> GatewaySettings:
         """A copy with a unique ``gateway_id`` (each worker process needs its own)."""
@@ -184,27 +237,46 @@ class GatewaySettings(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, file: str | None = None, **overrides: Any) -> GatewaySettings:
-        """Settings from an optional file, then ``CONDUIT_*`` variables, then explicit overrides."""
-        return load_settings(cls, environ, file, overrides)
+        """Settings from an optional file, then ``CONDUIT_*`` variables, then explicit overrides
+        (flat names: ``GatewaySettings.from_env({}, max_backlog=8)``)."""
+        return load_settings(environ, file, overrides)
 
 
-def load_settings(cls: type[Any], environ: dict[str, str] | None, file: str | None, overrides: dict[str, Any]) -> Any:
-    """Build a settings Struct from file < environment < overrides, validating types."""
+def setting_names() -> list[str]:
+    """Every setting's flat name (``CONDUIT_<NAME>`` upper-cased), ``gateway_id`` included."""
+    return ["gateway_id", *CONCERN_OF]
+
+
+def load_settings(environ: dict[str, str] | None, file: str | None, overrides: dict[str, Any]) -> GatewaySettings:
+    """Build the settings from file < environment < overrides, validating types."""
     env = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {concern: {} for concern in CONCERNS}
     if file:
         with open(file, "rb") as f:
             data = f.read()
         if file.endswith(".toml"):
             import tomllib
 
-            raw.update(tomllib.loads(data.decode()))
+            raw = tomllib.loads(data.decode())
         else:
-            raw.update(msgspec.json.decode(data))
-    for field in msgspec.structs.fields(cls):
-        value = env.get(ENV_PREFIX + field.name.upper())
+            raw = msgspec.json.decode(data)
+        for name, value in raw.items():
+            if name in CONCERNS and isinstance(value, dict):
+                nested[name].update(value)
+            else:
+                flat[name] = value
+    for name in setting_names():
+        value = env.get(ENV_PREFIX + name.upper())
         if value is None:
             continue
-        raw[field.name] = [v.strip() for v in value.split(",") if v.strip()] if field.type == list[str] else value
-    raw.update({k: v for k, v in overrides.items() if v is not None})
-    return msgspec.convert(raw, cls, strict=False)
+        flat[name] = [v.strip() for v in value.split(",") if v.strip()] if name in _LISTS else value
+    flat.update({k: v for k, v in overrides.items() if v is not None})
+    top: dict[str, Any] = {}
+    for name, value in flat.items():
+        if name in CONCERN_OF:
+            nested[CONCERN_OF[name]][name] = value
+        elif name == "gateway_id":
+            top[name] = value
+    return msgspec.convert({**top, **nested}, GatewaySettings, strict=False)
+

@@ -36,7 +36,7 @@ from gateway.common.protocol import (
     refusing,
 )
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 from gateway.tenancy.cost import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, Cost, tokens_of
 
 #: Tokens a chat template may add around one message (role markers, separators), reckoned high.
@@ -144,7 +144,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
     media_io_kwargs: Refused = UNSET
     return_prompt_text: Refused = UNSET
 
-    def check(self, limits: GatewaySettings) -> None:
+    def check(self, limits: RequestBounds) -> None:
         """Bounds on the request's work, then rules that span fields (OpenAI answers these with a 400 too)."""
         self.check_extensions(limits)
         min_tokens_at_most(self.min_tokens, self.max_completion_tokens or self.max_tokens)
@@ -183,7 +183,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
                 raise InvalidRequest(f"Tool `{self.tool_choice.function.name}` named in `tool_choice` is not in "
                                      "`tools`.", param="tool_choice")
 
-    def fits(self, model: ModelContext, limits: GatewaySettings) -> int | None:
+    def fits(self, model: ModelContext, limits: RequestBounds) -> int | None:
         """What the request may generate, against the model's context, batch and ``max_output_work``
         (checked once the model's engines are known, before anything is queued). Returns the
         ``max_tokens`` the job must carry when the request named none and could otherwise pass
@@ -220,7 +220,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
             min_tokens_at_most(self.min_tokens, cap)
         return cap
 
-    def cost(self, limits: GatewaySettings) -> Cost:
+    def cost(self, limits: RequestBounds) -> Cost:
         """What the request takes from its key's limits at admission (``gateway.tenancy.cost``): its
         estimated prompt plus the most it may generate (``default_max_tokens_estimate`` when it names
         no ``max_completion_tokens`` / ``max_tokens``), times its choices."""

@@ -37,7 +37,7 @@ from gateway.common.generation import (
 )
 from gateway.errors import ErrorEnvelope
 from gateway.services import Services
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 
 def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:
@@ -93,9 +93,9 @@ class ChatRenderer(ChunkRenderer):
             out += b"\n\n"
 
 
-def chat_endpoint(settings: GatewaySettings) -> TextGeneration:
+def chat_endpoint(bounds: RequestBounds) -> TextGeneration:
     """Chat completions as an endpoint of the shared request flow."""
-    return TextGeneration("chat", "chatcmpl", RequestDecoder(ChatCompletionRequest, settings), ChatRenderer())
+    return TextGeneration("chat", "chatcmpl", RequestDecoder(ChatCompletionRequest, bounds), ChatRenderer())
 
 
 CREATE_CHAT_COMPLETION = Operation(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 
 class ModelContext(NamedTuple):
@@ -57,7 +57,7 @@ def room(model: ModelContext, prompt_param: str, param: str, most: int | None, c
     return room if most is None else min(most, room)
 
 
-def step_at_most(limits: GatewaySettings, model: ModelContext, sequences: int, top: int, top_param: str) -> None:
+def step_at_most(limits: RequestBounds, model: ModelContext, sequences: int, top: int, top_param: str) -> None:
     """Refuse a request that would take more than ``max_batch_share`` of an engine's batch, or whose
     every engine step makes more than ``max_step_candidates`` tokens and logprob candidates: an
     engine renders each of them on the loop that also serves every other request."""
@@ -75,7 +75,7 @@ def step_at_most(limits: GatewaySettings, model: ModelContext, sequences: int, t
                              param=top_param if top else "n", code="invalid_value")
 
 
-def work_at_most(limits: GatewaySettings, most: int | None, sequences: int, top: int, echoed: int, param: str,
+def work_at_most(limits: RequestBounds, most: int | None, sequences: int, top: int, echoed: int, param: str,
                   top_param: str, *, defaulted: bool) -> int | None:
     """Refuse a request whose output (tokens of every choice with their logprob candidates, plus what
     ``echo`` / ``prompt_logprobs`` return) may pass ``max_output_work``; for one that named no

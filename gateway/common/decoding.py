@@ -7,13 +7,13 @@ from typing import Generic, Protocol, TypeVar
 import msgspec
 
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 
 class Checked(Protocol):
     """A request type that checks what its schema cannot say (bounds from settings, rules across fields)."""
 
-    def check(self, limits: GatewaySettings) -> None: ...
+    def check(self, limits: RequestBounds) -> None: ...
 
 
 R = TypeVar("R", bound=Checked)
@@ -42,8 +42,8 @@ class RequestDecoder(Generic[R]):
     ``limits`` supplies the bounds on one request's work (``max_choices``, ``max_messages``, ...).
     """
 
-    def __init__(self, request: type[R], limits: GatewaySettings | None = None) -> None:
-        self._limits = limits if limits is not None else GatewaySettings()
+    def __init__(self, request: type[R], limits: RequestBounds | None = None) -> None:
+        self._limits = limits if limits is not None else RequestBounds()
         self._decoder = msgspec.json.Decoder(request)
 
     def decode(self, body: bytes) -> R:

@@ -21,7 +21,7 @@ from gateway.common.protocol import CompletionUsage, PromptTokensDetails
 from gateway.dispatch import JobKind
 from gateway.flow import DONE
 from gateway.run import JobRun, Restarted
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 
 class ToolCallState:
@@ -194,8 +194,8 @@ class TextGeneration:
         self.decoder = decoder
         self.renderer = renderer
 
-    def prepare(self, req: Any, body: bytes, model: ModelContext, settings: GatewaySettings) -> bytes:
-        cap = req.fits(model, settings)
+    def prepare(self, req: Any, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
+        cap = req.fits(model, bounds)
         if cap is not None:  # it named no max_tokens and could generate more than a request may
             body = with_max_tokens(body, cap)
         return body

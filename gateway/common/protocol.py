@@ -29,7 +29,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.common.bounds import at_most, nested_at_most
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 #: Marks a field OpenAI's API does not define: ``x-conduit-extension`` (whose it is) in Conduit's
 #: OpenAPI document (``gateway.openapi``). Decoding ignores it.
@@ -175,7 +175,7 @@ class VllmSampling(Struct, kw_only=True, forbid_unknown_fields=False):
     session_id: Refused = UNSET
     stream_interval: Refused = UNSET
 
-    def check_extensions(self, limits: GatewaySettings) -> None:
+    def check_extensions(self, limits: RequestBounds) -> None:
         """Refused fields, then the bounds a type cannot say."""
         given = self._refused_values(self)  # one C call for every refused field (each UNSET unless sent)
         if given.count(UNSET) != len(given):

@@ -34,7 +34,7 @@ from gateway.common.protocol import (
     refusing,
 )
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 from gateway.tenancy.cost import Cost, tokens_of
 
 #: A completion's ``max_tokens`` when it names none (OpenAI's default, and vLLM's).
@@ -71,7 +71,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
     response_format: Annotated[ResponseFormat | None, Ext] = None
     prompt_embeds: Refused = UNSET
 
-    def check(self, limits: GatewaySettings) -> None:
+    def check(self, limits: RequestBounds) -> None:
         """Bounds on the request's work, then rules that span fields; sizes are checked before any loop."""
         self.check_extensions(limits)
         min_tokens_at_most(self.min_tokens, self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS)
@@ -108,7 +108,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
                                  f"({param}={per_prompt} x {prompts} prompts), but this server generates at most "
                                  f"{limits.max_choices} choices per request.", param=param, code="invalid_value")
 
-    def fits(self, model: ModelContext, limits: GatewaySettings) -> int | None:
+    def fits(self, model: ModelContext, limits: RequestBounds) -> int | None:
         """What the request may generate (every prompt sampled max(``n``, ``best_of``) times, and what
         ``echo`` and ``prompt_logprobs`` return of the prompts), against the model's context, batch
         and ``max_output_work``. An unset ``max_tokens`` is 16, as OpenAI's and vLLM's. Returns None
@@ -140,7 +140,7 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
         return work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs", defaulted=False)
 
 
-    def cost(self, limits: GatewaySettings) -> Cost:
+    def cost(self, limits: RequestBounds) -> Cost:
         """What the request takes from its key's limits at admission (``gateway.tenancy.cost``): its
         estimated prompts plus the most it may generate (``max_tokens``, 16 unset, as the engines
         default it) times the sequences it asks for (max(``n``, ``best_of``) per prompt)."""

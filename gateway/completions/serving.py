@@ -30,7 +30,7 @@ from gateway.completions.protocol import (
 )
 from gateway.errors import ErrorEnvelope
 from gateway.services import Services
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 
 def completion_logprobs(items: list[SampledLogprob] | None) -> CompletionLogprobs | None:
@@ -65,9 +65,9 @@ class CompletionRenderer(ChunkRenderer):
             out += b"\n\n"
 
 
-def completion_endpoint(settings: GatewaySettings) -> TextGeneration:
+def completion_endpoint(bounds: RequestBounds) -> TextGeneration:
     """Text completions as an endpoint of the shared request flow."""
-    return TextGeneration("completion", "cmpl", RequestDecoder(CompletionRequest, settings), CompletionRenderer())
+    return TextGeneration("completion", "cmpl", RequestDecoder(CompletionRequest, bounds), CompletionRenderer())
 
 
 CREATE_COMPLETION = Operation(

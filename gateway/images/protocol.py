@@ -20,7 +20,7 @@ from typing import Annotated, Literal, get_args
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.errors import InvalidRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 from gateway.tenancy.cost import Cost
 
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
@@ -61,7 +61,7 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     guidance_scale: Annotated[Annotated[float, Meta(ge=0, le=50)] | None, DIFFUSERS_EXTENSION] = None
     seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
 
-    def check(self, limits: GatewaySettings) -> None:
+    def check(self, limits: RequestBounds) -> None:
         """Bounds that depend on settings, and the syntax of ``size``."""
         if len(self.prompt) > limits.max_image_prompt_chars:
             raise InvalidRequest(f"Invalid 'prompt': at most {limits.max_image_prompt_chars} characters, but got "
@@ -83,7 +83,7 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
         if self.partial_images and not self.stream:
             raise InvalidRequest("`partial_images` is only allowed when `stream` is true.", param="partial_images")
 
-    def cost(self, limits: GatewaySettings) -> Cost:
+    def cost(self, limits: RequestBounds) -> Cost:
         """What the request takes from its key's limits at admission (``gateway.tenancy.cost``): the
         images it asks for, against images per minute (no tokens)."""
         return Cost(tokens=None, images=self.n or 1)

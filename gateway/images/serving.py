@@ -41,7 +41,7 @@ from gateway.images.protocol import (
 )
 from gateway.run import JobRun, Restarted
 from gateway.services import Services
-from gateway.settings import GatewaySettings
+from gateway.settings import ImageSettings, RequestBounds
 from gateway.tenancy.guard import PUBLIC
 
 _EXPIRED = "The generated images expired before they could be sent; retry the request."
@@ -72,14 +72,14 @@ class ImageGeneration:
 
     __slots__ = ("job_kind", "decoder", "store", "settings", "_enc")
 
-    def __init__(self, store: ImageStore, settings: GatewaySettings) -> None:
+    def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings) -> None:
         self.job_kind = JobKind("image", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
-        self.decoder = RequestDecoder(ImageRequest, settings)
+        self.decoder = RequestDecoder(ImageRequest, bounds)
         self.store = store
         self.settings = settings
         self._enc = msgspec.json.Encoder()
 
-    def prepare(self, req: ImageRequest, body: bytes, model: ModelContext, settings: GatewaySettings) -> bytes:
+    def prepare(self, req: ImageRequest, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         return body  # the engine checks what depends on the model (its sizes, its most steps)
 
     def collector(self, req: ImageRequest, request: Request[Any, Any, Any]) -> _Collected:

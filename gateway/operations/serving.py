@@ -58,7 +58,7 @@ async def ready(services: Services) -> Response[bytes]:
 @get("/metrics", opt=documented(GET_METRICS, METRICS_ACCESS))
 async def metrics(services: Services) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
-    if not services.settings.metrics:
+    if not services.metrics:
         raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
     try:
         await services.registry.read_backlog()

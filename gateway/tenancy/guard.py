@@ -38,7 +38,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import RequestContext, context_of
 from gateway.errors import ConduitError, NotFound, error_head
-from gateway.settings import GatewaySettings
+from gateway.settings import TenancySettings
 from gateway.tenancy.auth import AuthUnavailable, Authenticator
 from gateway.tenancy.principal import ANONYMOUS
 
@@ -77,7 +77,7 @@ class Guard:
     router what a path needs (``gateway.app.route_access``).
     """
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, authenticator: Any, route_access: RouteAccess) -> None:
+    def __init__(self, app: ASGIApp, settings: TenancySettings, authenticator: Any, route_access: RouteAccess) -> None:
         self.app = app
         self.settings = settings
         self.authenticator = authenticator

@@ -38,7 +38,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from engines.contract.keys import Keys
 from gateway.context import context_of
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
-from gateway.settings import GatewaySettings
+from gateway.settings import TenancySettings
 
 log = logging.getLogger("conduit.gateway")
 
@@ -135,10 +135,13 @@ class IdempotencyMiddleware:
     middleware; ``ANONYMOUS`` without one).
     """
 
-    def __init__(self, app: ASGIApp, settings: GatewaySettings, redis: Callable[[], Any]) -> None:
+    def __init__(self, app: ASGIApp, settings: TenancySettings, redis: Callable[[], Any], *, keys: Keys,
+                 max_body_bytes: int, request_timeout_s: float) -> None:
         self._app = app
         self._settings = settings
-        self._keys = Keys(settings.key_prefix)
+        self._keys = keys
+        self._max_body_bytes = max_body_bytes
+        self._request_timeout_s = request_timeout_s
         self._redis = redis
         self._scripts = _Scripts()
         self._lease_ms = max(int(settings.idempotency_lease_s * 1000), 100)
@@ -178,7 +181,7 @@ class IdempotencyMiddleware:
         fp = fingerprint(scope["method"], scope["path"], body)
         stream = _is_stream(body)
         redis = self._redis()
-        deadline = time.monotonic() + self._settings.request_timeout_s
+        deadline = time.monotonic() + self._request_timeout_s
         while True:
             mine = _ENCODER.encode(IdempotencyRecord(state=RUNNING, fingerprint=fp, owner=os.urandom(12).hex(),
                                                      started_ms=int(time.time() * 1000), stream=stream))
@@ -214,7 +217,7 @@ class IdempotencyMiddleware:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self._settings.max_body_bytes:
+            if size > self._max_body_bytes:
                 raise PayloadTooLarge("The request body is larger than this server accepts.")
             chunks.append(chunk)
             if not message.get("more_body", False):

@@ -91,15 +91,15 @@ class Gateway:
 
 @pytest.fixture
 async def gw(stack: Stack) -> AsyncIterator[Gateway]:
-    settings = GatewaySettings(redis_url=stack.redis_url, key_prefix=stack.prefix, max_backlog=400,
-                               request_timeout_s=60, registry_refresh_s=0.1).with_gateway_id()
+    settings = GatewaySettings.from_env({}, redis_url=stack.redis_url, key_prefix=stack.prefix, max_backlog=400,
+                                          request_timeout_s=60, registry_refresh_s=0.1).with_gateway_id()
     keys, codec, metrics = Keys(stack.prefix), Codec(), GatewayMetrics.noop()
     redis = aioredis.from_url(stack.redis_url)
-    registry = EngineRegistry(redis, keys, codec, refresh_s=settings.registry_refresh_s, configured=[], metrics=metrics)
+    registry = EngineRegistry(redis, keys, codec, refresh_s=settings.queue.registry_refresh_s, configured=[], metrics=metrics)
     router = ReplyRouter(redis, keys.replies(settings.gateway_id), codec, metrics)
-    queue = JobQueue(redis, keys, codec, max_backlog=settings.max_backlog)
+    queue = JobQueue(redis, keys, codec, max_backlog=settings.queue.max_backlog)
     queue.lane.start()
-    dispatcher = Dispatcher(settings, registry, queue, router, metrics)
+    dispatcher = Dispatcher(settings.queue, registry, queue, router, metrics)
     await router.create_stream()
     tasks = [asyncio.create_task(router.run()), asyncio.create_task(registry.run())]
     try:

@@ -20,7 +20,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.context import CTX, RequestContext
-from gateway.settings import GatewaySettings
+from engines.contract.keys import Keys
+from gateway.settings import TenancySettings
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.principal import ANONYMOUS, Principal
 from tests.harness import RedisServer, Stack, free_port
@@ -203,9 +204,15 @@ async def call(app: Any, key: bytes, principal: Principal | None, body: bytes = 
     return out[0]["status"], dict(out[0]["headers"]), b"".join(m.get("body", b"") for m in out[1:])
 
 
+def idempotent(inner: Any, redis_client: aioredis.Redis) -> IdempotencyMiddleware:
+    """The middleware around ``inner``, on keys of its own."""
+    return IdempotencyMiddleware(inner, TenancySettings(), lambda: redis_client, keys=Keys(f"t{uuid.uuid4().hex[:8]}"),
+                                 max_body_bytes=8 * 1024 * 1024, request_timeout_s=600)
+
+
 async def test_principals_do_not_share_keys(redis_client: aioredis.Redis) -> None:
     inner = Counter()
-    app = IdempotencyMiddleware(inner, GatewaySettings(key_prefix=f"t{uuid.uuid4().hex[:8]}"), lambda: redis_client)
+    app = idempotent(inner, redis_client)
     alice = Principal(key_id="0123456789ab", name="alice")
     bob = Principal(key_id="ba9876543210", name="bob")
     results = [await call(app, b"same", p) for p in (alice, bob, None, alice, bob, ANONYMOUS)]
@@ -219,7 +226,7 @@ async def test_principals_do_not_share_keys(redis_client: aioredis.Redis) -> Non
 async def test_which_statuses_are_stored(redis_client: aioredis.Redis, status: int, stored: bool) -> None:
     inner = Counter()
     inner.status = status
-    app = IdempotencyMiddleware(inner, GatewaySettings(key_prefix=f"t{uuid.uuid4().hex[:8]}"), lambda: redis_client)
+    app = idempotent(inner, redis_client)
     first = await call(app, b"k", None)
     inner.status = 200
     second = await call(app, b"k", None)

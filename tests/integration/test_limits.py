@@ -65,8 +65,8 @@ class Gateways:
 
     def __init__(self, stack: Stack, **settings: Any) -> None:
         self.stack = stack
-        self.settings = GatewaySettings(redis_url=stack.redis_url, key_prefix=stack.prefix, registry_refresh_s=0.1,
-                                        **settings)
+        self.settings = GatewaySettings.from_env({}, redis_url=stack.redis_url, key_prefix=stack.prefix,
+                                                 registry_refresh_s=0.1, **settings)
         self.apps = [create_app(self.settings), create_app(self.settings)]
         self.principals: dict[str, Principal] = {}
         self.clients: list[httpx.AsyncClient] = []

@@ -295,7 +295,7 @@ async def test_request_log_lines_still_buffered_are_written_at_shutdown(redis_se
 
     out = io.BytesIO()
     log = RequestLog(out, flush_s=60)  # nothing would reach the stream for a minute
-    app = create_app(GatewaySettings(redis_url=redis_server.url, key_prefix="t-shutdown"), request_log=log)
+    app = create_app(GatewaySettings.from_env({}, redis_url=redis_server.url, key_prefix="t-shutdown"), request_log=log)
     async with app.lifespan():
         log.write(RequestRecord(ts="t", level="info", logger="conduit.request", request_id="req-last", method="GET",
                                 route="/v1/models", status=200, duration_ms=1.0))

@@ -20,12 +20,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 import yaml
 
 from engines.worker import WorkerSettings
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, setting_names
 from tests.commandline import parse_conduit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -295,15 +294,16 @@ def test_secrets_have_no_default() -> None:
 
 def test_gateway_variables_are_real_settings_and_load() -> None:
     environment = compose()["services"]["gateway"]["environment"]
-    fields = {f.name for f in msgspec.structs.fields(GatewaySettings)}
+    fields = set(setting_names())
     unknown = {v for v in environment if v.startswith("CONDUIT_") and v.removeprefix("CONDUIT_").lower() not in fields}
     assert not unknown, f"not GatewaySettings fields: {sorted(unknown)}"
     settings = GatewaySettings.from_env(environ=environment)
-    assert (settings.host, settings.port, settings.workers, settings.auth) == ("0.0.0.0", 8000, 1, True)
-    assert settings.redis_url == "redis://redis:6379/0"
+    assert (settings.server.host, settings.server.port, settings.server.workers,
+            settings.tenancy.auth) == ("0.0.0.0", 8000, 1, True)
+    assert settings.redis.redis_url == "redis://redis:6379/0"
     # The models clients may name while their engine restarts (503, not 404): the engines' names.
     served = {parse_cli(engine_argv(name, compose())).served_name for name in ENGINE_KINDS}
-    assert set(settings.models) == served
+    assert set(settings.queue.models) == served
 
 
 @pytest.mark.parametrize("name", sorted(ENGINE_KINDS))

@@ -8,12 +8,12 @@ import pytest
 from gateway.images.protocol import ImageRequest
 from gateway.chat.protocol import ChatCompletionRequest
 from gateway.completions.protocol import CompletionRequest
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 from gateway.tenancy.cost import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, Cost
 from gateway.tenancy.limits import duration, has_limits
 from gateway.tenancy.principal import ANONYMOUS, KeyLimits, Principal
 
-SETTINGS = GatewaySettings(default_max_tokens_estimate=1000)
+SETTINGS = RequestBounds(default_max_tokens_estimate=1000)
 
 
 def chat(**body: object) -> ChatCompletionRequest:

@@ -11,7 +11,7 @@ import pytest
 from gateway.context import RequestContext
 from gateway.dispatch import Dispatcher, JobKind
 from gateway.queue import ReplyRouter
-from gateway.settings import GatewaySettings
+from gateway.settings import QueueSettings
 from telemetry.instruments import GatewayMetrics
 from telemetry.tracing import SpanKind, Tracing
 
@@ -59,7 +59,7 @@ async def test_an_interrupted_submission_leaves_nothing_behind() -> None:
     tracing = Tracing({}, exporter=spans)
     queue = Interrupted()
     router = ReplyRouter(None, "replies:gw", None)  # type: ignore[arg-type]
-    dispatcher = Dispatcher(GatewaySettings(), Live(), queue, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
+    dispatcher = Dispatcher(QueueSettings(), Live(), queue, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
                             tracing=tracing)
     ctx = RequestContext(span=tracing.start("POST /v1/chat/completions", SpanKind.SERVER, None))
     run = dispatcher.job(JobKind("chat", "chatcmpl"), "m", b"{}", stream=False, ctx=ctx)

@@ -55,7 +55,7 @@ def guard() -> Guard:
     for handler in (added_later, internal_debug, status):
         app.register(handler)
     authenticator = Authenticator(KeyStore(aioredis.Redis(), Keys("t")))
-    return Guard(app, settings, lambda: authenticator, route_access(app))
+    return Guard(app, settings.tenancy, lambda: authenticator, route_access(app))
 
 
 async def test_a_route_added_without_thought_needs_a_key(guard: Guard) -> None:
@@ -70,7 +70,7 @@ async def test_a_route_added_without_thought_needs_a_key(guard: Guard) -> None:
 async def test_admin_routes_are_not_registered_without_an_admin_credential() -> None:
     paths = {r.path for r in create_app(GatewaySettings()).routes}
     assert not {p for p in paths if p.startswith("/admin")}
-    assert "/admin/keys" in {r.path for r in create_app(GatewaySettings(admin_key_hash="h")).routes}
+    assert "/admin/keys" in {r.path for r in create_app(GatewaySettings.from_env({}, admin_key_hash="h")).routes}
 
 
 @pytest.mark.parametrize(("path", "ok"), [

@@ -9,13 +9,13 @@ import pytest
 from gateway.common.decoding import RequestDecoder
 from gateway.errors import InvalidRequest
 from gateway.images.protocol import ImageObject, ImageRequest, ImagesResponse, images_usage
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 
 OK = {"model": "tiny-sd", "prompt": "a fox"}
 
 
 def decode(**fields: object) -> object:
-    return RequestDecoder(ImageRequest, GatewaySettings()).decode(json.dumps({**OK, **fields}).encode())
+    return RequestDecoder(ImageRequest, RequestBounds()).decode(json.dumps({**OK, **fields}).encode())
 
 
 def test_a_minimal_request_is_accepted_and_defaults_are_left_to_the_engine() -> None:
@@ -42,7 +42,7 @@ def test_a_bad_field_is_a_400_naming_it(field: str, value: object) -> None:
     if field == "partial_images":
         body["stream"] = True
     with pytest.raises(InvalidRequest) as err:
-        RequestDecoder(ImageRequest, GatewaySettings()).decode(json.dumps(body).encode())
+        RequestDecoder(ImageRequest, RequestBounds()).decode(json.dumps(body).encode())
     assert err.value.status == 400
     assert err.value.param == field
 
@@ -65,7 +65,7 @@ def test_partial_images_need_stream() -> None:
 
 
 def test_bounds_follow_settings() -> None:
-    decoder = RequestDecoder(ImageRequest, GatewaySettings(max_image_prompt_chars=10, max_image_pixels=64 * 64,
+    decoder = RequestDecoder(ImageRequest, RequestBounds(max_image_prompt_chars=10, max_image_pixels=64 * 64,
                                                            max_image_steps=8))
     for field, value in (("prompt", "x" * 11), ("size", "64x72"), ("num_inference_steps", 9)):
         with pytest.raises(InvalidRequest) as err:

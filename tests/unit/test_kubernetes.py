@@ -22,14 +22,13 @@ from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
-import msgspec
 import pytest
 import yaml
 
 from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.cli import cmd_engine
 from gateway.cli import cmd_gateway
-from gateway.settings import ENV_PREFIX, GatewaySettings
+from gateway.settings import ENV_PREFIX, GatewaySettings, setting_names
 from tests.commandline import parse_conduit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,9 +258,9 @@ def test_every_command_line_parses_with_the_real_cli() -> None:
         if args.command == "gateway":
             assert args.func is cmd_gateway
             settings = GatewaySettings.from_env(environ=environment(c))
-            assert settings.host == "0.0.0.0" and ports["http"] == settings.port == scrape
-            assert settings.workers == 1, "one process per pod: the HPA scales pods"
-            redis_url = settings.redis_url
+            assert settings.server.host == "0.0.0.0" and ports["http"] == settings.server.port == scrape
+            assert settings.server.workers == 1, "one process per pod: the HPA scales pods"
+            redis_url = settings.redis.redis_url
         else:
             assert args.func is cmd_engine and args.kind in ("vllm", "diffusers")
             assert args.served_name and args.model and args.max_concurrency
@@ -276,7 +275,7 @@ def test_every_command_line_parses_with_the_real_cli() -> None:
 
 
 def test_every_conduit_variable_is_a_gateway_setting() -> None:
-    fields = {ENV_PREFIX + f.name.upper() for f in msgspec.structs.fields(GatewaySettings)}
+    fields = {ENV_PREFIX + name.upper() for name in setting_names()}
     names = set(config())
     for _, c in containers():
         names |= {v["name"] for v in c.get("env", [])}
@@ -284,7 +283,7 @@ def test_every_conduit_variable_is_a_gateway_setting() -> None:
     assert conduit - fields == set(), "not a GatewaySettings field"
     GatewaySettings.from_env(environ=config())  # every value converts to its field's type
     served = {a.served_name for _, a in engines()}
-    assert served <= set(GatewaySettings.from_env(environ=config()).models), \
+    assert served <= set(GatewaySettings.from_env(environ=config()).queue.models), \
         "a model whose engines are all restarting would answer 404 instead of 503"
 
 

@@ -49,7 +49,7 @@ def app_routes() -> set[tuple[str, str]]:
         # Litestar 2.25 deprecates the app's inferred dependencies and path parameters (``services:
         # Services``, ``name: str``): a change for Litestar 3, outside this test's concern.
         warnings.simplefilter("ignore", LitestarDeprecationWarning)
-        app = create_app(GatewaySettings(admin_key_hash="set"))  # the admin routes exist only with one
+        app = create_app(GatewaySettings.from_env({}, admin_key_hash="set"))  # the admin routes exist only with one
     out = set()
     for route in app.routes:
         for handler in route.route_handlers:  # type: ignore[attr-defined]

@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from gateway.errors import InvalidRequest, encode_error
-from gateway.settings import GatewaySettings
+from gateway.settings import RequestBounds
 from gateway.chat.protocol import ChatCompletionRequest, ImagePart, NamedToolChoice, TextPart
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
@@ -25,7 +25,7 @@ USER = {"role": "user", "content": "Hello"}
 class Decoders:
     """The chat and completions decoders, as the gateway builds them."""
 
-    def __init__(self, limits: GatewaySettings | None = None) -> None:
+    def __init__(self, limits: RequestBounds | None = None) -> None:
         self.chat = RequestDecoder(ChatCompletionRequest, limits).decode
         self.completion = RequestDecoder(CompletionRequest, limits).decode
 
@@ -263,9 +263,9 @@ def test_completion_valid_options(decoder: Decoders) -> None:
     assert (req.logprobs, req.max_tokens, req.best_of) == (5, 0, 2)
 
 
-# ---- bounds on one request's work (GatewaySettings.max_*) -------------------------------------
+# ---- bounds on one request's work (RequestBounds.max_*) -------------------------------------
 
-LIMITS = GatewaySettings()
+LIMITS = RequestBounds()
 TOOL = {"type": "function", "function": {"name": "f"}}
 CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
@@ -346,7 +346,7 @@ def test_completion_choices_are_n_times_prompts(decoder: Decoders, fields: dict[
 
 
 def test_limits_come_from_the_settings() -> None:
-    decoder = Decoders(GatewaySettings(max_choices=4, max_prompts=2, max_messages=1))
+    decoder = Decoders(RequestBounds(max_choices=4, max_prompts=2, max_messages=1))
     assert decoder.chat(chat_body(n=4)).n == 4
     assert rejected(decoder.chat, chat_body(n=5)).param == "n"
     assert rejected(decoder.chat, chat_body(messages=[USER, USER])).param == "messages"
@@ -413,7 +413,7 @@ ISSUE_BODY = {"n": 128, "max_tokens": 1000, "logprobs": True, "top_logprobs": 20
 def fits(decoder: Decoders, body: bytes, model: ModelContext = TINY, **settings: Any) -> InvalidRequest | None:
     req = decoder.completion(body) if b'"prompt"' in body else decoder.chat(body)
     try:
-        req.fits(model, GatewaySettings(**settings))
+        req.fits(model, RequestBounds(**settings))
     except InvalidRequest as exc:
         return exc
     return None
@@ -448,13 +448,13 @@ def test_without_max_tokens_a_request_is_capped_not_refused(decoder: Decoders) -
     it), and one that names a max_tokens over it is refused."""
     long = ModelContext(max_model_len=131_072, max_chars_per_token=16)
     body = chat_body(n=5, logprobs=True, top_logprobs=5)  # 5 x 131,071 x 6 could be 3.9 M
-    assert decoder.chat(body).fits(long, GatewaySettings()) == 524_288 // 30
-    assert decoder.chat(chat_body(n=5)).fits(long, GatewaySettings()) == 524_288 // 5
-    assert decoder.chat(chat_body()).fits(long, GatewaySettings()) is None  # 131,071 fits
+    assert decoder.chat(body).fits(long, RequestBounds()) == 524_288 // 30
+    assert decoder.chat(chat_body(n=5)).fits(long, RequestBounds()) == 524_288 // 5
+    assert decoder.chat(chat_body()).fits(long, RequestBounds()) is None  # 131,071 fits
     assert fits(decoder, chat_body(n=5, logprobs=True, top_logprobs=5, max_tokens=20_000), long) is not None
-    assert decoder.chat(chat_body(n=12, logprobs=True, top_logprobs=20)).fits(TINY, GatewaySettings()) is None
+    assert decoder.chat(chat_body(n=12, logprobs=True, top_logprobs=20)).fits(TINY, RequestBounds()) is None
     # Completions default to 16 tokens, as OpenAI's and vLLM's do: nothing to cap.
-    assert decoder.completion(completion_body(n=5, logprobs=5)).fits(long, GatewaySettings()) is None
+    assert decoder.completion(completion_body(n=5, logprobs=5)).fits(long, RequestBounds()) is None
 
 
 def test_echo_and_min_tokens(decoder: Decoders) -> None:
@@ -467,7 +467,7 @@ def test_echo_and_min_tokens(decoder: Decoders) -> None:
     # A cap set for a request without max_tokens must still leave room for its min_tokens.
     capped = decoder.chat(chat_body(n=5, min_tokens=200_000))
     with pytest.raises(InvalidRequest) as exc:
-        capped.fits(ModelContext(max_model_len=262_144, max_chars_per_token=16), GatewaySettings())  # cap 104,857
+        capped.fits(ModelContext(max_model_len=262_144, max_chars_per_token=16), RequestBounds())  # cap 104,857
     assert exc.value.param == "min_tokens"
     for body in (chat_body(min_tokens=10, max_tokens=5), completion_body(min_tokens=17)):
         with pytest.raises(InvalidRequest) as exc:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from gateway.settings import GatewaySettings
+from pathlib import Path
+
+import msgspec
+
+from gateway.settings import CONCERNS, GatewaySettings, setting_names
 
 
 def test_list_settings_split_on_commas_and_drop_empty_entries() -> None:
     # `CONDUIT_MODELS=` (an empty line in a .env file) means no models, not one named "".
-    assert GatewaySettings.from_env({"CONDUIT_MODELS": ""}).models == []
-    assert GatewaySettings.from_env({"CONDUIT_MODELS": "tiny-llama, tiny-sd,"}).models == ["tiny-llama", "tiny-sd"]
+    assert GatewaySettings.from_env({"CONDUIT_MODELS": ""}).queue.models == []
+    assert GatewaySettings.from_env({"CONDUIT_MODELS": "tiny-llama, tiny-sd,"}).queue.models == [
+        "tiny-llama", "tiny-sd"]
 
 
 def test_booleans_and_numbers_come_as_text() -> None:
     s = GatewaySettings.from_env({"CONDUIT_AUTH": "false", "CONDUIT_TRACE_SAMPLE_RATIO": "0.25",
                                   "CONDUIT_LOG_PROMPTS": "true", "CONDUIT_OTLP_ENDPOINT": "http://c:4318"})
-    assert (s.auth, s.trace_sample_ratio, s.log_prompts, s.otlp_endpoint) == (False, 0.25, True, "http://c:4318")
+    assert (s.tenancy.auth, s.telemetry.trace_sample_ratio, s.telemetry.log_prompts,
+            s.telemetry.otlp_endpoint) == (False, 0.25, True, "http://c:4318")
 
 
 def test_redis_urls_are_logged_without_their_password() -> None:
@@ -23,3 +29,24 @@ def test_redis_urls_are_logged_without_their_password() -> None:
     assert redacted("redis://:s3cret@10.0.0.5:6379/0") == "redis://:***@10.0.0.5:6379/0"
     assert redacted("rediss://app:s3cret@redis.internal:6380/1") == "rediss://app:***@redis.internal:6380/1"
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_each_concern_gets_its_settings_from_flat_names(tmp_path: Path) -> None:
+    # A file of flat names (as before the split) or of one table per concern; variables win.
+    flat = tmp_path / "flat.toml"
+    flat.write_text('max_backlog = 7\nauth = false\nmax_choices = 9\nimage_url_ttl_s = 60.0\n')
+    tables = tmp_path / "tables.toml"
+    tables.write_text('[queue]\nmax_backlog = 7\n[tenancy]\nauth = false\n[bounds]\nmax_choices = 9\n'
+                      '[images]\nimage_url_ttl_s = 60.0\n')
+    for file in (flat, tables):
+        s = GatewaySettings.from_env({"CONDUIT_MAX_CHOICES": "11", "CONDUIT_PORT": "9000"}, file=str(file))
+        assert (s.queue.max_backlog, s.tenancy.auth, s.bounds.max_choices) == (7, False, 11)
+        assert (s.images.image_url_ttl_s, s.server.port) == (60.0, 9000)
+    assert GatewaySettings.from_env({}, max_output_work=10).bounds.max_output_work == 10
+
+
+def test_every_setting_has_one_flat_name() -> None:
+    names = [f.name for concern in CONCERNS.values() for f in msgspec.structs.fields(concern)]
+    assert len(names) == len(set(names)), "two concerns name a setting alike: CONDUIT_<NAME> would be ambiguous"
+    assert set(setting_names()) == {"gateway_id", *names}
+    assert {"redis_url", "max_backlog", "max_choices", "auth", "metrics", "image_store", "port"} <= set(names)

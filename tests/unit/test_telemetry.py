@@ -451,7 +451,7 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
     from gateway.errors import ConduitError
     from gateway.flow import failed_mid_stream
     from gateway.queue import ReplyRouter
-    from gateway.settings import GatewaySettings
+    from gateway.settings import QueueSettings
     from tests.unit.test_dispatch import Live
 
     ended: list[Any] = []
@@ -464,7 +464,7 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
 
     tracing = Tracing({}, sample_ratio=1.0, exporter=Collect())
     router = ReplyRouter(None, "replies:gw", None)  # type: ignore[arg-type]
-    dispatcher = Dispatcher(GatewaySettings(), Live(), None, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
+    dispatcher = Dispatcher(QueueSettings(), Live(), None, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
                             tracing=None)
 
     async def streamed(scope: dict[str, Any], receive: object, send: Any) -> None:
