@@ -10,14 +10,13 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis.asyncio as aioredis
 from litestar import Litestar
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
 from engines.contract.keys import Keys
-from engines.contract.lane import connect, open_lane, redacted
+from engines.contract.lane import REDIS_ERRORS, connect, open_lane, redacted
 from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import chat_endpoint
@@ -109,7 +108,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                                       usage_log=usage_log, openapi=document_bytes)
         try:
             await router.create_stream()
-        except (ConnectionError, OSError, aioredis.RedisError):
+        except REDIS_ERRORS:
             pass  # the router re-creates it as soon as Redis answers
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
                  asyncio.create_task(registry.run(), name="engine-registry"),
@@ -132,14 +131,14 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
             await asyncio.wait(tasks, timeout=5)
             try:
                 await usage_log.flush()  # the last second's counts
-            except (ConnectionError, OSError, aioredis.RedisError):
+            except REDIS_ERRORS:
                 log.warning("the last usage counts could not be written")
             await queue.lane.close()
             auth.close()
             await limiter.lane.close()
             try:
                 await redis.delete(router.stream)
-            except (ConnectionError, OSError, aioredis.RedisError):
+            except REDIS_ERRORS:
                 pass
             await redis.aclose()
             telemetry.shutdown()

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.contract.messages import Job
 from gateway.context import RequestContext
 from gateway.errors import ConduitError, ModelNotFound, ModelNotSupported, NoEngine, Overloaded, PayloadTooLarge
@@ -151,7 +151,7 @@ class Dispatcher:
             return
         try:
             run.grant = await self.limiter.admit(run.principal, run.rid, run.cost, run.job.deadline_ms, run.ratelimit)
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not check rate limits: %s", exc)
             raise ConduitError("The rate limiter is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
@@ -180,7 +180,7 @@ class Dispatcher:
     async def _release(self, grant: Grant, used_tokens: int | None, refused: bool = False) -> None:
         try:
             await self.limiter.release(grant, used_tokens, refused)  # type: ignore[union-attr]
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             # The slot expires at the request's deadline anyway; the usage of this request is lost.
             log.warning("could not release rate limits / record usage: %s", exc)
             self.metrics.background_error("limits-release")
@@ -230,7 +230,7 @@ class Dispatcher:
             run.refund_request = False
             raise PayloadTooLarge(f"This request is {exc.size} bytes as a job, more than one API key may have queued "
                                   f"on a model ({exc.limit} bytes).") from None
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not queue a job: %s", exc)
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
@@ -258,7 +258,7 @@ class Dispatcher:
             await asyncio.sleep(interval)
             try:
                 await self._check_jobs(time.perf_counter() - interval)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("job check: redis unavailable (%s)", exc)
                 self.metrics.background_error("job-check")
             except Exception:

@@ -18,7 +18,7 @@ from engines.contract.fairness import (
     SUBMIT,
     submit_command,
 )
-from engines.contract.lane import ScriptLoader, open_lane, stream_entries
+from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_entries
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Job
 from telemetry.instruments import GatewayMetrics
@@ -132,7 +132,7 @@ class JobQueue:
         """Tell every engine that the client of ``job_id`` went away (remember it until ``deadline_ms``)."""
         try:
             await self.lane.execute("PUBLISH", self._keys.cancel_channel, f"{job_id} {deadline_ms}")
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not publish cancellation of %s: %s", job_id, exc)
 
 
@@ -198,11 +198,8 @@ class ReplyRouter:
                     if now - last_kept > 1.0:
                         last_kept = now
                         await self._keep_alive(last)
-                    (reply,) = await lane.round_trip([("XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.stream,
-                                                       last)])
-                    if isinstance(reply, Exception):
-                        raise reply
-                except (ConnectionError, OSError, aioredis.RedisError) as exc:
+                    reply = await lane.call("XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.stream, last)
+                except REDIS_ERRORS as exc:
                     log.warning("reading replies failed (%s); retrying", exc)
                     self.metrics.background_error("reply-router")
                     await asyncio.sleep(0.2)

@@ -9,6 +9,7 @@ import time
 import msgspec
 import redis.asyncio as aioredis
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, EngineInfo
 from gateway.common.bounds import ModelContext
@@ -148,7 +149,7 @@ class EngineRegistry:
                 await self.refresh()
                 if ticks % 120 == 0:
                     await self._prune()
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 if self.redis_ok:
                     log.warning("cannot reach Redis: %s", exc)
                 self.redis_ok = False

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 
 import msgspec
-import redis.asyncio as aioredis
 from litestar import Response, get
 
+from engines.contract.lane import REDIS_ERRORS
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
 from gateway.errors import NotFound
 from gateway.operations.protocol import Health, Readiness
@@ -46,7 +46,7 @@ async def ready(services: Services) -> Response[bytes]:
     try:
         await services.redis.ping()
         redis_ok = True
-    except (ConnectionError, OSError, aioredis.RedisError):
+    except REDIS_ERRORS:
         redis_ok = False
     engines = len(services.registry.engines)
     ok = redis_ok and engines > 0
@@ -62,7 +62,7 @@ async def metrics(services: Services) -> Response[bytes]:
         raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
     try:
         await services.registry.read_backlog()
-    except (ConnectionError, OSError, aioredis.RedisError) as exc:
+    except REDIS_ERRORS as exc:
         log.warning("could not read the queue backlog for /metrics: %s", exc)  # the last values are exported
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 

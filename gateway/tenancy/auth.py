@@ -35,8 +35,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 
 from argon2.exceptions import InvalidHashError, VerificationError
-from redis.exceptions import RedisError
 
+from engines.contract.lane import REDIS_ERRORS
 from gateway.errors import ConduitError, Unauthorized
 from gateway.tenancy.keys import HASHER, KeyRecord, KeyStore, parse_key
 from gateway.tenancy.principal import Principal
@@ -219,7 +219,7 @@ class Authenticator:
         try:
             try:
                 record = await self.store.get(key_id)
-            except (ConnectionError, OSError, TimeoutError, RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 raise AuthUnavailable("API keys cannot be checked right now; try again shortly.") from exc
             entry = None if record is None else (record, record.principal())
             if generation == self._generation:  # no key change since the read began

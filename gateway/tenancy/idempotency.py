@@ -31,10 +31,10 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.contract.keys import Keys
 from gateway.context import context_of
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
@@ -163,7 +163,7 @@ class IdempotencyMiddleware:
             await self._idempotent(value, scope, receive, send)
         except ConduitError as exc:
             await _send_error(scope, send, exc)
-        except (ConnectionError, OSError, aioredis.RedisError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("idempotency state unavailable: %s", exc)
             await _send_error(scope, send, ConduitError("The request could not be checked for idempotency; retry it.",
                                                  status=503, code="idempotency_unavailable"))
@@ -269,7 +269,7 @@ class IdempotencyMiddleware:
                     request_id=context_of(scope).request_id, body=b"".join(chunks)))
             try:
                 await self._scripts.run(redis, "finish", key, mine, done, self._ttl_ms)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 # The lease runs out by itself: a retry then runs the request again.
                 log.warning("could not record an idempotent request's end: %s", exc)
 
@@ -310,7 +310,7 @@ class IdempotencyMiddleware:
             try:
                 if not await self._scripts.run(redis, "refresh", key, mine, self._lease_ms):
                     return  # lost the key (our lease ran out while Redis was away)
-            except (ConnectionError, OSError, aioredis.RedisError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("could not refresh an idempotency lease: %s", exc)
 
 
