@@ -149,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m engines", description="A Conduit engine process.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    en = sub.add_parser("serve", help="Run an engine process (what `conduit engine` runs).")
+    # Named as `conduit` users call them (it runs this program in their place).
+    en = sub.add_parser("serve", prog="conduit engine", help="Run an engine process (what `conduit engine` runs).")
     en.add_argument("--kind", choices=["vllm", "synthetic", "diffusers"], default="vllm")
     en.add_argument("--model", help="model path or name (vllm), pipeline directory (diffusers); 'tiny' builds "
                                     "the offline tiny Llama (vllm) or tiny Stable Diffusion (diffusers)")
@@ -209,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=cmd_engine)
 
 
-    bt = sub.add_parser("build-tiny", help="Build the tiny random-weight Llama and Stable Diffusion pipeline "
-                                              "used by tests and `conduit up`; prints their paths, Llama first.")
+    bt = sub.add_parser("build-tiny", prog="conduit models build-tiny",
+                        help="Build the tiny random-weight Llama and Stable Diffusion pipeline used by tests and "
+                             "`conduit up`; prints their paths, Llama first.")
     bt.add_argument("--only", choices=["llama", "sd"], help="build only this one (prints one path)")
     bt.add_argument("--path", help="where the Llama goes (default: ~/.cache/conduit/models/tiny-llama, "
                                    "or under $CONDUIT_CACHE_DIR)")

@@ -202,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: ``conduit`` subcommands that are the engine's own program: ``conduit <these> ARGS`` runs
-#: ``python -m engines <command> ARGS`` in this process's place (same pid: signals reach the engine).
+#: ``python -P -m engines <command> ARGS`` in this process's place (same pid: signals reach the
+#: engine; ``-P``: the working directory is not put on ``sys.path``, as a console script's is not).
 ENGINE_COMMANDS = {("engine",): "serve", ("models", "build-tiny"): "build-tiny"}
 
 
@@ -210,7 +211,7 @@ def engine_command(argv: list[str]) -> list[str] | None:
     """The engine program's command line for ``argv`` when it names an engine subcommand, else None."""
     for prefix, command in ENGINE_COMMANDS.items():
         if tuple(argv[:len(prefix)]) == prefix:
-            return [sys.executable, "-m", "engines", command, *argv[len(prefix):]]
+            return [sys.executable, "-P", "-m", "engines", command, *argv[len(prefix):]]
     return None
 
 

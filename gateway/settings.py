@@ -263,6 +263,10 @@ def load_settings(environ: dict[str, str] | None, file: str | None, overrides: d
             raw = msgspec.json.decode(data)
         for name, value in raw.items():
             if name in CONCERNS and isinstance(value, dict):
+                for setting in value:
+                    if CONCERN_OF.get(setting) != name:
+                        where = f"[{CONCERN_OF[setting]}]" if setting in CONCERN_OF else "no table: it is unknown"
+                        raise ValueError(f"{file}: `{setting}` is not a setting of [{name}] (it belongs in {where})")
                 nested[name].update(value)
             else:
                 flat[name] = value

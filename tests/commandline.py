@@ -21,6 +21,6 @@ def parse_conduit(argv: list[str]) -> argparse.Namespace:
     command = engine_command(argv)
     if command is None:
         return build_parser().parse_args(argv)
-    args = engine_parser().parse_args(command[3:])
+    args = engine_parser().parse_args(command[4:])
     args.command = CONDUIT_NAMES[args.command]
     return args

@@ -38,12 +38,12 @@ class Keys:
         return f"{self.prefix}:jobs:{{{model}}}"
 
     def engine_jobs(self, model: str, engine_id: str) -> str:
-        """The stream of ``model``'s jobs addressed to one engine (``Job.engine``), read by that engine
+        """The stream of ``model``'s jobs addressed to one engine (``JobOptions.engine``), read by that engine
         only; the model's hash tag, so one script can move a job between it and :meth:`jobs`."""
         return f"{self.prefix}:jobs:{{{model}}}:engine:{engine_id}"
 
     def result(self, job_id: str) -> str:
-        """STREAM: every event of a job with ``Job.keep_ms``, in order (its result record), kept that
+        """STREAM: every event of a job with ``JobOptions.keep_ms``, in order (its result record), kept that
         long after the job ends; any gateway reads it, from any event on (``seq``)."""
         return f"{self.prefix}:result:{{{job_id}}}"
 
@@ -109,7 +109,7 @@ class Keys:
 
     def image(self, ref: str) -> str:
         """One stored image (``ImageStore``), alive for its job's ``output_ttl_ms``, or one input of a
-        job (``Job.inputs``, an ``in_`` reference), alive until the job's deadline."""
+        job (``JobOptions.inputs``, an ``in_`` reference), alive until the job's deadline."""
         return f"{self.prefix}:image:{ref}"
 
     def rate_limits(self, key_id: str) -> tuple[str, str, str, str]:

@@ -21,7 +21,7 @@ PROTOCOL_VERSION = 4
 #: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
 #: Laid for the endpoints to come (no engine runs them yet; each announces the kinds it runs in
 #: ``EngineInfo.kinds``): ``embedding`` (``/v1/embeddings``: :class:`Embedded` events),
-#: ``image_edit`` (``/v1/images/edits``: its images are :attr:`Job.inputs`, answered with
+#: ``image_edit`` (``/v1/images/edits``: its images are :attr:`JobOptions.inputs`, answered with
 #: :class:`ImageReady` as ``image`` is) and ``response`` (``/v1/responses``: the Responses request
 #: as the body, answered with the text events chat uses).
 JOB_KINDS = frozenset({"chat", "completion", "image", "embedding", "image_edit", "response"})
@@ -36,6 +36,24 @@ class BlobRef(msgspec.Struct, omit_defaults=True):
     media_type: str = "application/octet-stream"
     #: Its length in bytes (the gateway counts it in the job's cost and bounds).
     size: int = 0
+
+
+class JobOptions(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
+    """A job's affinity, adapter, inputs by reference and result record (``Job.options``)."""
+
+    #: The engine this job is addressed to ("": any engine of the model). An addressed job is
+    #: written to that engine's own stream (``Keys.engine_jobs``), which only an engine announcing
+    #: ``EngineInfo.addressable`` reads: for prefix-aware dispatch and for LoRA adapters loaded on
+    #: some engines only.
+    engine: str = ""
+    #: The LoRA adapter the job runs with ("": the base model); one of ``EngineInfo.adapters``.
+    adapter: str = ""
+    #: Inputs too large for ``body``, by reference into the blob store (image edits' images).
+    inputs: list[BlobRef] = []
+    #: When > 0, the engine also appends every event of the job to its result record
+    #: (``Keys.result``), kept this many milliseconds after the job ends: any gateway can read a
+    #: job whose submitting gateway is gone (background responses). 0: no record (today's jobs).
+    keep_ms: int = 0
 
 
 class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -71,19 +89,10 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     tenant: str = ""
     #: The key's weight in fair queueing.
     priority: int = 1
-    #: The engine this job is addressed to ("": any engine of the model). An addressed job is
-    #: written to that engine's own stream (``Keys.engine_jobs``), which only an engine announcing
-    #: ``EngineInfo.addressable`` reads: for prefix-aware dispatch and for LoRA adapters loaded on
-    #: some engines only.
-    engine: str = ""
-    #: The LoRA adapter the job runs with ("": the base model); one of ``EngineInfo.adapters``.
-    adapter: str = ""
-    #: Inputs too large for ``body``, by reference into the blob store (image edits' images).
-    inputs: list[BlobRef] = []
-    #: When > 0, the engine also appends every event of the job to its result record
-    #: (``Keys.result``), kept this many milliseconds after the job ends: any gateway can read a
-    #: job whose submitting gateway is gone (background responses). 0: no record (today's jobs).
-    keep_ms: int = 0
+    #: What the next endpoints add to a job (:class:`JobOptions`); None for today's jobs, which so
+    #: stay byte for byte what they were (13 fields: msgpack's one-byte map header; 16 would need
+    #: three, and the backlog's byte bound counts every job's encoded size).
+    options: JobOptions | None = None
 
 
 class JobHeader(msgspec.Struct, forbid_unknown_fields=False):
@@ -281,11 +290,11 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     #: Job kinds the engine runs (absent: chat and completion, all that version 1 had).
     kinds: list[str] = msgspec.field(default_factory=lambda: ["chat", "completion"])
     #: The engine reads its own stream (``Keys.engine_jobs``) as well as its model's: gateways may
-    #: address jobs to it (:attr:`Job.engine`). Absent: it reads only the model's stream.
+    #: address jobs to it (:attr:`JobOptions.engine`). Absent: it reads only the model's stream.
     addressable: bool = False
-    #: LoRA adapters the engine has loaded (:attr:`Job.adapter` names one).
+    #: LoRA adapters the engine has loaded (:attr:`JobOptions.adapter` names one).
     adapters: list[str] = []
-    #: The engine writes result records for jobs with :attr:`Job.keep_ms` (``Keys.result``).
+    #: The engine writes result records for jobs with :attr:`JobOptions.keep_ms` (``Keys.result``).
     results: bool = False
 
 

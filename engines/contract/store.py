@@ -17,7 +17,7 @@ Two stores, chosen alike on gateways and engines by the ``image_store`` setting:
 References are 128 random bits plus the format's extension (``img_<32 hex>.png``): a URL is
 a capability, unguessable, and says what it holds.
 
-The same store holds a job's large inputs (``Job.inputs``: the images of an image edit), under
+The same store holds a job's large inputs (``JobOptions.inputs``: the images of an image edit), under
 ``in_<32 hex>.<ext>`` references that no route serves (:func:`valid_ref` is false for them).
 """
 
@@ -45,7 +45,7 @@ def new_ref(fmt: str) -> str:
 
 
 def new_input_ref(fmt: str) -> str:
-    """A fresh reference for a job's input (``Job.inputs``) of format ``fmt``; never served."""
+    """A fresh reference for a job's input (``JobOptions.inputs``) of format ``fmt``; never served."""
     return f"in_{os.urandom(16).hex()}.{fmt}"
 
 
@@ -160,14 +160,14 @@ class DirectoryImageStore:
         await asyncio.to_thread(self._delete, refs)
 
     def sweep(self) -> int:
-        """Delete expired images (and leftovers of interrupted writes); returns how many."""
+        """Delete expired images and inputs (and leftovers of interrupted writes); returns how many."""
         now = time.time()
         removed = 0
         for path in self.root.iterdir():
             try:
                 st = path.stat()
                 stale_tmp = path.name.startswith(".") and st.st_mtime < now - 3600 * 24 * 2
-                if (valid_ref(path.name) and st.st_mtime <= now) or stale_tmp:
+                if (stored_ref(path.name) and st.st_mtime <= now) or stale_tmp:
                     path.unlink(missing_ok=True)
                     removed += 1
             except OSError:

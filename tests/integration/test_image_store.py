@@ -84,3 +84,13 @@ def test_inputs_are_stored_but_never_served_by_reference(tmp_path: Path) -> None
     store = DirectoryImageStore(tmp_path)
     asyncio.run(store.put(ref, b"input", 60_000))
     assert asyncio.run(store.get(ref)) == b"input"
+
+
+def test_the_directory_store_sweeps_expired_inputs_too(tmp_path: Path) -> None:
+    from engines.contract.store import new_input_ref
+
+    store = DirectoryImageStore(tmp_path)
+    ref = new_input_ref("png")
+    asyncio.run(store.put(ref, b"input", 1))
+    time.sleep(0.01)
+    assert store.sweep() == 1 and not (tmp_path / ref).exists()

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from engines.cli import diffusers_settings
 from tests.commandline import parse_conduit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_diffusers_limits_come_from_flags() -> None:
@@ -46,3 +53,22 @@ def test_cpu_engine_environment_only_for_a_cpu_engine() -> None:
     assert cpu_engine_environment(cpu_flag=False, cpu_build=False) == {}
     assert cpu_engine_environment(cpu_flag=True, cpu_build=False)["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert cpu_engine_environment(cpu_flag=False, cpu_build=True)["HF_HUB_OFFLINE"] == "1"
+
+
+def test_conduit_engine_does_not_import_from_the_working_directory(tmp_path: Path) -> None:
+    # `conduit engine` execs `python -m engines serve`; `-m` alone would put the working directory
+    # first on sys.path, so a `vllm/` or `argparse.py` where an engine starts would be imported.
+    (tmp_path / "argparse.py").write_text('raise SystemExit("shadowed by the working directory")\n')
+    entry = tmp_path / "bin"
+    entry.mkdir()
+    (entry / "conduit").write_text("import sys\nfrom gateway.cli import main\nsys.exit(main())\n")
+    done = subprocess.run([sys.executable, str(entry / "conduit"), "engine", "--help"], cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+    assert "shadowed" not in done.stdout + done.stderr
+    assert done.returncode == 0 and done.stdout.startswith("usage: conduit engine ")
+
+
+def test_build_tiny_speaks_as_conduit_models() -> None:
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: conduit models build-tiny ")

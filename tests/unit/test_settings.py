@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import pytest
 
 from gateway.settings import CONCERNS, GatewaySettings, setting_names
 
@@ -50,3 +51,11 @@ def test_every_setting_has_one_flat_name() -> None:
     assert len(names) == len(set(names)), "two concerns name a setting alike: CONDUIT_<NAME> would be ambiguous"
     assert set(setting_names()) == {"gateway_id", *names}
     assert {"redis_url", "max_backlog", "max_choices", "auth", "metrics", "image_store", "port"} <= set(names)
+
+
+def test_a_setting_in_another_concerns_table_is_refused(tmp_path: Path) -> None:
+    # Dropped silently, `metrics_auth` under [queue] would leave /metrics open.
+    f = tmp_path / "c.toml"
+    f.write_text("[queue]\nmetrics_auth = true\n")
+    with pytest.raises(ValueError, match=r"metrics_auth.*\[tenancy\]"):
+        GatewaySettings.from_env({}, file=str(f))
