@@ -42,6 +42,14 @@ class ErrorEnvelope(msgspec.Struct):
     error: ErrorBody
 
 
+def _answering(target: object, status: int | None, type: str | None, code: str | None) -> None:
+    """Set on ``target`` (an error class, or one error) the status, type and code given; what is
+    None stays as inherited."""
+    for name, value in (("status", status), ("type", type), ("code", code)):
+        if value is not None:
+            setattr(target, name, value)
+
+
 class ConduitError(Exception):
     """An error answered with OpenAI's envelope ``{"error": {message, type, param, code}}``."""
 
@@ -49,43 +57,40 @@ class ConduitError(Exception):
     type = "server_error"
     code: str | None = "internal_error"
 
+    def __init_subclass__(cls, *, status: int | None = None, type: str | None = None, code: str | None = None,
+                          **kwargs: object) -> None:
+        """A subclass names what it answers in its bases' keywords:
+        ``class Conflict(ConduitError, status=409, type="invalid_request_error", code="conflict")``;
+        what it leaves out it inherits."""
+        super().__init_subclass__(**kwargs)
+        _answering(cls, status, type, code)
+
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  status: int | None = None, type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
-        if type is not None:
-            self.type = type
+        _answering(self, status, type, code)
         self.headers = headers or {}
 
     def body(self) -> ErrorEnvelope:
         return ErrorEnvelope(ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
-class InvalidRequest(ConduitError):
-    status = 400
-    type = "invalid_request_error"
-    code = "invalid_request"
+class InvalidRequest(ConduitError, status=400, type="invalid_request_error", code="invalid_request"):
+    """Malformed JSON or a schema violation (``param`` names the field)."""
 
 
-class Unauthorized(ConduitError):
-    status = 401
-    type = "authentication_error"
-    code = "invalid_api_key"
+class Unauthorized(ConduitError, status=401, type="authentication_error", code="invalid_api_key"):
+    """A missing or invalid API key."""
 
 
-class NotFound(ConduitError):
-    status = 404
-    type = "invalid_request_error"
-    code = "not_found"
+class NotFound(ConduitError, status=404, type="invalid_request_error", code="not_found"):
+    """An unknown route."""
 
 
-class ModelNotFound(NotFound):
-    code = "model_not_found"
+class ModelNotFound(NotFound, code="model_not_found"):
+    """A model nobody serves or configured, or that the key may not use."""
 
     def __init__(self, model: str) -> None:
         super().__init__(f"The model `{model}` does not exist or you do not have access to it.", param="model")
@@ -99,71 +104,54 @@ _NOT_SUPPORTED = {
 }
 
 
-class ModelNotSupported(NotFound):
+class ModelNotSupported(NotFound, code="model_not_supported"):
     """A live model whose engines announce no job kind this endpoint needs (OpenAI answers 404 too)."""
-
-    code = "model_not_supported"
 
     def __init__(self, model: str, kind: str) -> None:
         message = _NOT_SUPPORTED.get(kind, f"The model `{model}` does not run `{kind}` requests.")
         super().__init__(message, param="model")
 
 
-class MethodNotAllowed(ConduitError):
-    status = 405
-    type = "invalid_request_error"
-    code = "method_not_allowed"
+class MethodNotAllowed(ConduitError, status=405, type="invalid_request_error", code="method_not_allowed"):
+    """A route asked with a method it does not take."""
 
 
-class Conflict(ConduitError):
-    status = 409
-    type = "invalid_request_error"
-    code = "conflict"
+class Conflict(ConduitError, status=409, type="invalid_request_error", code="conflict"):
+    """An ``Idempotency-Key`` reused or in use."""
 
 
-class PayloadTooLarge(ConduitError):
-    status = 413
-    type = "invalid_request_error"
-    code = "request_too_large"
+class PayloadTooLarge(ConduitError, status=413, type="invalid_request_error", code="request_too_large"):
+    """A request larger than the server accepts."""
 
 
-class _TooMany(ConduitError):
+class _TooMany(ConduitError, status=429, type="rate_limit_error"):
     """A 429 that says when to retry (``Retry-After``)."""
-
-    status = 429
-    type = "rate_limit_error"
 
     def __init__(self, message: str, retry_after_s: int) -> None:
         super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
-class Overloaded(_TooMany):
-    code = "model_overloaded"
+class Overloaded(_TooMany, code="model_overloaded"):
+    """The model's backlog (or the key's share of it) is over its limit."""
 
 
-class RateLimited(_TooMany):
-    code = "rate_limit_exceeded"
+class RateLimited(_TooMany, code="rate_limit_exceeded"):
+    """An API key over one of its limits."""
 
 
-class EngineError(ConduitError):
-    status = 502
-    type = "server_error"
-    code = "engine_error"
+class EngineError(ConduitError, status=502, type="server_error", code="engine_error"):
+    """An engine failed the request."""
 
 
-class NoEngine(ConduitError):
-    status = 503
-    type = "server_error"
-    code = "model_unavailable"
+class NoEngine(ConduitError, status=503, type="server_error", code="model_unavailable"):
+    """No live engine serves the model."""
 
     def __init__(self, model: str) -> None:
         super().__init__(f"No engine is serving the model `{model}` right now; try again shortly.", param="model")
 
 
-class DeadlineExceeded(ConduitError):
-    status = 504
-    type = "timeout_error"
-    code = "deadline_exceeded"
+class DeadlineExceeded(ConduitError, status=504, type="timeout_error", code="deadline_exceeded"):
+    """The request did not finish within its deadline."""
 
 
 _ENCODER = msgspec.json.Encoder()

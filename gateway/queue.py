@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -31,41 +32,53 @@ log = logging.getLogger("conduit.gateway")
 REPLY_STREAM_TTL_MS = 60_000
 
 
-class BacklogFull(Exception):
+class NotQueued(Exception):
+    """A job the queue refused, so not queued: a subclass says which bound, its fields by how much."""
+
+    #: ``str()`` of one, from its fields.
+    message: ClassVar[str]
+
+    def __str__(self) -> str:
+        return self.message.format_map(vars(self))
+
+
+@dataclass(eq=False)
+class BacklogFull(NotQueued):
     """The model's backlog is at its limit; the job was not queued."""
 
-    def __init__(self, backlog: int) -> None:
-        super().__init__(f"backlog {backlog}")
-        self.backlog = backlog
+    message = "backlog {backlog}"
+    backlog: int
 
 
-class ShareFull(Exception):
+@dataclass(eq=False)
+class ShareFull(NotQueued):
     """The job's tenant (API key) holds its share of the model's backlog; the job was not queued."""
 
-    def __init__(self, held: int, limit: int) -> None:
-        super().__init__(f"tenant holds {held} of {limit}")
-        self.held = held
-        self.limit = limit
+    message = "tenant holds {held} of {limit}"
+    held: int
+    limit: int
 
 
-class BytesFull(Exception):
+@dataclass(eq=False)
+class BytesFull(NotQueued):
     """The model's backlog (``tenant`` False) or the job's tenant's share of it (True) would pass its
     bound in bytes; the job was not queued."""
 
-    def __init__(self, held: int, limit: int, *, tenant: bool) -> None:
-        super().__init__(f"{'tenant' if tenant else 'backlog'} holds {held} of {limit} bytes")
-        self.held = held
-        self.limit = limit
-        self.tenant = tenant
+    held: int
+    limit: int
+    tenant: bool = field(kw_only=True)
+
+    def __str__(self) -> str:
+        return f"{'tenant' if self.tenant else 'backlog'} holds {self.held} of {self.limit} bytes"
 
 
-class JobTooLarge(Exception):
+@dataclass(eq=False)
+class JobTooLarge(NotQueued):
     """The job alone is larger than its tenant may ever hold of the backlog (``limit`` bytes)."""
 
-    def __init__(self, size: int, limit: int) -> None:
-        super().__init__(f"job of {size} bytes, limit {limit}")
-        self.size = size
-        self.limit = limit
+    message = "job of {size} bytes, limit {limit}"
+    size: int
+    limit: int
 
 
 class JobQueue:

@@ -29,10 +29,8 @@ from gateway.errors import ConduitError, encode_error
 MAX_PIPELINED = 32
 
 
-class HeaderTooLarge(ConduitError):
-    status = 431
-    type = "invalid_request_error"
-    code = "request_header_too_large"
+class HeaderTooLarge(ConduitError, status=431, type="invalid_request_error", code="request_header_too_large"):
+    """A request line and headers larger than the server accepts."""
 
 
 class _Refused(Exception):

@@ -1,8 +1,8 @@
 """An engine process's metrics (``conduit.engine.*``, ``hw.gpu.memory.*``) and vLLM's own
 statistics (``conduit.engine.vllm.*``).
 
-The names, units and conventions of :mod:`telemetry.instruments` hold here too (the buckets and
-attribute names come from it); instruments are made per process from a
+The names, units and conventions of :mod:`telemetry.instruments` hold here too (the buckets,
+attribute names and declaring helpers come from it); instruments are made per process from a
 :class:`~telemetry.aggregate.Meter` passed in, never at import time.
 """
 
@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from telemetry.aggregate import Attributes, CounterSeries, HistogramSeries, Meter
-from telemetry.instruments import BATCH_BUCKETS, DURATION_BUCKETS, MODEL, TOKEN_TIME_BUCKETS, TOKEN_TYPE
+from telemetry.instruments import (
+    BATCH_BUCKETS,
+    MODEL,
+    TOKEN_TIME_BUCKETS,
+    TOKEN_TYPE,
+    background_errors,
+    count,
+    seconds,
+)
 
 #: Every outcome an engine reports for a job (``conduit.engine.jobs``).
 JOB_OUTCOMES = ("ok", "rejected", "cancelled", "skipped", "expired", "error", "lost", "dead_letter", "unsupported",
@@ -27,35 +35,26 @@ class EngineMetrics:
 
     def __init__(self, meter: Meter) -> None:
         m = self.meter = meter
-        self.jobs = m.counter(
-            "conduit.engine.jobs", unit="{job}",
-            description="Jobs ended, by outcome (ok, rejected, cancelled (client gone while it ran), skipped "
-                        "(client gone before it started), expired, error, lost, dead_letter, unsupported, "
-                        "malformed)")
-        self.job_duration = m.histogram(
-            "conduit.engine.job.duration", unit="s", bounds=DURATION_BUCKETS,
-            description="Time an engine spent on a successful job")
-        self.job_queue_wait = m.histogram(
-            "conduit.engine.job.queue_wait", unit="s", bounds=DURATION_BUCKETS,
-            description="Time from the gateway queueing a job (its created_ms) to an engine starting it (first "
-                        "attempt)")
-        self.reclaimed = m.counter(
-            "conduit.engine.jobs.reclaimed", unit="{job}",
-            description="Jobs taken over from an engine that stopped heart-beating (retried, failed cleanly or "
-                        "dead-lettered)")
-        self.background_errors = m.counter(
-            "conduit.engine.background.errors", unit="{error}",
-            description="Errors a background duty (heartbeat, reclaim, event writer, ...) outlived, by task")
-        self.images = m.counter(
-            "conduit.engine.images", unit="{image}",
-            description="Final images generated, by model and whether the image joined a running denoising batch")
+        self.jobs = count(
+            m, "conduit.engine.jobs", "job",
+            "Jobs ended, by outcome (ok, rejected, cancelled (client gone while it ran), skipped (client gone before "
+            "it started), expired, error, lost, dead_letter, unsupported, malformed)")
+        self.job_duration = seconds(m, "conduit.engine.job.duration", "Time an engine spent on a successful job")
+        self.job_queue_wait = seconds(
+            m, "conduit.engine.job.queue_wait",
+            "Time from the gateway queueing a job (its created_ms) to an engine starting it (first attempt)")
+        self.reclaimed = count(
+            m, "conduit.engine.jobs.reclaimed", "job",
+            "Jobs taken over from an engine that stopped heart-beating (retried, failed cleanly or dead-lettered)")
+        self.background_errors = background_errors(m, "conduit.engine.background.errors",
+                                                   "heartbeat, reclaim, event writer, ...", ENGINE_TASKS)
+        self.images = count(
+            m, "conduit.engine.images", "image",
+            "Final images generated, by model and whether the image joined a running denoising batch")
         self.denoise_batch_size = m.histogram(
             "conduit.engine.denoise.batch_size", unit="{image}", bounds=BATCH_BUCKETS,
             description="Images in one denoising step")
-        self.denoise_steps = m.counter(
-            "conduit.engine.denoise.steps", unit="{step}", description="Denoising steps (UNet calls) run")
-        for task in ENGINE_TASKS:
-            self.background_errors.bind({"task": task})
+        self.denoise_steps = count(m, "conduit.engine.denoise.steps", "step", "Denoising steps (UNet calls) run")
         self._outcomes: dict[tuple[str, str], CounterSeries] = {}
         self._durations: dict[str, HistogramSeries] = {}
         self._waits: dict[str, HistogramSeries] = {}
@@ -158,25 +157,22 @@ class VllmMetrics:
         self.batch_size = m.histogram(
             "conduit.engine.vllm.batch_size", unit="{request}", bounds=BATCH_BUCKETS,
             description="Requests in each vLLM engine step").bind(attrs)
-        self.time_to_first_token = m.histogram(
-            "conduit.engine.vllm.time_to_first_token", unit="s", bounds=DURATION_BUCKETS,
-            description="vLLM's time to first token (arrival in vLLM to first token)").bind(attrs)
-        self.inter_token_latency = m.histogram(
-            "conduit.engine.vllm.inter_token_latency", unit="s", bounds=TOKEN_TIME_BUCKETS,
-            description="Time between consecutive output tokens in vLLM").bind(attrs)
-        self.queue_time = m.histogram(
-            "conduit.engine.vllm.request.queue_time", unit="s", bounds=DURATION_BUCKETS,
-            description="Time a request waited in vLLM's scheduler before running").bind(attrs)
-        self.e2e = m.histogram(
-            "conduit.engine.vllm.request.duration", unit="s", bounds=DURATION_BUCKETS,
-            description="vLLM's end-to-end request latency").bind(attrs)
-        tokens = m.counter("conduit.engine.vllm.tokens", unit="{token}",
-                           description="Tokens vLLM processed, by gen_ai.token.type (input: prefilled prompt "
-                                       "tokens; output: generated)")
+        self.time_to_first_token = seconds(
+            m, "conduit.engine.vllm.time_to_first_token",
+            "vLLM's time to first token (arrival in vLLM to first token)").bind(attrs)
+        self.inter_token_latency = seconds(
+            m, "conduit.engine.vllm.inter_token_latency", "Time between consecutive output tokens in vLLM",
+            TOKEN_TIME_BUCKETS).bind(attrs)
+        self.queue_time = seconds(m, "conduit.engine.vllm.request.queue_time",
+                                  "Time a request waited in vLLM's scheduler before running").bind(attrs)
+        self.e2e = seconds(m, "conduit.engine.vllm.request.duration", "vLLM's end-to-end request latency").bind(attrs)
+        tokens = count(
+            m, "conduit.engine.vllm.tokens", "token",
+            "Tokens vLLM processed, by gen_ai.token.type (input: prefilled prompt tokens; output: generated)")
         self.prompt_tokens = tokens.bind({**attrs, TOKEN_TYPE: "input"})
         self.generation_tokens = tokens.bind({**attrs, TOKEN_TYPE: "output"})
-        self.preemptions = m.counter("conduit.engine.vllm.preemptions", unit="{request}",
-                                     description="Requests vLLM preempted (KV cache exhausted)").bind(attrs)
+        self.preemptions = count(m, "conduit.engine.vllm.preemptions", "request",
+                                 "Requests vLLM preempted (KV cache exhausted)").bind(attrs)
 
 
 __all__ = ["ENGINE_TASKS", "JOB_OUTCOMES", "EngineMetrics", "VllmMetrics"]

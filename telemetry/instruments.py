@@ -1,7 +1,8 @@
 """Conduit's metrics: the conventions they all follow, and a gateway's (:class:`GatewayMetrics`).
 
 Every metric is defined, with its name, unit, description and attributes, in one of two modules:
-this one (a gateway's, and the buckets and attribute names every process shares) and
+this one (a gateway's, and the buckets, attribute names and declaring helpers every process
+shares: :func:`seconds`, :func:`count`, :func:`background_errors`) and
 :mod:`telemetry.engine_instruments` (an engine's, and vLLM's own statistics).
 
 Names follow the OpenTelemetry semantic conventions where they exist (``gen_ai.server.*``,
@@ -21,13 +22,15 @@ none for ``1`` and ``{...}`` units) and counters end in ``_total``, so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
 from telemetry.aggregate import (
+    Counter,
     CounterSeries,
+    Histogram,
     HistogramSeries,
     Meter,
     Observations,
@@ -84,6 +87,25 @@ class _Generation:
         return series
 
 
+def seconds(meter: Meter, name: str, description: str, bounds: Sequence[float] = DURATION_BUCKETS) -> Histogram:
+    """A histogram of durations: unit ``s``, :data:`DURATION_BUCKETS` unless ``bounds`` says otherwise."""
+    return meter.histogram(name, unit="s", bounds=bounds, description=description)
+
+
+def count(meter: Meter, name: str, thing: str, description: str) -> Counter:
+    """A counter of ``thing``: its unit the annotation ``{thing}`` (no unit suffix in Prometheus)."""
+    return meter.counter(name, unit=f"{{{thing}}}", description=description)
+
+
+def background_errors(meter: Meter, name: str, duties: str, tasks: Iterable[str]) -> Counter:
+    """A process's counter of errors its background duties (``duties``, in words) outlived, by
+    ``task``: each of ``tasks`` has its series at 0 from the start."""
+    counter = count(meter, name, "error", f"Errors a background duty ({duties}) outlived, by task")
+    for task in tasks:
+        counter.bind({"task": task})
+    return counter
+
+
 def _fold(series: HistogramSeries, values: list[float]) -> None:
     if values:
         series.pending.extend(values)
@@ -96,51 +118,45 @@ class GatewayMetrics:
     def __init__(self, meter: Meter) -> None:
         m = self.meter = meter
         # ---- every HTTP request --------------------------------------------------------
-        self.http_duration = m.histogram(
-            "http.server.request.duration", unit="s", bounds=DURATION_BUCKETS,
-            description="Every HTTP request, by http.route, http.request.method and http.response.status_code "
-                        "(refusals at the door included: 401, 404, 413, 429)")
+        self.http_duration = seconds(
+            m, "http.server.request.duration",
+            "Every HTTP request, by http.route, http.request.method and http.response.status_code (refusals at the "
+            "door included: 401, 404, 413, 429)")
         # ---- generation requests (chat, completions, images) ---------------------------
-        self.request_duration = m.histogram(
-            "gen_ai.server.request.duration", unit="s", bounds=DURATION_BUCKETS,
-            description="Time from a generation request's arrival to its last byte")
-        self.time_to_first_token = m.histogram(
-            "gen_ai.server.time_to_first_token", unit="s", bounds=DURATION_BUCKETS,
-            description="Time from request arrival to its first output token (first image for image requests)")
-        self.time_per_output_token = m.histogram(
-            "gen_ai.server.time_per_output_token", unit="s", bounds=TOKEN_TIME_BUCKETS,
-            description="Time per output token after the first: (duration - time to first token) / (tokens - 1)")
+        self.request_duration = seconds(m, "gen_ai.server.request.duration",
+                                        "Time from a generation request's arrival to its last byte")
+        self.time_to_first_token = seconds(
+            m, "gen_ai.server.time_to_first_token",
+            "Time from request arrival to its first output token (first image for image requests)")
+        self.time_per_output_token = seconds(
+            m, "gen_ai.server.time_per_output_token",
+            "Time per output token after the first: (duration - time to first token) / (tokens - 1)",
+            TOKEN_TIME_BUCKETS)
         self.token_usage = m.histogram(
             "gen_ai.client.token.usage", unit="{token}", bounds=TOKEN_BUCKETS,
             description="Tokens per request, by gen_ai.token.type (input, output)")
-        self.rejections = m.counter(
-            "conduit.gateway.rejections", unit="{request}",
-            description="Requests answered with an error, by error.type (the OpenAI error code: invalid_api_key, "
-                        "rate_limit_exceeded, model_overloaded, model_not_found, ...)")
-        self.cancellations = m.counter(
-            "conduit.gateway.cancellations", unit="{request}", description="Requests whose client went away")
-        self.background_errors = m.counter(
-            "conduit.gateway.background.errors", unit="{error}",
-            description="Errors a background duty (reply router, registry, job watch) outlived, by task")
-        self.skipped_events = m.counter(
-            "conduit.gateway.events.skipped", unit="{event}",
-            description="Reply events dropped: unknown to this version, undecodable, repeated or of a stale attempt, "
-                        "by reason")
-        self.resubmissions = m.counter(
-            "conduit.gateway.resubmissions", unit="{job}",
-            description="Jobs submitted again because their first submission was lost (no client output yet)")
+        self.rejections = count(
+            m, "conduit.gateway.rejections", "request",
+            "Requests answered with an error, by error.type (the OpenAI error code: invalid_api_key, "
+            "rate_limit_exceeded, model_overloaded, model_not_found, ...)")
+        self.cancellations = count(m, "conduit.gateway.cancellations", "request", "Requests whose client went away")
+        self.background_errors = background_errors(m, "conduit.gateway.background.errors",
+                                                   "reply router, registry, job watch", GATEWAY_TASKS)
+        self.skipped_events = count(
+            m, "conduit.gateway.events.skipped", "event",
+            "Reply events dropped: unknown to this version, undecodable, repeated or of a stale attempt, by reason")
+        self.resubmissions = count(
+            m, "conduit.gateway.resubmissions", "job",
+            "Jobs submitted again because their first submission was lost (no client output yet)")
         # ---- per API key, labelled by the key's *name* (never the key) ----------------------
-        self.key_requests = m.counter(
-            "conduit.gateway.key.requests", unit="{request}", description="Requests admitted, by key name and model")
-        self.key_tokens = m.counter(
-            "conduit.gateway.key.tokens", unit="{token}",
-            description="Tokens used, by key name, model and gen_ai.token.type (input, output)")
-        self.key_images = m.counter(
-            "conduit.gateway.key.images", unit="{image}", description="Images generated, by key name and model")
-        self.key_rate_limited = m.counter(
-            "conduit.gateway.key.rate_limited", unit="{request}",
-            description="Requests refused by a key's rate limit, by key name and limit (requests, tokens, images, "
-                        "concurrency)")
+        self.key_requests = count(m, "conduit.gateway.key.requests", "request",
+                                  "Requests admitted, by key name and model")
+        self.key_tokens = count(m, "conduit.gateway.key.tokens", "token",
+                                "Tokens used, by key name, model and gen_ai.token.type (input, output)")
+        self.key_images = count(m, "conduit.gateway.key.images", "image", "Images generated, by key name and model")
+        self.key_rate_limited = count(
+            m, "conduit.gateway.key.rate_limited", "request",
+            "Requests refused by a key's rate limit, by key name and limit (requests, tokens, images, concurrency)")
         self._generations: dict[tuple[str, str], _Generation] = {}
         self._http: dict[tuple[str, str, int], HistogramSeries] = {}
         #: Finished requests not yet folded into the histograms (see :meth:`request`).
@@ -150,8 +166,6 @@ class GatewayMetrics:
         # Series that exist from the start, so that a rate of them is 0 rather than "no data".
         for code in ("invalid_api_key", "rate_limit_exceeded", "model_overloaded"):
             self._rejections[code] = self.rejections.bind({"error.type": code})
-        for task in GATEWAY_TASKS:
-            self.background_errors.bind({"task": task})
         for reason in SKIP_REASONS:
             self.skipped_events.bind({"reason": reason})
         self.cancellations.bind()
@@ -264,4 +278,5 @@ class GatewayMetrics:
         return cls(Meter("conduit.gateway"))
 
 
-__all__ = ["DURATION_BUCKETS", "OPERATIONS", "TOKEN_BUCKETS", "GatewayMetrics", "Observations"]
+__all__ = ["DURATION_BUCKETS", "OPERATIONS", "TOKEN_BUCKETS", "GatewayMetrics", "Observations", "background_errors",
+           "count", "seconds"]

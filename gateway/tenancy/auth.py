@@ -52,12 +52,8 @@ INCORRECT_KEY = "Incorrect API key provided."
 _CACHE_MAX = 100_000
 
 
-class TooManyFailures(ConduitError):
+class TooManyFailures(ConduitError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
     """429 for a client address that failed authentication too often."""
-
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
 
     def __init__(self, retry_after_s: float) -> None:
         retry = max(1, int(retry_after_s + 0.999))
@@ -65,12 +61,8 @@ class TooManyFailures(ConduitError):
                          headers={"Retry-After": str(retry)})
 
 
-class AuthUnavailable(ConduitError):
+class AuthUnavailable(ConduitError, status=503, type="server_error", code="server_busy"):
     """503: keys cannot be checked now (Redis unreachable, or every verifier busy)."""
-
-    status = 503
-    type = "server_error"
-    code = "server_busy"
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})

@@ -138,12 +138,14 @@ class IdempotencyMiddleware:
     def __init__(self, app: ASGIApp, settings: TenancySettings, redis: Callable[[], Any], *, keys: Keys,
                  max_body_bytes: int, request_timeout_s: float) -> None:
         self._app = app
-        self._settings = settings
+        self._redis = redis
         self._keys = keys
+        self._scripts = _Scripts()
+        # The bounds, read from the settings once rather than on every request.
+        self._max_key_chars = settings.idempotency_max_key_chars
+        self._max_response_bytes = settings.idempotency_max_response_bytes
         self._max_body_bytes = max_body_bytes
         self._request_timeout_s = request_timeout_s
-        self._redis = redis
-        self._scripts = _Scripts()
         self._lease_ms = max(int(settings.idempotency_lease_s * 1000), 100)
         self._ttl_ms = int(settings.idempotency_ttl_s * 1000)
 
@@ -169,9 +171,9 @@ class IdempotencyMiddleware:
                                                  status=503, code="idempotency_unavailable"))
 
     async def _idempotent(self, value: bytes, scope: Scope, receive: Receive, send: Send) -> None:
-        if len(value) > self._settings.idempotency_max_key_chars or not value.strip():
+        if len(value) > self._max_key_chars or not value.strip():
             raise InvalidRequest(f"The Idempotency-Key header must be 1 to "
-                                 f"{self._settings.idempotency_max_key_chars} characters.",
+                                 f"{self._max_key_chars} characters.",
                                  code="invalid_idempotency_key")
         body = await self._read_body(receive)
         if body is None:
@@ -287,7 +289,7 @@ class IdempotencyMiddleware:
                 if storable:
                     chunks.append(message.get("body", b""))
                     size += len(chunks[-1])
-                    if size > self._settings.idempotency_max_response_bytes:
+                    if size > self._max_response_bytes:
                         storable = False
                         chunks.clear()
                 if not message.get("more_body", False):

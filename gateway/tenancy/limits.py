@@ -40,6 +40,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -201,24 +202,21 @@ _DIMENSIONS = {1: ("requests", "requests per minute (RPM)"), 2: ("tokens", "toke
                3: ("images", "images per minute (IPM)"), 4: ("concurrency", "concurrent requests")}
 
 
+@dataclass(slots=True, eq=False)
 class Grant:
     """An admitted request's claim on its key's limits, given back by :meth:`Limiter.release`."""
 
-    __slots__ = ("key_id", "rid", "second", "reserved", "metered", "requests", "images")
-
-    def __init__(self, key_id: str, rid: str, second: int, reserved: int, metered: bool, requests: int = 0,
-                 images: int = 0) -> None:
-        self.key_id = key_id
-        self.rid = rid
-        #: The second whose buckets hold what admission took.
-        self.second = second
-        self.reserved = reserved
-        #: The key's tokens are limited and the request was reserved tokens: reconcile them.
-        self.metered = metered
-        #: What admission took from the request (rpm) and image (ipm) windows: given back if the
-        #: request is refused after admission.
-        self.requests = requests
-        self.images = images
+    key_id: str
+    rid: str
+    #: The second whose buckets hold what admission took.
+    second: int
+    reserved: int
+    #: The key's tokens are limited and the request was reserved tokens: reconcile them.
+    metered: bool
+    #: What admission took from the request (rpm) and image (ipm) windows: given back if the
+    #: request is refused after admission.
+    requests: int = 0
+    images: int = 0
 
 
 def has_limits(principal: Principal) -> bool:
