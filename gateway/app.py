@@ -19,8 +19,8 @@ from engines.contract.keys import Keys
 from engines.contract.lane import REDIS_ERRORS, connect, open_lane, redacted
 from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
-from gateway.chat.serving import chat_endpoint
-from gateway.completions.serving import completion_endpoint
+from gateway.chat.serving import ChatRenderer
+from gateway.completions.serving import CompletionRenderer
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, error_response
 from gateway.flow import RequestFlow
@@ -102,7 +102,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         bounds = settings.bounds
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
-                                      chat=chat_endpoint(bounds), completion=completion_endpoint(bounds),
+                                      chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)

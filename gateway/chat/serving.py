@@ -25,19 +25,9 @@ from gateway.chat.protocol import (
     ResponseToolCall,
     TopLogprob,
 )
-from gateway.common.decoding import RequestDecoder
-from gateway.common.generation import (
-    ChoiceState,
-    ChunkRenderer,
-    StreamState,
-    TextGeneration,
-    chunk_usage,
-    finish_reason,
-    usage_of,
-)
+from gateway.common.generation import ChoiceState, ChunkRenderer, StreamState, chunk_usage, finish_reason, usage_of
 from gateway.errors import ErrorEnvelope
 from gateway.services import Services
-from gateway.settings import RequestBounds
 
 
 def chat_logprobs(items: list[SampledLogprob] | None) -> ChatLogprobs | None:
@@ -53,6 +43,9 @@ class ChatRenderer(ChunkRenderer):
     """Chat completion objects: ``chat.completion`` and ``chat.completion.chunk``."""
 
     chunk_type = ChatCompletionChunk
+    request = ChatCompletionRequest
+    kind = "chat"
+    id_prefix = "chatcmpl"
 
     def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes:
         out = []
@@ -91,11 +84,6 @@ class ChatRenderer(ChunkRenderer):
             out += b"data: "
             out += enc(chunk)
             out += b"\n\n"
-
-
-def chat_endpoint(bounds: RequestBounds) -> TextGeneration:
-    """Chat completions as an endpoint of the shared request flow."""
-    return TextGeneration("chat", "chatcmpl", RequestDecoder(ChatCompletionRequest, bounds), ChatRenderer())
 
 
 CREATE_CHAT_COMPLETION = Operation(

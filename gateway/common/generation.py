@@ -124,9 +124,18 @@ class ChunkRenderer:
 
     #: The endpoint's chunk Struct (``id``, ``created``, ``model``, ``choices``, ``usage``).
     chunk_type: ClassVar[type[Any]]
+    #: The endpoint's request Struct, its job kind and its answers' id prefix.
+    request: ClassVar[type[Any]]
+    kind: ClassVar[str]
+    id_prefix: ClassVar[str]
 
     def __init__(self) -> None:
         self._enc = msgspec.json.Encoder()
+
+    @classmethod
+    def endpoint(cls, bounds: RequestBounds) -> TextGeneration:
+        """The endpoint of the shared request flow this renderer answers for."""
+        return TextGeneration(cls.kind, cls.id_prefix, RequestDecoder(cls.request, bounds), cls())
 
     def usage_chunk(self, rid: str, created: int, model: str, usage: Usage) -> bytes:
         chunk = self.chunk_type(id=rid, created=created, model=model, choices=[], usage=usage_of(usage))

@@ -9,16 +9,7 @@ from litestar import Request, Response, post
 
 from engines.contract.messages import Delta, SampledLogprob, Usage
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
-from gateway.common.decoding import RequestDecoder
-from gateway.common.generation import (
-    ChoiceState,
-    ChunkRenderer,
-    StreamState,
-    TextGeneration,
-    chunk_usage,
-    finish_reason,
-    usage_of,
-)
+from gateway.common.generation import ChoiceState, ChunkRenderer, StreamState, chunk_usage, finish_reason, usage_of
 from gateway.completions.protocol import (
     COMPLETION_FINISH_REASONS,
     Completion,
@@ -30,7 +21,6 @@ from gateway.completions.protocol import (
 )
 from gateway.errors import ErrorEnvelope
 from gateway.services import Services
-from gateway.settings import RequestBounds
 
 
 def completion_logprobs(items: list[SampledLogprob] | None) -> CompletionLogprobs | None:
@@ -45,6 +35,9 @@ class CompletionRenderer(ChunkRenderer):
     """Text completion objects; streamed chunks share the shape of the full response."""
 
     chunk_type = CompletionChunk
+    request = CompletionRequest
+    kind = "completion"
+    id_prefix = "cmpl"
 
     def full(self, rid: str, created: int, model: str, choices: list[ChoiceState], usage: Usage) -> bytes:
         out = [CompletionChoice(finish_reason=finish_reason(c.finish_reason, COMPLETION_FINISH_REASONS),
@@ -63,11 +56,6 @@ class CompletionRenderer(ChunkRenderer):
             out += b"data: "
             out += enc(chunk)
             out += b"\n\n"
-
-
-def completion_endpoint(bounds: RequestBounds) -> TextGeneration:
-    """Text completions as an endpoint of the shared request flow."""
-    return TextGeneration("completion", "cmpl", RequestDecoder(CompletionRequest, bounds), CompletionRenderer())
 
 
 CREATE_COMPLETION = Operation(
