@@ -270,15 +270,9 @@ def test_prefixes_keep_deployments_apart() -> None:
 
 # ---- the contract laid for the next endpoints (nothing uses it yet; today's wire is unchanged) ----
 
-class _JobV4(msgspec.Struct, omit_defaults=True):
+class _JobV4(_JobV0, omit_defaults=True):
     """A job as engines of protocol 4 decode it (before affinity, adapters, inputs, result records)."""
 
-    id: str
-    kind: str
-    model: str
-    body: bytes
-    reply_to: str
-    deadline_ms: int
     created_ms: int = 0
     traceparent: str = ""
     stream: bool = True
