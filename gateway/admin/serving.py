@@ -12,6 +12,8 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, delete, get, patch, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from gateway.admin.protocol import CreatedKey, DeletedKey, KeyList, NewKey
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
@@ -57,7 +59,8 @@ def _admin(operation_id: str, summary: str, errors: dict[int, str], **more: Any)
 @post("/admin/keys", status_code=201, opt=_admin(
     "createKey", "Create an API key", {400: "`invalid_request`, `invalid_json`.", 413: "`request_too_large`."},
     body=NewKey, ok="Created: the key's text is in this answer only.", json=CreatedKey, parameters=(REQUEST_ID,)))
-async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
+async def create_key(request: Request[Any, Any, Any],
+                     key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     """Make a key; the answer carries its text once."""
     new: NewKey = _decode(await request.body(), NewKey)
     expires_ms = new.expires_ms
@@ -74,14 +77,14 @@ async def create_key(request: Request[Any, Any, Any], key_store: KeyStore) -> Re
 
 @get("/admin/keys", opt=_admin("listKeys", "Every API key (no hashes, no secrets)", {}, json=KeyList,
                                 parameters=(REQUEST_ID,)))
-async def list_keys(key_store: KeyStore) -> Response[bytes]:
+async def list_keys(key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     """Every key (no hashes, no secrets)."""
     return _json(KeyList(data=[r.info() for r in await key_store.list()]))
 
 
 @get("/admin/keys/{key_id:str}", opt=_admin("retrieveKey", "One API key", {404: _NO_KEY}, json=KeyInfo,
                                             parameters=(KEY_ID, REQUEST_ID)))
-async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
+async def show_key(key_id: FromPath[str], key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     record = await key_store.get(key_id)
     if record is None:
         raise _missing(key_id)
@@ -92,7 +95,8 @@ async def show_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     "updateKey", "Change an API key (fields left out stay)",
     {400: "`invalid_request`.", 404: _NO_KEY, 413: "`request_too_large`."}, body=KeyChanges, body_required=False,
     json=KeyInfo, parameters=(KEY_ID, REQUEST_ID)))
-async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore) -> Response[bytes]:
+async def update_key(key_id: FromPath[str], request: Request[Any, Any, Any],
+                     key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     """Change a key's name, owner, models, limits, expiry or disabled flag (fields left out stay)."""
     changes: KeyChanges = _decode(await request.body(), KeyChanges)
     try:
@@ -106,7 +110,7 @@ async def update_key(key_id: str, request: Request[Any, Any, Any], key_store: Ke
 
 @delete("/admin/keys/{key_id:str}", status_code=200, opt=_admin(
     "revokeKey", "Revoke an API key for good", {404: _NO_KEY}, json=DeletedKey, parameters=(KEY_ID, REQUEST_ID)))
-async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
+async def revoke_key(key_id: FromPath[str], key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     """Revoke a key for good (its record is deleted; every gateway refuses it within a second)."""
     if not await key_store.revoke(key_id):
         raise _missing(key_id)
@@ -119,8 +123,8 @@ async def revoke_key(key_id: str, key_store: KeyStore) -> Response[bytes]:
     parameters=(KEY_ID, {"name": "days", "in": "query", "required": False,
                          "description": "How many UTC days back, today included.",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 400, "default": 7}}, REQUEST_ID)))
-async def key_usage(key_id: str, request: Request[Any, Any, Any], key_store: KeyStore,
-                    usage_log: UsageLog) -> Response[bytes]:
+async def key_usage(key_id: FromPath[str], request: Request[Any, Any, Any], key_store: NamedDependency[KeyStore],
+                    usage_log: NamedDependency[UsageLog]) -> Response[bytes]:
     """A key's requests, tokens and images per UTC day and model (``?days=N``, default 7, at most 400)."""
     if await key_store.get(key_id) is None:
         raise _missing(key_id)

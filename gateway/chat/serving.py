@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.di import NamedDependency
 
 from engines.contract.messages import Delta, SampledLogprob, Usage
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
@@ -96,6 +97,6 @@ CREATE_CHAT_COMPLETION = Operation(
 
 
 @post("/v1/chat/completions", status_code=200, opt=documented(CREATE_CHAT_COMPLETION))
-async def chat_completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+async def chat_completions(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     """Chat completion, streamed as SSE when ``stream`` is true."""
     return await services.flow.respond(request, services.chat)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Request, Response, post
+from litestar.di import NamedDependency
 
 from engines.contract.messages import Delta, SampledLogprob, Usage
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
@@ -67,6 +68,6 @@ CREATE_COMPLETION = Operation(
 
 
 @post("/v1/completions", status_code=200, opt=documented(CREATE_COMPLETION))
-async def completions(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+async def completions(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     """Legacy text completion, streamed as SSE when ``stream`` is true."""
     return await services.flow.respond(request, services.completion)

@@ -19,6 +19,8 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 from msgspec import UNSET
 
 from engines.contract.messages import Event, ImageReady, Usage
@@ -218,13 +220,13 @@ GET_IMAGE_FILE = Operation(
 
 
 @post("/v1/images/generations", status_code=200, opt=documented(CREATE_IMAGE))
-async def image_generations(request: Request[Any, Any, Any], services: Services) -> Response[Any]:
+async def image_generations(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
     return await services.flow.respond(request, services.images)
 
 
 @get("/v1/images/files/{name:str}", opt=documented(GET_IMAGE_FILE, PUBLIC))
-async def image_file(name: str, services: Services) -> Response[bytes]:
+async def image_file(name: FromPath[str], services: NamedDependency[Services]) -> Response[bytes]:
     """A generated image, until it expires (its unguessable name is the capability to read it)."""
     data = await services.image_store.get(name) if valid_ref(name) else None
     if data is None:

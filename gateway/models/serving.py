@@ -6,6 +6,8 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
 from gateway.context import principal_of
@@ -26,7 +28,8 @@ RETRIEVE_MODEL = Operation(
 
 
 @get("/v1/models", opt=documented(LIST_MODELS))
-async def list_models(request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def list_models(request: Request[Any, Any, Any],
+                      services: NamedDependency[Services]) -> Response[bytes]:
     """The models that have a live engine now (those the request's key may use)."""
     reg = services.registry
     principal = principal_of(request.scope)
@@ -35,7 +38,8 @@ async def list_models(request: Request[Any, Any, Any], services: Services) -> Re
 
 
 @get("/v1/models/{model_id:path}", opt=documented(RETRIEVE_MODEL))
-async def get_model(model_id: str, request: Request[Any, Any, Any], services: Services) -> Response[bytes]:
+async def get_model(model_id: FromPath[str], request: Request[Any, Any, Any],
+                    services: NamedDependency[Services]) -> Response[bytes]:
     """One live model (that the request's key may use)."""
     model_id = model_id.lstrip("/")
     reg = services.registry

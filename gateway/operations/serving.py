@@ -6,6 +6,7 @@ import logging
 
 import msgspec
 from litestar import Response, get
+from litestar.di import NamedDependency
 
 from engines.contract.lane import REDIS_ERRORS
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
@@ -41,7 +42,7 @@ async def health() -> Response[bytes]:
 
 
 @get("/ready", opt=documented(GET_READINESS, PUBLIC))
-async def ready(services: Services) -> Response[bytes]:
+async def ready(services: NamedDependency[Services]) -> Response[bytes]:
     """Redis reachable and at least one live engine: ready for traffic."""
     try:
         await services.redis.ping()
@@ -56,7 +57,7 @@ async def ready(services: Services) -> Response[bytes]:
 
 
 @get("/metrics", opt=documented(GET_METRICS, METRICS_ACCESS))
-async def metrics(services: Services) -> Response[bytes]:
+async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
     if not services.metrics:
         raise NotFound("Metrics are off on this gateway (CONDUIT_METRICS=false).")
@@ -68,6 +69,6 @@ async def metrics(services: Services) -> Response[bytes]:
 
 
 @get("/openapi.json", opt=documented(GET_OPENAPI, PUBLIC))
-async def openapi_document(services: Services) -> Response[bytes]:
+async def openapi_document(services: NamedDependency[Services]) -> Response[bytes]:
     """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
     return Response(services.openapi(), media_type="application/json")

@@ -28,7 +28,6 @@ from gateway.tenancy.keys import HASHER
 from tests.harness import Stack
 
 # Building the app here to list its routes: Litestar 2.23+ asks for explicitly marked dependencies.
-pytestmark = pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
 
 ADMIN = "edge-admin-credential-0123456789"
 #: Values for the routes' path parameters (any value: the route is what is being walked).

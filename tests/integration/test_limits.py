@@ -35,7 +35,6 @@ MODEL = "synthetic"
 
 # The app's handlers take ``services`` by inference, which Litestar 2.x warns about when an app
 # is built (elsewhere gateways run as subprocesses, where warnings are not errors).
-pytestmark = pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
 
 
 def as_keys(app: Litestar, principals: dict[str, Principal]) -> Any:

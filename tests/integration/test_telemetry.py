@@ -285,7 +285,6 @@ def test_logs_are_json_lines_when_asked(stack: Stack, tmp_path: Path) -> None:
         assert any(r.get("service") == service and r.get("level") == "info" for r in records), lines[:5]
 
 
-@pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
 async def test_request_log_lines_still_buffered_are_written_at_shutdown(redis_server: RedisServer) -> None:
     import io
 

@@ -15,7 +15,6 @@ from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.guard import PUBLIC, Guard, canonical
 from gateway.tenancy.keys import KeyStore
 
-pytestmark = pytest.mark.filterwarnings("ignore::litestar.exceptions.LitestarDeprecationWarning")
 
 
 @get("/v1/added-later")

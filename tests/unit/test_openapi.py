@@ -7,13 +7,11 @@ these tests fail when the checked-in copy and the app's routes drift apart.
 from __future__ import annotations
 
 import json
-import warnings
 from typing import Any
 
 import msgspec
 import pytest
 import schemathesis
-from litestar.exceptions import LitestarDeprecationWarning
 from openapi_spec_validator import validate as validate_spec
 
 from gateway import openapi
@@ -45,11 +43,7 @@ def test_the_check_command_tells_a_stale_document(tmp_path: Any, monkeypatch: py
 def app_routes() -> set[tuple[str, str]]:
     """(method, path) of every handler the app registers, Litestar's own OPTIONS handlers aside
     (made for every path, for CORS preflight: not part of the API)."""
-    with warnings.catch_warnings():
-        # Litestar 2.25 deprecates the app's inferred dependencies and path parameters (``services:
-        # Services``, ``name: str``): a change for Litestar 3, outside this test's concern.
-        warnings.simplefilter("ignore", LitestarDeprecationWarning)
-        app = create_app(GatewaySettings.from_env({}, admin_key_hash="set"))  # the admin routes exist only with one
+    app = create_app(GatewaySettings.from_env({}, admin_key_hash="set"))  # the admin routes exist only with one
     out = set()
     for route in app.routes:
         for handler in route.route_handlers:  # type: ignore[attr-defined]
