@@ -103,9 +103,12 @@ class Stack:
         #: The API key ``sdk()`` and ``wait_for_model`` send (gateways started with ``auth=True``).
         self.api_key = ""
 
-    def _cli(self, name: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+    def _cli(self, name: str, *args: str, env: dict[str, str] | None = None, program: str = "gateway.cli") -> Proc:
+        """``args`` run by ``program``: ``gateway.cli`` (the ``conduit`` command) or ``engines`` (the
+        engine's own, which ``conduit engine`` runs in its place: started directly, it saves an
+        interpreter start, as a container's entrypoint could)."""
         log = self.workdir / f"{name}-{len(self.procs)}.log"
-        proc = Proc([sys.executable, "-m", "gateway.cli", *args], log, env)
+        proc = Proc([sys.executable, "-P", "-m", program, *args], log, env)
         self.procs.append(proc)
         return proc
 
@@ -129,8 +132,8 @@ class Stack:
     def engine(self, *args: str, model: str | None = None, wait: bool = True, timeout: float = 30,
                env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
         """Start an engine (``args`` as for ``conduit engine``); wait until the gateway lists ``model``."""
-        proc = self._cli("engine", "engine", "--redis-url", redis_url or self.redis_url, "--key-prefix", self.prefix,
-                         "--log-level", "info", *args, env=env)
+        proc = self._cli("engine", "serve", "--redis-url", redis_url or self.redis_url, "--key-prefix", self.prefix,
+                         "--log-level", "info", *args, env=env, program="engines")
         if wait and model:
             self.wait_for_model(model, proc, timeout=timeout, redis_url=redis_url or self.redis_url)
         return proc

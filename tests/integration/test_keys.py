@@ -70,7 +70,8 @@ def test_every_key_has_a_ttl_or_is_a_documented_permanent_key(stack: Stack) -> N
     first_gateway.stop()  # graceful (uvicorn re-raises SIGTERM once shut down: exit status -15)
 
     second_gateway = stack.gateway()
-    stack.synthetic("synthetic", *engine_args, wait=False)
+    # Once it serves: the first engine's heartbeat may have lapsed already (no engine: a 503).
+    stack.synthetic("synthetic", *engine_args)
     traffic(stack)
     # Crash a gateway while an engine streams to it: the engine finishes writing to its stream.
     open_stream_then(stack, 2, second_gateway.kill)
