@@ -209,7 +209,7 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
         services = getattr(app.state, "services", None)
         return services.auth if services is not None else None
 
-    idempotent = IdempotencyMiddleware(app, settings.tenancy, lambda: app.state.services.redis,
+    idempotent = IdempotencyMiddleware(app, settings.idempotency, lambda: app.state.services.redis,
                                        keys=Keys(settings.redis.key_prefix), max_body_bytes=settings.server.max_body_bytes,
                                        request_timeout_s=settings.queue.request_timeout_s)
     return RequestObserver(Guard(idempotent, settings.tenancy, authenticator, route_access(app)),

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import msgspec
@@ -67,17 +68,17 @@ def note_prompt(ctx: RequestContext, body: bytes, settings: TelemetrySettings) -
     ctx.prompt = text[:settings.log_prompt_chars]
 
 
+@dataclass(slots=True)
 class RequestObserver:
     """ASGI middleware (see the module docstring). ``route_of(path, method)`` names a path's
     route template for requests refused before routing (Litestar sets it on the others)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics | None, tracing: Tracing, log: RequestLog | None,
-                 route_of: Callable[[str, str], str]) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.tracing = tracing
-        self.log = log
-        self.route_of = route_of
+    app: ASGIApp
+    _: KW_ONLY
+    metrics: GatewayMetrics | None
+    tracing: Tracing
+    log: RequestLog | None
+    route_of: Callable[[str, str], str]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

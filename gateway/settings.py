@@ -158,15 +158,6 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     admin_key_hash: str = ""
     #: Days a key's daily usage counters are kept in Redis.
     usage_ttl_days: int = 400
-    #: How long a finished request's response is kept for retries with its ``Idempotency-Key``.
-    idempotency_ttl_s: float = 86_400.0
-    #: Lease of a request that holds an ``Idempotency-Key`` while it runs, refreshed by its
-    #: gateway every third of it: a gateway that died releases its keys within this time.
-    idempotency_lease_s: float = 10.0
-    #: Longest ``Idempotency-Key`` accepted (400 beyond).
-    idempotency_max_key_chars: int = 255
-    #: Responses larger than this are not stored for replay (a retry runs again).
-    idempotency_max_response_bytes: int = 16 * 1024 * 1024
     #: How often the keys version is read: a revoked, disabled or changed key stops working on
     #: every gateway within this (plus a Redis round trip).
     keys_poll_s: float = 0.25
@@ -178,6 +169,20 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     auth_block_s: float = 60.0
     #: Whether ``/metrics`` needs the admin credential too.
     metrics_auth: bool = False
+
+
+class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Requests retried with an ``Idempotency-Key`` (``gateway/tenancy/idempotency.py``)."""
+
+    #: How long a finished request's response is kept for retries with its ``Idempotency-Key``.
+    idempotency_ttl_s: float = 86_400.0
+    #: Lease of a request that holds an ``Idempotency-Key`` while it runs, refreshed by its
+    #: gateway every third of it: a gateway that died releases its keys within this time.
+    idempotency_lease_s: float = 10.0
+    #: Longest ``Idempotency-Key`` accepted (400 beyond).
+    idempotency_max_key_chars: int = 255
+    #: Responses larger than this are not stored for replay (a retry runs again).
+    idempotency_max_response_bytes: int = 16 * 1024 * 1024
 
 
 class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -204,7 +209,8 @@ class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
 #: The concerns, by their attribute of :class:`GatewaySettings` (a file's table names).
 CONCERNS: dict[str, type[msgspec.Struct]] = {
     "server": ServerSettings, "redis": RedisSettings, "queue": QueueSettings, "bounds": RequestBounds,
-    "images": ImageSettings, "tenancy": TenancySettings, "telemetry": TelemetrySettings,
+    "images": ImageSettings, "tenancy": TenancySettings, "idempotency": IdempotencySettings,
+    "telemetry": TelemetrySettings,
 }
 #: Each setting's flat name (``CONDUIT_<NAME>``) -> its concern.
 CONCERN_OF: dict[str, str] = {f.name: concern for concern, cls in CONCERNS.items()
@@ -228,6 +234,7 @@ class GatewaySettings(msgspec.Struct, kw_only=True, frozen=True):
     bounds: RequestBounds = msgspec.field(default_factory=RequestBounds)
     images: ImageSettings = msgspec.field(default_factory=ImageSettings)
     tenancy: TenancySettings = msgspec.field(default_factory=TenancySettings)
+    idempotency: IdempotencySettings = msgspec.field(default_factory=IdempotencySettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
     def with_gateway_id(self) -> GatewaySettings:

@@ -24,20 +24,20 @@ from gateway.common.protocol import (
     CompletionUsage,
     Ext,
     JsonSchemaResponseFormat,
-    Penalty,
     PositiveInt,
-    Probability,
     Refused,
     ResponseFormat,
-    Stop,
-    StreamOptions,
-    Temperature,
-    VllmSampling,
+    Sampling,
     refusing,
 )
 from gateway.errors import InvalidRequest
 from gateway.settings import RequestBounds
-from gateway.tenancy.cost import IMAGE_PART_TOKENS, MESSAGE_OVERHEAD_TOKENS, Cost, tokens_of
+from gateway.tenancy.cost import (
+    IMAGE_PART_TOKENS,
+    MESSAGE_OVERHEAD_TOKENS,
+    Cost,
+    tokens_of,
+)
 
 #: Tokens a chat template may add around one message (role markers, separators), reckoned high.
 TEMPLATE_TOKENS = 32
@@ -105,31 +105,20 @@ class NamedToolChoice(Struct):
     type: Literal["function"] = "function"
 
 
-class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False):
+class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=False):
     """``POST /v1/chat/completions``. OpenAI's fields, then vLLM's chat extensions (with those of
-    :class:`VllmSampling`); fields named nowhere are ignored."""
+    :class:`Sampling`); fields named nowhere are ignored."""
 
     messages: Annotated[list[ChatMessage], Meta(min_length=1)]
     model: str
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
-    presence_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
-    temperature: Temperature | None = None
-    top_p: Probability | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    user: str | None = None
     # ---- vLLM's chat extensions ----
     echo: Annotated[bool | None, Ext] = None
     add_generation_prompt: Annotated[bool | None, Ext] = None
@@ -146,7 +135,7 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
 
     def check(self, limits: RequestBounds) -> None:
         """Bounds on the request's work, then rules that span fields (OpenAI answers these with a 400 too)."""
-        self.check_extensions(limits)
+        self.check_sampling(limits)
         min_tokens_at_most(self.min_tokens, self.max_completion_tokens or self.max_tokens)
         if self.chat_template_kwargs is not None:
             nested_at_most("chat_template_kwargs", self.chat_template_kwargs, limits.max_json_depth)
@@ -162,8 +151,6 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
         if self.n is not None and self.n > limits.max_choices:
             raise InvalidRequest(f"Invalid 'n': this server generates at most {limits.max_choices} choices per "
                                  f"request, but got {self.n}.", param="n", code="invalid_value")
-        if self.logit_bias is not None:
-            at_most("logit_bias", "entries", len(self.logit_bias), limits.max_logit_bias)
         if self.tools is not None:
             at_most("tools", "tools", len(self.tools), limits.max_tools)
             for i, t in enumerate(self.tools):
@@ -173,8 +160,6 @@ class ChatCompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=Fa
                             limits.max_json_depth)
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise InvalidRequest("`top_logprobs` requires `logprobs` to be true.", param="top_logprobs")
-        if self.stream_options is not None and not self.stream:
-            raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
         if isinstance(self.tool_choice, NamedToolChoice) or self.tool_choice == "required":
             if not self.tools:
                 raise InvalidRequest("`tool_choice` requires `tools`.", param="tool_choice")

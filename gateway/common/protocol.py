@@ -193,6 +193,31 @@ class VllmSampling(Struct, kw_only=True, forbid_unknown_fields=False):
     _refused_values: ClassVar[Callable[[Any], tuple[Any, ...]]]
 
 
+class Sampling(VllmSampling, kw_only=True, forbid_unknown_fields=False):
+    """OpenAI's sampling fields chat and completions both take (each request type adds its own),
+    on vLLM's extensions, and the checks on them."""
+
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    presence_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    user: str | None = None
+
+    def check_sampling(self, limits: RequestBounds) -> None:
+        """:meth:`VllmSampling.check_extensions`, then the bounds and rules of the shared fields."""
+        self.check_extensions(limits)
+        if self.logit_bias is not None:
+            at_most("logit_bias", "entries", len(self.logit_bias), limits.max_logit_bias)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+
+
 # ---- responses -------------------------------------------------------------------------
 
 

@@ -8,29 +8,15 @@ from typing import Annotated, Any, Literal, get_args
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from gateway.common.bounds import (
-    ModelContext,
-    at_most,
-    context_exceeded,
-    min_tokens_at_most,
-    nested_at_most,
-    room,
-    step_at_most,
-    utf8_len,
-    work_at_most,
-)
+from gateway.common import bounds
+from gateway.common.bounds import ModelContext
 from gateway.common.protocol import (
     CompletionUsage,
     Ext,
     JsonSchemaResponseFormat,
-    Penalty,
-    Probability,
     Refused,
     ResponseFormat,
-    Stop,
-    StreamOptions,
-    Temperature,
-    VllmSampling,
+    Sampling,
     refusing,
 )
 from gateway.errors import InvalidRequest
@@ -45,57 +31,44 @@ COMPLETION_MAX_TOKENS = 16
 Prompt = str | Annotated[list[str | int | Annotated[list[int], Meta(min_length=1)]], Meta(min_length=1)]
 
 
-class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False):
+class CompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=False):
     """``POST /v1/completions``. OpenAI's fields, then vLLM's completion extensions (with those of
-    :class:`VllmSampling`); fields named nowhere are ignored."""
+    :class:`Sampling`); fields named nowhere are ignored."""
 
     model: str
     prompt: Prompt
     best_of: Annotated[int, Meta(ge=1, le=20)] | None = None
     echo: bool | None = None
-    frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     max_tokens: Annotated[int, Meta(ge=0)] | None = None
-    n: Annotated[int, Meta(ge=1, le=128)] | None = None
-    presence_penalty: Penalty | None = None
-    seed: int | None = None
-    stop: Stop = None
-    stream: bool | None = None
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: Temperature | None = None
-    top_p: Probability | None = None
-    user: str | None = None
     # ---- vLLM's completion extensions ----
     response_format: Annotated[ResponseFormat | None, Ext] = None
     prompt_embeds: Refused = UNSET
 
     def check(self, limits: RequestBounds) -> None:
         """Bounds on the request's work, then rules that span fields; sizes are checked before any loop."""
-        self.check_extensions(limits)
-        min_tokens_at_most(self.min_tokens, self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS)
+        self.check_sampling(limits)
+        most = self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS
+        bounds.min_tokens_at_most(self.min_tokens, most)
         if isinstance(self.response_format, JsonSchemaResponseFormat):
-            nested_at_most("response_format.json_schema.schema", self.response_format.json_schema.schema,
-                            limits.max_json_depth)
+            bounds.nested_at_most("response_format.json_schema.schema", self.response_format.json_schema.schema,
+                                  limits.max_json_depth)
         prompts = 1
         if isinstance(self.prompt, list):
             if isinstance(self.prompt[0], int):  # one prompt given as token ids
-                at_most("prompt", "token ids", len(self.prompt), limits.max_prompt_tokens)
+                bounds.at_most("prompt", "token ids", len(self.prompt), limits.max_prompt_tokens)
             else:
                 prompts = len(self.prompt)
-                at_most("prompt", "prompts", prompts, limits.max_prompts)
+                bounds.at_most("prompt", "prompts", prompts, limits.max_prompts)
             kinds = {type(p) for p in self.prompt}
             if len(kinds) > 1:
                 raise InvalidRequest("`prompt` must be a string, a list of strings, a list of token ids, or a list "
                                      "of token-id lists, not a mixture.", param="prompt")
             if list in kinds:
                 for i, ids in enumerate(self.prompt):
-                    at_most(f"prompt[{i}]", "token ids", len(ids), limits.max_prompt_tokens)  # type: ignore[arg-type]
-        if self.logit_bias is not None:
-            at_most("logit_bias", "entries", len(self.logit_bias), limits.max_logit_bias)
-        if self.stream_options is not None and not self.stream:
-            raise InvalidRequest("`stream_options` is only allowed when `stream` is true.", param="stream_options")
+                    bounds.at_most(f"prompt[{i}]", "token ids", len(ids),  # type: ignore[arg-type]
+                                   limits.max_prompt_tokens)
         if self.best_of is not None and self.n is not None and self.best_of < self.n:
             raise InvalidRequest("`best_of` must be greater than or equal to `n`.", param="best_of")
         if self.stream and self.best_of is not None and self.best_of > (self.n or 1):
@@ -122,22 +95,23 @@ class CompletionRequest(VllmSampling, kw_only=True, forbid_unknown_fields=False)
                        for p in prompts]
             longest = max(lengths)
             if longest >= model.max_model_len:
-                context_exceeded(model.max_model_len, longest, "prompt", exact=not isinstance(prompts[0], str))
+                bounds.context_exceeded(model.max_model_len, longest, "prompt",
+                                        exact=not isinstance(prompts[0], str))
             shortest = min(lengths)
-        most = room(model, "prompt", "max_tokens",
-                    self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS, 0,
-                    prompt_tokens=shortest)
+        most = bounds.room(model, "prompt", "max_tokens",
+                           self.max_tokens if self.max_tokens is not None else COMPLETION_MAX_TOKENS, 0,
+                           prompt_tokens=shortest)
         top = self.logprobs or 0
         sequences = max(self.n or 1, self.best_of or 1) * len(prompts)
         echoed = 0
         if self.echo or self.prompt_logprobs is not None:
-            tokens = sum(len(p) if not isinstance(p, str) else utf8_len(p) + 1 for p in prompts)
+            tokens = sum(len(p) if not isinstance(p, str) else bounds.utf8_len(p) + 1 for p in prompts)
             if self.echo:
                 echoed += tokens * max(self.n or 1, self.best_of or 1) * (1 + top)
             if self.prompt_logprobs is not None:
                 echoed += tokens * (1 + self.prompt_logprobs)
-        step_at_most(limits, model, sequences, top, "logprobs")
-        return work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs", defaulted=False)
+        bounds.step_at_most(limits, model, sequences, top, "logprobs")
+        return bounds.work_at_most(limits, most, sequences, top, echoed, "max_tokens", "logprobs", defaulted=False)
 
 
     def cost(self, limits: RequestBounds) -> Cost:

@@ -32,6 +32,7 @@ request's context (``ratelimit``): a dict header name -> value filled by the lim
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
@@ -68,6 +69,7 @@ def canonical(path: str) -> bool:
     return "/." not in path or all(seg not in (".", "..") for seg in path.split("/"))
 
 
+@dataclass(slots=True)
 class Guard:
     """ASGI middleware refusing non-canonical paths and authenticating requests (see the module
     docstring).
@@ -77,11 +79,10 @@ class Guard:
     router what a path needs (``gateway.app.route_access``).
     """
 
-    def __init__(self, app: ASGIApp, settings: TenancySettings, authenticator: Any, route_access: RouteAccess) -> None:
-        self.app = app
-        self.settings = settings
-        self.authenticator = authenticator
-        self.route_access = route_access
+    app: ASGIApp
+    settings: TenancySettings
+    authenticator: Callable[[], Any]
+    route_access: RouteAccess
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

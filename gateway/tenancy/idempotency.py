@@ -38,7 +38,7 @@ from engines.contract.lane import REDIS_ERRORS
 from engines.contract.keys import Keys
 from gateway.context import context_of
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
-from gateway.settings import TenancySettings
+from gateway.settings import IdempotencySettings
 
 log = logging.getLogger("conduit.gateway")
 
@@ -135,7 +135,7 @@ class IdempotencyMiddleware:
     middleware; ``ANONYMOUS`` without one).
     """
 
-    def __init__(self, app: ASGIApp, settings: TenancySettings, redis: Callable[[], Any], *, keys: Keys,
+    def __init__(self, app: ASGIApp, settings: IdempotencySettings, redis: Callable[[], Any], *, keys: Keys,
                  max_body_bytes: int, request_timeout_s: float) -> None:
         self._app = app
         self._redis = redis

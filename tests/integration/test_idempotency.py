@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway.context import CTX, RequestContext
 from engines.contract.keys import Keys
-from gateway.settings import TenancySettings
+from gateway.settings import IdempotencySettings
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.principal import ANONYMOUS, Principal
 from tests.harness import RedisServer, Stack, free_port
@@ -206,7 +206,7 @@ async def call(app: Any, key: bytes, principal: Principal | None, body: bytes = 
 
 def idempotent(inner: Any, redis_client: aioredis.Redis) -> IdempotencyMiddleware:
     """The middleware around ``inner``, on keys of its own."""
-    return IdempotencyMiddleware(inner, TenancySettings(), lambda: redis_client, keys=Keys(f"t{uuid.uuid4().hex[:8]}"),
+    return IdempotencyMiddleware(inner, IdempotencySettings(), lambda: redis_client, keys=Keys(f"t{uuid.uuid4().hex[:8]}"),
                                  max_body_bytes=8 * 1024 * 1024, request_timeout_s=600)
 
 
