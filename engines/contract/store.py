@@ -35,8 +35,9 @@ from engines.contract.keys import Keys
 #: Output formats and their media types.
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
-_REF = re.compile(r"^img_[0-9a-f]{32}\.(png|jpeg|webp)$")
-_STORED = re.compile(r"^(img|in)_[0-9a-f]{32}\.(png|jpeg|webp)$")
+#: Used with ``fullmatch`` only: ``match`` with ``$`` also accepts the name followed by a newline.
+_REF = re.compile(r"img_[0-9a-f]{32}\.(png|jpeg|webp)")
+_STORED = re.compile(r"(img|in)_[0-9a-f]{32}\.(png|jpeg|webp)")
 
 
 def new_ref(fmt: str) -> str:
@@ -52,12 +53,12 @@ def new_input_ref(fmt: str) -> str:
 def valid_ref(ref: str) -> bool:
     """Whether ``ref`` has the shape of an output's reference, the only kind served (anything else
     is never looked up)."""
-    return _REF.match(ref) is not None
+    return _REF.fullmatch(ref) is not None
 
 
 def stored_ref(ref: str) -> bool:
     """Whether ``ref`` has the shape of anything the store holds: an output's or an input's."""
-    return _STORED.match(ref) is not None
+    return _STORED.fullmatch(ref) is not None
 
 
 def media_type(ref: str) -> str:

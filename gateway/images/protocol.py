@@ -23,7 +23,7 @@ from gateway.errors import InvalidRequest
 from gateway.settings import RequestBounds
 from gateway.tenancy.cost import Cost
 
-_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")  # fullmatch: `$` lets a final newline in
 
 #: Values the response schemas allow for ``size`` and ``quality`` (stream events add ``auto``).
 ResponseSize = Literal["1024x1024", "1024x1536", "1536x1024"]
@@ -73,7 +73,7 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
             raise InvalidRequest(f"Invalid 'num_inference_steps': at most {limits.max_image_steps}, but got "
                                  f"{self.num_inference_steps}.", param="num_inference_steps", code="invalid_value")
         if self.size is not None and self.size != "auto":
-            m = _SIZE.match(self.size)
+            m = _SIZE.fullmatch(self.size)
             if m is None or int(m[1]) % 8 or int(m[2]) % 8:
                 raise InvalidRequest(f"Invalid 'size': {self.size!r}. Use 'auto' or 'WIDTHxHEIGHT' with both in "
                                      "pixels and multiples of 8, e.g. '1024x1024'.", param="size", code="invalid_value")

@@ -75,6 +75,18 @@ def test_sweep_removes_temp_files_of_interrupted_writes(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
+@pytest.mark.parametrize("suffix", ["\n", "\r\n", "x", "/", ".png", " "])
+async def test_a_reference_with_anything_after_it_is_not_one(tmp_path: Path, suffix: str) -> None:
+    # The whole name must be a reference: `$` alone also matches before a final newline.
+    from engines.contract.store import new_input_ref, stored_ref
+
+    for ref in (new_ref("png"), new_input_ref("png")):
+        assert not valid_ref(ref + suffix) and not stored_ref(ref + suffix)
+        with pytest.raises(ValueError):
+            await DirectoryImageStore(tmp_path).put(ref + suffix, b"x", 1000)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_inputs_are_stored_but_never_served_by_reference(tmp_path: Path) -> None:
     from engines.contract.store import new_input_ref, stored_ref
 

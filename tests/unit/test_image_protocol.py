@@ -30,7 +30,7 @@ def test_sizes_accepted(size: str) -> None:
 
 @pytest.mark.parametrize(("field", "value"), [
     ("size", "65x64"), ("size", "abc"), ("size", "0x64"), ("size", "64"), ("size", "64x64x64"), ("size", 64),
-    ("size", "-64x64"), ("size", "8192x8192"), ("n", 0), ("n", 11), ("n", "2"), ("response_format", "gif"),
+    ("size", "-64x64"), ("size", "8192x8192"), ("size", "64x64\n"), ("size", "64x64 "), ("n", 0), ("n", 11), ("n", "2"), ("response_format", "gif"),
     ("output_format", "bmp"), ("quality", "ultra"), ("background", "green"), ("partial_images", 4),
     ("partial_images", -1), ("output_compression", 101), ("output_compression", -1), ("style", "cubist"),
     ("moderation", "none"), ("num_inference_steps", 0), ("num_inference_steps", 10_000),
