@@ -6,7 +6,9 @@ key's text once and remembers the verdict:
 * verdicts are keyed by HMAC-SHA256 of the key text under a random secret of this process, so
   the cache holds nothing usable as a key (nor anything that can be checked offline against
   guessed keys). A verdict says "this text matches (or not) the argon2 hash H": it stays true
-  for as long as the key's record carries H, so it survives key changes;
+  for as long as the key's record carries H, so it survives key changes. The cache holds at most
+  ``_CACHE_MAX`` verdicts and, once full, forgets the least recently used one per new one (a
+  flood of distinct texts pushes out only verdicts nobody used since, never every key at once);
 * key records are cached too, and dropped whenever ``Keys.keys_version`` moves; a background
   task polls it every ``poll_s`` (0.25 s), so revoking, disabling or changing a key takes
   effect on every gateway within ``poll_s`` plus one Redis round trip. A request after the
@@ -30,9 +32,9 @@ import hmac
 import logging
 import os
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn
+from typing import Generic, NoReturn, TypeVar
 
 from argon2.exceptions import InvalidHashError, VerificationError
 
@@ -48,8 +50,43 @@ MISSING_KEY = ("You didn't provide an API key. You need to provide your API key 
 #: Never says which check failed (unknown, wrong, expired, disabled) and never echoes the key.
 INCORRECT_KEY = "Incorrect API key provided."
 
-#: Entries a cache may hold before it is emptied (bounds memory under a flood of distinct texts).
+#: Entries each cache holds at most (bounds memory under a flood of distinct texts).
 _CACHE_MAX = 100_000
+
+K = TypeVar("K")
+V = TypeVar("V")
+D = TypeVar("D")
+
+
+class LruCache(Generic[K, V]):
+    """At most ``size`` entries; a full cache forgets its least recently used entry for each new one."""
+
+    __slots__ = ("size", "_entries")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K, default: D) -> V | D:
+        """The entry (now the most recently used), or ``default``."""
+        entries = self._entries
+        if key not in entries:
+            return default
+        entries.move_to_end(key)
+        return entries[key]
+
+    def put(self, key: K, value: V) -> None:
+        entries = self._entries
+        entries[key] = value
+        entries.move_to_end(key)
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class TooManyFailures(ConduitError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
@@ -147,9 +184,9 @@ class Authenticator:
         self.failures = FailureLimiter(failures, failure_window_s, block_s)
         self._hmac_key = os.urandom(32)
         #: HMAC(text) -> (argon2 hash it was checked against, whether it matched).
-        self._verdicts: dict[bytes, tuple[str, bool]] = {}
+        self._verdicts: LruCache[bytes, tuple[str, bool]] = LruCache(_CACHE_MAX)
         #: key id -> (record, its principal), or None for no such key; dropped when the version moves.
-        self._records: dict[str, tuple[KeyRecord, Principal] | None] = {}
+        self._records: LruCache[str, tuple[KeyRecord, Principal] | None] = LruCache(_CACHE_MAX)
         self._generation = 0
         self._version: int | None = None
         self._pending: dict[bytes, asyncio.Future[bool]] = {}
@@ -169,7 +206,7 @@ class Authenticator:
             self._fail(addr, INCORRECT_KEY)
         key_id, secret = parsed
         digest = hmac.digest(self._hmac_key, text.encode(), "sha256")
-        verdict = self._verdicts.get(digest)
+        verdict = self._verdicts.get(digest, None)
         cached = self._records.get(key_id, False)
         if cached is False:
             # A text this process verified keeps working while its address is blocked, also when
@@ -215,9 +252,7 @@ class Authenticator:
                 raise AuthUnavailable("API keys cannot be checked right now; try again shortly.") from exc
             entry = None if record is None else (record, record.principal())
             if generation == self._generation:  # no key change since the read began
-                if len(self._records) >= _CACHE_MAX:
-                    self._records.clear()
-                self._records[key_id] = entry
+                self._records.put(key_id, entry)
             fut.set_result(entry)
             return entry
         except BaseException as exc:
@@ -236,9 +271,7 @@ class Authenticator:
         self._pending[digest] = fut
         try:
             ok = await self._argon2(hashed, secret)
-            if len(self._verdicts) >= _CACHE_MAX:
-                self._verdicts.clear()
-            self._verdicts[digest] = (hashed, ok)
+            self._verdicts.put(digest, (hashed, ok))
             fut.set_result(ok)
             return ok
         except BaseException as exc:
@@ -278,7 +311,7 @@ class Authenticator:
         if not text or not self.admin_hash:
             self._fail(addr, MISSING_KEY if not text else INCORRECT_KEY)
         digest = hmac.digest(self._hmac_key, b"admin\0" + text.encode(), "sha256")
-        verdict = self._verdicts.get(digest)
+        verdict = self._verdicts.get(digest, None)
         if verdict is None or verdict[0] != self.admin_hash:
             ok = await self._verify_from(addr, digest, self.admin_hash, text)
         else:

@@ -104,3 +104,35 @@ def test_rate_limit_headers_and_principal_lookup() -> None:
         (b"x-ratelimit-limit-requests", b"60"), (b"x-ratelimit-remaining-requests", b"59")]
     assert principal_of({}) is ANONYMOUS
     assert principal_of({"state": {}}) is ANONYMOUS
+
+
+async def test_a_full_verdict_cache_forgets_the_least_recently_used_verdict_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Emptied all at once, a full cache made every key in use pay argon2 again at the same moment.
+    import redis.asyncio as aioredis
+
+    from engines.contract.keys import Keys
+    from gateway.errors import Unauthorized
+    from gateway.tenancy import auth
+    from gateway.tenancy.keys import KeyStore
+
+    monkeypatch.setattr(auth, "_CACHE_MAX", 4)
+    verified: list[str] = []
+    matches = auth._matches
+    monkeypatch.setattr(auth, "_matches", lambda hashed, text: verified.append(text) or matches(hashed, text))
+    authenticator = auth.Authenticator(KeyStore(aioredis.Redis(), Keys("t")), admin_hash=HASHER.hash("admin-text"),
+                                       failures=1000)
+    try:
+        await authenticator.authenticate_admin("Bearer admin-text", "10.0.0.1")
+        for i in range(3):
+            with pytest.raises(Unauthorized):
+                await authenticator.authenticate_admin(f"Bearer wrong-{i}", "10.0.0.1")
+        await authenticator.authenticate_admin("Bearer admin-text", "10.0.0.1")  # full; now the most recent
+        with pytest.raises(Unauthorized):
+            await authenticator.authenticate_admin("Bearer wrong-3", "10.0.0.1")  # evicts wrong-0 alone
+        await authenticator.authenticate_admin("Bearer admin-text", "10.0.0.1")
+        with pytest.raises(Unauthorized):
+            await authenticator.authenticate_admin("Bearer wrong-1", "10.0.0.1")
+        assert verified == ["admin-text", "wrong-0", "wrong-1", "wrong-2", "wrong-3"]
+    finally:
+        authenticator.close()
