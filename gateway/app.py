@@ -26,6 +26,7 @@ from gateway.errors import ConduitError, error_response
 from gateway.flow import RequestFlow
 from gateway.images.serving import ImageGeneration
 from gateway.observe import RequestObserver, template_name
+from gateway.proxies import TrustedProxies
 from gateway.openapi import document_bytes
 from gateway.queue import JobQueue, ReplyRouter
 from gateway.registry import EngineRegistry
@@ -214,7 +215,8 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
                                        request_timeout_s=settings.queue.request_timeout_s)
     return RequestObserver(Guard(idempotent, settings.tenancy, authenticator, route_access(app)),
                            metrics=app.state.metrics if settings.telemetry.metrics else None, tracing=telemetry.tracing,
-                           log=request_log, route_of=_route_of(app))
+                           log=request_log, route_of=_route_of(app),
+                           proxies=TrustedProxies.from_settings(settings.server))
 
 
 def asgi_from_env() -> ASGIApp:

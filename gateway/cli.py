@@ -42,7 +42,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     uvicorn.run("gateway.app:asgi_from_env", factory=True, host=server.host, port=server.port,
                 workers=args.workers or server.workers, loop="uvloop",
                 http="gateway.server:BoundedHttpToolsProtocol", ws="none", access_log=False,
-                log_level=telemetry.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30)
+                log_level=telemetry.log_level.lower(), log_config=None, lifespan="on", timeout_graceful_shutdown=30,
+                # Off: uvicorn would believe X-Forwarded-For from 127.0.0.1 (or FORWARDED_ALLOW_IPS) with
+                # rules of its own; the gateway decides who the client is (trusted_proxies, gateway.proxies).
+                proxy_headers=False)
     return 0
 
 

@@ -30,6 +30,9 @@ class RequestContext:
     #: ``x-request-id``: the client's own (first 128 bytes) or one the observer made; an idempotent
     #: replay puts the first request's here.
     request_id: bytes = b""
+    #: The client's address: the TCP peer, or what trusted proxies forwarded (``gateway.proxies``); the
+    #: failed-authentication limit and the request log key on it.
+    client: str = ""
     #: The client's W3C ``traceparent`` (its first 55 characters), for the job.
     traceparent: str = ""
     #: The request's server span (a sampled trace): the dispatcher hangs the queue span under it.

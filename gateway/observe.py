@@ -4,7 +4,7 @@
 sees every request, refusals at the door included:
 
 * the request's :class:`~gateway.context.RequestContext` (``scope["state"]["ctx"]``), which
-  every layer inside reads and fills;
+  every layer inside reads and fills, with the client's address (``gateway.proxies``);
 * ``x-request-id``: a client's own is echoed, otherwise one is made; kept in the context's
   ``request_id`` and read when the response starts (an idempotent replay puts the first
   request's there);
@@ -25,13 +25,14 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 import msgspec
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.context import CTX, RequestContext
+from gateway.proxies import TrustedProxies
 from gateway.settings import TelemetrySettings
 from telemetry.instruments import OPERATIONS, GatewayMetrics
 from telemetry.logs import RequestLog, RequestRecord, timestamp
@@ -79,6 +80,8 @@ class RequestObserver:
     tracing: Tracing
     log: RequestLog | None
     route_of: Callable[[str, str], str]
+    #: Who may say who the client is (nobody by default: the TCP peer is the client).
+    proxies: TrustedProxies = field(default_factory=TrustedProxies)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,7 +97,7 @@ class RequestObserver:
                 traceparent = value
         if not rid:
             rid = b"req_" + os.urandom(12).hex().encode()
-        ctx = RequestContext(rid)
+        ctx = RequestContext(rid, self.proxies.resolve(scope))
         if traceparent:
             # For the job (its engine's logs join the client's trace), read here once.
             ctx.traceparent = traceparent[:55].decode("latin-1")
@@ -188,7 +191,6 @@ class RequestObserver:
              run: Any, span: Any, error: str) -> None:
         log: RequestLog = self.log  # type: ignore[assignment]
         principal = ctx.principal
-        client = scope.get("client")
         # Positional arguments, in RequestRecord's field order: a line costs a few microseconds
         # (benchmarks/telemetry_overhead.py holds the whole of telemetry within 5%).
         if run is None:
@@ -197,7 +199,7 @@ class RequestObserver:
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, "", "", "", None,
                 principal.name if principal.key_id else "", error,
                 None, None, None, None, 0, f"{span.context.trace_id:032x}" if span is not None else "",
-                client[0] if client else "", None)
+                ctx.client, None)
         else:
             job, u, ttft = run.job, run.usage, run.ttft
             image = job.kind == "image"
@@ -210,8 +212,7 @@ class RequestObserver:
                 u.prompt_tokens if u is not None else None,
                 u.completion_tokens if u is not None and not image else None,
                 run.cost.images if u is not None and image else None, run.resubmits,
-                f"{span.context.trace_id:032x}" if span is not None else "", client[0] if client else "",
-                ctx.prompt)
+                f"{span.context.trace_id:032x}" if span is not None else "", ctx.client, ctx.prompt)
         log.write(record)
 
 

@@ -29,6 +29,15 @@ class ServerSettings(msgspec.Struct, kw_only=True, frozen=True):
     max_body_bytes: int = 8 * 1024 * 1024
     #: A request line and headers larger than this get a 431 (``gateway.server``).
     max_header_bytes: int = 65_536
+    #: Proxies (addresses or CIDRs, ``10.0.0.0/8``) whose forwarded client address is believed, for the
+    #: failed-authentication limit and the request log (``gateway.proxies``). Empty: nobody's; the
+    #: TCP peer is the client.
+    trusted_proxies: list[str] = []
+    #: Proxies in front of the gateway that each add the address they saw to the header: the client
+    #: is at most this many entries from its right end, and only trusted ones are stepped over.
+    proxy_hops: int = 1
+    #: The header those proxies write: ``x-forwarded-for`` or ``forwarded`` (RFC 7239).
+    proxy_header: str = "x-forwarded-for"
 
 
 class RedisSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -163,7 +172,7 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     keys_poll_s: float = 0.25
     #: argon2 verifications at once (threads); a key is verified once per gateway, then cached.
     auth_threads: int = 2
-    #: Failed authentications per client address per minute before it gets 429s ...
+    #: Failed authentications per client address (``trusted_proxies``) per minute before it gets 429s ...
     auth_failures: int = 20
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0

@@ -19,7 +19,8 @@ key's text once and remembers the verdict:
   with Retry-After (server_busy: the server, not the client, is short of capacity). Requests
   for one key text share one verification;
 * failures (missing, malformed, unknown, wrong, expired, disabled, revoked) are counted per
-  client address in a sliding window: past ``failures`` in ``failure_window_s`` the address
+  client address (the TCP peer, or what a trusted proxy forwarded: ``gateway.proxies``) in a
+  sliding window: past ``failures`` in ``failure_window_s`` the address
   gets 429 ``rate_limit_exceeded`` with Retry-After for ``block_s`` on everything that is not
   already known to be a valid key. Keys verified before keep working, so a flood of wrong keys
   costs one dict lookup each and cannot starve valid ones.

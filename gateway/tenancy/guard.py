@@ -128,13 +128,13 @@ class Guard:
         if access == PUBLIC_ACCESS or (access == METRICS and not settings.metrics_auth):
             return
         if access == ADMIN or access == METRICS:
-            await self._auth().authenticate_admin(_header(scope, b"authorization"), _addr(scope))
+            await self._auth().authenticate_admin(_header(scope, b"authorization"), _client(scope, ctx))
             return
         # KEY, and anything a handler names that this guard does not know: deny by default.
         if not settings.auth:
             ctx.principal = ANONYMOUS
             return
-        ctx.principal = await self._auth().authenticate(_header(scope, b"authorization"), _addr(scope))
+        ctx.principal = await self._auth().authenticate(_header(scope, b"authorization"), _client(scope, ctx))
 
     def _auth(self) -> Authenticator:
         auth: Authenticator | None = self.authenticator()
@@ -157,7 +157,11 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _addr(scope: Scope) -> str:
+def _client(scope: Scope, ctx: RequestContext) -> str:
+    """The address failures are counted against: the observer's verdict (``gateway.proxies``), or the
+    TCP peer where no observer ran (a guard on its own, in tests)."""
+    if ctx.client:
+        return ctx.client
     client = scope.get("client")
     return client[0] if client else ""
 

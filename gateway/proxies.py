@@ -1,0 +1,174 @@
+"""Who the client is: the TCP peer, or, behind trusted proxies, the address they forwarded.
+
+The failed-authentication limit (``gateway.tenancy.auth``) counts failures per client address,
+and every request log line names one. Behind a load balancer the TCP peer is the balancer for
+every client, so one client's wrong keys would lock out all of them; believing any
+``X-Forwarded-For`` instead lets each client pick a fresh address per request. So the header is
+read only from a peer in ``trusted_proxies`` (addresses or CIDRs; empty, the default: nobody),
+the way uvicorn's ``forwarded_allow_ips`` and nginx's ``set_real_ip_from`` decide:
+
+* each proxy appends the address it saw to the header's right end, so the entries a client wrote
+  itself are all to the left of the one its first proxy added. The client is found by walking
+  from the peer leftwards through the header: the walk steps onto an entry while the address it
+  stands on is trusted and fewer than ``proxy_hops`` (default 1) entries have been taken, and the
+  address it stops on is the client's. One hop reads only the peer's own entry, which a client
+  inside a trusted range cannot reach past either; give as many hops as there are proxies in
+  front of the gateway (a CDN and a load balancer: 2, both trusted).
+* an entry that is not an IP address (``unknown``, an obfuscated name, garbage, an empty entry)
+  stops the walk: the trusted address last reached (the proxy that forwarded it) is the client.
+  Nothing a client wrote is ever its address unless every proxy between was trusted and counted.
+* ``proxy_header = forwarded`` reads RFC 7239 ``Forwarded`` (the ``for=`` of each element)
+  instead of ``X-Forwarded-For``; only one of the two is ever read, since a proxy that writes one
+  passes the other on as the client sent it.
+
+A trusted peer's ``X-Forwarded-Proto`` (or the right-most ``Forwarded`` element's ``proto=``),
+when ``http`` or ``https``, becomes the request's scheme, so ``url`` image links use the scheme
+the client used (behind several proxies set ``public_url`` instead). uvicorn's own proxy-header
+handling is off (``conduit gateway``): this module is the one place that decides.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.settings import ServerSettings
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+HEADERS = ("x-forwarded-for", "forwarded")
+
+#: Longer entries are never an address (the longest, a bracketed IPv6 with a port, is ~47 characters).
+_MAX_NODE = 64
+
+
+class TrustedProxies:
+    """Resolves a request's client address (see the module docstring)."""
+
+    __slots__ = ("networks", "hops", "header")
+
+    def __init__(self, proxies: Sequence[str] = (), hops: int = 1, header: str = "x-forwarded-for") -> None:
+        networks = []
+        for entry in proxies:
+            try:
+                networks.append(ipaddress.ip_network(entry.strip()))
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an IP address or network (CIDR with no host "
+                                 "bits set, e.g. 10.0.0.0/8)") from None
+        if hops < 1:
+            raise ValueError(f"proxy_hops must be at least 1, not {hops}")
+        if header not in HEADERS:
+            raise ValueError(f"proxy_header must be one of {', '.join(HEADERS)}, not {header!r}")
+        self.networks = tuple(networks)
+        self.hops = hops
+        self.header = header.encode()
+
+    @classmethod
+    def from_settings(cls, server: ServerSettings) -> TrustedProxies:
+        return cls(server.trusted_proxies, server.proxy_hops, server.proxy_header)
+
+    def trusted(self, address: Address) -> bool:
+        return any(address in net for net in self.networks)
+
+    def resolve(self, scope: Any) -> str:
+        """The client's address for a request's ASGI ``scope`` (its peer's, unless that is a trusted
+        proxy); with a trusted peer also sets ``scope["scheme"]`` from what it reports."""
+        client = scope.get("client")
+        peer = client[0] if client else ""
+        if not self.networks:
+            return peer
+        address = _address(peer)
+        if address is None or not self.trusted(address):
+            return peer
+        values: list[str] = []
+        proto = ""
+        name = self.header
+        for key, value in scope["headers"]:
+            if key == name:
+                values.append(value.decode("latin-1"))
+            elif key == b"x-forwarded-proto":
+                proto = value.decode("latin-1")
+        if name == b"forwarded":
+            nodes, proto = _forwarded(",".join(values), self.hops)
+        else:
+            nodes = _right_most(",".join(values), self.hops) if values else []
+            proto = proto.rpartition(",")[2]
+        proto = proto.strip().lower()
+        if proto in ("http", "https"):
+            scope["scheme"] = proto
+        for taken, node in enumerate(nodes, 1):
+            forwarded = _address(node)
+            if forwarded is None:
+                break
+            address = forwarded
+            if taken == self.hops or not self.trusted(address):
+                break
+        return str(address)
+
+
+def _right_most(header: str, n: int) -> list[str]:
+    """The last ``n`` comma-separated entries of ``header``, right-most first (the rest is never split)."""
+    parts = header.rsplit(",", n)
+    return parts[::-1][:n]
+
+
+def _forwarded(header: str, n: int) -> tuple[list[str], str]:
+    """The ``for=`` values of the last ``n`` elements of an RFC 7239 ``Forwarded`` header, right-most
+    first ("" where an element has none), and the right-most element's ``proto=``. A header that
+    ends inside a quoted string yields nothing: its quote may have swallowed what a proxy appended."""
+    elements: list[dict[str, str]] = []
+    pairs: dict[str, str] = {}
+    text: list[str] = []
+    quoted = escaped = False
+    for ch in header + ",":
+        if quoted:
+            if escaped:
+                text.append(ch)
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                quoted = False
+            else:
+                text.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch == ";" or ch == ",":
+            param, eq, value = "".join(text).partition("=")
+            if eq:
+                pairs[param.strip().lower()] = value.strip()
+            text.clear()
+            if ch == ",":
+                elements.append(pairs)
+                pairs = {}
+        else:
+            text.append(ch)
+    if quoted or not elements:
+        return [], ""
+    last = elements[-n:][::-1]
+    return [e.get("for", "") for e in last], last[0].get("proto", "")
+
+
+def _address(node: str) -> Address | None:
+    """The IP address an entry names (``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``,
+    ``[2001:db8::1]:80``; an IPv4-mapped IPv6 address as IPv4), or None."""
+    node = node.strip()
+    if not node or len(node) > _MAX_NODE:
+        return None
+    if node[0] == "[":
+        host, bracket, port = node[1:].partition("]")
+        if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
+            return None
+        node = host
+    elif node.count(":") == 1:
+        node, _, port = node.partition(":")
+        if not port.isdigit():
+            return None
+    try:
+        address = ipaddress.ip_address(node)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
