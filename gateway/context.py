@@ -39,6 +39,10 @@ class RequestContext:
     span: Span | None = None
     #: Who asks (the guard's verdict; ``ANONYMOUS`` when auth is off or before the guard).
     principal: Principal = ANONYMOUS
+    #: The guard let the request through on a good credential (an API key, the admin credential),
+    #: or keys are off (``auth=false``: no client has more to show). Only then does a client's
+    #: ``traceparent`` sampled flag count (``gateway.observe``).
+    authenticated: bool = False
     #: The ``x-ratelimit-*`` headers of a keyed request (filled by the limiter, sent by the guard).
     ratelimit: dict[str, str] | None = None
     #: The request's job (a generation): its metrics and log line are read from it.

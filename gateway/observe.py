@@ -9,7 +9,11 @@ sees every request, refusals at the door included:
   ``request_id`` and read when the response starts (an idempotent replay puts the first
   request's there);
 * the request's server span, when tracing is on and the trace is sampled (the context's
-  ``span``: the dispatcher hangs the queue span under it);
+  ``span``: the dispatcher hangs the queue span under it). A client's ``traceparent`` names the
+  trace either way, but its *sampled* flag counts only for a request the guard authenticated
+  (``RequestContext.authenticated``), or anyone could have every request recorded and exported:
+  such a span is made at the start, since the guard decides later, and dropped unexported at the
+  end unless the request was authenticated (or ``trace_sample_ratio`` would have kept it anyway);
 * once the last byte is out: ``http.server.request.duration`` for every request, the
   ``gen_ai.*`` metrics of a generation request (what its :class:`~gateway.run.JobRun`, the
   context's ``run``, knows: model, time to first token, usage), the span's end, and one line
@@ -108,8 +112,11 @@ class RequestObserver:
             state[CTX] = ctx
         quiet = scope["path"] in QUIET_PATHS
         tracing = self.tracing
+        provisional = False  # sampled on the client's word alone: kept only if the guard authenticates it
         if tracing.enabled and not quiet:
             parent = parse_traceparent(traceparent.decode("latin-1")) if traceparent else None
+            if parent is not None and parent.sampled:
+                provisional = not tracing.sample(None)
             if tracing.sample(parent):
                 ctx.span = tracing.start(f"{scope['method']} {scope['path']}", SpanKind.SERVER, parent,
                                               {"http.request.method": scope["method"]})
@@ -134,6 +141,8 @@ class RequestObserver:
                     ctx.error = "internal_error"
             raise
         finally:
+            if provisional and not ctx.authenticated:
+                ctx.span = None  # never ended: not exported
             ended = response[1] or time.perf_counter()
             try:
                 self._finished(scope, ctx, response[0] or 499, ended - started, quiet)

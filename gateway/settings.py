@@ -201,7 +201,7 @@ class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
     metrics: bool = True
     #: OTLP/HTTP collector for traces (``http://collector:4318``); empty: tracing off.
     otlp_endpoint: str = ""
-    #: Share of new traces recorded (a client's ``traceparent`` decides for its own trace).
+    #: Share of new traces recorded (an authenticated client's ``traceparent`` decides for its own trace).
     trace_sample_ratio: float = 0.1
     log_level: str = "info"
     #: ``text`` (people) or ``json`` (one object a line, for log collectors).

@@ -10,7 +10,8 @@ The client's ``traceparent`` is the parent of the gateway's span; the queue span
 travels in ``Job.traceparent``, so the engine's span is its child in the same trace.
 
 Sampling is decided once, at the root: a client's ``traceparent`` decides for its trace (its
-``sampled`` flag), otherwise ``sample_ratio`` of new traces are recorded. A request that is
+``sampled`` flag; the gateway honours it only for authenticated requests, ``gateway.observe``),
+otherwise ``sample_ratio`` of new traces are recorded. A request that is
 not sampled creates no span at all (it costs a random draw), and its job carries the client's
 own ``traceparent`` unchanged, so an engine makes no span for it either.
 

@@ -126,15 +126,19 @@ class Guard:
             raise NotFound("Not found: no such route.")
         settings = self.settings
         if access == PUBLIC_ACCESS or (access == METRICS and not settings.metrics_auth):
+            ctx.authenticated = not settings.auth  # with keys off, no request has more to show
             return
         if access == ADMIN or access == METRICS:
             await self._auth().authenticate_admin(_header(scope, b"authorization"), _client(scope, ctx))
+            ctx.authenticated = True
             return
         # KEY, and anything a handler names that this guard does not know: deny by default.
         if not settings.auth:
             ctx.principal = ANONYMOUS
+            ctx.authenticated = True
             return
         ctx.principal = await self._auth().authenticate(_header(scope, b"authorization"), _client(scope, ctx))
+        ctx.authenticated = True
 
     def _auth(self) -> Authenticator:
         auth: Authenticator | None = self.authenticator()

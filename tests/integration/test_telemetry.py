@@ -256,6 +256,28 @@ def test_one_trace_spans_gateway_queue_and_engine(stack: Stack, receiver: OtlpRe
     assert {s.trace_id for s in receiver.spans} == {trace_id}
 
 
+def test_a_clients_sampled_flag_counts_only_for_an_authenticated_request(stack: Stack,
+                                                                        receiver: OtlpReceiver) -> None:
+    # Otherwise anyone, without a key, could make the gateway record and export a trace per request.
+    stack.gateway(auth=True, otlp_endpoint=receiver.endpoint, trace_sample_ratio=0.0)
+    key = create_key(stack, "team-traces")
+    base = stack.base_url
+    refused_ids = [f"0af7651916cd43dd8448eb211c80000{i}" for i in range(4)]
+    sampled = [{"traceparent": f"00-{t}-b7ad6b7169203331-01"} for t in refused_ids]
+    refused = [post(stack, CHAT, None, **sampled[0]), post(stack, CHAT, "cdt-000000000000-" + "0" * 43, **sampled[1]),
+               httpx.get(f"{base}/v1/images/files/img_{'0' * 32}.png", headers=sampled[2]),  # public: no key
+               httpx.get(f"{base}/nowhere", headers=sampled[3])]
+    assert [r.status_code for r in refused] == [401, 401, 404, 404]
+    trace_id, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    ok = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}",
+                                                 "traceparent": f"00-{trace_id}-{client_span}-01"})
+    assert ok.status_code == 200
+    (server,) = receiver.wait_for(trace_id, 1)
+    assert server.parent_span_id == client_span and server.name == "GET /v1/models"
+    time.sleep(1.0)  # the refused requests came first: their spans would be here by now
+    assert {s.trace_id for s in receiver.spans} == {trace_id}
+
+
 def test_new_traces_are_sampled_at_the_configured_ratio(stack: Stack, receiver: OtlpReceiver) -> None:
     stack.gateway(otlp_endpoint=receiver.endpoint, trace_sample_ratio=1.0)
     stack.engine("--kind", "synthetic", "--served-name", MODEL, "--otlp-endpoint", receiver.endpoint, model=MODEL)

@@ -375,8 +375,8 @@ def test_a_keep_alive_connection_the_collector_closed_is_reopened_for_the_same_b
     assert names == ["one", "two"]
 
 
-def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions", tracing: Tracing | None = None
-             ) -> tuple[GatewayMetrics, list[object]]:
+def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions", tracing: Tracing | None = None,
+             headers: list[tuple[bytes, bytes]] | None = None) -> tuple[GatewayMetrics, list[object]]:
     """Run one request through a RequestObserver (metrics on, a log that keeps its records)."""
     import asyncio
 
@@ -398,7 +398,7 @@ def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completion
     metrics, log = GatewayMetrics(Meter("x")), Keep()
     observer = RequestObserver(app, metrics=metrics, tracing=tracing or Tracing({}), log=log,  # type: ignore[arg-type]
                                route_of=lambda p, m: p)
-    scope = {"type": "http", "method": method, "path": path, "headers": []}
+    scope = {"type": "http", "method": method, "path": path, "headers": headers or []}
     try:
         asyncio.run(observer(scope, receive, send))  # type: ignore[arg-type]
     except RuntimeError:
@@ -478,3 +478,35 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
     assert records[0].error == "engine_lost"  # type: ignore[attr-defined]
     (span,) = ended
     assert span.attributes["error.type"] == "engine_lost"
+
+
+def test_a_clients_sampled_flag_counts_only_for_an_authenticated_request() -> None:
+    from gateway.context import context_of
+
+    ended: list[Any] = []
+
+    class Collect:
+        add = ended.append
+
+        def shutdown(self) -> None:
+            pass
+
+    def guarded(authenticated: bool) -> Any:
+        async def app(scope: dict[str, Any], receive: object, send: Any) -> None:
+            context_of(scope).authenticated = authenticated  # as the guard says
+            await send({"type": "http.response.start", "status": 200 if authenticated else 401, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
+
+        return app
+
+    client = (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    # Unauthenticated, the flag is ignored and the ratio decides (in the client's trace, still).
+    for authenticated, ratio, recorded in ((False, 0.0, False), (True, 0.0, True), (False, 1.0, True)):
+        ended.clear()
+        _, records = _observe(guarded(authenticated), tracing=Tracing({}, sample_ratio=ratio, exporter=Collect()),
+                              headers=[client])
+        assert bool(ended) is recorded, (authenticated, ratio)
+        if recorded:
+            (span,) = ended
+            assert (span.context.trace_id, span.parent_id) == (0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7)
+        assert records[0].trace_id == (f"{0x4bf92f3577b34da6a3ce929d0e0e4736:032x}" if recorded else "")  # type: ignore[attr-defined]
