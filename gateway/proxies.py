@@ -29,6 +29,7 @@ handling is off (``conduit gateway``): this module is the one place that decides
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -42,12 +43,15 @@ HEADERS = ("x-forwarded-for", "forwarded")
 
 #: Longer entries are never an address (the longest, a bracketed IPv6 with a port, is ~47 characters).
 _MAX_NODE = 64
+#: Entries whose verdict is remembered (parsing one and matching it costs ~2 us; a load balancer's
+#: few addresses and the recent clients' stay in it).
+_KNOWN = 4096
 
 
 class TrustedProxies:
     """Resolves a request's client address (see the module docstring)."""
 
-    __slots__ = ("networks", "hops", "header")
+    __slots__ = ("networks", "hops", "header", "_known")
 
     def __init__(self, proxies: Sequence[str] = (), hops: int = 1, header: str = "x-forwarded-for") -> None:
         networks = []
@@ -64,13 +68,24 @@ class TrustedProxies:
         self.networks = tuple(networks)
         self.hops = hops
         self.header = header.encode()
+        self._known = functools.lru_cache(maxsize=_KNOWN)(self._judge)
 
     @classmethod
     def from_settings(cls, server: ServerSettings) -> TrustedProxies:
         return cls(server.trusted_proxies, server.proxy_hops, server.proxy_header)
 
-    def trusted(self, address: Address) -> bool:
-        return any(address in net for net in self.networks)
+    def node(self, text: str) -> tuple[str, bool] | None:
+        """An entry's address (normalised) and whether it is a trusted proxy's; None: not an address."""
+        text = text.strip()
+        if not text or len(text) > _MAX_NODE:
+            return None
+        return self._known(text)
+
+    def _judge(self, text: str) -> tuple[str, bool] | None:
+        address = _address(text)
+        if address is None:
+            return None
+        return str(address), any(address in net for net in self.networks)
 
     def resolve(self, scope: Any) -> str:
         """The client's address for a request's ASGI ``scope`` (its peer's, unless that is a trusted
@@ -79,8 +94,8 @@ class TrustedProxies:
         peer = client[0] if client else ""
         if not self.networks:
             return peer
-        address = _address(peer)
-        if address is None or not self.trusted(address):
+        judged = self.node(peer)
+        if judged is None or not judged[1]:
             return peer
         values: list[str] = []
         proto = ""
@@ -98,14 +113,14 @@ class TrustedProxies:
         proto = proto.strip().lower()
         if proto in ("http", "https"):
             scope["scheme"] = proto
-        for taken, node in enumerate(nodes, 1):
-            forwarded = _address(node)
+        for taken, entry in enumerate(nodes, 1):
+            forwarded = self.node(entry)
             if forwarded is None:
                 break
-            address = forwarded
-            if taken == self.hops or not self.trusted(address):
+            judged = forwarded
+            if taken == self.hops or not judged[1]:
                 break
-        return str(address)
+        return judged[0]
 
 
 def _right_most(header: str, n: int) -> list[str]:
@@ -154,9 +169,6 @@ def _forwarded(header: str, n: int) -> tuple[list[str], str]:
 def _address(node: str) -> Address | None:
     """The IP address an entry names (``1.2.3.4``, ``1.2.3.4:80``, ``2001:db8::1``,
     ``[2001:db8::1]:80``; an IPv4-mapped IPv6 address as IPv4), or None."""
-    node = node.strip()
-    if not node or len(node) > _MAX_NODE:
-        return None
     if node[0] == "[":
         host, bracket, port = node[1:].partition("]")
         if not bracket or (port and not (port[0] == ":" and port[1:].isdigit())):
