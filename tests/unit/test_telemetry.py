@@ -375,6 +375,19 @@ def test_a_keep_alive_connection_the_collector_closed_is_reopened_for_the_same_b
     assert names == ["one", "two"]
 
 
+class Ended:
+    """An exporter keeping the spans that ended."""
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def add(self, span: Any) -> None:
+        self.spans.append(span)
+
+    def shutdown(self) -> None:
+        pass
+
+
 def _observe(app: object, method: str = "POST", path: str = "/v1/chat/completions", tracing: Tracing | None = None,
              headers: list[tuple[bytes, bytes]] | None = None) -> tuple[GatewayMetrics, list[object]]:
     """Run one request through a RequestObserver (metrics on, a log that keeps its records)."""
@@ -454,15 +467,8 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
     from gateway.settings import QueueSettings
     from tests.unit.test_dispatch import Live
 
-    ended: list[Any] = []
-
-    class Collect:
-        add = ended.append
-
-        def shutdown(self) -> None:
-            pass
-
-    tracing = Tracing({}, sample_ratio=1.0, exporter=Collect())
+    ended = Ended()
+    tracing = Tracing({}, sample_ratio=1.0, exporter=ended)
     router = ReplyRouter(None, "replies:gw", None)  # type: ignore[arg-type]
     dispatcher = Dispatcher(QueueSettings(), Live(), None, router, GatewayMetrics.noop(),  # type: ignore[arg-type]
                             tracing=None)
@@ -476,20 +482,12 @@ def test_a_stream_that_fails_after_its_200_is_an_error_in_its_count_log_line_and
     metrics, records = _observe(streamed, tracing=tracing)
     assert metrics._rejections["engine_lost"].value == 1
     assert records[0].error == "engine_lost"  # type: ignore[attr-defined]
-    (span,) = ended
+    (span,) = ended.spans
     assert span.attributes["error.type"] == "engine_lost"
 
 
 def test_a_clients_sampled_flag_counts_only_for_an_authenticated_request() -> None:
     from gateway.context import context_of
-
-    ended: list[Any] = []
-
-    class Collect:
-        add = ended.append
-
-        def shutdown(self) -> None:
-            pass
 
     def guarded(authenticated: bool) -> Any:
         async def app(scope: dict[str, Any], receive: object, send: Any) -> None:
@@ -502,11 +500,11 @@ def test_a_clients_sampled_flag_counts_only_for_an_authenticated_request() -> No
     client = (b"traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     # Unauthenticated, the flag is ignored and the ratio decides (in the client's trace, still).
     for authenticated, ratio, recorded in ((False, 0.0, False), (True, 0.0, True), (False, 1.0, True)):
-        ended.clear()
-        _, records = _observe(guarded(authenticated), tracing=Tracing({}, sample_ratio=ratio, exporter=Collect()),
+        ended = Ended()
+        _, records = _observe(guarded(authenticated), tracing=Tracing({}, sample_ratio=ratio, exporter=ended),
                               headers=[client])
-        assert bool(ended) is recorded, (authenticated, ratio)
+        assert bool(ended.spans) is recorded, (authenticated, ratio)
         if recorded:
-            (span,) = ended
+            (span,) = ended.spans
             assert (span.context.trace_id, span.parent_id) == (0x4bf92f3577b34da6a3ce929d0e0e4736, 0x00f067aa0ba902b7)
         assert records[0].trace_id == (f"{0x4bf92f3577b34da6a3ce929d0e0e4736:032x}" if recorded else "")  # type: ignore[attr-defined]
