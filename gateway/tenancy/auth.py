@@ -20,10 +20,11 @@ key's text once and remembers the verdict:
   for one key text share one verification;
 * failures (missing, malformed, unknown, wrong, expired, disabled, revoked) are counted per
   client address (the TCP peer, or what a trusted proxy forwarded: ``gateway.proxies``) in a
-  sliding window: past ``failures`` in ``failure_window_s`` the address
-  gets 429 ``rate_limit_exceeded`` with Retry-After for ``block_s`` on everything that is not
-  already known to be a valid key. Keys verified before keep working, so a flood of wrong keys
-  costs one dict lookup each and cannot starve valid ones.
+  sliding window, in bounded memory (``gateway.tenancy.failures``): past
+  ``failures`` in ``failure_window_s`` the client gets 429 ``rate_limit_exceeded`` with
+  Retry-After for ``block_s`` on everything that is not already known to be a valid key. Keys
+  verified before keep working, so a flood of wrong keys costs one dict lookup each and cannot
+  starve valid ones.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ import asyncio
 import hmac
 import logging
 import os
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, NoReturn, TypeVar
 
@@ -41,6 +41,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from engines.contract.lane import REDIS_ERRORS
 from gateway.errors import ConduitError, Unauthorized
+from gateway.tenancy.failures import FailureLimiter
 from gateway.tenancy.keys import HASHER, KeyRecord, KeyStore, parse_key
 from gateway.tenancy.principal import Principal
 
@@ -104,72 +105,6 @@ class AuthUnavailable(ConduitError, status=503, type="server_error", code="serve
 
     def __init__(self, message: str) -> None:
         super().__init__(message, headers={"Retry-After": "1"})
-
-
-class FailureLimiter:
-    """Failed authentications per client address over a sliding window, in this process's memory."""
-
-    def __init__(self, limit: int = 20, window_s: float = 60.0, block_s: float = 60.0) -> None:
-        self.limit = limit
-        self.window_s = window_s
-        self.block_s = block_s
-        self._failures: dict[str, deque[float]] = {}
-        self._blocked: dict[str, float] = {}
-        #: Checks under way per address that may still fail (each counts against the limit, so
-        #: a burst of concurrent wrong keys cannot all pass before the first failure is counted).
-        self._pending: dict[str, int] = {}
-
-    def blocked(self, addr: str) -> float:
-        """Seconds ``addr`` stays blocked (0: not blocked)."""
-        until = self._blocked.get(addr)
-        if until is None:
-            return 0.0
-        left = until - time.monotonic()
-        if left <= 0:
-            del self._blocked[addr]
-            return 0.0
-        return left
-
-    def admit(self, addr: str) -> float:
-        """0 when ``addr`` may start a check that can fail; else seconds to wait before retrying."""
-        left = self.blocked(addr)
-        if left:
-            return left
-        times = self._failures.get(addr)
-        recent = sum(1 for t in times if t > time.monotonic() - self.window_s) if times else 0
-        if recent + self._pending.get(addr, 0) >= self.limit:
-            return 1.0
-        return 0.0
-
-    def begin(self, addr: str) -> None:
-        self._pending[addr] = self._pending.get(addr, 0) + 1
-
-    def end(self, addr: str) -> None:
-        n = self._pending[addr] - 1
-        if n:
-            self._pending[addr] = n
-        else:
-            del self._pending[addr]
-
-    def failed(self, addr: str) -> None:
-        now = time.monotonic()
-        times = self._failures.get(addr)
-        if times is None:
-            if len(self._failures) >= _CACHE_MAX:
-                self.prune()
-            times = self._failures[addr] = deque()
-        times.append(now)
-        while times and times[0] <= now - self.window_s:
-            times.popleft()
-        if len(times) >= self.limit:
-            self._blocked[addr] = now + self.block_s
-            times.clear()
-
-    def prune(self) -> None:
-        """Forget addresses with no failure in the window and blocks that ended."""
-        now = time.monotonic()
-        self._failures = {a: t for a, t in self._failures.items() if t and t[-1] > now - self.window_s}
-        self._blocked = {a: u for a, u in self._blocked.items() if u > now}
 
 
 class Authenticator:
