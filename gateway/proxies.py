@@ -1,7 +1,7 @@
 """Who the client is: the TCP peer, or, behind trusted proxies, the address they forwarded.
 
-The failed-authentication limit (``gateway.tenancy.auth``) counts failures per client address,
-and every request log line names one. Behind a load balancer the TCP peer is the balancer for
+The failed-authentication limit (``gateway.tenancy.failures``) counts failures per client address
+(an IPv6 one by its /64), and every request log line names one. Behind a load balancer the TCP peer is the balancer for
 every client, so one client's wrong keys would lock out all of them; believing any
 ``X-Forwarded-For`` instead lets each client pick a fresh address per request. So the header is
 read only from a peer in ``trusted_proxies`` (addresses or CIDRs; empty, the default: nobody),

@@ -172,7 +172,7 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     keys_poll_s: float = 0.25
     #: argon2 verifications at once (threads); a key is verified once per gateway, then cached.
     auth_threads: int = 2
-    #: Failed authentications per client address (``trusted_proxies``) per minute before it gets 429s ...
+    #: Failed authentications per client address (``trusted_proxies``; IPv6: per /64) per minute before it gets 429s ...
     auth_failures: int = 20
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0

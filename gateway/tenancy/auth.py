@@ -1,4 +1,4 @@
-"""Verifying API keys fast: cached verdicts, argon2 off the event loop, failures limited per address.
+"""Verifying API keys fast: cached verdicts, argon2 off the event loop, failures limited per client.
 
 argon2id costs ~15 ms by design (``gateway.tenancy.keys.HASHER``), so a gateway verifies a
 key's text once and remembers the verdict:
@@ -19,8 +19,8 @@ key's text once and remembers the verdict:
   with Retry-After (server_busy: the server, not the client, is short of capacity). Requests
   for one key text share one verification;
 * failures (missing, malformed, unknown, wrong, expired, disabled, revoked) are counted per
-  client address (the TCP peer, or what a trusted proxy forwarded: ``gateway.proxies``) in a
-  sliding window, in bounded memory (``gateway.tenancy.failures``): past
+  client (its address: the TCP peer, or what a trusted proxy forwarded, ``gateway.proxies``; an
+  IPv6 address's /64) in a sliding window, in bounded memory (``gateway.tenancy.failures``): past
   ``failures`` in ``failure_window_s`` the client gets 429 ``rate_limit_exceeded`` with
   Retry-After for ``block_s`` on everything that is not already known to be a valid key. Keys
   verified before keep working, so a flood of wrong keys costs one dict lookup each and cannot
@@ -92,11 +92,11 @@ class LruCache(Generic[K, V]):
 
 
 class TooManyFailures(ConduitError, status=429, type="rate_limit_error", code="rate_limit_exceeded"):
-    """429 for a client address that failed authentication too often."""
+    """429 for a client (an address, an IPv6 /64) that failed authentication too often."""
 
     def __init__(self, retry_after_s: float) -> None:
         retry = max(1, int(retry_after_s + 0.999))
-        super().__init__(f"Too many failed authentication attempts from your address; retry in {retry}s.",
+        super().__init__(f"Too many failed authentication attempts from your address or network; retry in {retry}s.",
                          headers={"Retry-After": str(retry)})
 
 

@@ -12,10 +12,16 @@ Past ``limit`` failures in ``window_s`` a client is blocked for ``block_s``
   unblocks anyone. Past the bound the block closest to its end goes first (every block lasts
   ``block_s``, so that is the oldest); lifting one early takes ``limit * max_blocked`` failures
   from as many distinct clients.
+
+Who one client is (:func:`client_of`): an IPv4 address, or an IPv6 address's /64 (one subscriber
+line, host or VM usually holds a whole /64 and may pick any address in it, so counting per
+address would let it rotate past the limit); an IPv4-mapped IPv6 address is its IPv4 address.
 """
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import time
 from collections import OrderedDict
 
@@ -23,12 +29,32 @@ from collections import OrderedDict
 MAX_TRACKED = 100_000
 #: Clients blocked at once at most (~180 bytes each: 18 MB when full).
 MAX_BLOCKED = 100_000
+#: Leading bits of an IPv6 address that name one client.
+IPV6_CLIENT_BITS = 64
+#: Addresses whose client is remembered (an IPv6 address is parsed once, ~3 us).
+_KNOWN = 4096
+
+
+def client_of(addr: str) -> str:
+    """The client ``addr`` counts against: itself (IPv4, or not an address), its IPv4 address when
+    IPv4-mapped, else its IPv6 /64 (``2001:db8:0:1::/64``)."""
+    if ":" not in addr:
+        return addr
+    try:
+        address = ipaddress.IPv6Address(addr)
+    except ValueError:
+        return addr
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(address) >> (128 - IPV6_CLIENT_BITS) << (128 - IPV6_CLIENT_BITS),
+                                      IPV6_CLIENT_BITS)))
 
 
 class FailureLimiter:
-    """Failed authentications per client address, in this process's memory."""
+    """Failed authentications per client (:func:`client_of` an address), in this process's memory."""
 
-    __slots__ = ("limit", "window_s", "block_s", "max_tracked", "max_blocked", "_failures", "_blocked", "_pending")
+    __slots__ = ("limit", "window_s", "block_s", "max_tracked", "max_blocked", "_failures", "_blocked", "_pending",
+                 "_client")
 
     def __init__(self, limit: int = 20, window_s: float = 60.0, block_s: float = 60.0, *,
                  max_tracked: int = MAX_TRACKED, max_blocked: int = MAX_BLOCKED) -> None:
@@ -45,10 +71,11 @@ class FailureLimiter:
         #: a burst of concurrent wrong keys cannot all pass before the first failure is counted).
         #: Bounded by the requests in flight.
         self._pending: dict[str, int] = {}
+        self._client = functools.lru_cache(maxsize=_KNOWN)(client_of)
 
     def blocked(self, addr: str) -> float:
-        """Seconds ``addr`` stays blocked (0: not blocked)."""
-        client = addr
+        """Seconds ``addr``'s client stays blocked (0: not blocked)."""
+        client = self._client(addr)
         until = self._blocked.get(client)
         if until is None:
             return 0.0
@@ -63,7 +90,7 @@ class FailureLimiter:
         left = self.blocked(addr)
         if left:
             return left
-        client = addr
+        client = self._client(addr)
         times = self._failures.get(client)
         cutoff = time.monotonic() - self.window_s
         recent = sum(1 for t in times if t > cutoff) if times else 0
@@ -72,11 +99,11 @@ class FailureLimiter:
         return 0.0
 
     def begin(self, addr: str) -> None:
-        client = addr
+        client = self._client(addr)
         self._pending[client] = self._pending.get(client, 0) + 1
 
     def end(self, addr: str) -> None:
-        client = addr
+        client = self._client(addr)
         n = self._pending[client] - 1
         if n:
             self._pending[client] = n
@@ -85,7 +112,7 @@ class FailureLimiter:
 
     def failed(self, addr: str) -> None:
         """Count a failure; the one that reaches the limit blocks the client."""
-        client = addr
+        client = self._client(addr)
         now = time.monotonic()
         failures = self._failures
         times = failures.get(client)

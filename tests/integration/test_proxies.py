@@ -1,6 +1,6 @@
 """Who the client is, from a real gateway: the failed-authentication limit and the request log
 key on the TCP peer unless it is a trusted proxy (the test's connections come from 127.0.0.1, or
-from 127.0.0.2 playing a load balancer)."""
+from 127.0.0.2 playing a load balancer); the limit takes an IPv6 address's /64 as one client."""
 
 from __future__ import annotations
 
@@ -62,3 +62,21 @@ def test_behind_a_trusted_proxy_each_client_has_its_own_failure_budget(stack: St
         assert direct_answer.status_code == 401
     assert clients_logged(stack, [flood[0], other, spoof, bare, junk, direct_answer]) == [
         "203.0.113.7", "203.0.113.8", "203.0.113.7", "127.0.0.2", "127.0.0.2", "127.0.0.1"]
+
+
+def test_an_ipv6_client_is_its_64_for_the_failure_limit(stack: Stack) -> None:
+    """One /64 is one client for the failure budget (it may rotate through its addresses); the
+    request log still names each address."""
+    stack.gateway(auth=True, auth_failures=3, auth_block_s=30, trusted_proxies="127.0.0.2")
+    fresh = create_key(stack, "from-the-next-64")
+    url = f"{stack.base_url}/v1/models"
+    with through("127.0.0.2") as proxy:
+        rotated = [proxy.get(url, headers={"Authorization": WRONG.format(i), "X-Forwarded-For": f"2001:db8:0:1::{i:x}"})
+                   for i in range(1, 5)]
+        assert [r.status_code for r in rotated] == [401, 401, 429, 429]
+        neighbour = proxy.get(url, headers={"Authorization": f"Bearer {fresh}",
+                                            "X-Forwarded-For": "2001:db8:0:1:ffff:ffff:ffff:ffff"})
+        assert neighbour.status_code == 429  # a key this gateway has not verified waits out the block
+        other = proxy.get(url, headers={"Authorization": f"Bearer {fresh}", "X-Forwarded-For": "2001:db8:0:2::1"})
+        assert other.status_code == 200, other.text
+    assert clients_logged(stack, [*rotated[:2], other]) == ["2001:db8:0:1::1", "2001:db8:0:1::2", "2001:db8:0:2::1"]

@@ -1,11 +1,11 @@
-"""The failed-authentication limiter and its bounded memory (no I/O)."""
+"""The failed-authentication limiter: its bounded memory and who counts as one client (no I/O)."""
 
 from __future__ import annotations
 
 import pytest
 
 from gateway.tenancy import failures
-from gateway.tenancy.failures import FailureLimiter
+from gateway.tenancy.failures import FailureLimiter, client_of
 
 
 class Clock:
@@ -71,7 +71,7 @@ def test_a_flood_that_blocks_nobody_never_lifts_a_block() -> None:
     for _ in range(3):
         lim.failed("192.0.2.7")
     for i in range(10_000):
-        lim.failed(f"2001:db8::{i:x}")  # 10,000 addresses, one failure each
+        lim.failed(f"2001:db8:{i:x}::1")  # 10,000 /64s, one failure each
     assert lim.blocked("192.0.2.7") > 0
 
 
@@ -98,3 +98,28 @@ def test_prune_forgets_quiet_clients_and_ended_blocks(clock: Clock) -> None:
     clock.now += 30
     lim.prune()
     assert len(lim) == 1  # .3
+
+
+def test_an_ipv6_client_is_limited_per_64() -> None:
+    lim = FailureLimiter(limit=3, window_s=60, block_s=30)
+    for addr in ("2001:db8:0:1::1", "2001:db8:0:1::2", "2001:db8:0:1:ffff:ffff:ffff:ffff"):  # one /64
+        lim.failed(addr)
+    assert lim.blocked("2001:db8:0:1::abcd") > 0
+    assert lim.blocked("2001:db8:0:2::1") == 0  # the next /64 is another client
+    lim.begin("2001:db8:0:2::1")
+    lim.end("2001:db8:0:2::2")  # the same client: its check ended
+
+
+def test_an_ipv4_mapped_address_is_its_ipv4_address() -> None:
+    lim = FailureLimiter(limit=2, window_s=60, block_s=30)
+    lim.failed("::ffff:192.0.2.1")
+    lim.failed("192.0.2.1")
+    assert lim.blocked("192.0.2.1") > 0 and lim.blocked("::ffff:c000:201") > 0
+
+
+@pytest.mark.parametrize(("addr", "client"), [
+    ("192.0.2.1", "192.0.2.1"), ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"), ("2001:db8::", "2001:db8::/64"),
+    ("::ffff:198.51.100.9", "198.51.100.9"), ("fe80::1%eth0", "fe80::/64"), ("::1", "::/64"),
+    ("", ""), ("unix:socket", "unix:socket")])
+def test_who_counts_as_one_client(addr: str, client: str) -> None:
+    assert client_of(addr) == client
