@@ -294,7 +294,7 @@ def build(handlers: Iterable[Any] | None = None) -> dict[str, Any]:
     for handler in route_handlers(admin=True) if handlers is None else handlers:
         op: Operation = handler.opt[OPERATION]
         operations.append(op)
-        (method,) = handler.http_methods
+        (method,) = set(handler.http_methods) - {"HEAD"}  # a GET's HEAD mirrors it (the description says so)
         for path in handler.paths:
             paths.setdefault(template_name(path), {})[method.lower()] = _operation(
                 op, handler.opt.get("access", KEY), handler.status_code)
@@ -306,7 +306,8 @@ def build(handlers: Iterable[Any] | None = None) -> dict[str, Any]:
                        "diffusers, behind a Redis Streams queue.",
             "description": "Every error is OpenAI's envelope `{\"error\": {\"message\", \"type\", \"param\", "
                            "\"code\"}}`; every answer carries `x-request-id`. Fields and operations OpenAI's API "
-                           "does not have carry `x-conduit-extension`. Generated from the code by `gateway.openapi`.",
+                           "does not have carry `x-conduit-extension`. Every `GET` answers `HEAD` too (its status and "
+                           "headers, no body). Generated from the code by `gateway.openapi`.",
             "version": version(),
             "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
         },

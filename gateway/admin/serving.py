@@ -11,12 +11,13 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, delete, get, patch, post
+from litestar import Request, Response, delete, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from gateway.admin.protocol import CreatedKey, DeletedKey, KeyList, NewKey
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.common.routing import get_and_head
 from gateway.errors import InvalidRequest, NotFound
 from gateway.tenancy.guard import ADMIN_ONLY
 from gateway.tenancy.keys import InvalidKeyField, KeyChanges, KeyInfo, KeyStore
@@ -75,14 +76,14 @@ async def create_key(request: Request[Any, Any, Any],
     return _json(CreatedKey(key=text, **msgspec.structs.asdict(info)), 201)
 
 
-@get("/admin/keys", opt=_admin("listKeys", "Every API key (no hashes, no secrets)", {}, json=KeyList,
+@get_and_head("/admin/keys", opt=_admin("listKeys", "Every API key (no hashes, no secrets)", {}, json=KeyList,
                                 parameters=(REQUEST_ID,)))
 async def list_keys(key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     """Every key (no hashes, no secrets)."""
     return _json(KeyList(data=[r.info() for r in await key_store.list()]))
 
 
-@get("/admin/keys/{key_id:str}", opt=_admin("retrieveKey", "One API key", {404: _NO_KEY}, json=KeyInfo,
+@get_and_head("/admin/keys/{key_id:str}", opt=_admin("retrieveKey", "One API key", {404: _NO_KEY}, json=KeyInfo,
                                             parameters=(KEY_ID, REQUEST_ID)))
 async def show_key(key_id: FromPath[str], key_store: NamedDependency[KeyStore]) -> Response[bytes]:
     record = await key_store.get(key_id)
@@ -117,7 +118,7 @@ async def revoke_key(key_id: FromPath[str], key_store: NamedDependency[KeyStore]
     return _json(DeletedKey(id=key_id))
 
 
-@get("/admin/keys/{key_id:str}/usage", opt=_admin(
+@get_and_head("/admin/keys/{key_id:str}/usage", opt=_admin(
     "getKeyUsage", "An API key's usage per UTC day and model",
     {400: "`invalid_value`: `days` out of range.", 404: _NO_KEY}, json=KeyUsage,
     parameters=(KEY_ID, {"name": "days", "in": "query", "required": False,

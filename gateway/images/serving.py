@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get, post
+from litestar import Request, Response, post
 from litestar.background_tasks import BackgroundTask
 from litestar.di import NamedDependency
 from litestar.params import FromPath
@@ -28,6 +28,7 @@ from engines.contract.store import ImageStore, media_type, valid_ref
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, REQUEST_ID, STORED, Operation, documented
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
+from gateway.common.routing import get_and_head
 from gateway.dispatch import JobKind
 from gateway.errors import EngineError, ErrorEnvelope, NotFound
 from gateway.flow import sse_error
@@ -225,7 +226,7 @@ async def image_generations(request: Request[Any, Any, Any], services: NamedDepe
     return await services.flow.respond(request, services.images)
 
 
-@get("/v1/images/files/{name:str}", opt=documented(GET_IMAGE_FILE, PUBLIC))
+@get_and_head("/v1/images/files/{name:str}", opt=documented(GET_IMAGE_FILE, PUBLIC))
 async def image_file(name: FromPath[str], services: NamedDependency[Services]) -> Response[bytes]:
     """A generated image, until it expires (its unguessable name is the capability to read it)."""
     data = await services.image_store.get(name) if valid_ref(name) else None

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import Request, Response
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.common.routing import get_and_head
 from gateway.context import principal_of
 from gateway.errors import ModelNotFound
 from gateway.models.protocol import Model, ModelList
@@ -27,7 +28,7 @@ RETRIEVE_MODEL = Operation(
                  "description": "The model's id (it may contain `/`)."}, REQUEST_ID))
 
 
-@get("/v1/models", opt=documented(LIST_MODELS))
+@get_and_head("/v1/models", opt=documented(LIST_MODELS))
 async def list_models(request: Request[Any, Any, Any],
                       services: NamedDependency[Services]) -> Response[bytes]:
     """The models that have a live engine now (those the request's key may use)."""
@@ -37,7 +38,7 @@ async def list_models(request: Request[Any, Any, Any],
     return Response(_JSON.encode(models), media_type="application/json")
 
 
-@get("/v1/models/{model_id:path}", opt=documented(RETRIEVE_MODEL))
+@get_and_head("/v1/models/{model_id:path}", opt=documented(RETRIEVE_MODEL))
 async def get_model(model_id: FromPath[str], request: Request[Any, Any, Any],
                     services: NamedDependency[Services]) -> Response[bytes]:
     """One live model (that the request's key may use)."""

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 import msgspec
-from litestar import Response, get
+from litestar import Response
 from litestar.di import NamedDependency
 
 from engines.contract.lane import REDIS_ERRORS
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.common.routing import get_and_head
 from gateway.errors import NotFound
 from gateway.operations.protocol import Health, Readiness
 from gateway.services import Services
@@ -35,13 +36,13 @@ GET_OPENAPI = Operation("getOpenApi", "This document", "Operations", {500: "`int
                         extension="conduit", parameters=(REQUEST_ID,))
 
 
-@get("/health", opt=documented(GET_HEALTH, PUBLIC))
+@get_and_head("/health", opt=documented(GET_HEALTH, PUBLIC))
 async def health() -> Response[bytes]:
     """The process is alive (says nothing about Redis or engines)."""
     return Response(_HEALTHY, media_type="application/json")
 
 
-@get("/ready", opt=documented(GET_READINESS, PUBLIC))
+@get_and_head("/ready", opt=documented(GET_READINESS, PUBLIC))
 async def ready(services: NamedDependency[Services]) -> Response[bytes]:
     """Redis reachable and at least one live engine: ready for traffic."""
     try:
@@ -56,7 +57,7 @@ async def ready(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(body, status_code=200 if ok else 503, media_type="application/json")
 
 
-@get("/metrics", opt=documented(GET_METRICS, METRICS_ACCESS))
+@get_and_head("/metrics", opt=documented(GET_METRICS, METRICS_ACCESS))
 async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     """Prometheus exposition of this process's OpenTelemetry instruments."""
     if not services.metrics:
@@ -68,7 +69,7 @@ async def metrics(services: NamedDependency[Services]) -> Response[bytes]:
     return Response(services.telemetry.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@get("/openapi.json", opt=documented(GET_OPENAPI, PUBLIC))
+@get_and_head("/openapi.json", opt=documented(GET_OPENAPI, PUBLIC))
 async def openapi_document(services: NamedDependency[Services]) -> Response[bytes]:
     """This API's OpenAPI 3.1 document (``openapi/openapi.json``), built once per process."""
     return Response(services.openapi(), media_type="application/json")

@@ -21,8 +21,10 @@ handler the path and method reach, and its ``opt["access"]``), never read from a
   ``/v1/images/files/{name}`` (its unguessable name is the capability, as OpenAI's signed image
   URLs are, and ``<img src>`` sends no header).
 
-A path no route matches is answered 404 here; one whose route lacks the method needs a key
-(then the router's 405); one longer than ``MAX_PATH`` gets a 414; a websocket is closed.
+A handler's access holds for each method it registers: every GET route answers HEAD as well
+(``gateway.common.routing``), so a HEAD needs what the GET needs. A path no route matches is
+answered 404 here; one whose route lacks the method needs a key (then the router's 405); one
+longer than ``MAX_PATH`` gets a 414; a websocket is closed.
 
 On ``http.response.start`` of every response the guard adds the rate-limit headers found in the
 request's context (``ratelimit``): a dict header name -> value filled by the limits check

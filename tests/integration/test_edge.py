@@ -1,7 +1,8 @@
 """The HTTP edge: every route the app registers, under every spelling, without a credential.
 
 A client without a key may reach only the public list (``/health``, ``/ready``,
-``/openapi.json``, image files, ``/metrics`` while metrics auth is off); every other request
+``/openapi.json``, image files, ``/metrics`` while metrics auth is off) with GET or HEAD (every
+GET route answers HEAD: ``test_head_answers_like_get_without_a_body``); every other request
 is a 401 or a 404 in OpenAI's envelope, whatever the spelling of its path (doubled, trailing
 and percent-encoded slashes, dot segments, percent-encoded dots, case, query strings) and
 whatever its method (HEAD, OPTIONS, ones no route has). The routes come from the app itself, so a
@@ -26,6 +27,7 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from gateway.tenancy.keys import HASHER
 from tests.harness import Stack
+from tests.integration.test_telemetry import create_key
 
 # Building the app here to list its routes: Litestar 2.23+ asks for explicitly marked dependencies.
 
@@ -112,7 +114,8 @@ def walk(port: int, settings: GatewaySettings) -> tuple[int, list[str]]:
             for method in METHODS:
                 status, body = send(port, method, target)
                 sent += 1
-                # Public: the canonical path once the server decoded it, with the route's own method.
+                # Public: the canonical path once the server decoded it, with the route's own method
+                # (GET or HEAD: the route registers both).
                 open_route = (unquote(target.split("?")[0]) == path and method in methods
                               and (access.get(method) == "public"
                                    or (access.get(method) == "metrics" and not settings.tenancy.metrics_auth)))
@@ -155,6 +158,35 @@ def test_admin_routes_do_not_exist_without_an_admin_credential(stack: Stack) -> 
                 for method in ("GET", "POST", "PATCH", "DELETE"):
                     status, body = send(stack.port, method, target, {"Authorization": f"Bearer {ADMIN}"})
                     assert status == 404, f"{method} {target} -> {status} {body[:200]!r}"
+
+
+def _exchange(port: int, method: str, target: str, authorization: str = "") -> tuple[bytes, dict[bytes, bytes], bytes]:
+    """(status line, headers, every byte after the head) of one request, read off the socket
+    until the server closes it: what a HEAD answer carries after its head is there to see."""
+    auth = f"Authorization: Bearer {authorization}\r\n".encode() if authorization else b""
+    answer = _raw(port, f"{method} {target} HTTP/1.1\r\nHost: x\r\n".encode() + auth + b"Connection: close\r\n\r\n")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status, *lines = head.split(b"\r\n")
+    return status, dict(line.lower().split(b": ", 1) for line in lines), body
+
+
+def test_head_answers_like_get_without_a_body(stack: Stack) -> None:
+    """HEAD on a GET route: GET's status and headers (its Content-Length too), no body (RFC 9110
+    9.3.2); public where GET is, a key or the admin credential where GET needs one."""
+    _gateway(stack, admin_key_hash=HASHER.hash(ADMIN))
+    key = create_key(stack, "head")
+    missing = "/v1/images/files/" + PARAMS["name"]
+    for target, credential in (("/health", ""), ("/ready", ""), ("/openapi.json", ""), ("/metrics", ""),
+                               (missing, ""), ("/v1/models", key), ("/v1/models/synthetic", key),
+                               ("/admin/keys", ADMIN), ("/v1/models", "")):
+        get_status, get_headers, get_body = _exchange(stack.port, "GET", target, credential)
+        status, headers, body = _exchange(stack.port, "HEAD", target, credential)
+        assert (status, body) == (get_status, b""), f"HEAD {target}: {status!r} {body[:200]!r}"
+        varying = {b"date", b"x-request-id"} | ({b"content-length"} if target == "/metrics" else set())
+        assert {k: v for k, v in headers.items() if k not in varying} == {
+            k: v for k, v in get_headers.items() if k not in varying}, target
+        assert int(headers[b"content-length"]) > 0 and (target == "/metrics" or len(get_body) == int(
+            headers[b"content-length"]))
 
 
 @pytest.mark.parametrize("target", ["//v1/models", "/v1//models", "/v1/models/", "/v1/./models", "/x/../v1/models",

@@ -16,6 +16,7 @@ from openapi_spec_validator import validate as validate_spec
 
 from gateway import openapi
 from gateway.app import create_app
+from gateway.routes import route_handlers
 from gateway.settings import GatewaySettings
 
 DOC: dict[str, Any] = json.loads(openapi.document_bytes())
@@ -42,15 +43,25 @@ def test_the_check_command_tells_a_stale_document(tmp_path: Any, monkeypatch: py
 
 def app_routes() -> set[tuple[str, str]]:
     """(method, path) of every handler the app registers, Litestar's own OPTIONS handlers aside
-    (made for every path, for CORS preflight: not part of the API)."""
+    (made for every path, for CORS preflight: not part of the API), and HEAD, which every GET
+    answers too (the document's description says so; ``test_every_get_answers_head``)."""
     app = create_app(GatewaySettings.from_env({}, admin_key_hash="set"))  # the admin routes exist only with one
     out = set()
     for route in app.routes:
         for handler in route.route_handlers:  # type: ignore[attr-defined]
             if handler.handler_name == "options_handler":
                 continue
-            out.update((m.lower(), route.path_format) for m in handler.http_methods)
+            out.update((m.lower(), route.path_format) for m in handler.http_methods if m != "HEAD")
     return out
+
+
+def test_every_get_answers_head() -> None:
+    handlers = route_handlers(admin=True)
+    gets = [h for h in handlers if "GET" in h.http_methods]
+    assert len(gets) >= 8
+    assert [h for h in gets if set(h.http_methods) != {"GET", "HEAD"}] == []
+    assert [h for h in handlers if "HEAD" in h.http_methods and "GET" not in h.http_methods] == []
+    assert "Every `GET` answers `HEAD`" in DOC["info"]["description"]
 
 
 def documented_routes() -> set[tuple[str, str]]:
