@@ -42,7 +42,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
                               engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
                               image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
-                              stall_s=args.stall_s)
+                              stall_s=args.stall_s, dead_letter_maxlen=args.dead_letter_maxlen,
+                              dead_letter_max_age_s=args.dead_letter_max_age_s)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
@@ -195,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
                          "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
+    en.add_argument("--dead-letter-maxlen", type=int, default=10_000,
+                    help="dead letters (jobs that failed on engine after engine; their bodies are never kept) "
+                         "kept per model")
+    en.add_argument("--dead-letter-max-age-s", type=float, default=7 * 86_400.0,
+                    help="how long a dead letter is kept (default 7 days)")
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
     en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")

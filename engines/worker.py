@@ -76,7 +76,10 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     #: and its readiness probe fails. Far above the longest turn a bounded job takes (~2 s).
     stall_s: float = 20.0
     reply_maxlen: int = 100_000
+    #: Dead letters (jobs that failed ``max_attempts`` times, without their bodies) kept per model ...
     dead_letter_maxlen: int = 10_000
+    #: ... and for how long; the stream itself goes this long after its newest entry.
+    dead_letter_max_age_s: float = 7 * 86_400.0
     #: How long a cancellation is remembered when its message carries no deadline (older gateways).
     cancel_memory_s: float = 600.0
     #: Where images go (``engines.contract.store``): ``redis`` or a directory every gateway reads too.
