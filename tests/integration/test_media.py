@@ -54,17 +54,14 @@ class MediaServer:
                 elif path == "/page":
                     self._answer(200, "text/html", b"<html></html>")
                 elif path == "/moved":
-                    self.send_response(302)
-                    self.send_header("Location", server.url("/secret"))
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._answer(302, "text/plain", b"", Location=server.url("/secret"))
                 else:
                     self._answer(404, "text/plain", b"not here")
 
-            def _answer(self, status: int, media_type: str, body: bytes) -> None:
+            def _answer(self, status: int, media_type: str, body: bytes, **headers: str) -> None:
                 self.send_response(status)
-                self.send_header("Content-Type", media_type)
-                self.send_header("Content-Length", str(len(body)))
+                for name, value in {"Content-Type": media_type, "Content-Length": str(len(body)), **headers}.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
