@@ -381,7 +381,7 @@ async def test_wait_lists_live_as_long_as_their_jobs_and_no_longer(stack: Stack)
     try:
         await redis.script_load(PROMOTE)
         await queue.submit(job("", 60), share=None)  # no engine yet: into the stream, untaken; the rest wait
-        a = [job("a", 0.5) for _ in range(2)]
+        a = [job("a", 2) for _ in range(2)]
         b = [job("b", 60), job("b", 30)]
         for j in (*a, *b):
             await queue.submit(j, share=None)

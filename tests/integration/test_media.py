@@ -29,7 +29,7 @@ from engines.contract.media import (
     MediaRefused,
     MediaTarget,
 )
-from engines.contract.messages import Codec, Failed, Job
+from engines.contract.messages import Codec, Done, Failed, Job
 from engines.media import FETCH_FAILED, REDIRECTED, UNSUPPORTED_PART, MediaGate
 from tests.harness import Stack
 
@@ -130,7 +130,7 @@ def final_event(r: redis.Redis, reply_to: str, timeout: float = 30) -> object:
         for _, fields in r.xrange(reply_to, "-", "+"):
             if b"e" in fields:
                 events = Codec().decode_events(fields[b"e"])[0]
-                if events and type(events[-1]).__name__ in ("Done", "Failed"):
+                if events and isinstance(events[-1], (Done, Failed)):
                     return events[-1]
         time.sleep(0.05)
     raise TimeoutError(f"no final event on {reply_to}")
@@ -161,7 +161,7 @@ def test_an_engine_reached_directly_fetches_nothing_by_default(stack: Stack, med
         # A text part carrying a URL field vLLM would read beside a uuid: the field never reaches it.
         _, reply_to = direct_job(r, keys, chat({"type": "text", "text": "hi", "uuid": "u2",
                                                 "image_url": media_server.url("/smuggled.png")}))
-        assert type(final_event(r, reply_to)).__name__ == "Done"
+        assert isinstance(final_event(r, reply_to), Done)
     assert media_server.hits == []
 
 
