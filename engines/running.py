@@ -134,7 +134,8 @@ class JobRunner:
         span = self._span(run) if worker.tracing is not None and is_sampled(job.traceparent) else None
         outcome = "interrupted"
         try:
-            await worker.backend.run(job, out)
+            # Media URLs checked and, where allowed, fetched here: the backend sees only data: URLs.
+            await worker.backend.run(await worker.media.prepare(job), out)
             if not run.finished:
                 outcome = "error"
                 log.error("job %s: the backend ended it without a result (traceparent %s)", job.id,

@@ -17,6 +17,8 @@ collaborators it owns, each in a module of its own:
   streaming job's output may have reached its client (then failed cleanly), dead-lettered after
   ``max_attempts``;
 * ``engines.cancel``: aborts jobs whose client went away (Pub/Sub cancel channel);
+* ``engines.media``: checks a job's media URLs against the media policy before the backend sees
+  it, and fetches the ones the policy allows itself (the backend gets ``data:`` URLs only);
 
 and drains on SIGTERM itself: stops reading, finishes what it holds, deregisters.
 """
@@ -39,11 +41,13 @@ from engines.cancel import Cancellations
 from engines.contract.backlog import release_command
 from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.contract.lane import REDIS_ERRORS, connect, redacted
+from engines.contract.media import MediaPolicy
 from engines.contract.messages import JOB_KINDS, PROTOCOL_VERSION, Codec, Done, EngineInfo, Failed
 from engines.contract.store import open_image_store
 from engines.events import Ack, EventWriter
 from engines.heartbeat import HeartbeatThread, Presence
 from engines.intake import Intake
+from engines.media import MediaGate
 from engines.reclaim import Reclaimer
 from engines.running import JobRunner, Running, now_ms
 from telemetry.engine_instruments import EngineMetrics
@@ -76,13 +80,22 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     #: and its readiness probe fails. Far above the longest turn a bounded job takes (~2 s).
     stall_s: float = 20.0
     reply_maxlen: int = 100_000
+    #: Dead letters (jobs that failed ``max_attempts`` times, without their bodies) kept per model ...
     dead_letter_maxlen: int = 10_000
+    #: ... and for how long; the stream itself goes this long after its newest entry.
+    dead_letter_max_age_s: float = 7 * 86_400.0
     #: How long a cancellation is remembered when its message carries no deadline (older gateways).
     cancel_memory_s: float = 600.0
     #: Where images go (``engines.contract.store``): ``redis`` or a directory every gateway reads too.
     image_store: str = "redis"
     #: How long a stored image stays readable when its job does not say (``Job.output_ttl_ms``).
     image_ttl_s: float = 3600.0
+    #: Hosts whose http(s) image URLs this engine fetches (``engines.contract.media``: a name, or
+    #: ``*.example.com``); empty, the default: none, only ``data:`` URLs. Give gateways the same list.
+    media_domains: list[str] = []
+    #: Bytes one job's fetched images may total, and how long fetching one may take.
+    media_max_bytes: int = 50 * 1024 * 1024
+    media_timeout_s: float = 10.0
 
 
 class Worker:
@@ -104,6 +117,8 @@ class Worker:
         self.redis: Any = connect(settings.redis_url, cluster=settings.redis_cluster)
         self.writer = EventWriter(self.redis, self.codec, settings)
         self.images = open_image_store(settings.image_store, self.redis, self.keys)
+        self.media = MediaGate(MediaPolicy(settings.media_domains), max_bytes=settings.media_max_bytes,
+                               timeout_s=settings.media_timeout_s)
         self.metrics = metrics or EngineMetrics.noop()
         #: Continues the traces gateways sampled (``Job.traceparent``); None: no spans.
         self.tracing: Tracing | None = None
@@ -205,6 +220,7 @@ class Worker:
 
     async def _close(self) -> None:
         await self.writer.lane.close()
+        await self.media.close()
         await self.backend.close()
         await self.redis.aclose()
 

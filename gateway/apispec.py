@@ -78,7 +78,10 @@ AUTH_ERRORS = {401: "`invalid_api_key`.",
 JOB_ERRORS = {
     400: "`invalid_json`, `invalid_value`, `missing_required_parameter`, `invalid_request` (a rule across "
          "fields, a bound on the request's work, or the engine refused the parameters), "
-         "`invalid_idempotency_key`.",
+         "`invalid_idempotency_key`; an image URL the media policy refuses: `media_url_not_allowed` (only "
+         "`data:` URLs unless media domains are configured), `media_domain_not_allowed`, "
+         "`media_address_not_allowed`, `invalid_media_url`, or one the engine could not fetch: "
+         "`media_url_redirected`, `media_fetch_failed`.",
     401: AUTH_ERRORS[401],
     404: "`model_not_found`: no engine serves the model or the key may not use it; `model_not_supported`: the "
          "model's engines do not run this endpoint's kind of request (as OpenAI answers for a model that is not "

@@ -119,6 +119,11 @@ class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
     max_content_parts: int = 500
     #: Image parts in a chat request (OpenAI's limit); an engine fetches and encodes each one.
     max_images: int = 500
+    #: Hosts whose http(s) image URLs engines may fetch (``media.example.com``; ``*.example.com``
+    #: for the names under it); empty, the default: none, only ``data:`` URLs. Never an address that
+    #: is not public, whatever a name resolves to (``engines.contract.media``). Engines take the
+    #: same list (``--media-domains``) and check again.
+    media_domains: list[str] = []
     #: Tools in a chat request (OpenAI's limit); each is rendered into the prompt and may be
     #: compiled into a grammar.
     max_tools: int = 128

@@ -2,7 +2,8 @@
 # A Conduit diffusers (image) engine on NVIDIA GPUs: Conduit, CUDA torch and diffusers, no vLLM.
 # The image libraries carry the `gpu` extra's bounds (tests/unit/test_compose.py keeps them in
 # step); transformers (the pipelines' CLIP text encoders) comes with vLLM in that extra, so it
-# is named here, at the `cpu` extra's bound. CUDA comes in torch's wheels (PyPI's Linux torch
+# is named here, at the `cpu` extra's bound; so is aiohttp (engines fetch the media URLs a policy
+# allows themselves: engines/media.py). CUDA comes in torch's wheels (PyPI's Linux torch
 # is its CUDA build); the host provides only the driver (NVIDIA Container Toolkit).
 #
 # Build from the repository root (BuildKit reads diffusers-engine.Dockerfile.dockerignore):
@@ -18,7 +19,7 @@ COPY pyproject.toml README.md ./
 COPY gateway/ gateway/
 COPY engines/ engines/
 COPY telemetry/ telemetry/
-RUN pip wheel --wheel-dir /wheels . torch "diffusers>=0.42,<0.43" "pillow>=10" "transformers>=4.56"
+RUN pip wheel --wheel-dir /wheels . torch "diffusers>=0.42,<0.43" "pillow>=10" "transformers>=4.56" "aiohttp>=3.12"
 
 # ---- runtime ---------------------------------------------------------------------------
 FROM python:3.11.14-slim-bookworm

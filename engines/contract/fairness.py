@@ -29,6 +29,9 @@ from engines.contract.keys import ENGINE_GROUP, Keys
 # LPOP (not refused under OOM) comes before XADD: a script that has written may go on under
 # maxmemory, so a promotion never stops half done.
 # The ring is the truth of whether anything waits: every key here goes when nothing does.
+# A tenant's list may also have gone by itself, at the deadline of its last job (see SUBMIT):
+# the jobs counted for it (`n:<tenant>`) that were not promoted went with it and stop counting.
+# The ring turns in place (LMOVE), so it keeps the expiry SUBMIT gave it.
 # Returns the number of jobs still waiting (the engine then looks again soon).
 # KEYS: 1 job stream, 2 ring, 3 fair state, 4 weights. ARGV: 1 free slots, 2 wait-list prefix.
 PROMOTE = """
@@ -37,6 +40,7 @@ local waiting = tonumber(redis.call('HGET', KEYS[3], 'waiting') or '0')
 local free = tonumber(ARGV[1])
 local used = tonumber(redis.call('HGET', KEYS[3], 'turn') or '0')
 local moved = 0
+local lost = 0
 while moved < free do
   local tenant = redis.call('LINDEX', KEYS[2], 0)
   if not tenant then break end
@@ -44,15 +48,19 @@ while moved < free do
   local job = redis.call('LPOP', list)
   if job then
     redis.call('XADD', KEYS[1], '*', 'j', job)
+    redis.call('HINCRBY', KEYS[3], 'n:' .. tenant, -1)
     moved = moved + 1
     used = used + 1
   end
   if redis.call('EXISTS', list) == 0 then
+    local left = tonumber(redis.call('HGET', KEYS[3], 'n:' .. tenant) or '0') or 0
+    if left > 0 then lost = lost + left end
+    redis.call('HDEL', KEYS[3], 'n:' .. tenant)
     redis.call('LPOP', KEYS[2])
     redis.call('HDEL', KEYS[4], tenant)
     used = 0
   elseif used >= math.max(tonumber(redis.call('HGET', KEYS[4], tenant) or '1') or 1, 1) then
-    redis.call('RPUSH', KEYS[2], redis.call('LPOP', KEYS[2]))
+    redis.call('LMOVE', KEYS[2], KEYS[2], 'LEFT', 'RIGHT')
     used = 0
   end
 end
@@ -60,7 +68,7 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
   redis.call('DEL', KEYS[3])  -- nothing waits: no state to keep (and no key left forever)
   return 0
 end
-waiting = math.max(waiting - moved, 1)
+waiting = math.max(waiting - moved - lost, 1)
 redis.call('HSET', KEYS[3], 'waiting', waiting, 'turn', used)
 return waiting
 """
@@ -91,6 +99,10 @@ def promote_command(keys: Keys, model: str, free: int) -> tuple[object, ...]:
 # The model's backlog is bounded in bytes too (engines.contract.backlog: the job's encoded size counted
 # in here, out by the engine's ack), and so is the tenant's share of it (ARGV[12]).
 # SET is the first write: under maxmemory the script is refused with nothing written.
+# A waiting job's list expires at the last deadline of the jobs it holds, and the ring, weights
+# and state at the last deadline of any waiting job of the model: pushed on by every job that
+# waits, so no key outlives the jobs it holds for long and none goes before a job it holds could
+# still run (past its deadline an engine answers a job 504 unrun, and its gateway already has).
 # KEYS: 1 job stream, 2 job key, 3 tenant's wait list, 4 ring, 5 fair state, 6 weights,
 # 7 tenant backlog, 8 queued bytes, 9 queued jobs. ARGV: 1 max backlog, 2 stream cap, 3 job,
 # 4 deadline (ms), 5 tenant, 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer
@@ -130,9 +142,17 @@ if waiting == 0 and xlen - pending <= 0 then
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
   return {0, 0}
 end
-if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 then redis.call('RPUSH', KEYS[4], ARGV[5]) end
+-- A new list joins the ring, unless its tenant's last one expired while it was still there.
+if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 and not redis.call('LPOS', KEYS[4], ARGV[5]) then
+  redis.call('RPUSH', KEYS[4], ARGV[5])
+end
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[7])
 redis.call('HINCRBY', KEYS[5], 'waiting', 1)
+redis.call('HINCRBY', KEYS[5], 'n:' .. ARGV[5], 1)
+local deadline = tonumber(ARGV[4])
+for i = 3, 6 do
+  if redis.call('PEXPIRETIME', KEYS[i]) < deadline then redis.call('PEXPIREAT', KEYS[i], deadline) end
+end
 return {0, 1}
 """
 QUEUED, DUPLICATE, BACKLOG_FULL, SHARE_FULL, BYTES_FULL, BYTES_SHARE_FULL = 0, 1, 2, 3, 4, 5

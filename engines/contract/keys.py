@@ -86,7 +86,8 @@ class Keys:
 
     def fair_state(self, model: str) -> str:
         """HASH ``waiting`` (jobs in all wait lists of ``model``), ``turn`` (jobs the ring's
-        head took in its current turn)."""
+        head took in its current turn), ``n:<tenant>`` (the jobs counted for one tenant's list, so
+        those that expired with it stop counting)."""
         return f"{self.prefix}:fair:{{{model}}}"
 
     def weights(self, model: str) -> str:

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from engines.contract.media import MediaPolicy, MediaRefused
 from gateway.common.bounds import (
     ModelContext,
     at_most,
@@ -148,6 +149,8 @@ class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=False)
             if m.tool_calls is not None:
                 at_most(f"messages[{i}].tool_calls", "tool calls", len(m.tool_calls), limits.max_tool_calls)
         at_most("messages", "images", images, limits.max_images)
+        if images:
+            self.check_media(MediaPolicy(limits.media_domains))
         if self.n is not None and self.n > limits.max_choices:
             raise InvalidRequest(f"Invalid 'n': this server generates at most {limits.max_choices} choices per "
                                  f"request, but got {self.n}.", param="n", code="invalid_value")
@@ -167,6 +170,19 @@ class ChatCompletionRequest(Sampling, kw_only=True, forbid_unknown_fields=False)
             if self.tool_choice.function.name not in {t.function.name for t in self.tools}:
                 raise InvalidRequest(f"Tool `{self.tool_choice.function.name}` named in `tool_choice` is not in "
                                      "`tools`.", param="tool_choice")
+
+    def check_media(self, policy: MediaPolicy) -> None:
+        """Every image URL against the media policy (``engines.contract.media``): before anything
+        is queued, so no engine is ever asked to fetch what the policy refuses (engines check again)."""
+        for i, m in enumerate(self.messages):
+            if isinstance(m.content, list):
+                for j, part in enumerate(m.content):
+                    if isinstance(part, ImagePart):
+                        try:
+                            policy.check(part.image_url.url)
+                        except MediaRefused as exc:
+                            raise InvalidRequest(exc.message, param=f"messages[{i}].content[{j}].image_url.url",
+                                                 code=exc.code) from None
 
     def fits(self, model: ModelContext, limits: RequestBounds) -> int | None:
         """What the request may generate, against the model's context, batch and ``max_output_work``

@@ -6,10 +6,12 @@ Each test reproduces one way a request used to be lost, duplicated or left hangi
 from __future__ import annotations
 
 import concurrent.futures as cf
+import hashlib
 import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import httpx
 import pytest
 import redis
 
+from engines.contract.keys import ENGINE_GROUP, Keys
+from engines.contract.messages import Codec, Failed, Job
 from tests.harness import RedisServer, Stack, free_port
 from tests.proxy import FlakyProxy
 
@@ -205,3 +209,44 @@ def test_the_engine_measures_queue_wait(stack: Stack) -> None:
     assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
     assert re.search(r"conduit_engine_job_queue_wait_seconds_count\{[^}]*\} 1", text), text
+
+
+def test_a_dead_letter_keeps_no_prompt_and_ages_out(stack: Stack) -> None:
+    """A job that failed on engine after engine goes to its model's dead-letter stream without its
+    body (the prompt is the user's data; the entry only names the job), and the stream keeps
+    neither entries older than its age bound nor itself once no dead letter has come for that long."""
+    with redis.Redis.from_url(stack.redis_url) as r:
+        keys = Keys(stack.prefix)
+        dead = keys.dead_letters("synthetic")
+        # A dead letter of long ago, as older engines wrote them (the whole job).
+        r.xadd(dead, {b"j": b"an ancient prompt", b"attempts": 3}, id="1000-0")
+        reply_to = keys.replies(f"test-{uuid.uuid4().hex[:6]}")
+        r.xadd(reply_to, {b"h": b"1"})
+        body = json.dumps({**CHAT, "messages": [{"role": "user", "content": "my secret prompt"}]}).encode()
+        job = Job(id=uuid.uuid4().hex, kind="chat", model="synthetic", body=body, reply_to=reply_to,
+                  deadline_ms=int(time.time() * 1000) + 60_000, tenant="key1")
+        stream = keys.jobs("synthetic")
+        # Delivered to engines that died, three times in a row (a consumer the registry never knew),
+        # before the engine that reclaims it starts.
+        r.xgroup_create(stream, ENGINE_GROUP, id="0", mkstream=True)
+        entry = r.xadd(stream, {b"j": Codec().encode(job)})
+        r.xreadgroup(ENGINE_GROUP, "gone-engine", {stream: ">"}, count=1)
+        for _ in range(2):
+            r.xclaim(stream, ENGINE_GROUP, "gone-engine", 0, [entry])
+        stack.synthetic("synthetic", "--reclaim-idle-ms", "200", "--dead-letter-max-age-s", "3600", wait=False)
+        deadline = time.monotonic() + 30
+        while r.xlen(dead) < 1 or r.xrange(dead, "-", "+")[-1][0] == b"1000-0":
+            assert time.monotonic() < deadline, "the job was never dead-lettered"
+            time.sleep(0.05)
+        entries = r.xrange(dead, "-", "+")
+        fields = entries[-1][1]
+        assert {
+            "prompt kept": any(b"secret" in v for v in fields.values()),
+            "entries older than the age bound": [e for e, _ in entries if e == b"1000-0"],
+            "stream expires": 3_500_000 < r.pttl(dead) <= 3_600_000,
+        } == {"prompt kept": False, "entries older than the age bound": [], "stream expires": True}
+        assert fields[b"job"] == job.id.encode() and fields[b"attempts"] == b"3" and fields[b"tenant"] == b"key1"
+        assert fields[b"kind"] == b"chat" and int(fields[b"bytes"]) == len(body)
+        assert fields[b"sha256"] == hashlib.sha256(body).hexdigest().encode()
+        events = Codec().decode_events(r.xrange(reply_to, "-", "+")[-1][1][b"e"])[0]
+        assert isinstance(events[-1], Failed) and events[-1].code == "engine_failed"

@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from engines.contract.backlog import RELEASE, release_command
+from engines.contract.fairness import PROMOTE, promote_command
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Done, Failed, Job
 from gateway.context import RequestContext
@@ -351,6 +352,61 @@ async def test_a_script_redis_lost_is_loaded_once_for_every_waiting_submission(s
                                                 reply_to="r", deadline_ms=now + 60_000), share=None)
                                for _ in range(100)))
         assert await redis.xlen(keys.jobs(MODEL)) + int(await redis.hget(keys.fair_state(MODEL), "waiting")) == 100
+    finally:
+        await queue.lane.close()
+        await redis.aclose()
+
+
+async def test_wait_lists_live_as_long_as_their_jobs_and_no_longer(stack: Stack) -> None:
+    """Fair queueing's keys expire: each wait list at its last job's deadline (pushed on with every
+    job, so nothing queued is lost), the ring, weights and state at the last of all. A key gone
+    idle leaves nothing behind, and the jobs its list lost with it stop counting in the backlog."""
+    redis = aioredis.from_url(stack.redis_url)
+    keys, codec = Keys(stack.prefix), Codec()
+    queue = JobQueue(redis, keys, codec, max_backlog=100)
+    queue.lane.start()
+
+    def job(tenant: str, deadline_s: float) -> Job:
+        return Job(id=os.urandom(6).hex(), kind="chat", model=MODEL, body=b"{}", reply_to="r",
+                   deadline_ms=int(time.time() * 1000) + int(deadline_s * 1000), tenant=tenant)
+
+    async def expiries() -> dict[str, int]:
+        names = {"a": keys.wait(MODEL, "a"), "b": keys.wait(MODEL, "b"), "ring": keys.ring(MODEL),
+                 "weights": keys.weights(MODEL), "fair": keys.fair_state(MODEL)}
+        return {name: await redis.pexpiretime(key) for name, key in names.items()}
+
+    async def promote(free: int) -> int:
+        return int(await redis.execute_command(*promote_command(keys, MODEL, free)))
+
+    try:
+        await redis.script_load(PROMOTE)
+        await queue.submit(job("", 60), share=None)  # no engine yet: into the stream, untaken; the rest wait
+        a = [job("a", 2) for _ in range(2)]
+        b = [job("b", 60), job("b", 30)]
+        for j in (*a, *b):
+            await queue.submit(j, share=None)
+        last = b[0].deadline_ms
+        assert await expiries() == {"a": a[1].deadline_ms, "b": last, "ring": last, "weights": last, "fair": last}
+        # Key a goes idle: its list goes at its last job's deadline; b's jobs and the ring stay.
+        deadline = time.monotonic() + 10
+        while await redis.exists(keys.wait(MODEL, "a")):
+            assert time.monotonic() < deadline, "a's wait list outlived its jobs"
+            await asyncio.sleep(0.05)
+        assert await redis.llen(keys.wait(MODEL, "b")) == 2
+        # a comes back: its list is new, its place in the ring kept (not a second turn).
+        back = job("a", 45)
+        await queue.submit(back, share=None)
+        assert await redis.lrange(keys.ring(MODEL), 0, -1) == [b"a", b"b"]
+        assert (await expiries())["a"] == back.deadline_ms
+        # Promotion: a's job, then one of b's. b, alone in the ring, takes its turn and keeps its expiry.
+        assert await promote(2) == 1
+        assert await redis.lrange(keys.ring(MODEL), 0, -1) == [b"b"]
+        assert await redis.pexpiretime(keys.ring(MODEL)) == last
+        assert int(await redis.hget(keys.fair_state(MODEL), "waiting")) == 1  # a's two lost jobs not counted
+        assert await promote(2) == 0
+        assert not await redis.exists(keys.ring(MODEL), keys.weights(MODEL), keys.fair_state(MODEL),
+                                      keys.wait(MODEL, "a"), keys.wait(MODEL, "b"))
+        assert await redis.xlen(keys.jobs(MODEL)) == 4
     finally:
         await queue.lane.close()
         await redis.aclose()

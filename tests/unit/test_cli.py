@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engines.cli import diffusers_settings
 from tests.commandline import parse_conduit
 
@@ -44,6 +46,21 @@ def test_vllm_gpu_flags_reach_the_engine_settings() -> None:
     assert tiny.served_name == "tiny-llama" and tiny.tool_call_parser == "hermes" and tiny.enable_auto_tool_choice
     assert tiny.extra_engine_args == {"distributed_executor_backend": "uni"}
     assert tiny.gpu_memory_utilization == 0.9 and tiny.tensor_parallel_size == 1  # vLLM's own defaults
+
+
+def test_media_and_dead_letter_flags_reach_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    from engines.cli import worker_settings
+
+    domains = "img.example.com, *.cdn.example.net"
+    s = worker_settings(parse_conduit(["engine", "--kind", "synthetic", "--media-domains", domains,
+                                       "--media-max-bytes", "1000", "--dead-letter-maxlen", "50",
+                                       "--dead-letter-max-age-s", "3600"]))
+    assert (s.media_domains, s.media_max_bytes) == (["img.example.com", "*.cdn.example.net"], 1000)
+    assert (s.dead_letter_maxlen, s.dead_letter_max_age_s) == (50, 3600.0)
+    assert worker_settings(parse_conduit(["engine", "--kind", "synthetic"])).media_domains == []  # fetching off
+    # The gateways' variable configures an engine too, so one list serves both.
+    monkeypatch.setenv("CONDUIT_MEDIA_DOMAINS", "img.example.com")
+    assert worker_settings(parse_conduit(["engine", "--kind", "synthetic"])).media_domains == ["img.example.com"]
 
 
 def test_cpu_engine_environment_only_for_a_cpu_engine() -> None:

@@ -66,11 +66,40 @@ def test_chat_minimal(decoder: Decoders) -> None:
 def test_chat_content_parts(decoder: Decoders) -> None:
     req = decoder.chat(json.dumps({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "text", "text": "What is in"},
-        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": "low"}},
+        {"type": "image_url", "image_url": {"url": PNG, "detail": "low"}},
     ]}]}).encode())
     text, image = req.messages[0].content  # type: ignore[misc]
     assert isinstance(text, TextPart) and text.text == "What is in"
-    assert isinstance(image, ImagePart) and image.image_url.url == "https://example.com/a.png"
+    assert isinstance(image, ImagePart) and image.image_url.url == PNG
+
+
+PNG = "data:image/png;base64,iVBORw0KGgo="
+
+
+def image_body(url: str, *, before: int = 0) -> bytes:
+    """A chat request whose image is at ``url``, in its last message (after ``before`` others)."""
+    return json.dumps({"model": "tiny", "messages": [USER] * before + [{"role": "user", "content": [
+        {"type": "text", "text": "What is in"}, {"type": "image_url", "image_url": {"url": url}}]}]}).encode()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/a.png", "http://169.254.169.254/latest/meta-data/",
+                                 "https://example.com/a.png", "http://2130706433/", "file:///etc/passwd", "a.png"])
+def test_image_urls_are_refused_by_default(decoder: Decoders, url: str) -> None:
+    """Engines fetch image URLs from inside their network: by default none is accepted, only data: URLs."""
+    err = rejected(decoder.chat, image_body(url))
+    assert (err.param, err.code) == ("messages[0].content[1].image_url.url", "media_url_not_allowed")
+    assert "data:" in err.message
+
+
+def test_image_urls_of_allowed_domains_at_public_addresses_only() -> None:
+    chat = Decoders(RequestBounds(media_domains=["example.com", "127.0.0.1"])).chat
+    chat(image_body("https://example.com/a.png"))
+    chat(image_body(PNG))
+    for url, code in (("https://evil.example.org/a.png", "media_domain_not_allowed"),
+                      ("http://0x7f.1/a.png", "media_address_not_allowed"),
+                      ("https://example.com\\@127.0.0.1/", "invalid_media_url")):
+        err = rejected(chat, image_body(url, before=2))
+        assert (err.param, err.code) == ("messages[2].content[1].image_url.url", code)
 
 
 def test_chat_tool_conversation(decoder: Decoders) -> None:
@@ -268,7 +297,7 @@ def test_completion_valid_options(decoder: Decoders) -> None:
 LIMITS = RequestBounds()
 TOOL = {"type": "function", "function": {"name": "f"}}
 CALL = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
-IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+IMAGE = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 
 
 def nested(depth: int) -> dict[str, Any]:
