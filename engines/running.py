@@ -103,7 +103,10 @@ class _Output:
         run = self._run
         if run.finished:
             return  # cancelled or failed while the image was being stored
-        self._mark_output()
+        if partial is not None:
+            # A preview is streamed as it arrives; a final image only with the job's Done (until
+            # then the job may run again from scratch: with partial_images 0 nothing was shown).
+            self._mark_output()
         worker.writer.emit(job.reply_to, ImageReady(
             job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
             joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()))

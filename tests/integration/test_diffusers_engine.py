@@ -423,3 +423,52 @@ async def test_a_compiled_pipeline_serves_the_same_images(tiny_sd: Path, backend
         await compiled.close()
     assert [m["seed"] for _, m in got] == [11, 12]
     assert all(max_diff(a, b) <= TOLERANCE for (a, _), (b, _) in zip(expected, got))
+
+
+async def test_a_streamed_image_job_without_previews_is_not_marked_as_shown(tiny_sd: Path, redis_server: Any) -> None:
+    """A streamed job with ``partial_images`` 0 sends its client nothing before it ends (its final
+    images go out with its ``Done``), so its job key must not say its output began once its first
+    image is ready: an engine that dies before the last one leaves a job another engine runs again,
+    not one it fails with ``engine_lost`` (an error where a retry was owed)."""
+    import redis.asyncio as aioredis
+
+    from engines.contract.keys import Keys
+    from engines.contract.messages import Codec, Done, ImageReady, Started
+    from engines.worker import Worker, WorkerSettings
+
+    keys = Keys(f"img-{os.urandom(3).hex()}")
+    # One 64x64 image per step: the job's second image is denoised after its first is ready.
+    worker = Worker(DiffusersBackend(DiffusersSettings(model=str(tiny_sd), served_name="tiny-sd",
+                                                       max_batch_pixels=64 * 64)),
+                    WorkerSettings(redis_url=redis_server.url, key_prefix=keys.prefix))
+    serving = asyncio.create_task(worker.run())
+    r = aioredis.Redis.from_url(redis_server.url)
+    codec = Codec()
+    try:
+        reply_to = keys.replies("gw-test")
+        await r.xadd(reply_to, {b"h": b"1"})
+        j = job(body(seed=3, steps=30, n=2), id="img-stream")
+        j.reply_to, j.stream = reply_to, True
+        job_key = keys.job("tiny-sd", j.id)
+        await r.set(job_key, b"q", px=60_000)  # as the gateway's submit script makes it
+        await r.xadd(keys.jobs("tiny-sd"), {b"j": codec.encode(j)})
+        events: list[Any] = []
+        marks: list[bytes | None] = []  # the job key, read as each final image arrives before the end
+        last = b"0"
+        deadline = time.monotonic() + 60
+        while not events or not isinstance(events[-1], Done | Failed):
+            assert time.monotonic() < deadline and not serving.done(), events
+            for _, entries in await r.xread({reply_to: last}, block=200) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if b"e" in fields:
+                        got = codec.decode_events(fields[b"e"])[0]
+                        events += got
+                        if any(isinstance(e, ImageReady) for e in got) and not isinstance(got[-1], Done):
+                            marks.append(await r.get(job_key))
+        assert [type(e) for e in events] == [Started, ImageReady, ImageReady, Done], events
+        assert marks and marks[0] == b"q", marks
+    finally:
+        worker.stop()
+        await serving
+        await r.aclose()
