@@ -103,8 +103,8 @@ class _Batch:
         self.after: dict[str, list[Ack]] = {}
         #: acks ready to send (their final event is already written, or they have none).
         self.acks: list[Ack] = []
-        #: job key -> expiry (epoch ms) of streaming jobs whose output began.
-        self.markers: dict[str, int] = {}
+        #: job keys of streaming jobs whose output began.
+        self.markers: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.events or self.acks or self.markers)
@@ -116,7 +116,7 @@ class _Batch:
         for stream, acks in self.after.items():
             newer.after[stream] = acks + newer.after.get(stream, [])
         newer.acks[:0] = self.acks
-        newer.markers = {**self.markers, **newer.markers}
+        newer.markers |= self.markers
         return newer
 
 
@@ -161,9 +161,9 @@ class EventWriter:
         self._idle.clear()
         self._wake.set()
 
-    def mark_output(self, job_key: str, expire_at_ms: int) -> None:
+    def mark_output(self, job_key: str) -> None:
         """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
-        self._batch.markers[job_key] = expire_at_ms
+        self._batch.markers.add(job_key)
 
     def finish(self, reply_to: str, final: Event, ack: Ack) -> None:
         """Write a job's final event, then (once it is in Redis) ack the job."""
@@ -218,7 +218,9 @@ class EventWriter:
             except REDIS_ERRORS as exc:
                 # Tried all the same; a write that meets NOSCRIPT asks for another load.
                 log.warning("could not load the event writer's scripts: %s", exc)
-        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
+        # XX: a job key Redis lost is restored by the heartbeat (with its lease), never here with
+        # the job's deadline; KEEPTTL: the key keeps the life it has.
+        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "XX", "KEEPTTL") for key in batch.markers]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
         lives = self.lives
@@ -237,7 +239,7 @@ class EventWriter:
             if isinstance(reply, Exception):
                 # A gateway that already showed output fails a re-run attempt on its own; the
                 # mark only spares that attempt's work. Retried all the same.
-                retry.markers[key] = batch.markers[key]
+                retry.markers.add(key)
         i = len(batch.markers)
         ready: list[Ack] = []
         for reply_to in streams:

@@ -82,7 +82,7 @@ class _Output:
             # Only a streaming job's output can reach its client before the job ends; a
             # collected one can always be run again from scratch.
             run.output_marked = True
-            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
+            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id))
 
     def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         self.started()
