@@ -1,14 +1,16 @@
 """Writing a worker's events: every running job's events batched into pipelined round trips.
 
 :class:`EventWriter` collects the events of all jobs and writes them one stream entry per reply
-stream per flush; a job's :class:`Ack` (XACK + XDEL, its job key, its backlog share and bytes)
-goes out only once its final event is in Redis. The worker (``engines.worker``) owns one.
+stream per flush (``engines.contract.replies``: a stream Redis lost before its expiry is re-created,
+see :class:`StreamLives`); a job's :class:`Ack` (XACK + XDEL, its job key, its backlog share and
+bytes) goes out only once its final event is in Redis. The worker (``engines.worker``) owns one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +21,7 @@ from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
 from engines.contract.lane import REDIS_ERRORS, open_lane
 from engines.contract.messages import Codec, Event
+from engines.contract.replies import APPEND, RECREATED, append_command
 from telemetry.engine_instruments import EngineMetrics
 
 if TYPE_CHECKING:
@@ -54,6 +57,41 @@ class Ack:
         return cmds
 
 
+class StreamLives:
+    """When each reply stream this engine writes to is due to expire, as its last write heard
+    (``PTTL``, counted from when that write was sent: never later than Redis would say).
+
+    A stream found missing before then was lost by Redis, not let go by its gateway: the next
+    write re-creates it with the life it had left (``engines.contract.replies``). Times are this
+    process's monotonic clock, so no two clocks need agree.
+    """
+
+    __slots__ = ("_until", "_swept")
+
+    def __init__(self) -> None:
+        #: reply stream -> monotonic ms at which it expires.
+        self._until: dict[str, float] = {}
+        self._swept = 0.0
+
+    @staticmethod
+    def now() -> float:
+        return time.monotonic() * 1000
+
+    def left(self, stream: str, now: float) -> int:
+        """The ms of life ``stream`` had left at ``now`` (0: unknown, or expired)."""
+        return max(int(self._until.get(stream, 0.0) - now), 0)
+
+    def heard(self, stream: str, sent: float, pttl: int) -> None:
+        """A write sent at ``sent`` found ``stream`` with ``pttl`` ms to live (< 0: none, or missing)."""
+        if pttl >= 0:
+            self._until[stream] = sent + pttl
+        else:
+            self._until.pop(stream, None)
+        if sent - self._swept > 60_000:  # gateways come and go: forget the streams that expired
+            self._swept = sent
+            self._until = {s: t for s, t in self._until.items() if t > sent}
+
+
 class _Batch:
     __slots__ = ("events", "after", "acks", "markers")
 
@@ -65,8 +103,8 @@ class _Batch:
         self.after: dict[str, list[Ack]] = {}
         #: acks ready to send (their final event is already written, or they have none).
         self.acks: list[Ack] = []
-        #: job key -> expiry (epoch ms) of streaming jobs whose output began.
-        self.markers: dict[str, int] = {}
+        #: job keys of streaming jobs whose output began.
+        self.markers: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.events or self.acks or self.markers)
@@ -78,7 +116,7 @@ class _Batch:
         for stream, acks in self.after.items():
             newer.after[stream] = acks + newer.after.get(stream, [])
         newer.acks[:0] = self.acks
-        newer.markers = {**self.markers, **newer.markers}
+        newer.markers |= self.markers
         return newer
 
 
@@ -94,6 +132,10 @@ class EventWriter:
     the events that came later; the job stays unacked (and claimed by this engine's
     heartbeat) meanwhile. Events reach Redis at least once: a write resent after a broken
     connection may land twice, and gateways drop the repeats by their sequence numbers.
+
+    A reply stream Redis lost (a restart without persistence) is re-created by the write that
+    finds it missing, with the expiry it had (:class:`StreamLives`), so a stream in progress
+    loses nothing; a stream this engine never saw, or saw expire, is not (its gateway is gone).
     """
 
     def __init__(self, redis: aioredis.Redis, codec: Codec, settings: WorkerSettings,
@@ -104,13 +146,14 @@ class EventWriter:
         self._settings = settings
         self.metrics = metrics or EngineMetrics.noop()
         self._batch = _Batch()
+        self.lives = StreamLives()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         #: entry id -> job stream of jobs finished but not yet acked (the heartbeat claims them).
         self.unacked: dict[bytes, str] = {}
-        #: Load the ack's scripts (``engines.contract.backlog.RELEASE``) before the next write: at first, and
-        #: after Redis answered NOSCRIPT.
+        #: Load the scripts (``engines.contract.replies.APPEND``, ``engines.contract.backlog.RELEASE``) before
+        #: the next write: at first, and after Redis answered NOSCRIPT.
         self.load_scripts = True
 
     def emit(self, reply_to: str, event: Event) -> None:
@@ -118,9 +161,9 @@ class EventWriter:
         self._idle.clear()
         self._wake.set()
 
-    def mark_output(self, job_key: str, expire_at_ms: int) -> None:
+    def mark_output(self, job_key: str) -> None:
         """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
-        self._batch.markers[job_key] = expire_at_ms
+        self._batch.markers.add(job_key)
 
     def finish(self, reply_to: str, final: Event, ack: Ack) -> None:
         """Write a job's final event, then (once it is in Redis) ack the job."""
@@ -156,7 +199,9 @@ class EventWriter:
             if retry:
                 self._batch = retry.put_back(self._batch)
                 self._wake.set()
-                backoff = min(max(backoff * 2, 0.05), 1.0)
+                # NOSCRIPT (Redis is back after a restart) is cured by the load before the next
+                # write: no need to wait as long as while it was down.
+                backoff = 0.05 if self.load_scripts else min(max(backoff * 2, 0.05), 1.0)
                 await asyncio.sleep(backoff)
                 continue
             backoff = 0.0
@@ -168,18 +213,21 @@ class EventWriter:
         if self.load_scripts:
             self.load_scripts = False
             try:
-                await self._redis.script_load(RELEASE)  # every primary of a cluster
+                for script in (APPEND, RELEASE):
+                    await self._redis.script_load(script)  # every primary of a cluster
             except REDIS_ERRORS as exc:
-                # Events go out all the same; an ack that meets NOSCRIPT asks for another load.
-                log.warning("could not load the ack's script: %s", exc)
-        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "PXAT", at) for key, at in batch.markers.items()]
+                # Tried all the same; a write that meets NOSCRIPT asks for another load.
+                log.warning("could not load the event writer's scripts: %s", exc)
+        # XX: a job key Redis lost is restored by the heartbeat (with its lease), never here with
+        # the job's deadline; KEEPTTL: the key keeps the life it has.
+        cmds: list[tuple[object, ...]] = [("SET", key, OUTPUT_STARTED, "XX", "KEEPTTL") for key in batch.markers]
         maxlen = self._settings.reply_maxlen
         encode = self._codec.encode
+        lives = self.lives
+        sent = lives.now()
         streams = list(batch.events)
-        # NOMKSTREAM: a reply stream exists while its gateway lives (it refreshes the stream's
-        # expiry); events for a gateway that is gone are dropped, not left to live forever.
-        cmds.extend(("XADD", reply_to, "NOMKSTREAM", "MAXLEN", "~", maxlen, "*", b"e", encode(batch.events[reply_to]))
-                    for reply_to in streams)
+        cmds.extend(append_command(reply_to, encode(batch.events[reply_to]), maxlen=maxlen,
+                                   restore_ms=lives.left(reply_to, sent)) for reply_to in streams)
         ack_cmds = [a.commands() for a in batch.acks]
         for c in ack_cmds:
             cmds.extend(c)
@@ -191,7 +239,7 @@ class EventWriter:
             if isinstance(reply, Exception):
                 # A gateway that already showed output fails a re-run attempt on its own; the
                 # mark only spares that attempt's work. Retried all the same.
-                retry.markers[key] = batch.markers[key]
+                retry.markers.add(key)
         i = len(batch.markers)
         ready: list[Ack] = []
         for reply_to in streams:
@@ -200,11 +248,17 @@ class EventWriter:
             if isinstance(reply, Exception):
                 # Refused: kept, in order, with the acks that wait for it.
                 log.warning("redis refused events for %s: %s", reply_to, reply)
+                if isinstance(reply, NoScriptError):
+                    self.load_scripts = True  # Redis restarted or flushed its scripts
                 retry.events[reply_to] = batch.events[reply_to]
                 if reply_to in batch.after:
                     retry.after[reply_to] = batch.after[reply_to]
                 continue
-            # Written (or its gateway is gone: nil under NOMKSTREAM; nobody waits for them).
+            # Written (or its gateway is gone: DROPPED; nobody waits for them).
+            state, pttl = int(reply[0]), int(reply[1])
+            lives.heard(reply_to, sent, pttl)
+            if state == RECREATED:
+                log.warning("reply stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)
             ready.extend(batch.after.get(reply_to, ()))
         for a, c in zip(batch.acks, ack_cmds, strict=True):
             n = len(c)

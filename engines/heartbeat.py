@@ -6,8 +6,8 @@ entry expire (gateways would answer 503 for its model) nor its running jobs look
 engines would reclaim them). :class:`HeartbeatThread` runs the beat on its own thread, with its
 own event loop and its own Redis connection; Python switches threads every few milliseconds
 however busy the main loop is. :class:`Presence` is what each beat says: the engine in the registry,
-its models seen, and every job it holds re-claimed (so only a dead engine's jobs look idle), unless
-the worker's own event loop is wedged.
+its models seen, every job it holds re-claimed (so only a dead engine's jobs look idle) and the key
+of every job it runs kept (restored if Redis lost it), unless the worker's own event loop is wedged.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 
 from engines.contract.lane import REDIS_ERRORS
-from engines.contract.keys import ENGINE_GROUP
-from engines.running import now_ms
+from engines.contract.keys import ENGINE_GROUP, IN_QUEUE, OUTPUT_STARTED
+from engines.running import Running, now_ms
 
 if TYPE_CHECKING:
     from engines.worker import Worker
@@ -97,6 +97,9 @@ class Presence:
         self.loop_tick = time.monotonic()
         self.stalled = False
         self.info_blob = b""  # the encoded EngineInfo, built once the backend has started
+        #: Ids of the jobs running here whose key Redis lost and a beat restored: each beat renews
+        #: their lease (the heartbeat thread's own).
+        self.restored: set[str] = set()
 
     def fresh(self) -> bool:
         """The last beat reached Redis within ``engine_ttl_s`` (gateways see the engine) and the
@@ -141,8 +144,47 @@ class Presence:
         for stream, ids in by_stream.items():
             # Re-claiming our own jobs resets their idle time: only a dead engine's jobs age.
             pipe.xclaim(stream, ENGINE_GROUP, worker.engine_id, 0, ids, justid=True)
-        await pipe.execute()
+        kept = self._keep_job_keys(pipe, now)
+        replies = await pipe.execute(raise_on_error=False)
+        ended = redis.pipeline(transaction=False)
+        for (run, renewed), reply in zip(kept, replies[len(replies) - len(kept):], strict=True):
+            if renewed:
+                if reply is None:  # gone again (acked meanwhile, or lost again): the next beat asks anew
+                    self.restored.discard(run.job.id)
+            elif reply is True:
+                self.restored.add(run.job.id)
+                if run.finished:  # acked (its key deleted) while this beat was on its way: no key to keep
+                    ended.delete(keys.job(run.job.model, run.job.id))
+        if len(ended):
+            await ended.execute()
+        errors = [r for r in replies if isinstance(r, Exception)]
+        if errors:
+            raise errors[0]
         self.beat_ok = time.monotonic()
+
+    def _keep_job_keys(self, pipe: Any, now: int) -> list[tuple[Running, bool]]:
+        """Queue on ``pipe`` the keys of the jobs running here: a key Redis lost (a restart without
+        persistence, a failover) is made again, so its gateway, which takes a job whose key is gone
+        for lost, keeps waiting for the answer on its way. Nothing backs such a key any more (its
+        stream entry went with Redis: no other engine would reclaim the job), so it lives only a
+        lease of ``engine_ttl_s`` that every beat renews: if this engine dies, the key lapses and
+        the gateway submits the job again (or fails it, if output reached its client). Keys that
+        exist are left as they are (``NX``), restored ones only renewed (``XX``: never made again
+        after the job's ack deleted it). Returns (job, renewed) of each command, in order (the
+        pipeline's last)."""
+        worker = self._worker
+        lease = int(worker.settings.engine_ttl_s * 1000)
+        keys = worker.keys
+        running = [r for r in list(worker.running.values()) if not r.finished
+                   and not (r.job.deadline_ms and r.job.deadline_ms <= now)]  # past it: its gateway gave up
+        restored = self.restored
+        restored &= {r.job.id for r in running}
+        kept = []
+        for run in running:
+            renewed = run.job.id in restored
+            pipe.set(keys.job(run.job.model, run.job.id), _value(run), px=lease, xx=renewed, nx=not renewed)
+            kept.append((run, renewed))
+        return kept
 
     def failed(self, exc: BaseException) -> None:
         """A beat that failed: logged and counted (the next one is tried on time)."""
@@ -151,3 +193,8 @@ class Presence:
         else:
             log.error("heartbeat failed; carrying on", exc_info=exc)
         self._worker.metrics.background_error("heartbeat")
+
+
+def _value(run: Running) -> bytes:
+    """What a running job's key says: whether its output began (``Keys.job``)."""
+    return OUTPUT_STARTED if run.output_marked else IN_QUEUE

@@ -82,7 +82,7 @@ class _Output:
             # Only a streaming job's output can reach its client before the job ends; a
             # collected one can always be run again from scratch.
             run.output_marked = True
-            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id), job.deadline_ms)
+            self._worker.writer.mark_output(self._worker.keys.job(job.model, job.id))
 
     def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
         self.started()
@@ -103,7 +103,10 @@ class _Output:
         run = self._run
         if run.finished:
             return  # cancelled or failed while the image was being stored
-        self._mark_output()
+        if partial is not None:
+            # A preview is streamed as it arrives; a final image only with the job's Done (until
+            # then the job may run again from scratch: with partial_images 0 nothing was shown).
+            self._mark_output()
         worker.writer.emit(job.reply_to, ImageReady(
             job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
             joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()))

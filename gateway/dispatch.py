@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
@@ -33,6 +34,12 @@ from telemetry.instruments import GatewayMetrics
 from telemetry.tracing import SpanKind, Tracing, format_traceparent
 
 log = logging.getLogger("conduit.gateway")
+
+#: How long job checks must find a job's key gone (at two checks at least) before the job counts
+#: as lost: longer than an engine takes to restore the key of a job it still runs
+#: (``engines.heartbeat``: every beat, each second), so a job Redis lost but its engine did not
+#: is never given up (its stream failed, its work done twice).
+LOST_AFTER_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,13 +258,15 @@ class Dispatcher:
 
     async def watch_jobs(self) -> None:
         """Find jobs Redis lost (a restart without persistence, a failover, a refused write):
-        every ``job_check_s``, a run older than that whose job key is gone twice in a row and
-        that got no final event is woken to start over (or fail, if its client saw output)."""
+        every ``job_check_s``, a run older than that whose job key is gone at every check for
+        :data:`LOST_AFTER_S` and that got no final event is woken to start over (or fail, if its
+        client saw output)."""
         interval = self.settings.job_check_s
+        lost_after = max(2, 1 + math.ceil(LOST_AFTER_S / interval))  # checks in a row
         while not self.closed:
             await asyncio.sleep(interval)
             try:
-                await self._check_jobs(time.perf_counter() - interval)
+                await self._check_jobs(time.perf_counter() - interval, lost_after)
             except REDIS_ERRORS as exc:
                 log.warning("job check: redis unavailable (%s)", exc)
                 self.metrics.background_error("job-check")
@@ -265,7 +274,7 @@ class Dispatcher:
                 log.exception("job check failed; carrying on")
                 self.metrics.background_error("job-check")
 
-    async def _check_jobs(self, older_than: float) -> None:
+    async def _check_jobs(self, older_than: float, lost_after: int) -> None:
         checked = [(r, r.job_id) for r in self._runs.values() if r.started_at < older_than and not r.ended]
         if not checked:
             return
@@ -274,5 +283,5 @@ class Dispatcher:
             if run.job_id != job_id:
                 continue  # submitted again while we asked
             run.missing = run.missing + 1 if missing else 0
-            if run.missing == 2:
+            if run.missing == lost_after:
                 run.events.put_nowait(Lost(job_id))

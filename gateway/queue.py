@@ -22,14 +22,10 @@ from engines.contract.fairness import (
 from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_entries
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Job
+from engines.contract.replies import REPLY_STREAM_TTL_MS
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
-
-
-#: Seconds a reply stream outlives its gateway's last sign of life (the gateway refreshes it
-#: every second); engines never re-create one (NOMKSTREAM).
-REPLY_STREAM_TTL_MS = 60_000
 
 
 class NotQueued(Exception):
@@ -156,7 +152,8 @@ class ReplyRouter:
     so no event can arrive for a request that is not listening. Events for requests
     that already ended (client gone, deadline) are dropped. The router creates its stream
     and keeps it alive (an expiry it refreshes, re-creating the stream if Redis lost it);
-    engines only ever append to an existing one.
+    engines append to it, and re-create it only when Redis lost it before its expiry
+    (``engines.contract.replies``).
     """
 
     def __init__(self, redis: aioredis.Redis, stream: str, codec: Codec, metrics: GatewayMetrics | None = None) -> None:
@@ -181,7 +178,7 @@ class ReplyRouter:
         return len(self._waiters)
 
     async def create_stream(self) -> None:
-        """Make the reply stream exist (engines write with NOMKSTREAM) with its expiry."""
+        """Make the reply stream exist, with its expiry (engines never make a stream they have not seen)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.stream, {b"h": b"1"}, maxlen=1000, approximate=True)
         pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)

@@ -64,8 +64,8 @@ class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):
     retry_after_s: int = 1
     #: How often the live-engine view is refreshed from Redis.
     registry_refresh_s: float = 0.5
-    #: How often waiting requests check that Redis still holds their job (a job found gone
-    #: twice in a row, with no answer, is submitted again or failed).
+    #: How often waiting requests check that Redis still holds their job (a job found gone at
+    #: every check for 2 s, twice at least, with no answer, is submitted again or failed).
     job_check_s: float = 1.0
     #: How often one request's job may be submitted again after Redis lost it.
     max_resubmits: int = 2

@@ -131,5 +131,7 @@ class Keys:
         return f"{self.prefix}:idem:{{{key_id}}}:{digest}"
 
 
+#: Value of a job key from its submission until a streaming job's output begins (``Keys.job``).
+IN_QUEUE = b"q"
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"

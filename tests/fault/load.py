@@ -53,6 +53,8 @@ class Answer:
     finish_reason: str | None = None
     error: object = None
     done: bool = False  # a stream's [DONE] arrived
+    #: When a stream's first token arrived (seconds since the load began; None: none did).
+    first: float | None = None
 
 
 @dataclass(slots=True)
@@ -65,6 +67,8 @@ class Outcome:
     end: float
     kind: str
     detail: str
+    #: When a stream's first token arrived (None: none did, or not a stream).
+    first: float | None = None
 
 
 def _envelope(error: object) -> str | None:
@@ -170,10 +174,19 @@ class Load:
         self._thread = threading.Thread(target=self._run, name="fault-load", daemon=True)
         self._error: BaseException | None = None
         self.t0 = 0.0
+        #: Streams whose output began and that have not ended yet (written by the load's thread only).
+        self.mid_stream = 0
 
     def now(self) -> float:
         """Seconds since the load began (the clock of every :class:`Outcome`)."""
         return time.monotonic() - self.t0
+
+    def wait_mid_stream(self, streams: int, timeout: float) -> int:
+        """Wait until at least ``streams`` streams are mid-answer (output began, not ended); how many are."""
+        deadline = time.monotonic() + timeout
+        while self.mid_stream < streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.mid_stream
 
     def start(self) -> None:
         self.t0 = time.monotonic()
@@ -218,11 +231,14 @@ class Load:
                 failure = f"client timeout ({self.client_timeout_s:g}s)"
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__} without an error envelope"
+            finally:
+                if answer.first is not None:
+                    self.mid_stream -= 1
             end = self.now()
             kind, detail = judge(answer, failure, self.tokens)
             if kind in (COMPLETED, CLEAN_ERROR) and end - start >= self.deadline_s:
                 kind, detail = LOST, f"answered after its deadline ({detail or kind})"
-            self.outcomes.append(Outcome(stream, url, start, end, kind, detail))
+            self.outcomes.append(Outcome(stream, url, start, end, kind, detail, answer.first))
             if kind != COMPLETED:
                 # As a client told "retry shortly" would: no tight loop of instant refusals.
                 await asyncio.sleep(RETRY_PAUSE_S)
@@ -247,6 +263,9 @@ class Load:
                     continue
                 for choice in event.get("choices", []):
                     if choice["delta"].get("content"):
+                        if answer.first is None:
+                            answer.first = self.now()
+                            self.mid_stream += 1
                         answer.text.append(choice["delta"]["content"])
                     if choice.get("finish_reason"):
                         answer.finish_reason = choice["finish_reason"]

@@ -8,7 +8,8 @@ before its deadline, with a complete answer or an OpenAI-shaped error: 0 lost, 0
 
 Faults: (a) kill -9 one engine, (b) restart Redis with jobs queued, (c) SIGTERM a gateway
 with streams open, (d) ``DEBUG SLEEP 6`` on Redis, (e) Redis out of memory for 3 s, (f) kill -9
-the Redis Cluster master holding the model's job stream (its replica takes over).
+the Redis Cluster master holding the model's job stream (its replica takes over), (g) restart
+Redis with many streams mid-answer.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ CLIENTS = 16
 ENGINE_CONCURRENCY = 4
 # 30 tokens 20 ms apart: an answer takes ~0.6 s, so faults land on streams mid-answer. A dead
 # engine's jobs are reclaimed after 2 s (its heartbeat re-claims live ones every 1 s).
-ENGINE_ARGS = ("--numbered", "--tokens", str(TOKENS), "--token-delay", "0.02", "--reclaim-idle-ms", "2000",
-               "--max-concurrency", str(ENGINE_CONCURRENCY))
+ENGINE_ARGS = ("--numbered", "--tokens", str(TOKENS), "--token-delay", "0.02", "--reclaim-idle-ms", "2000")
 WARMUP_S = 3.0
 #: Load kept on after the fault: recovery has to happen within it.
 AFTER_S = 8.0
@@ -48,20 +48,21 @@ AFTER_S = 8.0
 T = TypeVar("T")
 
 
-def start(stack: Stack, gateways: int = 1) -> tuple[list[tuple[Proc, str]], list[Proc]]:
-    """Gateways (with their URLs), then the two engines."""
+def start(stack: Stack, gateways: int = 1, concurrency: int = ENGINE_CONCURRENCY
+          ) -> tuple[list[tuple[Proc, str]], list[Proc]]:
+    """Gateways (with their URLs), then the two engines (each running up to ``concurrency`` jobs)."""
     gws = []
     for _ in range(gateways):
         proc = stack.gateway(request_timeout_s=DEADLINE_S)
         gws.append((proc, stack.base_url))
-    engines = [stack.synthetic(MODEL, *ENGINE_ARGS) for _ in range(2)]
+    engines = [stack.synthetic(MODEL, *ENGINE_ARGS, "--max-concurrency", str(concurrency)) for _ in range(2)]
     return gws, engines
 
 
-def under_load(urls: list[str], fault: str, inject: Callable[[Load], T], after_s: float = AFTER_S
-               ) -> tuple[Report, T]:
+def under_load(urls: list[str], fault: str, inject: Callable[[Load], T], after_s: float = AFTER_S,
+               clients: int = CLIENTS) -> tuple[Report, T]:
     """Warm up, ``inject`` the fault, keep the load on ``after_s``, then let every request end."""
-    load = Load(urls, model=MODEL, tokens=TOKENS, clients=CLIENTS, deadline_s=DEADLINE_S,
+    load = Load(urls, model=MODEL, tokens=TOKENS, clients=clients, deadline_s=DEADLINE_S,
                 client_timeout_s=DEADLINE_S + 5)
     load.start()
     try:
@@ -132,6 +133,47 @@ def test_restart_redis_with_jobs_queued(fault_stack: Stack, fault_redis: RedisSe
     problems = problems_of(report)
     if queued <= 0:
         problems.append(f"no job was queued when Redis restarted ({queued})")
+    verdict(report, problems)
+
+
+#: (g): many clients, and engines with a slot for each: at any moment many streams are mid-answer.
+MANY_CLIENTS = 64
+#: Streams that must be mid-answer (output began, not ended) when Redis restarts.
+MID_STREAM = 12
+
+
+def test_restart_redis_with_streams_open(fault_stack: Stack, fault_redis: RedisServer) -> None:
+    """(g) Redis restarts without persistence while many streams are mid-answer: every key is gone,
+    the gateway's reply stream and the jobs' keys included, but both engines live on and keep running
+    their jobs. Not one of those streams may end in an error (their output continues where it was);
+    a non-streaming request may be submitted again, but must complete too."""
+    gws, _ = start(fault_stack, concurrency=MANY_CLIENTS // 2)
+
+    def restart(load: Load) -> float:
+        if load.wait_mid_stream(MID_STREAM, timeout=20) < MID_STREAM:
+            raise AssertionError(f"fewer than {MID_STREAM} streams were ever mid-answer at once")
+        at = load.now()
+        fault_redis.restart()
+        return at
+
+    report, restarted_at = under_load([url for _, url in gws], "restart Redis, streams open", restart,
+                                      clients=MANY_CLIENTS)
+    problems = problems_of(report)
+    mid = [o for o in report.open_at(restarted_at) if o.stream and o.first is not None and o.first < restarted_at]
+    if len(mid) < MID_STREAM:
+        problems.append(f"only {len(mid)} streams were mid-answer when Redis restarted")
+    broken = [o for o in mid if o.kind != COMPLETED]
+    if broken:
+        problems.append(f"{len(broken)} of {len(mid)} streams mid-answer at the restart not completed: "
+                        f"{sorted({o.detail for o in broken})}")
+    print(f"    {len(mid)} streams mid-answer at the restart, {len(mid) - len(broken)} of them completed")
+    # Open at the restart, unless refused at the door (503: no Redis to queue on, or no engine
+    # registered in the Redis that came back): run to the end, submitted again if need be.
+    waiting = [o for o in report.open_at(restarted_at) if not o.stream and o.kind != COMPLETED
+               and not o.detail.startswith("503 ")]
+    if waiting:
+        problems.append(f"{len(waiting)} non-streaming requests open at the restart not completed: "
+                        f"{sorted({o.detail for o in waiting})}")
     verdict(report, problems)
 
 

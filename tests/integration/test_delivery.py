@@ -21,6 +21,7 @@ import redis
 
 from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.contract.messages import Codec, Failed, Job
+from engines.contract.replies import APPEND_SHA
 from tests.harness import RedisServer, Stack, free_port
 from tests.proxy import FlakyProxy
 
@@ -92,7 +93,7 @@ def test_events_written_twice_reach_the_client_once(stack: Stack, proxy: FlakyPr
     twice, and the client still sees each token once."""
     stack.gateway()
     stack.synthetic("synthetic", "--token-delay", "0.15", "--tokens", "5", redis_url=proxy.url)
-    proxy.drop_after(b"XADD", 2)  # the second flush: a delta in the middle of the answer
+    proxy.drop_after(APPEND_SHA.encode(), 2)  # the second flush: a delta in the middle of the answer
     pieces, lines = stream_text(f"{stack.base_url}/v1/chat/completions", CHAT)
     assert proxy.dropped == 1
     assert pieces == ["tok "] * 5, pieces

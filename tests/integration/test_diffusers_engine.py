@@ -17,7 +17,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from PIL import Image
 from engines.backend import JobRejected
 from engines.diffusers_engine import DiffusersBackend, DiffusersSettings
 from engines.tiny import build_tiny_sd
+from engines.contract.keys import Keys
 from engines.contract.messages import Failed, Job, Usage
 
 #: Largest per-pixel difference (uint8 levels) allowed between the same seed's images
@@ -311,48 +312,95 @@ async def test_request_level_batching_runs_same_shaped_jobs_together(tiny_sd: Pa
     assert max_diff(d42, d43) > 10 * TOLERANCE
 
 
+async def through_a_worker(tiny_sd: Path, redis_url: str, keys: Keys, j: Job,
+                           watch: Callable[[list[Any]], Awaitable[None]] | None = None, **settings: Any) -> list[Any]:
+    """Run ``j`` on a real Worker (the diffusers backend with ``settings``) and Redis at ``redis_url``,
+    under ``keys``; its events as read from its reply stream, each batch read also given to ``watch``."""
+    import redis.asyncio as aioredis
+
+    from engines.contract.messages import Codec, Done
+    from engines.worker import Worker, WorkerSettings
+
+    worker = Worker(DiffusersBackend(DiffusersSettings(model=str(tiny_sd), served_name="tiny-sd", **settings)),
+                    WorkerSettings(redis_url=redis_url, key_prefix=keys.prefix))
+    serving = asyncio.create_task(worker.run())
+    r = aioredis.Redis.from_url(redis_url)
+    codec = Codec()
+    try:
+        j.reply_to = keys.replies("gw-test")
+        await r.xadd(j.reply_to, {b"h": b"1"})  # a gateway's reply stream exists while it lives
+        await r.xadd(keys.jobs("tiny-sd"), {b"j": codec.encode(j)})
+        events: list[Any] = []
+        last = b"0"
+        deadline = time.monotonic() + 60
+        while not events or not isinstance(events[-1], Done | Failed):
+            assert time.monotonic() < deadline and not serving.done(), events
+            for _, entries in await r.xread({j.reply_to: last}, block=200) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if b"e" in fields:
+                        got = codec.decode_events(fields[b"e"])[0]
+                        events += got
+                        if watch is not None:
+                            await watch(got)
+        return events
+    finally:
+        worker.stop()
+        await serving
+        await r.aclose()
+
+
 async def test_an_image_job_through_a_real_worker_and_redis(tiny_sd: Path, redis_server: Any) -> None:
     """Started, ImageReady (its bytes in the Redis image store), Done, on the job's reply stream."""
     import redis.asyncio as aioredis
 
     from engines.contract.store import RedisImageStore
-    from engines.contract.keys import Keys
-    from engines.contract.messages import Codec, Done, ImageReady, Started
-    from engines.worker import Worker, WorkerSettings
+    from engines.contract.messages import Done, ImageReady, Started
 
     keys = Keys(f"img-{os.urandom(3).hex()}")
-    worker = Worker(DiffusersBackend(DiffusersSettings(model=str(tiny_sd), served_name="tiny-sd")),
-                    WorkerSettings(redis_url=redis_server.url, key_prefix=keys.prefix))
-    serving = asyncio.create_task(worker.run())
+    events = await through_a_worker(tiny_sd, redis_server.url, keys,
+                                    job(body(seed=9, steps=3, output_format="webp"), id="img-job"))
+    assert [type(e) for e in events] == [Started, ImageReady, Done], events
+    ready = events[1]
+    assert (ready.index, ready.seed, ready.format, ready.width, ready.height, ready.partial) == \
+           (0, 9, "webp", 64, 64, None)
     r = aioredis.Redis.from_url(redis_server.url)
-    codec = Codec()
     try:
-        reply_to = keys.replies("gw-test")
-        await r.xadd(reply_to, {b"h": b"1"})  # a gateway's reply stream exists while it lives
-        j = job(body(seed=9, steps=3, output_format="webp"), id="img-job")
-        j.reply_to = reply_to
-        await r.xadd(keys.jobs("tiny-sd"), {b"j": codec.encode(j)})
-        events: list[Any] = []
-        last = b"0"
-        deadline = time.monotonic() + 30
-        while not events or not isinstance(events[-1], Done | Failed):
-            assert time.monotonic() < deadline and not serving.done(), events
-            for _, entries in await r.xread({reply_to: last}, block=200) or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if b"e" in fields:
-                        events += codec.decode_events(fields[b"e"])[0]
-        assert [type(e) for e in events] == [Started, ImageReady, Done], events
-        ready = events[1]
-        assert (ready.index, ready.seed, ready.format, ready.width, ready.height, ready.partial) == \
-               (0, 9, "webp", 64, 64, None)
         data = await RedisImageStore(r, keys).get(ready.ref)
-        assert data is not None and Image.open(io.BytesIO(data)).format == "WEBP"
-        assert events[2].usage.prompt_tokens > 0
     finally:
-        worker.stop()
-        await serving
         await r.aclose()
+    assert data is not None and Image.open(io.BytesIO(data)).format == "WEBP"
+    assert events[2].usage.prompt_tokens > 0
+
+
+async def test_a_streamed_image_job_without_previews_is_not_marked_as_shown(tiny_sd: Path, redis_server: Any) -> None:
+    """A streamed job with ``partial_images`` 0 sends its client nothing before it ends (its final
+    images go out with its ``Done``), so its job key must not say its output began once its first
+    image is ready: an engine that dies before the last one leaves a job another engine runs again,
+    not one it fails with ``engine_lost`` (an error where a retry was owed)."""
+    import redis.asyncio as aioredis
+
+    from engines.contract.messages import Done, ImageReady, Started
+
+    keys = Keys(f"img-{os.urandom(3).hex()}")
+    j = job(body(seed=3, steps=30, n=2), id="img-stream")
+    j.stream = True
+    job_key = keys.job("tiny-sd", j.id)
+    marks: list[bytes | None] = []  # the job key, read as each final image arrives before the end
+    r = aioredis.Redis.from_url(redis_server.url)
+
+    async def watch(got: list[Any]) -> None:
+        if any(isinstance(e, ImageReady) for e in got) and not isinstance(got[-1], Done):
+            marks.append(await r.get(job_key))
+
+    try:
+        await r.set(job_key, b"q", px=60_000)  # as the gateway's submit script makes it
+        # One 64x64 image per step: the job's second image is denoised after its first is ready.
+        events = await through_a_worker(tiny_sd, redis_server.url, keys, j, watch, max_batch_pixels=64 * 64)
+    finally:
+        await r.aclose()
+    assert [type(e) for e in events] == [Started, ImageReady, ImageReady, Done], events
+    assert marks and marks[0] == b"q", marks
 
 
 def build_tiny_sdxl(path: Path, tokenizer_dir: Path) -> Path:
@@ -423,3 +471,4 @@ async def test_a_compiled_pipeline_serves_the_same_images(tiny_sd: Path, backend
         await compiled.close()
     assert [m["seed"] for _, m in got] == [11, 12]
     assert all(max_diff(a, b) <= TOLERANCE for (a, _), (b, _) in zip(expected, got))
+

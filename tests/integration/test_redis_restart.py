@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import msgspec
+import redis
 
+from engines.contract.keys import Keys
 from gateway.stack import start_redis
 from tests.harness import RedisServer, Stack, free_port
 
@@ -14,15 +20,14 @@ CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "
 
 
 def test_stack_recovers_after_redis_restarts(tmp_path: Path) -> None:
-    redis = RedisServer(tmp_path / "redis")
-    stack = Stack(redis.url, tmp_path)
+    server = RedisServer(tmp_path / "redis")
+    stack = Stack(server.url, tmp_path)
     try:
         stack.gateway()
         stack.synthetic()
         assert httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
 
-        redis.stop()  # every key, stream, group and script is gone
-        redis.proc = start_redis(redis.port, tmp_path / "redis")
+        server.restart()  # every key, stream, group and script is gone
 
         # Engines re-register and rejoin their groups, the gateway reloads its script:
         # requests succeed again within a few seconds, without restarting anything.
@@ -39,7 +44,7 @@ def test_stack_recovers_after_redis_restarts(tmp_path: Path) -> None:
         assert r.json()["choices"][0]["message"]["content"] == "tok tok "
     finally:
         stack.stop()
-        redis.stop()
+        server.stop()
 
 
 def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
@@ -69,3 +74,152 @@ def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
         if redis is not None:
             redis.terminate()
             redis.wait(timeout=10)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float) -> object:
+    """``predicate()`` once it is truthy, else its last value after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return value
+
+
+def test_a_stream_open_across_a_redis_restart_ends_complete(tmp_path: Path) -> None:
+    """Redis restarts without persistence mid-answer while the stream's gateway is frozen (SIGSTOP),
+    so the engine writes the next events before the gateway could re-create its reply stream or look
+    for the job's key: the engine re-creates the stream with the expiry it had and restores the job's
+    key (with a lease it renews while it runs the job), and the client gets every token once and no
+    error, however long the gateway stayed frozen."""
+    redis_server = RedisServer(tmp_path / "redis")
+    stack = Stack(redis_server.url, tmp_path)
+    keys = Keys(stack.prefix)
+    numbers: list[int] = []
+    errors: list[object] = []
+    done = False
+    try:
+        gateway = stack.gateway()
+        # 60 tokens 0.1 s apart: the job outlives the restart and the gateway's freeze by seconds.
+        stack.synthetic("synthetic", "--numbered", "--tokens", "60", "--token-delay", "0.1")
+        body = {**CHAT, "max_tokens": 60, "stream": True}
+        with httpx.stream("POST", f"{stack.base_url}/v1/chat/completions", json=body, timeout=30) as r, \
+                redis.Redis.from_url(redis_server.url) as client:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    numbers += [int(t) for c in event["choices"] for t in (c["delta"].get("content") or "").split()]
+                if len(numbers) >= 5:
+                    break
+            gateway.proc.send_signal(signal.SIGSTOP)
+            try:
+                redis_server.restart()
+                # Only the engine can make these while the gateway is frozen.
+                stream = wait_for(lambda: next(client.scan_iter(match=f"{keys.prefix}:replies:*"), None), 10)
+                stream_ttl = client.pttl(stream) if stream else None
+                job_key = wait_for(lambda: next(client.scan_iter(match=keys.job("synthetic", "*")), None), 10)
+                job_ttl = client.pttl(job_key) if job_key else None
+            finally:
+                gateway.proc.send_signal(signal.SIGCONT)
+            for line in lines:
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        errors.append(event["error"])
+                    for c in event.get("choices", []):
+                        numbers += [int(t) for t in (c["delta"].get("content") or "").split()]
+        assert not errors, errors
+        assert numbers == list(range(60)) and done, numbers
+        assert stream is not None, "the engine did not re-create the reply stream"
+        assert 0 < stream_ttl <= 60_000, stream_ttl  # type: ignore[operator]
+        assert job_key is not None, "the engine did not restore the job's key"
+        assert 0 < job_ttl <= 5_000, job_ttl  # type: ignore[operator]  # the engine's lease, not the deadline
+    finally:
+        stack.stop()
+        redis_server.stop()
+
+
+# ---- what an engine does when Redis lost a key it writes to (played here by deleting the key) ----
+
+def engine_and_job(stack: Stack, r: redis.Redis, reply_to: str, tokens: int, **job: object) -> str:
+    """A synthetic engine writing ``tokens`` numbered tokens 0.05 s apart, and one streaming chat
+    job of it replying to ``reply_to`` (which the caller made, as a gateway does); the job's id."""
+    stack.synthetic("synthetic", "--numbered", "--tokens", str(tokens), "--token-delay", "0.05", wait=False)
+    keys = Keys(stack.prefix)
+    jobs = keys.jobs("synthetic")
+    assert wait_for(lambda: r.exists(jobs) and r.xinfo_groups(jobs), 20), stack.procs[-1].output()
+    now = int(time.time() * 1000)
+    body = {"id": "chat-1", "kind": "chat", "model": "synthetic", "reply_to": reply_to, "stream": True,
+            "body": msgspec.json.encode({**CHAT, "max_tokens": tokens}), "deadline_ms": now + 60_000,
+            "created_ms": now, **job}
+    r.xadd(jobs, {b"j": msgspec.msgpack.encode(body)})
+    return "chat-1"
+
+
+def events_of(r: redis.Redis, stream: str) -> list[dict[str, object]]:
+    return [e for _id, fields in r.xrange(stream) if b"e" in fields for e in msgspec.msgpack.decode(fields[b"e"])]
+
+
+def test_an_engine_restores_a_reply_stream_redis_lost_with_the_life_it_had(stack: Stack) -> None:
+    """The stream vanishes before its expiry (Redis lost it): the engine's next write makes it again,
+    with the expiry it had, not a longer one, and the job's later events are in it."""
+    keys = Keys(stack.prefix)
+    reply_to = keys.replies("live-gw")
+    with redis.Redis.from_url(stack.redis_url) as r:
+        r.xadd(reply_to, {b"h": b"1"})
+        r.pexpire(reply_to, 30_000)
+        made = time.monotonic()
+        engine_and_job(stack, r, reply_to, tokens=40)
+        assert wait_for(lambda: len(events_of(r, reply_to)) >= 3, 20), stack.procs[-1].output()
+        r.delete(reply_to)
+        gone = time.monotonic()
+        assert wait_for(lambda: r.exists(reply_to), 5), "the engine did not re-create the reply stream"
+        ttl = r.pttl(reply_to)
+        assert 0 < ttl <= 30_000 - (gone - made) * 1000, ttl
+        assert wait_for(lambda: (e := events_of(r, reply_to)) and e[-1]["t"] == "f", 10), events_of(r, reply_to)
+        numbers = [e["seq"] for e in events_of(r, reply_to)]
+        assert numbers == list(range(numbers[0], numbers[-1] + 1)), numbers  # in order, none lost since
+
+
+def test_an_engine_never_revives_the_stream_of_a_gateway_that_is_gone(stack: Stack) -> None:
+    """A gateway that stopped refreshing its stream is gone: once the stream expires, the engine
+    running one of its jobs drops the job's events rather than make the stream again."""
+    keys = Keys(stack.prefix)
+    reply_to = keys.replies("gone-gw")
+    with redis.Redis.from_url(stack.redis_url) as r:
+        r.xadd(reply_to, {b"h": b"1"})
+        r.pexpire(reply_to, 1500)  # and never refreshed
+        engine_and_job(stack, r, reply_to, tokens=60)  # 3 s of tokens
+        assert wait_for(lambda: events_of(r, reply_to), 20), stack.procs[-1].output()
+        assert wait_for(lambda: not r.exists(reply_to), 5)
+        jobs = keys.jobs("synthetic")
+        assert wait_for(lambda: not r.xlen(jobs), 10), "the job was not acked"
+        assert not r.exists(reply_to), f"re-created, TTL {r.pttl(reply_to)}"
+
+
+def test_an_engine_restores_the_key_of_a_job_it_runs_with_a_lease(stack: Stack) -> None:
+    """Redis lost the key of a job an engine runs: the engine's heartbeat makes it again (saying the
+    output began), with a lease it renews, not the job's deadline: when that engine dies, the key
+    lapses within the lease, so its gateway finds the job lost instead of waiting for its deadline."""
+    keys = Keys(stack.prefix)
+    reply_to = keys.replies("live-gw")
+    with redis.Redis.from_url(stack.redis_url) as r:
+        r.xadd(reply_to, {b"h": b"1"})
+        r.pexpire(reply_to, 60_000)
+        job_id = engine_and_job(stack, r, reply_to, tokens=400)  # 20 s of tokens
+        job_key = keys.job("synthetic", job_id)
+        r.set(job_key, b"q", px=60_000)  # the gateway's submit script makes it
+        assert wait_for(lambda: r.get(job_key) == b"o", 20), stack.procs[-1].output()  # output began
+        r.delete(job_key)
+        assert wait_for(lambda: r.exists(job_key), 5), "the engine did not restore the job's key"
+        assert r.get(job_key) == b"o"
+        assert 0 < r.pttl(job_key) <= 5_000
+        # Renewed by the next beats: its time to live runs down, then goes up again.
+        assert wait_for(lambda: r.pttl(job_key) < 4_500, 3)
+        assert wait_for(lambda: r.pttl(job_key) > 4_500, 3), "the lease was not renewed"
+        stack.procs[-1].kill()
+        killed = time.monotonic()
+        assert wait_for(lambda: not r.exists(job_key), 8)
+        assert time.monotonic() - killed < 6, "the key outlived the engine's lease"

@@ -228,7 +228,8 @@ def test_a_kind_one_engine_of_a_mixed_fleet_announces_is_queued(stack: Stack) ->
 
 
 def test_engine_never_recreates_a_reply_stream(stack: Stack, r: redis.Redis) -> None:
-    """Events for a gateway whose stream is gone are dropped, not left in a key that never expires."""
+    """Events for a gateway whose stream is gone (and that this engine never saw alive) are dropped,
+    not left in a key that never expires."""
     jobs = start_engine_without_gateway(stack, r)
     reply_to = Keys(stack.prefix).replies(f"gone-gw-{os.urandom(4).hex()}")
     job = {"id": "chat-1", "kind": "chat", "model": "synthetic", "reply_to": reply_to,

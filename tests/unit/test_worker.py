@@ -10,6 +10,7 @@ import time
 from engines.synthetic import SyntheticBackend, SyntheticSettings
 from engines.contract.messages import Failed, Job
 from engines.cancel import parse_cancel
+from engines.events import StreamLives
 from engines.running import Running, now_ms
 from engines.worker import Worker, WorkerSettings
 from telemetry.engine_instruments import EngineMetrics
@@ -19,6 +20,21 @@ from telemetry.setup import Telemetry
 def test_cancel_messages_carry_a_deadline() -> None:
     assert parse_cancel(b"chatcmpl-1 1700000000123") == ("chatcmpl-1", 1_700_000_000_123)
     assert parse_cancel(b"chatcmpl-1") == ("chatcmpl-1", None)  # an older gateway's message
+
+
+def test_a_reply_streams_life_is_known_from_its_last_write_never_later() -> None:
+    """What an engine re-creates a reply stream Redis lost with (``engines.events.StreamLives``): the
+    life it had left at its last write, counted from when that write was sent; nothing for a stream
+    never seen, one without an expiry, or once the expiry last seen passed (its gateway is gone)."""
+    lives = StreamLives()
+    assert lives.left("s", 1_000.0) == 0
+    lives.heard("s", 1_000.0, 60_000)
+    assert (lives.left("s", 1_000.0), lives.left("s", 31_000.0), lives.left("s", 61_000.0)) == (60_000, 30_000, 0)
+    lives.heard("s", 2_000.0, -1)  # no expiry (a gateway of an older version): nothing known
+    assert lives.left("s", 2_000.0) == 0
+    lives.heard("t", 3_000.0, 5_000)
+    lives.heard("t", 4_000.0, -2)  # missing, and left so
+    assert lives.left("t", 4_000.0) == 0
 
 
 async def test_a_cancellation_is_remembered_until_its_jobs_deadline() -> None:
