@@ -14,10 +14,11 @@ its state (``Keys.idempotency``):
 A retry with the same fingerprint gets the stored response (``idempotent-replayed: true``),
 or waits for the running one (at most ``request_timeout_s``) and gets its response; if the
 running one's gateway died, the retry runs it. The same key with another body is a 409
-``idempotency_key_reused``. Only complete non-streaming responses with a status a retry
-would get again are stored: not 5xx, 408, 409 or 429 (the claim is released and a retry
-runs again). Streaming requests hold the key while they run (a second request with the key
-meanwhile: 409 ``idempotency_key_in_use``) but are never stored or replayed.
+``idempotency_key_reused``. Only complete, successful (2xx) non-streaming responses of at most
+``idempotency_max_response_bytes`` are stored: a request refused or failed (4xx, 5xx, a client
+gone: 499) leaves nothing behind, so its retry runs again and a refusal costs Redis nothing
+after its answer. Streaming requests hold the key while they run (a second request with the
+key meanwhile: 409 ``idempotency_key_in_use``) but are never stored or replayed.
 """
 
 from __future__ import annotations
@@ -47,8 +48,6 @@ HEADER = b"idempotency-key"
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/images/generations"})
 #: Response headers kept with a stored response (``x-request-id`` is handled apart).
 _KEPT = frozenset({b"content-type"})
-#: 4xx a retry need not get again: timeouts, conflicts, rate limits.
-_TRANSIENT = frozenset({408, 409, 429})
 
 RUNNING = "running"
 DONE = "done"
@@ -105,7 +104,7 @@ def _is_stream(body: bytes) -> bool:
     try:
         return bool(_STREAM_FLAG.decode(body).stream)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return False  # the route answers it with a 400 (which is stored)
+        return False  # the route answers it with a 400
 
 
 def fingerprint(method: str, path: str, body: bytes) -> bytes:
@@ -265,7 +264,7 @@ class IdempotencyMiddleware:
             nonlocal finished
             finished = True
             done = b""
-            if complete and storable and status < 500 and status not in _TRANSIENT:
+            if complete and storable and 200 <= status < 300:
                 done = _ENCODER.encode(IdempotencyRecord(
                     state=DONE, fingerprint=_DECODER.decode(mine).fingerprint, status=status, headers=headers,
                     request_id=context_of(scope).request_id, body=b"".join(chunks)))
