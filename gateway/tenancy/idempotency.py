@@ -11,6 +11,11 @@ its state (``Keys.idempotency``):
 - ``done``: the response (status, content type, first request's ``x-request-id``, body),
   kept ``idempotency_ttl_s`` (24 h).
 
+A retry that waits for the running one holds a connection and a task as a running request does,
+so it takes one of its API key's concurrent slots while it waits (``Limiter.hold``): a key at
+its ``concurrency`` limit gets the usual 429 for it, and one key can make a gateway hold no more
+than its limit of requests, running or waiting.
+
 A retry with the same fingerprint gets the stored response (``idempotent-replayed: true``),
 or waits for the running one (at most ``request_timeout_s``) and gets its response; if the
 running one's gateway died, the retry runs it. The same key with another body is a 409
@@ -40,6 +45,7 @@ from engines.contract.keys import Keys
 from gateway.context import context_of
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
 from gateway.settings import IdempotencySettings
+from gateway.tenancy.limits import Grant, Limiter
 
 log = logging.getLogger("conduit.gateway")
 
@@ -129,15 +135,17 @@ class _Scripts:
 class IdempotencyMiddleware:
     """Replays the response of a request retried with the same ``Idempotency-Key``.
 
-    ``redis`` returns the gateway's client (opened by the app's lifespan, after this is built).
-    The principal comes from the request's context (set by the auth guard outside this
-    middleware; ``ANONYMOUS`` without one).
+    ``redis`` returns the gateway's client and ``limiter`` its per-key limits (both opened by the
+    app's lifespan, after this is built). The principal comes from the request's context (set
+    by the auth guard outside this middleware; ``ANONYMOUS`` without one).
     """
 
     def __init__(self, app: ASGIApp, settings: IdempotencySettings, redis: Callable[[], Any], *, keys: Keys,
-                 max_body_bytes: int, request_timeout_s: float) -> None:
+                 max_body_bytes: int, request_timeout_s: float,
+                 limiter: Callable[[], Limiter | None] = lambda: None) -> None:
         self._app = app
         self._redis = redis
+        self._limiter = limiter
         self._keys = keys
         self._scripts = _Scripts()
         # The bounds, read from the settings once rather than on every request.
@@ -183,31 +191,55 @@ class IdempotencyMiddleware:
         stream = _is_stream(body)
         redis = self._redis()
         deadline = time.monotonic() + self._request_timeout_s
-        while True:
-            mine = _ENCODER.encode(IdempotencyRecord(state=RUNNING, fingerprint=fp, owner=os.urandom(12).hex(),
-                                                     started_ms=int(time.time() * 1000), stream=stream))
-            held = await self._scripts.run(redis, "claim", key, mine, self._lease_ms)
-            if held is None:
-                await self._run(redis, key, mine, stream, body, scope, receive, send)
-                return
-            record = _DECODER.decode(held)
-            if record.fingerprint != fp:
-                # The SDK retries 409s (lock timeouts) unless told this one would not change.
-                raise Conflict("This Idempotency-Key was already used with a different request; use a new key "
-                               "for a new request.", code="idempotency_key_reused",
-                               headers={"x-should-retry": "false"})
-            if record.state == DONE:
-                await _replay(scope, send, record)
-                return
-            if stream:
-                raise Conflict("A request with this Idempotency-Key is still in progress; a streaming request "
-                               "cannot wait for it.", code="idempotency_key_in_use")
-            if not await self._wait(redis, key, held, deadline, receive):
-                return  # the client went away while waiting
-            if time.monotonic() >= deadline:
-                raise Conflict("A request with this Idempotency-Key is still in progress; retry later.",
-                               code="idempotency_key_in_use")
-            # The state changed (done, released, or taken over): the next claim tells.
+        slot: Grant | None = None  # held while this request waits for its twin
+        try:
+            while True:
+                mine = _ENCODER.encode(IdempotencyRecord(state=RUNNING, fingerprint=fp, owner=os.urandom(12).hex(),
+                                                         started_ms=int(time.time() * 1000), stream=stream))
+                held = await self._scripts.run(redis, "claim", key, mine, self._lease_ms)
+                if held is None:
+                    await self._give_back(slot)  # admission takes the request's own
+                    slot = None
+                    await self._run(redis, key, mine, stream, body, scope, receive, send)
+                    return
+                record = _DECODER.decode(held)
+                if record.fingerprint != fp:
+                    # The SDK retries 409s (lock timeouts) unless told this one would not change.
+                    raise Conflict("This Idempotency-Key was already used with a different request; use a new "
+                                   "key for a new request.", code="idempotency_key_reused",
+                                   headers={"x-should-retry": "false"})
+                if record.state == DONE:
+                    await _replay(scope, send, record)
+                    return
+                if stream:
+                    raise Conflict("A request with this Idempotency-Key is still in progress; a streaming request "
+                                   "cannot wait for it.", code="idempotency_key_in_use")
+                if slot is None:
+                    slot = await self._hold(scope, deadline)
+                if not await self._wait(redis, key, held, deadline, receive):
+                    return  # the client went away while waiting
+                if time.monotonic() >= deadline:
+                    raise Conflict("A request with this Idempotency-Key is still in progress; retry later.",
+                                   code="idempotency_key_in_use")
+                # The state changed (done, released, or taken over): the next claim tells.
+        finally:
+            await self._give_back(slot)
+
+    async def _hold(self, scope: Scope, deadline: float) -> Grant | None:
+        """One of the key's concurrent slots while this request waits (a connection and a task
+        are held like a running request's): 429 at the key's limit; None when it has none."""
+        limiter = self._limiter()
+        if limiter is None:
+            return None
+        expiry_ms = int((time.time() + max(deadline - time.monotonic(), 0)) * 1000)
+        return await limiter.hold(context_of(scope).principal, f"idem-{os.urandom(12).hex()}", expiry_ms)
+
+    async def _give_back(self, slot: Grant | None) -> None:
+        if slot is not None:
+            try:
+                await self._limiter().release(slot, None)  # type: ignore[union-attr]
+            except REDIS_ERRORS as exc:  # it expires at the wait's deadline anyway
+                log.warning("could not give back a waiting request's concurrent slot: %s", exc)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []

@@ -24,7 +24,7 @@ from gateway.context import CTX, RequestContext
 from engines.contract.keys import Keys
 from gateway.settings import IdempotencySettings
 from gateway.tenancy.idempotency import IdempotencyMiddleware
-from gateway.tenancy.keys import HASHER
+from gateway.tenancy.keys import HASHER, parse_key
 from gateway.tenancy.principal import ANONYMOUS, Principal
 from tests.harness import RedisServer, Stack, free_port
 from tests.integration.test_delivery import engine_jobs, wait_for_jobs
@@ -221,6 +221,38 @@ def test_a_client_that_hung_up_can_retry(stack: Stack) -> None:
     wait_until(lambda: not idempotency_records(stack), "the request that lost its client left its record")
     retried = post(stack.base_url, "hung-up")
     assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers, retried.text
+
+
+def test_a_waiting_duplicate_counts_against_its_keys_concurrency(stack: Stack) -> None:
+    """A duplicate waiting for the first request's answer holds a connection and a task: it takes
+    one of its key's concurrent slots while it waits, and a key at its limit gets a 429 for it."""
+    url = keyed_gateway(stack)
+    stack.synthetic("synthetic", "--tokens", "20", "--token-delay", "0.1")  # answers take 2 s
+    pair, single = new_key(url, limits={"concurrency": 2}), new_key(url, limits={"concurrency": 1})
+    keys = Keys(stack.prefix)
+    with redis.Redis.from_url(stack.redis_url) as r, cf.ThreadPoolExecutor(2) as pool:
+
+        def in_flight(key: str) -> int:
+            return int(r.zcard(keys.rate_limits(parse_key(key)[0])[3]))  # type: ignore[index]
+
+        first = pool.submit(send, url, pair, "twin")
+        wait_until(lambda: in_flight(pair) == 1, "the first request was never admitted")
+        twin = pool.submit(send, url, pair, "twin")
+        wait_until(lambda: in_flight(pair) == 2, "the waiting duplicate holds no slot of its key")
+        other = send(url, pair, "other")
+        assert other.status_code == 429 and "concurrent requests" in other.json()["error"]["message"], other.text
+        a, b = first.result(), twin.result()
+        assert a.status_code == b.status_code == 200 and a.content == b.content
+        assert b.headers["idempotent-replayed"] == "true"
+        wait_until(lambda: in_flight(pair) == 0, "a slot outlived its request")
+
+        first = pool.submit(send, url, single, "twin")
+        wait_until(lambda: in_flight(single) == 1, "the first request was never admitted")
+        refused = send(url, single, "twin")
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded" and refused.headers["retry-after"] == "1"
+        assert first.result().status_code == 200
+        wait_until(lambda: in_flight(single) == 0, "a slot outlived its request")
 
 
 # ---- the middleware alone: principals, statuses -------------------------------------------
