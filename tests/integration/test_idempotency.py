@@ -60,7 +60,7 @@ def send(url: str, key: str, idempotency_key: str, body: dict[str, Any] = CHAT) 
 
 def idempotency_records(stack: Stack) -> list[bytes]:
     with redis.Redis.from_url(stack.redis_url) as r:
-        return list(r.scan_iter(f"{stack.prefix}:idem:*"))
+        return list(r.scan_iter(f"{stack.prefix}:idempotency:*"))
 
 
 def settle(metrics_port: int, ok: int) -> dict[str, float]:
@@ -166,27 +166,6 @@ def test_a_5xx_is_not_stored(stack: Stack) -> None:
     retried = post(stack.base_url, "unavailable")
     assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
     assert post(stack.base_url, "unavailable").content == retried.content
-
-
-def test_a_dead_gateways_key_is_free_after_its_lease(stack: Stack) -> None:
-    """The first gateway is killed (-9) mid-request: its claim runs out, and the retry runs."""
-    metrics_port = free_port()
-    doomed = stack.gateway(idempotency_lease_s=1)
-    doomed_url = stack.base_url
-    stack.gateway(idempotency_lease_s=1)
-    stack.synthetic("synthetic", "--tokens", "10", "--token-delay", "0.1", "--metrics-port", str(metrics_port))
-    with cf.ThreadPoolExecutor(1) as pool:
-        lost = pool.submit(post, doomed_url, "orphan")
-        time.sleep(0.4)
-        doomed.kill()
-        with pytest.raises(httpx.TransportError):
-            lost.result()
-    started = time.monotonic()
-    r = post(stack.base_url, "orphan")
-    assert r.status_code == 200 and "idempotent-replayed" not in r.headers, r.text
-    assert time.monotonic() - started < 10
-    assert post(stack.base_url, "orphan").headers["idempotent-replayed"] == "true"
-    assert settle(metrics_port, 2) == {"ok": 2}  # the dead gateway's job ran to its end too
 
 
 def test_refused_requests_leave_nothing_in_redis(stack: Stack) -> None:
