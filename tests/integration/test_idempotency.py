@@ -7,6 +7,7 @@ principal, which the auth guard does in the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import json
 import time
@@ -20,8 +21,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from gateway.context import CTX, RequestContext
 from engines.contract.keys import Keys
+from gateway.context import CTX, RequestContext
 from gateway.settings import IdempotencySettings
 from gateway.tenancy.idempotency import IdempotencyMiddleware
 from gateway.tenancy.keys import HASHER, parse_key
@@ -271,7 +272,10 @@ async def call(app: Any, key: bytes, principal: Principal | None, body: bytes = 
     out: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        if messages:
+            return messages.pop(0)
+        await asyncio.Event().wait()  # the client stays connected
+        raise AssertionError("unreachable")
 
     async def send(message: dict[str, Any]) -> None:
         out.append(message)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import hashlib
 import re
 import signal
 import threading
@@ -28,10 +29,19 @@ import redis.asyncio as aioredis
 from engines.contract.keys import FENCED, Keys
 from engines.contract.lane import connect
 from engines.contract.messages import Job
+from gateway.settings import IdempotencySettings
 from gateway.tenancy.claims import ABANDONED, HELD, LAPSED, ClaimStore
+from gateway.tenancy.idempotency import IdempotencyMiddleware, fingerprint
 from tests.cluster import LocalCluster
 from tests.harness import Proc, RedisServer, Stack, free_port
-from tests.integration.test_idempotency import CHAT, post, settle, wait_until
+from tests.integration.test_idempotency import (
+    CHAT,
+    Counter,
+    call,
+    post,
+    settle,
+    wait_until,
+)
 from tests.proxy import FlakyProxy
 
 _IN_FLIGHT = re.compile(r"^conduit_engine_jobs_in_flight(?:\{[^}]*\})? ([\d.e+]+)$", re.MULTILINE)
@@ -296,3 +306,23 @@ async def test_a_claim_that_changed_since_it_was_found_abandoned_is_not_taken(re
     assert await store.bind(redis_client, key, "first", job())  # the first queues another one meanwhile
     again = await store.claim(redis_client, key, "retry", FP, False, takeover=found)
     assert again is not None and again.what == HELD and again.job != found.job
+
+
+async def test_a_streaming_retry_waits_for_an_abandoned_claim_and_takes_it_over(redis_client: aioredis.Redis,
+                                                                               store: ClaimStore) -> None:
+    """A stream cannot wait for another's answer (409 while the holder renews), but it waits out an
+    abandoned claim: its holder is gone, and the stream runs once the holder's job is fenced."""
+    body = b'{"model": "m", "stream": true}'
+    key = store.keys.idempotency("", hashlib.sha256(b"k").hexdigest())
+    first = job()
+    assert await store.claim(redis_client, key, "first", fingerprint("POST", "/v1/chat/completions", body), True) is None
+    assert await store.bind(redis_client, key, "first", first)
+    inner = Counter()
+    app = IdempotencyMiddleware(inner, IdempotencySettings(idempotency_lease_s=0.2), lambda: redis_client,
+                                keys=store.keys, max_body_bytes=1024, request_timeout_s=60)
+    status, _, answer = await call(app, b"k", None, body)
+    assert status == 409 and b"idempotency_key_in_use" in answer and inner.calls == 0  # held: a fresh lease
+    await look_until(store, redis_client, key, LAPSED)  # the holder never renews: its lease lapsed
+    status, _, _ = await call(app, b"k", None, body)
+    assert status == 200 and inner.calls == 1
+    assert await redis_client.get(store.keys.job(first.model, first.id)) == FENCED
