@@ -212,7 +212,8 @@ def build_asgi(settings: GatewaySettings) -> ASGIApp:
 
     idempotent = IdempotencyMiddleware(app, settings.idempotency, lambda: app.state.services.redis,
                                        keys=Keys(settings.redis.key_prefix), max_body_bytes=settings.server.max_body_bytes,
-                                       request_timeout_s=settings.queue.request_timeout_s)
+                                       request_timeout_s=settings.queue.request_timeout_s,
+                                       limiter=lambda: app.state.services.dispatcher.limiter)
     return RequestObserver(Guard(idempotent, settings.tenancy, authenticator, route_access(app)),
                            metrics=app.state.metrics if settings.telemetry.metrics else None, tracing=telemetry.tracing,
                            log=request_log, route_of=_route_of(app),

@@ -2,10 +2,10 @@
 
 :class:`RequestContext` is made once per request by the outermost layer
 (``gateway.observe.RequestObserver``), kept at ``scope["state"]["ctx"]``, and read typed by every
-layer after it: the guard puts the principal there, the shared request flow the dispatcher's run
-and the ``x-ratelimit-*`` headers the limiter fills, every refusal its error code; the observer
-reads it all back once the last byte is out. Nothing else about a request goes through
-``scope["state"]``.
+layer after it: the guard puts the principal there, the idempotency middleware its claim, the
+shared request flow the dispatcher's run and the ``x-ratelimit-*`` headers the limiter fills,
+every refusal its error code; the observer reads it all back once the last byte is out.
+Nothing else about a request goes through ``scope["state"]``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from gateway.tenancy.principal import ANONYMOUS, Principal
 
 if TYPE_CHECKING:
     from gateway.run import JobRun
+    from gateway.tenancy.claims import Claim
     from telemetry.tracing import Span
 
 #: Where a request's context lives in its ASGI scope's ``state``.
@@ -47,6 +48,9 @@ class RequestContext:
     ratelimit: dict[str, str] | None = None
     #: The request's job (a generation): its metrics and log line are read from it.
     run: JobRun | None = None
+    #: The request's hold on its ``Idempotency-Key`` (the idempotency middleware's): every job
+    #: of the request is named in it before it is queued.
+    claim: Claim | None = None
     #: The code of the error the request was refused or failed with ("" when none).
     error: str = ""
     #: The request's prompt as sent, for its log line (only with ``log_prompts``).

@@ -129,6 +129,7 @@ class Dispatcher:
                      ratelimit=ctx.ratelimit if ctx is not None else None, queue_span=queue_span)
         if ctx is not None:
             ctx.run = run
+            run.claim = ctx.claim
         return run
 
     async def submit(self, run: JobRun) -> None:
@@ -209,12 +210,16 @@ class Dispatcher:
 
     async def _queue(self, run: JobRun) -> None:
         job = run.job
+        run.refund_request = True  # unless the key's own share refuses it (below)
+        if run.claim is not None:
+            # Named in the request's Idempotency-Key claim before it can exist: a retry that takes
+            # the claim over then waits for this job to be gone, or makes sure it never is queued.
+            await run.claim.bind(job)
         # Listening before the job exists: no event can come before its waiter.
         self.router.open(job.id, run.events)
         self._runs[job.id] = run
         share = run.principal.limits.backlog_share
         share = self.settings.key_backlog_share if share is None else share
-        run.refund_request = True  # unless the key's own share refuses it (below)
         try:
             await self.queue.submit(job, share=share)
         except BacklogFull as exc:

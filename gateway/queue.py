@@ -20,12 +20,17 @@ from engines.contract.fairness import (
     submit_command,
 )
 from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_entries
-from engines.contract.keys import Keys
+from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
 from engines.contract.replies import REPLY_STREAM_TTL_MS
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
+
+
+def cancel_message(job_id: str, deadline_ms: int) -> str:
+    """What the cancel channel carries: engines abort ``job_id``, or skip it until ``deadline_ms``."""
+    return f"{job_id} {deadline_ms}"
 
 
 class NotQueued(Exception):
@@ -133,14 +138,15 @@ class JobQueue:
         return max(int(share * self._max_backlog), 1)
 
     async def missing(self, jobs: list[tuple[str, str]]) -> list[bool]:
-        """For each (model, job id): whether its job key is gone (acked, or lost with Redis)."""
-        replies = await self.lane.pipeline([("EXISTS", self._keys.job(model, job_id)) for model, job_id in jobs])
-        return [r == 0 for r in replies]
+        """For each (model, job id): whether its job key is gone (acked, or lost with Redis) or
+        fenced (its idempotency claim was taken over before it was queued: it never will be)."""
+        replies = await self.lane.pipeline([("GET", self._keys.job(model, job_id)) for model, job_id in jobs])
+        return [r is None or r == FENCED for r in replies]
 
     async def cancel(self, job_id: str, deadline_ms: int) -> None:
         """Tell every engine that the client of ``job_id`` went away (remember it until ``deadline_ms``)."""
         try:
-            await self.lane.execute("PUBLISH", self._keys.cancel_channel, f"{job_id} {deadline_ms}")
+            await self.lane.execute("PUBLISH", self._keys.cancel_channel, cancel_message(job_id, deadline_ms))
         except REDIS_ERRORS as exc:
             log.warning("could not publish cancellation of %s: %s", job_id, exc)
 

@@ -31,6 +31,7 @@ from telemetry.tracing import Span
 
 if TYPE_CHECKING:
     from gateway.dispatch import Dispatcher
+    from gateway.tenancy.claims import Claim
 
 log = logging.getLogger("conduit.gateway")
 
@@ -72,7 +73,7 @@ class JobRun:
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
                  "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "output", "refused", "refund_request")
+                 "output", "refused", "refund_request", "claim")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -126,6 +127,8 @@ class JobRun:
         #: A refusal at the queue that is not the key's own doing (the model's whole backlog is
         #: full, Redis is unavailable): the key gets its request back too.
         self.refund_request = False
+        #: The request's ``Idempotency-Key`` claim: each submission is named in it first.
+        self.claim: Claim | None = None
 
     @property
     def job_id(self) -> str:

@@ -195,8 +195,12 @@ class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
     idempotency_lease_s: float = 10.0
     #: Longest ``Idempotency-Key`` accepted (400 beyond).
     idempotency_max_key_chars: int = 255
-    #: Responses larger than this are not stored for replay (a retry runs again).
-    idempotency_max_response_bytes: int = 16 * 1024 * 1024
+    #: Responses larger than this are not stored for replay (a retry runs again). Each stored
+    #: response stays in Redis ``idempotency_ttl_s``, so this times a key's requests in a day is
+    #: what its retries may keep there. 1 MiB holds a text answer of ordinary size (about 250,000
+    #: characters) and an image answer as ``url``; larger ones (many choices with logprobs, images
+    #: as ``b64_json``, often a megabyte each) run again when retried.
+    idempotency_max_response_bytes: int = 1024 * 1024
 
 
 class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):

@@ -4,6 +4,11 @@
 forwarded to Redis (which runs it), then the connection is closed before Redis's reply
 gets back: the client sees a broken connection for a command that did happen, the case
 an at-least-once client resends.
+
+``stall()`` / ``stall_on(marker)`` / ``resume()``: every connection through the proxy stops
+carrying bytes either way (they stay open, what was sent waits) until ``resume()``: a client
+whose Redis connections hang while Redis itself serves everyone else. ``stall_on`` stalls as
+the first write containing ``marker`` arrives, holding that write too.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ class FlakyProxy:
         #: How many connections were broken on purpose.
         self.dropped = 0
         self._writers: set[asyncio.StreamWriter] = set()
+        self._stall_marker = b""
+        #: Whether bytes flow (cleared while stalled); made in the proxy's own loop.
+        self._flowing: asyncio.Event
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -39,6 +47,35 @@ class FlakyProxy:
         """Break the connection that carries the ``nth`` write containing ``marker`` (once)."""
         with self._lock:
             self._marker, self._countdown = marker, nth
+
+    def stall(self) -> None:
+        """Hold every byte, both ways, on every connection until :meth:`resume`."""
+        asyncio.run_coroutine_threadsafe(self._set_flowing(False), self._loop).result(5)
+
+    def stall_on(self, marker: bytes) -> None:
+        """Stall (as :meth:`stall`) when a write containing ``marker`` arrives, before it is forwarded."""
+        with self._lock:
+            self._stall_marker = marker
+
+    def resume(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._set_flowing(True), self._loop).result(5)
+
+    @property
+    def stalled(self) -> bool:
+        return not self._flowing.is_set()
+
+    async def _set_flowing(self, on: bool) -> None:
+        if on:
+            self._flowing.set()
+        else:
+            self._flowing.clear()
+
+    def _should_stall(self, data: bytes) -> bool:
+        with self._lock:
+            if self._stall_marker and self._stall_marker in data:
+                self._stall_marker = b""
+                return True
+        return False
 
     def _should_drop(self, data: bytes) -> bool:
         with self._lock:
@@ -51,6 +88,8 @@ class FlakyProxy:
 
     def _serve(self) -> None:
         asyncio.set_event_loop(self._loop)
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         self._server = self._loop.run_until_complete(asyncio.start_server(self._handle, sock=self._sock))
         self._ready.set()
         self._loop.run_forever()
@@ -67,6 +106,9 @@ class FlakyProxy:
 
         async def upstream() -> None:
             while data := await client_r.read(65536):
+                if self._should_stall(data):
+                    self._flowing.clear()
+                await self._flowing.wait()
                 drop = self._should_drop(data)
                 if drop:
                     broken.set()  # from now on nothing goes back to the client
@@ -78,6 +120,7 @@ class FlakyProxy:
 
         async def downstream() -> None:
             while data := await redis_r.read(65536):
+                await self._flowing.wait()
                 if broken.is_set():
                     return
                 client_w.write(data)

@@ -61,8 +61,10 @@ class Keys:
         The gateway creates it (``SET NX``) in the script that queues the job, so a resent
         submission never makes a second job; an engine sets it to ``OUTPUT_STARTED`` when a
         streaming job's first output is written, so a reclaimed job is failed, not re-run,
-        once output may have reached its client; the engine deletes it with the job's ack.
-        Same hash tag as the model's job stream: one slot.
+        once output may have reached its client; the engine deletes it with the job's ack. A
+        gateway taking over an ``Idempotency-Key`` whose job is not (or no longer) queued sets it
+        to ``FENCED``, so that job id is never queued after. Same hash tag as the model's job
+        stream: one slot.
         """
         return f"{self.prefix}:job:{{{model}}}:{job_id}"
 
@@ -125,13 +127,17 @@ class Keys:
         return f"{self.prefix}:usage:{{{key_id}}}:{day}"
 
     def idempotency(self, key_id: str, digest: str) -> str:
-        """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): msgpack state
-        ``running`` (lease, refreshed by its owner) or ``done`` (the stored response, 24 h).
-        ``digest`` is the SHA-256 of the client's header value, never the value itself."""
-        return f"{self.prefix}:idem:{{{key_id}}}:{digest}"
+        """One ``Idempotency-Key`` of one API key (``key_id``; "" without auth): a hash, state
+        ``running`` (the claim: its lease, renewed by its owner, and its job) or ``done`` (the
+        stored response, 24 h). ``digest`` is the SHA-256 of the client's header value, never
+        the value itself. (``idem:`` named the string records of earlier versions.)"""
+        return f"{self.prefix}:idempotency:{{{key_id}}}:{digest}"
 
 
 #: Value of a job key from its submission until a streaming job's output begins (``Keys.job``).
 IN_QUEUE = b"q"
 #: Value of a job key once a streaming job's output began (``Keys.job``).
 OUTPUT_STARTED = b"o"
+#: Value of the key of a job never queued, set by a gateway that took over its ``Idempotency-Key``
+#: (``Keys.job``): the submission script then queues nothing under that id, until its deadline.
+FENCED = b"f"

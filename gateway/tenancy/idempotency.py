@@ -2,22 +2,29 @@
 
 An ASGI middleware inside the auth guard, on the generation routes only. A request without
 the header costs one header lookup. With it, the body is buffered and fingerprinted
-(SHA-256 of method, path and body) and one Redis key per (API key, Idempotency-Key) holds
-its state (``Keys.idempotency``):
+(SHA-256 of method, path and body) and one Redis record per (API key, Idempotency-Key) holds
+its state (``Keys.idempotency``, kept by ``gateway.tenancy.claims``):
 
-- ``running``: claimed with ``SET NX`` by the request that runs it, under a lease its
-  gateway refreshes every third of ``idempotency_lease_s``, so a gateway that died frees
-  the key within one lease;
+- ``running``: claimed by the request that runs it, under a lease its gateway renews every
+  third of ``idempotency_lease_s``, naming the job it queues;
 - ``done``: the response (status, content type, first request's ``x-request-id``, body),
   kept ``idempotency_ttl_s`` (24 h).
 
 A retry with the same fingerprint gets the stored response (``idempotent-replayed: true``),
-or waits for the running one (at most ``request_timeout_s``) and gets its response; if the
-running one's gateway died, the retry runs it. The same key with another body is a 409
-``idempotency_key_reused``. Only complete non-streaming responses with a status a retry
-would get again are stored: not 5xx, 408, 409 or 429 (the claim is released and a retry
-runs again). Streaming requests hold the key while they run (a second request with the key
-meanwhile: 409 ``idempotency_key_in_use``) but are never stored or replayed.
+or waits for the running one (at most ``request_timeout_s``) and gets its response. If the
+running one's lease lapsed and stays lapsed (its gateway died, or is cut off from Redis), the
+retry takes the claim over once that request's job can no longer run (``claims``: never
+while it may). The same key with another body is a 409 ``idempotency_key_reused``. Only
+complete, successful (2xx) non-streaming responses of at most ``idempotency_max_response_bytes``
+are stored: a request refused or failed (4xx, 5xx, a client gone: 499) leaves nothing behind,
+so its retry runs again and a refusal costs Redis nothing after its answer. Streaming requests
+hold the key while they run (a second request with the key meanwhile: 409
+``idempotency_key_in_use``, unless the holder's lease lapsed) but are never stored or replayed.
+
+A retry that waits holds a connection and a task as a running request does, so it takes one
+of its API key's concurrent slots while it waits (``Limiter.hold``): a key at its
+``concurrency`` limit gets the usual 429 for it, and one key can make a gateway hold no more
+than its limit of requests, running or waiting.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from redis.exceptions import NoScriptError
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from engines.contract.lane import REDIS_ERRORS
@@ -39,6 +45,8 @@ from engines.contract.keys import Keys
 from gateway.context import context_of
 from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
 from gateway.settings import IdempotencySettings
+from gateway.tenancy.claims import ABANDONED, HELD, Claim, ClaimStore, Found, StoredResponse
+from gateway.tenancy.limits import Grant, Limiter
 
 log = logging.getLogger("conduit.gateway")
 
@@ -47,57 +55,14 @@ HEADER = b"idempotency-key"
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/images/generations"})
 #: Response headers kept with a stored response (``x-request-id`` is handled apart).
 _KEPT = frozenset({b"content-type"})
-#: 4xx a retry need not get again: timeouts, conflicts, rate limits.
-_TRANSIENT = frozenset({408, 409, 429})
-
-RUNNING = "running"
-DONE = "done"
-
-# Claim: the current state, or nil after taking the key (ARGV[1] for ARGV[2] ms).
-_CLAIM = """
-local v = redis.call('GET', KEYS[1])
-if v then return v end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return false
-"""
-# Owner-only updates compare the whole running record: its owner token makes it unique.
-# Refresh the lease (ARGV[2] ms); or finish: ARGV[2] "" releases, else becomes the value.
-_REFRESH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-"""
-_FINISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if ARGV[2] == '' then return redis.call('DEL', KEYS[1]) end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-return 1
-"""
-
-
-class IdempotencyRecord(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
-    """What ``Keys.idempotency`` holds (msgpack)."""
-
-    state: str
-    #: SHA-256 of method, path and body: a retry must be the same request.
-    fingerprint: bytes
-    #: ``running``: a random token naming the request that holds the key.
-    owner: str = ""
-    started_ms: int = 0
-    #: ``running``: a streaming request (never stored).
-    stream: bool = False
-    # ``done``: the response to replay.
-    status: int = 0
-    headers: list[tuple[bytes, bytes]] = []
-    request_id: bytes = b""
-    body: bytes = b""
+#: Seconds between a waiting retry's looks at the key, at most (fewer with a short lease).
+_MAX_POLL_S = 0.25
 
 
 class _StreamFlag(msgspec.Struct):
     stream: bool | None = None
 
 
-_ENCODER = msgspec.msgpack.Encoder()
-_DECODER = msgspec.msgpack.Decoder(IdempotencyRecord)
 _STREAM_FLAG = msgspec.json.Decoder(_StreamFlag)
 
 
@@ -105,7 +70,7 @@ def _is_stream(body: bytes) -> bool:
     try:
         return bool(_STREAM_FLAG.decode(body).stream)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return False  # the route answers it with a 400 (which is stored)
+        return False  # the route answers it with a 400
 
 
 def fingerprint(method: str, path: str, body: bytes) -> bytes:
@@ -113,41 +78,30 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
     return hashlib.sha256(b"%s\0%s\0%s" % (method.encode(), path.encode(), body)).digest()
 
 
-class _Scripts:
-    """The three Lua scripts, run by SHA and loaded on a miss (Redis restarted)."""
-
-    def __init__(self) -> None:
-        self._src = {name: src for name, src in (("claim", _CLAIM), ("refresh", _REFRESH), ("finish", _FINISH))}
-        self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._src.items()}
-
-    async def run(self, redis: Any, name: str, key: str, *args: Any) -> Any:
-        try:
-            return await redis.execute_command("EVALSHA", self._sha[name], 1, key, *args)
-        except NoScriptError:
-            return await redis.execute_command("EVAL", self._src[name], 1, key, *args)
-
-
 class IdempotencyMiddleware:
     """Replays the response of a request retried with the same ``Idempotency-Key``.
 
-    ``redis`` returns the gateway's client (opened by the app's lifespan, after this is built).
-    The principal comes from the request's context (set by the auth guard outside this
-    middleware; ``ANONYMOUS`` without one).
+    ``redis`` returns the gateway's client and ``limiter`` its per-key limits (both opened by the
+    app's lifespan, after this is built). The principal comes from the request's context (set
+    by the auth guard outside this middleware; ``ANONYMOUS`` without one).
     """
 
     def __init__(self, app: ASGIApp, settings: IdempotencySettings, redis: Callable[[], Any], *, keys: Keys,
-                 max_body_bytes: int, request_timeout_s: float) -> None:
+                 max_body_bytes: int, request_timeout_s: float,
+                 limiter: Callable[[], Limiter | None] = lambda: None) -> None:
         self._app = app
         self._redis = redis
+        self._limiter = limiter
         self._keys = keys
-        self._scripts = _Scripts()
+        self._claims = ClaimStore(keys, lease_s=settings.idempotency_lease_s, ttl_s=settings.idempotency_ttl_s)
         # The bounds, read from the settings once rather than on every request.
         self._max_key_chars = settings.idempotency_max_key_chars
         self._max_response_bytes = settings.idempotency_max_response_bytes
         self._max_body_bytes = max_body_bytes
         self._request_timeout_s = request_timeout_s
-        self._lease_ms = max(int(settings.idempotency_lease_s * 1000), 100)
-        self._ttl_ms = int(settings.idempotency_ttl_s * 1000)
+        # A waiting retry looks at least four times a grace: its looks are never far enough apart
+        # to be taken for a pause (which restarts the grace).
+        self._poll_s = min(_MAX_POLL_S, self._claims.grace_ms / 4000)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in ROUTES:
@@ -184,31 +138,78 @@ class IdempotencyMiddleware:
         stream = _is_stream(body)
         redis = self._redis()
         deadline = time.monotonic() + self._request_timeout_s
-        while True:
-            mine = _ENCODER.encode(IdempotencyRecord(state=RUNNING, fingerprint=fp, owner=os.urandom(12).hex(),
-                                                     started_ms=int(time.time() * 1000), stream=stream))
-            held = await self._scripts.run(redis, "claim", key, mine, self._lease_ms)
-            if held is None:
-                await self._run(redis, key, mine, stream, body, scope, receive, send)
-                return
-            record = _DECODER.decode(held)
-            if record.fingerprint != fp:
-                # The SDK retries 409s (lock timeouts) unless told this one would not change.
-                raise Conflict("This Idempotency-Key was already used with a different request; use a new key "
-                               "for a new request.", code="idempotency_key_reused",
-                               headers={"x-should-retry": "false"})
-            if record.state == DONE:
-                await _replay(scope, send, record)
-                return
-            if stream:
-                raise Conflict("A request with this Idempotency-Key is still in progress; a streaming request "
-                               "cannot wait for it.", code="idempotency_key_in_use")
-            if not await self._wait(redis, key, held, deadline, receive):
-                return  # the client went away while waiting
-            if time.monotonic() >= deadline:
-                raise Conflict("A request with this Idempotency-Key is still in progress; retry later.",
-                               code="idempotency_key_in_use")
-            # The state changed (done, released, or taken over): the next claim tells.
+        takeover: Found | None = None  # an abandoned claim whose job can no longer run
+        # While this request waits: one of its key's concurrent slots, and its client's disconnect
+        # (the body is read: nothing else can come).
+        slot: Grant | None = None
+        gone: asyncio.Future[Any] | None = None
+        delay, next_cancel = 0.02, 0.0
+        try:
+            while True:
+                owner = os.urandom(12).hex()
+                found = await self._claims.claim(redis, key, owner, fp, stream, takeover)
+                takeover = None
+                if found is None:
+                    if gone is not None:  # it waited: what it held is the running request's now
+                        gone.cancel()
+                        gone = None
+                        await self._give_back(slot)  # (admission takes the request's own slot)
+                        slot = None
+                    await self._run(redis, Claim(self._claims, redis, key, owner), fp, stream, body, scope, receive,
+                                    send)
+                    return
+                if found.fingerprint != fp:
+                    # The SDK retries 409s (lock timeouts) unless told this one would not change.
+                    raise Conflict("This Idempotency-Key was already used with a different request; use a new "
+                                   "key for a new request.", code="idempotency_key_reused",
+                                   headers={"x-should-retry": "false"})
+                if found.response is not None:
+                    await _replay(scope, send, found.response)
+                    return
+                if found.what == ABANDONED:
+                    # Its job is cancelled (again each second: the channel may lose one), and the
+                    # claim taken over once that job is gone and fenced.
+                    cancel = time.monotonic() >= next_cancel
+                    if cancel:
+                        next_cancel = time.monotonic() + 1
+                    if await self._claims.fence(redis, found, cancel=cancel):
+                        takeover = found
+                        continue
+                elif found.what == HELD and stream:
+                    raise Conflict("A request with this Idempotency-Key is still in progress; a streaming request "
+                                   "cannot wait for it.", code="idempotency_key_in_use")
+                # Wait: for the holder's answer, or (its lease lapsed) to see whether it renews it.
+                if gone is None:
+                    slot = await self._hold(scope, deadline)
+                    gone = asyncio.ensure_future(receive())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Conflict("A request with this Idempotency-Key is still in progress; retry later.",
+                                   code="idempotency_key_in_use")
+                done, _ = await asyncio.wait({gone}, timeout=min(delay, left))
+                if done:
+                    return  # the client went away while waiting
+                delay = min(delay * 2, self._poll_s)
+        finally:
+            if gone is not None:
+                gone.cancel()
+            await self._give_back(slot)
+
+    async def _hold(self, scope: Scope, deadline: float) -> Grant | None:
+        """One of the key's concurrent slots while this request waits (a connection and a task
+        are held like a running request's): 429 at the key's limit; None when it has none."""
+        limiter = self._limiter()
+        if limiter is None:
+            return None
+        expiry_ms = int((time.time() + max(deadline - time.monotonic(), 0)) * 1000)
+        return await limiter.hold(context_of(scope).principal, f"idem-{os.urandom(12).hex()}", expiry_ms)
+
+    async def _give_back(self, slot: Grant | None) -> None:
+        if slot is not None:
+            try:
+                await self._limiter().release(slot, None)  # type: ignore[union-attr]
+            except REDIS_ERRORS as exc:  # it expires at the wait's deadline anyway
+                log.warning("could not give back a waiting request's concurrent slot: %s", exc)
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         chunks: list[bytes] = []
@@ -225,26 +226,10 @@ class IdempotencyMiddleware:
             if not message.get("more_body", False):
                 return b"".join(chunks)
 
-    async def _wait(self, redis: Any, key: str, held: bytes, deadline: float, receive: Receive) -> bool:
-        """Poll until the key no longer holds ``held`` or the deadline passes; False if the
-        client went away meanwhile."""
-        gone = asyncio.ensure_future(receive())  # the body is read: only http.disconnect can come
-        delay = 0.02
-        try:
-            while (left := deadline - time.monotonic()) > 0:
-                done, _ = await asyncio.wait({gone}, timeout=min(delay, left))
-                if done:
-                    return False
-                delay = min(delay * 2, 0.25)
-                if await redis.get(key) != held:
-                    return True
-            return True
-        finally:
-            gone.cancel()
-
-    async def _run(self, redis: Any, key: str, mine: bytes, stream: bool, body: bytes,
+    async def _run(self, redis: Any, claim: Claim, fp: bytes, stream: bool, body: bytes,
                    scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request as the key's holder; store its response or release the key."""
+        context_of(scope).claim = claim  # each of its jobs is named in the claim before it is queued
         sent_body = False
 
         async def replay_body() -> Message:
@@ -264,15 +249,15 @@ class IdempotencyMiddleware:
         async def finish(complete: bool) -> None:
             nonlocal finished
             finished = True
-            done = b""
-            if complete and storable and status < 500 and status not in _TRANSIENT:
-                done = _ENCODER.encode(IdempotencyRecord(
-                    state=DONE, fingerprint=_DECODER.decode(mine).fingerprint, status=status, headers=headers,
-                    request_id=context_of(scope).request_id, body=b"".join(chunks)))
+            response = None
+            if complete and storable and 200 <= status < 300:
+                response = StoredResponse(status=status, headers=headers, request_id=context_of(scope).request_id,
+                                          body=b"".join(chunks))
             try:
-                await self._scripts.run(redis, "finish", key, mine, done, self._ttl_ms)
+                if not await self._claims.finish(redis, claim.key, claim.owner, fp, response):
+                    log.warning("an idempotent request ended after a retry took its Idempotency-Key over")
             except REDIS_ERRORS as exc:
-                # The lease runs out by itself: a retry then runs the request again.
+                # The lease lapses by itself: a retry then runs the request again (its job is over).
                 log.warning("could not record an idempotent request's end: %s", exc)
 
         async def capture(message: Message) -> None:
@@ -298,32 +283,33 @@ class IdempotencyMiddleware:
                     await finish(complete=True)
             await send(message)
 
-        refresher = asyncio.create_task(self._refresh(redis, key, mine))
+        renewer = asyncio.create_task(self._renew(redis, claim))
         try:
             await self._app(scope, replay_body, capture)
         finally:
-            refresher.cancel()
+            renewer.cancel()
             if not finished:
                 await finish(complete=False)
 
-    async def _refresh(self, redis: Any, key: str, mine: bytes) -> None:
+    async def _renew(self, redis: Any, claim: Claim) -> None:
         while True:
-            await asyncio.sleep(self._lease_ms / 3000)
+            await asyncio.sleep(self._claims.lease_ms / 3000)
             try:
-                if not await self._scripts.run(redis, "refresh", key, mine, self._lease_ms):
-                    return  # lost the key (our lease ran out while Redis was away)
+                if not await self._claims.renew(redis, claim.key, claim.owner):
+                    # Taken over: this request's job is gone or fenced, and its next one is refused.
+                    return
             except REDIS_ERRORS as exc:
-                log.warning("could not refresh an idempotency lease: %s", exc)
+                log.warning("could not renew an idempotency lease: %s", exc)
 
 
-async def _replay(scope: Scope, send: Send, record: IdempotencyRecord) -> None:
-    if record.request_id:
+async def _replay(scope: Scope, send: Send, response: StoredResponse) -> None:
+    if response.request_id:
         # The observer (outside) sends the first request's id with the replay.
-        context_of(scope).request_id = record.request_id
-    headers = [*record.headers, (b"content-length", str(len(record.body)).encode()),
+        context_of(scope).request_id = response.request_id
+    headers = [*response.headers, (b"content-length", str(len(response.body)).encode()),
                (b"idempotent-replayed", b"true")]
-    await send({"type": "http.response.start", "status": record.status, "headers": headers})
-    await send({"type": "http.response.body", "body": record.body, "more_body": False})
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})
 
 
 async def _send_error(scope: Scope, send: Send, exc: ConduitError) -> None:
