@@ -71,7 +71,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
             model = str(build_tiny_llama(default_model_dir()))
         backend = VllmBackend(vllm_settings(args, model))
-    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
+    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                    otlp_endpoint=args.otlp_endpoint))
     return 0
 
 
@@ -187,7 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
     en.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto"')
     en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
-    en.add_argument("--metrics-port", type=int)
+    en.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready on this port")
+    en.add_argument("--metrics-host", default="127.0.0.1",
+                    help="the address the metrics port listens on (0.0.0.0: every interface, as a container "
+                         "scraped from outside needs)")
     en.add_argument("--reclaim-idle-ms", type=int, default=5000)
     en.add_argument("--stall-s", type=float, default=20.0,
                     help="an event loop that takes no turn for this long stops the heartbeat: other engines take "
