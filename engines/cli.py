@@ -38,7 +38,9 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from engines.worker import WorkerSettings
 
     _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
-    settings = WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
+    settings = WorkerSettings(redis_url=args.redis_url, redis_username=args.redis_username,
+                              redis_password=args.redis_password, redis_cluster=args.redis_cluster,
+                              key_prefix=args.key_prefix,
                               engine_id=args.engine_id or "",
                               reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
                               image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
@@ -173,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
                     help="Redis is a cluster (also chosen by a redis+cluster:// URL)")
     en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    en.add_argument("--redis-username", default=os.environ.get("CONDUIT_REDIS_USERNAME", ""),
+                    help="the Redis ACL user (`engine` in compose and Kubernetes) where the URL names none")
+    # Its password only ever from the environment, never a flag: a command line is public (`ps`).
+    en.set_defaults(redis_password=os.environ.get("CONDUIT_REDIS_PASSWORD", ""))
     en.add_argument("--engine-id")
     en.add_argument("--image-store", default=os.environ.get("CONDUIT_IMAGE_STORE", "redis"),
                     help="where images go: redis (default) or a directory the gateways read too")

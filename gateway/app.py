@@ -16,7 +16,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
 from engines.contract.keys import Keys
-from engines.contract.lane import REDIS_ERRORS, connect, open_lane, redacted
+from engines.contract.lane import REDIS_ERRORS, open_lane, redacted
 from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
@@ -81,7 +81,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         queueing, tenancy = settings.queue, settings.tenancy
         keys = Keys(settings.redis.key_prefix)
         codec = Codec()
-        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster, max_connections=1024)
+        redis = settings.redis.connect(max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=queueing.registry_refresh_s,
                                   configured=queueing.models, metrics=gw_metrics)
         gw_metrics.watch_queue(registry.backlog_counts)

@@ -91,6 +91,9 @@ def _add_keys_parser(sub: Any) -> None:
     conn.add_argument("--redis-cluster", action="store_true",
                       default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"))
     conn.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    # The Redis user (`admin` in the deployments); its password only ever from the environment.
+    conn.add_argument("--redis-username", default=os.environ.get("CONDUIT_REDIS_USERNAME", ""))
+    conn.set_defaults(redis_password=os.environ.get("CONDUIT_REDIS_PASSWORD", ""))
     keys = sub.add_parser("keys", help="Manage API keys (in the gateway's Redis).")
     keys.set_defaults(func=cmd_keys)
     ks = keys.add_subparsers(dest="keys_command", required=True)
@@ -121,7 +124,6 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from engines.contract.lane import connect
     from engines.contract.keys import Keys
     from gateway.settings import GatewaySettings
     from gateway.tenancy.usage import UsageLog
@@ -129,7 +131,7 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_env(file=args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
 
     async def read() -> Any:
-        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster)
+        redis = settings.redis.connect()
         try:
             return await UsageLog(redis, Keys(settings.redis.key_prefix)).read(args.id, args.days, time.time())
         finally:

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from engines.contract.lane import connect, redacted
+
 ENV_PREFIX = "CONDUIT_"
 
 
@@ -35,9 +37,23 @@ class RedisSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Where the queue, keys, limits and images live."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Redis ACL user (``gateway`` in the deployments, compose/redis/users.acl) and its
+    #: password, where the URL carries none: the URL stays free of secrets and of escaping.
+    redis_username: str = ""
+    redis_password: str = ""
     #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
     redis_cluster: bool = False
     key_prefix: str = "conduit"
+
+    def __repr__(self) -> str:  # the password never reaches a log or a traceback
+        return (f"RedisSettings(redis_url={redacted(self.redis_url)!r}, redis_username={self.redis_username!r}, "
+                f"redis_password={'***' if self.redis_password else ''!r}, redis_cluster={self.redis_cluster!r}, "
+                f"key_prefix={self.key_prefix!r})")
+
+    def connect(self, **kwargs: Any) -> Any:
+        """A client of this Redis (``engines.contract.lane.connect``) as this user."""
+        return connect(self.redis_url, cluster=self.redis_cluster, username=self.redis_username,
+                       password=self.redis_password, **kwargs)
 
 
 class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):

@@ -133,7 +133,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return hash_admin()
 
     async def run() -> int:
-        redis = connect(args.redis_url, cluster=args.redis_cluster)
+        redis = connect(args.redis_url, cluster=args.redis_cluster, username=args.redis_username,
+                        password=args.redis_password)
         try:
             return await COMMANDS[args.keys_command](KeyStore(redis, Keys(args.key_prefix)), args)
         except InvalidKeyField as exc:
