@@ -114,6 +114,8 @@ def _add_keys_parser(sub: Any) -> None:
                                                  "second).").add_argument("id")
     ks.add_parser("hash-admin", help="Read an admin credential on stdin; print its argon2id hash "
                                      "(for CONDUIT_ADMIN_KEY_HASH).")
+    ks.add_parser("hash-metrics", help="Read the metrics credential (Prometheus's) on stdin; print its argon2id "
+                                       "hash (for CONDUIT_METRICS_KEY_HASH).")
     add_keys_usage(ks)
 
 

@@ -183,8 +183,22 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     auth_failures: int = 20
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0
-    #: Whether ``/metrics`` needs the admin credential too.
+    #: Whether ``/metrics`` needs the metrics credential (``metrics_key_hash``); the gateway refuses
+    #: to start with it on and no hash, rather than serve ``/metrics`` open. A hash set is enough.
     metrics_auth: bool = False
+    #: argon2id hash of the metrics credential (``conduit keys hash-metrics``): what Prometheus
+    #: sends for ``/metrics``, which it opens and nothing else. The admin credential never does.
+    metrics_key_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metrics_auth and not self.metrics_key_hash:
+            raise ValueError("metrics_auth is on but metrics_key_hash is empty: set it to the hash of Prometheus's "
+                             "credential (`conduit keys hash-metrics`); the admin credential does not open /metrics")
+
+    @property
+    def metrics_protected(self) -> bool:
+        """Whether ``/metrics`` needs the metrics credential."""
+        return bool(self.metrics_auth or self.metrics_key_hash)
 
 
 class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
