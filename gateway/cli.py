@@ -202,7 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "pipeline used by tests and `conduit up`; prints their paths.")
 
     _add_keys_parser(sub)
+
+    acl = sub.add_parser("redis-acl", help="Print Conduit's Redis users (ACL rules per role: gateway, engine, "
+                                           "admin), as compose/redis/start.sh reads them.")
+    acl.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    acl.add_argument("--autoscaler", action="store_true", help="add the autoscaler user (KEDA: XLEN of job streams)")
+    acl.set_defaults(func=cmd_redis_acl)
     return p
+
+
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    """Print the users of ``engines.contract.acl`` for the key prefix, passwords as placeholders."""
+    from engines.contract.acl import BASE_ROLES, ROLES, acl_file
+
+    print(acl_file(args.key_prefix, ROLES if args.autoscaler else BASE_ROLES), end="")
+    return 0
 
 
 #: ``conduit`` subcommands that are the engine's own program: ``conduit <these> ARGS`` runs
