@@ -98,8 +98,8 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         store = open_image_store(settings.images.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
         auth = Authenticator(key_store, admin_hash=tenancy.admin_key_hash, metrics_hash=tenancy.metrics_key_hash,
-                             poll_s=tenancy.keys_poll_s,
-                             threads=tenancy.auth_threads, failures=tenancy.auth_failures, block_s=tenancy.auth_block_s)
+                             poll_s=tenancy.keys_poll_s, threads=tenancy.auth_threads, failures=tenancy.auth_failures,
+                             block_s=tenancy.auth_block_s)
         bounds = settings.bounds
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),

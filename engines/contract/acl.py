@@ -36,11 +36,14 @@ BASE_ROLES = ROLES[:3]
 
 _ANY = "*"
 
-#: What every client needs: data commands, scripts, pub/sub, transactions, the connection, and the
-#: cluster's topology (redis-py's cluster client asks ``CLUSTER SLOTS`` and ``COMMAND``).
+#: A cluster's topology (redis-py's cluster client asks ``CLUSTER SLOTS``, and ``COMMAND``: @connection).
 _TOPOLOGY = ("+cluster|slots", "+cluster|shards", "+cluster|nodes", "+cluster|info", "+cluster|myid")
+#: Taken from every user last: server administration, listing the keyspace (``SCAN``, which key
+#: patterns do not filter), server-side functions, and other clients' scripts.
 _NEVER = ("-@dangerous", "-@admin", "-scan", "-randomkey", "-function", "-fcall", "-fcall_ro", "-script|flush",
           "-script|kill", "-script|debug")
+#: What a Conduit process needs: data commands, scripts (whose commands Redis checks against the
+#: caller's keys), pub/sub, transactions (pipelines), the connection, ``TIME`` (scripts' clock).
 _CLIENT = ("-@all", "+@read", "+@write", "+@scripting", "+@pubsub", "+@transaction", "+@connection", "+time",
            *_TOPOLOGY, *_NEVER)
 _AUTOSCALER = ("-@all", "+@connection", "+xlen", *_TOPOLOGY, *_NEVER)
@@ -129,5 +132,4 @@ def acl_file(prefix: str = "conduit", roles: tuple[str, ...] = BASE_ROLES,
             "# lines: each password placeholder (a hash sign, the variable's name in braces) becomes the SHA-256",
             "# of that environment variable's value when Redis starts (compose/redis/start.sh).",
             "user default off resetpass resetkeys resetchannels -@all"]
-    return "\n".join([*head, *(acl_user(prefix, r, (passwords or {}).get(r) if passwords else None)
-                               for r in roles)]) + "\n"
+    return "\n".join([*head, *(acl_user(prefix, r, (passwords or {}).get(r)) for r in roles)]) + "\n"
