@@ -126,8 +126,8 @@ def acl_user(prefix: str, role: str, password: str | None = None) -> str:
 def acl_file(prefix: str = "conduit", roles: tuple[str, ...] = BASE_ROLES,
              passwords: dict[str, str] | None = None) -> str:
     """The users of ``roles`` (and the default user off) as Redis configuration lines."""
-    head = [f"# Conduit's Redis users for the key prefix {prefix!r}: written by `conduit redis-acl --key-prefix "
-            f"{prefix}{' --autoscaler' if 'autoscaler' in roles else ''}`",
+    command = f"conduit redis-acl --key-prefix {prefix}{' --autoscaler' if 'autoscaler' in roles else ''}"
+    head = [f"# Conduit's Redis users for the key prefix {prefix!r}: written by `{command}`",
             "# (engines/contract/acl.py) from the key names; regenerate it, never edit it. Redis configuration",
             "# lines: each password placeholder (a hash sign, the variable's name in braces) becomes the SHA-256",
             "# of that environment variable's value when Redis starts (compose/redis/start.sh).",

@@ -241,7 +241,10 @@ def test_the_autoscaler_reads_only_job_stream_lengths(tmp_path: Path) -> None:
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
     out = {name: directory / name for name in ("ca.key", "ca.crt", "redis.key", "redis.csr", "redis.crt")}
-    run = lambda *args: subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)  # noqa: E731
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
     run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(out["ca.key"]), "-out", str(out["ca.crt"]),
         "-days", "1", "-subj", "/CN=conduit-test-ca")
     run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(out["redis.key"]), "-out", str(out["redis.csr"]),

@@ -14,8 +14,8 @@ import sys
 from fnmatch import fnmatchcase
 from pathlib import Path
 
-from engines.contract.acl import BASE_ROLES, HELPERS, ROLE_NAMES, ROLES, acl_file, channels, name_patterns, \
-    user_rules
+from engines.contract.acl import (BASE_ROLES, HELPERS, ROLE_NAMES, ROLES, acl_file, channels, name_patterns,
+                                  user_rules)
 from engines.contract.keys import Keys
 
 ROOT = Path(__file__).resolve().parents[2]
