@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +37,9 @@ def worker_settings(args: argparse.Namespace) -> WorkerSettings:
     """The worker's settings (any engine kind) from ``conduit engine``'s flags."""
     from engines.worker import WorkerSettings
 
-    return WorkerSettings(redis_url=args.redis_url, redis_cluster=args.redis_cluster, key_prefix=args.key_prefix,
+    return WorkerSettings(redis_url=args.redis_url, redis_username=args.redis_username,
+                          redis_password=args.redis_password, redis_cluster=args.redis_cluster,
+                          key_prefix=args.key_prefix,
                           engine_id=args.engine_id or "",
                           reclaim_idle_ms=args.reclaim_idle_ms, image_store=args.image_store,
                           image_ttl_s=args.image_ttl_s, drain_timeout_s=args.drain_timeout_s,
@@ -81,7 +82,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
             model = str(build_tiny_llama(default_model_dir()))
         backend = VllmBackend(vllm_settings(args, model))
-    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, otlp_endpoint=args.otlp_endpoint))
+    _run_loop(serve(backend, settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                    otlp_endpoint=args.otlp_endpoint))
     return 0
 
 
@@ -182,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                     default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),
                     help="Redis is a cluster (also chosen by a redis+cluster:// URL)")
     en.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    en.add_argument("--redis-username", default=os.environ.get("CONDUIT_REDIS_USERNAME", ""),
+                    help="the Redis ACL user (`engine` in compose and Kubernetes) where the URL names none")
+    # Its password only ever from the environment, never a flag: a command line is public (`ps`).
+    en.set_defaults(redis_password=os.environ.get("CONDUIT_REDIS_PASSWORD", ""))
     en.add_argument("--engine-id")
     en.add_argument("--image-store", default=os.environ.get("CONDUIT_IMAGE_STORE", "redis"),
                     help="where images go: redis (default) or a directory the gateways read too")
@@ -203,7 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
     en.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto"')
     en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
-    en.add_argument("--metrics-port", type=int)
+    en.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready on this port")
+    en.add_argument("--metrics-host", default="127.0.0.1",
+                    help="the address the metrics port listens on (0.0.0.0: every interface, as a container "
+                         "scraped from outside needs)")
     en.add_argument("--reclaim-idle-ms", type=int, default=5000)
     en.add_argument("--stall-s", type=float, default=20.0,
                     help="an event loop that takes no turn for this long stops the heartbeat: other engines take "

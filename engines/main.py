@@ -16,7 +16,7 @@ log = logging.getLogger("conduit.engine")
 
 
 async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int | None = None,
-                otlp_endpoint: str = "") -> None:
+                metrics_host: str = "127.0.0.1", otlp_endpoint: str = "") -> None:
     """Serve jobs until SIGTERM/SIGINT, then drain (finish in-flight jobs) and exit."""
     worker = Worker(backend, settings)
     telemetry = Telemetry("conduit-engine", worker.engine_id, otlp_endpoint=otlp_endpoint)
@@ -31,7 +31,7 @@ async def serve(backend: Backend, settings: WorkerSettings, *, metrics_port: int
     if hasattr(backend, "metrics"):  # backends that record their own (vLLM's engine stats, denoising steps)
         backend.metrics = metrics
     if metrics_port:
-        telemetry.serve(metrics_port, ready=worker.ready)
+        telemetry.serve(metrics_port, metrics_host, ready=worker.ready)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

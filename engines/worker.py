@@ -60,6 +60,9 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     """Settings of one engine process's worker (built at the entrypoint, passed down)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Redis ACL user (``engine`` in the deployments) and its password, where the URL has none.
+    redis_username: str = ""
+    redis_password: str = ""
     #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
     redis_cluster: bool = False
     key_prefix: str = "conduit"
@@ -97,6 +100,14 @@ class WorkerSettings(msgspec.Struct, kw_only=True):
     media_max_bytes: int = 50 * 1024 * 1024
     media_timeout_s: float = 10.0
 
+    def __repr__(self) -> str:  # the password never reaches a log or a traceback
+        return f"WorkerSettings(redis_url={redacted(self.redis_url)!r}, redis_username={self.redis_username!r}, ...)"
+
+    def connect(self) -> Any:
+        """A new client of the engines' Redis, as the engine's user."""
+        return connect(self.redis_url, cluster=self.redis_cluster, username=self.redis_username,
+                       password=self.redis_password)
+
 
 class Worker:
     """Runs one backend against the job streams of its models.
@@ -114,7 +125,7 @@ class Worker:
         if settings.stall_s < 1:
             raise ValueError(f"stall_s must be at least 1 s (the event loop's tick is 0.25 s), got {settings.stall_s}")
         self.engine_id = settings.engine_id or f"{socket.gethostname()}-{os.getpid()}-{os.urandom(3).hex()}"
-        self.redis: Any = connect(settings.redis_url, cluster=settings.redis_cluster)
+        self.redis: Any = settings.connect()
         self.writer = EventWriter(self.redis, self.codec, settings)
         self.images = open_image_store(settings.image_store, self.redis, self.keys)
         self.media = MediaGate(MediaPolicy(settings.media_domains), max_bytes=settings.media_max_bytes,
@@ -169,7 +180,7 @@ class Worker:
             await self._close()
             return
         # Its own thread, loop and connection: a job that keeps this loop busy cannot stop it.
-        heartbeat = HeartbeatThread(lambda: connect(self.settings.redis_url, cluster=self.settings.redis_cluster),
+        heartbeat = HeartbeatThread(self.settings.connect,
                                     self.presence.beat, self.settings.heartbeat_s, self.presence.failed)
         heartbeat.start()
         tasks = [

@@ -16,7 +16,7 @@ from litestar.exceptions import HTTPException, NotFoundException
 from litestar.types import ASGIApp
 
 from engines.contract.keys import Keys
-from engines.contract.lane import REDIS_ERRORS, connect, open_lane, redacted
+from engines.contract.lane import REDIS_ERRORS, open_lane, redacted
 from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
@@ -82,7 +82,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         queueing, tenancy = settings.queue, settings.tenancy
         keys = Keys(settings.redis.key_prefix)
         codec = Codec()
-        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster, max_connections=1024)
+        redis = settings.redis.connect(max_connections=1024)
         registry = EngineRegistry(redis, keys, codec, refresh_s=queueing.registry_refresh_s,
                                   configured=queueing.models, metrics=gw_metrics)
         gw_metrics.watch_queue(registry.backlog_counts)
@@ -98,8 +98,9 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                                 tracing=telemetry.tracing)
         store = open_image_store(settings.images.image_store, redis, keys)
         key_store = KeyStore(redis, keys)
-        auth = Authenticator(key_store, admin_hash=tenancy.admin_key_hash, poll_s=tenancy.keys_poll_s,
-                             threads=tenancy.auth_threads, failures=tenancy.auth_failures, block_s=tenancy.auth_block_s)
+        auth = Authenticator(key_store, admin_hash=tenancy.admin_key_hash, metrics_hash=tenancy.metrics_key_hash,
+                             poll_s=tenancy.keys_poll_s, threads=tenancy.auth_threads, failures=tenancy.auth_failures,
+                             block_s=tenancy.auth_block_s)
         bounds = settings.bounds
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),

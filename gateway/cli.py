@@ -94,6 +94,9 @@ def _add_keys_parser(sub: Any) -> None:
     conn.add_argument("--redis-cluster", action="store_true",
                       default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"))
     conn.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    # The Redis user (`admin` in the deployments); its password only ever from the environment.
+    conn.add_argument("--redis-username", default=os.environ.get("CONDUIT_REDIS_USERNAME", ""))
+    conn.set_defaults(redis_password=os.environ.get("CONDUIT_REDIS_PASSWORD", ""))
     keys = sub.add_parser("keys", help="Manage API keys (in the gateway's Redis).")
     keys.set_defaults(func=cmd_keys)
     ks = keys.add_subparsers(dest="keys_command", required=True)
@@ -114,6 +117,8 @@ def _add_keys_parser(sub: Any) -> None:
                                                  "second).").add_argument("id")
     ks.add_parser("hash-admin", help="Read an admin credential on stdin; print its argon2id hash "
                                      "(for CONDUIT_ADMIN_KEY_HASH).")
+    ks.add_parser("hash-metrics", help="Read the metrics credential (Prometheus's) on stdin; print its argon2id "
+                                       "hash (for CONDUIT_METRICS_KEY_HASH).")
     add_keys_usage(ks)
 
 
@@ -124,7 +129,6 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
 
     import msgspec
 
-    from engines.contract.lane import connect
     from engines.contract.keys import Keys
     from gateway.settings import GatewaySettings
     from gateway.tenancy.usage import UsageLog
@@ -132,7 +136,7 @@ def cmd_keys_usage(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_env(file=args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
 
     async def read() -> Any:
-        redis = connect(settings.redis.redis_url, cluster=settings.redis.redis_cluster)
+        redis = settings.redis.connect()
         try:
             return await UsageLog(redis, Keys(settings.redis.key_prefix)).read(args.id, args.days, time.time())
         finally:
@@ -201,7 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "pipeline used by tests and `conduit up`; prints their paths.")
 
     _add_keys_parser(sub)
+
+    acl = sub.add_parser("redis-acl", help="Print Conduit's Redis users (ACL rules per role: gateway, engine, "
+                                           "admin), as compose/redis/start.sh reads them.")
+    acl.add_argument("--key-prefix", default=os.environ.get("CONDUIT_KEY_PREFIX", "conduit"))
+    acl.add_argument("--autoscaler", action="store_true", help="add the autoscaler user (KEDA: XLEN of job streams)")
+    acl.set_defaults(func=cmd_redis_acl)
     return p
+
+
+def cmd_redis_acl(args: argparse.Namespace) -> int:
+    """Print the users of ``engines.contract.acl`` for the key prefix, passwords as placeholders."""
+    from engines.contract.acl import BASE_ROLES, ROLES, acl_file
+
+    print(acl_file(args.key_prefix, ROLES if args.autoscaler else BASE_ROLES), end="")
+    return 0
 
 
 #: ``conduit`` subcommands that are the engine's own program: ``conduit <these> ARGS`` runs

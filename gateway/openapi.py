@@ -250,12 +250,12 @@ def _ok_response(op: Operation, status: int) -> dict[str, Any]:
     return {"description": op.ok, "headers": headers, "content": content}
 
 
-#: Security by the guard's ``access`` (``gateway.tenancy.guard``): ``/metrics`` needs the admin
+#: Security by the guard's ``access`` (``gateway.tenancy.guard``): ``/metrics`` needs the metrics
 #: credential only with ``metrics_auth``.
 _SECURITY: dict[str, list[dict[str, list[str]]]] = {
     KEY: [{"ApiKey": []}],
     ADMIN: [{"AdminKey": []}],
-    METRICS: [{}, {"AdminKey": []}],
+    METRICS: [{}, {"MetricsKey": []}],
     PUBLIC_ACCESS: [],
 }
 
@@ -324,6 +324,10 @@ def build(handlers: Iterable[Any] | None = None) -> dict[str, Any]:
                 "AdminKey": {"type": "http", "scheme": "bearer",
                              "description": "The admin credential, whose argon2id hash is the gateway's "
                                             "`admin_key_hash` (`conduit keys hash-admin`)."},
+                "MetricsKey": {"type": "http", "scheme": "bearer",
+                               "description": "The metrics credential (Prometheus's), whose argon2id hash is the "
+                                              "gateway's `metrics_key_hash` (`conduit keys hash-metrics`); it opens "
+                                              "`/metrics` only."},
             },
         },
     }

@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from engines.contract.lane import connect, redacted
+
 ENV_PREFIX = "CONDUIT_"
 
 
@@ -44,9 +46,23 @@ class RedisSettings(msgspec.Struct, kw_only=True, frozen=True):
     """Where the queue, keys, limits and images live."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Redis ACL user (``gateway`` in the deployments, compose/redis/users.acl) and its
+    #: password, where the URL carries none: the URL stays free of secrets and of escaping.
+    redis_username: str = ""
+    redis_password: str = ""
     #: Talk to a Redis Cluster (also chosen by a ``redis+cluster://`` URL).
     redis_cluster: bool = False
     key_prefix: str = "conduit"
+
+    def __repr__(self) -> str:  # the password never reaches a log or a traceback
+        return (f"RedisSettings(redis_url={redacted(self.redis_url)!r}, redis_username={self.redis_username!r}, "
+                f"redis_password={'***' if self.redis_password else ''!r}, redis_cluster={self.redis_cluster!r}, "
+                f"key_prefix={self.key_prefix!r})")
+
+    def connect(self, **kwargs: Any) -> Any:
+        """A client of this Redis (``engines.contract.lane.connect``) as this user."""
+        return connect(self.redis_url, cluster=self.redis_cluster, username=self.redis_username,
+                       password=self.redis_password, **kwargs)
 
 
 class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):
@@ -181,8 +197,22 @@ class TenancySettings(msgspec.Struct, kw_only=True, frozen=True):
     auth_failures: int = 20
     #: ... for this long (keys it already used successfully keep working).
     auth_block_s: float = 60.0
-    #: Whether ``/metrics`` needs the admin credential too.
+    #: Whether ``/metrics`` needs the metrics credential (``metrics_key_hash``); the gateway refuses
+    #: to start with it on and no hash, rather than serve ``/metrics`` open. A hash set is enough.
     metrics_auth: bool = False
+    #: argon2id hash of the metrics credential (``conduit keys hash-metrics``): what Prometheus
+    #: sends for ``/metrics``, which it opens and nothing else. The admin credential never does.
+    metrics_key_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metrics_auth and not self.metrics_key_hash:
+            raise ValueError("metrics_auth is on but metrics_key_hash is empty: set it to the hash of Prometheus's "
+                             "credential (`conduit keys hash-metrics`); the admin credential does not open /metrics")
+
+    @property
+    def metrics_protected(self) -> bool:
+        """Whether ``/metrics`` needs the metrics credential."""
+        return bool(self.metrics_auth or self.metrics_key_hash)
 
 
 class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):

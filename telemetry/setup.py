@@ -49,10 +49,10 @@ class Telemetry:
         """The Prometheus text exposition of every instrument."""
         return generate_latest(self.registry)
 
-    def serve(self, port: int, host: str = "0.0.0.0", ready: Callable[[], bool] | None = None) -> None:
+    def serve(self, port: int, host: str = "127.0.0.1", ready: Callable[[], bool] | None = None) -> None:
         """Serve ``/metrics`` on its own port (engines, which have no HTTP server of their own),
         with ``/health`` (200 while the process serves) and ``/ready`` (200 when ``ready()``, else
-        503) for probes, from a daemon thread."""
+        503) for probes, from a daemon thread; on ``host`` only (loopback unless told otherwise)."""
         telemetry = self
 
         class Handler(BaseHTTPRequestHandler):

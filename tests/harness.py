@@ -67,19 +67,47 @@ class Proc:
         self._out.close()
 
 
+#: ``CONDUIT_TEST_REDIS_USERS=1``: every :class:`RedisServer` gets Conduit's gateway and engine users
+#: (engines/contract/acl.py, for every test's prefix ``t*``) and every gateway and engine a
+#: :class:`Stack` starts on it logs in as its role, so a flow of the suite that Redis refuses a
+#: command fails its test (the server's ``ACL LOG``, checked when it stops). The default user stays
+#: open for the tests' own reads and ``conduit keys``.
+REDIS_USERS = os.environ.get("CONDUIT_TEST_REDIS_USERS", "") == "1"
+#: The users and their passwords in that mode (test-only).
+USER_PASSWORDS = {"gateway": "test-gateway-password", "engine": "test-engine-password"}
+
+
+def redis_user_args() -> list[str]:
+    """redis-server options defining the gateway and engine users for every test prefix (``t*``)."""
+    from engines.contract.acl import user_rules
+
+    return [arg for role, password in USER_PASSWORDS.items()
+            for arg in ("--user", role, "on", f">{password}", *user_rules("t*", role))]
+
+
 class RedisServer:
     """A private redis-server; ``args`` are extra server options (kept across :meth:`restart`)."""
 
     def __init__(self, workdir: Path, *args: str) -> None:
         self.port = free_port()
         self.workdir = workdir
-        self.args = args
-        self.proc = start_redis(self.port, workdir, args)
+        self.args = (*args, *redis_user_args()) if REDIS_USERS else args
+        self.proc = start_redis(self.port, workdir, self.args)
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
+        refused = self.refusals() if REDIS_USERS and self.proc.poll() is None else []
         self.proc.terminate()
         self.proc.wait(timeout=10)
+        assert not refused, f"Redis refused Conduit's users: {refused}"
+
+    def refusals(self) -> list[str]:
+        """What Redis refused the gateway and engine users (``ACL LOG``), with its context."""
+        import redis
+
+        with redis.Redis(port=self.port, decode_responses=True, socket_timeout=5) as r:
+            return [f"{e['username']}: {e['reason']} {e['object']} ({e['context']})" for e in r.acl_log(count=100)
+                    if e["username"] in USER_PASSWORDS]
 
     def restart(self) -> None:
         """Stop and start again on the same port: every key is gone (no persistence)."""
@@ -92,6 +120,10 @@ class Stack:
 
     def __init__(self, redis_url: str, workdir: Path) -> None:
         self.redis_url = redis_url
+        #: Role -> (user, password) that processes on ``redis_url`` log in as (``REDIS_USERS``; not on a
+        #: cluster, whose nodes have no such users).
+        self.users = {} if not REDIS_USERS or "+cluster" in redis_url else \
+            {role: (role, password) for role, password in USER_PASSWORDS.items()}
         self.prefix = f"t{uuid.uuid4().hex[:8]}"
         self.workdir = workdir
         self.procs: list[Proc] = []
@@ -117,7 +149,7 @@ class Stack:
         self.port = free_port()
         log_level = str(settings.pop("log_level", "warning"))
         # Without auth unless the test asks for it (``auth=True``): most tests are about other things.
-        env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1", "CONDUIT_AUTH": "false"}
+        env = {"CONDUIT_REGISTRY_REFRESH_S": "0.1", "CONDUIT_AUTH": "false", **self._login("gateway", redis_url)}
         env.update({f"CONDUIT_{k.upper()}": str(v) for k, v in settings.items()})
         proc = self._cli("gateway", "gateway", "--port", str(self.port), "--redis-url", redis_url or self.redis_url,
                          "--key-prefix", self.prefix, "--log-level", log_level, env=env)
@@ -133,10 +165,18 @@ class Stack:
                env: dict[str, str] | None = None, redis_url: str | None = None) -> Proc:
         """Start an engine (``args`` as for ``conduit engine``); wait until the gateway lists ``model``."""
         proc = self._cli("engine", "serve", "--redis-url", redis_url or self.redis_url, "--key-prefix", self.prefix,
-                         "--log-level", "info", *args, env=env, program="engines")
+                         "--log-level", "info", *args, env={**self._login("engine", redis_url), **(env or {})},
+                         program="engines")
         if wait and model:
             self.wait_for_model(model, proc, timeout=timeout, redis_url=redis_url or self.redis_url)
         return proc
+
+    def _login(self, role: str, redis_url: str | None) -> dict[str, str]:
+        """The environment that logs a ``role`` process in as its user (``REDIS_USERS``)."""
+        if role not in self.users or "+cluster" in (redis_url or ""):
+            return {}
+        user, password = self.users[role]
+        return {"CONDUIT_REDIS_USERNAME": user, "CONDUIT_REDIS_PASSWORD": password}
 
     def synthetic(self, model: str = "synthetic", *args: str, wait: bool = True, redis_url: str | None = None) -> Proc:
         return self.engine("--kind", "synthetic", "--served-name", model, *args, model=model.split(",")[0], wait=wait,

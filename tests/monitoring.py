@@ -56,9 +56,12 @@ def selectors(expr: str) -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def scrape_config(gateways: list[int], engines: list[int], port: int, interval: str = "1s") -> dict[str, Any]:
+def scrape_config(gateways: list[int], engines: list[int], port: int, interval: str = "1s",
+                  credential: Path | None = None) -> dict[str, Any]:
     """The shipped ``prometheus.yml`` with its targets pointed at local ports (job names, rule
-    files and everything else as shipped; scrapes and evaluations every ``interval``)."""
+    files and everything else as shipped; scrapes and evaluations every ``interval``), and the
+    gateways' metrics credential read from ``credential`` (None: gateways whose /metrics is open,
+    so none is sent)."""
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["global"].update(scrape_interval=interval, evaluation_interval=interval)
     config["rule_files"] = [str(PROMETHEUS_DIR / Path(f).name) for f in config["rule_files"]]
@@ -68,6 +71,11 @@ def scrape_config(gateways: list[int], engines: list[int], port: int, interval: 
     for job in config["scrape_configs"]:
         for key in ("dns_sd_configs", "file_sd_configs", "static_configs"):
             job.pop(key, None)
+        if "authorization" in job:
+            if credential is None:
+                del job["authorization"]
+            else:
+                job["authorization"]["credentials_file"] = str(credential)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{p}" for p in targets[job["job_name"]]]}]
     return config
 

@@ -52,12 +52,19 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
-def connect(url: str, *, cluster: bool = False, **kwargs: Any) -> Any:
+def connect(url: str, *, cluster: bool = False, username: str = "", password: str = "", **kwargs: Any) -> Any:
     """A client for ``url``: a Redis Cluster's when ``cluster`` is set or the URL's scheme is
     ``redis+cluster://`` (``rediss+cluster://`` with TLS), else a single server's.
 
-    The cluster client discovers every node from the one in the URL and follows failovers.
+    ``username`` and ``password`` (a Redis ACL user) are used where the URL carries none
+    (``redis://user:password@host``: the URL's own win); TLS options ride in the URL's query
+    (``rediss://host:6380/0?ssl_ca_certs=/path/ca.crt``). The cluster client discovers every
+    node from the one in the URL and follows failovers, authenticating to each alike.
     """
+    if username:
+        kwargs.setdefault("username", username)
+    if password:
+        kwargs.setdefault("password", password)
     scheme, sep, rest = url.partition("://")
     if scheme in _CLUSTER_SCHEMES:
         url, cluster = f"{_CLUSTER_SCHEMES[scheme]}{sep}{rest}", True

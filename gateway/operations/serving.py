@@ -28,7 +28,7 @@ GET_READINESS = Operation(
     json=Readiness, extension="conduit", parameters=(REQUEST_ID,))
 GET_METRICS = Operation(
     "getMetrics", "Prometheus exposition of the gateway's instruments", "Operations",
-    {**AUTH_ERRORS, 401: "`invalid_api_key` (only with `metrics_auth`: the admin credential).",
+    {**AUTH_ERRORS, 401: "`invalid_api_key` (only with `metrics_auth`: the metrics credential).",
      404: "`not_found`: metrics are off (`CONDUIT_METRICS=false`).", 500: "`internal_error`."},
     text=True, extension="conduit", parameters=(REQUEST_ID,))
 GET_OPENAPI = Operation("getOpenApi", "This document", "Operations", {500: "`internal_error`."},

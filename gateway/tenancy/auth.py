@@ -110,11 +110,12 @@ class AuthUnavailable(ConduitError, status=503, type="server_error", code="serve
 class Authenticator:
     """API key text -> :class:`Principal`, or the right error; and the admin credential check."""
 
-    def __init__(self, store: KeyStore, *, admin_hash: str = "", poll_s: float = 0.25, threads: int = 2,
-                 verify_wait_s: float = 2.0, failures: int = 20, failure_window_s: float = 60.0,
+    def __init__(self, store: KeyStore, *, admin_hash: str = "", metrics_hash: str = "", poll_s: float = 0.25,
+                 threads: int = 2, verify_wait_s: float = 2.0, failures: int = 20, failure_window_s: float = 60.0,
                  block_s: float = 60.0) -> None:
         self.store = store
         self.admin_hash = admin_hash
+        self.metrics_hash = metrics_hash
         self.poll_s = poll_s
         self.verify_wait_s = verify_wait_s
         self.failures = FailureLimiter(failures, failure_window_s, block_s)
@@ -239,17 +240,25 @@ class Authenticator:
         if left:
             raise TooManyFailures(left)
 
-    # ---- admin ---------------------------------------------------------------------------
+    # ---- admin and metrics credentials ---------------------------------------------------
 
     async def authenticate_admin(self, authorization: str | None, addr: str) -> None:
         """Raise unless the header carries the admin credential (``admin_hash``)."""
+        await self._credential(authorization, addr, b"admin", self.admin_hash)
+
+    async def authenticate_metrics(self, authorization: str | None, addr: str) -> None:
+        """Raise unless the header carries the metrics credential (``metrics_hash``): Prometheus's,
+        which opens ``/metrics`` and nothing else (and the admin credential does not open it)."""
+        await self._credential(authorization, addr, b"metrics", self.metrics_hash)
+
+    async def _credential(self, authorization: str | None, addr: str, kind: bytes, hashed: str) -> None:
         text = _bearer(authorization)
-        if not text or not self.admin_hash:
+        if not text or not hashed:
             self._fail(addr, MISSING_KEY if not text else INCORRECT_KEY)
-        digest = hmac.digest(self._hmac_key, b"admin\0" + text.encode(), "sha256")
+        digest = hmac.digest(self._hmac_key, kind + b"\0" + text.encode(), "sha256")
         verdict = self._verdicts.get(digest, None)
-        if verdict is None or verdict[0] != self.admin_hash:
-            ok = await self._verify_from(addr, digest, self.admin_hash, text)
+        if verdict is None or verdict[0] != hashed:
+            ok = await self._verify_from(addr, digest, hashed, text)
         else:
             ok = verdict[1]
         if not ok:

@@ -16,7 +16,9 @@ handler the path and method reach, and its ``opt["access"]``), never read from a
   ``ANONYMOUS`` when auth is off);
 * ``admin``: the admin credential (``settings.admin_key_hash``); without a hash set the admin
   routes are not registered at all (404);
-* ``metrics``: ``/metrics``, open unless ``settings.metrics_auth`` (then as ``admin``);
+* ``metrics``: ``/metrics``, open unless ``settings.metrics_auth`` or a ``metrics_key_hash``:
+  then the metrics credential (Prometheus's), which opens nothing else; the admin credential
+  does not open it, so Prometheus never holds the credential that manages API keys;
 * ``public``: the short list: ``/health``, ``/ready``, ``/openapi.json`` and
   ``/v1/images/files/{name}`` (its unguessable name is the capability, as OpenAI's signed image
   URLs are, and ``<img src>`` sends no header).
@@ -127,10 +129,14 @@ class Guard:
         if access is None:
             raise NotFound("Not found: no such route.")
         settings = self.settings
-        if access == PUBLIC_ACCESS or (access == METRICS and not settings.metrics_auth):
+        if access == PUBLIC_ACCESS or (access == METRICS and not settings.metrics_protected):
             ctx.authenticated = not settings.auth  # with keys off, no request has more to show
             return
-        if access == ADMIN or access == METRICS:
+        if access == METRICS:
+            await self._auth().authenticate_metrics(_header(scope, b"authorization"), _client(scope, ctx))
+            ctx.authenticated = True
+            return
+        if access == ADMIN:
             await self._auth().authenticate_admin(_header(scope, b"authorization"), _client(scope, ctx))
             ctx.authenticated = True
             return

@@ -2,7 +2,8 @@
 
 ``create`` prints the key's text once, on stdout and alone (``KEY=$(conduit keys create ...)``);
 nothing here ever prints a hash. ``hash-admin`` turns an admin credential read from stdin into
-the argon2id hash for ``CONDUIT_ADMIN_KEY_HASH``. (Usage reports, ``conduit keys usage``, live
+the argon2id hash for ``CONDUIT_ADMIN_KEY_HASH``; ``hash-metrics`` does the same for Prometheus's
+credential (``CONDUIT_METRICS_KEY_HASH``). (Usage reports, ``conduit keys usage``, live
 with the usage accounting and are added to the parser beside these.)
 """
 
@@ -129,11 +130,12 @@ COMMANDS: dict[str, Callable[[KeyStore, argparse.Namespace], Awaitable[int]]] = 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """Run one ``conduit keys`` command (``args.keys_command``)."""
-    if args.keys_command == "hash-admin":
+    if args.keys_command in ("hash-admin", "hash-metrics"):
         return hash_admin()
 
     async def run() -> int:
-        redis = connect(args.redis_url, cluster=args.redis_cluster)
+        redis = connect(args.redis_url, cluster=args.redis_cluster, username=args.redis_username,
+                        password=args.redis_password)
         try:
             return await COMMANDS[args.keys_command](KeyStore(redis, Keys(args.key_prefix)), args)
         except InvalidKeyField as exc:
@@ -146,10 +148,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def hash_admin() -> int:
-    """Read an admin credential from stdin (first line) and print its argon2id hash."""
+    """Read a credential (admin or metrics) from stdin (first line) and print its argon2id hash."""
     credential = sys.stdin.readline().rstrip("\r\n")
     if len(credential) < 16:
-        print("conduit keys hash-admin: give a credential of at least 16 characters on stdin", file=sys.stderr)
+        print("conduit keys: give a credential of at least 16 characters on stdin", file=sys.stderr)
         return 2
     print(HASHER.hash(credential))
     return 0

@@ -22,6 +22,7 @@ from tests.harness import ROOT, Proc, Stack
 
 ADMIN = "test-admin-credential-0123456789"
 ADMIN_HASH = HASHER.hash(ADMIN)
+METRICS = "test-metrics-credential-0123456789"
 CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
@@ -225,7 +226,7 @@ def test_admin_api_is_off_without_an_admin_hash(stack: Stack) -> None:
 
 
 def test_each_refused_key_is_a_401_invalid_api_key(stack: Stack) -> None:
-    gateway(stack, metrics_auth=True, auth_failures=1000)
+    gateway(stack, metrics_auth=True, metrics_key_hash=HASHER.hash(METRICS), auth_failures=1000)
     stack.synthetic(wait=False)
     good = create(stack, name="good")
     stack.api_key = good
@@ -252,12 +253,15 @@ def test_each_refused_key_is_a_401_invalid_api_key(stack: Stack) -> None:
         if key:
             with sdk(stack, key) as client, pytest.raises(openai.AuthenticationError):
                 client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "hi"}])
-    # Open routes stay open; /metrics takes the admin credential when metrics_auth is set.
+    # Open routes stay open; /metrics takes the metrics credential (only) when metrics_auth is set.
     assert httpx.get(f"{stack.base_url}/health").status_code == 200
     assert httpx.get(f"{stack.base_url}/ready").status_code == 200
     assert httpx.get(f"{stack.base_url}/metrics").status_code == 401
-    assert httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {good}"}).status_code == 401
-    assert httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {ADMIN}"}).status_code == 200
+    for credential in (good, ADMIN):
+        assert httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {credential}"}
+                         ).status_code == 401
+    assert httpx.get(f"{stack.base_url}/metrics", headers={"Authorization": f"Bearer {METRICS}"}).status_code == 200
+    assert admin(stack, "GET", "/keys", credential=METRICS).status_code == 401
     assert chat(stack, good).status_code == 200
     assert_no_key_material(stack, [good, expired, disabled, revoked, wrong_secret, unknown])
 

@@ -10,8 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
+from engines.contract.acl import user_rules
 from engines.contract.keys import Keys
 from tests.cluster import LocalCluster
 from tests.harness import Stack
@@ -30,6 +32,15 @@ def models_on_different_masters(cluster: LocalCluster, prefix: str) -> tuple[str
     raise AssertionError("no second master found")
 
 
+def chat_and_stream(client: openai.OpenAI, model: str) -> None:
+    """One answer and one stream of ``model`` (a synthetic engine's tokens), checked."""
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
+    assert r.choices[0].message.content == "tok " * 3
+    chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 4
+
+
 @pytest.fixture
 def cluster_stack(redis_cluster: LocalCluster, tmp_path: Path) -> Iterator[Stack]:
     s = Stack(redis_cluster.conduit_url, tmp_path)
@@ -46,11 +57,7 @@ def test_chat_and_completions_on_a_cluster(cluster_stack: Stack, redis_cluster: 
     client = stack.sdk()
     assert sorted(m.id for m in client.models.list()) == sorted([alpha, beta])
     for model in (alpha, beta):
-        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3)
-        assert r.choices[0].message.content == "tok " * 3
-        chunks = list(client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
-                                                     max_tokens=4, stream=True))
-        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 4
+        chat_and_stream(client, model)
         c = client.completions.create(model=model, prompt="a b", max_tokens=2, n=2)
         assert [ch.text for ch in c.choices] == ["tok tok ", "tok tok "]
 
@@ -100,3 +107,46 @@ def test_every_key_a_request_touches_shares_its_models_slot(cluster_stack: Stack
         assert redis_cluster.master_for_key(keys.job("alpha", job_id)).port == \
             redis_cluster.master_for_key(keys.jobs("alpha")).port
         assert [line for line in lines if line.startswith("data: ")][-1] == "data: [DONE]"
+
+
+def test_gateway_and_engine_run_as_their_redis_users_on_a_cluster(cluster_stack: Stack,
+                                                                  redis_cluster: LocalCluster) -> None:
+    """The users of engines/contract/acl.py (this stack's prefix), defined on every node as a
+    deployment would: the cluster client logs in to each node it finds, and nothing either side
+    does on a cluster (CLUSTER SLOTS, COMMAND, each slot's scripts, Pub/Sub) is refused."""
+    stack = cluster_stack
+    alpha, beta = models_on_different_masters(redis_cluster, stack.prefix)
+    users = {role: (f"{role}-{stack.prefix}", f"{role}-password-{stack.prefix}") for role in ("gateway", "engine")}
+    nodes = [n for n in redis_cluster.nodes if n.alive()]
+    for node in nodes:
+        with node.client() as c:
+            c.execute_command("ACL", "LOG", "RESET")
+            for role, (name, password) in users.items():
+                c.execute_command("ACL", "SETUSER", name, "reset", "on", f">{password}", *user_rules(stack.prefix, role))
+    try:
+        name, password = users["gateway"]
+        stack.gateway(redis_username=name, redis_password=password)
+        name, password = users["engine"]
+        stack.engine("--kind", "synthetic", "--served-name", f"{alpha},{beta}", "--token-delay", "0.01",
+                     "--tokens", "200", model=beta, env={"CONDUIT_REDIS_USERNAME": name, "CONDUIT_REDIS_PASSWORD": password})
+        client = stack.sdk()
+        for model in (alpha, beta):
+            chat_and_stream(client, model)
+        with pytest.raises(httpx.ReadTimeout):  # a client that leaves: the cancellation goes out by Pub/Sub
+            httpx.post(f"{stack.base_url}/v1/chat/completions", json={**CHAT, "max_tokens": 500}, timeout=0.5)
+        time.sleep(1.5)  # heartbeats, registry refreshes, reclaim scans
+        keys = Keys(stack.prefix)
+        for model in (alpha, beta):  # both sides are logged in to both models' masters as their users
+            with redis_cluster.master_for_key(keys.jobs(model)).client() as c:
+                assert {n for n, _ in users.values()} <= {e["user"] for e in c.client_list()}
+        stack.stop()
+        refused = []
+        for node in nodes:
+            with node.client() as c:
+                refused += [f"{node.port} {e['username']}: {e['reason']} {e['object']}" for e in c.acl_log()
+                            if e["username"] in {n for n, _ in users.values()}]
+        assert refused == []
+    finally:
+        for node in nodes:
+            with node.client() as c:
+                c.execute_command("ACL", "DELUSER", *(n for n, _ in users.values()))

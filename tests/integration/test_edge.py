@@ -118,7 +118,7 @@ def walk(port: int, settings: GatewaySettings) -> tuple[int, list[str]]:
                 # (GET or HEAD: the route registers both).
                 open_route = (unquote(target.split("?")[0]) == path and method in methods
                               and (access.get(method) == "public"
-                                   or (access.get(method) == "metrics" and not settings.tenancy.metrics_auth)))
+                                   or (access.get(method) == "metrics" and not settings.tenancy.metrics_protected)))
                 if open_route:
                     continue
                 if status not in (401, 404):
@@ -147,7 +147,7 @@ def test_no_spelling_of_any_route_reaches_it_without_a_credential(stack: Stack) 
 
 
 def test_admin_routes_do_not_exist_without_an_admin_credential(stack: Stack) -> None:
-    settings = _gateway(stack, metrics_auth=True)
+    settings = _gateway(stack, metrics_auth=True, metrics_key_hash=HASHER.hash(ADMIN + "-metrics"))
     assert not [p for p, _, _ in routes(settings) if p.startswith("/admin")]
     sent, problems = walk(stack.port, settings)
     assert not problems, f"{len(problems)} of {sent} requests got through:\n" + "\n".join(problems[:40])

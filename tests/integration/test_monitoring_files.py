@@ -28,10 +28,15 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def test_promtool_accepts_the_scrape_config_and_its_rule_files(tmp_path: Path) -> None:
-    # As shipped, but with the rule file where it is in the repository (compose mounts it in /etc/prometheus).
+    # As shipped, but with the rule file where it is in the repository (compose mounts it in /etc/prometheus)
+    # and the metrics credential in a file of the test's (compose mounts the operator's as a secret).
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     config["rule_files"] = [str(PROMETHEUS_DIR / Path(f).name) for f in config["rule_files"]]
+    (tmp_path / "metrics-credential").write_text("a-metrics-credential\n")
     for job in config["scrape_configs"]:
+        if "authorization" in job:
+            assert job["authorization"]["credentials_file"] == "/run/secrets/metrics-credential"
+            job["authorization"]["credentials_file"] = str(tmp_path / "metrics-credential")
         for sd in job.get("file_sd_configs", []):
             sd["files"] = [str(PROMETHEUS_DIR / "targets" / Path(f).name) for f in sd["files"]]
             assert all(list((PROMETHEUS_DIR / "targets").glob(Path(f).name)) for f in sd["files"]), sd
@@ -101,7 +106,12 @@ def test_every_expression_parses() -> None:
 
 
 def test_the_scrape_config_points_every_job_at_the_given_ports() -> None:
-    config = scrape_config([8000, 8001], [9100], 9090)
+    config = scrape_config([8000, 8001], [9100], 9090, credential=Path("/tmp/credential"))
     jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in config["scrape_configs"]}
     assert jobs == {"conduit-gateway": ["127.0.0.1:8000", "127.0.0.1:8001"], "conduit-engine": ["127.0.0.1:9100"],
                     "prometheus": ["127.0.0.1:9090"]}
+    # Only the gateways' /metrics takes a credential (the metrics one); it is the given file.
+    assert {j["job_name"]: j.get("authorization") for j in config["scrape_configs"]} == {
+        "conduit-gateway": {"type": "Bearer", "credentials_file": "/tmp/credential"}, "conduit-engine": None,
+        "prometheus": None}
+    assert all("authorization" not in j for j in scrape_config([8000], [9100], 9090)["scrape_configs"])

@@ -1,41 +1,35 @@
-"""A real Prometheus scrapes the gateway's and the engine's /metrics."""
+"""A real Prometheus, with the shipped scrape config, scrapes the gateway's and the engine's /metrics.
+
+The gateway's /metrics takes the metrics credential, as compose and Kubernetes deploy it:
+Prometheus sends it from its credentials file (the shipped ``authorization``), never the admin one.
+"""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.harness import Proc, Stack, free_port
+from gateway.tenancy.keys import HASHER
+from tests.harness import Stack, free_port
+from tests.monitoring import Prometheus, scrape_config
+
+METRICS = "prometheus-metrics-credential-0123456789"
 
 
 def test_prometheus_scrapes_gateway_and_engine(stack: Stack, tmp_path: Path) -> None:
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.fail("prometheus is not installed (.ci/install installs it with apt)")
     engine_metrics = free_port()
-    stack.gateway()
+    stack.gateway(metrics_auth=True, metrics_key_hash=HASHER.hash(METRICS))
     stack.synthetic("synthetic", "--metrics-port", str(engine_metrics))
     client = stack.sdk()
     for _ in range(3):
         client.chat.completions.create(model="synthetic", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
 
+    credential = tmp_path / "metrics-credential"
+    credential.write_text(METRICS + "\n")
     port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""
-global:
-  scrape_interval: 1s
-scrape_configs:
-  - job_name: conduit-gateway
-    static_configs: [{{targets: ['127.0.0.1:{stack.port}']}}]
-  - job_name: conduit-engine
-    static_configs: [{{targets: ['127.0.0.1:{engine_metrics}']}}]
-""")
-    prom = Proc([exe, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                 f"--web.listen-address=127.0.0.1:{port}"], tmp_path / "prometheus.log")
+    prom = Prometheus(scrape_config([stack.port], [engine_metrics], port, credential=credential), tmp_path, port)
     try:
         queries = {
             "gateway": 'sum(gen_ai_server_request_duration_seconds_count{job="conduit-gateway"})',
@@ -50,12 +44,11 @@ scrape_configs:
             time.sleep(0.5)
             try:
                 for name, q in queries.items():
-                    r = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": q}).json()
-                    result = r["data"]["result"]
+                    result = prom.query(q)["data"]["result"]
                     if result:
                         got[name] = float(result[0]["value"][1])
-            except httpx.HTTPError:
+            except (httpx.HTTPError, KeyError, ValueError):  # Prometheus still starting
                 continue
-        assert got == expected, f"{got}\n{prom.output()[-2000:]}"
+        assert got == expected, f"{got}\n{prom.proc.output()[-2000:]}"
     finally:
         prom.stop()

@@ -14,7 +14,7 @@ import redis
 
 from engines.contract.keys import Keys
 from gateway.stack import start_redis
-from tests.harness import RedisServer, Stack, free_port
+from tests.harness import REDIS_USERS, RedisServer, Stack, free_port, redis_user_args
 
 CHAT = {"model": "synthetic", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -63,7 +63,7 @@ def test_an_engine_started_before_redis_waits_for_it(tmp_path: Path) -> None:
         # Alive, not ready: probes (Kubernetes, compose) tell a waiting engine from a serving one.
         assert httpx.get(f"http://127.0.0.1:{metrics}/health").status_code == 200
         assert httpx.get(f"http://127.0.0.1:{metrics}/ready").status_code == 503
-        redis = start_redis(port, tmp_path / "redis")
+        redis = start_redis(port, tmp_path / "redis", redis_user_args() if REDIS_USERS else ())
         stack.gateway()
         stack.wait_for_model("synthetic", engine, timeout=20)
         assert httpx.get(f"http://127.0.0.1:{metrics}/ready").status_code == 200

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from engines.cli import diffusers_settings
+from telemetry.setup import Telemetry
 from tests.commandline import parse_conduit
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +91,21 @@ def test_build_tiny_speaks_as_conduit_models() -> None:
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("usage: conduit models build-tiny ")
+
+
+def test_engine_metrics_listen_on_loopback_unless_told() -> None:
+    """An engine's /metrics, /health and /ready answer on 127.0.0.1 unless ``--metrics-host`` says
+    otherwise: a GPU box's metrics port is not open to every network it is on by default
+    (compose and Kubernetes name 0.0.0.0 themselves, tests/unit/test_compose.py)."""
+    args = parse_conduit(["engine", "--kind", "synthetic", "--metrics-port", "9100"])
+    assert args.metrics_host == "127.0.0.1"
+    assert parse_conduit(["engine", "--metrics-port", "9100", "--metrics-host", "0.0.0.0"]).metrics_host == "0.0.0.0"
+    telemetry = Telemetry("conduit-engine", "test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    telemetry.serve(port)
+    try:
+        assert telemetry._server is not None and telemetry._server.server_address == ("127.0.0.1", port)
+    finally:
+        telemetry.shutdown()

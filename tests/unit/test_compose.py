@@ -19,10 +19,13 @@ import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import pytest
 import yaml
 
+from engines.contract.acl import BASE_ROLES, acl_file, password_variable
 from engines.worker import WorkerSettings
 from gateway.settings import GatewaySettings, setting_names
 from tests.commandline import parse_conduit
@@ -31,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
+TLS_FILE = COMPOSE_DIR / "redis-tls.yml"
 
 PROFILES = {
     "all": {"redis", "gateway", "vllm-engine", "diffusers-engine", "prometheus", "grafana"},
@@ -44,7 +48,10 @@ IMAGES = {"gateway": "gateway.Dockerfile", "vllm-engine": "vllm-engine.Dockerfil
 ENGINE_KINDS = {"vllm-engine": "vllm", "diffusers-engine": "diffusers"}
 ML_LIBRARIES = ("torch", "vllm", "diffusers", "transformers")
 #: What a GPU box's .env holds (profile gpu: Redis is on the API box).
-GPU_BOX_ENV = {"COMPOSE_PROFILES": "gpu", "CONDUIT_REDIS_URL": "redis://:secret@10.0.0.5:6379/0"}
+GPU_BOX_ENV = {"COMPOSE_PROFILES": "gpu", "CONDUIT_REDIS_URL": "redis://10.0.0.5:6379/0",
+               "REDIS_ENGINE_PASSWORD": "engine-secret-0123456789"}
+#: What an API box's .env holds at least (the gateway does not start without a metrics credential).
+API_BOX_ENV = {"CONDUIT_METRICS_KEY_HASH": "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo"}
 
 # ---- reading the compose file as compose does --------------------------------------------
 
@@ -293,7 +300,7 @@ def test_secrets_have_no_default() -> None:
 
 
 def test_gateway_variables_are_real_settings_and_load() -> None:
-    environment = compose()["services"]["gateway"]["environment"]
+    environment = compose(API_BOX_ENV)["services"]["gateway"]["environment"]
     fields = set(setting_names())
     unknown = {v for v in environment if v.startswith("CONDUIT_") and v.removeprefix("CONDUIT_").lower() not in fields}
     assert not unknown, f"not GatewaySettings fields: {sorted(unknown)}"
@@ -347,18 +354,126 @@ def test_engines_reserve_gpus_and_outlast_their_drain() -> None:
     assert seconds(gateway["stop_grace_period"]) > 30, "SIGKILL before uvicorn's 30 s graceful shutdown ends"
 
 
+def redis_options(service: dict[str, Any]) -> dict[str, str]:
+    """The redis-server options the redis service runs with (``start.sh`` passes its arguments on)."""
+    command = service["command"]
+    return dict(zip(command[::2], command[1::2]))
+
+
 def test_redis_is_persistent_noeviction_and_health_checked() -> None:
     redis = compose()["services"]["redis"]
-    command = redis["command"]
-    options = dict(zip(command[1::2], command[2::2]))
-    assert command[0] == "redis-server"
+    options = redis_options(redis)
+    assert redis["entrypoint"] == ["/bin/sh", "/etc/conduit/redis/start.sh"]
     assert options["--appendonly"] == "yes" and options["--appendfsync"] == "everysec"
     assert options["--maxmemory-policy"] == "noeviction"  # never drop a job stream to make room
     assert re.fullmatch(r"\d+[kmg]b", options["--maxmemory"])
+    assert options["--dir"] == "/data"
     assert any(v.split(":")[0] == "redis-data" and v.split(":")[1] == "/data" for v in redis["volumes"])
-    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"]) and "ping" in " ".join(redis["healthcheck"]["test"])
     gateway_deps = compose()["services"]["gateway"]["depends_on"]
     assert gateway_deps["redis"]["condition"] == "service_healthy"
+
+
+def test_redis_users_need_passwords_and_no_command_line_carries_one() -> None:
+    """Redis runs with one user per role and the default user off, each password read from the
+    environment by ``compose/redis/start.sh`` (which refuses to start without it,
+    tests/integration/test_redis_acl.py runs it), never passed as an argument: ``ps`` on the host
+    shows every container's command line. (Not ``${VAR:?}``: compose interpolates the whole file
+    for every profile, so a GPU box would need the API box's passwords too.)"""
+    raw = raw_compose()["services"]["redis"]
+    argv = " ".join(str(a) for a in [*raw.get("entrypoint", []), *raw["command"]])
+    assert "requirepass" not in argv and "PASSWORD" not in argv and "masterauth" not in argv
+    assert not re.search(r"PASSWORD", " ".join(raw["healthcheck"]["test"]).replace("$$REDIS_ADMIN_PASSWORD", "")), \
+        "the health check names the password by its variable only"
+    assert raw["user"] == "redis", "start.sh replaces the image's entrypoint, which would drop root itself"
+    assert "./redis:/etc/conduit/redis:ro" in raw["volumes"]
+    users = (COMPOSE_DIR / "redis" / "users.acl").read_text()
+    assert re.search(r"^user default off\b", users, re.M)
+    for role in BASE_ROLES:
+        variable = password_variable(role)
+        assert re.search(rf"^user {role} on #{{{variable}}} ", users, re.M), f"{role} has no password placeholder"
+        assert raw["environment"][variable] == f"${{{variable}:-}}"  # from .env, no default (test_secrets_have_no_default)
+    assert set(raw["environment"]) == {password_variable(r) for r in BASE_ROLES}
+
+
+def test_redis_users_are_the_generated_ones() -> None:
+    """users.acl is `conduit redis-acl`'s output for the compose file's key prefix: rules derived
+    from the key names (engines/contract/acl.py), so they cannot drift from the code."""
+    prefix = compose()["services"]["gateway"]["environment"]["CONDUIT_KEY_PREFIX"]
+    assert (COMPOSE_DIR / "redis" / "users.acl").read_text() == acl_file(prefix, BASE_ROLES), \
+        "regenerate: conduit redis-acl > compose/redis/users.acl"
+
+
+def test_gateways_and_engines_connect_as_their_own_redis_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = compose(API_BOX_ENV)
+    gateway = GatewaySettings.from_env(environ=config["services"]["gateway"]["environment"])
+    raw = raw_compose()["services"]
+    assert gateway.redis.redis_username == "gateway"
+    assert raw["gateway"]["environment"]["CONDUIT_REDIS_PASSWORD"] == "${REDIS_GATEWAY_PASSWORD:-}"
+    for name in ENGINE_KINDS:
+        for var, value in config["services"][name]["environment"].items():
+            monkeypatch.setenv(var, value)
+        assert parse_cli(engine_argv(name, config)).redis_username == "engine"
+        assert raw[name]["environment"]["CONDUIT_REDIS_PASSWORD"] == "${REDIS_ENGINE_PASSWORD:-}"
+        assert "REDIS_GATEWAY_PASSWORD" not in str(raw[name]) and "REDIS_ADMIN_PASSWORD" not in str(raw[name]), \
+            "a GPU box never gets the gateway's or the admin's password"
+
+
+def test_the_tls_override_speaks_tls_only_and_every_client_verifies_redis() -> None:
+    """redis-tls.yml (compose/README.md, "Redis over TLS"): Redis on TLS alone with every option of
+    the plain file, gateways and engines on ``rediss://`` checking its certificate against the
+    mounted CA (tests/integration/test_redis_acl.py runs that against a throwaway CA)."""
+    done = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(TLS_FILE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen: list[tuple[str, str | None]] = []
+    override = _walk(yaml.safe_load(TLS_FILE.read_text()), {}, seen)
+    assert {n: d for n, d in seen if n != "CONDUIT_REDIS_URL"}.items() <= dict(used_variables()).items()
+    assert set(override["services"]) == {"redis", "gateway", *ENGINE_KINDS}
+    redis = override["services"]["redis"]
+    plain, options = redis_options(compose()["services"]["redis"]), redis_options(redis)
+    assert {k: options.get(k) for k in plain} == plain, "the override drops an option of the plain file"
+    assert options["--port"] == "0" and options["--tls-port"] == "6379" and options["--tls-auth-clients"] == "no"
+    mounted = [v.split(":")[1] for v in redis["volumes"]]
+    for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
+        assert any(options[option].startswith(m + "/") for m in mounted), f"{option} is not mounted"
+    assert "--tls --cacert" in " ".join(redis["healthcheck"]["test"])
+    for name in ("gateway", *ENGINE_KINDS):
+        url = urlsplit(override["services"][name]["environment"]["CONDUIT_REDIS_URL"])
+        [ca] = parse_qs(url.query)["ssl_ca_certs"]
+        assert url.scheme == "rediss" and ca in [v.split(":")[1] for v in override["services"][name]["volumes"]]
+    assert "tls/" in (COMPOSE_DIR / ".gitignore").read_text().split()
+
+
+def test_engine_metrics_listen_where_prometheus_reaches_them() -> None:
+    """Engines bind their metrics to 127.0.0.1 unless told (``--metrics-host``); in a container
+    that is out of reach of Prometheus and of the published port, so the compose file says 0.0.0.0
+    (the published port stays on 127.0.0.1 unless *_METRICS_PUBLISH names a private address)."""
+    for name in ENGINE_KINDS:
+        assert parse_cli(engine_argv(name, compose())).metrics_host == "0.0.0.0"
+        assert compose()["services"][name]["ports"][0].startswith("127.0.0.1:")
+
+
+def test_prometheus_scrapes_gateways_with_the_metrics_credential_only() -> None:
+    """/metrics on a gateway needs a credential by default (its port is published to clients), and
+    Prometheus holds the metrics-only one, never the admin credential that manages API keys."""
+    with pytest.raises(msgspec.ValidationError, match="metrics_key_hash"):
+        GatewaySettings.from_env(environ=compose()["services"]["gateway"]["environment"])  # refuses to start
+    config = compose(API_BOX_ENV)
+    gateway = GatewaySettings.from_env(environ=config["services"]["gateway"]["environment"])
+    assert gateway.tenancy.metrics_auth is True
+    raw = raw_compose()["services"]
+    assert raw["gateway"]["environment"]["CONDUIT_METRICS_KEY_HASH"] == "${CONDUIT_METRICS_KEY_HASH:-}"
+    scrape = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
+    [job] = [j for j in scrape["scrape_configs"] if j["job_name"] == "conduit-gateway"]
+    credential = job["authorization"]["credentials_file"]
+    prometheus = config["services"]["prometheus"]
+    mounted = {s["target"] if isinstance(s, dict) else f"/run/secrets/{s}": s for s in prometheus["secrets"]}
+    assert credential in mounted, f"{credential} is not mounted in prometheus"
+    [secret] = mounted.values()
+    source = config["secrets"][secret if isinstance(secret, str) else secret["source"]]["file"]
+    assert (COMPOSE_DIR / source).parent.is_dir() and Path(source).name in (COMPOSE_DIR / ".gitignore").read_text()
+    assert "ADMIN" not in json.dumps(prometheus) and "admin" not in json.dumps(job)
 
 
 def test_gateway_is_health_checked_on_health() -> None:

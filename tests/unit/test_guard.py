@@ -10,10 +10,10 @@ from litestar import Response, get, post
 
 from engines.contract.keys import Keys
 from gateway.app import create_app, route_access
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, TenancySettings
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.guard import PUBLIC, Guard, canonical
-from gateway.tenancy.keys import KeyStore
+from gateway.tenancy.keys import HASHER, KeyStore
 
 
 
@@ -32,7 +32,7 @@ async def status() -> Response[bytes]:
     return Response(b"ok")
 
 
-async def call(guard: Guard, method: str, path: str) -> tuple[int, bytes]:
+async def call(guard: Guard, method: str, path: str, credential: str = "") -> tuple[int, bytes]:
     sent: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -42,7 +42,8 @@ async def call(guard: Guard, method: str, path: str) -> tuple[int, bytes]:
         sent.append(message)
 
     scope = {"type": "http", "method": method, "path": path, "raw_path": path.encode(), "root_path": "",
-             "query_string": b"", "headers": [], "client": ("10.0.0.1", 1234), "state": {}}
+             "query_string": b"", "client": ("10.0.0.1", 1234), "state": {},
+             "headers": [(b"authorization", f"Bearer {credential}".encode())] if credential else []}
     await guard(scope, receive, send)  # type: ignore[arg-type]
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -96,3 +97,35 @@ async def test_long_paths_and_websockets_are_refused(guard: Guard) -> None:
     await guard({"type": "websocket", "path": "/admin/keys", "headers": [], "state": {}},  # type: ignore[arg-type]
                 receive, send)
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+async def passed(scope: Any, receive: Any, send: Any) -> None:
+    """An app behind the guard that answers 200 to whatever reaches it."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"passed"})
+
+
+async def test_the_metrics_credential_opens_metrics_and_nothing_else() -> None:
+    """Prometheus holds the metrics credential: it opens /metrics only, and the admin credential
+    (which manages API keys) does not open /metrics, so Prometheus never needs it."""
+    admin, metrics = "admin-credential-0123456789", "metrics-credential-0123456789"
+    settings = GatewaySettings.from_env({}, auth=True, admin_key_hash=HASHER.hash(admin), metrics_auth=True,
+                                        metrics_key_hash=HASHER.hash(metrics))
+    app = create_app(settings)
+    authenticator = Authenticator(KeyStore(aioredis.Redis(), Keys("t")), admin_hash=settings.tenancy.admin_key_hash,
+                                  metrics_hash=settings.tenancy.metrics_key_hash)
+    guard = Guard(passed, settings.tenancy, lambda: authenticator, route_access(app))
+    assert await call(guard, "GET", "/metrics", metrics) == (200, b"passed")
+    assert (await call(guard, "GET", "/metrics", admin))[0] == 401
+    assert (await call(guard, "GET", "/metrics"))[0] == 401
+    for method, path in (("GET", "/admin/keys"), ("POST", "/admin/keys"), ("GET", "/v1/models"),
+                         ("POST", "/v1/chat/completions")):
+        assert (await call(guard, method, path, metrics))[0] == 401, path
+    assert await call(guard, "GET", "/admin/keys", admin) == (200, b"passed")
+
+
+def test_metrics_auth_without_a_metrics_credential_refuses_to_start() -> None:
+    """Rather than serve /metrics open (or, as before, behind the admin credential)."""
+    with pytest.raises(ValueError, match="metrics_key_hash"):
+        TenancySettings(metrics_auth=True)
+    assert TenancySettings(metrics_key_hash="h").metrics_protected and not TenancySettings().metrics_protected

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -25,6 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from engines.contract.acl import ROLES, acl_file, password_variable
 from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.cli import cmd_engine
 from gateway.cli import cmd_gateway
@@ -219,11 +221,16 @@ def test_scaled_object_watches_its_engines_model(engine: str) -> None:
     assert stream["address"] == f"{redis_url.hostname}.{kustomization()['namespace']}.svc.cluster.local:" \
                                 f"{redis_url.port}", "KEDA's operator runs in its own namespace: a full name"
     named("Service", redis_url.hostname or "")
+    # KEDA logs in as the autoscaler user, which may read that stream's length and nothing more.
     auth = named("TriggerAuthentication", triggers["redis-streams"]["authenticationRef"]["name"])
-    password = next(v for v in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-                    if v["name"] == "REDIS_PASSWORD")["valueFrom"]["secretKeyRef"]
     assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == \
-        {("password", password["name"], password["key"])}
+        {("password", "conduit-secrets", password_variable("autoscaler"))}
+    [username] = auth["spec"]["configMapTargetRef"]
+    assert username["parameter"] == "username"
+    assert named("ConfigMap", username["name"])["data"][username["key"]] == "autoscaler"
+    rules = redis_users()["autoscaler"]
+    assert any(fnmatchcase(stream["stream"], r.removeprefix("%R~")) for r in rules if r.startswith("%R~"))
+    assert "+xlen" in rules and "+@read" not in rules
 
     backlog = triggers["prometheus"]["metadata"]
     selectors = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", backlog["query"])
@@ -268,8 +275,13 @@ def test_every_command_line_parses_with_the_real_cli() -> None:
             assert args.image_store == config()["CONDUIT_IMAGE_STORE"]
             assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
             redis_url = args.redis_url
-        # Gateways and engines meet in one Redis, with the password.
-        assert redis_url == "redis://:<secret REDIS_PASSWORD>@redis:6379/0"
+            assert (settings.redis.redis_username, settings.redis.redis_password) == \
+                ("gateway", "<secret REDIS_GATEWAY_PASSWORD>")
+        if args.command == "engine":
+            assert (args.redis_username, args.redis_password) == ("engine", "<secret REDIS_ENGINE_PASSWORD>")
+            assert args.metrics_host == "0.0.0.0", "Prometheus and the kubelet's probes reach the pod's address"
+        # Gateways and engines meet in one Redis, each as its own user; no password in the URL.
+        assert redis_url == config()["CONDUIT_REDIS_URL"] == "redis://redis:6379/0"
     assert seen == {"gateway", "engine"}
     assert {a.kind for _, a in engines()} == {"vllm", "diffusers"}
 
@@ -281,9 +293,10 @@ def test_every_conduit_variable_is_a_gateway_setting() -> None:
         names |= {v["name"] for v in c.get("env", [])}
     conduit = {n for n in names if n.startswith(ENV_PREFIX)}
     assert conduit - fields == set(), "not a GatewaySettings field"
-    GatewaySettings.from_env(environ=config())  # every value converts to its field's type
+    gateway = environment(named("Deployment", "gateway")["spec"]["template"]["spec"]["containers"][0])
+    GatewaySettings.from_env(environ=gateway)  # every value converts to its field's type
     served = {a.served_name for _, a in engines()}
-    assert served <= set(GatewaySettings.from_env(environ=config()).queue.models), \
+    assert served <= set(GatewaySettings.from_env(environ=gateway).queue.models), \
         "a model whose engines are all restarting would answer 404 instead of 503"
 
 
@@ -300,7 +313,54 @@ def test_secret_and_config_references_resolve() -> None:
     for auth in of_kind("TriggerAuthentication"):
         for ref in auth["spec"]["secretTargetRef"]:
             assert ref["key"] in secrets[ref["name"]]
+        for ref in auth["spec"].get("configMapTargetRef", []):
+            assert ref["key"] in maps[ref["name"]]
     assert not [o for o in OBJECTS if o["kind"] == "Secret"], "secrets are created out of band (README.md)"
+
+
+def redis_users() -> dict[str, list[str]]:
+    """Each user of the redis-users ConfigMap: its rules after ``user NAME``."""
+    text = named("ConfigMap", "redis-users")["data"]["users.acl"]
+    return {ln.split()[1]: ln.split()[2:] for ln in text.splitlines() if ln.startswith("user ")}
+
+
+def test_redis_has_a_user_per_role_and_no_password_on_its_command_line() -> None:
+    """Redis starts through compose/redis/start.sh (the same file) with the users `conduit
+    redis-acl --autoscaler` writes for the key prefix: each password from the Secret in the
+    environment, never in ``args`` (``kubectl get pod -o yaml`` and ``ps`` show those)."""
+    users = named("ConfigMap", "redis-users")["data"]
+    assert users["users.acl"] == acl_file(config()["CONDUIT_KEY_PREFIX"], ROLES), \
+        "regenerate: conduit redis-acl --autoscaler (into redis.yaml's redis-users)"
+    assert users["start.sh"] == (ROOT / "compose" / "redis" / "start.sh").read_text()
+    assert redis_users()["default"][0] == "off"
+    [redis] = named("StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    argv = " ".join(map(str, [*redis["command"], *redis["args"]]))
+    assert redis["command"] == ["/bin/sh", "/etc/conduit/redis/start.sh"] and "$(" not in argv
+    assert "PASSWORD" not in argv and "requirepass" not in argv
+    env = {v["name"]: v["valueFrom"]["secretKeyRef"] for v in redis["env"] if "secretKeyRef" in v.get("valueFrom", {})}
+    for role in ROLES:
+        assert redis_users()[role][:2] == ["on", f"#{{{password_variable(role)}}}"]
+        assert env[password_variable(role)] == {"name": "conduit-secrets", "key": password_variable(role)}
+    mounts = {m["mountPath"]: m["name"] for m in redis["volumeMounts"]}
+    [volume] = [v for v in named("StatefulSet", "redis")["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == mounts["/etc/conduit/redis"]]
+    assert volume["configMap"]["name"] == "redis-users"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "--user admin" in " ".join(redis[probe]["exec"]["command"])  # the default user is off
+
+
+def test_prometheus_scrapes_gateways_with_the_metrics_credential_only() -> None:
+    """/metrics needs the metrics credential (its hash from the Secret: the gateway does not start
+    without it), and the scrape config README.md gives Prometheus holds that credential, not the
+    admin one."""
+    assert config()["CONDUIT_METRICS_AUTH"] == "true"
+    [gateway] = named("Deployment", "gateway")["spec"]["template"]["spec"]["containers"]
+    [ref] = [v["valueFrom"]["secretKeyRef"] for v in gateway["env"] if v["name"] == "CONDUIT_METRICS_KEY_HASH"]
+    assert ref["name"] == "conduit-secrets" and not ref.get("optional")
+    readme = (K8S / "README.md").read_text()
+    snippet = readme.split("### Prometheus", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    [job] = [j for j in yaml.safe_load(snippet)["scrape_configs"] if j["job_name"] == "conduit-gateway"]
+    assert job["authorization"]["credentials_file"] and "admin" not in json.dumps(job).lower()
 
 
 # ---- labels, selectors, security ---------------------------------------------------------------

@@ -59,3 +59,15 @@ def test_a_setting_in_another_concerns_table_is_refused(tmp_path: Path) -> None:
     f.write_text("[queue]\nmetrics_auth = true\n")
     with pytest.raises(ValueError, match=r"metrics_auth.*\[tenancy\]"):
         GatewaySettings.from_env({}, file=str(f))
+
+
+def test_the_redis_password_never_shows_in_a_repr() -> None:
+    """Settings reach logs and tracebacks; a Redis password (apart or in the URL) never does."""
+    from engines.worker import WorkerSettings
+
+    settings = GatewaySettings.from_env({"CONDUIT_REDIS_PASSWORD": "apart-secret",
+                                         "CONDUIT_REDIS_URL": "redis://gateway:url-secret@redis:6379/0"})
+    assert settings.redis.redis_password == "apart-secret"
+    assert "secret" not in repr(settings) and "secret" not in repr(settings.redis)
+    worker = WorkerSettings(redis_url="redis://engine:url-secret@redis:6379/0", redis_password="apart-secret")
+    assert "secret" not in repr(worker)
