@@ -208,18 +208,17 @@ def test_an_engine_restores_the_key_of_a_job_it_runs_with_a_lease(stack: Stack) 
     with redis.Redis.from_url(stack.redis_url) as r:
         r.xadd(reply_to, {b"h": b"1"})
         r.pexpire(reply_to, 60_000)
-        job_id = engine_and_job(stack, r, reply_to, tokens=400)  # 20 s of tokens
+        job_id = engine_and_job(stack, r, reply_to, tokens=1200)  # 60 s of tokens: it runs till killed
         job_key = keys.job("synthetic", job_id)
         r.set(job_key, b"q", px=60_000)  # the gateway's submit script makes it
         assert wait_for(lambda: r.get(job_key) == b"o", 20), stack.procs[-1].output()  # output began
         r.delete(job_key)
-        assert wait_for(lambda: r.exists(job_key), 5), "the engine did not restore the job's key"
+        assert wait_for(lambda: r.exists(job_key), 10), "the engine did not restore the job's key"
         assert r.get(job_key) == b"o"
-        assert 0 < r.pttl(job_key) <= 5_000
-        # Renewed by the next beats: its time to live runs down, then goes up again.
-        assert wait_for(lambda: r.pttl(job_key) < 4_500, 3)
-        assert wait_for(lambda: r.pttl(job_key) > 4_500, 3), "the lease was not renewed"
+        assert 0 < r.pttl(job_key) <= 5_000  # the lease (engine_ttl_s), not the 60 s the job had
+        # Renewed by the next beats (one a second): its time to live runs down, then goes up again.
+        assert wait_for(lambda: r.pttl(job_key) < 4_500, 10)
+        assert wait_for(lambda: r.pttl(job_key) > 4_500, 10), "the lease was not renewed"
         stack.procs[-1].kill()
-        killed = time.monotonic()
-        assert wait_for(lambda: not r.exists(job_key), 8)
-        assert time.monotonic() - killed < 6, "the key outlived the engine's lease"
+        # Gone within the 5 s lease (generous on a loaded machine), far before the 60 s deadline.
+        assert wait_for(lambda: not r.exists(job_key), 20), "the key outlived the engine's lease"
