@@ -27,6 +27,23 @@ CPU_ENGINE_ENV = {
 }
 
 
+def _positive(kind: type[int | float]) -> Any:
+    """An argparse type: a number above 0 (0 or less would refuse every image, or make Redis drop
+    each dead letter as it is written: PEXPIRE 0 deletes the key)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}") from None
+        if not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _logging(level: str, fmt: str = "text", service: str = "") -> None:
     from telemetry.logs import configure_logging
 
@@ -197,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="hosts whose http(s) image URLs this engine fetches, comma-separated (a name, or "
                          "*.example.com for the names under it; never a private address); default: none, only "
                          "data: URLs. Give the gateways the same list (CONDUIT_MEDIA_DOMAINS)")
-    en.add_argument("--media-max-bytes", type=int, default=50 * 1024 * 1024,
+    en.add_argument("--media-max-bytes", type=_positive(int), default=50 * 1024 * 1024,
                     help="bytes the images one request makes this engine fetch may total")
     en.add_argument("--max-concurrency", type=int)
     en.add_argument("--max-model-len", type=int)
@@ -220,10 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--drain-timeout-s", type=float, default=30.0,
                     help="on SIGTERM, how long in-flight jobs may run on before they are left to another "
                          "engine (give long generations their whole deadline: the gateways' request_timeout_s)")
-    en.add_argument("--dead-letter-maxlen", type=int, default=10_000,
+    en.add_argument("--dead-letter-maxlen", type=_positive(int), default=10_000,
                     help="dead letters (jobs that failed on engine after engine; their bodies are never kept) "
                          "kept per model")
-    en.add_argument("--dead-letter-max-age-s", type=float, default=7 * 86_400.0,
+    en.add_argument("--dead-letter-max-age-s", type=_positive(float), default=7 * 86_400.0,
                     help="how long a dead letter is kept (default 7 days)")
     en.add_argument("--tokens", type=int, default=16, help="synthetic: tokens per choice")
     en.add_argument("--token-delay", type=float, default=0.0, help="synthetic: seconds between tokens")

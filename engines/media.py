@@ -13,7 +13,8 @@ So before the backend sees a chat job, :class:`MediaGate`:
   none of which the gateway accepts, so no such field can ride along unchecked;
 * passes ``data:`` URLs, refuses what the policy refuses (a 400 naming the part), and fetches the
   URLs it allows itself: the name resolved once, at connect time, every address it resolves to
-  (and the one connected to) public, no redirect followed, no proxy, bounded in bytes and time;
+  (and the one connected to) public, no redirect followed, no proxy, bounded in bytes and time (one
+  limit for all of a job's fetches, within its deadline; a few at once per job);
   the image then goes to vLLM as a ``data:`` URL, so what was checked is what was fetched.
 
 Kind-independent: the worker runs it on every job (``engines.running``); a kind without media
@@ -51,6 +52,9 @@ UNSUPPORTED_PART = "unsupported_content_part"
 
 #: Media fetches one engine runs at once, all jobs together.
 MAX_FETCHES = 16
+#: Media fetches one job runs at once: a request with many images takes a few of the engine's
+#: slots, never all of them.
+MAX_FETCHES_PER_JOB = 4
 
 
 class _RefusedAddress(OSError):
@@ -110,12 +114,21 @@ class MediaGate:
             timeout = self.timeout_s
             if job.deadline_ms:
                 timeout = min(timeout, max(job.deadline_ms / 1000 - time.time(), 0.001))
+            slots = asyncio.Semaphore(MAX_FETCHES_PER_JOB)
+            tasks: list[asyncio.Task[str]] = []
             try:
-                async with asyncio.TaskGroup() as group:  # the first refusal stops the others
-                    tasks = [group.create_task(self._inline(target, param, budget, timeout))
-                             for _, target, param in fetches]
+                # One time limit for the whole step, waiting for a slot included.
+                async with asyncio.timeout(timeout):
+                    async with asyncio.TaskGroup() as group:  # the first refusal stops the others
+                        tasks = [group.create_task(self._inline(target, param, budget, slots))
+                                 for _, target, param in fetches]
             except BaseExceptionGroup as failed:
                 raise failed.exceptions[0] from None
+            except TimeoutError:
+                late = next((fetch for fetch, task in zip(fetches, tasks) if task.cancelled()), fetches[0])
+                raise JobRejected(f"Fetching the request's images took longer than {timeout:.1f} s "
+                                  f"(the image at {late[1].url} was not fetched in time).",
+                                  code=FETCH_FAILED, param=late[2]) from None
             for (image_url, _, _), task in zip(fetches, tasks):
                 image_url["url"] = task.result()
             changed = True
@@ -129,16 +142,14 @@ class MediaGate:
         except MediaRefused as exc:
             raise JobRejected(exc.message, code=exc.code, param=param) from None
 
-    async def _inline(self, target: MediaTarget, param: str, budget: list[int], timeout: float) -> str:
-        """The image at ``target`` as a ``data:`` URL (``budget``: bytes the job may still fetch)."""
+    async def _inline(self, target: MediaTarget, param: str, budget: list[int], slots: asyncio.Semaphore) -> str:
+        """The image at ``target`` as a ``data:`` URL (``budget``: bytes the job may still fetch;
+        ``slots``: the job's own, taken before one of the engine's)."""
         try:
-            async with self._fetching:
-                data, media_type = await asyncio.wait_for(self.fetch(target, budget), timeout)
+            async with slots, self._fetching:
+                data, media_type = await self.fetch(target, budget)
         except MediaRefused as exc:
             raise JobRejected(exc.message, code=exc.code, param=param) from None
-        except TimeoutError:
-            raise JobRejected(f"Fetching the image at {target.url} took longer than {timeout:.1f} s.",
-                              code=FETCH_FAILED, param=param) from None
         return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
     async def fetch(self, target: MediaTarget, budget: list[int] | None = None) -> tuple[bytes, str]:

@@ -7,6 +7,7 @@ service, an admin page): every test checks that it was never asked for anything 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import http.server
 import json
@@ -20,6 +21,7 @@ import openai
 import pytest
 import redis
 
+from engines import media
 from engines.backend import JobRejected
 from engines.contract.keys import Keys
 from engines.contract.media import (
@@ -41,6 +43,12 @@ class MediaServer:
 
     def __init__(self) -> None:
         self.hits: list[str] = []
+        #: ``/slow.png`` answers after this long; ``slow_busy``: how many it is answering now, per
+        #: ``?job=`` (``slow_most``: the most at once).
+        self.slow_s = 0.5
+        self.slow_busy: dict[str, int] = {}
+        self.slow_most: dict[str, int] = {}
+        lock = threading.Lock()
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -51,6 +59,17 @@ class MediaServer:
                     self._answer(200, "image/png", PNG)
                 elif path == "/big.png":
                     self._answer(200, "image/png", b"\x89PNG" + b"0" * 300_000)
+                elif path == "/slow.png":
+                    job = self.path.partition("job=")[2].partition("&")[0]
+                    with lock:
+                        server.slow_busy[job] = server.slow_busy.get(job, 0) + 1
+                        server.slow_most[job] = max(server.slow_most.get(job, 0), server.slow_busy[job])
+                    try:
+                        time.sleep(server.slow_s)
+                        self._answer(200, "image/png", PNG)
+                    finally:
+                        with lock:
+                            server.slow_busy[job] -= 1
                 elif path == "/page":
                     self._answer(200, "text/html", b"<html></html>")
                 elif path == "/moved":
@@ -68,7 +87,13 @@ class MediaServer:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(http.server.ThreadingHTTPServer):
+            request_queue_size = 256  # many fetches at once are all accepted, none left to a SYN retry
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                pass  # a client that gave up (a fetch past its time limit) is no error here
+
+        self._httpd = Server(("127.0.0.1", 0), Handler)
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
@@ -228,3 +253,40 @@ async def test_an_allowed_image_is_fetched_once_and_inlined(media_server: MediaS
         assert "/secret" not in media_server.hits  # the redirect was not followed
     finally:
         await gate.close()
+
+
+async def test_one_job_with_many_images_neither_outlives_its_limit_nor_holds_up_other_jobs(
+        media_server: MediaServer) -> None:
+    """A job's whole fetch step, waiting for a slot included, is bounded by the gate's timeout and the
+    job's deadline, and one job fetches only a few images at once: a request with many images on a
+    slow allowed host neither runs on past its limit nor makes other jobs' images wait behind its own."""
+    gate = MediaGate(MediaPolicy(["localhost"]), timeout_s=1.0, address_check=loopback_too)
+    many = chat(*(image(media_server.url(f"/slow.png?job=many&n={n}", host="localhost")) for n in range(128)))
+    one = chat(image(media_server.url("/slow.png?job=one", host="localhost")))
+
+    async def timed(body: dict[str, object], deadline_ms: int) -> tuple[float, object]:
+        started = time.monotonic()
+        try:
+            outcome: object = await gate.prepare(Job(id="j", kind="chat", model="m", reply_to="r",
+                                                     deadline_ms=deadline_ms, body=json.dumps(body).encode()))
+        except JobRejected as exc:
+            outcome = exc
+        return time.monotonic() - started, outcome
+
+    try:
+        first = asyncio.create_task(timed(many, int(time.time() * 1000) + 1000))
+        await asyncio.sleep(0.1)  # the many-image job has taken what it can
+        (one_s, one_outcome), (many_s, many_outcome) = await asyncio.gather(timed(one, 0), first)
+    finally:
+        await gate.close()
+    print(f"job with 128 images took {many_s:.2f} s ({type(many_outcome).__name__}); "
+          f"another job's single image took {one_s:.2f} s; most at once {media_server.slow_most}")
+    # 128 images at 0.5 s each, 16 at a time, would take at least 4 s: the job is refused at its
+    # limit (1 s) instead, naming an image it had not fetched.
+    assert isinstance(many_outcome, JobRejected) and many_outcome.code == FETCH_FAILED, many_outcome
+    assert many_outcome.param is not None and many_outcome.param.endswith(".image_url.url")
+    assert many_s < 3.0
+    # The other job's image did not wait behind the first job's (at least 4.5 s if it had).
+    assert isinstance(one_outcome, Job), one_outcome
+    assert one_s < 3.0
+    assert media_server.slow_most["many"] <= media.MAX_FETCHES_PER_JOB < media.MAX_FETCHES

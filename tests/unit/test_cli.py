@@ -65,6 +65,18 @@ def test_media_and_dead_letter_flags_reach_the_worker(monkeypatch: pytest.Monkey
     assert worker_settings(parse_conduit(["engine", "--kind", "synthetic"])).media_domains == ["img.example.com"]
 
 
+@pytest.mark.parametrize("flag", ["--media-max-bytes", "--dead-letter-maxlen", "--dead-letter-max-age-s"])
+@pytest.mark.parametrize("value", ["0", "-5"])
+def test_byte_and_dead_letter_bounds_must_be_positive(flag: str, value: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """0 or less would refuse every image, or make Redis drop each dead letter as it is written
+    (PEXPIRE 0 deletes the key): the engine refuses to start with it."""
+    with pytest.raises(SystemExit) as info:
+        parse_conduit(["engine", "--kind", "synthetic", flag, value])
+    assert info.value.code == 2
+    assert f"argument {flag}: must be a positive number, not {value}" in capsys.readouterr().err
+
+
 def test_cpu_engine_environment_only_for_a_cpu_engine() -> None:
     from engines.cli import cpu_engine_environment
 
