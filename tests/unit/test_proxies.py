@@ -140,11 +140,13 @@ def test_a_malformed_element_from_the_proxy_itself_names_the_proxy() -> None:
 
 
 def test_a_long_header_is_read_from_its_right_end_only() -> None:
-    import time
+    """A 60 KB ``Forwarded`` header costs what its last element costs: reading it whole took
+    ~3.5 ms a request (before authentication), reading from its right end ~6 us. The bound sits
+    between the two, far from both, and the best of five rounds keeps a busy machine's pauses out."""
+    import timeit
     proxies = TrustedProxies(["10.0.0.1"], 1, "forwarded")
     for junk in ("for=6.6.6.6;" * 5000, '"' + "a" * 60_000, "for=6.6.6.6, " * 5000):
         s = scope("10.0.0.1", ("forwarded", junk + ", for=203.0.113.7"))
-        start = time.perf_counter()
-        for _ in range(100):
-            assert proxies.resolve(s) == "203.0.113.7"
-        assert (time.perf_counter() - start) / 100 < 0.0002  # ~2 ms when the whole header was tokenized
+        assert proxies.resolve(s) == "203.0.113.7"
+        best = min(timeit.repeat(lambda s=s: proxies.resolve(s), number=20, repeat=5)) / 20
+        assert best < 0.001, f"{best * 1e3:.2f} ms a request: the header is read whole"
