@@ -19,7 +19,10 @@ the way uvicorn's ``forwarded_allow_ips`` and nginx's ``set_real_ip_from`` decid
   Nothing a client wrote is ever its address unless every proxy between was trusted and counted.
 * ``proxy_header = forwarded`` reads RFC 7239 ``Forwarded`` (the ``for=`` of each element)
   instead of ``X-Forwarded-For``; only one of the two is ever read, since a proxy that writes one
-  passes the other on as the client sent it.
+  passes the other on as the client sent it. It is read from the right end, each header line on its
+  own (a quoted string never spans two) and only as many elements as the hops take, so what a
+  client wrote to the left of its proxy's element (an unclosed quote, kilobytes of anything) is
+  never reached; an element that does not parse is an entry that is not an address.
 
 A trusted peer's ``X-Forwarded-Proto`` (or the right-most ``Forwarded`` element's ``proto=``),
 when ``http`` or ``https``, becomes the request's scheme, so ``url`` image links use the scheme
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +47,10 @@ HEADERS = ("x-forwarded-for", "forwarded")
 
 #: Longer entries are never an address (the longest, a bracketed IPv6 with a port, is ~47 characters).
 _MAX_NODE = 64
+#: A longer ``Forwarded`` element is never one a proxy wrote (``for``, ``by``, ``host``, ``proto``).
+_MAX_ELEMENT = 1024
+_SEPARATORS = frozenset(',;=" \t')
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 #: Entries whose verdict is remembered (parsing one and matching it costs ~2 us; a load balancer's
 #: few addresses and the recent clients' stay in it).
 _KNOWN = 4096
@@ -106,7 +114,7 @@ class TrustedProxies:
             elif key == b"x-forwarded-proto":
                 proto = value.decode("latin-1")
         if name == b"forwarded":
-            nodes, proto = _forwarded(",".join(values), self.hops)
+            nodes, proto = _forwarded(values, self.hops)
         else:
             nodes = _right_most(",".join(values), self.hops) if values else []
             proto = proto.rpartition(",")[2]
@@ -129,41 +137,86 @@ def _right_most(header: str, n: int) -> list[str]:
     return parts[::-1][:n]
 
 
-def _forwarded(header: str, n: int) -> tuple[list[str], str]:
-    """The ``for=`` values of the last ``n`` elements of an RFC 7239 ``Forwarded`` header, right-most
-    first ("" where an element has none), and the right-most element's ``proto=``. A header that
-    ends inside a quoted string yields nothing: its quote may have swallowed what a proxy appended."""
-    elements: list[dict[str, str]] = []
+def _forwarded(lines: list[str], n: int) -> tuple[list[str], str]:
+    """The ``for=`` values of the last ``n`` elements of an RFC 7239 ``Forwarded`` header (its
+    ``lines``, in order), right-most first ("" where an element has none), and the right-most
+    element's ``proto=``. Read from the right end, one line at a time (a quoted string never spans
+    two), and only as far as ``n`` elements: what a client wrote to the left of its proxy's element
+    (an unclosed quote, a trailing backslash, 60 KB of anything) is never reached. An element that
+    does not parse ends the list with a "" (the walk stops at the proxy that forwarded it)."""
+    found: list[str] = []
+    proto = ""
+    for line in reversed(lines):
+        end = len(line)
+        while len(found) < n:
+            element, end = _element(line, end)
+            if element is None:
+                found.append("")
+                return found, proto
+            if not found:
+                proto = element.get("proto", "")
+            found.append(element.get("for", ""))
+            if end < 0:
+                break
+        if len(found) == n:
+            break
+    return found, proto
+
+
+def _element(line: str, end: int) -> tuple[dict[str, str] | None, int]:
+    """The pairs of the element of ``line`` that ends at ``end``, read leftwards (None: it does not
+    parse, or is longer than ``_MAX_ELEMENT``), and where the comma before it stands (-1: none)."""
+    low = max(0, end - _MAX_ELEMENT)
     pairs: dict[str, str] = {}
-    text: list[str] = []
-    quoted = escaped = False
-    for ch in header + ",":
-        if quoted:
-            if escaped:
-                text.append(ch)
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                quoted = False
+    i = _space_before(line, end, low)
+    while True:
+        if i > low and line[i - 1] not in ",;":  # a pair: name=token or name="quoted string"
+            if line[i - 1] == '"':  # opens at the first quote to its left not escaped by a backslash
+                j = i - 1
+                while True:
+                    j = line.rfind('"', low, j)
+                    if j < 0:
+                        return None, 0
+                    k = j
+                    while k > low and line[k - 1] == "\\":
+                        k -= 1
+                    if (j - k) % 2 == 0:
+                        break
+                value = _ESCAPED.sub(r"\1", line[j + 1:i - 1])
             else:
-                text.append(ch)
-        elif ch == '"':
-            quoted = True
-        elif ch == ";" or ch == ",":
-            param, eq, value = "".join(text).partition("=")
-            if eq:
-                pairs[param.strip().lower()] = value.strip()
-            text.clear()
-            if ch == ",":
-                elements.append(pairs)
-                pairs = {}
-        else:
-            text.append(ch)
-    if quoted or not elements:
-        return [], ""
-    last = elements[-n:][::-1]
-    return [e.get("for", "") for e in last], last[0].get("proto", "")
+                j = _token_before(line, i, low)
+                value = line[j:i]
+                if j == i:
+                    return None, 0
+            i = _space_before(line, j, low)
+            if i == low or line[i - 1] != "=":
+                return None, 0
+            i = _space_before(line, i - 1, low)
+            j = _token_before(line, i, low)
+            if j == i:
+                return None, 0
+            pairs.setdefault(line[j:i].lower(), value)
+            i = _space_before(line, j, low)
+        if i == 0:
+            return pairs, -1
+        if i == low or line[i - 1] != ";" and line[i - 1] != ",":
+            return None, 0
+        if line[i - 1] == ",":
+            return pairs, i - 1
+        i = _space_before(line, i - 1, low)
+
+
+def _space_before(line: str, i: int, low: int) -> int:
+    while i > low and line[i - 1] in " \t":
+        i -= 1
+    return i
+
+
+def _token_before(line: str, i: int, low: int) -> int:
+    """Where the token (a run of anything but separators, quotes and spaces) that ends at ``i`` starts."""
+    while i > low and line[i - 1] not in _SEPARATORS:
+        i -= 1
+    return i
 
 
 def _address(node: str) -> Address | None:

@@ -88,11 +88,21 @@ def public_address(address: IPv4Address | IPv6Address) -> bool:
     link-local, shared (CGNAT), multicast, reserved or documentation space, in IPv4 or IPv6,
     nor an IPv6 address that carries (and reaches) such an IPv4 one."""
     if isinstance(address, IPv6Address):
-        for prefix in _CARRIES_V4:
-            if address in prefix:
-                return public_address(IPv4Address(int(address) & 0xFFFFFFFF))
+        carried = carried_ipv4(address)
+        if carried is not None:
+            return public_address(carried)
         return address in _GLOBAL_V6 and not any(address in n for n in _NOT_PUBLIC_V6)
     return not any(address in n for n in _NOT_PUBLIC_V4)
+
+
+def carried_ipv4(address: IPv6Address) -> IPv4Address | None:
+    """The IPv4 address an IPv4-mapped or NAT64 (``64:ff9b::/96``) address carries, else None.
+    Not the local-use ``64:ff9b:1::/48`` (RFC 8215): its operator picks the prefix length (/48 to
+    /96), and with it where the IPv4 address sits (RFC 6052), which the address does not say."""
+    for prefix in _CARRIES_V4:
+        if address in prefix:
+            return IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
 
 
 def _ipv4_number(part: str) -> int | None:

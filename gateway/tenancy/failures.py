@@ -15,7 +15,8 @@ Past ``limit`` failures in ``window_s`` a client is blocked for ``block_s``
 
 Who one client is (:func:`client_of`): an IPv4 address, or an IPv6 address's /64 (one subscriber
 line, host or VM usually holds a whole /64 and may pick any address in it, so counting per
-address would let it rotate past the limit); an IPv4-mapped IPv6 address is its IPv4 address.
+address would let it rotate past the limit); an IPv4-mapped or NAT64 (``64:ff9b::/96``) IPv6
+address is the IPv4 address it carries.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import functools
 import ipaddress
 import time
 from collections import OrderedDict
+
+from engines.contract.media import carried_ipv4
 
 #: Clients with recent failures tracked at most (~280 bytes each: 28 MB when full).
 MAX_TRACKED = 100_000
@@ -36,16 +39,18 @@ _KNOWN = 4096
 
 
 def client_of(addr: str) -> str:
-    """The client ``addr`` counts against: itself (IPv4, or not an address), its IPv4 address when
-    IPv4-mapped, else its IPv6 /64 (``2001:db8:0:1::/64``)."""
+    """The client ``addr`` counts against: itself (IPv4, or not an address), the IPv4 address it
+    carries when IPv4-mapped or NAT64 (``64:ff9b::/96``: a translator's IPv4 clients are not one
+    /64), else its IPv6 /64 (``2001:db8:0:1::/64``)."""
     if ":" not in addr:
         return addr
     try:
         address = ipaddress.IPv6Address(addr)
     except ValueError:
         return addr
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
+    carried = carried_ipv4(address)
+    if carried is not None:
+        return str(carried)
     return str(ipaddress.IPv6Network((int(address) >> (128 - IPV6_CLIENT_BITS) << (128 - IPV6_CLIENT_BITS),
                                       IPV6_CLIENT_BITS)))
 

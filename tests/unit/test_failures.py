@@ -123,3 +123,14 @@ def test_an_ipv4_mapped_address_is_its_ipv4_address() -> None:
     ("", ""), ("unix:socket", "unix:socket")])
 def test_who_counts_as_one_client(addr: str, client: str) -> None:
     assert client_of(addr) == client
+
+
+@pytest.mark.parametrize(("addr", "client"), [
+    ("64:ff9b::192.0.2.1", "192.0.2.1"), ("64:ff9b::c633:6409", "198.51.100.9"),
+    # Outside the well-known /96: an IPv6 /64 as ever.
+    ("64:ff9b::1:c000:201", "64:ff9b::/64"), ("64:ff9b:1::c000:201", "64:ff9b:1::/64")])
+def test_a_nat64_address_is_the_ipv4_client_it_carries(addr: str, client: str) -> None:
+    assert client_of(addr) == client
+    lim = FailureLimiter(limit=1, window_s=60, block_s=30)
+    lim.failed("64:ff9b::192.0.2.1")
+    assert lim.blocked("192.0.2.1") > 0 and lim.blocked("64:ff9b::198.51.100.9") == 0

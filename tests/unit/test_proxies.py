@@ -82,8 +82,9 @@ def test_rfc_7239_forwarded() -> None:
     assert client(proxies, "10.1.2.3", (XFF, "203.0.113.7")) == "10.1.2.3"
     for bad in ("for=unknown", "for=_hidden", "proto=https", 'for="203.0.113.7', "for=203.0.113.7;;=,", "", "for="):
         assert client(proxies, "10.1.2.3", ("forwarded", bad)) == "10.1.2.3", bad
-    # An unclosed quote swallows what follows: nothing is read rather than a client's words.
-    assert client(proxies, "10.1.2.3", ("forwarded", 'for="6.6.6.6, for=203.0.113.7')) == "10.1.2.3"
+    # Read from the right: the proxy's element, then the client's unclosed quote, which stops the walk.
+    assert client(proxies, "10.1.2.3", ("forwarded", 'for="6.6.6.6, for=203.0.113.7')) == "203.0.113.7"
+    assert client(proxies, "10.1.2.3", ("forwarded", 'for="6.6.6.6, for=10.9.9.9')) == "10.9.9.9"
 
 
 def test_the_scheme_a_trusted_proxy_reports_is_the_requests() -> None:
@@ -115,3 +116,37 @@ def test_settings_are_comma_separated_and_checked_at_start() -> None:
         TrustedProxies(["10.0.0.0/8"], hops=0)
     with pytest.raises(ValueError, match="proxy_header"):
         TrustedProxies(["10.0.0.0/8"], header="x-real-ip")
+
+
+@pytest.mark.parametrize("sent", ['for="', 'for="1.1.1.1\\', 'for="6.6.6.6', 'for=6.6.6.6;by="x', '"', "for=\\"])
+def test_a_clients_unclosed_quote_never_swallows_what_its_proxy_appended(sent: str) -> None:
+    proxies = TrustedProxies(["10.0.0.1"], 1, "forwarded")
+    # The proxy's element on a line of its own (a quote never spans header lines) ...
+    assert client(proxies, "10.0.0.1", ("forwarded", sent), ("forwarded", "for=203.0.113.7")) == "203.0.113.7"
+    # ... or appended to the client's line after a comma: read from the right, the garbage is never reached.
+    assert client(proxies, "10.0.0.1", ("forwarded", sent + ", for=203.0.113.7")) == "203.0.113.7"
+    assert client(proxies, "10.0.0.1", ("forwarded", sent + ',for="[2001:db8::7]:80";proto=https')) == "2001:db8::7"
+    # Two hops: the first proxy's element is read, the client's garbage to its left stops the walk there.
+    two = TrustedProxies(["10.0.0.0/8"], 2, "forwarded")
+    assert client(two, "10.0.0.1", ("forwarded", sent), ("forwarded", "for=203.0.113.7, for=10.0.0.2")) == "203.0.113.7"
+    assert client(two, "10.0.0.1", ("forwarded", sent + ", for=10.0.0.2")) == "10.0.0.2"
+
+
+def test_a_malformed_element_from_the_proxy_itself_names_the_proxy() -> None:
+    proxies = TrustedProxies(["10.0.0.1"], 1, "forwarded")
+    for own in ('for="203.0.113.7', 'for=203.0.113.7"', 'for="a"b', "for==1.2.3.4"):
+        assert client(proxies, "10.0.0.1", ("forwarded", "for=6.6.6.6"), ("forwarded", own)) == "10.0.0.1", own
+        assert client(proxies, "10.0.0.1", ("forwarded", "for=6.6.6.6, " + own)) == "10.0.0.1", own
+
+
+def test_a_long_header_is_read_from_its_right_end_only() -> None:
+    """A 60 KB ``Forwarded`` header costs what its last element costs: reading it whole took
+    ~3.5 ms a request (before authentication), reading from its right end ~6 us. The bound sits
+    between the two, far from both, and the best of five rounds keeps a busy machine's pauses out."""
+    import timeit
+    proxies = TrustedProxies(["10.0.0.1"], 1, "forwarded")
+    for junk in ("for=6.6.6.6;" * 5000, '"' + "a" * 60_000, "for=6.6.6.6, " * 5000):
+        s = scope("10.0.0.1", ("forwarded", junk + ", for=203.0.113.7"))
+        assert proxies.resolve(s) == "203.0.113.7"
+        best = min(timeit.repeat(lambda s=s: proxies.resolve(s), number=20, repeat=5)) / 20
+        assert best < 0.001, f"{best * 1e3:.2f} ms a request: the header is read whole"
