@@ -124,25 +124,28 @@ def _add_keys_parser(sub: Any) -> None:
 
 def cmd_keys_usage(args: argparse.Namespace) -> int:
     """Print a key's usage per UTC day and model (newest first), as a table or JSON."""
-    import asyncio
     import time
 
     import msgspec
 
     from engines.contract.keys import Keys
     from gateway.settings import GatewaySettings
+    from gateway.tenancy.keys_cli import FAIL_FAST, against_redis
     from gateway.tenancy.usage import UsageLog
 
     settings = GatewaySettings.from_env(file=args.config, redis_url=args.redis_url, key_prefix=args.key_prefix)
+    redis_settings = settings.redis
+    found: list[Any] = []
 
-    async def read() -> Any:
-        redis = settings.redis.connect()
-        try:
-            return await UsageLog(redis, Keys(settings.redis.key_prefix)).read(args.id, args.days, time.time())
-        finally:
-            await redis.aclose()
+    async def read(redis: Any) -> int:
+        found.append(await UsageLog(redis, Keys(redis_settings.key_prefix)).read(args.id, args.days, time.time()))
+        return 0
 
-    usage = asyncio.run(read())
+    failed = against_redis("keys usage", redis_settings.connect(**FAIL_FAST), redis_settings.redis_url,
+                           username=redis_settings.redis_username, password=redis_settings.redis_password, work=read)
+    if failed:
+        return failed
+    usage = found[0]
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(usage).decode(), indent=2))
         return 0

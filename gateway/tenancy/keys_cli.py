@@ -18,13 +18,18 @@ from typing import Any
 
 import msgspec
 
-from engines.contract.lane import connect
+from engines.contract.lane import REDIS_ERRORS, connect
 from engines.contract.keys import Keys
+from engines.contract.reach import LoginRefused, Unreachable, first_contact, unreachable_message
 from gateway.tenancy.keys import HASHER, KeyChanges, KeyInfo, KeyRecord, KeyStore, InvalidKeyField
 from gateway.tenancy.principal import KeyLimits
 
 _LIMITS = ("rpm", "tpm", "ipm", "concurrency", "priority", "backlog_share")
 _JSON = msgspec.json.Encoder()
+#: The settings that hold ``conduit keys``' Redis login, named when Redis refuses it.
+LOGIN_SETTINGS = "CONDUIT_REDIS_PASSWORD (and CONDUIT_REDIS_USERNAME for an ACL user: `admin` in the deployments)"
+#: A one-shot command fails fast: seconds to connect, and for any one reply.
+FAIL_FAST = {"socket_connect_timeout": 5.0, "socket_timeout": 10.0}
 
 
 def _models(value: str) -> list[str] | None:
@@ -133,18 +138,39 @@ def cmd_keys(args: argparse.Namespace) -> int:
     if args.keys_command in ("hash-admin", "hash-metrics"):
         return hash_admin()
 
-    async def run() -> int:
-        redis = connect(args.redis_url, cluster=args.redis_cluster, username=args.redis_username,
-                        password=args.redis_password)
+    redis = connect(args.redis_url, cluster=args.redis_cluster, username=args.redis_username,
+                    password=args.redis_password, **FAIL_FAST)
+
+    async def work(redis: Any) -> int:
         try:
             return await COMMANDS[args.keys_command](KeyStore(redis, Keys(args.key_prefix)), args)
         except InvalidKeyField as exc:
             print(f"conduit keys {args.keys_command}: {exc}", file=sys.stderr)
             return 2
+
+    return against_redis(f"keys {args.keys_command}", redis, args.redis_url, username=args.redis_username,
+                         password=args.redis_password, work=work)
+
+
+def against_redis(command: str, redis: Any, url: str, *, username: str, password: str,
+                  work: Callable[[Any], Awaitable[int]]) -> int:
+    """Run ``work(redis)`` once Redis has let this command in; a refused login or an unreachable
+    Redis is one line on stderr naming what to fix, and exit status 1."""
+
+    async def run() -> int:
+        try:
+            await first_contact(redis, url, username=username, password=password, fix=LOGIN_SETTINGS)
+            return await work(redis)
         finally:
             await redis.aclose()
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (LoginRefused, Unreachable) as exc:
+        print(f"conduit {command}: {exc}", file=sys.stderr)
+    except REDIS_ERRORS as exc:  # it went away mid-command
+        print(f"conduit {command}: {unreachable_message(url, exc)}", file=sys.stderr)
+    return 1
 
 
 def hash_admin() -> int:
