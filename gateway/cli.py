@@ -13,7 +13,10 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.settings import RedisSettings
 
 
 def _logging(level: str, fmt: str = "text", service: str = "") -> None:
@@ -38,6 +41,10 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     settings = GatewaySettings.from_env(file=args.config)
     server, telemetry = settings.server, settings.telemetry
     _logging(telemetry.log_level, telemetry.log_format, "conduit-gateway")
+    refused = first_contact(settings.redis)
+    if refused:
+        print(f"conduit gateway: {refused}", file=sys.stderr)
+        return 2
     # Each worker configures logging itself (asgi_from_env): uvicorn's own config would replace it.
     uvicorn.run("gateway.app:asgi_from_env", factory=True, host=server.host, port=server.port,
                 workers=args.workers or server.workers, loop="uvloop",
@@ -47,6 +54,35 @@ def cmd_gateway(args: argparse.Namespace) -> int:
                 # rules of its own; the gateway decides who the client is (trusted_proxies, gateway.proxies).
                 proxy_headers=False)
     return 0
+
+
+#: The settings that hold a gateway's Redis login, named when Redis refuses it.
+GATEWAY_LOGIN = ("CONDUIT_REDIS_PASSWORD (and CONDUIT_REDIS_USERNAME for an ACL user: `gateway` in the deployments; "
+                 "or redis_password and redis_username in the --config file)")
+
+
+def first_contact(redis: RedisSettings) -> str:
+    """Ask Redis once, before any worker starts: why it refused the login (no retry mends that),
+    or "" (an unreachable Redis is logged and waited for: it may start after the gateway)."""
+    import asyncio
+
+    from engines.contract.reach import LoginRefused, Unreachable, first_contact as contact
+
+    async def ask() -> None:
+        client = redis.connect(socket_connect_timeout=5.0)
+        try:
+            await contact(client, redis.redis_url, username=redis.redis_username, password=redis.redis_password,
+                          fix=GATEWAY_LOGIN)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ask())
+    except LoginRefused as exc:
+        return str(exc)
+    except Unreachable as exc:
+        logging.getLogger("conduit.gateway").warning("%s; starting anyway: 503s until it answers", exc)
+    return ""
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -207,6 +207,7 @@ class ReplyRouter:
         last: bytes = b"0-0"
         last_kept = 0.0
         lane = open_lane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
+        failing = False  # said once per outage, not once per retry (5 a second)
         try:
             while not self.closed:
                 try:
@@ -216,10 +217,15 @@ class ReplyRouter:
                         await self._keep_alive(last)
                     reply = await lane.call("XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.stream, last)
                 except REDIS_ERRORS as exc:
-                    log.warning("reading replies failed (%s); retrying", exc)
+                    if not failing:
+                        log.warning("reading replies failed (%s); retrying until Redis answers", exc)
+                    failing = True
                     self.metrics.background_error("reply-router")
                     await asyncio.sleep(0.2)
                     continue
+                if failing:
+                    log.info("reading replies again")
+                    failing = False
                 for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
                         last = entry_id

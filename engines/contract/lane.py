@@ -202,12 +202,14 @@ class RedisLane:
                         replies.append(exc)
                 return replies
             except RECONNECT_ERRORS:
+                lost = self._conn is not None  # set only once connected
                 if self._conn is not None:
                     await self._conn.disconnect()
                     self._conn = None
                 if attempt == 2:
                     raise
-                log.warning("redis %s connection lost; reconnecting", self._name)
+                if lost:  # not while Redis stays away: its callers say that, once
+                    log.warning("redis %s connection lost; reconnecting", self._name)
         raise AssertionError("unreachable")
 
 

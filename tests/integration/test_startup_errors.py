@@ -70,6 +70,11 @@ def test_keys_with_the_password_work(locked: RedisServer) -> None:
     assert done.returncode == 0, done.stderr
 
 
+def test_gateway_without_the_password_exits_at_startup(locked: RedisServer) -> None:
+    done = conduit("gateway", "--port", str(free_port()), "--redis-url", locked.url, timeout=20)
+    assert_clear(done, "CONDUIT_REDIS_PASSWORD", "CONDUIT_REDIS_USERNAME", locked.url)
+
+
 # ---- an unreachable Redis -------------------------------------------------------------------------
 
 
@@ -81,3 +86,25 @@ def test_keys_on_an_unreachable_redis_fail_fast_naming_the_url(host: str) -> Non
     assert time.monotonic() - started < 30
     assert_clear(done, url.replace(PASSWORD, "***"), "not reachable")
     assert PASSWORD not in done.stderr
+
+
+def test_gateway_waits_for_an_unreachable_redis_saying_so_once(tmp_path: Path) -> None:
+    """A gateway outlives Redis (it may start first, or restart): it keeps trying, and says so in one
+    line naming the URL, not a line per retry."""
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}/0"
+    log = tmp_path / "gateway.log"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("CONDUIT_")}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-P", "-m", "gateway.cli", "gateway", "--port", str(free_port()),
+                                 "--redis-url", url], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=clean)
+        try:
+            time.sleep(8)
+            assert proc.poll() is None, log.read_text()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text and PASSWORD not in text, text
+    about = [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line]
+    assert any(url.replace(PASSWORD, "***") in line for line in about), text
+    assert len(about) <= 6, text  # one per component that outlives Redis; per retry it was ~80
