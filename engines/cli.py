@@ -7,7 +7,10 @@ gateway's package never imports engine code; adding an engine kind touches ``eng
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import re
+import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,6 +74,11 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
     settings = worker_settings(args)
+    # Both checked before any model loads: minutes of loading must not end in either.
+    problem = (missing_model(args.model) if args.kind != "synthetic" else "") or first_contact(settings)
+    if problem:
+        print(f"conduit engine: {problem}", file=sys.stderr)
+        return 2
     if args.kind == "synthetic":
         from engines.synthetic import SyntheticBackend, SyntheticSettings
 
@@ -102,6 +110,53 @@ def cmd_engine(args: argparse.Namespace) -> int:
     _run_loop(serve(backend, settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                     otlp_endpoint=args.otlp_endpoint))
     return 0
+
+
+#: A Hugging Face model id, ``name`` or ``org/name`` (the hub's rule: no other path syntax).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?")
+
+
+def missing_model(model: str | None) -> str:
+    """Why ``--model`` cannot be what it names, or "": "tiny", a path that exists and a Hugging Face
+    id (``org/name``: the hub fetches it) pass; a path that is not there (``/models/x`` in a container
+    whose volume is not mounted) does not."""
+    if model in (None, "tiny") or Path(model).expanduser().exists():
+        return ""
+    if _HUB_ID.fullmatch(model) and ".." not in model and "--" not in model:
+        return ""
+    return (f"the model path {model} does not exist here: give --model a path that exists (compose: put the model "
+            "under the host's CONDUIT_MODELS_DIR, mounted at /models) or a Hugging Face id (org/name)")
+
+
+#: The settings that hold an engine's Redis login, named when Redis refuses it.
+ENGINE_LOGIN = ("CONDUIT_REDIS_PASSWORD (and --redis-username or CONDUIT_REDIS_USERNAME for an ACL user: `engine` "
+                "in the deployments)")
+
+
+def first_contact(settings: WorkerSettings) -> str:
+    """Ask Redis once: why it refused the login (no retry mends that), or "" (an unreachable Redis
+    is logged and waited for once the model is loaded: it may start after the engine)."""
+    import asyncio
+
+    from engines.contract.lane import connect
+    from engines.contract.reach import LoginRefused, Unreachable, first_contact as contact
+
+    async def ask() -> None:
+        client = connect(settings.redis_url, cluster=settings.redis_cluster, username=settings.redis_username,
+                         password=settings.redis_password, socket_connect_timeout=5.0)
+        try:
+            await contact(client, settings.redis_url, username=settings.redis_username,
+                          password=settings.redis_password, fix=ENGINE_LOGIN)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ask())
+    except LoginRefused as exc:
+        return str(exc)
+    except Unreachable as exc:
+        logging.getLogger("conduit.engine").warning("%s; loading the model meanwhile", exc)
+    return ""
 
 
 def cpu_engine_environment(*, cpu_flag: bool, cpu_build: bool) -> dict[str, str]:

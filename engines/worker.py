@@ -43,6 +43,7 @@ from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.contract.lane import REDIS_ERRORS, connect, redacted
 from engines.contract.media import MediaPolicy
 from engines.contract.messages import JOB_KINDS, PROTOCOL_VERSION, Codec, Done, EngineInfo, Failed
+from engines.contract.reach import login_refused
 from engines.contract.store import open_image_store
 from engines.events import Ack, EventWriter
 from engines.heartbeat import HeartbeatThread, Presence
@@ -220,8 +221,8 @@ class Worker:
                 await self.presence.beat(self.redis)
                 return True
             except REDIS_ERRORS as exc:
-                log.warning("Redis at %s not reachable (%s); retrying in %.1f s", redacted(self.settings.redis_url),
-                            exc, delay)
+                what = "refused this engine's login" if login_refused(exc) else "not reachable"  # (a changed ACL)
+                log.warning("Redis at %s %s (%s); retrying in %.1f s", redacted(self.settings.redis_url), what, exc, delay)
                 try:
                     await asyncio.wait_for(self.stopping.wait(), timeout=delay)
                 except TimeoutError:

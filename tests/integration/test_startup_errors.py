@@ -75,6 +75,18 @@ def test_gateway_without_the_password_exits_at_startup(locked: RedisServer) -> N
     assert_clear(done, "CONDUIT_REDIS_PASSWORD", "CONDUIT_REDIS_USERNAME", locked.url)
 
 
+def test_engine_without_the_password_exits_before_loading(locked: RedisServer) -> None:
+    done = conduit("serve", "--kind", "synthetic", "--redis-url", locked.url, program="engines", timeout=20)
+    assert_clear(done, "CONDUIT_REDIS_PASSWORD", "--redis-username", locked.url)
+
+
+def test_engine_with_a_wrong_user_says_it_was_refused(locked: RedisServer) -> None:
+    done = conduit("serve", "--kind", "synthetic", "--redis-url", locked.url, "--redis-username", "engine",
+                   env={"CONDUIT_REDIS_PASSWORD": PASSWORD}, program="engines")
+    assert_clear(done, "refused", "'engine'", "--redis-username")
+    assert PASSWORD not in done.stderr
+
+
 # ---- an unreachable Redis -------------------------------------------------------------------------
 
 
@@ -108,3 +120,15 @@ def test_gateway_waits_for_an_unreachable_redis_saying_so_once(tmp_path: Path) -
     about = [line for line in text.splitlines() if "WARNING" in line or "ERROR" in line]
     assert any(url.replace(PASSWORD, "***") in line for line in about), text
     assert len(about) <= 6, text  # one per component that outlives Redis; per retry it was ~80
+
+
+# ---- a model path that is not there ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["vllm", "diffusers"])
+def test_engine_with_a_missing_model_path_names_it(kind: str) -> None:
+    started = time.monotonic()
+    done = conduit("serve", "--kind", kind, "--model", "/models/model", "--redis-url",
+                   f"redis://127.0.0.1:{free_port()}/0", program="engines", timeout=120)
+    assert_clear(done, "/models/model", "--model", "CONDUIT_MODELS_DIR")
+    assert time.monotonic() - started < 15, "it loaded something heavy first"

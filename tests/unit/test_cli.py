@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.cli import diffusers_settings
+from engines.cli import diffusers_settings, missing_model
 from telemetry.setup import Telemetry
 from tests.commandline import parse_conduit
 
@@ -121,3 +121,19 @@ def test_engine_metrics_listen_on_loopback_unless_told() -> None:
         assert telemetry._server is not None and telemetry._server.server_address == ("127.0.0.1", port)
     finally:
         telemetry.shutdown()
+
+
+@pytest.mark.parametrize("model", [None, "tiny", "gpt2", "Qwen/Qwen3-0.6B", "meta-llama/Llama-3.1-8B-Instruct",
+                                   "models/model"])
+def test_a_hub_id_or_tiny_is_a_model(model: str | None) -> None:
+    assert missing_model(model) == ""
+
+
+def test_a_path_that_exists_is_a_model(tmp_path: Path) -> None:
+    assert missing_model(str(tmp_path)) == ""
+
+
+@pytest.mark.parametrize("model", ["/models/model", "./model", "~/no-such-model-here", "models/a/b", "../m/x"])
+def test_a_path_that_is_not_there_is_named(model: str) -> None:
+    said = missing_model(model)
+    assert model in said and "--model" in said and "CONDUIT_MODELS_DIR" in said
