@@ -134,29 +134,13 @@ ENGINE_LOGIN = ("CONDUIT_REDIS_PASSWORD (and --redis-username or CONDUIT_REDIS_U
 
 
 def first_contact(settings: WorkerSettings) -> str:
-    """Ask Redis once: why it refused the login (no retry mends that), or "" (an unreachable Redis
-    is logged and waited for once the model is loaded: it may start after the engine)."""
-    import asyncio
+    """Why Redis refused this engine's login, or "" (an unreachable Redis is waited for once the
+    model is loaded)."""
+    from engines.contract.reach import login_problem
 
-    from engines.contract.lane import connect
-    from engines.contract.reach import LoginRefused, Unreachable, first_contact as contact
-
-    async def ask() -> None:
-        client = connect(settings.redis_url, cluster=settings.redis_cluster, username=settings.redis_username,
-                         password=settings.redis_password, socket_connect_timeout=5.0)
-        try:
-            await contact(client, settings.redis_url, username=settings.redis_username,
-                          password=settings.redis_password, fix=ENGINE_LOGIN)
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(ask())
-    except LoginRefused as exc:
-        return str(exc)
-    except Unreachable as exc:
-        logging.getLogger("conduit.engine").warning("%s; loading the model meanwhile", exc)
-    return ""
+    return login_problem(settings.redis_url, cluster=settings.redis_cluster, username=settings.redis_username,
+                         password=settings.redis_password, fix=ENGINE_LOGIN, log=logging.getLogger("conduit.engine"),
+                         meanwhile="loading the model meanwhile")
 
 
 def cpu_engine_environment(*, cpu_flag: bool, cpu_build: bool) -> dict[str, str]:

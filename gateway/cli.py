@@ -62,27 +62,13 @@ GATEWAY_LOGIN = ("CONDUIT_REDIS_PASSWORD (and CONDUIT_REDIS_USERNAME for an ACL 
 
 
 def first_contact(redis: RedisSettings) -> str:
-    """Ask Redis once, before any worker starts: why it refused the login (no retry mends that),
-    or "" (an unreachable Redis is logged and waited for: it may start after the gateway)."""
-    import asyncio
+    """Why Redis refused the gateway's login, asked once before any worker starts, or "" (an
+    unreachable Redis is waited for: 503s until it answers)."""
+    from engines.contract.reach import login_problem
 
-    from engines.contract.reach import LoginRefused, Unreachable, first_contact as contact
-
-    async def ask() -> None:
-        client = redis.connect(socket_connect_timeout=5.0)
-        try:
-            await contact(client, redis.redis_url, username=redis.redis_username, password=redis.redis_password,
-                          fix=GATEWAY_LOGIN)
-        finally:
-            await client.aclose()
-
-    try:
-        asyncio.run(ask())
-    except LoginRefused as exc:
-        return str(exc)
-    except Unreachable as exc:
-        logging.getLogger("conduit.gateway").warning("%s; starting anyway: 503s until it answers", exc)
-    return ""
+    return login_problem(redis.redis_url, cluster=redis.redis_cluster, username=redis.redis_username,
+                         password=redis.redis_password, fix=GATEWAY_LOGIN, log=logging.getLogger("conduit.gateway"),
+                         meanwhile="starting anyway: 503s until it answers")
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -10,12 +10,13 @@ after them, or be restarting), saying so once rather than once per retry.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 from urllib.parse import urlsplit
 
 from redis.exceptions import AuthenticationError, ResponseError
 
-from engines.contract.lane import REDIS_ERRORS, redacted
+from engines.contract.lane import REDIS_ERRORS, connect, redacted
 
 #: The words Redis answers a login it refuses with (``NOAUTH``, ``WRONGPASS``, RESP3's ``HELLO``
 #: refusal), for a refusal that reaches a caller as a plain reply error (a script, a cluster node).
@@ -73,3 +74,26 @@ async def first_contact(redis: Any, url: str, *, username: str, password: str, f
         if isinstance(exc, ResponseError):
             return  # it answered (a NOPERM, say): reachable and logged in; the command that needs it will say
         raise Unreachable(unreachable_message(url, exc)) from None
+
+
+def login_problem(url: str, *, cluster: bool, username: str, password: str, fix: str, log: logging.Logger,
+                  meanwhile: str) -> str:
+    """Ask Redis once, before a long-running process starts its work: why it refused the login
+    (no retry mends that: the process should exit with it), or "". An unreachable Redis is logged
+    on ``log`` (what the process does ``meanwhile``) and waited for later: it may start after the
+    process, or be restarting."""
+
+    async def ask() -> None:
+        client = connect(url, cluster=cluster, username=username, password=password, socket_connect_timeout=5.0)
+        try:
+            await first_contact(client, url, username=username, password=password, fix=fix)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(ask())
+    except LoginRefused as exc:
+        return str(exc)
+    except Unreachable as exc:
+        log.warning("%s; %s", exc, meanwhile)
+    return ""

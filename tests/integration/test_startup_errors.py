@@ -34,7 +34,7 @@ def conduit(*args: str, env: dict[str, str] | None = None, timeout: float = 30,
     """``conduit args`` (``program``: ``engines`` runs the engine's own program, as ``conduit engine`` does)
     with no ``CONDUIT_*`` variable but ``env``'s."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("CONDUIT_")}
-    return subprocess.run([sys.executable, "-P", "-m", program, *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-m", program, *args], cwd=ROOT, capture_output=True, text=True, check=False,
                           timeout=timeout, env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})})
 
 
