@@ -10,8 +10,8 @@ import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
-
 from engines.contract.lane import REDIS_ERRORS
+from engines.contract.reach import Outage
 from engines.running import now_ms
 
 if TYPE_CHECKING:
@@ -47,16 +47,18 @@ class Cancellations:
     async def listen(self) -> None:
         """Hear the cancel channel until the worker closes, resubscribing after any failure."""
         worker = self._worker
+        outage = Outage(log, "the cancel listener")
         while not worker.closed:
             pubsub = worker.redis.pubsub()
             try:
                 await pubsub.subscribe(worker.keys.cancel_channel)
+                outage.answered()
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
                     worker.cancel(*parse_cancel(message["data"]))
             except REDIS_ERRORS as exc:
-                log.warning("cancel listener lost Redis (%s); resubscribing", exc)
+                outage.failed(exc)
                 worker.metrics.background_error("cancel-listener")
                 await asyncio.sleep(0.5)
             except Exception:

@@ -23,6 +23,7 @@ from engines.contract.fairness import PROMOTE, promote_command
 from engines.contract.keys import ENGINE_GROUP
 from engines.contract.lane import REDIS_ERRORS, entry_fields, open_lane, stream_entries
 from engines.contract.messages import Failed
+from engines.contract.reach import Outage
 from engines.events import Ack
 from engines.running import Running, now_ms
 
@@ -52,6 +53,7 @@ class Intake:
         read_cmd = ("XREADGROUP", "GROUP", ENGINE_GROUP, worker.engine_id, "COUNT")
         model = worker.streams[stream]
         lane = open_lane(worker.redis, f"jobs-{worker.streams[stream]}", blocking=True)  # its own connection: it blocks
+        outage = Outage(log, f"reading {model}'s jobs")
         try:
             while not worker.stopping.is_set():
                 free = self.free()
@@ -68,13 +70,14 @@ class Intake:
                     # never cut short, so no job is left half-read.
                     reply = await lane.call(*read_cmd, free, "BLOCK", block, "STREAMS", stream, ">")
                 except REDIS_ERRORS as exc:
-                    log.warning("reading jobs failed (%s); retrying", exc)
+                    outage.failed(exc)
                     worker.metrics.background_error("read-jobs")
                     await asyncio.sleep(0.5)
                     if "NOGROUP" in str(exc):
                         # Redis lost its data (restarted without persistence): rejoin.
                         await self._try(worker.create_groups())
                     continue
+                outage.answered()
                 for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
                         if fields:  # nil: deleted after it was delivered

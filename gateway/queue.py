@@ -23,6 +23,7 @@ from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_
 from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
 from engines.contract.replies import REPLY_STREAM_TTL_MS
+from engines.contract.reach import Outage
 from telemetry.instruments import GatewayMetrics
 
 log = logging.getLogger("conduit.gateway")
@@ -207,7 +208,7 @@ class ReplyRouter:
         last: bytes = b"0-0"
         last_kept = 0.0
         lane = open_lane(self._redis, "replies", blocking=True)  # its own connection: XREAD blocks
-        failing = False  # said once per outage, not once per retry (5 a second)
+        outage = Outage(log, "reading replies")
         try:
             while not self.closed:
                 try:
@@ -217,15 +218,11 @@ class ReplyRouter:
                         await self._keep_alive(last)
                     reply = await lane.call("XREAD", "COUNT", 1024, "BLOCK", 1000, "STREAMS", self.stream, last)
                 except REDIS_ERRORS as exc:
-                    if not failing:
-                        log.warning("reading replies failed (%s); retrying until Redis answers", exc)
-                    failing = True
+                    outage.failed(exc)
                     self.metrics.background_error("reply-router")
                     await asyncio.sleep(0.2)
                     continue
-                if failing:
-                    log.info("reading replies again")
-                    failing = False
+                outage.answered()
                 for _stream, entries in stream_entries(reply):
                     for entry_id, fields in entries:
                         last = entry_id

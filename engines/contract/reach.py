@@ -97,3 +97,25 @@ def login_problem(url: str, *, cluster: bool, username: str, password: str, fix:
     except Unreachable as exc:
         log.warning("%s; %s", exc, meanwhile)
     return ""
+
+
+class Outage:
+    """A retrying loop's Redis trouble said once, when it starts, and once when it ends, rather than
+    once per retry (several a second, from each loop that outlives Redis)."""
+
+    def __init__(self, log: logging.Logger, what: str) -> None:
+        self._log = log
+        self._what = what
+        self.down = False
+
+    def failed(self, exc: BaseException) -> None:
+        """A try failed: said if it is the first since Redis last answered."""
+        if not self.down:
+            self._log.warning("%s failed (%s); retrying until Redis answers", self._what, exc)
+        self.down = True
+
+    def answered(self) -> None:
+        """A try succeeded: the outage, if any, is over."""
+        if self.down:
+            self._log.info("%s: Redis answers again", self._what)
+        self.down = False
