@@ -7,6 +7,7 @@ by every deploy test. Build times and sizes are printed at the end of the run.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,26 +60,37 @@ class ImageBuilder:
     def __init__(self, logs: Path, workdir: Path) -> None:
         self.logs = logs
         self.workdir = workdir
-        self.done: dict[str, images.Built] = {}
+        self.done: dict[str, images.Built | None] = {}
+        self.torch_url: str | None = None
+        self._torch_index: contextlib.ExitStack = contextlib.ExitStack()
 
-    def __call__(self, image: images.Image) -> images.Built:
+    def close(self) -> None:
+        self._torch_index.close()
+
+    def __call__(self, image: images.Image) -> images.Built | None:
         if image.tag not in self.done:
             images.hand_base_to_buildah(images.PYTHON_BASE, self.logs / "buildah-bases.log")
             log = self.logs / f"build-{image.name}.log"
             if image.dockerfile == "engine-cpu.Dockerfile":
-                with images.torch_index(self.workdir / "torch-index") as url:
-                    built = images.build(image, log, {"TORCH_INDEX_URL": url})
+                if self.torch_url is None:
+                    self.torch_url = self._torch_index.enter_context(images.torch_index(self.workdir / "torch-index"))
+                built = images.build(image, log, {"TORCH_INDEX_URL": self.torch_url})
             else:
                 built = images.build(image, log)
             self.done[image.tag] = built
-            _BUILT.append(built)
+            if built is None:
+                note(f"{image.tag}: in dockerd from the same inputs, not rebuilt")
+            else:
+                _BUILT.append(built)
         return self.done[image.tag]
 
 
 @pytest.fixture(scope="session")
 def build_image(stand_ins: dict[str, bool], deploy_logs: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> ImageBuilder:
-    return ImageBuilder(deploy_logs, tmp_path_factory.mktemp("images"))
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ImageBuilder]:
+    builder = ImageBuilder(deploy_logs, tmp_path_factory.mktemp("images"))
+    yield builder
+    builder.close()
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,9 +1,13 @@
 """Conduit's images built from ``compose/docker/`` as they are, the way a user without BuildKit can.
 
 Debian's docker 20.10 has no BuildKit (no ``RUN --mount``), so ``buildah bud --isolation chroot``
-builds each Dockerfile (``--layers``: a second build reuses every unchanged layer; ``--format
-docker`` keeps the HEALTHCHECK), then ``buildah push IMG docker-daemon:IMG`` hands the image to
-dockerd, skipped when dockerd already has that very image. The base images are the stand-ins
+builds each Dockerfile (``--format docker`` keeps the HEALTHCHECK), then ``buildah push IMG
+docker-daemon:IMG`` hands the image to dockerd. Not with ``--layers``: buildah 1.28's layer cache
+mishandles ``RUN --mount=type=bind,from=<stage>`` (a cached stage's files are missing from the
+mount, containers/buildah#4375; a changed stage does not invalidate the layer, #4522: a stale
+image). Instead the whole image is the cache: it is labelled with a hash of its inputs (the
+Dockerfile, the files its .dockerignore lets through, target, base image), and an image in
+dockerd with the same label is not built again. The base images are the stand-ins
 (``tests/deploy/bases.py``), copied from dockerd into buildah's storage under their own names.
 
 CPU torch comes from PyTorch's CPU index in a user's build; here that index may be out of reach,
@@ -15,7 +19,9 @@ wherever ``.ci/install`` got it) as a one-package index on 127.0.0.1, passed as
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
+import json
 import subprocess
 import sys
 import threading
@@ -31,6 +37,9 @@ from tests.harness import ROOT
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 PYTHON_BASE = "python:3.11.14-slim-bookworm"
 TORCH = "torch==2.13.0+cpu"
+LABEL = "org.conduit.build-inputs"
+#: What the build context holds (every .dockerignore of compose/docker/ lets in just these).
+CONTEXT = ("pyproject.toml", "README.md", "gateway", "engines", "telemetry")
 
 
 @dataclass(frozen=True)
@@ -90,11 +99,30 @@ def hand_base_to_buildah(ref: str, log: Path) -> None:
         _run(["buildah", "pull", "-q", f"docker-daemon:{ref}"], log, 300)
 
 
-def build(image: Image, log: Path, build_args: dict[str, str] | None = None, timeout: float = 1800) -> Built:
-    """Build ``image`` with buildah and put it into dockerd."""
+def inputs(image: Image) -> str:
+    """A hash of everything the image is built from (bar the torch index's address)."""
+    h = hashlib.sha256(json.dumps([image.name, image.dockerfile, image.target, image.build_args,
+                                   docker_id(PYTHON_BASE)]).encode())
+    docker = ROOT / "compose" / "docker"
+    for path in [docker / image.dockerfile, docker / f"{image.dockerfile}.dockerignore",
+                 *sorted(p for c in CONTEXT for p in ([ROOT / c] if (ROOT / c).is_file() else (ROOT / c).rglob("*"))
+                         if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))]:
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:32]
+
+
+def current_inputs(tag: str) -> str:
+    return _image_id(["docker", "image", "inspect", "--format", f'{{{{index .Config.Labels "{LABEL}"}}}}', tag])
+
+
+def build(image: Image, log: Path, build_args: dict[str, str] | None = None, timeout: float = 1800) -> Built | None:
+    """Build ``image`` with buildah and put it into dockerd; None when dockerd has it from the same inputs."""
+    label = inputs(image)
+    if current_inputs(image.tag) == label:
+        return None
     t = time.monotonic()
-    args = ["buildah", "bud", "--isolation", "chroot", "--layers", "--pull=false", "--format", "docker",
-            "-f", f"compose/docker/{image.dockerfile}",
+    args = ["buildah", "bud", "--isolation", "chroot", "--pull=false", "--format", "docker",
+            "-f", f"compose/docker/{image.dockerfile}", "--label", f"{LABEL}={label}",
             "--ignorefile", f"compose/docker/{image.dockerfile}.dockerignore", "-t", image.tag]
     if image.target:
         args += ["--target", image.target]
@@ -102,8 +130,9 @@ def build(image: Image, log: Path, build_args: dict[str, str] | None = None, tim
         args += ["--build-arg", f"{k}={v}"]
     _run([*args, str(ROOT)], log, timeout)
     built = time.monotonic()
-    if docker_id(image.tag) != buildah_id(image.tag):
-        _run(["buildah", "push", image.tag, f"docker-daemon:{image.tag}"], log, 900)
+    _run(["buildah", "push", image.tag, f"docker-daemon:{image.tag}"], log, 900)
+    # buildah keeps its copy only until dockerd has one: the label check above is dockerd's.
+    _run(["buildah", "rmi", image.tag], log, 300)
     size = int(_image_id(["docker", "image", "inspect", "--format", "{{.Size}}", image.tag]) or 0)
     return Built(image, built - t, time.monotonic() - built, size)
 
