@@ -307,6 +307,24 @@ def test_the_admin_may_kill_a_runaway_script(acl_redis: AclRedis) -> None:
         client.close()
 
 
+def test_redis_refuses_a_password_with_a_newline(tmp_path: Path) -> None:
+    """A secret made from a file often ends in a newline, which ``$(...)`` would silently strip:
+    Redis would hold the digest of a password no client sends. start.sh refuses it by name."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "redis-server").write_text("#!/bin/sh\necho started\ncat >/dev/null\n")
+    (fake / "redis-server").chmod(0o755)
+    base = {"PATH": f"{fake}:{os.environ['PATH']}", **{password_variable(r): p for r, p in PASSWORDS.items()}}
+    started = subprocess.run(["sh", str(START)], env=base, capture_output=True, text=True, timeout=10)
+    assert started.returncode == 0 and started.stdout == "started\n", started.stderr  # the fake Redis
+    for value in (PASSWORDS["engine"] + "\n", PASSWORDS["engine"] + "\n\n", "a\n" + PASSWORDS["engine"]):
+        done = subprocess.run(["sh", str(START)], env={**base, "REDIS_ENGINE_PASSWORD": value}, capture_output=True,
+                              text=True, timeout=10)
+        assert done.returncode == 1 and "REDIS_ENGINE_PASSWORD" in done.stderr and "newline" in done.stderr, \
+            (value, done.stdout, done.stderr)
+        assert PASSWORDS["engine"] not in done.stderr, "a password is never echoed"
+
+
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A throwaway CA and a server certificate for 127.0.0.1 signed by it."""
     out = {name: directory / name for name in ("ca.key", "ca.crt", "redis.key", "redis.csr", "redis.crt")}
