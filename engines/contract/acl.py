@@ -5,17 +5,20 @@ neither read nor write API key records, rate limits, usage or idempotency record
 
 * ``gateway``: every name of :class:`~.keys.Keys` (it also serves ``/admin/keys``);
 * ``engine``: the job path: job streams and keys, reply streams, result records, dead letters,
-  the engine registry, fair queueing's lists and counters, the image store; the cancel channel;
+  the engine registry, fair queueing's lists and counters, the image store; the cancel channel
+  (subscribe only: no ``PUBLISH``);
 * ``admin``: what ``conduit keys`` uses: key records, their index and version (read and write),
-  usage (read only); the keys-changed channel;
-* ``autoscaler``: ``XLEN`` of the job streams, read only (KEDA's redis-streams trigger).
+  usage (read only); the keys-changed channel; ``SCRIPT KILL`` (a runaway script);
+* ``autoscaler``: ``XLEN`` of the job streams, read only (KEDA's redis-streams trigger), and
+  logging in (``HELLO``, ``AUTH``, ``PING``).
 
 Patterns are the names themselves with ``*`` for each variable part (``Keys.jobs("*")`` is
 ``conduit:jobs:{*}``), so a renamed key moves its pattern with it, and :func:`name_patterns`
 must name every member of :class:`~.keys.Keys` (``tests/unit/test_redis_acl.py``). Commands are
 granted by category with the dangerous ones (``KEYS``, ``FLUSHALL``, ``CONFIG``, ``DEBUG``...),
-keyspace listing (``SCAN``) and server-side functions taken away; scripts run with the caller's
-rights (Redis checks each command a script calls against its user).
+keyspace listing (``SCAN``), key tracking (``CLIENT TRACKING``) and server-side functions taken
+away; scripts run with the caller's rights (Redis checks each command a script calls against its
+user).
 
 :func:`acl_file` writes the users; ``conduit redis-acl`` prints it. The deployments check in its
 output (``compose/redis/users.acl``, the ConfigMap in ``compose/kubernetes/redis.yaml``) with a
@@ -39,14 +42,24 @@ _ANY = "*"
 #: A cluster's topology (redis-py's cluster client asks ``CLUSTER SLOTS``, and ``COMMAND``: @connection).
 _TOPOLOGY = ("+cluster|slots", "+cluster|shards", "+cluster|nodes", "+cluster|info", "+cluster|myid")
 #: Taken from every user last: server administration, listing the keyspace (``SCAN``, which key
-#: patterns do not filter), server-side functions, and other clients' scripts.
+#: patterns do not filter), server-side functions, other clients' scripts, and key tracking
+#: (``CLIENT TRACKING on BCAST`` pushes the name of every key any client modifies, whatever the
+#: user's key patterns: API key ids, idempotency digests, tenants' limits).
 _NEVER = ("-@dangerous", "-@admin", "-scan", "-randomkey", "-function", "-fcall", "-fcall_ro", "-script|flush",
-          "-script|kill", "-script|debug")
+          "-script|kill", "-script|debug", "-client|tracking")
 #: What a Conduit process needs: data commands, scripts (whose commands Redis checks against the
 #: caller's keys), pub/sub, transactions (pipelines), the connection, ``TIME`` (scripts' clock).
 _CLIENT = ("-@all", "+@read", "+@write", "+@scripting", "+@pubsub", "+@transaction", "+@connection", "+time",
            *_TOPOLOGY, *_NEVER)
-_AUTOSCALER = ("-@all", "+@connection", "+xlen", *_TOPOLOGY, *_NEVER)
+#: Engines hear cancellations and never announce any: one that could publish on the cancel channel
+#: could cancel every tenant's jobs.
+_ENGINE = (*_CLIENT, "-publish", "-spublish")
+#: ``conduit keys``' user is the operator's: it alone may stop a script that never returns
+#: (``SCRIPT KILL``; scripts block every client while they run).
+_ADMIN = (*_CLIENT, "+script|kill")
+#: KEDA's redis-streams trigger: log in (``HELLO`` or ``AUTH``), ``PING``, ``XLEN``; nothing else
+#: of ``@connection`` (``CLIENT ...``).
+_AUTOSCALER = ("-@all", "+hello", "+auth", "+ping", "+xlen", *_TOPOLOGY, *_NEVER)
 
 
 def name_patterns(keys: Keys) -> dict[str, tuple[str, ...]]:
@@ -95,8 +108,9 @@ _JOB_PATH = ("jobs", "engine_jobs", "job", "replies", "result", "dead_letters", 
 #: Each role's names (members of :class:`Keys`, see :func:`name_patterns`).
 ROLE_NAMES: dict[str, Role] = {
     "gateway": Role(read_write=_EVERY_NAME, channels=("cancel_channel", "keys_changed")),
-    "engine": Role(read_write=_JOB_PATH, channels=("cancel_channel",)),
-    "admin": Role(read_write=("api_key", "keys_index", "keys_version"), read=("usage",), channels=("keys_changed",)),
+    "engine": Role(read_write=_JOB_PATH, channels=("cancel_channel",), commands=_ENGINE),
+    "admin": Role(read_write=("api_key", "keys_index", "keys_version"), read=("usage",), channels=("keys_changed",),
+                  commands=_ADMIN),
     "autoscaler": Role(read_write=(), read=("jobs",), commands=_AUTOSCALER),
 }
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,14 +42,22 @@ RECONNECT_ERRORS: tuple[type[Exception], ...] = (ConnectionError, OSError, aiore
                                                  aioredis.TimeoutError)
 
 
+def _hidden(parameter: str) -> str:
+    name, eq, _ = parameter.partition("=")
+    return f"{name}=***" if eq and unquote_plus(name).lower() == "password" else parameter
+
+
 def redacted(url: str) -> str:
-    """``url`` without its password, for logs (``redis://:secret@host`` -> ``redis://:***@host``)."""
+    """``url`` without its password, for logs (``redis://:secret@host`` -> ``redis://:***@host``),
+    wherever it is: the user part or the query (``?password=secret``, which redis-py takes too)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rpartition('@')[2]}"
+    query = "&".join(_hidden(p) for p in parts.query.split("&"))
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def connect(url: str, *, cluster: bool = False, username: str = "", password: str = "", **kwargs: Any) -> Any:

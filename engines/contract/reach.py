@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from redis.exceptions import AuthenticationError, ResponseError
 
@@ -47,7 +47,7 @@ def refused_message(url: str, exc: BaseException, *, username: str, password: st
     (the URL's own user and password count as given)."""
     parts = urlsplit(url)
     user = parts.username or username
-    if not (parts.password or password):
+    if not (parts.password or password or parse_qs(parts.query).get("password")):
         return f"Redis at {redacted(url)} requires a password and none was given: set {fix}"
     who = f" of user {user!r}" if user else ""
     return f"Redis at {redacted(url)} refused the login{who} ({_reason(exc)}): check {fix}"

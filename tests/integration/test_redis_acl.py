@@ -217,15 +217,20 @@ def test_an_engine_is_refused_key_records_usage_limits_and_idempotency(acl_redis
                 admin.execute_command(*command)
 
 
-def test_the_autoscaler_reads_only_job_stream_lengths(tmp_path: Path) -> None:
-    """Kubernetes' users (KEDA's too), from the ConfigMap in compose/kubernetes/redis.yaml."""
+def kubernetes_redis(tmp_path: Path) -> AclRedis:
+    """Redis with Kubernetes' users (KEDA's too), from the ConfigMap in compose/kubernetes/redis.yaml."""
     import yaml
 
     [config] = [d for d in yaml.safe_load_all((ROOT / "compose/kubernetes/redis.yaml").read_text())
                 if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "redis-users"]
     users = tmp_path / "users.acl"
     users.write_text(config["data"]["users.acl"])
-    server = AclRedis(tmp_path, users=users)
+    return AclRedis(tmp_path, users=users)
+
+
+def test_the_autoscaler_reads_only_job_stream_lengths(tmp_path: Path) -> None:
+    """Kubernetes' users (KEDA's too), from the ConfigMap in compose/kubernetes/redis.yaml."""
+    server = kubernetes_redis(tmp_path)
     try:
         keys = Keys("conduit")
         with redis.Redis(port=server.port, username="autoscaler", password=PASSWORDS["autoscaler"]) as scaler:
@@ -236,6 +241,88 @@ def test_the_autoscaler_reads_only_job_stream_lengths(tmp_path: Path) -> None:
                     scaler.execute_command(*command)
     finally:
         server.stop()
+
+
+def test_no_user_may_track_the_keys_others_modify(tmp_path: Path) -> None:
+    """``CLIENT TRACKING on BCAST`` (RESP3) would push the name of every key any client modifies:
+    API key ids, idempotency digests, tenants' limits. Every user logs in over RESP3 and is refused."""
+    (tmp_path / "compose").mkdir()
+    compose, kubernetes = AclRedis(tmp_path / "compose"), None
+    try:
+        kubernetes = kubernetes_redis(tmp_path)
+        for server, roles in ((compose, ("gateway", "engine", "admin")), (kubernetes, ROLES)):
+            for role in roles:
+                with redis.Redis(port=server.port, username=role, password=PASSWORDS[role], protocol=3,
+                                 retry=Retry(NoBackoff(), 0)) as client:
+                    assert client.ping()
+                    with pytest.raises(NoPermissionError):
+                        client.execute_command("CLIENT", "TRACKING", "on", "BCAST")
+                    with pytest.raises(NoPermissionError):
+                        client.execute_command("CLIENT", "TRACKING", "on")
+    finally:
+        compose.stop()
+        if kubernetes is not None:
+            kubernetes.stop()
+
+
+def test_an_engine_may_hear_cancellations_but_not_send_them(acl_redis: AclRedis) -> None:
+    """A compromised GPU box publishing on the cancel channel would cancel every tenant's jobs."""
+    keys = Keys("conduit")
+    with redis.Redis(port=acl_redis.port, username="engine", password=PASSWORDS["engine"]) as engine:
+        for command in ("PUBLISH", "SPUBLISH"):
+            with pytest.raises(NoPermissionError):
+                engine.execute_command(command, keys.cancel_channel, "job-1 0")
+        with engine.pubsub() as listening:
+            listening.subscribe(keys.cancel_channel)
+            assert listening.get_message(timeout=5)["type"] == "subscribe"
+    with redis.Redis(port=acl_redis.port, username="gateway", password=PASSWORDS["gateway"]) as gateway:
+        gateway.publish(keys.cancel_channel, "job-1 0")
+
+
+def test_the_admin_may_kill_a_runaway_script(acl_redis: AclRedis) -> None:
+    """Scripts run as their caller, but one that never returns blocks every client: ``conduit
+    keys``' user (the operator's) may stop it; no other user may kill another's script."""
+    with acl_redis.root() as root:
+        root.config_set("busy-reply-threshold", 100)
+    admin = redis.Redis(port=acl_redis.port, username="admin", password=PASSWORDS["admin"],
+                        retry=Retry(NoBackoff(), 0))
+    gateway = redis.Redis(port=acl_redis.port, username="gateway", password=PASSWORDS["gateway"],
+                          retry=Retry(NoBackoff(), 0))
+    admin.ping(), gateway.ping()  # connected before Redis turns busy
+    engine = redis.Redis(port=acl_redis.port, username="engine", password=PASSWORDS["engine"], socket_timeout=30)
+    with cf.ThreadPoolExecutor(1) as pool:
+        loop = pool.submit(engine.eval, "while true do end", 0)
+        try:
+            time.sleep(0.5)
+            with pytest.raises(NoPermissionError):
+                gateway.script_kill()
+            admin.script_kill()
+            with pytest.raises(redis.ResponseError, match="killed"):
+                loop.result(timeout=20)
+        finally:
+            if not loop.done():
+                with acl_redis.root() as root:
+                    root.script_kill()
+    for client in (admin, gateway, engine):
+        client.close()
+
+
+def test_redis_refuses_a_password_with_a_newline(tmp_path: Path) -> None:
+    """A secret made from a file often ends in a newline, which ``$(...)`` would silently strip:
+    Redis would hold the digest of a password no client sends. start.sh refuses it by name."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "redis-server").write_text("#!/bin/sh\necho started\ncat >/dev/null\n")
+    (fake / "redis-server").chmod(0o755)
+    base = {"PATH": f"{fake}:{os.environ['PATH']}", **{password_variable(r): p for r, p in PASSWORDS.items()}}
+    started = subprocess.run(["sh", str(START)], env=base, capture_output=True, text=True, timeout=10)
+    assert started.returncode == 0 and started.stdout == "started\n", started.stderr  # the fake Redis
+    for value in (PASSWORDS["engine"] + "\n", PASSWORDS["engine"] + "\n\n", "a\n" + PASSWORDS["engine"]):
+        done = subprocess.run(["sh", str(START)], env={**base, "REDIS_ENGINE_PASSWORD": value}, capture_output=True,
+                              text=True, timeout=10)
+        assert done.returncode == 1 and "REDIS_ENGINE_PASSWORD" in done.stderr and "newline" in done.stderr, \
+            (value, done.stdout, done.stderr)
+        assert PASSWORDS["engine"] not in done.stderr, "a password is never echoed"
 
 
 def make_certificates(directory: Path) -> dict[str, Path]:

@@ -35,3 +35,5 @@ def test_the_message_says_whether_a_password_was_given_and_never_shows_it() -> N
     assert "requires a password and none was given" in none
     wrong = refused_message("redis://engine:hunter2@h:6379/0", exc, username="", password="", fix="X")
     assert "hunter2" not in wrong and "'engine'" in wrong and "redis://engine:***@h:6379/0" in wrong
+    queried = refused_message("redis://h:6379/0?password=hunter2", exc, username="engine", password="", fix="X")
+    assert "hunter2" not in queried and "refused the login of user 'engine'" in queried, queried

@@ -100,3 +100,36 @@ def test_conduit_redis_acl_prints_the_file() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout == acl_file("p", ROLES)
+
+
+def granted_after(rules: list[str], rule: str, *later: str) -> bool:
+    """Whether ``rule`` is in ``rules`` and none of ``later`` comes after it (rules apply in order)."""
+    return rule in rules and all(r not in rules[rules.index(rule) + 1:] for r in later)
+
+
+def test_no_role_may_track_other_clients_keys() -> None:
+    """``CLIENT TRACKING on BCAST`` would push the name of every key anyone modifies (API key ids,
+    idempotency digests, tenants' limits); ``+@connection`` grants it unless taken back."""
+    for role in ROLES:
+        rules = user_rules(PREFIX, role)
+        assert granted_after(rules, "-client|tracking", "+@connection", "+client", "+@all", "+client|tracking"), role
+
+
+def test_the_autoscaler_may_log_in_and_read_stream_lengths_only() -> None:
+    rules = user_rules(PREFIX, "autoscaler")
+    assert "+@connection" not in rules and "+@read" not in rules
+    assert [r for r in rules if r.startswith("+") and not r.startswith("+cluster|")] == \
+        ["+hello", "+auth", "+ping", "+xlen"]
+
+
+def test_engines_only_listen_on_the_cancel_channel() -> None:
+    """A compromised GPU box must not cancel every tenant's jobs: engines subscribe, never publish."""
+    rules = user_rules(PREFIX, "engine")
+    for command in ("-publish", "-spublish"):
+        assert granted_after(rules, command, "+@pubsub", "+publish", "+spublish", "+@all"), command
+
+
+def test_only_the_admin_may_kill_a_runaway_script() -> None:
+    for role in ROLES:
+        rules = user_rules(PREFIX, role)
+        assert granted_after(rules, "+script|kill", "-script|kill", "-@scripting", "-@all") == (role == "admin"), role

@@ -32,6 +32,19 @@ def test_redis_urls_are_logged_without_their_password() -> None:
     assert redacted("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
+def test_a_password_in_the_urls_query_is_hidden_too() -> None:
+    """redis-py also takes ``?password=`` (and ``?username=``, not a secret, kept)."""
+    from engines.contract.lane import redacted
+    from gateway.settings import RedisSettings
+
+    assert redacted("redis://h:1/0?password=s3cret") == "redis://h:1/0?password=***"
+    assert redacted("rediss://h:1/0?ssl_ca_certs=/ca.crt&username=app&password=s3cret&password=two") \
+        == "rediss://h:1/0?ssl_ca_certs=/ca.crt&username=app&password=***&password=***"
+    assert redacted("redis://u:one@h:1/0?password=s3cret") == "redis://u:***@h:1/0?password=***"
+    assert redacted("redis://h:1/0?ssl_ca_certs=/ca.crt") == "redis://h:1/0?ssl_ca_certs=/ca.crt"
+    assert "s3cret" not in repr(RedisSettings(redis_url="redis://h:1/0?password=s3cret"))
+
+
 def test_each_concern_gets_its_settings_from_flat_names(tmp_path: Path) -> None:
     # A file of flat names (as before the split) or of one table per concern; variables win.
     flat = tmp_path / "flat.toml"
