@@ -4,7 +4,7 @@ Docker Hub is unreachable from here, so ``python:3.11.14-slim-bookworm``, ``redi
 ``prom/prometheus:v3.5.0``, ``prom/alertmanager:v0.28.1`` are made under those very names from Debian bookworm's packages
 (``mmdebstrap --variant=minbase`` piped into ``docker import``): the Dockerfiles and the compose
 file stay as users run them. What differs from the real images (Python 3.11.2, Redis 7.0,
-Prometheus 2.42) is what a user's registry would give; the stand-ins only have to be what
+Prometheus 2.42, Alertmanager 0.25) is what a user's registry would give; the stand-ins only have to be what
 those images promise: ``python``/``pip`` on PATH, a ``redis`` user and ``/data``, a
 ``prometheus`` entrypoint running as ``nobody``.
 
