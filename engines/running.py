@@ -18,7 +18,7 @@ from engines.backend import JobRejected
 from engines.contract.messages import ChoiceDelta, Delta, Done, Failed, Generated, ImageReady, Job, Started, Usage
 from engines.contract.store import new_ref
 from telemetry.instruments import OPERATIONS
-from telemetry.tracing import SpanKind, Status, StatusCode, is_sampled
+from telemetry.tracing import SpanKind, Status, StatusCode, is_sampled, trace_id_of
 
 if TYPE_CHECKING:
     from engines.worker import Worker
@@ -174,6 +174,12 @@ class JobRunner:
             worker.release(run)
             if span is not None:
                 _end_span(span, run, outcome)
+            # One line per job, joined to its request by the client's request id and trace id
+            # (log collectors parse them from the JSON format's fields).
+            log.info("job %s %s", job.id, outcome, extra={
+                "job_id": job.id, "request_id": job.request_id, "trace_id": trace_id_of(job.traceparent),
+                "model": job.model, "outcome": outcome, "attempt": run.attempt,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3)})
 
     def _span(self, run: Running) -> Any:
         """The job's span in its client's trace (None when that trace is not sampled)."""

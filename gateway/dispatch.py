@@ -110,9 +110,10 @@ class Dispatcher:
         """
         now_ms = int(time.time() * 1000)
         job_id = new_id(kind.id_prefix)
-        principal, traceparent, queue_span = ANONYMOUS, "", None
+        principal, traceparent, queue_span, request_id = ANONYMOUS, "", None, ""
         if ctx is not None:
             principal, traceparent = ctx.principal, ctx.traceparent
+            request_id = ctx.request_id.decode("latin-1")
             if principal.key_id and ctx.ratelimit is None:
                 ctx.ratelimit = {}
             if ctx.span is not None and self.tracing is not None:
@@ -124,7 +125,7 @@ class Dispatcher:
         job = Job(id=job_id, kind=kind.name, model=model, body=body, reply_to=self.router.stream,
                   deadline_ms=now_ms + int(self.settings.request_timeout_s * 1000), created_ms=now_ms,
                   traceparent=traceparent, stream=stream, output_ttl_ms=kind.output_ttl_ms,
-                  tenant=principal.key_id, priority=principal.limits.priority)
+                  tenant=principal.key_id, priority=principal.limits.priority, request_id=request_id)
         run = JobRun(self, job, receive, principal=principal, cost=cost,
                      ratelimit=ctx.ratelimit if ctx is not None else None, queue_span=queue_span)
         if ctx is not None:

@@ -40,7 +40,7 @@ from gateway.proxies import TrustedProxies
 from gateway.settings import TelemetrySettings
 from telemetry.instruments import OPERATIONS, GatewayMetrics
 from telemetry.logs import RequestLog, RequestRecord, timestamp
-from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, parse_traceparent
+from telemetry.tracing import SpanKind, Status, StatusCode, Tracing, parse_traceparent, trace_id_of
 
 log = logging.getLogger("conduit.gateway")
 
@@ -207,7 +207,7 @@ class RequestObserver:
                 timestamp(), "info", "conduit.request", ctx.request_id.decode("latin-1"), method, route, status,
                 int(seconds * 1_000_000 + 0.5) / 1000, log.service, log.instance, "", "", "", None,
                 principal.name if principal.key_id else "", error,
-                None, None, None, None, 0, f"{span.context.trace_id:032x}" if span is not None else "",
+                None, None, None, None, 0, f"{span.context.trace_id:032x}" if span is not None else trace_id_of(ctx.traceparent),
                 ctx.client, None)
         else:
             job, u, ttft = run.job, run.usage, run.ttft
@@ -221,7 +221,7 @@ class RequestObserver:
                 u.prompt_tokens if u is not None else None,
                 u.completion_tokens if u is not None and not image else None,
                 run.cost.images if u is not None and image else None, run.resubmits,
-                f"{span.context.trace_id:032x}" if span is not None else "", ctx.client, ctx.prompt)
+                f"{span.context.trace_id:032x}" if span is not None else trace_id_of(ctx.traceparent), ctx.client, ctx.prompt)
         log.write(record)
 
 

@@ -7,9 +7,9 @@ terminal) or JSON lines (log collectors: one object a line with ``ts``, ``level`
 
 The request log (:class:`RequestLog`) is one JSON line per finished HTTP request, whatever the
 format of the rest: request id, method, route, status, model, operation, key *name*, durations
-and token counts, trace id when the request was traced. It never holds an API key or request
-content; the prompt only when the operator turns it on (``log_prompts``), cut to a bound. It
-does not go through :mod:`logging` (a record costs it ~10 µs): lines are encoded by msgspec
+and token counts, trace id (its span's, or the client's ``traceparent``'s when not traced here).
+It never holds an API key or request content; the prompt only when the operator turns it on
+(``log_prompts``), cut to a bound. It does not go through :mod:`logging` (a record costs it ~10 µs): lines are encoded by msgspec
 and written in batches, at most every ``flush_s``.
 """
 

@@ -102,6 +102,12 @@ def format_traceparent(context: SpanContext) -> str:
     return f"00-{context.trace_id:032x}-{context.span_id:016x}-{'01' if context.sampled else '00'}"
 
 
+def trace_id_of(traceparent: str) -> str:
+    """The trace id (32 hex digits) of a valid ``traceparent``; "" for none or an invalid one."""
+    context = parse_traceparent(traceparent)
+    return f"{context.trace_id:032x}" if context is not None else ""
+
+
 def is_sampled(traceparent: str) -> bool:
     """Whether a ``traceparent`` asks for its trace to be recorded (cheap: no parsing beyond the flags)."""
     return len(traceparent) == 55 and traceparent[-1] in "13579bdf"

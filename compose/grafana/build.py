@@ -8,6 +8,8 @@ Every panel's PromQL uses the metric names of ``telemetry/instruments.py`` and
 each expression against a real Prometheus scraping a live stack, so a renamed metric fails the
 build instead of leaving an empty panel. Template variables: ``$model`` (gen_ai_request_model)
 and ``$key`` (API key name), both multi-value with "All"; ``$__rate_interval`` is Grafana's.
+The logs dashboard queries Loki (LogQL) on the labels and structured metadata Alloy sets
+(``compose/alloy/config.alloy``); ``tests/integration/test_monitoring_files.py`` holds them to it.
 """
 
 from __future__ import annotations
@@ -264,9 +266,72 @@ def keys() -> dict[str, Any]:
     ], [KEY_VAR, MODEL_VAR])
 
 
+LOKI = {"type": "loki", "uid": "loki"}
+#: Every Conduit container's lines (Alloy labels each with its compose service).
+CONDUIT_LINES = '{service=~"gateway|vllm-engine.*|diffusers-engine.*"}'
+#: The gateway's request log: one JSON line per finished request (telemetry/logs.py, RequestRecord).
+REQUEST_LOG = '{service="gateway"} | json | logger="conduit.request"'
+
+
+def logs_panel(title: str, expr: str, description: str = "") -> dict[str, Any]:
+    return {"type": "logs", "title": title, "description": description, "datasource": LOKI,
+            "options": {"showTime": True, "wrapLogMessage": True, "sortOrder": "Descending",
+                        "enableLogDetails": True, "prettifyLogMessage": False, "dedupStrategy": "none"},
+            "targets": [{"expr": expr, "queryType": "range", "refId": "A", "datasource": LOKI}]}
+
+
+def text_variable(name: str, label: str, default: str = "") -> dict[str, Any]:
+    return {"name": name, "label": label, "type": "textbox", "query": default,
+            "current": {"text": default, "value": default}}
+
+
+def logs() -> dict[str, Any]:
+    """Slow requests from the gateway's request log, each linked to its logs and its trace."""
+    here = "/d/conduit-logs/conduit-logs?${__url_time_range}"
+    slow = {"type": "table", "title": "Slow requests", "datasource": LOKI,
+            "description": "The gateway's request log lines slower than $slow_ms ms. Click a request id for every "
+                           "line of that request (gateway and engines), a trace id for its trace.",
+            "targets": [{"expr": f"{REQUEST_LOG} | duration_ms > $slow_ms", "queryType": "range", "refId": "A",
+                         "datasource": LOKI}],
+            # Loki returns each line's parsed fields as labels: one column each.
+            "transformations": [{"id": "extractFields", "options": {"source": "labels", "replace": False}},
+                                {"id": "organize", "options": {"includeByName": {
+                                    f: True for f in ("Time", "request_id", "route", "model", "status",
+                                                      "duration_ms", "ttft_ms", "key", "trace_id")}}}],
+            "fieldConfig": {"defaults": {}, "overrides": [
+                {"matcher": {"id": "byName", "options": "request_id"}, "properties": [{"id": "links", "value": [
+                    {"title": "Logs of this request",
+                     "url": f"{here}&var-request_id=${{__data.fields.request_id}}"}]}]},
+                {"matcher": {"id": "byName", "options": "trace_id"}, "properties": [{"id": "links", "value": [
+                    {"title": "Logs of this trace", "url": f"{here}&var-trace_id=${{__data.fields.trace_id}}"},
+                    {"title": "Trace in Tempo", "url": "",
+                     "internal": {"datasourceUid": "tempo", "datasourceName": "Tempo",
+                                  "query": {"query": "${__data.fields.trace_id}", "queryType": "traceql"}}}]}]}]},
+            "options": {"showHeader": True, "sortBy": [{"displayName": "duration_ms", "desc": True}]}}
+    rate = {"type": "timeseries", "title": "Log lines/s by service and level", "datasource": LOKI,
+            "fieldConfig": {"defaults": {"unit": "short"}, "overrides": []},
+            "targets": [{"expr": 'sum by (service, level) (rate({service=~".+"}[$__auto]))', "legendFormat":
+                         "{{service}} {{level}}", "queryType": "range", "refId": "A", "datasource": LOKI}]}
+    return dashboard("conduit-logs", "Conduit / Logs",
+                     "Every container's logs (Loki, gathered by Alloy): slow requests linked to their lines "
+                     "and traces by request id and trace id.", [
+        slow,
+        rate,
+        row("One request"),
+        logs_panel("Lines of request $request_id", f'{{service=~".+"}} | request_id="$request_id"',
+                   "The gateway's request line and each engine's job line carry the client's x-request-id."),
+        logs_panel("Lines of trace $trace_id", f'{{service=~".+"}} | trace_id="$trace_id"'),
+        row("Problems"),
+        logs_panel("Warnings and errors", f'{CONDUIT_LINES[:-1]}, level=~"warning|error|critical"}}'),
+        logs_panel("Failed requests (5xx)", f"{REQUEST_LOG} | status >= 500"),
+    ], [text_variable("request_id", "Request id"), text_variable("trace_id", "Trace id"),
+        text_variable("slow_ms", "Slower than (ms)", "2000")])
+
+
 def build() -> dict[str, str]:
     """File name -> JSON text of every dashboard."""
-    return {f"{d['uid']}.json": json.dumps(d, indent=2) + "\n" for d in (overview(), queue(), engines(), keys())}
+    return {f"{d['uid']}.json": json.dumps(d, indent=2) + "\n"
+            for d in (overview(), queue(), engines(), keys(), logs())}
 
 
 def main(argv: list[str]) -> int:

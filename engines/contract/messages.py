@@ -93,6 +93,9 @@ class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
     #: stay byte for byte what they were (13 fields: msgpack's one-byte map header; 16 would need
     #: three, and the backlog's byte bound counts every job's encoded size).
     options: JobOptions | None = None
+    #: The client's request id (``x-request-id``, or the gateway's own), so engine logs name the
+    #: request a job serves. Empty from older gateways (14 fields: still one map header byte).
+    request_id: str = ""
 
 
 class JobHeader(msgspec.Struct, forbid_unknown_fields=False):

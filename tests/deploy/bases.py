@@ -1,10 +1,10 @@
 """Stand-ins for the public base images the Dockerfiles and compose name, built from Debian.
 
 Docker Hub is unreachable from here, so ``python:3.11.14-slim-bookworm``, ``redis:7.4.6`` and
-``prom/prometheus:v3.5.0`` are made under those very names from Debian bookworm's packages
+``prom/prometheus:v3.5.0``, ``prom/alertmanager:v0.28.1`` are made under those very names from Debian bookworm's packages
 (``mmdebstrap --variant=minbase`` piped into ``docker import``): the Dockerfiles and the compose
 file stay as users run them. What differs from the real images (Python 3.11.2, Redis 7.0,
-Prometheus 2.42) is what a user's registry would give; the stand-ins only have to be what
+Prometheus 2.42, Alertmanager 0.25) is what a user's registry would give; the stand-ins only have to be what
 those images promise: ``python``/``pip`` on PATH, a ``redis`` user and ``/data``, a
 ``prometheus`` entrypoint running as ``nobody``.
 
@@ -48,6 +48,8 @@ class StandIn:
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+#: The syslog collector of the logging test (tests/deploy/test_observability.py).
+SYSLOG_IMAGE = "conduit-test/rsyslog:bookworm"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAND_INS = (
     StandIn("python:3.11.14-slim-bookworm",
@@ -64,6 +66,18 @@ STAND_INS = (
             changes=("USER nobody", "WORKDIR /prometheus", 'ENTRYPOINT ["/usr/bin/prometheus"]',
                      'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]',
                      "EXPOSE 9090")),
+    # Debian's binary under the official image's names (/bin/alertmanager, /bin/amtool); the
+    # official image's busybox gives /bin/sh and sed, which compose/alertmanager/start.sh uses.
+    StandIn("prom/alertmanager:v0.28.1", ("prometheus-alertmanager", "wget", "ca-certificates"),
+            hooks=("ln -s /usr/bin/prometheus-alertmanager /usr/bin/alertmanager",
+                   "install -d -o nobody -g nogroup /alertmanager /etc/alertmanager"),
+            changes=("USER nobody", "WORKDIR /alertmanager", 'ENTRYPOINT ["/bin/alertmanager"]',
+                     'CMD ["--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/alertmanager"]',
+                     "EXPOSE 9093")),
+    # Not a public image: the log collector the deploy tests run (Docker's syslog log driver into
+    # it), since Loki and Alloy cannot run here. Its configuration comes from the test.
+    StandIn(SYSLOG_IMAGE, ("rsyslog", "ca-certificates"),
+            changes=('CMD ["rsyslogd", "-n", "-f", "/etc/rsyslog.conf"]', "EXPOSE 514")),
 )
 
 

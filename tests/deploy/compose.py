@@ -21,7 +21,8 @@ class ComposeProject:
     """``compose/`` copied to ``workdir`` (the checkout's ``.env`` and metrics credential stay
     untouched), run under a unique project name with a generated env file."""
 
-    def __init__(self, workdir: Path, profile: str, env: dict[str, str], logs: Path) -> None:
+    def __init__(self, workdir: Path, profile: str, env: dict[str, str], logs: Path,
+                 files: tuple[str, ...] = ("docker-compose.yml",)) -> None:
         self.dir = workdir / "compose"
         shutil.copytree(ROOT / "compose", self.dir, ignore=shutil.ignore_patterns(".env", "metrics-credential"))
         self.name = f"conduit-deploy-{secrets.token_hex(4)}"
@@ -30,21 +31,23 @@ class ComposeProject:
         # Single quotes: argon2 hashes hold `$`, which compose would expand otherwise.
         self.env_file.write_text("".join(f"{k}='{v}'\n" for k, v in env.items()))
         self.logs = logs
+        self.files = files
+
+    def _base(self) -> list[str]:
+        return ["docker-compose", "-p", self.name, "--env-file", str(self.env_file),
+                *(a for f in self.files for a in ("-f", str(self.dir / f))), "--profile", self.profile]
 
     def compose(self, *args: str, timeout: float = 300, check: bool = True, stdin: str | None = None
                 ) -> subprocess.CompletedProcess[str]:
-        cmd = ["docker-compose", "-p", self.name, "--env-file", str(self.env_file),
-               "-f", str(self.dir / "docker-compose.yml"), "--profile", self.profile, *args]
+        cmd = [*self._base(), *args]
         done = subprocess.run(cmd, cwd=self.dir, capture_output=True, text=True, timeout=timeout, input=stdin)
         if check and done.returncode:
-            raise AssertionError(f"{' '.join(cmd[7:])} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+            raise AssertionError(f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
                                  f"{done.stderr[-3000:]}\n{self.container_logs()}")
         return done
 
     def container_logs(self, tail: int = 40) -> str:
-        done = subprocess.run(["docker-compose", "-p", self.name, "--env-file", str(self.env_file),
-                               "-f", str(self.dir / "docker-compose.yml"), "--profile", self.profile,
-                               "logs", "--no-color", "--tail", str(tail)],
+        done = subprocess.run([*self._base(), "logs", "--no-color", "--tail", str(tail)],
                               cwd=self.dir, capture_output=True, text=True, timeout=60)
         return "---- container logs ----\n" + done.stdout[-12000:]
 

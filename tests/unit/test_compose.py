@@ -35,13 +35,17 @@ COMPOSE_DIR = ROOT / "compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yml"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 TLS_FILE = COMPOSE_DIR / "redis-tls.yml"
+SYSLOG_FILE = COMPOSE_DIR / "logging-syslog.yml"
 
+#: The monitoring stack: metrics, alerts, logs (Loki + Alloy), traces (Tempo), Grafana.
+MONITORING = {"prometheus", "alertmanager", "loki", "alloy", "tempo", "grafana"}
 PROFILES = {
-    "all": {"redis", "gateway", "vllm-engine", "diffusers-engine", "prometheus", "grafana"},
-    "api": {"redis", "gateway", "prometheus", "grafana"},
-    "gpu": {"vllm-engine", "diffusers-engine"},
-    "monitoring": {"prometheus", "grafana"},
-    "cpu": {"redis", "gateway", "vllm-engine-cpu", "diffusers-engine-cpu", "prometheus"},
+    "all": {"redis", "gateway", "vllm-engine", "diffusers-engine", *MONITORING},
+    "api": {"redis", "gateway", *MONITORING},
+    # A GPU box's Alloy pushes its containers' logs to the API box's Loki.
+    "gpu": {"vllm-engine", "diffusers-engine", "alloy"},
+    "monitoring": MONITORING,
+    "cpu": {"redis", "gateway", "vllm-engine-cpu", "diffusers-engine-cpu", "prometheus", "alertmanager"},
 }
 #: Service → the image Dockerfile it is built from, and the engine kind it runs.
 IMAGES = {"gateway": "gateway.Dockerfile", "vllm-engine": "vllm-engine.Dockerfile",
@@ -115,6 +119,7 @@ def used_variables() -> list[tuple[str, str | None]]:
     """Every ``(variable, default)`` the compose file interpolates (the default is None if none)."""
     seen: list[tuple[str, str | None]] = []
     _walk(raw_compose(), {}, seen)
+    _walk(yaml.safe_load(SYSLOG_FILE.read_text()), {}, seen)  # the override users add in .env
     return seen
 
 
@@ -271,7 +276,7 @@ def test_gpu_profile_has_no_redis_and_engines_take_redis_url_from_env(monkeypatc
     config = compose(GPU_BOX_ENV)
     gpu = services_in("gpu", config)
     assert not any(config["services"][s]["image"].startswith("redis:") for s in gpu)
-    for name in gpu:
+    for name in gpu & set(ENGINE_KINDS):
         raw = raw_compose()["services"][name]
         assert re.fullmatch(r"\$\{CONDUIT_REDIS_URL(:-[^}]*)?\}", raw["environment"]["CONDUIT_REDIS_URL"]), \
             f"{name}: CONDUIT_REDIS_URL must come from .env (a GPU box's Redis is the API box's)"

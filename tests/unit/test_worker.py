@@ -4,8 +4,11 @@ and how a job's run ends (``engines.running``)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
+
+import pytest
 
 from engines.synthetic import SyntheticBackend, SyntheticSettings
 from engines.contract.messages import Failed, Job
@@ -70,5 +73,27 @@ async def test_a_job_the_backend_ends_without_a_result_is_an_error() -> None:
         text = telemetry.render().decode()
         assert re.search(r'conduit_engine_jobs_total\{[^}]*outcome="error"[^}]*\} 1', text), text
         assert not re.search(r'conduit_engine_jobs_total\{[^}]*outcome="ok"[^}]*\} 1', text), text
+    finally:
+        await worker.redis.aclose()
+
+
+async def test_every_job_logs_one_line_with_its_request_and_trace_id(caplog: pytest.LogCaptureFixture) -> None:
+    """What joins an engine's logs to the client's request: its ``x-request-id`` and trace id."""
+
+    class Silent(SyntheticBackend):
+        async def run(self, job: Job, out: object) -> None:
+            return None
+
+    telemetry = Telemetry("conduit.engine", "e")
+    worker = Worker(Silent(SyntheticSettings()), WorkerSettings(), EngineMetrics(telemetry.meter))
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    try:
+        job = Job(id="j2", kind="chat", model="m", body=b"{}", reply_to="r", deadline_ms=0, traceparent=tp,
+                  request_id="req-abc")
+        with caplog.at_level(logging.INFO, logger="conduit.engine"):
+            await worker.runner.run(Running(job, "s", b"1-0", 1))
+        (line,) = [r for r in caplog.records if getattr(r, "job_id", None) == "j2"]
+        assert (line.request_id, line.trace_id, line.outcome) == (  # type: ignore[attr-defined]
+            "req-abc", "4bf92f3577b34da6a3ce929d0e0e4736", "error")
     finally:
         await worker.redis.aclose()
