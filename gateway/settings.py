@@ -231,6 +231,15 @@ class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
     #: characters) and an image answer as ``url``; larger ones (many choices with logprobs, images
     #: as ``b64_json``, often a megabyte each) run again when retried.
     idempotency_max_response_bytes: int = 1024 * 1024
+    #: Bytes of responses one API key may store per ``idempotency_ttl_s`` window (a counter that
+    #: starts at the window's first store and expires with it); past it, a success is answered but
+    #: not stored (its retry runs again). A stored response outlives its window by at most one TTL,
+    #: so one key holds at most twice this in Redis. Negative: no budget.
+    idempotency_max_stored_bytes: int = 64 * 1024 * 1024
+    #: Duplicates of one API key that one gateway holds waiting for their first request's answer
+    #: (beyond: 429). Each holds a connection and a task; a key's ``concurrency`` limit, if lower,
+    #: bounds them across gateways too.
+    idempotency_max_waiters: int = 16
 
 
 class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):

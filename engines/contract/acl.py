@@ -75,7 +75,7 @@ def name_patterns(keys: Keys) -> dict[str, tuple[str, ...]]:
         "image": (keys.image(_ANY),),
         "api_key": (keys.api_key(_ANY),), "keys_index": (keys.keys_index,), "keys_version": (keys.keys_version,),
         "rate_limits": keys.rate_limits(_ANY), "usage": (keys.usage(_ANY, _ANY),),
-        "idempotency": (keys.idempotency(_ANY, _ANY),),
+        "idempotency": (keys.idempotency(_ANY, _ANY),), "idempotency_bytes": (keys.idempotency_bytes(_ANY),),
     }
 
 

@@ -133,6 +133,11 @@ class Keys:
         the value itself. (``idem:`` named the string records of earlier versions.)"""
         return f"{self.prefix}:idempotency:{{{key_id}}}:{digest}"
 
+    def idempotency_bytes(self, key_id: str) -> str:
+        """The bytes of responses one API key stored in its current ``idempotency_ttl_s`` window
+        (a counter, expiring with the window; ``gateway.tenancy.claims``). The records' hash tag."""
+        return f"{self.prefix}:idempotency-bytes:{{{key_id}}}"
+
 
 #: Value of a job key from its submission until a streaming job's output begins (``Keys.job``).
 IN_QUEUE = b"q"

@@ -5,7 +5,8 @@ The record (``Keys.idempotency``) is a hash. ``state`` ``running``: ``fp`` (the 
 fingerprint), ``owner`` (a random token naming the request that holds the key), ``stream``,
 ``lease`` (when its lease ends, on Redis's clock, ms) and, from just before its request
 queues a job, that job's ``job`` id, ``model`` and ``deadline``. ``state`` ``done``: ``fp``
-and ``response`` (the stored response, msgpack).
+and ``response`` (the stored response, msgpack), stored only within its API key's budget of
+bytes per TTL window (``Keys.idempotency_bytes``, a counter in the records' slot).
 
 **A lapsed lease frees nothing by itself.** The owner's gateway renews the lease every third
 of ``idempotency_lease_s``; a lease lapses when that gateway died, but also when only its
@@ -115,14 +116,21 @@ redis.call('HDEL', KEYS[1], 'seen', 'checked')
 redis.call('PEXPIREAT', KEYS[1], math.max(tonumber(ARGV[4]), now) + lease + grace)
 return 1
 """
-# Finish: ARGV 2 the stored response ("": release the key), 3 its lifetime ms, 4 the fingerprint.
+# Finish. KEYS: the record, its API key's stored-bytes counter (``Keys.idempotency_bytes``, same
+# slot). ARGV 2 the stored response ("": release the key), 3 its lifetime ms, 4 the fingerprint,
+# 5 the key's budget of stored bytes per lifetime (-1: none). 1: done, 2: released, over the budget.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'state', 'done', 'fp', ARGV[4], 'response', ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ARGV[2] == '' then return 1 end
+local size, budget = string.len(ARGV[2]), tonumber(ARGV[5])
+if budget >= 0 then
+  if tonumber(redis.call('GET', KEYS[2]) or '0') + size > budget then return 2 end
+  redis.call('INCRBY', KEYS[2], size)
+  if redis.call('PTTL', KEYS[2]) < 0 then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 end
+redis.call('HSET', KEYS[1], 'state', 'done', 'fp', ARGV[4], 'response', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 # KEYS: a job's key. ARGV: 1 until (ms), 2 the fenced value. 1: the job may still run.
@@ -168,8 +176,9 @@ def _text(value: bytes | str) -> str:
 class ClaimStore:
     """The scripts on idempotency records (and the fence on a job's key), run by SHA."""
 
-    def __init__(self, keys: Keys, *, lease_s: float, ttl_s: float) -> None:
+    def __init__(self, keys: Keys, *, lease_s: float, ttl_s: float, max_stored_bytes: int = -1) -> None:
         self.keys = keys
+        self.max_stored_bytes = max_stored_bytes
         self.lease_ms = max(int(lease_s * 1000), 100)
         #: How long a lapsed lease must stay lapsed, watched, before its claim is abandoned.
         self.grace_ms = self.lease_ms
@@ -177,11 +186,12 @@ class ClaimStore:
         self._src = {"claim": _CLAIM, "renew": _RENEW, "bind": _BIND, "finish": _FINISH, "fence": _FENCE}
         self._sha = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in self._src.items()}
 
-    async def _run(self, redis: Any, name: str, key: str, *args: Any) -> Any:
+    async def _run(self, redis: Any, name: str, key: str | tuple[str, str], *args: Any) -> Any:
+        keys = (key,) if isinstance(key, str) else key
         try:
-            return await redis.execute_command("EVALSHA", self._sha[name], 1, key, *args)
+            return await redis.execute_command("EVALSHA", self._sha[name], len(keys), *keys, *args)
         except NoScriptError:  # Redis restarted (or flushed its scripts)
-            return await redis.execute_command("EVAL", self._src[name], 1, key, *args)
+            return await redis.execute_command("EVAL", self._src[name], len(keys), *keys, *args)
 
     async def claim(self, redis: Any, key: str, owner: str, fingerprint: bytes, stream: bool,
                     takeover: Found | None = None) -> Found | None:
@@ -206,10 +216,17 @@ class ClaimStore:
                                     self.grace_ms))
 
     async def finish(self, redis: Any, key: str, owner: str, fingerprint: bytes,
-                     response: StoredResponse | None) -> bool:
-        """Store ``owner``'s response (None: free the key)."""
+                     response: StoredResponse | None, key_id: str = "") -> int:
+        """Store ``owner``'s response (None: free the key) within API key ``key_id``'s budget of
+        stored bytes: 1 done, 2 freed instead (over the budget), 0 the key is not its own.
+
+        The budget counter starts at the first store of a window and expires a TTL later, never
+        decremented: a stored response is never deleted before its TTL (only a ``running`` claim
+        is ever replaced), and each one lives at most a TTL past its window's end, so a key holds
+        at most twice its budget at any time."""
         stored = _ENCODER.encode(response) if response is not None else b""
-        return bool(await self._run(redis, "finish", key, owner, stored, self.ttl_ms, fingerprint))
+        return int(await self._run(redis, "finish", (key, self.keys.idempotency_bytes(key_id)), owner, stored,
+                                   self.ttl_ms, fingerprint, self.max_stored_bytes))
 
     async def fence(self, redis: Any, found: Found, *, cancel: bool) -> bool:
         """Whether an abandoned claim's job can no longer run: its key is gone, and is now set so

@@ -24,7 +24,13 @@ hold the key while they run (a second request with the key meanwhile: 409
 A retry that waits holds a connection and a task as a running request does, so it takes one
 of its API key's concurrent slots while it waits (``Limiter.hold``): a key at its
 ``concurrency`` limit gets the usual 429 for it, and one key can make a gateway hold no more
-than its limit of requests, running or waiting.
+than its limit of requests, running or waiting. Whatever its limits, one gateway holds at most
+``idempotency_max_waiters`` waiting retries per key (counted in process: what is held is this
+process's connections and tasks, and the count costs no round trip nor leaks when a gateway
+dies). A retry that waits or is replayed also takes one request of its key's rpm (none of its
+tokens or images): it is answered without a generation, but it is a request all the same. A
+waiter that ends up running gives it back (its admission takes one). Stored responses count
+against their key's ``idempotency_max_stored_bytes`` (``ClaimStore.finish``).
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from engines.contract.lane import REDIS_ERRORS
 from engines.contract.keys import Keys
 from gateway.context import context_of
-from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, error_head
+from gateway.errors import ConduitError, Conflict, InvalidRequest, PayloadTooLarge, RateLimited, error_head
 from gateway.settings import IdempotencySettings
 from gateway.tenancy.claims import ABANDONED, HELD, Claim, ClaimStore, Found, StoredResponse
 from gateway.tenancy.limits import Grant, Limiter
+from gateway.tenancy.principal import Principal
 
 log = logging.getLogger("conduit.gateway")
 
@@ -78,6 +85,31 @@ def fingerprint(method: str, path: str, body: bytes) -> bytes:
     return hashlib.sha256(b"%s\0%s\0%s" % (method.encode(), path.encode(), body)).digest()
 
 
+class _Waiters:
+    """Duplicates waiting on this gateway, by API key: at most ``limit`` each."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count: dict[str, int] = {}
+
+    def enter(self, principal: Principal) -> bool:
+        """Count one of ``principal``'s key in (True), or 429 at the limit."""
+        n = self.count.get(principal.key_id, 0)
+        if n >= self.limit:
+            raise RateLimited(f"Too many requests of API key `{principal.name}` are waiting for a request with the "
+                              f"same Idempotency-Key (at most {self.limit} per server); retry later.", 1)
+        self.count[principal.key_id] = n + 1
+        return True
+
+    def leave(self, key_id: str, counted: bool) -> bool:
+        """Count one out if ``counted``; False (not counted now)."""
+        if counted:
+            n = self.count.pop(key_id) - 1
+            if n:
+                self.count[key_id] = n
+        return False
+
+
 class IdempotencyMiddleware:
     """Replays the response of a request retried with the same ``Idempotency-Key``.
 
@@ -93,7 +125,9 @@ class IdempotencyMiddleware:
         self._redis = redis
         self._limiter = limiter
         self._keys = keys
-        self._claims = ClaimStore(keys, lease_s=settings.idempotency_lease_s, ttl_s=settings.idempotency_ttl_s)
+        self._claims = ClaimStore(keys, lease_s=settings.idempotency_lease_s, ttl_s=settings.idempotency_ttl_s,
+                                  max_stored_bytes=settings.idempotency_max_stored_bytes)
+        self._waiters = _Waiters(settings.idempotency_max_waiters)
         # The bounds, read from the settings once rather than on every request.
         self._max_key_chars = settings.idempotency_max_key_chars
         self._max_response_bytes = settings.idempotency_max_response_bytes
@@ -143,6 +177,7 @@ class IdempotencyMiddleware:
         # (the body is read: nothing else can come).
         slot: Grant | None = None
         gone: asyncio.Future[Any] | None = None
+        waiter = False  # counted in ``_waiters``
         delay, next_cancel = 0.02, 0.0
         try:
             while True:
@@ -153,8 +188,10 @@ class IdempotencyMiddleware:
                     if gone is not None:  # it waited: what it held is the running request's now
                         gone.cancel()
                         gone = None
-                        await self._give_back(slot)  # (admission takes the request's own slot)
+                        # (admission takes the request's own slot and request)
+                        await self._give_back(slot, refund=True)
                         slot = None
+                        waiter = self._waiters.leave(principal.key_id, waiter)
                     await self._run(redis, Claim(self._claims, redis, key, owner), fp, stream, body, scope, receive,
                                     send)
                     return
@@ -164,6 +201,8 @@ class IdempotencyMiddleware:
                                    "key for a new request.", code="idempotency_key_reused",
                                    headers={"x-should-retry": "false"})
                 if found.response is not None:
+                    if gone is None:  # answered without running or waiting: still one of its key's requests
+                        await self._give_back(await self._hold(scope, time.monotonic()))
                     await _replay(scope, send, found.response)
                     return
                 if found.what == ABANDONED:
@@ -180,6 +219,7 @@ class IdempotencyMiddleware:
                                    "cannot wait for it.", code="idempotency_key_in_use")
                 # Wait: for the holder's answer, or (its lease lapsed) to see whether it renews it.
                 if gone is None:
+                    waiter = self._waiters.enter(principal)
                     slot = await self._hold(scope, deadline)
                     gone = asyncio.ensure_future(receive())
                 left = deadline - time.monotonic()
@@ -193,21 +233,28 @@ class IdempotencyMiddleware:
         finally:
             if gone is not None:
                 gone.cancel()
+            self._waiters.leave(principal.key_id, waiter)
             await self._give_back(slot)
 
     async def _hold(self, scope: Scope, deadline: float) -> Grant | None:
-        """One of the key's concurrent slots while this request waits (a connection and a task
-        are held like a running request's): 429 at the key's limit; None when it has none."""
+        """One of the key's requests (rpm) and one of its concurrent slots, for a request answered
+        without running: while it waits (a connection and a task are held like a running
+        request's) or replayed. 429 at either limit, with the key's ``x-ratelimit-*`` headers;
+        None when it has neither."""
         limiter = self._limiter()
         if limiter is None:
             return None
+        ctx = context_of(scope)
+        if ctx.principal.key_id and ctx.ratelimit is None:
+            ctx.ratelimit = {}  # sent by the guard
         expiry_ms = int((time.time() + max(deadline - time.monotonic(), 0)) * 1000)
-        return await limiter.hold(context_of(scope).principal, f"idem-{os.urandom(12).hex()}", expiry_ms)
+        return await limiter.hold(ctx.principal, f"idem-{os.urandom(12).hex()}", expiry_ms, ctx.ratelimit)
 
-    async def _give_back(self, slot: Grant | None) -> None:
+    async def _give_back(self, slot: Grant | None, refund: bool = False) -> None:
+        """Free ``slot``'s concurrent slot (``refund``: and its request, which admission takes again)."""
         if slot is not None:
             try:
-                await self._limiter().release(slot, None)  # type: ignore[union-attr]
+                await self._limiter().release(slot, None, refused=refund)  # type: ignore[union-attr]
             except REDIS_ERRORS as exc:  # it expires at the wait's deadline anyway
                 log.warning("could not give back a waiting request's concurrent slot: %s", exc)
 
@@ -254,8 +301,12 @@ class IdempotencyMiddleware:
                 response = StoredResponse(status=status, headers=headers, request_id=context_of(scope).request_id,
                                           body=b"".join(chunks))
             try:
-                if not await self._claims.finish(redis, claim.key, claim.owner, fp, response):
+                done = await self._claims.finish(redis, claim.key, claim.owner, fp, response,
+                                                 context_of(scope).principal.key_id)
+                if not done:
                     log.warning("an idempotent request ended after a retry took its Idempotency-Key over")
+                elif done == 2:
+                    log.info("an idempotent response was not stored: its API key's budget of stored bytes is spent")
             except REDIS_ERRORS as exc:
                 # The lease lapses by itself: a retry then runs the request again (its job is over).
                 log.warning("could not record an idempotent request's end: %s", exc)

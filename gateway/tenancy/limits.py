@@ -13,10 +13,10 @@ admitted out of a burst" would depend on how long the burst took.
 its expiry (the request's deadline plus a little grace). The script drops expired members
 first, so a gateway that dies (kill -9) leaks its slots only until its requests' deadlines.
 An idempotent retry waiting for its twin's answer takes a slot too (:meth:`Limiter.hold`): it
-holds a connection and a task all the same. Every admitted request of a limited key is in the
-ZSET, concurrency-limited or not: its presence makes a resent admission (the lane resends once
-after a broken connection) take nothing twice, and its removal makes a resent release
-reconcile once.
+holds a connection and a task all the same; it, and a replayed retry, take a request of the
+rpm. Every admitted request of a limited key is in the ZSET, concurrency-limited or not: its
+presence makes a resent admission (the lane resends once after a broken connection) take
+nothing twice, and its removal makes a resent release reconcile once.
 
 **One round trip, all or nothing.** The script checks every limit first and takes from all
 of them only if all have room (a refused request takes nothing). All of a key's keys share
@@ -318,15 +318,16 @@ class Limiter:
         raise RateLimited(f"Rate limit reached for {what} on API key `{principal.name}`: limit {limit}, used {used}, "
                           f"requested {asked}. Please try again in {retry_s}s.", retry_s)
 
-    async def hold(self, principal: Principal, rid: str, expiry_ms: int) -> Grant | None:
-        """Take one of ``principal``'s concurrent slots alone (no request, token or image counted)
-        for ``rid`` until ``expiry_ms``, or raise :class:`RateLimited` at its limit: for a request
-        that holds a connection and a task while it waits for another's answer (an idempotent
-        retry). None: the key's concurrency is not limited. :meth:`release` gives it back."""
-        if principal.limits.concurrency is None or not principal.key_id:
-            return None
-        alone = msgspec.structs.replace(principal, limits=KeyLimits(concurrency=principal.limits.concurrency))
-        return await self.admit(alone, rid, Cost(), expiry_ms)
+    async def hold(self, principal: Principal, rid: str, expiry_ms: int,
+                   headers: dict[str, str] | None = None) -> Grant | None:
+        """Take one request of ``principal``'s rpm and one of its concurrent slots (no token or
+        image) for ``rid`` until ``expiry_ms``, or raise :class:`RateLimited` at either limit: for
+        a request answered without running (an idempotent retry that waits for another's answer,
+        holding a connection and a task, or is replayed). None: the key limits neither.
+        :meth:`release` gives the slot back (and with ``refused``, the request)."""
+        lim = principal.limits
+        alone = msgspec.structs.replace(principal, limits=KeyLimits(rpm=lim.rpm, concurrency=lim.concurrency))
+        return await self.admit(alone, rid, Cost(), expiry_ms, headers)
 
     @staticmethod
     def _refused_headers(headers: dict[str, str], refused: int, used: int, retry_ms: int) -> None:

@@ -292,7 +292,7 @@ def idempotent(inner: Any, redis_client: aioredis.Redis, prefix: str = "") -> Id
 
 
 async def records(redis_client: aioredis.Redis, prefix: str) -> list[bytes]:
-    return [key async for key in redis_client.scan_iter(f"{prefix}:*")]
+    return [key async for key in redis_client.scan_iter(f"{prefix}:idempotency:*")]
 
 
 async def test_principals_do_not_share_keys(redis_client: aioredis.Redis) -> None:
