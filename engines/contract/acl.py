@@ -137,6 +137,10 @@ def acl_user(prefix: str, role: str, password: str | None = None) -> str:
     return " ".join(["user", role, "on", secret, *user_rules(prefix, role)])
 
 
+#: Off, without a password; its permissions only ever apply to Redis's own AOF replay (see :func:`acl_file`).
+DEFAULT_USER = "user default off resetpass ~* &* +@all"
+
+
 def acl_file(prefix: str = "conduit", roles: tuple[str, ...] = BASE_ROLES,
              passwords: dict[str, str] | None = None) -> str:
     """The users of ``roles`` (and the default user off) as Redis configuration lines."""
@@ -144,6 +148,8 @@ def acl_file(prefix: str = "conduit", roles: tuple[str, ...] = BASE_ROLES,
     head = [f"# Conduit's Redis users for the key prefix {prefix!r}: written by `{command}`",
             "# (engines/contract/acl.py) from the key names; regenerate it, never edit it. Redis configuration",
             "# lines: each password placeholder (a hash sign, the variable's name in braces) becomes the SHA-256",
-            "# of that environment variable's value when Redis starts (compose/redis/start.sh).",
-            "user default off resetpass resetkeys resetchannels -@all"]
+            "# of that environment variable's value when Redis starts (compose/redis/start.sh). The default user is",
+            "# off (no connection is it, none can log in as it) but keeps every permission: Redis up to 8.2 replays",
+            "# the AOF's transactions as that user and silently drops them if it may not (redis/redis#14541).",
+            DEFAULT_USER]
     return "\n".join([*head, *(acl_user(prefix, r, (passwords or {}).get(r)) for r in roles)]) + "\n"

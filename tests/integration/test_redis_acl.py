@@ -367,3 +367,27 @@ def test_gateway_and_engine_speak_tls_to_redis_with_a_ca_file(tmp_path: Path) ->
     finally:
         stack.stop()
         server.stop()
+
+
+def test_keys_survive_a_redis_restart_from_its_aof(tmp_path: Path) -> None:
+    """Key records are written in MULTI/EXEC (Lua scripts replicate as transactions). Redis before
+    the fix of redis/redis#14541 (7.0 to 8.2) re-checks EXEC's ACL as the default user while it
+    replays the AOF: with that user's permissions reset, every transaction is dropped silently and
+    a restart loses every key. The shipped default user is off (nobody can log in as it) but keeps
+    its permissions, so the replay keeps them."""
+    server = AclRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
+    try:
+        made = keys_cli(server, "create", "--name", "durable", "--rpm", "60")
+        assert made.returncode == 0, made.stderr
+        key_id = made.stdout.strip().split("-")[1]
+    finally:
+        server.stop()
+    again = AclRedis(tmp_path, "--appendonly", "yes")
+    try:
+        listed = keys_cli(again, "list")
+        assert listed.returncode == 0 and "durable" in listed.stdout and key_id in listed.stdout, listed.stdout
+        with pytest.raises(redis.AuthenticationError), \
+                redis.Redis(port=again.port, protocol=2, retry=Retry(NoBackoff(), 0)) as anonymous:
+            anonymous.ping()  # the default user is still off
+    finally:
+        again.stop()
