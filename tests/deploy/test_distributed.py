@@ -309,9 +309,11 @@ def test_down_then_up_keeps_keys_and_usage(boxes: TwoBoxes) -> None:
     t0 = time.monotonic()
     boxes.up_api()
     boxes.wait_healthy(boxes.api)
+    # Before asking with the key: a lost key would only show as 401s until the deadline.
+    assert _usage(boxes, key_id) == before
+    assert key_id in _keys_listed(boxes), boxes.api.container_logs(60)
     boxes.wait_served("after down and up (the engine box reconnected)", {CHAT, IMAGE, NUMBERED})
     note(f"api profile after down + up (2 gateways, engines reconnected): up to serving {time.monotonic() - t0:.1f} s")
-    assert _usage(boxes, key_id) == before
     # New gateway processes: the key is read from Redis, not from a cache.
     with sdk(boxes.gateway_urls()[0], boxes.api_key) as client:
         client.chat.completions.create(model=NUMBERED, messages=[{"role": "user", "content": "Hi"}])
