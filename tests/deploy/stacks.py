@@ -5,25 +5,20 @@ the syslog override and a webhook for the alerts."""
 
 from __future__ import annotations
 
-import re
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from tests.deploy import images
-from tests.deploy.compose import ComposeProject
+from tests.deploy.compose import ComposeProject, hash_metrics_credential, served_models
 from tests.deploy.conftest import ImageBuilder, note
 
 CHAT, IMAGE = "tiny-llama", "tiny-sd"
 #: Generous: the vLLM engine builds the tiny model, then starts on a shared 2-core machine.
 READY_DEADLINE_S = 600
-_KEY = re.compile(r"cdt-[0-9a-f]{12}-[A-Za-z0-9_-]{43}")
 
 
 @dataclass
@@ -33,20 +28,6 @@ class CpuStack:
     prometheus: str
     api_key: str
     up_to_ready_s: float
-
-
-def hash_metrics_credential(credential: str) -> str:
-    """CONDUIT_METRICS_KEY_HASH, made by the gateway image itself (compose/README.md's recipe)."""
-    done = subprocess.run(["docker", "run", "--rm", "-i", images.GATEWAY.tag, "keys", "hash-metrics"],
-                          input=credential + "\n", capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-def served_models(base_url: str, api_key: str) -> set[str]:
-    r = httpx.get(f"{base_url}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=5)
-    r.raise_for_status()
-    return {m["id"] for m in r.json()["data"]}
 
 
 @contextmanager
@@ -71,15 +52,7 @@ def cpu_stack(build_image: ImageBuilder, workdir: Path, logs: Path, *, env: dict
         project.compose("up", "-d", "--no-build", timeout=READY_DEADLINE_S)
         base_url = f"http://127.0.0.1:{project.port('gateway', 8000)}"
         prometheus = f"http://127.0.0.1:{project.port('prometheus', 9090)}"
-        # The image's own `conduit keys`, logged in as Redis's admin user; the password on stdin,
-        # never on a command line.
-        made = project.compose("exec", "-T", "gateway", "sh", "-c",
-                               'read -r CONDUIT_REDIS_PASSWORD && export CONDUIT_REDIS_PASSWORD && '
-                               'exec conduit keys create --redis-username admin --name deploy-test --models all',
-                               stdin=passwords["REDIS_ADMIN_PASSWORD"] + "\n")
-        key = _KEY.search(made.stdout)
-        assert key, f"no key in `conduit keys create`'s output: {made.stdout!r} {made.stderr!r}"
-        api_key = key[0]
+        api_key = project.create_key(passwords["REDIS_ADMIN_PASSWORD"])
         project.wait("both models served",
                      lambda: True if served_models(base_url, api_key) >= {CHAT, IMAGE} else None, READY_DEADLINE_S)
         project.wait("every container healthy",

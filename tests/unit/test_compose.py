@@ -46,6 +46,7 @@ PROFILES = {
     "gpu": {"vllm-engine", "diffusers-engine", "alloy"},
     "monitoring": MONITORING,
     "cpu": {"redis", "gateway", "vllm-engine-cpu", "diffusers-engine-cpu", "prometheus", "alertmanager"},
+    "cpu-engines": {"vllm-engine-cpu", "diffusers-engine-cpu"},
 }
 #: Service → the image Dockerfile it is built from, and the engine kind it runs.
 IMAGES = {"gateway": "gateway.Dockerfile", "vllm-engine": "vllm-engine.Dockerfile",
@@ -672,7 +673,9 @@ def test_cpu_engines_parse_and_serve_the_tiny_models(name: str) -> None:
     assert (args.metrics_port, args.metrics_host) == (9100, "0.0.0.0")
     assert args.cpu if kind == "vllm" else args.device == "cpu"
     service = config["services"][name]
-    assert "deploy" not in service and "ports" not in service, f"{name}: no GPU, nothing published"
+    assert "deploy" not in service, f"{name}: no GPU"
+    # Published for a remote Prometheus (cpu-engines); by default on loopback, a port Docker picks.
+    assert service["ports"] == ["127.0.0.1::9100"]
     assert "model-cache:/var/cache/conduit" in service["volumes"], "the tiny models are built into model-cache"
     # The image's own CMD parses too (`docker run` without compose).
     stage = Dockerfile(CPU_DOCKERFILE).stage(name)
