@@ -13,7 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 
@@ -108,18 +108,18 @@ class ComposeProject:
         assert key, f"no key in `conduit keys create`'s output: {made.stdout!r} {made.stderr!r}"
         return key[0]
 
-    def health(self) -> dict[str, str]:
-        """Service → its container's health (or state, without a health check)."""
+    def containers(self) -> dict[str, dict[str, Any]]:
+        """Service → ``docker inspect`` of its (last) container."""
         ids = self.compose("ps", "-q").stdout.split()
         if not ids:
             return {}
         done = subprocess.run(["docker", "inspect", *ids], capture_output=True, text=True, timeout=60, check=True)
-        out = {}
-        for c in json.loads(done.stdout):
-            service = c["Config"]["Labels"]["com.docker.compose.service"]
-            state = c["State"]
-            out[service] = state.get("Health", {}).get("Status") or state["Status"]
-        return out
+        return {c["Config"]["Labels"]["com.docker.compose.service"]: c for c in json.loads(done.stdout)}
+
+    def health(self) -> dict[str, str]:
+        """Service → its container's health (or state, without a health check)."""
+        return {service: c["State"].get("Health", {}).get("Status") or c["State"]["Status"]
+                for service, c in self.containers().items()}
 
     def wait(self, what: str, probe: Callable[[], T | None], deadline_s: float, every_s: float = 1.0) -> T:
         """``probe()``'s first non-None answer; past the deadline, a failure with the containers' logs."""

@@ -130,9 +130,16 @@ def build(image: Image, log: Path, build_args: dict[str, str] | None = None, tim
         args += ["--build-arg", f"{k}={v}"]
     _run([*args, str(ROOT)], log, timeout)
     built = time.monotonic()
+    superseded = docker_id(image.tag)
     _run(["buildah", "push", image.tag, f"docker-daemon:{image.tag}"], log, 900)
     # buildah keeps its copy only until dockerd has one: the label check above is dockerd's.
     _run(["buildah", "rmi", image.tag], log, 300)
+    # What a rebuild leaves behind would fill the disk within days (a vLLM image is 4 GB): the image
+    # the tag named before (unless a container still uses it or another tag names it) and buildah's
+    # untagged stage images.
+    if superseded and superseded != docker_id(image.tag):
+        subprocess.run(["docker", "image", "rm", superseded], capture_output=True, timeout=300, check=False)
+    subprocess.run(["buildah", "rmi", "--prune"], capture_output=True, timeout=300, check=False)
     size = int(_image_id(["docker", "image", "inspect", "--format", "{{.Size}}", image.tag]) or 0)
     return Built(image, built - t, time.monotonic() - built, size)
 

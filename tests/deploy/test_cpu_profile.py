@@ -49,6 +49,13 @@ def test_every_service_runs_and_is_healthy(cpu_stack: CpuStack) -> None:
         uid = cpu_stack.project.compose("exec", "-T", service, "id", "-u").stdout.strip()
         assert uid == "10001", f"{service} runs as {uid}"
     assert httpx.get(f"{cpu_stack.base_url}/ready", timeout=5).status_code == 200
+    # Read-only root filesystems everywhere (what a service writes goes to its volume or a tmpfs);
+    # and they serve like that: the engines built their tiny models into the model-cache volume.
+    writable = {s for s, c in cpu_stack.project.containers().items() if not c["HostConfig"]["ReadonlyRootfs"]}
+    assert not writable, f"root filesystem writable in {sorted(writable)}"
+    for service in ("gateway", "vllm-engine-cpu", "diffusers-engine-cpu"):  # their home is theirs, and read-only
+        done = cpu_stack.project.compose("exec", "-T", service, "touch", "/home/conduit/probe", check=False)
+        assert done.returncode != 0 and "Read-only file system" in done.stderr + done.stdout, (service, done)
 
 
 def test_chat_stream_and_image_through_the_openai_sdk(client: openai.OpenAI) -> None:
