@@ -67,7 +67,7 @@ CMD ["--model", "/models/model", "--metrics-port", "9100"]
 # ---- cuda-wheels: wheels for Conduit, torch, diffusers and every dependency --------------
 FROM conduit-wheel AS cuda-wheels
 # Conduit's wheel from conduit-wheel: the image installs the wheel CI built.
-RUN pip wheel --wheel-dir /wheels "$(echo /wheels/conduit-*.whl)" torch "diffusers>=0.42,<0.43" "pillow>=10" \
+RUN pip wheel --wheel-dir /wheels /wheels/*.whl torch "diffusers>=0.42,<0.43" "pillow>=10" \
         "transformers>=4.56" "aiohttp>=3.12"
 
 # ---- diffusers-engine: the image -------------------------------------------------------

@@ -65,7 +65,7 @@ CMD ["--model", "/models/model", "--metrics-port", "9100"]
 # ---- cuda-wheels: wheels for Conduit[gpu] and every dependency (~10 GB) -------------------
 FROM conduit-wheel AS cuda-wheels
 # Conduit's wheel from conduit-wheel, with its extra: the image installs the wheel CI built.
-RUN pip wheel --wheel-dir /wheels "$(echo /wheels/conduit-*.whl)[gpu]"
+RUN pip wheel --wheel-dir /wheels "$(echo /wheels/*.whl)[gpu]"
 
 # ---- vllm-engine: the image ------------------------------------------------------------
 FROM runtime-base AS vllm-engine

@@ -657,7 +657,7 @@ def test_gateway_image_installs_no_ml_library() -> None:
 def test_engine_images_install_the_gpu_extra() -> None:
     gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     vllm_pip = " ".join(Dockerfile(IMAGES["vllm-engine"]).pip_commands())
-    assert '"$(echo /wheels/conduit-*.whl)[gpu]"' in vllm_pip, "the vLLM image installs Conduit's gpu extra"
+    assert '"$(echo /wheels/*.whl)[gpu]"' in vllm_pip, "the vLLM image installs Conduit's gpu extra"
     diffusers_pip = " ".join(Dockerfile(IMAGES["diffusers-engine"]).pip_commands())
     assert "vllm" not in diffusers_pip and "[gpu]" not in diffusers_pip, "the diffusers image has no vLLM"
     words = {w.strip('"') for w in diffusers_pip.split()}
