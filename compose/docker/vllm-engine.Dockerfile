@@ -4,11 +4,19 @@
 # CUDA itself comes in the wheels (torch's nvidia-* dependencies); the host provides only
 # the driver, through the NVIDIA Container Toolkit (compose: deploy.resources.reservations).
 #
-# Build from the repository root (BuildKit reads vllm-engine.Dockerfile.dockerignore):
+# Build from the repository root with BuildKit (it reads vllm-engine.Dockerfile.dockerignore);
+# a cold build downloads ~10 GB of wheels (CUDA torch, its nvidia-* libraries, vLLM):
 #   docker build -f compose/docker/vllm-engine.Dockerfile -t conduit/vllm-engine:0.1.0 .
+# The stages, in order; the ones before `cuda-wheels` download no CUDA wheel, and CI builds
+# only those (tests/deploy/test_images.py):
+#   conduit-wheel   Conduit's own wheel, no dependencies
+#   runtime-base    the runtime without its Python packages: env, gcc, the conduit user, an
+#                   empty venv, the health check and entrypoint
+#   cuda-wheels     wheels for Conduit[gpu] and every dependency (the ~10 GB)
+#   vllm-engine     runtime-base + those wheels installed: the image (the default target)
 
-# ---- builder: wheels for Conduit[gpu] and every dependency ----------------------------
-FROM python:3.11.14-slim-bookworm AS builder
+# ---- conduit-wheel: Conduit's own wheel -------------------------------------------------
+FROM python:3.11.14-slim-bookworm AS conduit-wheel
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
@@ -17,10 +25,10 @@ COPY pyproject.toml README.md ./
 COPY gateway/ gateway/
 COPY engines/ engines/
 COPY telemetry/ telemetry/
-RUN pip wheel --wheel-dir /wheels ".[gpu]"
+RUN pip wheel --no-deps --wheel-dir /wheels .
 
-# ---- runtime ---------------------------------------------------------------------------
-FROM python:3.11.14-slim-bookworm
+# ---- runtime-base: everything of the runtime but its Python packages --------------------
+FROM python:3.11.14-slim-bookworm AS runtime-base
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -41,15 +49,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
-# The wheels are bind-mounted from the builder, so they never land in a layer.
-RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
-    python -m venv /opt/conduit \
-    && pip install --no-index /wheels/*.whl \
+RUN python -m venv /opt/conduit \
     && groupadd --system --gid 10001 conduit \
     && useradd --system --uid 10001 --gid conduit --home-dir /home/conduit --create-home conduit \
     && install -d -o conduit -g conduit /var/cache/conduit /models
-USER 10001:10001
-WORKDIR /home/conduit
 EXPOSE 9100
 STOPSIGNAL SIGTERM
 # Alive = the Prometheus endpoint answers (engines serve no other HTTP). It starts before the
@@ -58,3 +61,16 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9100/ready', timeout=2)"]
 ENTRYPOINT ["conduit", "engine", "--kind", "vllm"]
 CMD ["--model", "/models/model", "--metrics-port", "9100"]
+
+# ---- cuda-wheels: wheels for Conduit[gpu] and every dependency (~10 GB) -------------------
+FROM conduit-wheel AS cuda-wheels
+# Conduit's wheel from conduit-wheel, with its extra: the image installs the wheel CI built.
+RUN pip wheel --wheel-dir /wheels "$(echo /wheels/*.whl)[gpu]"
+
+# ---- vllm-engine: the image ------------------------------------------------------------
+FROM runtime-base AS vllm-engine
+# The wheels are bind-mounted from cuda-wheels, so they never land in a layer.
+RUN --mount=type=bind,from=cuda-wheels,source=/wheels,target=/wheels \
+    pip install --no-index /wheels/*.whl
+USER 10001:10001
+WORKDIR /home/conduit

@@ -59,6 +59,13 @@ class Image:
 GATEWAY = Image("gateway", "gateway.Dockerfile")
 DIFFUSERS_CPU = Image("diffusers-engine-cpu", "engine-cpu.Dockerfile", target="diffusers-engine-cpu")
 VLLM_CPU = Image("vllm-engine-cpu", "engine-cpu.Dockerfile", target="vllm-engine-cpu")
+#: The CUDA images' stages before their CUDA wheels (~10 GB to download): what CI builds of them,
+#: each under a tag of its own. Engine kind → Conduit's wheel (``conduit-wheel``), and the runtime
+#: without its Python packages (``runtime-base``).
+CUDA_WHEELS = {kind: Image(f"{kind}-engine-wheel", f"{kind}-engine.Dockerfile", target="conduit-wheel")
+               for kind in ("vllm", "diffusers")}
+CUDA_BASES = {kind: Image(f"{kind}-engine-base", f"{kind}-engine.Dockerfile", target="runtime-base")
+              for kind in ("vllm", "diffusers")}
 
 
 @dataclass

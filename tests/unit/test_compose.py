@@ -187,19 +187,23 @@ class Dockerfile:
                 pending = ""
 
     def all(self, keyword: str, stage: str = "any") -> list[str]:
-        """Arguments of every ``keyword`` instruction (``stage="final"``: in the last stage only)."""
-        start = max(i for i, (k, _) in enumerate(self.instructions) if k == "FROM") if stage == "final" else 0
-        return [a for k, a in self.instructions[start:] if k == keyword]
+        """Arguments of every ``keyword`` instruction (``stage="final"``: in the image a plain
+        ``docker build`` makes, the last stage and the stages it is built on)."""
+        instructions = self.lineage(self.stages()[-1]) if stage == "final" else self.instructions
+        return [a for k, a in instructions if k == keyword]
 
     def stage(self, name: str) -> list[tuple[str, str]]:
         """The instructions of the stage ``FROM ... AS name`` and of the stages it is built on."""
         for stage in self.stages():
-            base, _, alias = stage[0][1].partition(" AS ")
-            if alias.strip() == name:
-                parent = base.strip()
-                known = {s[0][1].partition(" AS ")[2].strip() for s in self.stages()}
-                return (self.stage(parent) if parent in known else []) + stage
+            if stage[0][1].partition(" AS ")[2].strip() == name:
+                return self.lineage(stage)
         raise AssertionError(f"{self.path.name} has no stage {name}")
+
+    def lineage(self, stage: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``stage``'s instructions after those of the stages it is built on (``FROM <stage>``)."""
+        parent = stage[0][1].partition(" AS ")[0].strip()
+        known = {s[0][1].partition(" AS ")[2].strip() for s in self.stages()}
+        return (self.stage(parent) if parent in known else []) + stage
 
     def stages(self) -> list[list[tuple[str, str]]]:
         cuts = [i for i, (k, _) in enumerate(self.instructions) if k == "FROM"] + [len(self.instructions)]
@@ -614,7 +618,7 @@ def test_images_run_as_a_fixed_non_root_user_and_stop_cleanly(name: str) -> None
     endpoint = "/health" if name == "gateway" else "127.0.0.1:9100/ready"
     assert endpoint in probe[2], f"{name}'s HEALTHCHECK does not ask {endpoint}"
     for stage in dockerfile.stages():
-        env = " ".join(a for k, a in stage if k == "ENV")
+        env = " ".join(a for k, a in dockerfile.lineage(stage) if k == "ENV")
         assert "PYTHONDONTWRITEBYTECODE=1" in env and "PIP_NO_CACHE_DIR=1" in env
     names = [w.split("=")[0] for k, a in dockerfile.instructions if k in ("ENV", "ARG") for w in shlex.split(a)]
     secrets = [n for n in names if re.search(r"PASSWORD|TOKEN|SECRET|KEY", n)]
@@ -654,12 +658,35 @@ def test_gateway_image_installs_no_ml_library() -> None:
 def test_engine_images_install_the_gpu_extra() -> None:
     gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     vllm_pip = " ".join(Dockerfile(IMAGES["vllm-engine"]).pip_commands())
-    assert '".[gpu]"' in vllm_pip, "the vLLM image installs Conduit's gpu extra"
+    assert '"$(echo /wheels/*.whl)[gpu]"' in vllm_pip, "the vLLM image installs Conduit's gpu extra"
     diffusers_pip = " ".join(Dockerfile(IMAGES["diffusers-engine"]).pip_commands())
     assert "vllm" not in diffusers_pip and "[gpu]" not in diffusers_pip, "the diffusers image has no vLLM"
     words = {w.strip('"') for w in diffusers_pip.split()}
     missing = [r for r in gpu if not r.startswith("vllm") and r not in words]
     assert not missing, f"the diffusers image does not install the gpu extra's {missing} (same bounds)"
+
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_KINDS))
+def test_cuda_images_build_in_stages_ci_can_stop_before_the_cuda_wheels(name: str) -> None:
+    """conduit-wheel and runtime-base download no CUDA wheel and come before cuda-wheels (a
+    builder stops at its target), so CI builds them (tests/deploy); runtime-base carries all of
+    the image's settings, and the image adds only the installed wheels, its user and workdir."""
+    dockerfile = Dockerfile(IMAGES[name])
+    froms = [stage[0][1].split() for stage in dockerfile.stages()]
+    python = froms[0][0]  # the one Python base (test_images_are_pinned)
+    assert [(f[0], f[-1]) for f in froms] == [
+        (python, "conduit-wheel"), (python, "runtime-base"),
+        ("conduit-wheel", "cuda-wheels"), ("runtime-base", name)], froms
+    stages = {f[-1]: stage for f, stage in zip(froms, dockerfile.stages())}
+    runs = {n: [a for k, a in stage if k == "RUN"] for n, stage in stages.items()}
+    assert runs["conduit-wheel"] == ["pip wheel --no-deps --wheel-dir /wheels ."]
+    assert not [r for r in runs["runtime-base"] if re.search(r"\bpip\b", r)], "runtime-base installs no package"
+    assert runs[name] == [
+        "--mount=type=bind,from=cuda-wheels,source=/wheels,target=/wheels  pip install --no-index /wheels/*.whl"]
+    assert {k for k, _ in stages[name][1:]} == {"RUN", "USER", "WORKDIR"}
+    base = {k for k, _ in stages["runtime-base"]}
+    assert {"ENV", "EXPOSE", "STOPSIGNAL", "HEALTHCHECK", "ENTRYPOINT", "CMD"} <= base
 
 
 # ---- the cpu profile: the tiny models on CPU engine images (tests/deploy runs it for real) ------
