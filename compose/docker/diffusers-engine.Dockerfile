@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # A Conduit diffusers (image) engine on NVIDIA GPUs: Conduit, CUDA torch and diffusers, no vLLM.
 # The image libraries carry the `gpu` extra's bounds (tests/unit/test_compose.py keeps them in
 # step); transformers (the pipelines' CLIP text encoders) comes with vLLM in that extra, so it

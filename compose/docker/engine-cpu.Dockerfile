@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # Conduit's engines on the CPU, for a box without a GPU (compose profile `cpu`): the `cpu` extra
 # as `conduit up` and `.ci/install` run it. Two images from one file, sharing the CPU torch layer:
 #   --target diffusers-engine-cpu   CPU torch + diffusers                 (conduit/diffusers-engine-cpu)

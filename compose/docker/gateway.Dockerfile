@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # The Conduit gateway (the HTTP edge). The project is installed without extras, so the image
 # holds no torch, vLLM or diffusers: the gateway never imports them.
 #

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1.7
 # A Conduit vLLM engine on NVIDIA GPUs: Conduit with its `gpu` extra (vLLM at the release the
 # engine is written against, `vllm>=0.32,<0.33`, and the CUDA build of torch it pins).
 # CUDA itself comes in the wheels (torch's nvidia-* dependencies); the host provides only

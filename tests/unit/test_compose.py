@@ -461,7 +461,7 @@ def test_the_tls_override_speaks_tls_only_and_every_client_verifies_redis() -> N
     seen: list[tuple[str, str | None]] = []
     override = _walk(yaml.safe_load(TLS_FILE.read_text()), {}, seen)
     assert {n: d for n, d in seen if n != "CONDUIT_REDIS_URL"}.items() <= dict(used_variables()).items()
-    assert set(override["services"]) == {"redis", "gateway", *ENGINE_KINDS}
+    assert set(override["services"]) == {"redis", "gateway", *ENGINE_KINDS, *CPU_ENGINES}
     redis = override["services"]["redis"]
     plain, options = redis_options(compose()["services"]["redis"]), redis_options(redis)
     assert {k: options.get(k) for k in plain} == plain, "the override drops an option of the plain file"
@@ -470,7 +470,7 @@ def test_the_tls_override_speaks_tls_only_and_every_client_verifies_redis() -> N
     for option in ("--tls-cert-file", "--tls-key-file", "--tls-ca-cert-file"):
         assert any(options[option].startswith(m + "/") for m in mounted), f"{option} is not mounted"
     assert "--tls --cacert" in " ".join(redis["healthcheck"]["test"])
-    for name in ("gateway", *ENGINE_KINDS):
+    for name in ("gateway", *ENGINE_KINDS, *CPU_ENGINES):
         url = urlsplit(override["services"][name]["environment"]["CONDUIT_REDIS_URL"])
         [ca] = parse_qs(url.query)["ssl_ca_certs"]
         assert url.scheme == "rediss" and ca in [v.split(":")[1] for v in override["services"][name]["volumes"]]
@@ -591,6 +591,13 @@ def test_dockerfiles_pass_hadolint(tmp_path: Path) -> None:
                            *(str(Dockerfile(n).path) for n in DOCKERFILES)],
                           cwd=tmp_path, env=bare, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfiles_need_no_frontend_from_docker_hub(name: str) -> None:
+    """A ``# syntax=`` line makes BuildKit pull that frontend image at every build: a build box
+    without Docker Hub (or a mirror of it) could not build. The built-in frontend suffices."""
+    assert not any(line.lower().startswith("# syntax=") for line in Dockerfile(name).text.splitlines())
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
