@@ -137,8 +137,11 @@ def acl_user(prefix: str, role: str, password: str | None = None) -> str:
     return " ".join(["user", role, "on", secret, *user_rules(prefix, role)])
 
 
-#: Off, without a password; its permissions only ever apply to Redis's own AOF replay (see :func:`acl_file`).
-DEFAULT_USER = "user default off resetpass ~* &* +@all"
+#: Off, without a password; its permissions only ever apply to Redis's own AOF replay (see
+#: :func:`acl_file`): every write the roles' scripts make, and no admin or dangerous command, so a
+#: connection that was the default user before it was switched off (``ACL SETUSER`` on a live
+#: Redis) cannot reconfigure Redis or turn the user back on.
+DEFAULT_USER = "user default off resetpass ~* &* +@all -@admin -@dangerous"
 
 
 def acl_file(prefix: str = "conduit", roles: tuple[str, ...] = BASE_ROLES,

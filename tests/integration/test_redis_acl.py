@@ -369,23 +369,46 @@ def test_gateway_and_engine_speak_tls_to_redis_with_a_ca_file(tmp_path: Path) ->
         server.stop()
 
 
-def test_keys_survive_a_redis_restart_from_its_aof(tmp_path: Path) -> None:
+def test_keys_and_the_queue_survive_a_redis_restart_from_its_aof(tmp_path: Path) -> None:
     """Key records are written in MULTI/EXEC (Lua scripts replicate as transactions). Redis before
     the fix of redis/redis#14541 (7.0 to 8.2) re-checks EXEC's ACL as the default user while it
     replays the AOF: with that user's permissions reset, every transaction is dropped silently and
-    a restart loses every key. The shipped default user is off (nobody can log in as it) but keeps
-    its permissions, so the replay keeps them."""
+    a restart loses every key (and the queue's writes). The shipped default user is off (nobody can
+    log in as it) but keeps the permissions those writes need, so the replay keeps them."""
+    keys = Keys("conduit")
+    jobs, job = keys.jobs("m"), keys.job("m", "j1")
     server = AclRedis(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
     try:
         made = keys_cli(server, "create", "--name", "durable", "--rpm", "60")
         assert made.returncode == 0, made.stderr
         key_id = made.stdout.strip().split("-")[1]
+        # What the queue's scripts do, as one transaction: Redis propagates its effects (XREADGROUP
+        # as XCLAIM and XGROUP SETID, SET PX as PXAT...), which the replay must be allowed to run.
+        with redis.Redis(port=server.port, username="engine", password=PASSWORDS["engine"]) as engine:
+            engine.xgroup_create(jobs, "engines", id="0", mkstream=True)
+            with engine.pipeline(transaction=True) as tx:
+                for i in range(3):
+                    tx.xadd(jobs, {"job": f"j{i}"})
+                tx.set(job, "q", px=600_000).hincrby(keys.fair_state("m"), "waiting", 2)
+                tx.zadd(keys.queued_jobs("m"), {"j1": 1}).rpush(keys.wait("m", "t"), "j2")
+                tx.xreadgroup("engines", "e1", {jobs: ">"}, count=2).execute()
+            first = engine.xrange(jobs)[0][0]
+            with engine.pipeline(transaction=True) as tx:
+                tx.xack(jobs, "engines", first).xdel(jobs, first).lpop(keys.wait("m", "t")).execute()
+            state = (engine.xlen(jobs), engine.xpending(jobs, "engines")["pending"], engine.get(job),
+                     engine.hget(keys.fair_state("m"), "waiting"), engine.llen(keys.wait("m", "t")))
     finally:
         server.stop()
     again = AclRedis(tmp_path, "--appendonly", "yes")
     try:
         listed = keys_cli(again, "list")
         assert listed.returncode == 0 and "durable" in listed.stdout and key_id in listed.stdout, listed.stdout
+        with redis.Redis(port=again.port, username="engine", password=PASSWORDS["engine"]) as engine:
+            assert (engine.xlen(jobs), engine.xpending(jobs, "engines")["pending"], engine.get(job),
+                    engine.hget(keys.fair_state("m"), "waiting"), engine.llen(keys.wait("m", "t"))) == state
+            assert state == (2, 1, b"q", b"2", 0)
+        log = (tmp_path / "redis.log").read_text()
+        assert "NOPERM" not in log and "AOF-loading" not in log, log[-2000:]
         with pytest.raises(redis.AuthenticationError), \
                 redis.Redis(port=again.port, protocol=2, retry=Retry(NoBackoff(), 0)) as anonymous:
             anonymous.ping()  # the default user is still off
