@@ -7,7 +7,7 @@
 #
 # Build from the repository root with BuildKit (it reads diffusers-engine.Dockerfile.dockerignore);
 # a cold build downloads several GB of wheels (CUDA torch and its nvidia-* libraries):
-#   docker build -f compose/docker/diffusers-engine.Dockerfile -t conduit/diffusers-engine:0.1.0 .
+#   DOCKER_BUILDKIT=1 docker build -f compose/docker/diffusers-engine.Dockerfile -t conduit/diffusers-engine:0.1.0 .
 # The stages, in order; the ones before `cuda-wheels` download no CUDA wheel, and CI builds
 # only those (tests/deploy/test_images.py):
 #   conduit-wheel     Conduit's own wheel, no dependencies

@@ -11,7 +11,7 @@
 # pulls their CUDA builds from PyPI, which cannot load beside CPU torch.
 #
 # Build from the repository root (BuildKit reads engine-cpu.Dockerfile.dockerignore):
-#   docker build -f compose/docker/engine-cpu.Dockerfile --target vllm-engine-cpu -t conduit/vllm-engine-cpu:0.1.0 .
+#   DOCKER_BUILDKIT=1 docker build -f compose/docker/engine-cpu.Dockerfile --target vllm-engine-cpu -t conduit/vllm-engine-cpu:0.1.0 .
 
 # ---- builder: Conduit's own wheel (its dependencies come with the libraries below) -------
 FROM python:3.11.14-slim-bookworm AS builder
@@ -36,6 +36,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/conduit/bin:$PATH \
     XDG_CACHE_HOME=/var/cache/conduit \
     HF_HOME=/var/cache/conduit/huggingface \
+    TORCHINDUCTOR_CACHE_DIR=/var/cache/conduit/inductor \
+    TRITON_CACHE_DIR=/var/cache/conduit/triton \
     CONDUIT_CACHE_DIR=/var/cache/conduit \
     HF_HUB_OFFLINE=1 \
     DO_NOT_TRACK=1

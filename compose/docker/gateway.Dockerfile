@@ -2,7 +2,7 @@
 # holds no torch, vLLM or diffusers: the gateway never imports them.
 #
 # Build from the repository root (BuildKit reads gateway.Dockerfile.dockerignore beside this file):
-#   docker build -f compose/docker/gateway.Dockerfile -t conduit/gateway:0.1.0 .
+#   DOCKER_BUILDKIT=1 docker build -f compose/docker/gateway.Dockerfile -t conduit/gateway:0.1.0 .
 
 # ---- builder: a wheel for Conduit and one for each dependency -------------------------
 FROM python:3.11.14-slim-bookworm AS builder

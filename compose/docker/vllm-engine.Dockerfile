@@ -5,7 +5,7 @@
 #
 # Build from the repository root with BuildKit (it reads vllm-engine.Dockerfile.dockerignore);
 # a cold build downloads ~10 GB of wheels (CUDA torch, its nvidia-* libraries, vLLM):
-#   docker build -f compose/docker/vllm-engine.Dockerfile -t conduit/vllm-engine:0.1.0 .
+#   DOCKER_BUILDKIT=1 docker build -f compose/docker/vllm-engine.Dockerfile -t conduit/vllm-engine:0.1.0 .
 # The stages, in order; the ones before `cuda-wheels` download no CUDA wheel, and CI builds
 # only those (tests/deploy/test_images.py):
 #   conduit-wheel   Conduit's own wheel, no dependencies

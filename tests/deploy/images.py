@@ -18,6 +18,7 @@ wherever ``.ci/install`` got it) as a one-package index on 127.0.0.1, passed as
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import http.server
@@ -122,6 +123,17 @@ def current_inputs(tag: str) -> str:
     return _image_id(["docker", "image", "inspect", "--format", f'{{{{index .Config.Labels "{LABEL}"}}}}', tag])
 
 
+@contextmanager
+def _build_lock() -> Iterator[None]:
+    """One build at a time on this machine (builds of several checkouts share buildah's storage)."""
+    with open("/tmp/conduit-deploy-build.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def build(image: Image, log: Path, build_args: dict[str, str] | None = None, timeout: float = 1800) -> Built | None:
     """Build ``image`` with buildah and put it into dockerd; None when dockerd has it from the same inputs."""
     label = inputs(image)
@@ -135,18 +147,22 @@ def build(image: Image, log: Path, build_args: dict[str, str] | None = None, tim
         args += ["--target", image.target]
     for k, v in {**image.build_args, **(build_args or {})}.items():
         args += ["--build-arg", f"{k}={v}"]
-    _run([*args, str(ROOT)], log, timeout)
-    built = time.monotonic()
-    superseded = docker_id(image.tag)
-    _run(["buildah", "push", image.tag, f"docker-daemon:{image.tag}"], log, 900)
-    # buildah keeps its copy only until dockerd has one: the label check above is dockerd's.
-    _run(["buildah", "rmi", image.tag], log, 300)
+    with _build_lock():
+        _run([*args, str(ROOT)], log, timeout)
+        built = time.monotonic()
+        superseded = docker_id(image.tag)
+        _run(["buildah", "push", image.tag, f"docker-daemon:{image.tag}"], log, 900)
+        # buildah keeps its copy only until dockerd has one: the label check above is dockerd's.
+        _run(["buildah", "rmi", image.tag], log, 300)
+        # Its untagged stage images too (a multi-stage build commits each stage); under the lock, so
+        # no build of another checkout on this machine loses a stage it is about to use.
+        subprocess.run(["buildah", "rmi", "--prune"], capture_output=True, timeout=300, check=False)
     # What a rebuild leaves behind would fill the disk within days (a vLLM image is 4 GB): the image
-    # the tag named before (unless a container still uses it or another tag names it) and buildah's
-    # untagged stage images.
-    if superseded and superseded != docker_id(image.tag):
+    # the tag named before, once nothing names it (by id, Docker would drop a tag of yours with it;
+    # a container using it still keeps it).
+    if superseded and superseded != docker_id(image.tag) and not _image_id(
+            ["docker", "image", "inspect", "--format", "{{len .RepoTags}}{{len .RepoDigests}}", superseded]).strip("0"):
         subprocess.run(["docker", "image", "rm", superseded], capture_output=True, timeout=300, check=False)
-    subprocess.run(["buildah", "rmi", "--prune"], capture_output=True, timeout=300, check=False)
     size = int(_image_id(["docker", "image", "inspect", "--format", "{{.Size}}", image.tag]) or 0)
     return Built(image, built - t, time.monotonic() - built, size)
 

@@ -50,8 +50,9 @@ pytestmark = [pytest.mark.deploy, pytest.mark.timeout(3600)]
 
 CHAT, IMAGE, NUMBERED = "tiny-llama", "tiny-sd", "numbered"
 READY_DEADLINE_S = 600
-#: The gateways' request timeout: a job the system loses shows up as a 504 within the test.
-DEADLINE_S = 30.0
+#: The gateways' request timeout: a job the system loses shows up as a 504 within the test. Roomy:
+#: jobs queued while the only numbered engine restarts wait for its boot on a busy 2-core machine.
+DEADLINE_S = 60.0
 TOKENS = 30
 CLIENTS = 16
 WARMUP_S = 3.0
@@ -233,26 +234,32 @@ def test_monitoring_profile_alone_scrapes_both_boxes_through_its_targets(
         mon.down()
 
 
-def _assert_clean(report: Report) -> None:
+def _assert_clean(report: Report, recovered_at: float) -> None:
+    """0 lost, 0 duplicated, and the system serves again: requests sent after the fault's
+    injection returned (``recovered_at``, seconds into the load) complete."""
     report.publish()
     problems = [f"{report.count(k)} {k}" for k in (LOST, DUPLICATED) if report.count(k)]
-    if report.count(COMPLETED) < 20:
-        problems.append(f"only {report.count(COMPLETED)} completed")
+    after = [o for o in report.of(COMPLETED) if o.start >= recovered_at]
+    if len(after) < 10:
+        problems.append(f"only {len(after)} completed of the requests sent after the fault")
     assert not problems, f"{report.fault}: {', '.join(problems)}\n{report.table()}"
 
 
-def under_load(boxes: TwoBoxes, fault: str, inject: object) -> Report:
+def under_load(boxes: TwoBoxes, fault: str, inject: object) -> tuple[Report, float]:
+    """The load's report, and when ``inject()`` returned (seconds into the load)."""
     load = SdkLoad(boxes.gateway_urls(), boxes.api_key, model=NUMBERED, tokens=TOKENS, clients=CLIENTS,
                    deadline_s=DEADLINE_S)
     load.start()
+    recovered_at = float("inf")
     try:
         time.sleep(WARMUP_S)
         inject()  # type: ignore[operator]
+        recovered_at = time.monotonic() - load.t0
         time.sleep(AFTER_S)
     finally:
         report = load.stop(fault)
     boxes.faults.append(report)
-    return report
+    return report, recovered_at
 
 
 def test_engine_container_stopped_and_started_under_load(boxes: TwoBoxes) -> None:
@@ -261,14 +268,27 @@ def test_engine_container_stopped_and_started_under_load(boxes: TwoBoxes) -> Non
         boxes.engines.compose("start", "numbered-engine", timeout=120)
         boxes.wait_served("numbered engine back", {NUMBERED})
 
-    report = under_load(boxes, "engine container stop + start", stop_and_start)
-    _assert_clean(report)
+    _assert_clean(*under_load(boxes, "engine container stop + start", stop_and_start))
 
 
 def _usage(boxes: TwoBoxes, key_id: str) -> dict[str, int]:
     """Requests per model in the key's usage, as `conduit keys usage` prints it."""
     out = boxes.api.compose("exec", "-T", "--index", "1", "gateway", "conduit", "keys", "usage", key_id, "--json").stdout
     return {model: m["requests"] for day in json.loads(out)["days"] for model, m in day["models"].items()}
+
+
+def _settled_usage(boxes: TwoBoxes, key_id: str) -> dict[str, int]:
+    """The key's usage once the gateways have flushed all of it (two reads 2 s apart agree; they
+    flush every second)."""
+    last: dict[str, int] | None = None
+
+    def settled() -> dict[str, int] | None:
+        nonlocal last
+        now, previous = _usage(boxes, key_id), last
+        last = now
+        return now if now == previous else None
+
+    return boxes.api.wait("the key's usage settled", settled, 60, every_s=2)
 
 
 def _keys_listed(boxes: TwoBoxes) -> str:
@@ -278,22 +298,24 @@ def _keys_listed(boxes: TwoBoxes) -> str:
 def test_redis_container_restart_keeps_the_queue_and_the_keys(boxes: TwoBoxes) -> None:
     key_id = boxes.api_key.split("-")[1]
     assert key_id in _keys_listed(boxes)
+    before = _settled_usage(boxes, key_id).get(NUMBERED, 0)
 
     def restart_redis() -> None:
         boxes.api.compose("restart", "redis", timeout=120)
 
     # 16 clients on an engine running 8 jobs at once: about 8 jobs are queued when Redis restarts.
-    report = under_load(boxes, "redis container restart", restart_redis)
-    _assert_clean(report)
+    report, recovered_at = under_load(boxes, "redis container restart", restart_redis)
+    _assert_clean(report, recovered_at)
     boxes.wait_healthy(boxes.api)
     assert key_id in _keys_listed(boxes), boxes.api.container_logs(200)
-    assert _usage(boxes, key_id).get(NUMBERED, 0) >= report.count(COMPLETED)
+    # Every request answered was charged, across the restart.
+    after = _settled_usage(boxes, key_id).get(NUMBERED, 0)
+    assert after - before >= report.count(COMPLETED), (before, after, report.count(COMPLETED))
 
 
 def test_down_then_up_keeps_keys_and_usage(boxes: TwoBoxes) -> None:
     key_id = boxes.api_key.split("-")[1]
-    time.sleep(2)  # the gateways flush usage every second
-    before = _usage(boxes, key_id)
+    before = _settled_usage(boxes, key_id)
     assert before.get(NUMBERED), before
     boxes.api.compose("down", "--timeout", "40", timeout=300)  # no -v: the volumes stay
     t0 = time.monotonic()

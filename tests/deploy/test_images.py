@@ -109,7 +109,7 @@ def test_cuda_runtime_base_is_the_image_but_its_python_packages(build_image: Ima
               f"cd /tmp && printf '{C_PROGRAM}' > t.c && gcc t.c -o t && ./t && echo compiled")
     if kind == "diffusers":  # Inductor's C++ wrappers
         script += f" && printf '{CXX_PROGRAM}' > t.cpp && g++ t.cpp -o tpp && ./tpp && echo compiled"
-    done = run(image.tag, "-c", script, entrypoint="sh")
+    done = run(image.tag, "-c", script, entrypoint="sh", user="10001:10001")  # as the final image runs
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.split()
     assert lines[:2] == ["10001", "10001"], "the conduit user and group are 10001"
