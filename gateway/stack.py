@@ -83,7 +83,7 @@ def ready_block(base: str, models: list[str], api_key: str, metrics: dict[str, s
                      f"-d '{{\"model\": \"{IMAGE_MODEL}\", \"prompt\": \"a lighthouse at dusk\", \"size\": \"64x64\"}}'"
                      "   # data[0].url is the PNG (random weights: noise)")
     if chat:
-        lines.append(f"  python -c \"from openai import OpenAI; print(OpenAI(base_url='{base}', api_key='{api_key}')"
+        lines.append(f"  {sys.executable} -c \"from openai import OpenAI; print(OpenAI(base_url='{base}', api_key='{api_key}')"
                      f".chat.completions.create(model='{chat}', messages=[{{'role': 'user', 'content': 'Hi'}}])"
                      f".choices[0].message.content)\"")
     lines.append("Ctrl-C stops it.\n")

@@ -41,6 +41,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     CONDUIT_CACHE_DIR=/var/cache/conduit \
     HF_HUB_OFFLINE=1 \
     DO_NOT_TRACK=1
+# torch.compile (Inductor) builds C++ against Python's headers (already in this image) at run
+# time: vLLM's CPU sampler compiles its logprob ranking even with --enforce-eager, and diffusers'
+# --compile. Without a C++ compiler the first request with logprobs killed the vLLM engine.
+# DL3008 (pin apt versions): Debian's archive drops a package's old version when a security
+# update replaces it, so an exact pin breaks the build; the base image's tag pins the release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/conduit \
     && pip install --extra-index-url "$TORCH_INDEX_URL" "torch==2.13.0+cpu" \
     && groupadd --system --gid 10001 conduit \

@@ -53,7 +53,8 @@ SYSLOG_IMAGE = "conduit-test/rsyslog:bookworm"
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 STAND_INS = (
     StandIn("python:3.11.14-slim-bookworm",
-            ("python3", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates"),
+            # python3-dev: the official image has Python's headers (torch.compile builds against them).
+            ("python3", "python3-dev", "python3-venv", "python3-pip", "python-is-python3", "ca-certificates"),
             # The official image's pip installs anywhere; Debian's refuses outside a venv (PEP 668).
             hooks=("rm -f /usr/lib/python3*/EXTERNALLY-MANAGED",),
             changes=('CMD ["python3"]',),

@@ -68,6 +68,14 @@ def test_chat_stream_and_image_through_the_openai_sdk(client: openai.OpenAI) -> 
     image = client.images.generate(model=IMAGE, prompt="a lighthouse at dusk", size="64x64",  # type: ignore[arg-type]
                                    response_format="b64_json")
     assert image.data and base64.b64decode(image.data[0].b64_json or "")[:8] == b"\x89PNG\r\n\x1a\n"
+    # Logprobs: vLLM's CPU sampler torch.compiles their ranking even with --enforce-eager, which
+    # needs a C++ compiler and Python's headers in the image (without them the engine died here).
+    ranked = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                            logprobs=True, top_logprobs=2)
+    assert ranked.choices[0].logprobs and ranked.choices[0].logprobs.content
+    assert all(len(t.top_logprobs) == 2 for t in ranked.choices[0].logprobs.content)
+    assert client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4).choices[0].finish_reason in ("stop", "length")
 
 
 def test_prometheus_scrapes_every_target_and_loads_the_alert_rules(cpu_stack: CpuStack) -> None:

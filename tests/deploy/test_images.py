@@ -115,6 +115,10 @@ def test_cuda_runtime_base_is_the_image_but_its_python_packages(build_image: Ima
     assert lines[:2] == ["10001", "10001"], "the conduit user and group are 10001"
     assert lines[2:2 + len(folders)] == ["10001:10001:755"] * len(folders)
     assert lines[2 + len(folders):] == ["/opt/conduit/bin/pip", "[]", *["compiled"] * (1 + (kind == "diffusers"))]
+    # Triton's launcher and Inductor's wrappers build against Python's headers.
+    done = run(image.tag, "-c", "import pathlib, sysconfig; print(pathlib.Path(sysconfig.get_paths()['include'], "
+               "'Python.h').is_file())", entrypoint="python", user="10001:10001")
+    assert done.stdout.strip() == "True", done.stdout + done.stderr
     # Each cache the environment names is one the engine's user can make.
     done = run(image.tag, "-c", f"mkdir -p {' '.join(caches.values())}", entrypoint="sh", user="10001:10001")
     assert done.returncode == 0, done.stderr
