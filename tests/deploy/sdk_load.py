@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 
 import openai
@@ -23,50 +22,23 @@ from tests.fault.load import (
     LOST,
     RETRY_PAUSE_S,
     Answer,
+    LoadThread,
     Outcome,
-    Report,
     judge,
 )
 
 
-class SdkLoad:
-    """``clients`` clients sending chat completions (half of them streamed) to ``base_urls`` until
-    :meth:`stop`; ``deadline_s`` is the gateways' request timeout (an answer at or after it is lost)."""
+class SdkLoad(LoadThread):
+    """``clients`` clients sending chat completions (half of them streamed) to ``base_urls`` with
+    ``api_key`` until :meth:`stop`; ``deadline_s`` is the gateways' request timeout (an answer at or
+    after it is lost)."""
 
     def __init__(self, base_urls: list[str], api_key: str, *, model: str, tokens: int, clients: int,
                  deadline_s: float) -> None:
+        super().__init__(model=model, tokens=tokens, clients=clients, deadline_s=deadline_s,
+                         client_timeout_s=deadline_s + 10)
         self.base_urls = base_urls
         self.api_key = api_key
-        self.model = model
-        self.tokens = tokens
-        self.clients = clients
-        self.deadline_s = deadline_s
-        self.client_timeout_s = deadline_s + 10
-        self.outcomes: list[Outcome] = []
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sdk-load", daemon=True)
-        self._error: BaseException | None = None
-        self.t0 = 0.0
-
-    def start(self) -> None:
-        self.t0 = time.monotonic()
-        self._thread.start()
-
-    def stop(self, fault: str) -> Report:
-        """Send no new requests; wait for those in flight (each ends by its client timeout)."""
-        self._stopping.set()
-        self._thread.join(timeout=self.client_timeout_s + 15)
-        if self._thread.is_alive():
-            raise AssertionError("the load driver did not stop: a client ignored its timeout")
-        if self._error is not None:
-            raise AssertionError(f"the load driver failed: {self._error!r}") from self._error
-        return Report(fault, sorted(self.outcomes, key=lambda o: o.start))
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread by stop()
-            self._error = exc
 
     async def _main(self) -> None:
         sdks = [openai.AsyncOpenAI(base_url=f"{u}/v1", api_key=self.api_key, max_retries=0,

@@ -154,16 +154,15 @@ class Report:
                 f.write(self.table() + "\n")
 
 
-class Load:
-    """``clients`` clients sending chat completions to ``urls`` until :meth:`stop`.
+class LoadThread:
+    """``clients`` clients (:meth:`_main`, on an event loop in a thread of its own) sending
+    requests from :meth:`start` until :meth:`stop`, which returns their :class:`Report`.
 
     ``deadline_s`` is the gateways' ``request_timeout_s``; a client gives up on a request
     after ``client_timeout_s`` (set it above the deadline).
     """
 
-    def __init__(self, urls: list[str], *, model: str, tokens: int, clients: int, deadline_s: float,
-                 client_timeout_s: float) -> None:
-        self.targets = list(urls)
+    def __init__(self, *, model: str, tokens: int, clients: int, deadline_s: float, client_timeout_s: float) -> None:
         self.model = model
         self.tokens = tokens
         self.clients = clients
@@ -171,30 +170,17 @@ class Load:
         self.client_timeout_s = client_timeout_s
         self.outcomes: list[Outcome] = []
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="fault-load", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
         self._error: BaseException | None = None
         self.t0 = 0.0
-        #: Streams whose output began and that have not ended yet (written by the load's thread only).
-        self.mid_stream = 0
 
     def now(self) -> float:
         """Seconds since the load began (the clock of every :class:`Outcome`)."""
         return time.monotonic() - self.t0
 
-    def wait_mid_stream(self, streams: int, timeout: float) -> int:
-        """Wait until at least ``streams`` streams are mid-answer (output began, not ended); how many are."""
-        deadline = time.monotonic() + timeout
-        while self.mid_stream < streams and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.mid_stream
-
     def start(self) -> None:
         self.t0 = time.monotonic()
         self._thread.start()
-
-    def drop_target(self, url: str) -> None:
-        """Send no new requests to ``url`` (as a load balancer drains a gateway it stops)."""
-        self.targets.remove(url)
 
     def stop(self, fault: str) -> Report:
         """Send no new requests; wait for those in flight (each ends by its client timeout)."""
@@ -211,6 +197,32 @@ class Load:
             asyncio.run(self._main())
         except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread by stop()
             self._error = exc
+
+    async def _main(self) -> None:
+        raise NotImplementedError
+
+
+class Load(LoadThread):
+    """``clients`` clients sending chat completions to ``urls`` (plain HTTP, no key) until :meth:`stop`."""
+
+    def __init__(self, urls: list[str], *, model: str, tokens: int, clients: int, deadline_s: float,
+                 client_timeout_s: float) -> None:
+        super().__init__(model=model, tokens=tokens, clients=clients, deadline_s=deadline_s,
+                         client_timeout_s=client_timeout_s)
+        self.targets = list(urls)
+        #: Streams whose output began and that have not ended yet (written by the load's thread only).
+        self.mid_stream = 0
+
+    def wait_mid_stream(self, streams: int, timeout: float) -> int:
+        """Wait until at least ``streams`` streams are mid-answer (output began, not ended); how many are."""
+        deadline = time.monotonic() + timeout
+        while self.mid_stream < streams and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.mid_stream
+
+    def drop_target(self, url: str) -> None:
+        """Send no new requests to ``url`` (as a load balancer drains a gateway it stops)."""
+        self.targets.remove(url)
 
     async def _main(self) -> None:
         limits = httpx.Limits(max_connections=self.clients * 2, max_keepalive_connections=self.clients * 2)
