@@ -214,7 +214,10 @@ def upstream_settings(args: argparse.Namespace) -> UpstreamSettings:
         raise ValueError("--upstream-model names one model; with --models auto each model keeps the upstream's name")
     key = os.environ.get("CONDUIT_UPSTREAM_API_KEY", "")
     if args.upstream_api_key_file:
-        key = Path(args.upstream_api_key_file).read_text().strip()
+        try:
+            key = Path(args.upstream_api_key_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"cannot read --upstream-api-key-file: {exc.strerror}") from None
     headers: dict[str, str] = {}
     for header in args.upstream_header:
         name, sep, value = header.partition(":")
@@ -257,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     # Named as `conduit` users call them (it runs this program in their place).
-    en = sub.add_parser("serve", prog="conduit engine", help="Run an engine process (what `conduit engine` runs).")
+    # No abbreviated flags: `--upstream-api-key sk-...` must be refused, not read as the key *file*'s flag.
+    en = sub.add_parser("serve", prog="conduit engine", help="Run an engine process (what `conduit engine` runs).",
+                        allow_abbrev=False)
     en.add_argument("--kind", choices=["vllm", "synthetic", "diffusers", "upstream"], default="vllm",
                     help="upstream: forward jobs to an OpenAI-compatible server that already runs (--base-url)")
     en.add_argument("--model", help="model path or name (vllm), pipeline directory (diffusers); 'tiny' builds "
