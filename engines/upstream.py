@@ -80,8 +80,10 @@ class UpstreamBackend:
         self.max_model_len: int | None = None
         self.max_chars_per_token: int | None = None
         self.max_sequences: int | None = None
-        #: Upstream requests closed because their job was cancelled (the client left).
-        self.closed_requests = 0
+        #: Upstream requests closed because their job was cancelled (the client left): exported as
+        #: ``conduit.engine.backend.aborted_requests``, as the vLLM engine's aborts are.
+        self.aborted_requests = 0
+        self._open = 0
         self.client: httpx.AsyncClient | None = None
         self._refresh: asyncio.Task[None] | None = None
         #: Called with the new list when ``--models auto`` sees the upstream's models change.
@@ -138,6 +140,10 @@ class UpstreamBackend:
             await self.client.aclose()
             self.client = None
 
+    def unfinished_requests(self) -> int:
+        """Requests open to the upstream now (``conduit.engine.backend.unfinished_requests``)."""
+        return self._open
+
     def upstream_model(self, model: str) -> str:
         """The upstream's name for a served model."""
         return self.settings.upstream_model or model
@@ -174,7 +180,7 @@ class UpstreamBackend:
                                       status=503, code="model_unavailable", type="server_error", retry_after_s=1)
                 wait = None
             except asyncio.CancelledError:
-                self.closed_requests += 1  # leaving _forward's `async with` closed the upstream request
+                self.aborted_requests += 1  # leaving _forward's `async with` closed the upstream request
                 raise
             pause = wait if wait is not None else s.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
             if attempt == s.retries or loop.time() + pause >= deadline:
@@ -185,11 +191,15 @@ class UpstreamBackend:
 
     async def _forward(self, kind: str, body: dict[str, Any], relay: Relay, model: str) -> None:
         assert self.client is not None
-        async with self.client.stream("POST", PATHS[kind], json=body) as r:
-            if r.status_code != 200:
-                raise mapped_error(r.status_code, await r.aread(), r.headers, model)
-            async for line in r.aiter_lines():
-                if not relay.line(line):
-                    relay.finish()
-                    return
+        self._open += 1
+        try:
+            async with self.client.stream("POST", PATHS[kind], json=body) as r:
+                if r.status_code != 200:
+                    raise mapped_error(r.status_code, await r.aread(), r.headers, model)
+                async for line in r.aiter_lines():
+                    if not relay.line(line):
+                        relay.finish()
+                        return
+        finally:
+            self._open -= 1
         raise relay.broken("a stream that ended without [DONE]")

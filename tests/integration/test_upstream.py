@@ -7,7 +7,11 @@ request (its engine counts the job cancelled)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import asyncio
 import json
+import re
+import ssl
+import threading
 import subprocess
 import sys
 import time
@@ -32,6 +36,7 @@ class Upstreams:
     front: Stack
     key: str
     drip_metrics: int
+    front_metrics: int
     engines: dict[str, Any]
 
 
@@ -67,7 +72,8 @@ def u(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
                 "--upstream-retries", "3", *args, model=name, env={"CONDUIT_UPSTREAM_API_KEY": key})
 
         engine("front", "up", s.key)
-        engine("front-drip", "up-drip", s.key)
+        s.front_metrics = free_port()
+        engine("front-drip", "up-drip", s.key, "--metrics-port", str(s.front_metrics))
         engine("front-slow", "up-slow", s.key)
         engine("front-bad-key", "up", "not-the-key")
         engine("front-rpm", "up", rpm)
@@ -207,8 +213,12 @@ def test_a_hung_upstream_cannot_hold_a_job_past_its_deadline(u: Upstreams) -> No
 def test_a_client_that_leaves_closes_the_upstream_request(u: Upstreams) -> None:
     before = engine_jobs(u.drip_metrics).get("cancelled", 0)
     hang_up_after(f"{u.front.base_url}/v1/chat/completions", {**CHAT, "model": "front-drip", "stream": True}, 2)
+    # The upstream's engine saw its client (the upstream engine) go: the job it ran is cancelled.
     jobs = wait_for_jobs(u.drip_metrics, "cancelled", before + 1)
     assert jobs.get("cancelled", 0) == before + 1, jobs
+    text = httpx.get(f"http://127.0.0.1:{u.front_metrics}/metrics").text
+    assert re.search(r"^conduit_engine_backend_aborted_requests_total(\{[^}]*\})? 1(\.0)?$", text, re.M), text
+    assert re.search(r"^conduit_engine_backend_unfinished_requests(\{[^}]*\})? 0(\.0)?$", text, re.M)
 
 
 def test_models_auto_follows_the_upstream_s_list(u: Upstreams, tmp_path: Path) -> None:
@@ -225,3 +235,79 @@ def test_models_auto_follows_the_upstream_s_list(u: Upstreams, tmp_path: Path) -
         u.front.wait_for_model("up-renamed", present=False, timeout=20)
     finally:
         auto.stop()
+
+
+class TlsFront:
+    """A TLS-terminating TCP proxy (stdlib ``ssl`` + asyncio, on a thread) in front of a plain HTTP server."""
+
+    def __init__(self, target_port: int, cert: Path, key: Path) -> None:
+        self.port = free_port()
+        self._target = target_port
+        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._ctx.load_cert_chain(cert, key)
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def _run(self, ready: threading.Event) -> None:
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except (ConnectionError, ssl.SSLError):
+                pass
+            finally:
+                w.close()
+
+        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            ur, uw = await asyncio.open_connection("127.0.0.1", self._target)
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+        async def main() -> None:
+            self._server = await asyncio.start_server(serve, "127.0.0.1", self.port, ssl=self._ctx)
+            ready.set()
+            await self._server.serve_forever()
+
+        try:
+            self._loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        for task in asyncio.all_tasks(self._loop):
+            self._loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(10)
+        self._loop.close()
+
+
+def test_tls_is_verified_against_the_ca_bundle(u: Upstreams, tmp_path: Path) -> None:
+    """An upstream behind TLS with a private CA: with ``--upstream-ca-bundle`` it serves, without it
+    the certificate is refused (verification is on by default) and the request fails cleanly."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                           str(cert), "-days", "1", "-subj", "/CN=localhost",
+                           "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"], capture_output=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    proxy = TlsFront(u.up.port, cert, key)
+    base = f"https://127.0.0.1:{proxy.port}/v1"
+    env = {"CONDUIT_UPSTREAM_API_KEY": u.key}
+    trusted = u.front.engine("--kind", "upstream", "--base-url", base, "--served-name", "front-tls",
+                             "--upstream-model", "up", "--upstream-ca-bundle", str(cert), model="front-tls", env=env)
+    untrusted = u.front.engine("--kind", "upstream", "--base-url", base, "--served-name", "front-tls-untrusted",
+                               "--upstream-model", "up", "--upstream-retries", "1", model="front-tls-untrusted",
+                               env=env)
+    try:
+        r = post(u.front.base_url, {**CHAT, "model": "front-tls"})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == "tok tok tok tok tok "
+        r = post(u.front.base_url, {**CHAT, "model": "front-tls-untrusted"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable", r.text
+        assert "ConnectError" in untrusted.output() or "certificate" in untrusted.output()
+    finally:
+        trusted.stop()
+        untrusted.stop()
+        proxy.stop()
