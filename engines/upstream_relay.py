@@ -139,6 +139,11 @@ def mapped_error(status: int, data: bytes, headers: Any, model: str) -> Exceptio
         return Retryable(JobRejected(f"The model's upstream server is overloaded: {message}", status=429,
                                      code="model_overloaded", type="rate_limit_error",
                                      retry_after_s=max(1, round(wait or 1))), wait)
+    if status == 503:  # the upstream says it cannot serve now (no replica, loading, draining)
+        wait = retry_after(headers)
+        return Retryable(JobRejected(f"The model's upstream server is unavailable: {message}", status=503,
+                                     code="model_unavailable", type="server_error",
+                                     retry_after_s=max(1, round(wait or 1))), wait)
     if status >= 500 or status == 408:
         return Retryable(JobRejected(f"The model's upstream server failed ({status}): {message}", status=502,
                                      code="engine_error", type="server_error"), retry_after(headers))

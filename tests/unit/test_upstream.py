@@ -78,8 +78,11 @@ def test_errors_are_mapped_never_copied() -> None:
     busy = mapped_error(429, b"slow down", {"retry-after": "3"}, "m")
     assert isinstance(busy, Retryable) and busy.retry_after_s == 3
     assert (busy.final.status, busy.final.code, busy.final.retry_after_s) == (429, "model_overloaded", 3)
-    broken = mapped_error(503, b"<html>", {}, "m")
+    broken = mapped_error(500, b"<html>", {}, "m")
     assert isinstance(broken, Retryable) and broken.final.status == 502 and broken.retry_after_s is None
+    down = mapped_error(503, b'{"error": {"message": "no engine"}}', {"retry-after": "2"}, "m")
+    assert isinstance(down, Retryable) and (down.final.status, down.final.code, down.final.retry_after_s) == (
+        503, "model_unavailable", 2)
 
 
 def test_a_stream_with_usage_is_relayed_with_the_upstream_s_counts() -> None:
