@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,29 @@ from engines.cli import CPU_ENGINE_ENV  # noqa: E402 - after the path that finds
 from tests.harness import Proc, RedisServer, Stack, free_port  # noqa: E402
 
 SERVED, UPSTREAM = "bench-up", "tiny-llama"
+
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(root: int) -> float:
+    """User + system CPU seconds of a process and its descendants (/proc)."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                text = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            rest = text[text.rindex(")") + 2:].split()
+            parents[int(d)], times[int(d)] = int(rest[1]), int(rest[11]) + int(rest[12])
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(times.get(pid, 0) for pid in tree) / CLK
 
 
 async def one(client: httpx.AsyncClient, url: str, model: str, tokens: int) -> int:
@@ -93,18 +117,28 @@ def main() -> None:
                      "--upstream-model", UPSTREAM, "--max-concurrency", str(max(args.concurrency)), model=SERVED)
         direct, through = f"http://127.0.0.1:{port}", stack.base_url
         results: dict[tuple[str, int], list[float]] = {}
+        procs = {"vllm": server.proc.pid, "gateway": stack.procs[0].proc.pid, "engine": stack.procs[1].proc.pid,
+                 "redis": redis.proc.pid}
+        #: (mode, process) -> CPU seconds per 1,000 completion tokens, each run.
+        cpu: dict[tuple[str, str], list[float]] = {}
         for r in range(args.rounds):
             for n in args.concurrency:
                 order = [("vllm", direct, UPSTREAM), ("conduit", through, SERVED)]
                 for name, base, m in order if r % 2 == 0 else order[::-1]:
+                    before = {k: cpu_s(pid) for k, pid in procs.items()}
                     rate = asyncio.run(load(base, m, n, args.tokens))
                     results.setdefault((name, n), []).append(rate)
+                    for k, pid in procs.items():
+                        cpu.setdefault((name, k), []).append((cpu_s(pid) - before[k]) / ((n + 1) * args.tokens) * 1000)
                     print(f"round {r + 1} N={n} {name:8s} {rate:9.1f} tokens/s", flush=True)
         print("\nN    vLLM direct (median tok/s)   through Conduit   ratio   (rounds)")
         for n in args.concurrency:
             v, c = statistics.median(results[("vllm", n)]), statistics.median(results[("conduit", n)])
             print(f"{n:<4} {v:>12.1f}                  {c:>12.1f}   {c / v:6.1%}   "
                   f"{[round(x) for x in results[('vllm', n)]]} / {[round(x) for x in results[('conduit', n)]]}")
+        print("\nCPU seconds per 1,000 completion tokens (median of the runs; includes the warm-up request)")
+        for name in ("vllm", "conduit"):
+            print(f"{name:8s} " + "  ".join(f"{k} {statistics.median(cpu[(name, k)]):.3f}" for k in procs))
     finally:
         stack.stop()
         server.stop()
