@@ -54,13 +54,16 @@ def u(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
     s.up = Stack(redis_server.url, tmp_path_factory.mktemp("upstream"))
     s.front = Stack(redis_server.url, tmp_path_factory.mktemp("front"))
     try:
-        s.up.gateway(auth=True, max_choices=4)  # the front's default is higher: its 400s are the upstream's
+        # max_choices: the front's default is higher, so its 400s are the upstream's. up-cold: a model it
+        # knows with no engine (503).
+        s.up.gateway(auth=True, max_choices=4, models="up-cold")
         s.key = s.up.api_key = create_key(s.up, "conduit-front")
         rpm = create_key(s.up, "tiny-rpm", "--rpm", "1")
         one = create_key(s.up, "one-at-a-time", "--concurrency", "1")
         s.drip_metrics = free_port()
         s.up.synthetic("up", "--tokens", "5")
         s.up.synthetic("up-slow", "--tokens", "3", "--token-delay", "60")
+        s.up.synthetic("up-num", "--tokens", "20", "--numbered")
         s.up.synthetic("up-drip", "--tokens", "40", "--token-delay", "0.2", "--metrics-port", str(s.drip_metrics))
         s.front.gateway(request_timeout_s=6)
         base = f"{s.up.base_url}/v1"
@@ -79,6 +82,8 @@ def u(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
         engine("front-rpm", "up", rpm)
         engine("front-one", "up-drip", one)
         engine("front-missing", "no-such-model", s.key)
+        engine("front-cold", "up-cold", s.key)
+        engine("front-num", "up-num", s.key)
         s.engines["front-down"] = s.front.engine(
             "--kind", "upstream", "--base-url", f"http://127.0.0.1:{free_port()}/v1", "--served-name", "front-down",
             model="front-down")
@@ -196,6 +201,59 @@ def test_no_upstream_is_retried_then_unavailable(u: Upstreams) -> None:
     assert r.json()["error"]["code"] == "model_unavailable" and r.headers["retry-after"] == "1"
     assert time.monotonic() - started > 0.5  # three tries, backing off
     assert u.engines["front-down"].output().count("trying again") >= 3
+
+
+def test_an_upstream_5xx_before_output_is_retried_then_unavailable(u: Upstreams) -> None:
+    r = post(u.front.base_url, {**CHAT, "model": "front-cold"})  # the upstream answers 503: no engine
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "model_unavailable" and int(r.headers["retry-after"]) >= 1
+    assert u.engines["front-cold"].output().count("trying again") >= 3
+
+
+def test_a_connection_cut_after_output_is_a_clean_error_event(u: Upstreams) -> None:
+    """The upstream gateway dies mid-stream: the client gets the tokens relayed so far, then one
+    error event and [DONE], never a retried (duplicated) answer."""
+    saved = u.up.base_url, u.up.port
+    doomed = u.up.gateway(auth=True)
+    doomed_url = u.up.base_url
+    u.up.base_url, u.up.port = saved
+    engine = u.front.engine("--kind", "upstream", "--base-url", f"{doomed_url}/v1", "--served-name", "front-cut",
+                            "--upstream-model", "up-drip", model="front-cut", env={"CONDUIT_UPSTREAM_API_KEY": u.key})
+    try:
+        lines: list[str] = []
+        with httpx.stream("POST", f"{u.front.base_url}/v1/chat/completions", timeout=30,
+                          json={**CHAT, "model": "front-cut", "stream": True}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 3:
+                        doomed.kill()
+        assert lines[-1] == "data: [DONE]" and '"engine_error"' in lines[-2], lines[-3:]
+        tokens = [json.loads(x[6:])["choices"][0]["delta"].get("content") for x in lines[:-2]]
+        assert 3 <= len(tokens) < 40 and set(tokens) <= {"tok ", None}
+        assert "after output began" in engine.output()
+    finally:
+        engine.stop()
+
+
+def test_many_streams_relay_every_token_once(u: Upstreams) -> None:
+    """40 concurrent streams of numbered tokens through the relay: 0 lost, 0 duplicated, in order."""
+    body = {**CHAT, "model": "front-num", "stream": True, "stream_options": {"include_usage": True}}
+
+    def ask(_: int) -> tuple[str, int]:
+        text, used = "", 0
+        for chunk in sse(u.front.base_url, body):
+            for c in chunk["choices"]:
+                text += c["delta"].get("content") or ""
+            if chunk.get("usage"):
+                used = chunk["usage"]["completion_tokens"]
+        return text, used
+
+    with cf.ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(ask, range(40)))
+    expected = "".join(f"{i} " for i in range(20))
+    assert answers == [(expected, 20)] * 40
 
 
 def test_a_hung_upstream_cannot_hold_a_job_past_its_deadline(u: Upstreams) -> None:
