@@ -210,6 +210,12 @@ class Relay:
         try:
             chunk = self._decode(payload)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            if payload.startswith('{"error"'):  # another server's error event (a string `code`: OpenAI's, Conduit's)
+                error = error_body(payload.encode())
+                if self.produced:
+                    raise StreamBroke(f"the upstream failed mid-stream: {error.message}") from None
+                code = error.code if isinstance(error.code, int) else 500
+                raise mapped_error(code, payload.encode(), {}, self._model) from None
             raise self.broken(f"an unreadable chunk ({exc})") from None
         if chunk.error is not None:
             if self.produced:

@@ -126,10 +126,14 @@ def test_failures_before_output_are_retryable_and_after_output_clean_errors() ->
     assert (rejected.value.status, rejected.value.param) == (400, "x")
     with pytest.raises(Retryable):
         relay.line("data: {not json")
+    with pytest.raises(Retryable):  # an error event with a string code (OpenAI's, Conduit's): a server error
+        relay.line('data: {"error": {"message": "boom", "type": "server_error", "code": "engine_lost"}}')
     relay.line(chunk({"index": 0, "text": "hi"}))
     with pytest.raises(StreamBroke) as broke:
         relay.line(chunk({"index": 0, "text": "", "finish_reason": "abort"}))
     assert (broke.value.status, broke.value.code) == (502, "engine_error")
+    with pytest.raises(StreamBroke):
+        relay.line('data: {"error": {"message": "boom", "code": "engine_lost"}}')
     assert isinstance(relay.broken("a stream that ended without [DONE]"), StreamBroke)
 
 
