@@ -129,9 +129,13 @@ class UpstreamBackend:
                 continue
             if models != self.models:
                 log.info("the upstream's models changed: %s -> %s", self.models, models)
-                self.models = models
-                if self.on_models is not None:
-                    await self.on_models(models)
+                before, self.models = self.models, models
+                try:
+                    if self.on_models is not None:
+                        await self.on_models(models)
+                except Exception:  # noqa: BLE001 - (Redis away) the next read tries again
+                    log.exception("following the upstream's models failed; trying again at the next read")
+                    self.models = before
 
     async def close(self) -> None:
         if self._refresh is not None:
