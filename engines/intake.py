@@ -63,12 +63,18 @@ class Intake:
         worker = self._worker
         streams = {worker.keys.jobs(m): m for m in models}
         added = [s for s in streams if s not in worker.streams]
-        worker.streams = streams  # replaced, never changed in place: the reclaimer iterates the old one
         if added:
-            await worker.create_groups()
-            for stream in added:
-                if not worker.stopping.is_set():
-                    self.read(stream)
+            old, worker.streams = worker.streams, streams
+            try:
+                await worker.create_groups()  # (may fail: Redis away; the caller tries again later)
+            except BaseException:
+                worker.streams = old
+                raise
+        # Replaced, never changed in place: the reclaimer iterates the old one.
+        worker.streams = streams
+        for stream in added:
+            if not worker.stopping.is_set():
+                self.read(stream)
         worker.presence.info_blob = worker.presence.info()
         worker.metrics.serving(models)
 
