@@ -5,8 +5,9 @@
 Starts the harness's ``mock_openai.py``, a private Redis, a Conduit gateway with authentication on
 (one API key, no limits) and an upstream engine forwarding model ``mock`` to the mock, then runs
 ``peer_overhead.sh`` with the targets ``mock`` (the baseline) and ``conduit-upstream`` and prints its
-report. LiteLLM in front of the same mock is the harness's ``run_litellm_peer.sh`` (or
-``benchmarks/run.sh --with-litellm``); add it with ``-- -t 'litellm=URL,key=...'``. Needs ``wrk``.
+report. ``--litellm BIN`` (a ``litellm`` installed with ``litellm[proxy]``) also starts LiteLLM's
+proxy with two workers in front of the same mock, as the harness's ``run_litellm_peer.sh`` does
+(its master key on), measured in the same run as the peer. Needs ``wrk``.
 Run on purpose, not in CI.
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--harness", default=str(ROOT.parent / "shared" / "bench"))
     ap.add_argument("--quick", action="store_true", help="short runs: wrk 10 s at c=64, 100 streams for 10 s")
+    ap.add_argument("--litellm", help="the litellm command (litellm[proxy]): measure it as the peer, 2 workers")
     ap.add_argument("rest", nargs="*", help="passed to peer_overhead.sh")
     args = ap.parse_args()
     harness = Path(args.harness)
@@ -38,6 +40,16 @@ def main() -> None:
     stack = Stack(redis.url, work)
     try:
         wait_for_port(mock_port, proc=mock.proc, timeout=30)
+        peer: list[str] = []
+        if args.litellm:
+            port = free_port()
+            env = {"MOCK_API_BASE": f"http://127.0.0.1:{mock_port}/v1", "LITELLM_LOG": "ERROR",
+                   "LITELLM_MODE": "PRODUCTION", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+            litellm = Proc([args.litellm, "--config", str(harness / "litellm.config.yaml"), "--host", "127.0.0.1",
+                            "--port", str(port), "--num_workers", "2"], work / "litellm.log", env)
+            stack.procs.append(litellm)  # stopped with the stack
+            wait_for_port(port, proc=litellm.proc, timeout=180)
+            peer = ["-t", f"litellm-2w=http://127.0.0.1:{port}/v1,key=sk-bench-master"]
         stack.gateway(auth=True)
         made = subprocess.run([sys.executable, "-m", "gateway.cli", "keys", "create", "--name", "bench", "--redis-url",
                                redis.url, "--key-prefix", stack.prefix], cwd=ROOT, capture_output=True, text=True,
@@ -48,7 +60,7 @@ def main() -> None:
         quick = ["-c", "64", "-s", "100", "-d", "10", "-w", "3", "--stream-duration", "10", "--stream-warmup", "3",
                  "--pause", "1"] if args.quick else []
         subprocess.run(["bash", str(harness / "peer_overhead.sh"), "-t", f"mock=http://127.0.0.1:{mock_port}/v1",
-                        "-t", f"conduit-upstream={stack.base_url}/v1,key={key}", "--backend-port", str(mock_port),
+                        *peer, "-t", f"conduit-upstream={stack.base_url}/v1,key={key}", "--backend-port", str(mock_port),
                         "--python", sys.executable, "-o", str(work / "results"), *quick, *args.rest], check=True)
     finally:
         stack.stop()
