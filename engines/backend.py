@@ -12,7 +12,8 @@ class JobRejected(Exception):
     """The engine refuses a job with an OpenAI-shaped error (bad parameters, too long...).
 
     Raised by a backend before any output was produced; the gateway answers with
-    ``status`` and the envelope built from the other fields.
+    ``status`` and the envelope built from the other fields (and ``Retry-After`` when
+    ``retry_after_s`` says).
     """
 
     def __init__(
@@ -23,6 +24,7 @@ class JobRejected(Exception):
         code: str = "invalid_request",
         type: str = "invalid_request_error",
         param: str | None = None,
+        retry_after_s: int = 0,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -30,6 +32,8 @@ class JobRejected(Exception):
         self.code = code
         self.type = type
         self.param = param
+        #: Seconds the client should wait before retrying (a 429's ``Retry-After``); 0: not said.
+        self.retry_after_s = retry_after_s
 
 
 class JobOutput(Protocol):

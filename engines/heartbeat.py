@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 
 from engines.contract.lane import REDIS_ERRORS
+from engines.contract.messages import PROTOCOL_VERSION, EngineInfo
 from engines.contract.keys import ENGINE_GROUP, IN_QUEUE, OUTPUT_STARTED
 from engines.running import Running, now_ms
 
@@ -100,6 +103,16 @@ class Presence:
         #: Ids of the jobs running here whose key Redis lost and a beat restored: each beat renews
         #: their lease (the heartbeat thread's own).
         self.restored: set[str] = set()
+
+    def info(self) -> bytes:
+        """The encoded ``EngineInfo`` every heartbeat announces (again when the backend's models change)."""
+        w = self._worker
+        b = w.backend
+        return w.codec.encode(EngineInfo(
+            id=w.engine_id, kind=b.kind, models=list(b.models), max_concurrency=b.max_concurrency,
+            host=socket.gethostname(), pid=os.getpid(), started_ms=w.started_ms, max_model_len=b.max_model_len,
+            max_chars_per_token=b.max_chars_per_token, max_sequences=b.max_sequences, protocol=PROTOCOL_VERSION,
+            kinds=sorted(w.kinds)))
 
     def fresh(self) -> bool:
         """The last beat reached Redis within ``engine_ttl_s`` (gateways see the engine) and the

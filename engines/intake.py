@@ -41,6 +41,42 @@ class Intake:
         #: Jobs read but not started yet (a read across several models can bring more than the
         #: free slots); started in order as slots free, claimed by the heartbeat meanwhile.
         self.waiting: deque[tuple[str, bytes, dict[bytes, bytes]]] = deque()
+        #: The read loops (one per job stream).
+        self.readers: set[asyncio.Task[None]] = set()
+
+    def read(self, stream: str) -> None:
+        """Start ``stream``'s read loop; one that fails (a bug, not Redis) stops the engine."""
+        task = asyncio.create_task(self.read_loop(stream), name=f"read-{stream}")
+        self.readers.add(task)
+
+        def ended(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("reading %s failed: %r; stopping", stream, t.exception())
+                self._worker.stop()
+
+        task.add_done_callback(ended)
+
+    async def follow(self, models: list[str]) -> None:
+        """The backend's models changed while it serves (an upstream engine's ``--models auto``): read
+        the new models' job streams, stop reading the gone ones' (their loops end within a read's
+        block), and announce the new list from the next heartbeat on."""
+        worker = self._worker
+        streams = {worker.keys.jobs(m): m for m in models}
+        added = [s for s in streams if s not in worker.streams]
+        if added:
+            old, worker.streams = worker.streams, streams
+            try:
+                await worker.create_groups()  # (may fail: Redis away; the caller tries again later)
+            except BaseException:
+                worker.streams = old
+                raise
+        # Replaced, never changed in place: the reclaimer iterates the old one.
+        worker.streams = streams
+        for stream in added:
+            if not worker.stopping.is_set():
+                self.read(stream)
+        worker.presence.info_blob = worker.presence.info()
+        worker.metrics.serving(models)
 
     def free(self) -> int:
         """Slots neither running a job nor promised to one read."""
@@ -55,7 +91,7 @@ class Intake:
         lane = open_lane(worker.redis, f"jobs-{worker.streams[stream]}", blocking=True)  # its own connection: it blocks
         outage = Outage(log, f"reading {model}'s jobs")
         try:
-            while not worker.stopping.is_set():
+            while not worker.stopping.is_set() and stream in worker.streams:  # (a model gone: Worker.announce)
                 free = self.free()
                 if free <= 0:
                     worker.slot_free.clear()

@@ -155,7 +155,8 @@ class JobRunner:
             outcome = "rejected"
             worker.metrics.job_finished(job.model, "rejected")
             worker.finish(run, Failed(job=job.id, message=exc.message, code=exc.code, status=exc.status,
-                                      type=exc.type, param=exc.param, attempt=run.attempt, seq=run.next_seq()))
+                                      type=exc.type, param=exc.param, retry_after_s=exc.retry_after_s,
+                                      attempt=run.attempt, seq=run.next_seq()))
         except asyncio.CancelledError:
             if worker.stopping.is_set() and job.id not in worker.cancellations:
                 raise  # drain timed out: left pending (unacked), so another engine reclaims it

@@ -42,7 +42,7 @@ from engines.contract.backlog import release_command
 from engines.contract.keys import ENGINE_GROUP, Keys
 from engines.contract.lane import REDIS_ERRORS, connect, redacted
 from engines.contract.media import MediaPolicy
-from engines.contract.messages import JOB_KINDS, PROTOCOL_VERSION, Codec, Done, EngineInfo, Failed
+from engines.contract.messages import JOB_KINDS, Codec, Done, Failed
 from engines.contract.reach import login_refused
 from engines.contract.store import open_image_store
 from engines.events import Ack, EventWriter
@@ -134,7 +134,7 @@ class Worker:
         self.metrics = metrics or EngineMetrics.noop()
         #: Continues the traces gateways sampled (``Job.traceparent``); None: no spans.
         self.tracing: Tracing | None = None
-        self._started_ms = now_ms()
+        self.started_ms = now_ms()
         #: Job kinds this engine runs (``Job.kind``).
         self.kinds = frozenset(backend.kinds) & JOB_KINDS
         #: job id -> the job's run, for every job started and not yet released.
@@ -170,13 +170,11 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
-        self.presence.info_blob = self.codec.encode(EngineInfo(
-            id=self.engine_id, kind=self.backend.kind, models=list(self.backend.models),
-            max_concurrency=self.backend.max_concurrency, host=socket.gethostname(), pid=os.getpid(),
-            started_ms=self._started_ms, max_model_len=self.backend.max_model_len,
-            max_chars_per_token=self.backend.max_chars_per_token, max_sequences=self.backend.max_sequences,
-            protocol=PROTOCOL_VERSION,
-            kinds=sorted(self.kinds)))
+        if hasattr(self.backend, "on_models"):  # a backend whose models change (upstream --models auto)
+            self.backend.on_models = self.intake.follow
+        self.streams = {self.keys.jobs(m): m for m in self.backend.models}  # (known once started)
+        self.presence.info_blob = self.presence.info()
+        self.metrics.serving(self.backend.models)
         if not await self._join():
             await self._close()
             return
@@ -195,7 +193,10 @@ class Worker:
                  ", ".join(self.backend.models), self.backend.kind, self.backend.max_concurrency)
         try:
             # One reader per job stream: a blocking read stays within one Redis Cluster slot.
-            await asyncio.gather(*(self.intake.read_loop(stream) for stream in self.streams))
+            for stream in self.streams:
+                self.intake.read(stream)
+            await self.stopping.wait()
+            await asyncio.gather(*self.intake.readers)  # a reader's error (a bug) ends the engine, as before
             await self._drain()
         finally:
             await asyncio.to_thread(heartbeat.stop)  # no beat may re-register it after this

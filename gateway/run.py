@@ -63,7 +63,8 @@ def engine_failure(event: Failed) -> ConduitError:
     if event.status == 504:
         return DeadlineExceeded(event.message)
     cls = EngineError if event.status >= 500 else ConduitError
-    return cls(event.message, param=event.param, code=event.code, status=event.status, type=event.type)
+    return cls(event.message, param=event.param, code=event.code, status=event.status, type=event.type,
+               headers={"Retry-After": str(event.retry_after_s)} if event.retry_after_s else None)
 
 
 class JobRun:

@@ -214,6 +214,9 @@ class Failed(msgspec.Struct, tag="e", tag_field="t", omit_defaults=True):
     param: str | None = None
     attempt: int = 1
     seq: int = 0
+    #: Seconds the client should wait before retrying, sent as ``Retry-After`` with ``status`` (an
+    #: upstream engine's 429); 0: none. Older gateways ignore it (an unknown field).
+    retry_after_s: int = 0
 
 
 class ImageReady(msgspec.Struct, tag="i", tag_field="t", omit_defaults=True):

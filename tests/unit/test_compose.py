@@ -655,10 +655,13 @@ def test_copy_sources_exist_and_are_in_the_build_context(name: str) -> None:
 
 
 def test_gateway_image_installs_no_ml_library() -> None:
-    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    assert not [d for d in base if re.match(rf"({'|'.join(ML_LIBRARIES)})\b", d)]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    # Its one extra, `upstream` (httpx for upstream engines run from this image), holds no ML library.
+    installed = [*project["dependencies"], *project["optional-dependencies"]["upstream"]]
+    assert not [d for d in installed if re.match(rf"({'|'.join(ML_LIBRARIES)})\b", d)]
     for command in Dockerfile(IMAGES["gateway"]).pip_commands():
-        assert "[" not in command, f"the gateway image installs an extra: {command}"
+        assert not re.findall(r"\.\[([^\]]*)\]", command.replace('"', "")) or ".[upstream]" in command, \
+            f"the gateway image installs an extra other than `upstream`: {command}"
         assert not re.search(rf"\b({'|'.join(ML_LIBRARIES)})\b", command), command
 
 
@@ -742,3 +745,36 @@ def test_cpu_engine_images_install_the_cpu_extra_in_order() -> None:
     assert "vllm" not in " ".join(a for k, a in dockerfile.stage("diffusers-engine-cpu") if k == "RUN")
     vllm_runs = [a for k, a in dockerfile.stage("vllm-engine-cpu") if k == "RUN"]
     assert "[cpu]" in vllm_runs[-1] and "uninstall -y torchvision torchaudio torchcodec" in vllm_runs[-1]
+
+
+UPSTREAM_FILE = COMPOSE_DIR / "upstream.yml"
+
+
+def test_the_upstream_override_runs_an_upstream_engine_from_the_gateway_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """upstream.yml (an API box in front of a server that already runs): valid compose, in the api
+    profile, its command line parsed by conduit's real parser into the upstream engine's settings,
+    the key only in the environment, Redis as the engine user."""
+    from engines.cli import upstream_settings
+
+    done = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec",
+                           str(UPSTREAM_FILE)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    env = {"UPSTREAM_BASE_URL": "https://vllm.internal:8000/v1", "UPSTREAM_SERVED_NAME": "llama-3.1-8b",
+           "UPSTREAM_MODEL": "meta-llama/Llama-3.1-8B-Instruct"}
+    for given in ({}, env):
+        service = _walk(yaml.safe_load(UPSTREAM_FILE.read_text()), given, [])["services"]["upstream-engine"]
+        assert service["profiles"] == ["api"] and service["image"] == compose()["services"]["gateway"]["image"]
+        assert Dockerfile(IMAGES["gateway"]).exec_form("ENTRYPOINT") == ["conduit"]
+        args = parse_cli(service["command"])
+        assert (args.command, args.kind, args.metrics_port) == ("engine", "upstream", 9100)
+        monkeypatch.setenv("CONDUIT_UPSTREAM_API_KEY", "sk-from-the-environment")
+        settings = upstream_settings(args)
+        assert settings.api_key == "sk-from-the-environment" and settings.verify_tls
+        assert settings.base_url == given.get("UPSTREAM_BASE_URL", "http://host.docker.internal:8000/v1")
+        assert settings.served_names == ["llama-3.1-8b"]
+        assert settings.upstream_model == given.get("UPSTREAM_MODEL", "")
+        assert service["environment"]["CONDUIT_REDIS_USERNAME"] == "engine"
+        assert "CONDUIT_UPSTREAM_API_KEY" in service["environment"]
+        assert not any("KEY" in str(a) and "=" in str(a) for a in service["command"])
+    # The served name is one the gateway knows while no engine runs (CONDUIT_MODELS' default).
+    assert "llama-3.1-8b" in compose()["services"]["gateway"]["environment"]["CONDUIT_MODELS"].split(",")

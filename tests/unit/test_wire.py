@@ -319,3 +319,26 @@ def test_result_records_and_engine_streams_are_named_apart() -> None:
     assert keys.engine_jobs("m", "e1") != keys.jobs("m")
     assert _hash_slot_tag(keys.result("job-1")) == "job-1"
     assert keys.result("job-1").startswith("p:")
+
+
+class _FailedBefore(msgspec.Struct, tag="e", tag_field="t", omit_defaults=True):
+    """``Failed`` as gateways before ``retry_after_s`` read it."""
+
+    job: str
+    message: str
+    code: str = "engine_error"
+    status: int = 500
+    type: str = "server_error"
+    param: str | None = None
+    attempt: int = 1
+    seq: int = 0
+
+
+def test_a_failure_s_retry_after_is_left_out_unless_said_and_older_gateways_ignore_it(codec: Codec) -> None:
+    plain = Failed(job="j", message="no")
+    assert b"retry_after_s" not in codec.encode([plain])  # today's failures: the same bytes as before
+    said = Failed(job="j", message="busy", status=429, code="model_overloaded", retry_after_s=7)
+    (back,), _ = codec.decode_events(codec.encode([said]))
+    assert back == said
+    older = msgspec.msgpack.decode(codec.encode(said), type=_FailedBefore)
+    assert (older.status, older.code, older.message) == (429, "model_overloaded", "busy")

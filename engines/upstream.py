@@ -1,0 +1,209 @@
+"""The upstream engine kind: jobs forwarded to an OpenAI-compatible server that already runs.
+
+A worker on the same runtime as every engine (job streams, heartbeat, reclaim, fair queueing,
+drain) whose backend sends each chat or completions job to the upstream over one ``httpx``
+client (a keep-alive pool as large as the jobs in flight; HTTP/2 where ``h2`` is installed and
+the upstream's TLS offers it), always streaming, and relays the upstream's chunks as the job's
+events (``engines.upstream_relay``). Stateless: nothing of a job stays in the upstream.
+
+Failures before any output that another try may cure (a connection refused or cut, a timeout, a
+5xx, a 429) are tried again on this engine with backoff, never past the job's deadline; after
+output the job ends with a clean error. A job whose client left is cancelled, which closes its
+upstream request. ``--models auto`` announces what the upstream's ``/v1/models`` lists, re-read
+every ``models_refresh_s`` (``engines.worker.Worker.announce`` follows the changes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import random
+import ssl
+import time
+from typing import Any
+
+import httpx
+import msgspec
+
+from engines.backend import JobOutput, JobRejected
+from engines.contract.messages import Job
+from engines.upstream_relay import PATHS, Relay, Retryable, StreamBroke, mapped_error, upstream_request
+
+log = logging.getLogger("conduit.engine")
+
+
+class UpstreamSettings(msgspec.Struct, kw_only=True):
+    """Where the upstream is and how to talk to it (built at the engine entrypoint, passed in)."""
+
+    #: The upstream's OpenAI base URL, ``/v1`` included (``http://vllm:8000/v1``).
+    base_url: str
+    #: The model names clients use (one, unless ``models_auto``).
+    served_names: list[str] = []
+    #: The upstream's name of the model ("": the served name).
+    upstream_model: str = ""
+    #: Announce what the upstream's ``/v1/models`` lists (served name = upstream name), re-read.
+    models_auto: bool = False
+    models_refresh_s: float = 30.0
+    #: Sent as ``Authorization: Bearer``; from CONDUIT_UPSTREAM_API_KEY or a file, never a flag.
+    api_key: str = ""
+    #: Extra request headers (``--upstream-header 'Name: value'``).
+    headers: dict[str, str] = {}
+    connect_timeout_s: float = 10.0
+    #: Longest silence between two chunks of the upstream's stream.
+    read_timeout_s: float = 120.0
+    verify_tls: bool = True
+    #: A CA bundle (PEM) to verify the upstream's certificate with ("": the system's).
+    ca_bundle: str = ""
+    #: Jobs in flight (and the connection pool's size).
+    max_concurrency: int = 64
+    #: Tries after the first for a failure before output (each waits ``backoff_s`` doubling, jittered,
+    #: or the upstream's ``Retry-After``); none past the job's deadline.
+    retries: int = 3
+    backoff_s: float = 0.5
+
+    def __repr__(self) -> str:  # the key never reaches a log or a traceback
+        return f"UpstreamSettings(base_url={self.base_url!r}, served_names={self.served_names!r}, ...)"
+
+
+class UpstreamBackend:
+    """Runs chat and completion jobs on an OpenAI-compatible upstream server."""
+
+    kind = "upstream"
+    kinds = frozenset({"chat", "completion"})
+
+    def __init__(self, settings: UpstreamSettings) -> None:
+        self.settings = settings
+        self.models = list(settings.served_names)
+        self.max_concurrency = settings.max_concurrency
+        self.max_model_len: int | None = None
+        self.max_chars_per_token: int | None = None
+        self.max_sequences: int | None = None
+        #: Upstream requests closed because their job was cancelled (the client left): exported as
+        #: ``conduit.engine.backend.aborted_requests``, as the vLLM engine's aborts are.
+        self.aborted_requests = 0
+        self._open = 0
+        self.client: httpx.AsyncClient | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        #: Called with the new list when ``--models auto`` sees the upstream's models change.
+        self.on_models: Any = None
+
+    def _client(self) -> httpx.AsyncClient:
+        s = self.settings
+        verify: ssl.SSLContext | bool = s.verify_tls
+        if s.verify_tls:
+            verify = ssl.create_default_context(cafile=s.ca_bundle or None)
+        headers = dict(s.headers)
+        if s.api_key:
+            headers["Authorization"] = f"Bearer {s.api_key}"
+        pool = httpx.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency)
+        # The pool wait is bounded by the job's deadline (asyncio.timeout in run), not by httpx.
+        timeout = httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=None)
+        return httpx.AsyncClient(base_url=s.base_url, headers=headers, limits=pool, timeout=timeout, verify=verify,
+                                 http2=importlib.util.find_spec("h2") is not None, follow_redirects=False)
+
+    async def start(self) -> None:
+        """Open the connection pool; with ``models_auto``, read the upstream's models (and keep reading)."""
+        self.client = self._client()
+        if self.settings.models_auto:
+            if not self.models:
+                self.models = await self.upstream_models()
+            self._refresh = asyncio.create_task(self._refresh_models(), name="upstream-models")
+
+    async def upstream_models(self) -> list[str]:
+        """The ids the upstream's ``/v1/models`` lists."""
+        assert self.client is not None
+        r = await self.client.get("models")
+        if r.status_code != 200:
+            raise mapped_error(r.status_code, r.content, r.headers, "*")
+        return sorted({m["id"] for m in r.json().get("data", []) if isinstance(m.get("id"), str)})
+
+    async def _refresh_models(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.models_refresh_s)
+            try:
+                models = await self.upstream_models()
+            except Exception as exc:  # noqa: BLE001 - an upstream down keeps the last list
+                log.warning("reading the upstream's models failed (%s); keeping %s", exc, self.models)
+                continue
+            if models != self.models:
+                log.info("the upstream's models changed: %s -> %s", self.models, models)
+                before, self.models = self.models, models
+                try:
+                    if self.on_models is not None:
+                        await self.on_models(models)
+                except Exception:  # noqa: BLE001 - (Redis away) the next read tries again
+                    log.exception("following the upstream's models failed; trying again at the next read")
+                    self.models = before
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+        if self.client is not None:
+            await self.client.aclose()
+            self.client = None
+
+    def unfinished_requests(self) -> int:
+        """Requests open to the upstream now (``conduit.engine.backend.unfinished_requests``)."""
+        return self._open
+
+    def upstream_model(self, model: str) -> str:
+        """The upstream's name for a served model."""
+        return self.settings.upstream_model or model
+
+    async def run(self, job: Job, out: JobOutput) -> None:
+        """Forward one job, trying again before output while the job's deadline allows."""
+        if job.kind not in PATHS:
+            raise JobRejected(f"The upstream engine does not run `{job.kind}` jobs.", status=501,
+                              code="unsupported_job_kind")
+        client = json.loads(job.body)
+        model = self.upstream_model(job.model)
+        body = upstream_request(client, job.kind, model)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(job.deadline_ms / 1000 - time.time(), 0)
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            relay = Relay(out, client, job.kind, model)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._forward(job.kind, body, relay, model)
+                return
+            except Retryable as exc:
+                failure: JobRejected = exc.final
+                wait = exc.retry_after_s
+            except TimeoutError:  # the job's deadline
+                if relay.produced:
+                    raise StreamBroke("the upstream did not finish within the request's deadline") from None
+                raise JobRejected("The model's upstream server did not answer within the request's deadline.",
+                                  status=504, code="deadline_exceeded", type="server_error") from None
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                if relay.produced:
+                    raise StreamBroke(f"the upstream connection failed mid-stream: {exc!r}") from None
+                failure = JobRejected(f"The model's upstream server is unreachable ({type(exc).__name__}).",
+                                      status=503, code="model_unavailable", type="server_error", retry_after_s=1)
+                wait = None
+            except asyncio.CancelledError:
+                self.aborted_requests += 1  # leaving _forward's `async with` closed the upstream request
+                raise
+            pause = wait if wait is not None else s.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
+            if attempt == s.retries or loop.time() + pause >= deadline:
+                raise failure
+            log.warning("job %s: the upstream failed before output (%s); trying again in %.2f s", job.id,
+                        failure.message, pause)
+            await asyncio.sleep(pause)
+
+    async def _forward(self, kind: str, body: dict[str, Any], relay: Relay, model: str) -> None:
+        assert self.client is not None
+        self._open += 1
+        try:
+            async with self.client.stream("POST", PATHS[kind], json=body) as r:
+                if r.status_code != 200:
+                    raise mapped_error(r.status_code, await r.aread(), r.headers, model)
+                async for line in r.aiter_lines():
+                    if not relay.line(line):
+                        relay.finish()
+                        return
+        finally:
+            self._open -= 1
+        raise relay.broken("a stream that ended without [DONE]")

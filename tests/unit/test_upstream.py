@@ -1,0 +1,158 @@
+"""The upstream engine's relay without a server: the body it sends, its errors mapped, its stream
+read into events and usage counted when the upstream gives none (engines/upstream_relay.py).
+tests/integration/test_upstream.py and tests/e2e/test_upstream_vllm.py run it against real servers."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from engines.backend import JobRejected
+from engines.cli import build_parser, upstream_settings
+from engines.contract.messages import ChoiceDelta, Generated, Usage
+from engines.upstream import UpstreamSettings
+from engines.upstream_relay import (
+    REQUEST_FIELDS,
+    Relay,
+    Retryable,
+    StreamBroke,
+    estimated_prompt_tokens,
+    mapped_error,
+    upstream_request,
+)
+from engines.vllm_engine import REQUEST_FIELDS as VLLM_FIELDS
+
+
+class Out:
+    """A JobOutput that records what it is given."""
+
+    def __init__(self) -> None:
+        self.started_calls = 0
+        self.deltas: list[tuple[list[ChoiceDelta], Usage | None, Generated | None]] = []
+        self.usage: Usage | None = None
+
+    def started(self) -> None:
+        self.started_calls += 1
+
+    def delta(self, choices: list[ChoiceDelta], usage: Usage | None = None, total: Generated | None = None) -> None:
+        self.deltas.append((choices, usage, total))
+
+    async def image(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("no images")
+
+    def done(self, usage: Usage) -> None:
+        self.usage = usage
+
+
+def chunk(*choices: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
+    return "data: " + json.dumps({"choices": list(choices), **({"usage": usage} if usage else {})})
+
+
+def test_the_body_keeps_the_allowlist_and_always_streams_with_usage() -> None:
+    body = {"model": "front", "messages": [{"role": "user", "content": "hi"}], "n": 2, "top_k": 5, "tools": [],
+            "store": True, "metadata": {"a": "b"}, "request_id": "mine", "service_tier": "flex",
+            "stream_options": {"continuous_usage_stats": True}}
+    sent = upstream_request(body, "chat", "their-name")
+    assert sent["model"] == "their-name" and sent["stream"] is True
+    assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert {"n", "top_k", "tools", "messages"} <= set(sent)
+    assert not {"store", "metadata", "request_id", "service_tier"} & set(sent)
+    # Without the client's stream options only OpenAI's include_usage is asked (no vLLM extension).
+    assert upstream_request({"prompt": "x"}, "completion", "m")["stream_options"] == {"include_usage": True}
+    # The allowlist is the in-process vLLM engine's (what the gateway names and bounds) less request_id.
+    for kind in ("chat", "completion"):
+        assert VLLM_FIELDS[kind] - REQUEST_FIELDS[kind] == {"request_id"}
+
+
+def test_errors_are_mapped_never_copied() -> None:
+    bad = mapped_error(422, b'{"error": {"message": "n too big", "param": "n", "code": "invalid_value"}}', {}, "m")
+    assert isinstance(bad, JobRejected) and (bad.status, bad.param, bad.message) == (400, "n", "n too big")
+    for status in (401, 403):
+        auth = mapped_error(status, b'{"error": {"message": "bad key", "code": "invalid_api_key"}}', {}, "m")
+        assert isinstance(auth, JobRejected) and (auth.status, auth.code) == (502, "engine_error")
+        assert "bad key" not in auth.message
+    gone = mapped_error(404, b'{"detail": "Not Found"}', {}, "m")
+    assert isinstance(gone, JobRejected) and (gone.status, gone.code) == (503, "model_unavailable")
+    busy = mapped_error(429, b"slow down", {"retry-after": "3"}, "m")
+    assert isinstance(busy, Retryable) and busy.retry_after_s == 3
+    assert (busy.final.status, busy.final.code, busy.final.retry_after_s) == (429, "model_overloaded", 3)
+    broken = mapped_error(500, b"<html>", {}, "m")
+    assert isinstance(broken, Retryable) and broken.final.status == 502 and broken.retry_after_s is None
+    down = mapped_error(503, b'{"error": {"message": "no engine"}}', {"retry-after": "2"}, "m")
+    assert isinstance(down, Retryable) and (down.final.status, down.final.code, down.final.retry_after_s) == (
+        503, "model_unavailable", 2)
+
+
+def test_a_stream_with_usage_is_relayed_with_the_upstream_s_counts() -> None:
+    out = Out()
+    relay = Relay(out, {"n": 2}, "chat", "m")
+    assert relay.line(chunk({"index": 0, "delta": {"role": "assistant", "content": ""}}))  # role only: nothing
+    assert out.deltas == [] and out.started_calls == 0
+    relay.line(chunk({"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}}))
+    relay.line(chunk({"index": 1, "delta": {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f"}}]}}))
+    relay.line(chunk({"index": 0, "delta": {}, "finish_reason": "stop"}, {"index": 1, "delta": {},
+                                                                          "finish_reason": "tool_calls"}))
+    relay.line(chunk(usage={"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}))
+    assert relay.line("data: [DONE]") is False
+    relay.finish()
+    assert out.usage == Usage(prompt_tokens=9, completion_tokens=4)
+    assert [d.tool_calls[0].name for d in out.deltas[1][0]] == ["f"] and out.deltas[0][1] is None
+
+
+def test_a_stream_without_usage_is_charged_what_it_relayed() -> None:
+    out = Out()
+    client = {"messages": [{"role": "user", "content": "x" * 40}]}
+    relay = Relay(out, client, "chat", "m")
+    relay.line(chunk({"index": 0, "delta": {"content": "a"}}))
+    relay.line(chunk({"index": 0, "delta": {"content": "b"},
+                      "logprobs": {"content": [{"token": "b", "logprob": -1.0}, {"token": "c", "logprob": -2.0}]}}))
+    relay.line(chunk({"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}}))
+    relay.line(chunk({"index": 0, "delta": {}, "finish_reason": "stop"}))  # no token
+    relay.line("data: [DONE]")
+    relay.finish()
+    prompt = estimated_prompt_tokens(client, "chat")
+    assert prompt == -(-len(json.dumps(client["messages"], separators=(",", ":"))) // 4)
+    assert out.usage == Usage(prompt_tokens=prompt, completion_tokens=4)  # 1 + 2 (logprobs) + 1
+    assert [t for _, _, t in out.deltas] == [Generated(prompt, 1), Generated(prompt, 3), Generated(prompt, 4),
+                                             Generated(prompt, 4)]
+
+
+def test_failures_before_output_are_retryable_and_after_output_clean_errors() -> None:
+    relay = Relay(Out(), {}, "completion", "m")
+    with pytest.raises(JobRejected) as rejected:  # vLLM's error chunk before output keeps its meaning
+        relay.line('data: {"error": {"message": "bad", "type": "BadRequestError", "param": "x", "code": 400}}')
+    assert (rejected.value.status, rejected.value.param) == (400, "x")
+    with pytest.raises(Retryable):
+        relay.line("data: {not json")
+    with pytest.raises(Retryable):  # an error event with a string code (OpenAI's, Conduit's): a server error
+        relay.line('data: {"error": {"message": "boom", "type": "server_error", "code": "engine_lost"}}')
+    relay.line(chunk({"index": 0, "text": "hi"}))
+    with pytest.raises(StreamBroke) as broke:
+        relay.line(chunk({"index": 0, "text": "", "finish_reason": "abort"}))
+    assert (broke.value.status, broke.value.code) == (502, "engine_error")
+    with pytest.raises(StreamBroke):
+        relay.line('data: {"error": {"message": "boom", "code": "engine_lost"}}')
+    assert isinstance(relay.broken("a stream that ended without [DONE]"), StreamBroke)
+
+
+def test_settings_take_the_key_from_the_environment_or_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    parse = build_parser().parse_args
+    base = ["serve", "--kind", "upstream", "--base-url", "https://up/v1"]
+    monkeypatch.setenv("CONDUIT_UPSTREAM_API_KEY", "from-env")
+    s = upstream_settings(parse([*base, "--served-name", "m", "--upstream-header", "X-Team: blue",
+                                 "--upstream-ca-bundle", "/ca.pem", "--max-concurrency", "8"]))
+    assert (s.api_key, s.headers, s.ca_bundle, s.max_concurrency, s.verify_tls) == (
+        "from-env", {"X-Team": "blue"}, "/ca.pem", 8, True)
+    assert "from-env" not in repr(s) and "from-env" not in repr(UpstreamSettings(base_url="u", api_key="from-env"))
+    key = tmp_path / "key"
+    key.write_text("from-file\n")
+    s = upstream_settings(parse([*base, "--models", "auto", "--upstream-api-key-file", str(key)]))
+    assert (s.api_key, s.models_auto, s.served_names) == ("from-file", True, [])
+    for wrong in ([*base], [*base, "--served-name", "m", "--upstream-header", "no colon"],
+                  [*base, "--models", "auto", "--upstream-model", "x"], ["serve", "--kind", "upstream"]):
+        with pytest.raises(ValueError):
+            upstream_settings(parse(wrong))
+    with pytest.raises(SystemExit):  # no flag takes the key itself
+        parse([*base, "--upstream-api-key", "sk-x"])
