@@ -77,10 +77,25 @@ class ColdStarts:
         if self.admits(run.model):
             self._waiting.setdefault(run.model, {}).setdefault(run, now + self.timeout_s)
 
+    def left(self, run: JobRun, spawn: Callable[[Any], None]) -> None:
+        """``run`` ended unanswered while it waited for a cold model (its client left, its request
+        deadline passed): its job is taken back too, by a task ``spawn`` starts. An engine that
+        starts later never heard its cancellation, so it would otherwise run it for nobody."""
+        waiting = self._waiting.get(run.model)
+        if waiting is not None and waiting.pop(run, None) is not None:
+            spawn(self._withdraw_quietly(run))
+
+    async def _withdraw_quietly(self, run: JobRun) -> None:
+        try:
+            await self.queue.withdraw(run.job, run.entry)
+        except REDIS_ERRORS as exc:
+            log.warning("cold start: could not withdraw the job %s of a request that ended (%s)", run.job_id, exc)
+            self.metrics.background_error("cold-starts")
+
     def counts(self) -> Iterable[tuple[str, int]]:
-        """(model, requests waiting for it while it is cold) for every declared model and any counted."""
-        declared = self.registry.declared if self.timeout_s > 0 else set()
-        return [(m, len(self._waiting.get(m, ()))) for m in sorted(declared | set(self._waiting))]
+        """(model, requests waiting for it while it is cold) for every known model (0 for most: a
+        series from the start, as ``conduit.gateway.engines.live`` has)."""
+        return [(m, len(self._waiting.get(m, ()))) for m in sorted(self.registry.known() | set(self._waiting))]
 
     async def watch(self) -> None:
         """Every tick until :attr:`closed`: count the runs of models that went cold, forget those

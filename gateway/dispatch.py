@@ -86,8 +86,7 @@ class Dispatcher:
     def check_model(self, model: str, principal: Principal = ANONYMOUS, kind: str | None = None) -> None:
         """404 for a model nobody serves or configured, or that the key may not use, or whose live
         engines announce no job of ``kind`` (an engine that cannot run a job it gets still answers
-        501: a fleet of mixed versions); 503 for one whose engines are all gone, unless it is
-        declared and cold-start waits are on (``gateway.cold``: its request waits for an engine)."""
+        501: a fleet of mixed versions); 503 for one whose engines are all gone (or it waits: ``gateway.cold``)."""
         if not principal.allows(model):
             raise ModelNotFound(model)
         if self.registry.is_live(model):
@@ -270,6 +269,7 @@ class Dispatcher:
         if not run.ended:
             if not run.withdrawn:  # (a withdrawn job's client did not leave: it was answered 503)
                 self.metrics.cancellations.add(1)
+                self.cold.left(run, self._spawn)
             self._publish_cancel(run.job_id, run.job.deadline_ms)
 
     def _publish_cancel(self, job_id: str, deadline_ms: int) -> None:

@@ -107,8 +107,8 @@ class JobQueue:
 
     async def submit(self, job: Job, *, share: float | None = None) -> bytes:
         """Queue ``job`` once, however often it is resent, and return its stream entry's id if it
-        went straight into the job stream (b"" if it waits its key's turn, or was a resend); raises :class:`BacklogFull` /
-        :class:`BytesFull` instead of queueing past the model's limits, :class:`ShareFull` /
+        went straight into the job stream (b"" if it waits its key's turn, or was a resend); raises
+        :class:`BacklogFull` / :class:`BytesFull` instead of queueing past the model's limits, :class:`ShareFull` /
         :class:`BytesFull` when the job's tenant would hold more than ``share`` of them (None, or
         tenant "": no per-tenant limit), :class:`JobTooLarge` for a job larger than the tenant's
         share of the bytes (before asking Redis)."""

@@ -194,3 +194,18 @@ def test_undeclared_models_stay_unknown(stack: Stack) -> None:
     r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=10,
                    json={"model": "never-declared", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_client_that_leaves_a_cold_request_leaves_no_job_behind(stack: Stack) -> None:
+    """An engine that starts later never heard the cancellation: the job is withdrawn instead."""
+    stack.gateway(models=MODEL, cold_start_timeout_s=60)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=1.0,
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    wait_until(lambda: cold_gauge(stack), 0)
+    with redis.Redis.from_url(stack.redis_url) as db:
+        wait_until(lambda: db.xlen(f"{stack.prefix}:jobs:{{{MODEL}}}"), 0, timeout=5)
+    port = free_port()
+    stack.synthetic(MODEL, "--metrics-port", str(port))
+    time.sleep(1.5)
+    assert engine_jobs(port) == 0 and engine_jobs(port, "skipped") == 0
