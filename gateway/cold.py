@@ -137,17 +137,16 @@ class ColdStarts:
                 del self._waiting[model]
         if not due:
             return
+        jobs = [r.job for r in due]
         outcomes = await asyncio.gather(*(self.queue.withdraw(r.job, r.entry) for r in due), return_exceptions=True)
-        for run, outcome in zip(due, outcomes, strict=True):
-            if outcome == WITHDRAWN:
+        for run, job, outcome in zip(due, jobs, outcomes, strict=True):
+            if outcome == WITHDRAWN and run.job is job:  # (not submitted again meanwhile: Redis lost it)
                 if not run.closed:
                     run.withdrawn = True
                     run.events.put_nowait(COLD)
                 continue
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, REDIS_ERRORS):
-                    raise outcome
-                log.warning("cold start: could not withdraw job %s (%s); it waits on", run.job_id, outcome)
+                log.warning("cold start: could not withdraw job %s (%r); it waits on", job.id, outcome)
                 self.metrics.background_error("cold-starts")
             # TAKEN: an engine holds it (one that started a moment ago: it will be live; one that
             # dies: its job ages until it can be withdrawn); GONE: answered (the run ends), or Redis
