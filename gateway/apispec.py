@@ -93,7 +93,8 @@ JOB_ERRORS = {
     500: "`internal_error`.",
     501: "`unsupported_job_kind`.",
     502: "`engine_error`, `engine_failed`, `engine_lost`, `job_lost`, `output_lost`.",
-    503: "`model_unavailable` (a known model with no live engine now), `queue_unavailable`, "
+    503: "`model_unavailable` (a known model with no live engine now; for a declared model with cold-start "
+         "waits on, none started within `cold_start_timeout_s`: with `Retry-After`), `queue_unavailable`, "
          "`idempotency_unavailable`, `server_busy`, `overloaded` (the engine).",
     504: "`deadline_exceeded`.",
 }

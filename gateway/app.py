@@ -115,6 +115,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         tasks = [asyncio.create_task(router.run(), name="reply-router"),
                  asyncio.create_task(registry.run(), name="engine-registry"),
                  asyncio.create_task(dispatcher.watch_jobs(), name="job-check"),
+                 asyncio.create_task(dispatcher.cold.watch(), name="cold-starts"),
                  asyncio.create_task(auth.run(), name="keys-version"),
                  asyncio.create_task(usage_log.run(), name="usage-flush")]
         if isinstance(store, DirectoryImageStore):
@@ -127,7 +128,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         try:
             yield
         finally:
-            router.closed = registry.closed = dispatcher.closed = usage_log.closed = True
+            router.closed = registry.closed = dispatcher.closed = dispatcher.cold.closed = usage_log.closed = True
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)

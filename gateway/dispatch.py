@@ -21,6 +21,7 @@ import msgspec
 from engines.contract.lane import REDIS_ERRORS
 from engines.contract.messages import Job
 from gateway.context import RequestContext
+from gateway.cold import ColdStarts
 from gateway.errors import ConduitError, ModelNotFound, ModelNotSupported, NoEngine, Overloaded, PayloadTooLarge
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
 from gateway.registry import EngineRegistry
@@ -72,6 +73,8 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Ends :meth:`watch_jobs`.
         self.closed = False
+        #: Requests waiting for a cold model (declared, no live engine): ``gateway.cold``.
+        self.cold = ColdStarts(settings, registry, queue, metrics, runs=self._runs.values)
         metrics.watch_in_flight(lambda: len(self._runs))
 
     @property
@@ -83,12 +86,14 @@ class Dispatcher:
     def check_model(self, model: str, principal: Principal = ANONYMOUS, kind: str | None = None) -> None:
         """404 for a model nobody serves or configured, or that the key may not use, or whose live
         engines announce no job of ``kind`` (an engine that cannot run a job it gets still answers
-        501: a fleet of mixed versions); 503 for one whose engines are all gone."""
+        501: a fleet of mixed versions); 503 for one whose engines are all gone (or it waits: ``gateway.cold``)."""
         if not principal.allows(model):
             raise ModelNotFound(model)
         if self.registry.is_live(model):
             if kind is not None and not self.registry.runs(model, kind):
                 raise ModelNotSupported(model, kind)
+            return
+        if self.cold.admits(model):
             return
         if self.registry.is_known(model):
             raise NoEngine(model)
@@ -153,6 +158,8 @@ class Dispatcher:
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
         # One timer per request wakes its waiter at the deadline (no timeout context per wait).
         run.timer = loop.call_at(run.deadline, run.events.put_nowait, DEADLINE)
+        if not self.registry.is_live(run.model):
+            self.cold.track(run, loop.time())
 
     async def _admit(self, run: JobRun) -> None:
         """The key's rate limits (429 taking nothing when one is reached); no-op without limits."""
@@ -174,6 +181,10 @@ class Dispatcher:
         images it made. A run the engine refused (a 4xx before any output) gets its tokens back;
         it keeps its request (rpm) slot: the engine did work on it, and a key must not be able to
         send engines refused requests without limit."""
+        if run.withdrawn and not run.shown:  # answered 503 at its cold-start deadline, run by no engine:
+            if run.grant is not None and self.limiter is not None:  # nothing charged, everything back
+                self._spawn(self._release(run.grant, 0, refused=True))
+            return
         u = run.usage
         images = run.cost.images if u is not None else run.images
         if u is None:
@@ -222,7 +233,7 @@ class Dispatcher:
         share = run.principal.limits.backlog_share
         share = self.settings.key_backlog_share if share is None else share
         try:
-            await self.queue.submit(job, share=share)
+            run.entry = await self.queue.submit(job, share=share)
         except BacklogFull as exc:
             raise Overloaded(f"The model `{job.model}` has {exc.backlog} requests waiting, its limit; retry after "
                              f"{self.settings.retry_after_s}s.", self.settings.retry_after_s) from None
@@ -256,7 +267,9 @@ class Dispatcher:
         """A run ended: stop routing its events; an unfinished job is cancelled on the engines."""
         self._forget_id(run.job_id)
         if not run.ended:
-            self.metrics.cancellations.add(1)
+            if not run.withdrawn:  # (a withdrawn job's client did not leave: it was answered 503)
+                self.metrics.cancellations.add(1)
+                self.cold.left(run, self._spawn)
             self._publish_cancel(run.job_id, run.job.deadline_ms)
 
     def _publish_cancel(self, job_id: str, deadline_ms: int) -> None:

@@ -146,8 +146,10 @@ class EngineError(ConduitError, status=502, type="server_error", code="engine_er
 class NoEngine(ConduitError, status=503, type="server_error", code="model_unavailable"):
     """No live engine serves the model."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(f"No engine is serving the model `{model}` right now; try again shortly.", param="model")
+    def __init__(self, model: str, *, waited_s: float = 0.0, retry_after_s: int = 0) -> None:
+        waited = f" (none started within {waited_s:g}s)" if waited_s else ""
+        super().__init__(f"No engine is serving the model `{model}` right now{waited}; try again shortly.",
+                         param="model", headers={"Retry-After": str(retry_after_s)} if retry_after_s else None)
 
 
 class DeadlineExceeded(ConduitError, status=504, type="timeout_error", code="deadline_exceeded"):

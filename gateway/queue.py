@@ -23,6 +23,7 @@ from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_
 from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
 from engines.contract.replies import REPLY_STREAM_TTL_MS
+from engines.contract.withdraw import WITHDRAW, withdraw_command
 from engines.contract.reach import Outage
 from telemetry.instruments import GatewayMetrics
 
@@ -104,9 +105,10 @@ class JobQueue:
         """The job stream of ``model``."""
         return self._keys.jobs(model)
 
-    async def submit(self, job: Job, *, share: float | None = None) -> None:
-        """Queue ``job`` once, however often it is resent; raises :class:`BacklogFull` /
-        :class:`BytesFull` instead of queueing past the model's limits, :class:`ShareFull` /
+    async def submit(self, job: Job, *, share: float | None = None) -> bytes:
+        """Queue ``job`` once, however often it is resent, and return its stream entry's id if it
+        went straight into the job stream (b"" if it waits its key's turn, or was a resend); raises
+        :class:`BacklogFull` / :class:`BytesFull` instead of queueing past the model's limits, :class:`ShareFull` /
         :class:`BytesFull` when the job's tenant would hold more than ``share`` of them (None, or
         tenant "": no per-tenant limit), :class:`JobTooLarge` for a job larger than the tenant's
         share of the bytes (before asking Redis)."""
@@ -121,11 +123,12 @@ class JobQueue:
                               weight=job.priority, now_ms=int(time.time() * 1000),
                               max_bytes=self.max_backlog_bytes, tenant_bytes=byte_limit)
         try:
-            outcome, n = await self.lane.execute(*args)
+            reply = await self.lane.execute(*args)
         except NoScriptError:
             # Redis restarted (or flushed its scripts) since we last loaded it.
             await self._scripts.load(SUBMIT)
-            outcome, n = await self.lane.execute(*args)
+            reply = await self.lane.execute(*args)
+        outcome, n = reply[0], reply[1]
         if outcome == BACKLOG_FULL:
             raise BacklogFull(int(n))
         if outcome == SHARE_FULL:
@@ -133,6 +136,19 @@ class JobQueue:
         if outcome in (BYTES_FULL, BYTES_SHARE_FULL):
             tenant_full = outcome == BYTES_SHARE_FULL
             raise BytesFull(int(n), byte_limit if tenant_full else self.max_backlog_bytes, tenant=tenant_full)
+        return reply[2] if len(reply) > 2 else b""
+
+    async def withdraw(self, job: Job, entry: bytes) -> int:
+        """Take ``job`` back from its model's queue unless an engine has it (``engines.contract.withdraw``):
+        ``WITHDRAWN`` (no engine will ever run it), ``TAKEN`` or ``GONE``. ``entry``: what :meth:`submit`
+        returned. Safe to resend."""
+        cmd = withdraw_command(self._keys, job.model, job.id, job.tenant, self._codec.encode(job), entry=entry,
+                               deadline_ms=job.deadline_ms, scan=self._max_backlog)
+        try:
+            return int(await self.lane.execute(*cmd))
+        except NoScriptError:
+            await self._scripts.load(WITHDRAW)
+            return int(await self.lane.execute(*cmd))
 
     def share_limit(self, share: float) -> int:
         """How many jobs of a model's backlog ``share`` (a fraction of ``max_backlog``) allows: at least one."""

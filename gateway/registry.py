@@ -50,6 +50,10 @@ class EngineRegistry:
     def is_live(self, model: str) -> bool:
         return model in self.models
 
+    def is_declared(self, model: str) -> bool:
+        """Whether ``model`` is in the settings' ``models`` (cold while no engine serves it: ``gateway.cold``)."""
+        return model in self._configured
+
     def is_known(self, model: str) -> bool:
         return model in self.models or model in self._configured or model in self._seen
 

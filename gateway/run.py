@@ -23,7 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from engines.contract.messages import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
-from gateway.errors import ConduitError, DeadlineExceeded, EngineError
+from gateway.cold import COLD
+from gateway.errors import ConduitError, DeadlineExceeded, EngineError, NoEngine
 from gateway.tenancy.cost import Cost
 from gateway.tenancy.limits import Grant
 from gateway.tenancy.principal import ANONYMOUS, Principal
@@ -67,6 +68,15 @@ def engine_failure(event: Failed) -> ConduitError:
                headers={"Retry-After": str(event.retry_after_s)} if event.retry_after_s else None)
 
 
+def cold_failure(run: JobRun) -> ConduitError:
+    """What a run whose job was withdrawn at its cold-start deadline (``gateway.cold``) ends with."""
+    if run.shown:  # its engine died mid-stream and none came back
+        return EngineError("The engine serving this request stopped after output began and no engine of the model "
+                           "is live; retry the request.", code="engine_lost")
+    settings = run.dispatcher.settings
+    return NoEngine(run.model, waited_s=settings.cold_start_timeout_s, retry_after_s=settings.retry_after_s)
+
+
 class JobRun:
     """One request's job: ``async with dispatcher.job(...) as run`` submits it; leaving the
     block ends it (telling the engines to stop if it had not finished)."""
@@ -74,7 +84,7 @@ class JobRun:
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
                  "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "output", "refused", "refund_request", "claim")
+                 "output", "refused", "refund_request", "claim", "entry", "withdrawn")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -89,8 +99,7 @@ class JobRun:
         self.deadline = 0.0  # loop time
         self.started_at = time.perf_counter()
         #: The attempt whose events are accepted, and the number of its last event.
-        self.attempt = 1
-        self.seq = 0
+        self.attempt, self.seq = 1, 0
         #: A final event (Done/Failed) was taken; nothing is left to cancel.
         self.ended = False
         self.closed = False
@@ -106,9 +115,8 @@ class JobRun:
         self._receive = receive
         self._watcher: asyncio.Task[None] | None = None
         self._held: Any = None  # an event, or _GAP
-        #: Who asks, what the request costs against the key's limits, what admission took,
-        #: and where admission puts the ``x-ratelimit-*`` headers.
-        #: Who the request runs as (its key's share of the backlog applies to every submission).
+        #: Who asks (its key's share of the backlog applies to every submission), what the request
+        #: costs against the key's limits, what admission took, where the ``x-ratelimit-*`` headers go.
         self.principal = principal
         self.cost = cost or Cost()
         self.grant: Grant | None = None
@@ -130,6 +138,8 @@ class JobRun:
         self.refund_request = False
         #: The request's ``Idempotency-Key`` claim: each submission is named in it first.
         self.claim: Claim | None = None
+        #: Its stream entry if submitted straight there (b"": it waited); taken back at its cold-start deadline.
+        self.entry, self.withdrawn = b"", False
 
     @property
     def job_id(self) -> str:
@@ -190,9 +200,9 @@ class JobRun:
                     return admitted
         while True:
             event = await self.events.get()
-            if event is DEADLINE:
-                raise DeadlineExceeded(f"The request did not finish within "
-                                       f"{self.dispatcher.settings.request_timeout_s:g}s.")
+            if event is DEADLINE or event is COLD:
+                raise cold_failure(self) if event is COLD else DeadlineExceeded(
+                    f"The request did not finish within {self.dispatcher.settings.request_timeout_s:g}s.")
             if event is CLIENT_GONE:
                 raise ClientDisconnected
             if isinstance(event, Lost):
@@ -281,7 +291,7 @@ class JobRun:
             batch = [await self.next()]
             while not q.empty() and self._held is None:
                 event = q.get_nowait()
-                if event is DEADLINE or event is CLIENT_GONE or isinstance(event, Lost):
+                if event is DEADLINE or event is CLIENT_GONE or event is COLD or isinstance(event, Lost):
                     q.put_nowait(event)  # handled by the next next(), after this batch is out
                     break
                 admitted = self._admit(event)

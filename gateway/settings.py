@@ -85,10 +85,22 @@ class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):
     job_check_s: float = 1.0
     #: How often one request's job may be submitted again after Redis lost it.
     max_resubmits: int = 2
-    #: Models a client may name even while no engine serves them (they get 503, not 404).
+    #: Models a client may name even while no engine serves them (they get 503, not 404; or,
+    #: with ``cold_start_timeout_s``, they are *cold*: their requests wait for an engine).
     models: list[str] = []
+    #: How long a request for one of ``models`` waits while no engine of it is live (a *cold*
+    #: model: its jobs queue as usual, bounded as usual, and ``conduit.gateway.requests.cold``
+    #: tells an autoscaler to start one); past it, a 503 ``model_unavailable`` with Retry-After and
+    #: its job withdrawn, so no engine starting later runs it. 0: a 503 at once. At most
+    #: ``request_timeout_s``.
+    cold_start_timeout_s: float = 0.0
     #: Default fraction of a model's ``max_backlog`` one key may hold (``KeyLimits.backlog_share``).
     key_backlog_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cold_start_timeout_s <= self.request_timeout_s:
+            raise ValueError(f"cold_start_timeout_s ({self.cold_start_timeout_s:g}) must be between 0 and "
+                             f"request_timeout_s ({self.request_timeout_s:g})")
 
 
 class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):

@@ -49,7 +49,7 @@ OPERATIONS = {"chat": "chat", "completion": "text_completion", "image": "image_g
 
 #: Background duties of a gateway (``background.errors``'s ``task``) and the reasons it drops a
 #: reply event (``events.skipped``): their series exist at 0 from the start.
-GATEWAY_TASKS = ("reply-router", "engine-registry", "job-check", "limits-release", "usage-flush")
+GATEWAY_TASKS = ("reply-router", "engine-registry", "job-check", "limits-release", "usage-flush", "cold-starts")
 SKIP_REASONS = ("unknown_type", "undecodable_entry", "duplicate", "gap", "stale_attempt", "stale_submission",
                 "registry_entry")
 
@@ -188,6 +188,15 @@ class GatewayMetrics:
                          description="Jobs of a model waiting in fair queueing's per-key lists (every engine slot "
                                      "busy)",
                          callback=lambda: [(w, {MODEL: m}) for m, _, w in backlog()])
+
+    def watch_cold(self, cold: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Export each declared model's requests waiting while no engine of it is live: (model, requests)."""
+        self.meter.gauge("conduit.gateway.requests.cold", unit="{request}",
+                         description="Requests of this gateway waiting for a model no engine serves (a cold model: "
+                                     "declared, scaled to zero or its engines gone), until one is live, they end or "
+                                     "their cold-start deadline passes; the demand to start an engine on (sum over "
+                                     "gateways)",
+                         callback=lambda: [(n, {MODEL: m}) for m, n in cold()])
 
     def watch_engines(self, engines: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
         """Export the live engines of every known model from ``engines()``: (model, engines, slots)."""

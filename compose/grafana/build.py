@@ -159,6 +159,11 @@ def queue() -> dict[str, Any]:
                                                           "{{gen_ai_request_model}}", (0.5, 0.95)), unit="s"),
         panel("Live engines by model", [q(f"max by (gen_ai_request_model) (conduit_gateway_engines_live{{{GW},{M}}})",
                                           "{{gen_ai_request_model}}")]),
+        panel("Waiting for a cold model",
+              [q(f"sum by (gen_ai_request_model) (conduit_gateway_requests_cold{{{GW},{M}}})",
+                 "{{gen_ai_request_model}}")],
+              description="Requests waiting for a declared model no engine serves (scaled to zero, or its engines "
+                          "gone) until one starts or their cold-start deadline passes: the demand KEDA wakes it on."),
         row("Retries and failures"),
         panel("Job outcomes/s", [q(f"sum by (outcome) (rate(conduit_engine_jobs_total{{{EN},{M}}}{RATE}))",
                                    "{{outcome}}")], unit="ops", stack=True),

@@ -107,8 +107,10 @@ def promote_command(keys: Keys, model: str, free: int) -> tuple[object, ...]:
 # 7 tenant backlog, 8 queued bytes, 9 queued jobs. ARGV: 1 max backlog, 2 stream cap, 3 job,
 # 4 deadline (ms), 5 tenant, 6 tenant's limit, 7 weight, 8 now (ms), 9 job id, 10 consumer
 # group, 11 max backlog bytes, 12 tenant's bytes (0: no limit).
-# Returns {outcome, n}: QUEUED, DUPLICATE, BACKLOG_FULL (n: the backlog), SHARE_FULL (n: the
-# tenant's jobs), BYTES_FULL (n: the backlog's bytes) or BYTES_SHARE_FULL (n: the tenant's bytes).
+# Returns {outcome, n}: QUEUED (n: 0, then the stream entry's id, which the gateway may withdraw
+# it by, engines.contract.withdraw; or n: 1, it waits), DUPLICATE, BACKLOG_FULL (n: the backlog),
+# SHARE_FULL (n: the tenant's jobs), BYTES_FULL (n: the backlog's bytes) or BYTES_SHARE_FULL (n:
+# the tenant's bytes).
 SUBMIT = HELD + """
 if redis.call('EXISTS', KEYS[2]) == 1 then return {1, 0} end
 local waiting = tonumber(redis.call('HGET', KEYS[5], 'waiting') or '0')
@@ -139,8 +141,7 @@ local pending = 0
 local summary = redis.pcall('XPENDING', KEYS[1], ARGV[10])
 if type(summary) == 'table' and summary.err == nil then pending = summary[1] end
 if waiting == 0 and xlen - pending <= 0 then
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])
-  return {0, 0}
+  return {0, 0, redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'j', ARGV[3])}
 end
 -- A new list joins the ring, unless its tenant's last one expired while it was still there.
 if redis.call('RPUSH', KEYS[3], ARGV[3]) == 1 and not redis.call('LPOS', KEYS[4], ARGV[5]) then

@@ -150,3 +150,22 @@ def test_gateway_and_engine_run_as_their_redis_users_on_a_cluster(cluster_stack:
         for node in nodes:
             with node.client() as c:
                 c.execute_command("ACL", "DELUSER", *(n for n, _ in users.values()))
+
+
+def test_a_cold_model_on_a_cluster_waits_then_is_served_or_withdrawn(cluster_stack: Stack,
+                                                                     redis_cluster: LocalCluster) -> None:
+    """The cold path's scripts (submit, withdraw, promote) each stay in the model's slot."""
+    stack = cluster_stack
+    stack.gateway(models="alpha", cold_start_timeout_s=1, retry_after_s=4)
+    late = httpx.post(f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=30)  # no engine: withdrawn
+    assert late.status_code == 503 and late.headers["retry-after"] == "4", late.text
+    stack.gateway(models="alpha", cold_start_timeout_s=30)  # (a second gateway; it waits long enough)
+    box: dict[str, httpx.Response] = {}
+    t = threading.Thread(target=lambda: box.update(r=httpx.post(
+        f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=30)))
+    t.start()
+    time.sleep(0.3)
+    stack.synthetic("alpha", "--token-delay", "0.01")
+    t.join(30)
+    assert box["r"].status_code == 200, box["r"].text
+    assert box["r"].json()["choices"][0]["message"]["content"] == "tok " * 3

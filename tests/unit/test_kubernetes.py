@@ -39,8 +39,9 @@ SCHEMAS = ROOT / "tests" / "schemas"
 #: The oldest Kubernetes the manifests are written for (native preStop sleep, PDB
 #: unhealthyPodEvictionPolicy) and the newest the pinned kubernetes-validate knows.
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-#: Gauges the gateways export for autoscaling (queued + running + waiting; waiting only).
-AUTOSCALING_METRICS = {"conduit_queue_backlog", "conduit_queue_waiting"}
+#: Gauges the gateways export for autoscaling (queued + running + waiting; waiting only; requests
+#: waiting for a cold model: ``gateway.cold``).
+AUTOSCALING_METRICS = {"conduit_queue_backlog", "conduit_queue_waiting", "conduit_gateway_requests_cold"}
 #: Engine shutdown after its drain: events flushed (<= 10 s), background tasks (<= 5 s), the backend closed.
 ENGINE_EXIT_MARGIN_S = 45
 WORKLOADS = ("Deployment", "StatefulSet")
@@ -200,13 +201,12 @@ def test_scaled_object_watches_its_engines_model(engine: str) -> None:
     model, concurrency = args.served_name, args.max_concurrency
     [so] = [s for s in of_kind("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == engine]
     assert so["spec"]["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
-    # Never 0: with no live engine a gateway refuses the model at once (503) and queues nothing.
-    assert so["spec"].get("minReplicaCount", 0) >= 1
     assert "replicas" not in deployment["spec"], "KEDA owns the replica count"
-    triggers = {t["type"]: t for t in so["spec"]["triggers"]}
-    assert set(triggers) == {"redis-streams", "prometheus"}
+    triggers = {t["name"]: t for t in so["spec"]["triggers"]}
+    assert {n: t["type"] for n, t in triggers.items()} == \
+        {"stream": "redis-streams", "backlog": "prometheus", "cold": "prometheus"}
 
-    stream = triggers["redis-streams"]["metadata"]
+    stream = triggers["stream"]["metadata"]
     assert stream["stream"] == Keys(args.key_prefix).jobs(model)
     # XLEN (streamLength) = queued + running, since engines XDEL what they ack. KEDA uses it
     # only without a consumerGroup (with one: XPENDING or lag), so none may be named here;
@@ -222,7 +222,7 @@ def test_scaled_object_watches_its_engines_model(engine: str) -> None:
                                 f"{redis_url.port}", "KEDA's operator runs in its own namespace: a full name"
     named("Service", redis_url.hostname or "")
     # KEDA logs in as the autoscaler user, which may read that stream's length and nothing more.
-    auth = named("TriggerAuthentication", triggers["redis-streams"]["authenticationRef"]["name"])
+    auth = named("TriggerAuthentication", triggers["stream"]["authenticationRef"]["name"])
     assert {(r["parameter"], r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]} == \
         {("password", "conduit-secrets", password_variable("autoscaler"))}
     [username] = auth["spec"]["configMapTargetRef"]
@@ -232,14 +232,37 @@ def test_scaled_object_watches_its_engines_model(engine: str) -> None:
     assert any(fnmatchcase(stream["stream"], r.removeprefix("%R~")) for r in rules if r.startswith("%R~"))
     assert "+xlen" in rules and "+@read" not in rules
 
-    backlog = triggers["prometheus"]["metadata"]
-    selectors = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", backlog["query"])
-    assert selectors, backlog["query"]
-    for metric, labels in selectors:
-        assert metric in AUTOSCALING_METRICS, f"{metric} is not a gauge the gateways export"
-        assert re.findall(r'(\w+)\s*=\s*"([^"]*)"', labels) == [("gen_ai_request_model", model)]
-    assert backlog["query"].replace(" ", "").startswith("max("), "every gateway reports the same value"
-    assert 0 < float(backlog["threshold"]) <= concurrency
+    for name, first in (("backlog", "max("), ("cold", "sum(")):
+        query = triggers[name]["metadata"]["query"]
+        selectors = re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}", query)
+        assert selectors, query
+        for metric, labels in selectors:
+            assert metric in AUTOSCALING_METRICS, f"{metric} is not a gauge the gateways export"
+            assert re.findall(r'(\w+)\s*=\s*"([^"]*)"', labels) == [("gen_ai_request_model", model)]
+        # The backlog is read from Redis (every gateway reports the same value); cold requests are
+        # each gateway's own.
+        assert query.replace(" ", "").startswith(first), query
+        assert 0 < float(triggers[name]["metadata"]["threshold"]) <= concurrency
+    assert "conduit_gateway_requests_cold" in triggers["cold"]["metadata"]["query"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_scaled_object_wakes_its_model_from_zero(engine: str) -> None:
+    """Engines go down to 0 replicas. Their model is then cold: the gateways queue its requests for
+    ``cold_start_timeout_s`` (a 503 at once would leave no demand to see), and a trigger active on
+    any of it starts the first engine."""
+    model = parse(named("Deployment", engine)["spec"]["template"]["spec"]["containers"][0]).served_name
+    [so] = [s for s in of_kind("ScaledObject") if s["spec"]["scaleTargetRef"]["name"] == engine]
+    assert so["spec"].get("minReplicaCount", 0) == 0
+    settings = GatewaySettings.from_env({**config(), "CONDUIT_METRICS_AUTH": "false"})  # (its hash: a Secret's)
+    assert model in settings.queue.models, "an undeclared model is unknown (404), never cold"
+    assert settings.queue.cold_start_timeout_s > 0, "with no wait, a cold model's requests queue nothing"
+    triggers = {t["name"]: t["metadata"] for t in so["spec"]["triggers"]}
+    # The first cold job goes straight into the stream (no engine has read it): XLEN 1 > 0.
+    assert triggers["stream"]["activationLagCount"] == "0"
+    for name in ("backlog", "cold"):
+        assert float(triggers[name]["activationThreshold"]) == 0, "one waiting request wakes an engine"
+    assert so["spec"]["cooldownPeriod"] >= 300, "a model load costs minutes: not back to 0 after every lull"
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -84,3 +84,12 @@ def test_the_redis_password_never_shows_in_a_repr() -> None:
     assert "secret" not in repr(settings) and "secret" not in repr(settings.redis)
     worker = WorkerSettings(redis_url="redis://engine:url-secret@redis:6379/0", redis_password="apart-secret")
     assert "secret" not in repr(worker)
+
+
+def test_the_cold_start_wait_is_bounded_by_the_request_timeout() -> None:
+    settings = GatewaySettings.from_env({"CONDUIT_COLD_START_TIMEOUT_S": "120", "CONDUIT_REQUEST_TIMEOUT_S": "120"})
+    assert settings.queue.cold_start_timeout_s == 120
+    assert GatewaySettings.from_env({}).queue.cold_start_timeout_s == 0  # off: a 503 at once, as before
+    for bad in ("121", "-1"):
+        with pytest.raises(msgspec.ValidationError, match="cold_start_timeout_s"):
+            GatewaySettings.from_env({"CONDUIT_COLD_START_TIMEOUT_S": bad, "CONDUIT_REQUEST_TIMEOUT_S": "120"})

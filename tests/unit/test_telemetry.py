@@ -84,6 +84,7 @@ def test_every_instrument_has_a_unique_name_unit_and_description() -> None:
     gw.watch_in_flight(lambda: 0)
     gw.watch_queue(lambda: [])
     gw.watch_engines(lambda: [])
+    gw.watch_cold(lambda: [])
     EngineMetrics(meter).watch_jobs(lambda: [], 1)
     names = [i.name for i in meter.instruments]
     assert len(names) == len(set(names))

@@ -1,0 +1,154 @@
+"""Requests for *cold* models: declared in the settings (``models``) while no engine of them is live.
+
+With ``cold_start_timeout_s`` > 0 such a request is not refused: its job is queued like any other
+(the model's backlog bound, the key's share, its bytes: the submit script's bounds, nothing
+more), so the job stream and the wait lists hold it where an engine that starts finds it, and
+:class:`ColdStarts` counts it in ``conduit.gateway.requests.cold`` (the demand an autoscaler
+starts an engine on). The count falls as soon as an engine of the model is live (the request is
+then served as any other) or when the request ends. A request still waiting at its cold-start
+deadline has its job withdrawn (``engines.contract.withdraw``): only once that succeeds is it
+answered 503 ``model_unavailable`` with Retry-After (:data:`COLD`, raised by ``JobRun.next``),
+and its key is charged nothing. A job an engine already holds is left to that engine.
+
+Requests whose model *goes* cold (its last engine died or left while they waited) are counted
+from that moment and get the same deadline: a job held by a dead engine is withdrawn too (no
+reclaimer would retry it before an engine starts), and a stream whose output had begun ends with
+``engine_lost`` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from engines.contract.lane import REDIS_ERRORS
+from engines.contract.withdraw import WITHDRAWN
+from gateway.queue import JobQueue
+from gateway.registry import EngineRegistry
+from gateway.settings import QueueSettings
+from telemetry.instruments import GatewayMetrics
+
+if TYPE_CHECKING:
+    from gateway.run import JobRun
+
+log = logging.getLogger("conduit.gateway")
+
+
+class ColdTimeout:
+    """Put in a run's queue once its job was withdrawn at its cold-start deadline."""
+
+    __slots__ = ()
+
+
+COLD: Any = ColdTimeout()
+
+#: How soon a job past its cold-start deadline that could not be withdrawn is tried again.
+RECHECK_S = 1.0
+
+
+class ColdStarts:
+    """The requests of this gateway waiting for a cold model, and their cold-start deadlines."""
+
+    def __init__(self, settings: QueueSettings, registry: EngineRegistry, queue: JobQueue, metrics: GatewayMetrics,
+                 *, runs: Callable[[], Iterable[JobRun]], tick_s: float = 0.1) -> None:
+        #: Every run of the gateway in flight.
+        self._runs = runs
+        self.timeout_s = settings.cold_start_timeout_s
+        self.registry = registry
+        self.queue = queue
+        self.metrics = metrics
+        self._tick_s = tick_s
+        #: model -> run -> its cold-start deadline (event-loop time).
+        self._waiting: dict[str, dict[JobRun, float]] = {}
+        #: The models live at the last look (those that leave it went cold).
+        self._live: set[str] = set()
+        #: Ends :meth:`watch`.
+        self.closed = False
+        metrics.watch_cold(self.counts)
+
+    def admits(self, model: str) -> bool:
+        """Whether a request for ``model``, which no engine serves now, may wait for one."""
+        return self.timeout_s > 0 and self.registry.is_declared(model)
+
+    def track(self, run: JobRun, now: float) -> None:
+        """Count ``run`` as waiting for a cold model, until ``now`` + the cold-start timeout."""
+        if self.admits(run.model):
+            self._waiting.setdefault(run.model, {}).setdefault(run, now + self.timeout_s)
+
+    def left(self, run: JobRun, spawn: Callable[[Any], None]) -> None:
+        """``run`` ended unanswered while it waited for a cold model (its client left, its request
+        deadline passed): its job is taken back too, by a task ``spawn`` starts. An engine that
+        starts later never heard its cancellation, so it would otherwise run it for nobody."""
+        waiting = self._waiting.get(run.model)
+        if waiting is not None and waiting.pop(run, None) is not None:
+            spawn(self._withdraw_quietly(run))
+
+    async def _withdraw_quietly(self, run: JobRun) -> None:
+        try:
+            await self.queue.withdraw(run.job, run.entry)
+        except REDIS_ERRORS as exc:
+            log.warning("cold start: could not withdraw the job %s of a request that ended (%s)", run.job_id, exc)
+            self.metrics.background_error("cold-starts")
+
+    def counts(self) -> Iterable[tuple[str, int]]:
+        """(model, requests waiting for it while it is cold) for every known model (0 for most: a
+        series from the start, as ``conduit.gateway.engines.live`` has)."""
+        return [(m, len(self._waiting.get(m, ()))) for m in sorted(self.registry.known() | set(self._waiting))]
+
+    async def watch(self) -> None:
+        """Every tick until :attr:`closed`: count the runs of models that went cold, forget those
+        served or ended, withdraw the jobs of those past their deadline."""
+        if self.timeout_s <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        while not self.closed:
+            await asyncio.sleep(self._tick_s)
+            try:
+                await self._look(loop.time())
+            except REDIS_ERRORS as exc:
+                log.warning("cold starts: redis unavailable (%s)", exc)
+                self.metrics.background_error("cold-starts")
+            except Exception:
+                log.exception("cold starts: look failed; carrying on")
+                self.metrics.background_error("cold-starts")
+
+    async def _look(self, now: float) -> None:
+        live = set(self.registry.models) if self.registry.redis_ok else self._live
+        went_cold = self._live - live
+        self._live = live
+        if went_cold:
+            for run in self._runs():
+                if run.model in went_cold and not run.ended and not run.closed:
+                    self.track(run, now)
+        due: list[JobRun] = []
+        for model, waiting in list(self._waiting.items()):
+            if model in live:  # an engine is live: served as any request is
+                del self._waiting[model]
+                continue
+            for run, deadline in list(waiting.items()):
+                if run.closed or run.ended:
+                    del waiting[run]
+                elif now >= deadline:
+                    due.append(run)
+                    del waiting[run]
+            if not waiting:
+                del self._waiting[model]
+        if not due:
+            return
+        jobs = [r.job for r in due]
+        outcomes = await asyncio.gather(*(self.queue.withdraw(r.job, r.entry) for r in due), return_exceptions=True)
+        for run, job, outcome in zip(due, jobs, outcomes, strict=True):
+            if outcome == WITHDRAWN and run.job is job:  # (not submitted again meanwhile: Redis lost it)
+                if not run.closed:
+                    run.withdrawn = True
+                    run.events.put_nowait(COLD)
+                continue
+            if isinstance(outcome, BaseException):
+                log.warning("cold start: could not withdraw job %s (%r); it waits on", job.id, outcome)
+                self.metrics.background_error("cold-starts")
+            # TAKEN: an engine holds it (one that started a moment ago: it will be live; one that
+            # dies: its job ages until it can be withdrawn); GONE: answered (the run ends), or Redis
+            # lost it (the job check submits it again). Asked again shortly while the model stays cold.
+            self._waiting.setdefault(run.model, {})[run] = now + RECHECK_S
