@@ -29,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engines.cli import CPU_ENGINE_ENV  # noqa: E402 - after the path that finds it
-from tests.harness import Proc, RedisServer, Stack, free_port  # noqa: E402
+from tests.harness import Proc, RedisServer, Stack, free_port, wait_for_openai_server  # noqa: E402
 
 SERVED, UPSTREAM = "bench-up", "tiny-llama"
 
@@ -103,15 +103,7 @@ def main() -> None:
     redis = RedisServer(work)
     stack = Stack(redis.url, work)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.alive() and time.monotonic() < deadline, server.output()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_for_openai_server(server, port)
         stack.gateway()
         stack.engine("--kind", "upstream", "--base-url", f"http://127.0.0.1:{port}/v1", "--served-name", SERVED,
                      "--upstream-model", UPSTREAM, "--max-concurrency", str(max(args.concurrency)), model=SERVED)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from engines.contract.lane import REDIS_ERRORS
 from engines.contract.withdraw import WITHDRAWN
 from gateway.queue import JobQueue
-from gateway.registry import EngineRegistry
+from gateway.registry import EngineRegistry, outliving
 from gateway.settings import QueueSettings
 from telemetry.instruments import GatewayMetrics
 
@@ -105,14 +105,7 @@ class ColdStarts:
         loop = asyncio.get_running_loop()
         while not self.closed:
             await asyncio.sleep(self._tick_s)
-            try:
-                await self._look(loop.time())
-            except REDIS_ERRORS as exc:
-                log.warning("cold starts: redis unavailable (%s)", exc)
-                self.metrics.background_error("cold-starts")
-            except Exception:
-                log.exception("cold starts: look failed; carrying on")
-                self.metrics.background_error("cold-starts")
+            await outliving("cold-starts", self._look(loop.time()), self.metrics)
 
     async def _look(self, now: float) -> None:
         live = set(self.registry.models) if self.registry.redis_ok else self._live

@@ -24,7 +24,7 @@ from gateway.context import RequestContext
 from gateway.cold import ColdStarts
 from gateway.errors import ConduitError, ModelNotFound, ModelNotSupported, NoEngine, Overloaded, PayloadTooLarge
 from gateway.queue import BacklogFull, BytesFull, JobQueue, JobTooLarge, ReplyRouter, ShareFull
-from gateway.registry import EngineRegistry
+from gateway.registry import EngineRegistry, outliving
 from gateway.run import DEADLINE, JobRun, Lost, new_id
 from gateway.settings import QueueSettings
 from gateway.tenancy.cost import Cost
@@ -284,14 +284,7 @@ class Dispatcher:
         lost_after = max(2, 1 + math.ceil(LOST_AFTER_S / interval))  # checks in a row
         while not self.closed:
             await asyncio.sleep(interval)
-            try:
-                await self._check_jobs(time.perf_counter() - interval, lost_after)
-            except REDIS_ERRORS as exc:
-                log.warning("job check: redis unavailable (%s)", exc)
-                self.metrics.background_error("job-check")
-            except Exception:
-                log.exception("job check failed; carrying on")
-                self.metrics.background_error("job-check")
+            await outliving("job-check", self._check_jobs(time.perf_counter() - interval, lost_after), self.metrics)
 
     async def _check_jobs(self, older_than: float, lost_after: int) -> None:
         checked = [(r, r.job_id) for r in self._runs.values() if r.started_at < older_than and not r.ended]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from typing import Protocol
 
 import msgspec
 import redis.asyncio as aioredis
@@ -181,3 +183,20 @@ def _context(engines: list[EngineInfo]) -> ModelContext:
     return ModelContext(min(lens) if lens and len(lens) == every else None,
                         max(chars) if chars and len(chars) == every else None,
                         min(seqs) if seqs and len(seqs) == every else None)
+
+
+class _Counts(Protocol):
+    def background_error(self, task: str) -> None: ...
+
+
+async def outliving(task: str, step: Awaitable[None], metrics: _Counts) -> None:
+    """Await one ``step`` of the background duty ``task``: a Redis outage is a warning, any other
+    error a logged traceback, both counted under ``task``; either way the duty carries on."""
+    try:
+        await step
+    except REDIS_ERRORS as exc:
+        log.warning("%s: redis unavailable (%s)", task, exc)
+        metrics.background_error(task)
+    except Exception:
+        log.exception("%s failed; carrying on", task)
+        metrics.background_error(task)

@@ -77,6 +77,21 @@ REDIS_USERS = os.environ.get("CONDUIT_TEST_REDIS_USERS", "") == "1"
 USER_PASSWORDS = {"gateway": "test-gateway-password", "engine": "test-engine-password"}
 
 
+def wait_for_openai_server(server: Proc, port: int, timeout: float = 300) -> None:
+    """Until the OpenAI-compatible server ``server`` answers ``/v1/models`` on ``port`` (it failing, or
+    the timeout, fails with the end of its log)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.alive(), server.output()[-5000:]
+        assert time.monotonic() < deadline, f"the server did not start in {timeout:g} s:\n" + server.output()[-5000:]
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+
+
 def redis_user_args() -> list[str]:
     """redis-server options defining the gateway and engine users for every test prefix (``t*``)."""
     from engines.contract.acl import user_rules

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import pytest
 
 from engines.cli import CPU_ENGINE_ENV
-from tests.harness import ROOT, Proc, RedisServer, Stack, free_port
+from tests.harness import ROOT, Proc, RedisServer, Stack, free_port, wait_for_openai_server
 from tests.openai_schema import validate, validate_completion_chunk
 
 SERVED, UPSTREAM = "tiny-up", "tiny-llama"
@@ -52,16 +51,7 @@ def pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) ->
                   work / "vllm-server.log", env=CPU_ENGINE_ENV)
     stack = Stack(redis_server.url, work)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.alive(), server.output()[-5000:]
-            assert time.monotonic() < deadline, "vLLM's server did not start:\n" + server.output()[-5000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        wait_for_openai_server(server, port)
         stack.gateway()
         stack.engine("--kind", "upstream", "--base-url", f"http://127.0.0.1:{port}/v1", "--served-name", SERVED,
                      "--upstream-model", UPSTREAM, model=SERVED)
