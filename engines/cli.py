@@ -15,9 +15,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engines.upstream_flags import add_upstream_flags, upstream_settings
+
+__all__ = ["build_parser", "main", "upstream_settings"]
+
 if TYPE_CHECKING:
     from engines.diffusers_engine import DiffusersSettings
-    from engines.upstream import UpstreamSettings
     from engines.vllm_engine import VllmSettings
     from engines.worker import WorkerSettings
 
@@ -199,39 +202,6 @@ def diffusers_settings(args: argparse.Namespace, model: str) -> DiffusersSetting
         max_concurrency=args.max_concurrency or 64, threads=args.threads, **limits)
 
 
-def upstream_settings(args: argparse.Namespace) -> UpstreamSettings:
-    """An upstream engine's settings from ``conduit engine``'s flags and the environment (its key:
-    CONDUIT_UPSTREAM_API_KEY or ``--upstream-api-key-file``, never a flag's value). Raises ValueError
-    naming what is wrong."""
-    from engines.upstream import UpstreamSettings
-
-    if not args.base_url:
-        raise ValueError("--kind upstream needs --base-url (the upstream's OpenAI base URL, e.g. http://vllm:8000/v1)")
-    auto = args.models == "auto"
-    if not auto and not args.served_name:
-        raise ValueError("--kind upstream needs --served-name (the model name clients use) or --models auto")
-    if auto and args.upstream_model:
-        raise ValueError("--upstream-model names one model; with --models auto each model keeps the upstream's name")
-    key = os.environ.get("CONDUIT_UPSTREAM_API_KEY", "")
-    if args.upstream_api_key_file:
-        try:
-            key = Path(args.upstream_api_key_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"cannot read --upstream-api-key-file: {exc.strerror}") from None
-    headers: dict[str, str] = {}
-    for header in args.upstream_header:
-        name, sep, value = header.partition(":")
-        if not sep or not name.strip() or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
-            raise ValueError(f"--upstream-header takes 'Name: value', not {header!r}")
-        headers[name.strip()] = value.strip()
-    return UpstreamSettings(
-        base_url=args.base_url, served_names=[] if auto else [args.served_name], upstream_model=args.upstream_model or "",
-        models_auto=auto, models_refresh_s=args.models_refresh_s, api_key=key, headers=headers,
-        connect_timeout_s=args.upstream_connect_timeout_s, read_timeout_s=args.upstream_read_timeout_s,
-        verify_tls=not args.upstream_insecure, ca_bundle=args.upstream_ca_bundle or "",
-        max_concurrency=args.max_concurrency or 64, retries=args.upstream_retries)
-
-
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     """Run on uvloop where it is installed (as the gateway does): far cheaper loop turns."""
     try:
@@ -280,24 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--default-steps", type=int, help="diffusers: steps of quality 'auto' (default 30)")
     en.add_argument("--threads", type=int, help="diffusers: torch CPU threads (1 suits small shared CPUs)")
     en.add_argument("--served-name", help="the model name clients use (synthetic: several, comma-separated)")
-    up = en.add_argument_group("upstream", "--kind upstream: the server jobs are forwarded to. Its API key comes from "
-                                           "CONDUIT_UPSTREAM_API_KEY or --upstream-api-key-file, never a flag")
-    up.add_argument("--base-url", help="the upstream's OpenAI base URL, /v1 included (http://vllm:8000/v1)")
-    up.add_argument("--upstream-model", help="the upstream's name of the model (default: --served-name)")
-    up.add_argument("--models", choices=["auto"], help="auto: serve every model the upstream's /v1/models lists, "
-                                                        "under its own name, re-read every --models-refresh-s")
-    up.add_argument("--models-refresh-s", type=_positive(float), default=30.0)
-    up.add_argument("--upstream-api-key-file", help="a file holding the upstream's API key")
-    up.add_argument("--upstream-header", action="append", default=[], metavar="'NAME: VALUE'",
-                    help="a header sent with every upstream request (repeatable)")
-    up.add_argument("--upstream-connect-timeout-s", type=_positive(float), default=10.0)
-    up.add_argument("--upstream-read-timeout-s", type=_positive(float), default=120.0,
-                    help="the longest silence between two chunks of the upstream's answer")
-    up.add_argument("--upstream-ca-bundle", help="a PEM CA bundle to verify the upstream's certificate with")
-    up.add_argument("--upstream-insecure", action="store_true",
-                    help="do not verify the upstream's TLS certificate (verified by default)")
-    up.add_argument("--upstream-retries", type=int, default=3,
-                    help="tries after the first for a failure before any output (connection, timeout, 5xx, 429)")
+    add_upstream_flags(en)
     en.add_argument("--redis-url", default=os.environ.get("CONDUIT_REDIS_URL", "redis://127.0.0.1:6379/0"))
     en.add_argument("--redis-cluster", action="store_true",
                     default=os.environ.get("CONDUIT_REDIS_CLUSTER", "").lower() in ("1", "true", "yes"),

@@ -10,7 +10,9 @@ Failures before any output that another try may cure (a connection refused or cu
 5xx, a 429) are tried again on this engine with backoff, never past the job's deadline; after
 output the job ends with a clean error. A job whose client left is cancelled, which closes its
 upstream request. ``--models auto`` announces what the upstream's ``/v1/models`` lists, re-read
-every ``models_refresh_s`` (``engines.worker.Worker.announce`` follows the changes).
+every ``models_refresh_s`` (``engines.worker.Worker.announce`` follows the changes), bounded and
+checked by ``engines.upstream_models``. What the upstream sends is read with bounds: an error body
+up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``).
 """
 
 from __future__ import annotations
@@ -29,9 +31,23 @@ import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Job
-from engines.upstream_relay import PATHS, Relay, Retryable, StreamBroke, mapped_error, upstream_request
+from engines.upstream_models import ModelList
+from engines.upstream_relay import (
+    PATHS,
+    LineTooLong,
+    Relay,
+    Retryable,
+    StreamBroke,
+    bounded_body,
+    bounded_lines,
+    mapped_error,
+    upstream_request,
+)
 
 log = logging.getLogger("conduit.engine")
+
+#: The most of a ``/v1/models`` answer read (a list of a few hundred models is far under it).
+MODELS_BODY_BYTES = 4 * 1024 * 1024
 
 
 class UpstreamSettings(msgspec.Struct, kw_only=True):
@@ -46,9 +62,11 @@ class UpstreamSettings(msgspec.Struct, kw_only=True):
     #: Announce what the upstream's ``/v1/models`` lists (served name = upstream name), re-read.
     models_auto: bool = False
     models_refresh_s: float = 30.0
+    #: The most models ``models_auto`` serves (each has its own read loop and Redis connection).
+    models_max: int = 32
     #: Sent as ``Authorization: Bearer``; from CONDUIT_UPSTREAM_API_KEY or a file, never a flag.
     api_key: str = ""
-    #: Extra request headers (``--upstream-header 'Name: value'``).
+    #: Extra request headers (``--upstream-header 'Name: value'``, ``--upstream-header-file``).
     headers: dict[str, str] = {}
     connect_timeout_s: float = 10.0
     #: Longest silence between two chunks of the upstream's stream.
@@ -88,6 +106,7 @@ class UpstreamBackend:
         self._refresh: asyncio.Task[None] | None = None
         #: Called with the new list when ``--models auto`` sees the upstream's models change.
         self.on_models: Any = None
+        self.model_list = ModelList(settings.models_max)
 
     def _client(self) -> httpx.AsyncClient:
         s = self.settings
@@ -105,19 +124,24 @@ class UpstreamBackend:
 
     async def start(self) -> None:
         """Open the connection pool; with ``models_auto``, read the upstream's models (and keep reading)."""
+        # httpx logs every request's URL at INFO (a query or userinfo in it would reach the logs).
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.client = self._client()
         if self.settings.models_auto:
             if not self.models:
-                self.models = await self.upstream_models()
+                self.models = self.model_list.next([], await self.upstream_models())
             self._refresh = asyncio.create_task(self._refresh_models(), name="upstream-models")
 
-    async def upstream_models(self) -> list[str]:
-        """The ids the upstream's ``/v1/models`` lists."""
+    async def upstream_models(self) -> list[Any]:
+        """The ids the upstream's ``/v1/models`` lists (unchecked: ``ModelList`` checks them)."""
         assert self.client is not None
-        r = await self.client.get("models")
-        if r.status_code != 200:
-            raise mapped_error(r.status_code, r.content, r.headers, "*")
-        return sorted({m["id"] for m in r.json().get("data", []) if isinstance(m.get("id"), str)})
+        async with self.client.stream("GET", "models") as r:
+            data = await bounded_body(r.aiter_bytes(), MODELS_BODY_BYTES)
+            if r.status_code != 200:
+                raise mapped_error(r.status_code, data, r.headers, "*")
+        listed = json.loads(data).get("data", [])
+        return [m.get("id") for m in listed if isinstance(m, dict)]
 
     async def _refresh_models(self) -> None:
         while True:
@@ -127,6 +151,7 @@ class UpstreamBackend:
             except Exception as exc:  # noqa: BLE001 - an upstream down keeps the last list
                 log.warning("reading the upstream's models failed (%s); keeping %s", exc, self.models)
                 continue
+            models = self.model_list.next(self.models, models)
             if models != self.models:
                 log.info("the upstream's models changed: %s -> %s", self.models, models)
                 before, self.models = self.models, models
@@ -199,11 +224,14 @@ class UpstreamBackend:
         try:
             async with self.client.stream("POST", PATHS[kind], json=body) as r:
                 if r.status_code != 200:
-                    raise mapped_error(r.status_code, await r.aread(), r.headers, model)
-                async for line in r.aiter_lines():
-                    if not relay.line(line):
-                        relay.finish()
-                        return
+                    raise mapped_error(r.status_code, await bounded_body(r.aiter_bytes()), r.headers, model)
+                try:
+                    async for line in bounded_lines(r.aiter_bytes()):
+                        if not relay.line(line):
+                            relay.finish()
+                            return
+                except LineTooLong:
+                    raise relay.too_long() from None
         finally:
             self._open -= 1
         raise relay.broken("a stream that ended without [DONE]")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -44,18 +46,23 @@ PATHS = {"chat": "chat/completions", "completion": "completions"}
 
 def upstream_request(body: dict[str, Any], kind: str, model: str) -> dict[str, Any]:
     """The client's request as the upstream gets it: only :data:`REQUEST_FIELDS`, ``model`` the
-    upstream's name, always streamed, and always with usage at the end (``include_usage``; the client's
-    other stream options kept: vLLM's ``continuous_usage_stats`` only when the client asked for it, so
-    an upstream without that extension never sees it unasked)."""
+    upstream's name, always streamed, and always with usage at the end. ``stream_options`` is built, never
+    copied: ``include_usage``, and vLLM's ``continuous_usage_stats`` only when the client asked for usage
+    on every chunk (:func:`wants_continuous_usage`, the gateway's and vLLM's rule), so an upstream without
+    that extension never sees it unasked and no other key the client put there leaves Conduit."""
     fields = REQUEST_FIELDS[kind]
-    options = {**(body.get("stream_options") or {}), "include_usage": True}
+    options: dict[str, bool] = {"include_usage": True}
+    if wants_continuous_usage(body):
+        options["continuous_usage_stats"] = True
     return {**{k: v for k, v in body.items() if k in fields}, "model": model, "stream": True,
             "stream_options": options}
 
 
 def wants_continuous_usage(body: dict[str, Any]) -> bool:
     """Whether the client asked for usage on every chunk (vLLM's rule: only with ``include_usage``)."""
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if not isinstance(options, dict):
+        return False
     return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
 
@@ -102,7 +109,7 @@ def error_body(data: bytes) -> _ErrorBody:
     try:
         env = msgspec.json.decode(data, type=_Envelope)
     except (msgspec.ValidationError, msgspec.DecodeError):
-        return _ErrorBody(message=data[:500].decode(errors="replace").strip())
+        return _ErrorBody(message=data[:MESSAGE_CHARS].decode(errors="replace").strip())
     if isinstance(env.error, _ErrorBody):
         return env.error
     return _ErrorBody(message=env.error or env.message, param=env.param)
@@ -117,37 +124,63 @@ def retry_after(headers: Any) -> float | None:
     return value if 0 <= value < 3600 else None
 
 
+#: The most of an upstream's error body read (the rest is never read: an upstream cannot make the
+#: engine buffer without limit), and the most of its message relayed or logged.
+ERROR_BODY_BYTES = 64 * 1024
+MESSAGE_CHARS = 500
+
+
+def clipped(text: str | None, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (an ellipsis marks the cut)."""
+    text = text or ""
+    return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 def mapped_error(status: int, data: bytes, headers: Any, model: str) -> Exception:
     """An upstream's error answer as Conduit's (mapped, never copied: the upstream's codes name its
-    own clients' problems, not Conduit's clients'): a :class:`JobRejected`, or :class:`Retryable`."""
+    own clients' problems, not Conduit's clients'): a :class:`JobRejected`, or :class:`Retryable`.
+
+    Only a 400/422 (the client's own mistake) relays the upstream's message and ``param`` (clipped);
+    every other status answers Conduit's own message and logs the upstream's (clipped): a 401/403,
+    a quota or a 5xx page is about Conduit's account and the upstream's insides, not the client's
+    request. A 429 for an exhausted quota (``insufficient_quota``) is not retried and is a 502
+    ``engine_error``: no retry, by this engine or the client, cures it, and it is the operator's
+    account that is out, as with a refused credential."""
     body = error_body(data)
-    message = body.message or f"The upstream answered {status}."
+    upstream = clipped(body.message) or f"(status {status}, no message)"
     if status in (400, 422):
-        return JobRejected(message, status=400, code="invalid_request", param=body.param)
+        return JobRejected(clipped(body.message) or f"The model's upstream server refused the request ({status}).",
+                           status=400, code="invalid_request", param=clipped(body.param, 128) or None)
+    if status == 429 and "insufficient_quota" in (str(body.code), str(body.type)):
+        log.error("the upstream says this engine's quota is exhausted (429: %s)", upstream)
+        return JobRejected("The model's upstream server refused Conduit's account: its quota is exhausted.",
+                           status=502, code="engine_error", type="server_error")
     if status in (401, 403):
         # Conduit's own credential (CONDUIT_UPSTREAM_API_KEY) is wrong: the operator's problem, never
         # the client's invalid_api_key.
         log.error("the upstream refused this engine's credentials (%d: %s): check CONDUIT_UPSTREAM_API_KEY / "
-                  "--upstream-api-key-file", status, message)
-        return JobRejected("The engine could not authenticate with its upstream server.", status=502,
-                           code="engine_error", type="server_error")
+                  "--upstream-api-key-file", status, upstream)
+        return JobRejected("The upstream rejected Conduit's credentials.", status=502, code="engine_error",
+                           type="server_error")
+    log.warning("the upstream answered %d for model %s: %s", status, model, upstream)
     if status == 404:
-        return JobRejected(f"The model `{model}` is not available from its upstream server: {message}", status=503,
+        return JobRejected(f"The model `{model}` is not available from its upstream server.", status=503,
                            code="model_unavailable", type="server_error")
     if status == 429:
         wait = retry_after(headers)
-        return Retryable(JobRejected(f"The model's upstream server is overloaded: {message}", status=429,
+        return Retryable(JobRejected("The model's upstream server is rate limited.", status=429,
                                      code="model_overloaded", type="rate_limit_error",
                                      retry_after_s=max(1, round(wait or 1))), wait)
     if status == 503:  # the upstream says it cannot serve now (no replica, loading, draining)
         wait = retry_after(headers)
-        return Retryable(JobRejected(f"The model's upstream server is unavailable: {message}", status=503,
+        return Retryable(JobRejected("The model's upstream server is unavailable.", status=503,
                                      code="model_unavailable", type="server_error",
                                      retry_after_s=max(1, round(wait or 1))), wait)
     if status >= 500 or status == 408:
-        return Retryable(JobRejected(f"The model's upstream server failed ({status}): {message}", status=502,
+        return Retryable(JobRejected(f"The model's upstream server failed ({status}).", status=502,
                                      code="engine_error", type="server_error"), retry_after(headers))
-    return JobRejected(message, status=400, code="invalid_request", param=body.param)
+    return JobRejected(f"The model's upstream server refused the request ({status}).", status=400,
+                       code="invalid_request")
 
 
 def _chunk_failure(error: ChunkError, model: str) -> Exception:
@@ -155,7 +188,53 @@ def _chunk_failure(error: ChunkError, model: str) -> Exception:
     return mapped_error(error.code or 500, msgspec.json.encode({"error": error}), {}, model)
 
 
-# ---- the stream --------------------------------------------------------------------------
+# ---- the stream ------------------------------------------------------------------------------
+#: The longest line of the upstream's stream read (one chunk: a choice's delta, logprobs and usage;
+#: far under this). ``httpx``'s ``aiter_lines`` buffers a line without limit, so :func:`bounded_lines`
+#: reads the lines instead.
+MAX_LINE_BYTES = 1024 * 1024
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class LineTooLong(Exception):
+    """A line of the upstream's stream grew past :data:`MAX_LINE_BYTES` before it ended."""
+
+
+async def bounded_lines(chunks: AsyncIterator[bytes], limit: int = MAX_LINE_BYTES) -> AsyncIterator[str]:
+    """The lines of a byte stream (SSE's line ends: CRLF, LF or CR), none longer than ``limit`` bytes:
+    :class:`LineTooLong` as soon as one passes it (never buffering more than ``limit`` plus a chunk)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        start = 0
+        for end in _EOL.finditer(chunk):
+            piece = chunk[start:end.start()]
+            if size + len(piece) > limit:
+                raise LineTooLong
+            line = b"".join((*parts, piece)) if parts else piece
+            parts, size, start = [], 0, end.end()
+            yield line.decode(errors="replace")
+        rest = chunk[start:]
+        if rest:
+            size += len(rest)
+            if size > limit:
+                raise LineTooLong
+            parts.append(rest)
+    if parts:
+        yield b"".join(parts).decode(errors="replace")
+
+
+async def bounded_body(chunks: AsyncIterator[bytes], limit: int = ERROR_BODY_BYTES) -> bytes:
+    """At most ``limit`` bytes of a body (an error answer's); the rest is never read."""
+    data = bytearray()
+    async for chunk in chunks:
+        data += chunk[:limit - len(data)]
+        if len(data) >= limit:
+            break
+    return bytes(data)
+
+
+# ---- the relay --------------------------------------------------------------------------
 class StreamBroke(JobRejected):
     """The upstream's stream failed after output reached the job: never retried, a clean error event."""
 
@@ -213,16 +292,31 @@ class Relay:
             if payload.startswith('{"error"'):  # another server's error event (a string `code`: OpenAI's, Conduit's)
                 error = error_body(payload.encode())
                 if self.produced:
-                    raise StreamBroke(f"the upstream failed mid-stream: {error.message}") from None
+                    raise self.failed_mid_stream(error.message) from None
                 code = error.code if isinstance(error.code, int) else 500
                 raise mapped_error(code, payload.encode(), {}, self._model) from None
             raise self.broken(f"an unreadable chunk ({exc})") from None
         if chunk.error is not None:
             if self.produced:
-                raise StreamBroke(f"the upstream failed mid-stream: {chunk.error.message}")
+                raise self.failed_mid_stream(chunk.error.message)
             raise _chunk_failure(chunk.error, self._model)
         self._chunk(chunk)
         return True
+
+    def failed_mid_stream(self, message: str | None) -> StreamBroke:
+        """An error event after output: the upstream's message logged (clipped), never relayed."""
+        log.warning("the upstream sent an error event mid-stream: %s", clipped(message))
+        return StreamBroke("it sent an error event")
+
+    def too_long(self) -> JobRejected:
+        """A line of the stream over :data:`MAX_LINE_BYTES`: never retried (the same request would
+        bring the same line), a clean error whether or not output began."""
+        why = f"a stream line over {MAX_LINE_BYTES // 1024} KiB"
+        if self.produced:
+            return StreamBroke(why)
+        log.warning("the upstream sent %s", why)
+        return JobRejected(f"The model's upstream server sent {why}.", status=502, code="engine_error",
+                           type="server_error")
 
     def broken(self, why: str) -> Exception:
         return StreamBroke(why) if self.produced else Retryable(JobRejected(

@@ -13,11 +13,16 @@ from engines.backend import JobRejected
 from engines.cli import build_parser, upstream_settings
 from engines.contract.messages import ChoiceDelta, Generated, Usage
 from engines.upstream import UpstreamSettings
+from engines.upstream_models import ModelList
 from engines.upstream_relay import (
+    MAX_LINE_BYTES,
     REQUEST_FIELDS,
+    LineTooLong,
     Relay,
     Retryable,
     StreamBroke,
+    bounded_body,
+    bounded_lines,
     estimated_prompt_tokens,
     mapped_error,
     upstream_request,
@@ -53,10 +58,14 @@ def chunk(*choices: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
 def test_the_body_keeps_the_allowlist_and_always_streams_with_usage() -> None:
     body = {"model": "front", "messages": [{"role": "user", "content": "hi"}], "n": 2, "top_k": 5, "tools": [],
             "store": True, "metadata": {"a": "b"}, "request_id": "mine", "service_tier": "flex",
-            "stream_options": {"continuous_usage_stats": True}}
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True, "x-secret": "s"}}
     sent = upstream_request(body, "chat", "their-name")
     assert sent["model"] == "their-name" and sent["stream"] is True
+    # Built, never copied: no other key of the client's stream_options reaches the upstream.
     assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    # continuous_usage_stats only where the client asked for usage on every chunk (vLLM's rule).
+    for options in ({"continuous_usage_stats": True}, {"include_usage": True}, "junk", None):
+        assert upstream_request({"stream_options": options}, "chat", "m")["stream_options"] == {"include_usage": True}
     assert {"n", "top_k", "tools", "messages"} <= set(sent)
     assert not {"store", "metadata", "request_id", "service_tier"} & set(sent)
     # Without the client's stream options only OpenAI's include_usage is asked (no vLLM extension).
@@ -74,6 +83,7 @@ def test_errors_are_mapped_never_copied() -> None:
         assert isinstance(auth, JobRejected) and (auth.status, auth.code) == (502, "engine_error")
         assert "bad key" not in auth.message
     gone = mapped_error(404, b'{"detail": "Not Found"}', {}, "m")
+    assert "Not Found" not in gone.message
     assert isinstance(gone, JobRejected) and (gone.status, gone.code) == (503, "model_unavailable")
     busy = mapped_error(429, b"slow down", {"retry-after": "3"}, "m")
     assert isinstance(busy, Retryable) and busy.retry_after_s == 3
@@ -156,3 +166,105 @@ def test_settings_take_the_key_from_the_environment_or_a_file(monkeypatch: pytes
             upstream_settings(parse(wrong))
     with pytest.raises(SystemExit):  # no flag takes the key itself
         parse([*base, "--upstream-api-key", "sk-x"])
+
+
+def test_only_a_client_s_mistake_relays_the_upstream_s_words_and_those_clipped() -> None:
+    long = json.dumps({"error": {"message": "m" * 5000, "param": "p" * 500, "code": "bad"}}).encode()
+    bad = mapped_error(400, long, {}, "m")
+    assert isinstance(bad, JobRejected) and len(bad.message) == 500 and len(bad.param or "") <= 128
+    secret = b'{"error": {"message": "org-1234 at 10.0.0.7 has used its tokens"}}'
+    for status in (401, 403, 404, 409, 429, 500, 503):
+        mapped = mapped_error(status, secret, {}, "m")
+        final = mapped.final if isinstance(mapped, Retryable) else mapped
+        assert isinstance(final, JobRejected) and "org-1234" not in final.message, status
+    assert mapped_error(429, b"", {}, "m").final.message == "The model's upstream server is rate limited."
+    # An exhausted quota is the operator's account, and no retry cures it: a 502 at once.
+    for quota in (b'{"error": {"message": "x", "type": "insufficient_quota", "code": "insufficient_quota"}}',
+                  b'{"error": {"message": "x", "type": "requests", "code": "insufficient_quota"}}'):
+        out = mapped_error(429, quota, {"retry-after": "1"}, "m")
+        assert isinstance(out, JobRejected) and not isinstance(out, Retryable)
+        assert (out.status, out.code) == (502, "engine_error")
+
+
+def test_an_error_event_after_output_is_logged_not_relayed() -> None:
+    relay = Relay(Out(), {}, "completion", "m")
+    relay.line(chunk({"index": 0, "text": "hi"}))
+    with pytest.raises(StreamBroke) as broke:
+        relay.line('data: {"error": {"message": "internal path /srv/secret", "code": "engine_lost"}}')
+    assert "/srv/secret" not in broke.value.message
+
+
+async def _chunks(*parts: bytes) -> Any:
+    for p in parts:
+        yield p
+
+
+async def _lines(*parts: bytes, limit: int = MAX_LINE_BYTES) -> list[str]:
+    return [line async for line in bounded_lines(_chunks(*parts), limit)]
+
+
+async def test_stream_lines_are_read_with_a_bound() -> None:
+    assert await _lines(b"data: a\r\n\r\nda", b"ta: \xc3", b"\xa9\n\ndata: [DONE]") == [
+        "data: a", "", "data: \u00e9", "", "data: [DONE]"]
+    assert await _lines(b"x" * 10 + b"\n", limit=10) == ["x" * 10]
+    for parts in ((b"x" * 11 + b"\n",), (b"x" * 6, b"x" * 6), (b"x" * 6, b"x" * 5, b"x\n")):
+        with pytest.raises(LineTooLong):
+            await _lines(*parts, limit=10)
+    assert await bounded_body(_chunks(b"a" * 40, b"b" * 40, b"c" * 40), 64) == b"a" * 40 + b"b" * 24
+
+
+def test_a_line_too_long_is_a_clean_engine_error_never_retried() -> None:
+    relay = Relay(Out(), {}, "completion", "m")
+    early = relay.too_long()
+    assert not isinstance(early, Retryable) and (early.status, early.code) == (502, "engine_error")
+    relay.line(chunk({"index": 0, "text": "hi"}))
+    assert isinstance(relay.too_long(), StreamBroke)
+
+
+def test_models_auto_is_bounded_checked_and_drops_a_model_only_after_two_reads_lack_it(
+        caplog: pytest.LogCaptureFixture) -> None:
+    models = ModelList(models_max=3)
+    listed = ["b", "a", "bad name", "x{tag}", 7, "z" * 129, "org/m-1.5:q4@v+2", "c", "d"]
+    served = models.next([], listed)
+    assert served == ["a", "b", "c"]  # the first 3 of the valid ones, sorted
+    assert "MORE THAN --upstream-models-max" in caplog.text and "'x{tag}'" in caplog.text
+    assert models.next(served, []) == served  # an empty read (an upstream restarting) drops nothing
+    assert models.next(served, ["a", "b"]) == served  # one read without c keeps it
+    assert models.next(served, ["a", "b", "e"]) == ["a", "b", "e"]  # the second drops it
+    assert models.next(["a"], ["a", "b", "c", "d", "e"]) == ["a", "b", "c"]
+
+
+def test_settings_refuse_secrets_in_argv_and_negative_retries(tmp_path: Any) -> None:
+    parse = build_parser().parse_args
+    base = ["serve", "--kind", "upstream", "--served-name", "m"]
+    for url in ("https://user:pw@up/v1", "https://up/v1?key=s", "https://up/v1#x", "ftp://up/v1", "up/v1"):
+        with pytest.raises(ValueError, match="--base-url"):
+            upstream_settings(parse([*base, "--base-url", url]))
+    for bad in ("-1", "x"):
+        with pytest.raises(SystemExit):
+            parse([*base, "--base-url", "https://up/v1", "--upstream-retries", bad])
+    with pytest.raises(SystemExit):
+        parse([*base, "--base-url", "https://up/v1", "--upstream-models-max", "0"])
+    headers = tmp_path / "headers"
+    headers.write_text("# secrets\nX-Secret: s3cret\n\nX-Team:  red\n")
+    s = upstream_settings(parse([*base, "--base-url", "https://up/v1", "--upstream-header", "X-Team: blue",
+                                 "--upstream-header-file", str(headers), "--upstream-retries", "0"]))
+    assert (s.headers, s.retries, s.models_max) == ({"X-Team": "red", "X-Secret": "s3cret"}, 0, 32)
+    headers.write_text("X-Secret s3cret\n")
+    with pytest.raises(ValueError) as wrong:
+        upstream_settings(parse([*base, "--base-url", "https://up/v1", "--upstream-header-file", str(headers)]))
+    assert "s3cret" not in str(wrong.value)
+
+
+async def test_the_engine_quiets_httpx_s_request_log() -> None:
+    import logging
+
+    from engines.upstream import UpstreamBackend
+
+    backend = UpstreamBackend(UpstreamSettings(base_url="http://127.0.0.1:9/v1", served_names=["m"]))
+    await backend.start()
+    try:
+        assert logging.getLogger("httpx").getEffectiveLevel() >= logging.WARNING
+        assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
+    finally:
+        await backend.close()
