@@ -78,6 +78,11 @@ def cmd_engine(args: argparse.Namespace) -> int:
 
     _logging(args.log_level, args.log_format, f"conduit-engine-{args.kind}")
     settings = worker_settings(args)
+    try:  # the flags first: a base URL carrying a secret is refused before anything connects
+        upstream = upstream_settings(args) if args.kind == "upstream" else None
+    except ValueError as exc:
+        print(f"conduit engine: {exc}", file=sys.stderr)
+        return 2
     # Both checked before any model loads: minutes of loading must not end in either.
     problem = (missing_model(args.model) if args.kind in ("vllm", "diffusers") else "") or first_contact(settings)
     if problem:
@@ -93,11 +98,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
     elif args.kind == "upstream":
         from engines.upstream import UpstreamBackend
 
-        try:
-            backend = UpstreamBackend(upstream_settings(args))  # type: ignore[assignment]
-        except ValueError as exc:
-            print(f"conduit engine: {exc}", file=sys.stderr)
-            return 2
+        assert upstream is not None
+        backend = UpstreamBackend(upstream)  # type: ignore[assignment]
     elif args.kind == "diffusers":
         from engines.diffusers_engine import DiffusersBackend
 

@@ -6,8 +6,9 @@ request (its engine counts the job cancelled)."""
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import asyncio
+import concurrent.futures as cf
+import contextlib
 import json
 import re
 import ssl
@@ -35,6 +36,7 @@ class Upstreams:
     up: Stack
     front: Stack
     key: str
+    one_key: str
     drip_metrics: int
     front_metrics: int
     engines: dict[str, Any]
@@ -59,7 +61,7 @@ def u(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
         s.up.gateway(auth=True, max_choices=4, models="up-cold")
         s.key = s.up.api_key = create_key(s.up, "conduit-front")
         rpm = create_key(s.up, "tiny-rpm", "--rpm", "1")
-        one = create_key(s.up, "one-at-a-time", "--concurrency", "1")
+        one = s.one_key = create_key(s.up, "one-at-a-time", "--concurrency", "1")
         s.drip_metrics = free_port()
         s.up.synthetic("up", "--tokens", "5")
         s.up.synthetic("up-slow", "--tokens", "3", "--token-delay", "60")
@@ -80,7 +82,9 @@ def u(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> It
         engine("front-slow", "up-slow", s.key)
         engine("front-bad-key", "up", "not-the-key")
         engine("front-rpm", "up", rpm)
-        engine("front-one", "up-drip", one)
+        # Tries until the deadline (Retry-After 1 s each), and one try only.
+        engine("front-one", "up-drip", one, "--upstream-retries", "20")
+        engine("front-one-brief", "up-drip", one, "--upstream-retries", "1")
         engine("front-missing", "no-such-model", s.key)
         engine("front-cold", "up-cold", s.key)
         engine("front-num", "up-num", s.key)
@@ -122,6 +126,8 @@ def test_answers_equal_the_upstream_s_own(u: Upstreams) -> None:
         validate("CreateChatCompletionResponse" if "chat" in path else "CreateCompletionResponse", through.json())
         assert comparable(through.json()) == comparable(direct.json())
         assert through.json()["model"] == "front"
+    # httpx's request log (every URL, at INFO) is off in the engine.
+    assert "HTTP Request" not in u.engines["front"].output()
 
 
 def test_streams_relay_n_and_usage_only_where_asked(u: Upstreams) -> None:
@@ -165,6 +171,7 @@ def test_a_model_the_upstream_does_not_serve_is_unavailable(u: Upstreams) -> Non
     r = post(u.front.base_url, {**CHAT, "model": "front-missing"})
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "model_unavailable"
+    assert r.json()["error"]["message"] == "The model `no-such-model` is not available from its upstream server."
 
 
 def test_an_upstream_rate_limit_is_model_overloaded_with_retry_after(u: Upstreams) -> None:
@@ -172,26 +179,50 @@ def test_an_upstream_rate_limit_is_model_overloaded_with_retry_after(u: Upstream
     r = post(u.front.base_url, {**CHAT, "model": "front-rpm"})
     assert r.status_code == 429, r.text
     assert r.json()["error"]["code"] == "model_overloaded" and int(r.headers["retry-after"]) >= 1
+    # Conduit's words, not the upstream's (its rate limits name its keys); the upstream's are logged.
+    assert r.json()["error"]["message"] == "The model's upstream server is rate limited."
+    assert "the upstream answered 429" in u.engines["front-rpm"].output()
+
+
+@contextlib.contextmanager
+def holding(u: Upstreams) -> Iterator[None]:
+    """The upstream key of concurrency 1 held: a stream straight to the upstream (no 6 s deadline: 40
+    tokens, 8 s) whose first token arrived (the upstream holds the key's one slot until that stream
+    ends), let go when the block ends (the client leaves)."""
+    body = {**CHAT, "model": "up-drip", "stream": True}
+    with httpx.stream("POST", f"{u.up.base_url}/v1/chat/completions", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {u.one_key}"}) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        while '"content"' not in next(lines):
+            pass
+        yield
+
+
+def wait_until(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 def test_an_upstream_429_is_retried_while_the_deadline_allows(u: Upstreams) -> None:
-    """A key of concurrency 1 at the upstream: while one request holds it, the engine's tries get 429
-    (Retry-After 1 s) and succeed once it is free; held past the tries, the client gets the 429."""
+    """A key of concurrency 1 at the upstream: while one stream holds it, the engine's tries get 429
+    (Retry-After 1 s) and succeed once it is let go; with its tries spent first, the client gets the
+    429. Ordered by what is seen (the holder's first token, the engine's retry), never by sleeping."""
     engine = u.engines["front-one"]
-    with cf.ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(post, u.front.base_url, {**CHAT, "model": "front-one", "max_tokens": 8})
-        time.sleep(0.5)  # the one slot is held for ~1.6 s
-        r = post(u.front.base_url, {**CHAT, "model": "front-one", "max_tokens": 2})
-        assert holder.result().status_code == 200
+    with cf.ThreadPoolExecutor(1) as pool:
+        with holding(u):
+            asked = pool.submit(post, u.front.base_url, {**CHAT, "model": "front-one", "max_tokens": 2})
+            wait_until(lambda: "upstream server is rate limited" in engine.output())
+        r = asked.result()
     assert r.status_code == 200, r.text
     assert "trying again" in engine.output()
-    with cf.ThreadPoolExecutor(2) as pool:
-        holder = pool.submit(post, u.front.base_url, {**CHAT, "model": "front-one", "max_tokens": 25})
-        time.sleep(0.5)  # held for ~5 s: longer than three tries of ~1 s
-        r = post(u.front.base_url, {**CHAT, "model": "front-one", "max_tokens": 2})
-        assert r.status_code == 429, r.text
-        assert r.json()["error"]["code"] == "model_overloaded" and r.headers["retry-after"] == "1"
-        assert holder.result().status_code == 200
+    with holding(u):
+        r = post(u.front.base_url, {**CHAT, "model": "front-one-brief", "max_tokens": 2})
+    assert r.status_code == 429, r.text
+    assert r.json()["error"]["code"] == "model_overloaded" and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["message"] == "The model's upstream server is rate limited."
 
 
 def test_no_upstream_is_retried_then_unavailable(u: Upstreams) -> None:

@@ -268,3 +268,12 @@ async def test_the_engine_quiets_httpx_s_request_log() -> None:
         assert logging.getLogger("httpcore").getEffectiveLevel() >= logging.WARNING
     finally:
         await backend.close()
+
+
+def test_conduit_engine_refuses_a_base_url_with_a_secret_before_connecting(capsys: pytest.CaptureFixture[str]) -> None:
+    from engines.cli import main
+
+    rc = main(["serve", "--kind", "upstream", "--served-name", "m", "--redis-url", "redis://127.0.0.1:9/0",
+               "--base-url", "https://user:sk-secret@up.example/v1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("conduit engine: --base-url") and "sk-secret" not in err
