@@ -115,7 +115,7 @@ def ask(front: Stack, model: str) -> tuple[httpx.Response, float]:
 
 
 def test_a_stream_line_that_never_ends_fails_the_job_cleanly(stack: tuple[Stack, Any]) -> None:
-    front, (upstream, engines, _) = stack
+    front, (upstream, _, _) = stack
     r, took = ask(front, "long-line")
     assert r.status_code == 502, r.text
     assert r.json()["error"]["code"] == "engine_error" and "1024 KiB" in r.json()["error"]["message"]
@@ -123,7 +123,7 @@ def test_a_stream_line_that_never_ends_fails_the_job_cleanly(stack: tuple[Stack,
 
 
 def test_an_error_body_that_never_ends_is_read_64_kib_deep(stack: tuple[Stack, Any]) -> None:
-    front, (upstream, engines, _) = stack
+    front, _ = stack
     r, took = ask(front, "endless-error")
     assert r.status_code == 400, r.text
     assert len(r.json()["error"]["message"]) <= 500 and took < 10
