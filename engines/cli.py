@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 from engines.upstream_flags import add_upstream_flags, upstream_settings
 
-__all__ = ["build_parser", "main", "upstream_settings"]
-
 if TYPE_CHECKING:
     from engines.diffusers_engine import DiffusersSettings
     from engines.vllm_engine import VllmSettings
