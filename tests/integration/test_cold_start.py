@@ -137,7 +137,8 @@ def test_past_the_deadline_503_with_retry_after_and_the_job_never_runs_nor_charg
 
 
 def test_cold_requests_keep_the_backlog_bound_and_the_key_share(stack: Stack) -> None:
-    stack.gateway(models=MODEL, cold_start_timeout_s=10, max_backlog=4, key_backlog_share=0.5, auth=True,
+    # 3 s: the four wait while the two 429s are asked for (well under a second), then time out.
+    stack.gateway(models=MODEL, cold_start_timeout_s=3, max_backlog=4, key_backlog_share=0.5, auth=True,
                   admin_key_hash=HASHER.hash(ADMIN))
     keys = []
     for name in ("a", "b"):
