@@ -246,3 +246,23 @@ def test_an_engine_that_dies_mid_generation_is_engine_lost_and_charges_what_it_g
         time.sleep(0.2)
     usage = usage_of(stack, key)
     assert usage["requests"] == 1 and usage["completion_tokens"] >= 3, usage
+
+
+def test_a_left_request_whose_job_an_engine_held_is_withdrawn_once_it_can_be(stack: Stack) -> None:
+    """Its client leaves while an engine that died a moment ago (here: the test, reading as one)
+    holds its job: withdrawing it then finds it TAKEN. It is tried again until it succeeds (once
+    the entry has aged past ``HELD_IDLE_MS``), so an engine that starts later never runs it."""
+    stack.gateway(models=MODEL, cold_start_timeout_s=60)
+    stream = f"{stack.prefix}:jobs:{{{MODEL}}}"
+    with redis.Redis.from_url(stack.redis_url) as db, cf.ThreadPoolExecutor(1) as pool:
+        leaving = pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", timeout=2.0,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        wait_until(lambda: cold_gauge(stack), 1)
+        db.xgroup_create(stream, "engines", id="0", mkstream=True)
+        assert db.xreadgroup("engines", "ghost", {stream: ">"}, count=1)  # held, by an engine about to die
+        with pytest.raises(httpx.ReadTimeout):
+            leaving.result(timeout=10)
+        wait_until(lambda: cold_gauge(stack), 0)
+        assert db.xlen(stream) == 1  # TAKEN: held for less than HELD_IDLE_MS
+        wait_until(lambda: db.xlen(stream), 0, timeout=10)
+        assert db.xpending(stream, "engines")["pending"] == 0
