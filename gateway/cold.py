@@ -12,19 +12,23 @@ and its key is charged nothing. A job an engine already holds is left to that en
 
 Requests whose model *goes* cold (its last engine died or left while they waited) are counted
 from that moment and get the same deadline: a job held by a dead engine is withdrawn too (no
-reclaimer would retry it before an engine starts), and a stream whose output had begun ends with
-``engine_lost`` instead.
+reclaimer would retry it before an engine starts), and a request whose engine had generated
+output (streamed or not) ends with ``engine_lost`` instead, charged what was generated.
+
+A request that ends unanswered while it waits (its client left) has its job withdrawn as well,
+tried again every :data:`RECHECK_S` until that is settled (``WITHDRAWN`` or ``GONE``) or the job's
+deadline passes. A Redis outage makes every due withdrawal fail: one warning a look, not one a run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from engines.contract.lane import REDIS_ERRORS
-from engines.contract.withdraw import WITHDRAWN
+from engines.contract.withdraw import GONE, WITHDRAWN
 from gateway.queue import JobQueue
 from gateway.registry import EngineRegistry, outliving
 from gateway.settings import QueueSettings
@@ -62,6 +66,9 @@ class ColdStarts:
         self._tick_s = tick_s
         #: model -> run -> its cold-start deadline (event-loop time).
         self._waiting: dict[str, dict[JobRun, float]] = {}
+        #: Runs that ended unanswered while cold (client gone, request deadline) -> when their job's
+        #: withdrawal is tried next: until WITHDRAWN or GONE, or the job's own deadline passes.
+        self._leaving: dict[JobRun, float] = {}
         #: The models live at the last look (those that leave it went cold).
         self._live: set[str] = set()
         #: Ends :meth:`watch`.
@@ -77,20 +84,14 @@ class ColdStarts:
         if self.admits(run.model):
             self._waiting.setdefault(run.model, {}).setdefault(run, now + self.timeout_s)
 
-    def left(self, run: JobRun, spawn: Callable[[Any], None]) -> None:
+    def left(self, run: JobRun) -> None:
         """``run`` ended unanswered while it waited for a cold model (its client left, its request
-        deadline passed): its job is taken back too, by a task ``spawn`` starts. An engine that
-        starts later never heard its cancellation, so it would otherwise run it for nobody."""
+        deadline passed): its job is taken back too, at the next look and again until that is
+        settled. An engine that starts later never heard its cancellation, so it would otherwise
+        run it for nobody. (A run whose withdrawal is on its way is kept by :meth:`_look` itself.)"""
         waiting = self._waiting.get(run.model)
         if waiting is not None and waiting.pop(run, None) is not None:
-            spawn(self._withdraw_quietly(run))
-
-    async def _withdraw_quietly(self, run: JobRun) -> None:
-        try:
-            await self.queue.withdraw(run.job, run.entry)
-        except REDIS_ERRORS as exc:
-            log.warning("cold start: could not withdraw the job %s of a request that ended (%s)", run.job_id, exc)
-            self.metrics.background_error("cold-starts")
+            self._leaving[run] = 0.0
 
     def counts(self) -> Iterable[tuple[str, int]]:
         """(model, requests waiting for it while it is cold) for every known model (0 for most: a
@@ -128,20 +129,38 @@ class ColdStarts:
                     del waiting[run]
             if not waiting:
                 del self._waiting[model]
-        if not due:
+        leaving = self._due_leaving(now)
+        if not due and not leaving:
             return
-        jobs = [r.job for r in due]
-        outcomes = await asyncio.gather(*(self.queue.withdraw(r.job, r.entry) for r in due), return_exceptions=True)
-        for run, job, outcome in zip(due, jobs, outcomes, strict=True):
-            if outcome == WITHDRAWN and run.job is job:  # (not submitted again meanwhile: Redis lost it)
-                if not run.closed:
-                    run.withdrawn = True
-                    run.events.put_nowait(COLD)
-                continue
+        runs = due + leaving
+        jobs = [r.job for r in runs]
+        outcomes = await asyncio.gather(*(self.queue.withdraw(j, r.entry) for r, j in zip(runs, jobs, strict=True)),
+                                        return_exceptions=True)
+        failed: list[tuple[str, BaseException]] = []
+        for run, job, outcome in zip(runs, jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                log.warning("cold start: could not withdraw job %s (%r); it waits on", job.id, outcome)
-                self.metrics.background_error("cold-starts")
+                failed.append((job.id, outcome))
+            if run.ended:  # its engine answered it (a final event taken while the withdrawal was on its way)
+                self._leaving.pop(run, None)
+                continue
+            if run.closed:  # ended unanswered (here, or while its withdrawal was on its way): until settled
+                if outcome in (WITHDRAWN, GONE) or time.time() * 1000 >= job.deadline_ms:
+                    self._leaving.pop(run, None)
+                else:
+                    self._leaving[run] = now + RECHECK_S
+                continue
+            if outcome == WITHDRAWN and run.job is job:  # (not submitted again meanwhile: Redis lost it)
+                run.withdrawn = True
+                run.events.put_nowait(COLD)
+                continue
             # TAKEN: an engine holds it (one that started a moment ago: it will be live; one that
             # dies: its job ages until it can be withdrawn); GONE: answered (the run ends), or Redis
             # lost it (the job check submits it again). Asked again shortly while the model stays cold.
             self._waiting.setdefault(run.model, {})[run] = now + RECHECK_S
+        if failed:  # one line a look, however many runs are due (a Redis outage fails them all)
+            log.warning("cold start: could not withdraw %d job(s) (%s: %r, ...); tried again shortly",
+                        len(failed), *failed[0])
+            self.metrics.background_error("cold-starts")
+
+    def _due_leaving(self, now: float) -> list[JobRun]:
+        return [run for run, at in self._leaving.items() if now >= at]

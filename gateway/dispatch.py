@@ -181,7 +181,8 @@ class Dispatcher:
         images it made. A run the engine refused (a 4xx before any output) gets its tokens back;
         it keeps its request (rpm) slot: the engine did work on it, and a key must not be able to
         send engines refused requests without limit."""
-        if run.withdrawn and not run.shown:  # answered 503 at its cold-start deadline, run by no engine:
+        if run.withdrawn and not run.output and run.usage is None:  # answered 503 at its cold-start deadline,
+            # nothing of it generated (an engine that died mid-way: charged below, as for engine_lost)
             if run.grant is not None and self.limiter is not None:  # nothing charged, everything back
                 self._spawn(self._release(run.grant, 0, refused=True))
             return
@@ -269,7 +270,7 @@ class Dispatcher:
         if not run.ended:
             if not run.withdrawn:  # (a withdrawn job's client did not leave: it was answered 503)
                 self.metrics.cancellations.add(1)
-                self.cold.left(run, self._spawn)
+                self.cold.left(run)
             self._publish_cancel(run.job_id, run.job.deadline_ms)
 
     def _publish_cancel(self, job_id: str, deadline_ms: int) -> None:

@@ -70,10 +70,14 @@ def engine_failure(event: Failed) -> ConduitError:
 
 def cold_failure(run: JobRun) -> ConduitError:
     """What a run whose job was withdrawn at its cold-start deadline (``gateway.cold``) ends with."""
+    settings = run.dispatcher.settings
     if run.shown:  # its engine died mid-stream and none came back
         return EngineError("The engine serving this request stopped after output began and no engine of the model "
                            "is live; retry the request.", code="engine_lost")
-    settings = run.dispatcher.settings
+    if run.output:  # (not streamed) its engine died mid-generation: what it generated is charged
+        return EngineError(f"The engine serving this request stopped mid-generation and no engine of the model "
+                           f"started within {settings.cold_start_timeout_s:g}s; retry the request.",
+                           code="engine_lost")
     return NoEngine(run.model, waited_s=settings.cold_start_timeout_s, retry_after_s=settings.retry_after_s)
 
 

@@ -17,6 +17,7 @@ from engines.contract.acl import user_rules
 from engines.contract.keys import Keys
 from tests.cluster import LocalCluster
 from tests.harness import Stack
+from tests.integration.test_telemetry import scrape, value
 
 CHAT = {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -164,7 +165,10 @@ def test_a_cold_model_on_a_cluster_waits_then_is_served_or_withdrawn(cluster_sta
     t = threading.Thread(target=lambda: box.update(r=httpx.post(
         f"{stack.base_url}/v1/chat/completions", json=CHAT, timeout=30)))
     t.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10  # it waits cold (counted as such) until an engine starts
+    while value(scrape(f"{stack.base_url}/metrics"), "conduit_gateway_requests_cold", gen_ai_request_model="alpha") != 1:
+        assert time.monotonic() < deadline and t.is_alive()
+        time.sleep(0.05)
     stack.synthetic("alpha", "--token-delay", "0.01")
     t.join(30)
     assert box["r"].status_code == 200, box["r"].text

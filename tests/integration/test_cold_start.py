@@ -137,7 +137,8 @@ def test_past_the_deadline_503_with_retry_after_and_the_job_never_runs_nor_charg
 
 
 def test_cold_requests_keep_the_backlog_bound_and_the_key_share(stack: Stack) -> None:
-    stack.gateway(models=MODEL, cold_start_timeout_s=10, max_backlog=4, key_backlog_share=0.5, auth=True,
+    # 3 s: the four wait while the two 429s are asked for (well under a second), then time out.
+    stack.gateway(models=MODEL, cold_start_timeout_s=3, max_backlog=4, key_backlog_share=0.5, auth=True,
                   admin_key_hash=HASHER.hash(ADMIN))
     keys = []
     for name in ("a", "b"):
@@ -167,9 +168,10 @@ def test_cold_requests_keep_the_backlog_bound_and_the_key_share(stack: Stack) ->
 
 def test_a_model_whose_engines_all_die_goes_cold(stack: Stack) -> None:
     """Its requests wait the cold-start deadline, not the whole request timeout; a job held by the
-    dead engine is withdrawn too, so the engine that starts afterwards runs none of them."""
+    dead engine is withdrawn too, so the engine that starts afterwards runs none of them. (The held
+    one had generated nothing yet: one that had is ``engine_lost``, below.)"""
     stack.gateway(models=MODEL, cold_start_timeout_s=6)
-    doomed = stack.synthetic(MODEL, "--max-concurrency", "1", "--token-delay", "5", "--tokens", "100")
+    doomed = stack.synthetic(MODEL, "--max-concurrency", "1", "--first-token-delay", "30", "--tokens", "100")
     with cf.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", timeout=60,
                                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
@@ -209,3 +211,58 @@ def test_a_client_that_leaves_a_cold_request_leaves_no_job_behind(stack: Stack) 
     stack.synthetic(MODEL, "--metrics-port", str(port))
     time.sleep(1.5)
     assert engine_jobs(port) == 0 and engine_jobs(port, "skipped") == 0
+
+
+def usage_of(stack: Stack, key: str) -> dict[str, int]:
+    key_id = parse_key(key)[0]  # type: ignore[index]
+    r = httpx.get(f"{stack.base_url}/admin/keys/{key_id}/usage?days=1", timeout=10,
+                  headers={"Authorization": f"Bearer {ADMIN}"})
+    days = r.json()["days"]
+    return dict(days[0]["models"].get(MODEL, {})) if days else {}
+
+
+def test_an_engine_that_dies_mid_generation_is_engine_lost_and_charges_what_it_generated(stack: Stack) -> None:
+    """Not streamed (so nothing was shown): the engine did work all the same. Its job is withdrawn
+    at the cold-start deadline, but the answer says the engine was lost, not that none started, and
+    the key is charged the tokens generated."""
+    stack.gateway(models=MODEL, cold_start_timeout_s=1, auth=True, admin_key_hash=HASHER.hash(ADMIN))
+    r = httpx.post(f"{stack.base_url}/admin/keys", json={"name": "tenant"}, timeout=10,
+                   headers={"Authorization": f"Bearer {ADMIN}"})
+    key = stack.api_key = str(r.json()["key"])
+    doomed = stack.synthetic(MODEL, "--token-delay", "0.2", "--tokens", "1000")
+    with cf.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", timeout=60,
+                             headers={"Authorization": f"Bearer {key}"},
+                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        time.sleep(1.5)  # a few tokens generated
+        doomed.kill()
+        wait_until(lambda: cold_gauge(stack), 1)  # once its heartbeat lapsed
+        answer = future.result(timeout=60)
+    assert answer.status_code == 502, answer.text
+    assert answer.json()["error"]["code"] == "engine_lost"
+    assert "mid-generation" in answer.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while not usage_of(stack, key).get("completion_tokens") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    usage = usage_of(stack, key)
+    assert usage["requests"] == 1 and usage["completion_tokens"] >= 3, usage
+
+
+def test_a_left_request_whose_job_an_engine_held_is_withdrawn_once_it_can_be(stack: Stack) -> None:
+    """Its client leaves while an engine that died a moment ago (here: the test, reading as one)
+    holds its job: withdrawing it then finds it TAKEN. It is tried again until it succeeds (once
+    the entry has aged past ``HELD_IDLE_MS``), so an engine that starts later never runs it."""
+    stack.gateway(models=MODEL, cold_start_timeout_s=60)
+    stream = f"{stack.prefix}:jobs:{{{MODEL}}}"
+    with redis.Redis.from_url(stack.redis_url) as db, cf.ThreadPoolExecutor(1) as pool:
+        leaving = pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", timeout=2.0,
+                              json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+        wait_until(lambda: cold_gauge(stack), 1)
+        db.xgroup_create(stream, "engines", id="0", mkstream=True)
+        assert db.xreadgroup("engines", "ghost", {stream: ">"}, count=1)  # held, by an engine about to die
+        with pytest.raises(httpx.ReadTimeout):
+            leaving.result(timeout=10)
+        wait_until(lambda: cold_gauge(stack), 0)
+        assert db.xlen(stream) == 1  # TAKEN: held for less than HELD_IDLE_MS
+        wait_until(lambda: db.xlen(stream), 0, timeout=10)
+        assert db.xpending(stream, "engines")["pending"] == 0
