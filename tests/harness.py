@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -75,6 +77,41 @@ class Proc:
 REDIS_USERS = os.environ.get("CONDUIT_TEST_REDIS_USERS", "") == "1"
 #: The users and their passwords in that mode (test-only).
 USER_PASSWORDS = {"gateway": "test-gateway-password", "engine": "test-engine-password"}
+
+
+class ThreadedServer:
+    """An asyncio TCP server (:meth:`_serve` per connection; TLS with ``ssl``) on a thread and an
+    event loop of its own, on a free port of 127.0.0.1, until :meth:`stop`."""
+
+    def __init__(self, ssl: Any = None) -> None:
+        self.port = free_port()
+        self._ssl = ssl
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self._thread.start()
+        assert ready.wait(10), f"{type(self).__name__} did not start"
+
+    def _run(self, ready: threading.Event) -> None:
+        async def main() -> None:
+            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self._ssl)
+            ready.set()
+            await self._server.serve_forever()
+
+        try:
+            self._loop.run_until_complete(main())
+        except asyncio.CancelledError:
+            pass
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._server.close)
+        for task in asyncio.all_tasks(self._loop):
+            self._loop.call_soon_threadsafe(task.cancel)
+        self._thread.join(10)
+        self._loop.close()
 
 
 def wait_for_openai_server(server: Proc, port: int, timeout: float = 300) -> None:

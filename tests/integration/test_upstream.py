@@ -12,7 +12,6 @@ import contextlib
 import json
 import re
 import ssl
-import threading
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import ROOT, RedisServer, Stack, free_port, hang_up_after
+from tests.harness import ROOT, RedisServer, Stack, ThreadedServer, free_port, hang_up_after
 from tests.integration.test_delivery import engine_jobs, wait_for_jobs
 from tests.openai_schema import validate, validate_completion_chunk
 
@@ -326,21 +325,16 @@ def test_models_auto_follows_the_upstream_s_list(u: Upstreams, tmp_path: Path) -
         auto.stop()
 
 
-class TlsFront:
+class TlsFront(ThreadedServer):
     """A TLS-terminating TCP proxy (stdlib ``ssl`` + asyncio, on a thread) in front of a plain HTTP server."""
 
     def __init__(self, target_port: int, cert: Path, key: Path) -> None:
-        self.port = free_port()
         self._target = target_port
-        self._ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._ctx.load_cert_chain(cert, key)
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        super().__init__(ssl=ctx)
 
-    def _run(self, ready: threading.Event) -> None:
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             try:
                 while data := await r.read(65536):
@@ -351,26 +345,8 @@ class TlsFront:
             finally:
                 w.close()
 
-        async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-            ur, uw = await asyncio.open_connection("127.0.0.1", self._target)
-            await asyncio.gather(pipe(r, uw), pipe(ur, w))
-
-        async def main() -> None:
-            self._server = await asyncio.start_server(serve, "127.0.0.1", self.port, ssl=self._ctx)
-            ready.set()
-            await self._server.serve_forever()
-
-        try:
-            self._loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
-
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        for task in asyncio.all_tasks(self._loop):
-            self._loop.call_soon_threadsafe(task.cancel)
-        self._thread.join(10)
-        self._loop.close()
+        ur, uw = await asyncio.open_connection("127.0.0.1", self._target)
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
 
 
 def test_tls_is_verified_against_the_ca_bundle(u: Upstreams, tmp_path: Path) -> None:

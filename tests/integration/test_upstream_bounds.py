@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,36 +15,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.harness import RedisServer, Stack, free_port
+from tests.harness import RedisServer, Stack, ThreadedServer
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(ThreadedServer):
     """An OpenAI-shaped HTTP/1.1 server whose answer depends on the request's ``model``; ``models`` is what
     its ``/v1/models`` lists (``reads``: how often it was asked)."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.models: list[str] = []
         self.reads = 0
         self.requests: dict[str, int] = {}
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self._thread.start()
-        assert ready.wait(10)
-
-    def _run(self, ready: threading.Event) -> None:
-        async def main() -> None:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-            ready.set()
-            await self._server.serve_forever()
-
-        try:
-            self._loop.run_until_complete(main())
-        except asyncio.CancelledError:
-            pass
+        super().__init__()
 
     async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
@@ -84,12 +67,6 @@ class ScriptedUpstream:
             await w.drain()
             await asyncio.sleep(0.001)
 
-    def stop(self) -> None:
-        self._loop.call_soon_threadsafe(self._server.close)
-        for task in asyncio.all_tasks(self._loop):
-            self._loop.call_soon_threadsafe(task.cancel)
-        self._thread.join(10)
-        self._loop.close()
 
 
 @pytest.fixture(scope="module")
