@@ -25,10 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from engines.contract.withdraw import GONE, WITHDRAWN
+from engines.contract.withdraw import GONE, TAKEN, WITHDRAWN
 from gateway.queue import JobQueue
 from gateway.registry import EngineRegistry, outliving
 from gateway.settings import QueueSettings
@@ -137,6 +137,7 @@ class ColdStarts:
         outcomes = await asyncio.gather(*(self.queue.withdraw(j, r.entry) for r, j in zip(runs, jobs, strict=True)),
                                         return_exceptions=True)
         failed: list[tuple[str, BaseException]] = []
+        cancels: list[Awaitable[None]] = []
         for run, job, outcome in zip(runs, jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 failed.append((job.id, outcome))
@@ -148,6 +149,8 @@ class ColdStarts:
                     self._leaving.pop(run, None)
                 else:
                     self._leaving[run] = now + RECHECK_S
+                    if outcome == TAKEN:  # the engine holding it may have started after the client left
+                        cancels.append(self.queue.cancel(job.id, job.deadline_ms))
                 continue
             if outcome == WITHDRAWN and run.job is job:  # (not submitted again meanwhile: Redis lost it)
                 run.withdrawn = True
@@ -157,6 +160,9 @@ class ColdStarts:
             # dies: its job ages until it can be withdrawn); GONE: answered (the run ends), or Redis
             # lost it (the job check submits it again). Asked again shortly while the model stays cold.
             self._waiting.setdefault(run.model, {})[run] = now + RECHECK_S
+        # Said again at each try: the engine never heard the cancellation its job's client's leaving
+        # made (or none: a cold run is taken back rather than cancelled), so it would run it for nobody.
+        await asyncio.gather(*cancels)
         if failed:  # one line a look, however many runs are due (a Redis outage fails them all)
             log.warning("cold start: could not withdraw %d job(s) (%s: %r, ...); tried again shortly",
                         len(failed), *failed[0])

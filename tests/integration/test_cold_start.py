@@ -251,18 +251,29 @@ def test_an_engine_that_dies_mid_generation_is_engine_lost_and_charges_what_it_g
 def test_a_left_request_whose_job_an_engine_held_is_withdrawn_once_it_can_be(stack: Stack) -> None:
     """Its client leaves while an engine that died a moment ago (here: the test, reading as one)
     holds its job: withdrawing it then finds it TAKEN. It is tried again until it succeeds (once
-    the entry has aged past ``HELD_IDLE_MS``), so an engine that starts later never runs it."""
+    the entry has aged past ``HELD_IDLE_MS``), so an engine that starts later never runs it. Each
+    try that finds it TAKEN says the cancellation again: the engine holding it may have started
+    after the client left, and never heard the first."""
     stack.gateway(models=MODEL, cold_start_timeout_s=60)
     stream = f"{stack.prefix}:jobs:{{{MODEL}}}"
-    with redis.Redis.from_url(stack.redis_url) as db, cf.ThreadPoolExecutor(1) as pool:
+    with redis.Redis.from_url(stack.redis_url) as db, cf.ThreadPoolExecutor(1) as pool, \
+            db.pubsub(ignore_subscribe_messages=True) as cancels:
+        cancels.subscribe(f"{stack.prefix}:cancel")
         leaving = pool.submit(httpx.post, f"{stack.base_url}/v1/chat/completions", timeout=2.0,
                               json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
         wait_until(lambda: cold_gauge(stack), 1)
         db.xgroup_create(stream, "engines", id="0", mkstream=True)
-        assert db.xreadgroup("engines", "ghost", {stream: ">"}, count=1)  # held, by an engine about to die
+        held = db.xreadgroup("engines", "ghost", {stream: ">"}, count=1)  # held, by an engine about to die
+        assert held
         with pytest.raises(httpx.ReadTimeout):
             leaving.result(timeout=10)
         wait_until(lambda: cold_gauge(stack), 0)
         assert db.xlen(stream) == 1  # TAKEN: held for less than HELD_IDLE_MS
         wait_until(lambda: db.xlen(stream), 0, timeout=10)
         assert db.xpending(stream, "engines")["pending"] == 0
+        said = []
+        end = time.monotonic() + 1  # what was published meanwhile is buffered (the subscription's own reply reads as None)
+        while time.monotonic() < end:
+            if (message := cancels.get_message(timeout=0.1)) is not None:
+                said.append(message["data"])
+        assert len(said) >= 2, f"the cancellation was said {len(said)} time(s) while an engine held the job: {said}"

@@ -38,7 +38,11 @@ class Queue:
     def __init__(self, *outcomes: Any) -> None:
         self.outcomes = list(outcomes)
         self.tried: list[str] = []
+        self.cancelled: list[str] = []
         self.gate: asyncio.Event | None = None
+
+    async def cancel(self, job_id: str, deadline_ms: int) -> None:
+        self.cancelled.append(job_id)
 
     async def withdraw(self, job: Job, entry: bytes) -> int:
         self.tried.append(job.id)
@@ -88,6 +92,7 @@ async def test_a_run_that_left_has_its_withdrawal_tried_again_until_settled(capl
         for now in (0.1, 0.1 + RECHECK_S, 0.1 + 2 * RECHECK_S, 0.1 + 3 * RECHECK_S):
             await starts._look(now)
     assert len(queue.tried) == 3  # TAKEN, an error, then GONE: settled, not asked again
+    assert queue.cancelled == queue.tried[:1]  # TAKEN: the engine that has it is told again
     assert len([r for r in caplog.records if "could not withdraw" in r.message]) == 1
 
 
