@@ -7,16 +7,18 @@ from __future__ import annotations
 import base64
 import io
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
 import pytest
 from PIL import Image
 
 from engines.backend import JobRejected
 from engines.cli import build_parser, upstream_settings
-from engines.contract.messages import Usage
-from engines.upstream import UpstreamBackend
+from engines.contract.messages import Job, Usage
+from engines.upstream import UpstreamBackend, UpstreamSettings
 from engines.upstream_images import IMAGE_FIELDS, ImageRelay, body_bound, image_header, image_request
 from engines.upstream_relay import Retryable, StreamBroke
 
@@ -191,3 +193,37 @@ async def test_a_stream_s_error_event_maps_before_output_and_breaks_after() -> N
     with pytest.raises(StreamBroke):
         await relay.read(chunks(event("image_generation.partial_image", b64_json=b64(png()), partial_image_index=0)),
                          "text/event-stream")
+
+
+async def test_run_tries_again_before_output_and_never_after() -> None:
+    answers = [httpx.Response(503, json={"error": {"message": "loading"}}, headers={"Retry-After": "0"}),
+               httpx.Response(200, json={"data": [{"b64_json": b64(png())}]})]
+    sent: list[dict[str, Any]] = []
+
+    def upstream(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/images/generations"
+        sent.append(json.loads(request.content))
+        return answers.pop(0)
+
+    backend = UpstreamBackend(UpstreamSettings(base_url="http://up/v1", served_names=["m"], upstream_model="up",
+                                               kinds=["image"]))
+    backend.client = httpx.AsyncClient(base_url="http://up/v1", transport=httpx.MockTransport(upstream))
+    job = Job(id="j", kind="image", model="m", body=json.dumps({"model": "m", "prompt": "a fox", "user": "u"}).encode(),
+              reply_to="", deadline_ms=int(time.time() * 1000) + 30_000)
+    out = Out()
+    await backend.run(job, out)
+    assert len(sent) == 2 and sent[0] == {"model": "up", "prompt": "a fox", "response_format": "b64_json"}
+    assert len(out.images) == 1 and out.usage == Usage(prompt_tokens=2)
+    # A stream that breaks after a preview reached the job: a clean error, never a second try.
+    answers[:] = [httpx.Response(200, headers={"content-type": "text/event-stream"}, content=event(
+        "image_generation.partial_image", b64_json=b64(png()), partial_image_index=0))]
+    sent.clear()
+    stream = json.dumps({"model": "m", "prompt": "a fox", "stream": True, "partial_images": 1}).encode()
+    with pytest.raises(StreamBroke):
+        await backend.run(Job(id="k", kind="image", model="m", body=stream, reply_to="",
+                              deadline_ms=job.deadline_ms), Out())
+    assert len(sent) == 1 and sent[0]["stream"] is True
+    with pytest.raises(JobRejected) as refused:
+        await backend.run(Job(id="c", kind="chat", model="m", body=b"{}", reply_to="", deadline_ms=0), Out())
+    assert refused.value.status == 501
+    await backend.close()
