@@ -66,6 +66,10 @@ def wants_continuous_usage(body: dict[str, Any]) -> bool:
     return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
 
+#: The most tokens an upstream's usage may report for a prompt (beyond any model's context: a larger
+#: count is a lie or a bug, clamped and logged; it would lock the key out of its token limit).
+MAX_REPORTED_TOKENS = 1 << 24
+
 #: Characters per token of the tokenizer-free estimate (the gateway's admission rule, ``cost.py``).
 CHARS_PER_TOKEN = 4
 
@@ -179,6 +183,11 @@ def mapped_error(status: int, data: bytes, headers: Any, model: str) -> Exceptio
     if status >= 500 or status == 408:
         return Retryable(JobRejected(f"The model's upstream server failed ({status}).", status=502,
                                      code="engine_error", type="server_error"), retry_after(headers))
+    if not 400 <= status < 500:  # a redirect (never followed: it would send the body and credential on) or worse
+        log.error("the upstream answered %d (location %r): check --base-url", status,
+                  clipped(str(headers.get("location", "")), 200))
+        return JobRejected(f"The model's upstream server answered an unexpected status ({status}).", status=502,
+                           code="engine_error", type="server_error")
     return JobRejected(f"The model's upstream server refused the request ({status}).", status=400,
                        code="invalid_request")
 
@@ -259,7 +268,7 @@ class Relay:
     """
 
     __slots__ = ("out", "chat", "continuous", "n", "prompt_estimate", "produced", "usage", "counted", "counts",
-                 "prompts", "generated", "prompt", "_decode", "_model")
+                 "prompts", "generated", "prompt", "max_completion", "_decode", "_model")
 
     def __init__(self, out: JobOutput, client: dict[str, Any], kind: str, model: str) -> None:
         self.out = out
@@ -267,6 +276,9 @@ class Relay:
         self.continuous = wants_continuous_usage(client)
         self.n = int(client.get("n") or 1)
         self.prompt_estimate = estimated_prompt_tokens(client, kind)
+        #: The most completion tokens the request allows (``max_tokens`` for each choice), if it says.
+        most = client.get("max_completion_tokens") or client.get("max_tokens")
+        self.max_completion = most * self.n if isinstance(most, int) and most > 0 else None
         #: Output reached the job (a failure from here on is a clean error, never a retry).
         self.produced = False
         self.usage: Usage | None = None
@@ -295,7 +307,8 @@ class Relay:
                     raise self.failed_mid_stream(error.message) from None
                 code = error.code if isinstance(error.code, int) else 500
                 raise mapped_error(code, payload.encode(), {}, self._model) from None
-            raise self.broken(f"an unreadable chunk ({exc})") from None
+            log.warning("the upstream sent an unreadable chunk (%s): %s", exc, clipped(payload, 200))
+            raise self.broken("an unreadable chunk") from None
         if chunk.error is not None:
             if self.produced:
                 raise self.failed_mid_stream(chunk.error.message)
@@ -329,16 +342,17 @@ class Relay:
         to_delta = chat_delta if self.chat else completion_delta
         deltas: list[ChoiceDelta] = [d for c in chunk.choices if (d := to_delta(c)) is not None]
         u = chunk.usage
-        if u is not None and chunk.choices:  # continuous usage: the counts of this chunk's choices
+        shown = None if u is None else self.clamped(usage_of(u))
+        if shown is not None and chunk.choices:  # continuous usage: the counts of this chunk's choices
             for c in chunk.choices:
-                now = u.completion_tokens or 0
+                now = shown.completion_tokens
                 self.generated += now - self.counts.get(c.index, 0)
                 self.counts[c.index] = now
                 group = c.index // self.n
-                self.prompt += u.prompt_tokens - self.prompts.get(group, 0)
-                self.prompts[group] = u.prompt_tokens
-        if u is not None and not chunk.choices:  # the final usage chunk
-            self.usage = usage_of(u)
+                self.prompt += shown.prompt_tokens - self.prompts.get(group, 0)
+                self.prompts[group] = shown.prompt_tokens
+        if shown is not None and not chunk.choices:  # the final usage chunk
+            self.usage = shown
         for d in deltas:
             if d.logprobs:
                 self.counted += len(d.logprobs)
@@ -348,18 +362,44 @@ class Relay:
             if not self.produced:
                 self.produced = True  # started with the first output: a failure before keeps its status
                 self.out.started()
-            self.out.delta(deltas, usage_of(u) if u is not None and self.continuous else None, self.total())
+            self.out.delta(deltas, shown if self.continuous else None, self.total())
 
     def total(self) -> Generated:
         """The job's usage so far (what it is charged if it never ends with ``done``)."""
         if self.counts:
-            return Generated(self.prompt, self.generated)
+            return Generated(max(self.prompt, 0), max(self.generated, 0))
         return Generated(self.prompt_estimate, self.counted)
+
+    @staticmethod
+    def clamped(usage: Usage) -> Usage:
+        """An upstream's counts within what any answer could have: none negative, a prompt of at most
+        :data:`MAX_REPORTED_TOKENS` (the upstream is the operator's; a lie still must not credit a
+        key's bill or lock it out of its token limit)."""
+        prompt = min(max(usage.prompt_tokens, 0), MAX_REPORTED_TOKENS)
+        completion = min(max(usage.completion_tokens, 0), MAX_REPORTED_TOKENS)
+        cached = None if usage.cached_tokens is None else min(max(usage.cached_tokens, 0), prompt)
+        fixed = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
+        if fixed != usage:
+            log.warning("the upstream reported impossible usage %s; counted as %s", usage, fixed)
+        return fixed
+
+    def final_usage(self, usage: Usage) -> Usage:
+        """The upstream's final counts, and never fewer completion tokens than were relayed nor more
+        than the request allows (``max_tokens`` x ``n``)."""
+        completion = max(usage.completion_tokens, self.counted)
+        if self.max_completion is not None:
+            completion = min(completion, self.max_completion)
+        if completion != usage.completion_tokens:
+            log.warning("the upstream reported %d completion tokens; %d relayed, %s allowed: charged %d",
+                        usage.completion_tokens, self.counted, self.max_completion, completion)
+        return Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=completion, cached_tokens=usage.cached_tokens)
 
     def finish(self) -> None:
         """The stream ended: ``done`` with the upstream's usage, or the counted one."""
         if self.usage is None:
             total = self.total()
             self.usage = Usage(prompt_tokens=total.prompt_tokens, completion_tokens=total.completion_tokens)
+        else:
+            self.usage = self.final_usage(self.usage)
         self.out.started()
         self.out.done(self.usage)

@@ -16,6 +16,7 @@ from engines.upstream import UpstreamSettings
 from engines.upstream_models import ModelList
 from engines.upstream_relay import (
     MAX_LINE_BYTES,
+    MAX_REPORTED_TOKENS,
     REQUEST_FIELDS,
     LineTooLong,
     Relay,
@@ -277,3 +278,67 @@ def test_conduit_engine_refuses_a_base_url_with_a_secret_before_connecting(capsy
                "--base-url", "https://user:sk-secret@up.example/v1"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("conduit engine: --base-url") and "sk-secret" not in err
+
+
+def test_an_upstream_s_usage_is_bounded_by_what_was_relayed_and_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """The upstream's counts are believed only within what Conduit saw: never negative (a credit on the
+    key's bill, a total OpenAI's schema refuses), never fewer completion tokens than were relayed, never
+    more than ``max_tokens`` per choice, and a prompt count no model could have; each clamp logged."""
+    out = Out()
+    relay = Relay(out, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "n": 2}, "chat", "m")
+    relay.line(chunk({"index": 0, "delta": {"content": "a"}}, {"index": 1, "delta": {"content": "b"}},
+                     usage={"prompt_tokens": -1000000, "completion_tokens": -5}))
+    relay.line(chunk({"index": 0, "delta": {}, "finish_reason": "length"}))
+    relay.line(chunk(usage={"prompt_tokens": -1000000, "completion_tokens": -5}))
+    relay.line("data: [DONE]")
+    relay.finish()
+    assert out.usage == Usage(prompt_tokens=0, completion_tokens=2)  # the two relayed tokens
+    assert "usage" in caplog.text
+
+    huge = Out()
+    relay = Relay(huge, {"prompt": "hi", "max_tokens": 5, "n": 2}, "completion", "m")
+    relay.line(chunk({"index": 0, "text": "a"}))
+    relay.line(chunk(usage={"prompt_tokens": 10**15, "completion_tokens": 10**15}))
+    relay.line("data: [DONE]")
+    relay.finish()
+    assert huge.usage is not None
+    assert huge.usage.completion_tokens == 10  # max_tokens x n
+    assert huge.usage.prompt_tokens <= MAX_REPORTED_TOKENS < 10**15
+
+    honest = Out()  # an upstream that counts more per chunk than the deltas show is believed
+    relay = Relay(honest, {"prompt": "hi"}, "completion", "m")
+    relay.line(chunk({"index": 0, "text": "abc"}))
+    relay.line(chunk(usage={"prompt_tokens": 3, "completion_tokens": 3}))
+    relay.line("data: [DONE]")
+    relay.finish()
+    assert honest.usage == Usage(prompt_tokens=3, completion_tokens=3)
+
+
+def test_continuous_usage_is_never_negative() -> None:
+    out = Out()
+    client = {"prompt": "hi", "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    relay = Relay(out, client, "completion", "m")
+    relay.line(chunk({"index": 0, "text": "a"}, usage={"prompt_tokens": -7, "completion_tokens": -3}))
+    _, usage, total = out.deltas[-1]
+    assert usage is not None and usage.prompt_tokens >= 0 and usage.completion_tokens >= 0
+    assert total is not None and total.prompt_tokens >= 0 and total.completion_tokens >= 0
+
+
+def test_a_redirect_or_an_unknown_status_is_the_engine_s_fault_not_the_client_s(
+        caplog: pytest.LogCaptureFixture) -> None:
+    for status in (301, 307, 308, 304, 101, 200):
+        err = mapped_error(status, b"", {"location": "http://169.254.169.254/"}, "m")
+        assert isinstance(err, JobRejected) and (err.status, err.code) == (502, "engine_error"), status
+        assert "169.254" not in err.message
+    assert "307" in caplog.text
+    err = mapped_error(413, b'{"error": {"message": "too big"}}', {}, "m")  # a 4xx stays the client's
+    assert isinstance(err, JobRejected) and err.status == 400
+
+
+def test_an_unreadable_chunk_s_details_stay_in_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    relay = Relay(Out(), {}, "completion", "m")
+    relay.line(chunk({"index": 0, "text": "a"}))
+    with pytest.raises(StreamBroke) as broke:
+        relay.line('data: {"choices": [{"index": "SECRET-INTERNAL", "text": "b"}]}')
+    assert "SECRET" not in broke.value.message and "Expected" not in broke.value.message
+    assert "Expected" in caplog.text
