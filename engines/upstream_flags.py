@@ -69,7 +69,7 @@ def add_upstream_flags(parser: argparse.ArgumentParser) -> None:
                     help="talk to the upstream through httpx with h2: HTTP/2 where its TLS offers it (ALPN), "
                          "HTTP/1.1 otherwise and always over http://. For upstreams that speak HTTP/2 over TLS; "
                          "vLLM's, SGLang's and TGI's servers speak HTTP/1.1, which the default client (aiohttp) "
-                         "serves at a tenth of the CPU")
+                         "serves with about a twentieth of httpx's CPU per request")
     up.add_argument("--upstream-retries", type=_number(int, 0, above=False), default=3,
                     help="tries after the first for a failure before any output (connection, timeout, 5xx, 429)")
 
