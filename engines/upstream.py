@@ -4,7 +4,8 @@ A worker on the same runtime as every engine (job streams, heartbeat, reclaim, f
 drain) whose backend sends each chat or completions job to the upstream over one keep-alive pool
 as large as the jobs in flight (``engines.upstream_http``: aiohttp's HTTP/1.1, or with
 ``--upstream-http2`` httpx's HTTP/2 where the upstream's TLS offers it), always streaming, and
-relays the upstream's chunks as the job's events (``engines.upstream_relay``). Stateless: nothing of a job stays in the upstream.
+relays the upstream's chunks as the job's events (``engines.upstream_relay``). Stateless: nothing
+of a job stays in the upstream.
 
 Failures before any output that another try may cure (a connection refused or cut, a timeout, a
 5xx, a 429) are tried again on this engine with backoff, never past the job's deadline; after
