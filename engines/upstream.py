@@ -2,10 +2,11 @@
 
 A worker on the same runtime as every engine (job streams, heartbeat, reclaim, fair queueing,
 drain) whose backend sends each chat, completions or image job (``--upstream-kinds``: those the
-upstream serves) to the upstream over one ``httpx`` client (a keep-alive pool as large as the jobs
-in flight; HTTP/2 where ``h2`` is installed and the upstream's TLS offers it), streaming chat and
-completions always, and relays the upstream's chunks as the job's events (``engines.upstream_relay``;
-images: ``engines.upstream_images``). Stateless: nothing of a job stays in the upstream.
+upstream serves) to the upstream over one keep-alive pool as large as the jobs in flight
+(``engines.upstream_http``: aiohttp's HTTP/1.1, or with ``--upstream-http2`` httpx's HTTP/2 where the
+upstream's TLS offers it), streaming chat and completions always, and relays the upstream's chunks as
+the job's events (``engines.upstream_relay``; images: ``engines.upstream_images``). Stateless: nothing
+of a job stays in the upstream.
 
 Failures before any output that another try may cure (a connection refused or cut, a timeout, a
 5xx, a 429) are tried again on this engine with backoff, never past the job's deadline; after
@@ -19,19 +20,17 @@ up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``).
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import random
-import ssl
 import time
 from typing import Any
 
-import httpx
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Job
+from engines.upstream_http import Transport, TransportFailed, transport
 from engines.upstream_images import ImageRelay, image_request
 from engines.upstream_models import ModelList
 from engines.upstream_relay import (
@@ -78,6 +77,9 @@ class UpstreamSettings(msgspec.Struct, kw_only=True):
     ca_bundle: str = ""
     #: Jobs in flight (and the connection pool's size).
     max_concurrency: int = 64
+    #: Talk to the upstream through httpx with h2 (HTTP/2 where its TLS offers it) instead of aiohttp's
+    #: HTTP/1.1 (``--upstream-http2``).
+    http2: bool = False
     #: Tries after the first for a failure before output (each waits ``backoff_s`` doubling, jittered,
     #: or the upstream's ``Retry-After``); none past the job's deadline.
     retries: int = 3
@@ -107,32 +109,19 @@ class UpstreamBackend:
         #: ``conduit.engine.backend.aborted_requests``, as the vLLM engine's aborts are.
         self.aborted_requests = 0
         self._open = 0
-        self.client: httpx.AsyncClient | None = None
+        self.client: Transport | None = None
         self._refresh: asyncio.Task[None] | None = None
         #: Called with the new list when ``--models auto`` sees the upstream's models change.
         self.on_models: Any = None
         self.model_list = ModelList(settings.models_max)
 
-    def _client(self) -> httpx.AsyncClient:
-        s = self.settings
-        verify: ssl.SSLContext | bool = s.verify_tls
-        if s.verify_tls:
-            verify = ssl.create_default_context(cafile=s.ca_bundle or None)
-        headers = dict(s.headers)
-        if s.api_key:
-            headers["Authorization"] = f"Bearer {s.api_key}"
-        pool = httpx.Limits(max_connections=s.max_concurrency, max_keepalive_connections=s.max_concurrency)
-        # The pool wait is bounded by the job's deadline (asyncio.timeout in run), not by httpx.
-        timeout = httpx.Timeout(s.read_timeout_s, connect=s.connect_timeout_s, pool=None)
-        return httpx.AsyncClient(base_url=s.base_url, headers=headers, limits=pool, timeout=timeout, verify=verify,
-                                 http2=importlib.util.find_spec("h2") is not None, follow_redirects=False)
-
     async def start(self) -> None:
         """Open the connection pool; with ``models_auto``, read the upstream's models (and keep reading)."""
-        # httpx logs every request's URL at INFO (a query or userinfo in it would reach the logs).
+        # httpx (--upstream-http2) logs every request's URL at INFO (a query or userinfo in it would
+        # reach the logs).
         for name in ("httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        self.client = self._client()
+        self.client = transport(self.settings)
         if self.settings.models_auto:
             if not self.models:
                 self.models = self.model_list.next([], await self.upstream_models())
@@ -208,10 +197,10 @@ class UpstreamBackend:
                     raise StreamBroke("the upstream did not finish within the request's deadline") from None
                 raise JobRejected("The model's upstream server did not answer within the request's deadline.",
                                   status=504, code="deadline_exceeded", type="server_error") from None
-            except (httpx.TransportError, httpx.StreamError) as exc:
+            except TransportFailed as exc:
                 if relay.produced:
-                    raise StreamBroke(f"the upstream connection failed mid-stream: {exc!r}") from None
-                failure = JobRejected(f"The model's upstream server is unreachable ({type(exc).__name__}).",
+                    raise StreamBroke(f"the upstream connection failed mid-stream: {exc}") from None
+                failure = JobRejected(f"The model's upstream server is unreachable ({exc}).",
                                       status=503, code="model_unavailable", type="server_error", retry_after_s=1)
                 wait = None
             except asyncio.CancelledError:

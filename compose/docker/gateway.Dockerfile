@@ -14,7 +14,8 @@ COPY pyproject.toml README.md ./
 COPY gateway/ gateway/
 COPY engines/ engines/
 COPY telemetry/ telemetry/
-# The `upstream` extra: httpx (+ HTTP/2) for upstream engines run from this image (compose/upstream.yml).
+# The `upstream` extra: aiohttp, and httpx + h2 (--upstream-http2), for upstream engines run from this
+# image (compose/upstream.yml).
 RUN pip wheel --wheel-dir /wheels ".[upstream]"
 
 # ---- runtime: exactly those wheels, in a clean virtual environment ---------------------

@@ -235,6 +235,28 @@ def test_models_auto_is_bounded_checked_and_drops_a_model_only_after_two_reads_l
     assert models.next(["a"], ["a", "b", "c", "d", "e"]) == ["a", "b", "c"]
 
 
+async def test_upstream_http2_picks_httpx_with_h2_and_needs_h2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    import engines.upstream_flags as flags
+    from engines.upstream_http import AiohttpTransport, HttpxTransport, transport
+
+    parse = build_parser().parse_args
+    base = ["serve", "--kind", "upstream", "--served-name", "m", "--base-url", "https://up/v1"]
+    assert upstream_settings(parse(base)).http2 is False
+    s = upstream_settings(parse([*base, "--upstream-http2"]))
+    assert s.http2 is True
+    picked = [transport(s), transport(UpstreamSettings(base_url="https://up/v1"))]
+    assert [type(t) for t in picked] == [HttpxTransport, AiohttpTransport]
+    for t in picked:
+        await t.aclose()
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(flags.importlib.util, "find_spec", lambda name, *a: None if name == "h2" else find_spec(name, *a))
+    with pytest.raises(ValueError, match="--upstream-http2 needs the h2 package"):
+        upstream_settings(parse([*base, "--upstream-http2"]))
+    assert upstream_settings(parse(base)).http2 is False  # only the flag needs it
+
+
 def test_settings_refuse_secrets_in_argv_and_negative_retries(tmp_path: Any) -> None:
     parse = build_parser().parse_args
     base = ["serve", "--kind", "upstream", "--served-name", "m"]
