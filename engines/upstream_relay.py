@@ -168,7 +168,8 @@ def mapped_error(status: int, data: bytes, headers: Any, model: str) -> Exceptio
                            type="server_error")
     log.warning("the upstream answered %d for model %s: %s", status, model, upstream)
     if status == 404:
-        return JobRejected(f"The model `{model}` is not available from its upstream server.", status=503,
+        # (``model`` is the upstream's own name, which --upstream-model may keep from clients: logged above only)
+        return JobRejected("The model is not available from its upstream server.", status=503,
                            code="model_unavailable", type="server_error")
     if status == 429:
         wait = retry_after(headers)

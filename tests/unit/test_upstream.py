@@ -364,3 +364,10 @@ def test_an_unreadable_chunk_s_details_stay_in_the_log(caplog: pytest.LogCapture
         relay.line('data: {"choices": [{"index": "SECRET-INTERNAL", "text": "b"}]}')
     assert "SECRET" not in broke.value.message and "Expected" not in broke.value.message
     assert "Expected" in caplog.text
+
+
+def test_a_404_never_names_the_upstream_s_own_model_name(caplog: pytest.LogCaptureFixture) -> None:
+    err = mapped_error(404, b'{"error": {"message": "no such model"}}', {}, "ft:internal-deployment-7f3a")
+    assert isinstance(err, JobRejected) and (err.status, err.code) == (503, "model_unavailable")
+    assert "internal-deployment" not in err.message
+    assert "ft:internal-deployment-7f3a" in caplog.text  # the operator's log names it
