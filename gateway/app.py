@@ -125,13 +125,19 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
         except TimeoutError:
             log.warning("Redis at %s not reachable yet; serving 503s until it is", redacted(settings.redis.redis_url))
         log.info("gateway %s ready on %s:%d", settings.gateway_id, settings.server.host, settings.server.port)
+        BoundedHttpToolsProtocol.on_shutdown = dispatcher.cold.drain  # this worker's server, shutting down
         try:
             yield
         finally:
+            BoundedHttpToolsProtocol.on_shutdown = None
             router.closed = registry.closed = dispatcher.closed = dispatcher.cold.closed = usage_log.closed = True
             for t in tasks:
                 t.cancel()
             await asyncio.wait(tasks, timeout=5)
+            try:  # jobs of cold requests whose clients left, not yet taken back (one try, bounded)
+                await asyncio.wait_for(dispatcher.cold.last_look(), timeout=3)
+            except (TimeoutError, *REDIS_ERRORS):
+                log.warning("the last cold-start withdrawals could not be made")
             try:
                 await usage_log.flush()  # the last second's counts
             except REDIS_ERRORS:

@@ -18,6 +18,13 @@ output (streamed or not) ends with ``engine_lost`` instead, charged what was gen
 A request that ends unanswered while it waits (its client left) has its job withdrawn as well,
 tried again every :data:`RECHECK_S` until that is settled (``WITHDRAWN`` or ``GONE``) or the job's
 deadline passes. A Redis outage makes every due withdrawal fail: one warning a look, not one a run.
+
+A cold-start deadline never outlasts the request's own (it ends :data:`MARGIN_S` before it): a
+request that waits out both gets the cold answer (503, nothing charged), never a 504 that keeps its
+token reservation. A gateway that begins to shut down (:meth:`ColdStarts.drain`, from the server's
+graceful shutdown) answers every request waiting for a cold model at once, its job withdrawn, rather
+than holding it through the grace period and leaving its job queued for an engine that starts later
+to run for nobody; the lifespan's end makes one :meth:`ColdStarts.last_look` for jobs still leaving.
 """
 
 from __future__ import annotations
@@ -50,6 +57,9 @@ COLD: Any = ColdTimeout()
 
 #: How soon a job past its cold-start deadline that could not be withdrawn is tried again.
 RECHECK_S = 1.0
+#: How long before its request's deadline a cold request's job is withdrawn at the latest (a Redis
+#: round trip and a tick: the 503 comes before the request's own deadline would answer 504).
+MARGIN_S = 0.5
 
 
 class ColdStarts:
@@ -73,6 +83,8 @@ class ColdStarts:
         self._live: set[str] = set()
         #: Ends :meth:`watch`.
         self.closed = False
+        #: The gateway is shutting down: every cold request is due now (:meth:`drain`).
+        self.draining = False
         metrics.watch_cold(self.counts)
 
     def admits(self, model: str) -> bool:
@@ -80,9 +92,30 @@ class ColdStarts:
         return self.timeout_s > 0 and self.registry.is_declared(model)
 
     def track(self, run: JobRun, now: float) -> None:
-        """Count ``run`` as waiting for a cold model, until ``now`` + the cold-start timeout."""
+        """Count ``run`` as waiting for a cold model, until ``now`` + the cold-start timeout (at the
+        latest :data:`MARGIN_S` before the request's own deadline; at once while draining)."""
         if self.admits(run.model):
-            self._waiting.setdefault(run.model, {}).setdefault(run, now + self.timeout_s)
+            due = now if self.draining else min(now + self.timeout_s, run.deadline - MARGIN_S)
+            self._waiting.setdefault(run.model, {}).setdefault(run, due)
+
+    def drain(self) -> None:
+        """The gateway began to shut down: every request waiting for a cold model is answered at the
+        next look (503 with Retry-After, its job withdrawn), and so is any that comes now."""
+        if self.draining:
+            return
+        self.draining = True
+        for waiting in self._waiting.values():
+            for run in waiting:
+                waiting[run] = 0.0
+
+    async def last_look(self) -> None:
+        """At the lifespan's end (:meth:`watch` stopped): one more try for every job still to withdraw."""
+        if self.timeout_s <= 0:
+            return
+        self.drain()
+        for run in self._leaving:
+            self._leaving[run] = 0.0
+        await self._look(asyncio.get_running_loop().time())
 
     def left(self, run: JobRun) -> None:
         """``run`` ended unanswered while it waited for a cold model (its client left, its request

@@ -94,6 +94,9 @@ class Dispatcher:
                 raise ModelNotSupported(model, kind)
             return
         if self.cold.admits(model):
+            # A kind its engines never ran cannot be what one starts for (nor an autoscaler's demand).
+            if kind is not None and not self.registry.may_run(model, kind):
+                raise ModelNotSupported(model, kind)
             return
         if self.registry.is_known(model):
             raise NoEngine(model)

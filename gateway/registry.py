@@ -42,6 +42,9 @@ class EngineRegistry:
         #: for every known model, as :meth:`read_backlog` last found them (``conduit.queue.*``).
         self.backlog: dict[str, tuple[int, int]] = {}
         self._seen: set[str] = set()
+        #: model -> the job kinds its live engines last announced (kept once they are gone: what a
+        #: cold model's engines will run, as far as this process saw; ``may_run``).
+        self._kinds: dict[str, frozenset[str]] = {}
         self.redis_ok = False
         self.refreshed = asyncio.Event()
         self.metrics = metrics or GatewayMetrics.noop()
@@ -83,6 +86,12 @@ class EngineRegistry:
         """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
+    def may_run(self, model: str, kind: str) -> bool:
+        """Whether an engine of ``model``, live or not, may run ``kind`` jobs: those its live engines
+        announce now, else those they announced when this process last saw one (any, if it never did)."""
+        kinds = self._kinds.get(model)
+        return kinds is None or kind in kinds
+
     def context(self, model: str) -> ModelContext:
         """What ``model``'s live engines announce (worked out at each refresh, not per request)."""
         return self._contexts.get(model, _NOTHING_KNOWN)
@@ -120,6 +129,7 @@ class EngineRegistry:
             self.metrics.skipped("registry_entry", bad)
         self.engines, self.models = engines, models
         self._contexts = {m: _context(infos) for m, infos in models.items()}
+        self._kinds.update({m: frozenset(k for e in infos for k in e.kinds) for m, infos in models.items()})
         # Accumulated, not replaced: a model served once stays "known" (503, not 404) even
         # if Redis loses its data.
         self._seen.update(s.decode() for s in seen)

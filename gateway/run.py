@@ -78,7 +78,8 @@ def cold_failure(run: JobRun) -> ConduitError:
         return EngineError(f"The engine serving this request stopped mid-generation and no engine of the model "
                            f"started within {settings.cold_start_timeout_s:g}s; retry the request.",
                            code="engine_lost")
-    return NoEngine(run.model, waited_s=settings.cold_start_timeout_s, retry_after_s=settings.retry_after_s)
+    waited = min(settings.cold_start_timeout_s, round(time.perf_counter() - run.started_at, 1))
+    return NoEngine(run.model, waited_s=waited, retry_after_s=settings.retry_after_s)
 
 
 class JobRun:

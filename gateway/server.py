@@ -19,7 +19,8 @@ queues more than :data:`MAX_PIPELINED` requests behind the one being answered.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -42,6 +43,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     #: Set from the settings by each worker process before it serves (``gateway.app.asgi_from_env``).
     max_head_bytes = 65_536
+    #: Called once when this worker's server begins its graceful shutdown (uvicorn shuts each open
+    #: connection down first, before it waits for their requests): the app's lifespan sets it
+    #: (``gateway.cold.ColdStarts.drain``: requests waiting for a cold model are answered at once).
+    on_shutdown: ClassVar[Callable[[], None] | None] = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -52,6 +57,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         #: Between the end of a request's headers and of its body, unless the body is chunked.
         self._plain_body = False
         self._refused = False
+
+    def shutdown(self) -> None:
+        hook = BoundedHttpToolsProtocol.on_shutdown
+        if hook is not None:
+            hook()
+        super().shutdown()
 
     def on_message_begin(self) -> None:
         self._head = self._pending = 0

@@ -186,6 +186,10 @@ def test_a_model_whose_engines_all_die_goes_cold(stack: Stack) -> None:
         answers = [f.result(timeout=60) for f in futures]
     assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
     assert time.monotonic() - started < 15
+    # Its engines ran chat and completions: an image request cannot be what an engine starts for.
+    r = httpx.post(f"{stack.base_url}/v1/images/generations", json={"model": MODEL, "prompt": "a cat"}, timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_supported", r.text
+    assert cold_gauge(stack) == 0
     port = free_port()
     stack.synthetic(MODEL, "--metrics-port", str(port), "--reclaim-idle-ms", "200")
     time.sleep(2)  # its reclaimer and reads had time to find them
@@ -283,3 +287,47 @@ def test_a_left_request_whose_job_an_engine_held_is_withdrawn_once_it_can_be(sta
             if (message := cancels.get_message(timeout=0.1)) is not None:
                 said.append(message["data"])
         assert len(said) >= 2, f"the cancellation was said {len(said)} time(s) while an engine held the job: {said}"
+
+
+def test_a_cold_wait_as_long_as_the_request_s_ends_503_uncharged_not_504(stack: Stack) -> None:
+    """The cold-start deadline ends before the request's own, so a request that waits out a cold start
+    as long as its timeout gets the cold answer (503, Retry-After, nothing charged), never a 504 that
+    keeps its token reservation."""
+    stack.gateway(models=MODEL, cold_start_timeout_s=3, request_timeout_s=3, retry_after_s=5, auth=True,
+                  admin_key_hash=HASHER.hash(ADMIN))
+    r = httpx.post(f"{stack.base_url}/admin/keys", json={"name": "tenant", "limits": {"tpm": 1000}}, timeout=10,
+                   headers={"Authorization": f"Bearer {ADMIN}"})
+    key = str(r.json()["key"])
+    for _ in range(2):  # the second would be 429 had the first's 900 tokens been kept
+        r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                       json={"model": MODEL, "max_tokens": 900, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "model_unavailable" and r.headers["retry-after"] == "5"
+
+
+def test_a_gateway_that_stops_answers_its_cold_requests_and_leaves_no_job(stack: Stack) -> None:
+    """A gateway stopping (a rolling deploy) while requests wait for a cold model answers them 503
+    with Retry-After at once and takes their jobs back: it does not hold them through its grace period
+    and leave them queued for an engine that starts later to run for nobody."""
+    gateway = stack.gateway(models=MODEL, cold_start_timeout_s=120, retry_after_s=4)
+    client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    with cf.ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(ask, client, i, i == 0) for i in range(2)]
+        wait_until(lambda: cold_gauge(stack), 2)
+        started = time.monotonic()
+        gateway.proc.terminate()
+        for f in futures:
+            with pytest.raises(openai.APIStatusError) as info:
+                f.result(timeout=60)
+            assert info.value.status_code == 503
+            assert info.value.response.headers["retry-after"] == "4"
+            assert info.value.body["code"] == "model_unavailable"  # type: ignore[index]
+    assert time.monotonic() - started < 10
+    gateway.proc.wait(timeout=30)
+    with redis.Redis.from_url(stack.redis_url) as db:
+        assert db.xlen(f"{stack.prefix}:jobs:{{{MODEL}}}") == 0
+        assert not db.keys(f"{stack.prefix}:wait:*")
+    port = free_port()
+    stack.synthetic(MODEL, "--metrics-port", str(port), wait=False)
+    time.sleep(2)
+    assert engine_jobs(port) == 0

@@ -62,6 +62,7 @@ class Run:
         self.entry = b""
         self.events: asyncio.Queue[Any] = asyncio.Queue()
         self.ended = self.closed = self.withdrawn = False
+        self.deadline = float("inf")  # the request's own (loop time): far past the cold-start deadline
 
 
 def cold(queue: Queue, *runs: Run) -> ColdStarts:
