@@ -12,7 +12,9 @@ output the job ends with a clean error. A job whose client left is cancelled, wh
 upstream request. ``--models auto`` announces what the upstream's ``/v1/models`` lists, re-read
 every ``models_refresh_s`` (``engines.worker.Worker.announce`` follows the changes), bounded and
 checked by ``engines.upstream_models``. What the upstream sends is read with bounds: an error body
-up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``).
+up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``). ``--upstream-serverless``: an
+endpoint that scales to zero, announced cold while it is believed asleep and waited for while it
+wakes (``engines.upstream_wake``; ``run`` consults it for its tries, ``_forward`` for the first byte).
 """
 
 from __future__ import annotations
