@@ -1,10 +1,11 @@
 """The upstream engine kind: jobs forwarded to an OpenAI-compatible server that already runs.
 
 A worker on the same runtime as every engine (job streams, heartbeat, reclaim, fair queueing,
-drain) whose backend sends each chat or completions job to the upstream over one ``httpx``
-client (a keep-alive pool as large as the jobs in flight; HTTP/2 where ``h2`` is installed and
-the upstream's TLS offers it), always streaming, and relays the upstream's chunks as the job's
-events (``engines.upstream_relay``). Stateless: nothing of a job stays in the upstream.
+drain) whose backend sends each chat, completions or image job (``--upstream-kinds``: those the
+upstream serves) to the upstream over one ``httpx`` client (a keep-alive pool as large as the jobs
+in flight; HTTP/2 where ``h2`` is installed and the upstream's TLS offers it), streaming chat and
+completions always, and relays the upstream's chunks as the job's events (``engines.upstream_relay``;
+images: ``engines.upstream_images``). Stateless: nothing of a job stays in the upstream.
 
 Failures before any output that another try may cure (a connection refused or cut, a timeout, a
 5xx, a 429) are tried again on this engine with backoff, never past the job's deadline; after
@@ -34,6 +35,7 @@ import msgspec
 
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Job
+from engines.upstream_images import ImageRelay, image_request
 from engines.upstream_models import ModelList
 from engines.upstream_relay import (
     PATHS,
@@ -90,19 +92,22 @@ class UpstreamSettings(msgspec.Struct, kw_only=True):
     cold_start_s: float = 300.0
     #: No answer for this long: the endpoint is taken to have scaled down (cold again).
     idle_s: float = 300.0
+    #: The job kinds the upstream serves (``--upstream-kinds``), announced as the engine's: a
+    #: chat-only upstream must never be sent images (the gateway routes by what engines announce).
+    kinds: list[str] = msgspec.field(default_factory=lambda: ["chat", "completion"])
 
     def __repr__(self) -> str:  # the key never reaches a log or a traceback
         return f"UpstreamSettings(base_url={self.base_url!r}, served_names={self.served_names!r}, ...)"
 
 
 class UpstreamBackend:
-    """Runs chat and completion jobs on an OpenAI-compatible upstream server."""
+    """Runs chat, completion and image jobs (those its settings name) on an OpenAI-compatible upstream server."""
 
     kind = "upstream"
-    kinds = frozenset({"chat", "completion"})
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        self.kinds = frozenset(settings.kinds) & PATHS.keys()
         self.models = list(settings.served_names)
         self.max_concurrency = settings.max_concurrency
         self.max_model_len: int | None = None
@@ -208,18 +213,19 @@ class UpstreamBackend:
 
     async def run(self, job: Job, out: JobOutput) -> None:
         """Forward one job, trying again before output while the job's deadline allows."""
-        if job.kind not in PATHS:
+        if job.kind not in self.kinds:
             raise JobRejected(f"The upstream engine does not run `{job.kind}` jobs.", status=501,
                               code="unsupported_job_kind")
         client = json.loads(job.body)
         model = self.upstream_model(job.model)
-        body = upstream_request(client, job.kind, model)
+        image = job.kind == "image"
+        body = image_request(client, model) if image else upstream_request(client, job.kind, model)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(job.deadline_ms / 1000 - time.time(), 0)
         # A serverless endpoint asleep is waited for up to its wake's window (engines.upstream_wake).
         window = self.wake.window(loop.time()) if self.wake is not None else deadline
         for attempt in itertools.count():
-            relay = Relay(out, client, job.kind, model)
+            relay = ImageRelay(out, client, model) if image else Relay(out, client, job.kind, model)
             try:
                 async with asyncio.timeout_at(deadline):
                     await self._forward(job.kind, body, relay, model, window - loop.time())
@@ -270,7 +276,8 @@ class UpstreamBackend:
                            "retry the request.", status=503, code="model_unavailable", type="server_error",
                            retry_after_s=max(failure.retry_after_s, 1))
 
-    async def _forward(self, kind: str, body: dict[str, Any], relay: Relay, model: str, window_s: float) -> None:
+    async def _forward(self, kind: str, body: dict[str, Any], relay: Relay | ImageRelay, model: str,
+                       window_s: float) -> None:
         assert self.client is not None
         wake = self.wake
         # While a serverless endpoint sleeps, its first byte may take the wake's whole window.
@@ -283,6 +290,9 @@ class UpstreamBackend:
                     raise mapped_error(r.status_code, await bounded_body(r.aiter_bytes()), r.headers, model)
                 if wake is not None:
                     wake.answered()
+                if isinstance(relay, ImageRelay):  # one JSON body, or an SSE stream of images
+                    await relay.read(r.aiter_bytes(), r.headers.get("content-type", ""))
+                    return
                 try:
                     async for line in bounded_lines(r.aiter_bytes()):
                         if not relay.line(line):

@@ -64,6 +64,10 @@ def add_upstream_flags(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--upstream-ca-bundle", help="a PEM CA bundle to verify the upstream's certificate with")
     up.add_argument("--upstream-insecure", action="store_true",
                     help="do not verify the upstream's TLS certificate (verified by default)")
+    up.add_argument("--upstream-kinds", default="chat,completion", metavar="KIND[,KIND]",
+                    help="the job kinds the upstream serves, announced to the gateway, which sends the engine "
+                         "only those: any of chat, completion, image (images/generations) (default: "
+                         "chat,completion; an upstream of images only: image)")
     up.add_argument("--upstream-retries", type=_number(int, 0, above=False), default=3,
                     help="tries after the first for a failure before any output (connection, timeout, 5xx, 429)")
     up.add_argument("--upstream-serverless", action="store_true",
@@ -85,6 +89,17 @@ def _header(line: str, where: str) -> tuple[str, str]:
     if not sep or not _HEADER_NAME.fullmatch(name.strip()):
         raise ValueError(f"{where} takes 'Name: value'" + (f", not {line!r}" if where == "--upstream-header" else ""))
     return name.strip(), value.strip()
+
+
+#: The job kinds an upstream engine can forward (``--upstream-kinds``).
+UPSTREAM_KINDS = ("chat", "completion", "image")
+
+
+def _kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",")]
+    if not text.strip() or any(k not in UPSTREAM_KINDS for k in kinds):
+        raise ValueError(f"--upstream-kinds takes some of {', '.join(UPSTREAM_KINDS)}, comma-separated, not {text!r}")
+    return sorted(set(kinds))
 
 
 def _base_url(url: str) -> str:
@@ -131,5 +146,5 @@ def upstream_settings(args: argparse.Namespace) -> UpstreamSettings:
         models_auto=auto, models_refresh_s=args.models_refresh_s, models_max=args.upstream_models_max, api_key=key,
         headers=headers, connect_timeout_s=args.upstream_connect_timeout_s, read_timeout_s=args.upstream_read_timeout_s,
         verify_tls=not args.upstream_insecure, ca_bundle=args.upstream_ca_bundle or "",
-        max_concurrency=args.max_concurrency or 64, retries=args.upstream_retries, serverless=args.upstream_serverless,
-        cold_start_s=args.upstream_cold_start_s, idle_s=args.upstream_idle_s)
+        max_concurrency=args.max_concurrency or 64, retries=args.upstream_retries, kinds=_kinds(args.upstream_kinds),
+        serverless=args.upstream_serverless, cold_start_s=args.upstream_cold_start_s, idle_s=args.upstream_idle_s)

@@ -41,7 +41,7 @@ log = logging.getLogger("conduit.engine")
 #: servers' extensions, and every field the gateway did not bound.
 REQUEST_FIELDS: dict[str, frozenset[str]] = {kind: fields - {"request_id"} for kind, fields in VLLM_FIELDS.items()}
 #: The upstream's paths (relative to its base URL, which ends in ``/v1`` as OpenAI's does) per job kind.
-PATHS = {"chat": "chat/completions", "completion": "completions"}
+PATHS = {"chat": "chat/completions", "completion": "completions", "image": "images/generations"}
 
 
 def upstream_request(body: dict[str, Any], kind: str, model: str) -> dict[str, Any]:

@@ -59,6 +59,10 @@ class EngineRegistry:
         """Whether ``model`` is in the settings' ``models`` (cold while no engine serves it: ``gateway.cold``)."""
         return model in self._configured
 
+    def declared(self) -> set[str]:
+        """The settings' ``models``."""
+        return set(self._configured)
+
     def is_known(self, model: str) -> bool:
         return model in self.models or model in self._configured or model in self._seen
 

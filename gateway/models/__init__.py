@@ -1,1 +1,1 @@
-"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the models with a live engine now."""
+"""``GET /v1/models`` and ``GET /v1/models/{model_id}``: the models a request may name now (live or cold)."""

@@ -61,6 +61,9 @@ def test_an_engine_started_within_the_deadline_serves_every_waiting_request(stac
     stack.gateway(models=MODEL, cold_start_timeout_s=60)
     assert cold_gauge(stack) == 0  # a declared model's series exists from the start
     client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=90)
+    # Listed while cold: a client that picks its model from /v1/models can pick it (and so wake it).
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
     n = 12
     with cf.ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(ask, client, i, i % 2 == 0) for i in range(n)]
@@ -196,6 +199,9 @@ def test_undeclared_models_stay_unknown(stack: Stack) -> None:
     r = httpx.post(f"{stack.base_url}/v1/chat/completions", timeout=10,
                    json={"model": "never-declared", "messages": [{"role": "user", "content": "hi"}]})
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = httpx.get(f"{stack.base_url}/v1/models/never-declared", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert [m["id"] for m in httpx.get(f"{stack.base_url}/v1/models", timeout=10).json()["data"]] == [MODEL]
 
 
 def test_a_client_that_leaves_a_cold_request_leaves_no_job_behind(stack: Stack) -> None:
