@@ -54,6 +54,14 @@ class HeartbeatThread:
         self._thread.start()
         self._ready.wait()
 
+    def now(self) -> None:
+        """Beat now rather than at the next interval (from any thread): an announcement changed."""
+        if self._loop is not None and self._wake is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake.set)
+            except RuntimeError:
+                pass  # its loop already ended
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop beating (a beat under way finishes first) and wait for the thread: no beat follows."""
         self._stopped = True
@@ -84,6 +92,8 @@ class HeartbeatThread:
                     await asyncio.wait_for(self._wake.wait(), timeout=self._interval)
                 except TimeoutError:
                     pass
+                if not self._stopped:
+                    self._wake.clear()
         finally:
             await redis.aclose()
 
@@ -100,6 +110,8 @@ class Presence:
         self.loop_tick = time.monotonic()
         self.stalled = False
         self.info_blob = b""  # the encoded EngineInfo, built once the backend has started
+        #: The thread beating (set once it runs): :meth:`announce` asks it for a beat at once.
+        self.heartbeat: HeartbeatThread | None = None
         #: Ids of the jobs running here whose key Redis lost and a beat restored: each beat renews
         #: their lease (the heartbeat thread's own).
         self.restored: set[str] = set()
@@ -112,7 +124,14 @@ class Presence:
             id=w.engine_id, kind=b.kind, models=list(b.models), max_concurrency=b.max_concurrency,
             host=socket.gethostname(), pid=os.getpid(), started_ms=w.started_ms, max_model_len=b.max_model_len,
             max_chars_per_token=b.max_chars_per_token, max_sequences=b.max_sequences, protocol=PROTOCOL_VERSION,
-            kinds=sorted(w.kinds)))
+            kinds=sorted(w.kinds), cold=list(getattr(b, "cold_models", ()))))
+
+    def announce(self) -> None:
+        """What the engine announces changed (a serverless upstream went cold or warm): the next
+        beat, at once, says so."""
+        self.info_blob = self.info()
+        if self.heartbeat is not None:
+            self.heartbeat.now()
 
     def fresh(self) -> bool:
         """The last beat reached Redis within ``engine_ttl_s`` (gateways see the engine) and the

@@ -14,12 +14,15 @@ output the job ends with a clean error. A job whose client left is cancelled, wh
 upstream request. ``--models auto`` announces what the upstream's ``/v1/models`` lists, re-read
 every ``models_refresh_s`` (``engines.worker.Worker.announce`` follows the changes), bounded and
 checked by ``engines.upstream_models``. What the upstream sends is read with bounds: an error body
-up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``).
+up to 64 KiB, a stream line up to 1 MiB (``engines.upstream_relay``). ``--upstream-serverless``: an
+endpoint that scales to zero, announced cold while it is believed asleep and waited for while it
+wakes (``engines.upstream_wake``; ``run`` consults it for its tries, ``_forward`` for the first byte).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import random
@@ -33,17 +36,9 @@ from engines.contract.messages import Job
 from engines.upstream_http import Transport, TransportFailed, transport
 from engines.upstream_images import ImageRelay, image_request
 from engines.upstream_models import ModelList
-from engines.upstream_relay import (
-    PATHS,
-    LineTooLong,
-    Relay,
-    Retryable,
-    StreamBroke,
-    bounded_body,
-    bounded_lines,
-    mapped_error,
-    upstream_request,
-)
+from engines.upstream_reads import LineTooLong, Retryable, bounded_body, bounded_lines, mapped_error
+from engines.upstream_relay import PATHS, Relay, StreamBroke, upstream_request
+from engines.upstream_wake import Wake
 
 log = logging.getLogger("conduit.engine")
 
@@ -84,6 +79,12 @@ class UpstreamSettings(msgspec.Struct, kw_only=True):
     #: or the upstream's ``Retry-After``); none past the job's deadline.
     retries: int = 3
     backoff_s: float = 0.5
+    #: A serverless endpoint that scales to zero (``engines.upstream_wake``): its models announced
+    #: cold while it is believed asleep, its wake waited for up to ``cold_start_s``.
+    serverless: bool = False
+    cold_start_s: float = 300.0
+    #: No answer for this long: the endpoint is taken to have scaled down (cold again).
+    idle_s: float = 300.0
     #: The job kinds the upstream serves (``--upstream-kinds``), announced as the engine's: a
     #: chat-only upstream must never be sent images (the gateway routes by what engines announce).
     kinds: list[str] = msgspec.field(default_factory=lambda: ["chat", "completion"])
@@ -114,6 +115,22 @@ class UpstreamBackend:
         #: Called with the new list when ``--models auto`` sees the upstream's models change.
         self.on_models: Any = None
         self.model_list = ModelList(settings.models_max)
+        #: A serverless endpoint's wake state (None: an upstream that is always up).
+        self.wake = Wake(settings.cold_start_s, settings.idle_s) if settings.serverless else None
+        self._idle: asyncio.Task[None] | None = None
+        #: Called when :attr:`cold_models` changes (the worker announces it at once).
+        self.on_cold: Any = None
+        if self.wake is not None:
+            self.wake.on_change = self._cold_changed
+
+    @property
+    def cold_models(self) -> list[str]:
+        """The models announced cold (``EngineInfo.cold``): all of them while a serverless endpoint sleeps."""
+        return list(self.models) if self.wake is not None and self.wake.cold else []
+
+    def _cold_changed(self) -> None:
+        if self.on_cold is not None:
+            self.on_cold()
 
     async def start(self) -> None:
         """Open the connection pool; with ``models_auto``, read the upstream's models (and keep reading)."""
@@ -126,6 +143,8 @@ class UpstreamBackend:
             if not self.models:
                 self.models = self.model_list.next([], await self.upstream_models())
             self._refresh = asyncio.create_task(self._refresh_models(), name="upstream-models")
+        if self.wake is not None:
+            self._idle = asyncio.create_task(self.wake.watch(lambda: self._open > 0), name="upstream-idle")
 
     async def upstream_models(self) -> list[Any]:
         """The ids the upstream's ``/v1/models`` lists (unchecked: ``ModelList`` checks them)."""
@@ -157,8 +176,9 @@ class UpstreamBackend:
                     self.models = before
 
     async def close(self) -> None:
-        if self._refresh is not None:
-            self._refresh.cancel()
+        for task in (self._refresh, self._idle):
+            if task is not None:
+                task.cancel()
         if self.client is not None:
             await self.client.aclose()
             self.client = None
@@ -182,12 +202,13 @@ class UpstreamBackend:
         body = image_request(client, model) if image else upstream_request(client, job.kind, model)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(job.deadline_ms / 1000 - time.time(), 0)
-        s = self.settings
-        for attempt in range(s.retries + 1):
+        # A serverless endpoint asleep is waited for up to its wake's window (engines.upstream_wake).
+        window = self.wake.window(loop.time()) if self.wake is not None else deadline
+        for attempt in itertools.count():
             relay = ImageRelay(out, client, model) if image else Relay(out, client, job.kind, model)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._forward(job.kind, body, relay, model)
+                    await self._forward(job.kind, body, relay, model, window - loop.time())
                 return
             except Retryable as exc:
                 failure: JobRejected = exc.final
@@ -206,20 +227,48 @@ class UpstreamBackend:
             except asyncio.CancelledError:
                 self.aborted_requests += 1  # leaving _forward's `async with` closed the upstream request
                 raise
-            pause = wait if wait is not None else s.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
-            if attempt == s.retries or loop.time() + pause >= deadline:
-                raise failure
+            pause = self._pause(attempt, failure, wait, deadline - loop.time(), window - loop.time())
             log.warning("job %s: the upstream failed before output (%s); trying again in %.2f s", job.id,
                         failure.message, pause)
             await asyncio.sleep(pause)
 
-    async def _forward(self, kind: str, body: dict[str, Any], relay: Relay | ImageRelay, model: str) -> None:
+    def _pause(self, attempt: int, failure: JobRejected, wait: float | None, deadline_s: float,
+               window_s: float) -> float:
+        """The pause before the next try after ``failure`` (before output); raises the failure when
+        no try is left. A sleeping serverless endpoint's "not up yet" is tried until its wake's
+        window or the job's deadline (seconds left: ``window_s``, ``deadline_s``) runs out, every
+        other failure ``retries`` times within the deadline."""
+        s = self.settings
+        if self.wake is not None and self.wake.not_up_yet(failure):
+            pause = self.wake.pause(attempt, s.backoff_s, wait)
+            if pause < min(deadline_s, window_s):
+                return pause
+            raise failure if deadline_s <= window_s else self._not_woken(failure)
+        if attempt >= s.retries:
+            raise failure
+        pause = wait if wait is not None else s.backoff_s * 2 ** attempt * random.uniform(0.5, 1.0)
+        if pause >= deadline_s:
+            raise failure
+        return pause
+
+    def _not_woken(self, failure: JobRejected) -> JobRejected:
+        return JobRejected(f"The model's serverless upstream did not wake within {self.settings.cold_start_s:g} s; "
+                           "retry the request.", status=503, code="model_unavailable", type="server_error",
+                           retry_after_s=max(failure.retry_after_s, 1))
+
+    async def _forward(self, kind: str, body: dict[str, Any], relay: Relay | ImageRelay, model: str,
+                       window_s: float) -> None:
         assert self.client is not None
+        wake = self.wake
+        # While a serverless endpoint sleeps, its first byte may take the wake's whole window.
+        extra = {"read_timeout_s": max(window_s, 0.001)} if wake is not None and wake.cold else {}
         self._open += 1
         try:
-            async with self.client.stream("POST", PATHS[kind], json=body) as r:
+            async with self.client.stream("POST", PATHS[kind], json=body, **extra) as r:
                 if r.status_code != 200:
                     raise mapped_error(r.status_code, await bounded_body(r.aiter_bytes()), r.headers, model)
+                if wake is not None:
+                    wake.answered()
                 if isinstance(relay, ImageRelay):  # one JSON body, or an SSE stream of images
                     await relay.read(r.aiter_bytes(), r.headers.get("content-type", ""))
                     return
@@ -227,6 +276,8 @@ class UpstreamBackend:
                     async for line in bounded_lines(r.aiter_bytes()):
                         if not relay.line(line):
                             relay.finish()
+                            if wake is not None:
+                                wake.answered()
                             return
                 except LineTooLong:
                     raise relay.too_long() from None

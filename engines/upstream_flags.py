@@ -76,6 +76,17 @@ def add_upstream_flags(parser: argparse.ArgumentParser) -> None:
                          "serves with about a twentieth of httpx's CPU per request")
     up.add_argument("--upstream-retries", type=_number(int, 0, above=False), default=3,
                     help="tries after the first for a failure before any output (connection, timeout, 5xx, 429)")
+    up.add_argument("--upstream-serverless", action="store_true",
+                    help="the upstream scales to zero (a serverless endpoint): its models are announced cold while "
+                         "it is believed asleep (at start, after --upstream-idle-s without an answer), and while "
+                         "cold, refusals before output (connection, timeout, 503, 429) are tried again, at most 5 s "
+                         "apart, for up to --upstream-cold-start-s instead of --upstream-retries times")
+    up.add_argument("--upstream-cold-start-s", type=_number(float, 0, above=True), default=300.0,
+                    help="with --upstream-serverless, how long a wake may take (a request's tries and its first "
+                         "byte's wait while cold)")
+    up.add_argument("--upstream-idle-s", type=_number(float, 0, above=True), default=300.0,
+                    help="with --upstream-serverless, how long without an answer before the endpoint is taken to "
+                         "have scaled down again (cold)")
 
 
 def _header(line: str, where: str) -> tuple[str, str]:
@@ -144,4 +155,5 @@ def upstream_settings(args: argparse.Namespace) -> UpstreamSettings:
         headers=headers, connect_timeout_s=args.upstream_connect_timeout_s, read_timeout_s=args.upstream_read_timeout_s,
         verify_tls=not args.upstream_insecure, ca_bundle=args.upstream_ca_bundle or "",
         max_concurrency=args.max_concurrency or 64, http2=args.upstream_http2, retries=args.upstream_retries,
-        kinds=_kinds(args.upstream_kinds))
+        kinds=_kinds(args.upstream_kinds), serverless=args.upstream_serverless, cold_start_s=args.upstream_cold_start_s,
+        idle_s=args.upstream_idle_s)

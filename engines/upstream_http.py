@@ -58,10 +58,12 @@ class Answer(Protocol):
 class Transport(Protocol):
     """One keep-alive pool to the upstream's base URL."""
 
-    def stream(self, method: str, path: str, *,
-               json: Any = None) -> contextlib.AbstractAsyncContextManager[Answer]:
+    def stream(self, method: str, path: str, *, json: Any = None,
+               read_timeout_s: float | None = None) -> contextlib.AbstractAsyncContextManager[Answer]:
         """Send a request (``path`` relative to the base URL; ``json`` the body, encoded once) and yield its
-        answer; :class:`TransportFailed` for a failed connection, while sending or while reading."""
+        answer; :class:`TransportFailed` for a failed connection, while sending or while reading.
+        ``read_timeout_s``: this request's longest silence instead of the settings' (a serverless
+        endpoint waking: ``engines.upstream_wake``)."""
         ...
 
     async def aclose(self) -> None:
@@ -114,6 +116,7 @@ class AiohttpTransport:
         base = settings.base_url.rstrip("/") + "/"
         self._urls = {path: URL(base + path) for path in ("chat/completions", "completions", "models")}
         self._base = base
+        self._connect_s = settings.connect_timeout_s
         connector = aiohttp.TCPConnector(limit=settings.max_concurrency, limit_per_host=0, ssl=_tls(settings))
         # No total and no pool timeout: the job's deadline (asyncio.timeout_at in run) bounds both.
         timeout = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=settings.connect_timeout_s,
@@ -126,12 +129,17 @@ class AiohttpTransport:
         return url if url is not None else URL(self._base + path)
 
     @contextlib.asynccontextmanager
-    async def stream(self, method: str, path: str, *, json: Any = None) -> AsyncIterator[Answer]:
+    async def stream(self, method: str, path: str, *, json: Any = None,
+                     read_timeout_s: float | None = None) -> AsyncIterator[Answer]:
         data = None if json is None else msgspec.json.encode(json)
+        extra: dict[str, Any] = {}
+        if read_timeout_s is not None:
+            extra["timeout"] = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=self._connect_s,
+                                                     sock_read=read_timeout_s)
         try:
             response = await self._session.request(method, self._url(path), data=data,
                                                    headers=_JSON if data is not None else None,
-                                                   allow_redirects=False)
+                                                   allow_redirects=False, **extra)
         except (aiohttp.ClientError, TimeoutError) as exc:  # aiohttp's timeouts are TimeoutErrors too
             raise _failed(exc) from None
         try:
@@ -158,16 +166,22 @@ class HttpxTransport:
         pool = httpx.Limits(max_connections=settings.max_concurrency,
                             max_keepalive_connections=settings.max_concurrency)
         timeout = httpx.Timeout(settings.read_timeout_s, connect=settings.connect_timeout_s, pool=None)
+        self._connect_s = settings.connect_timeout_s
+        self._timeout = httpx.Timeout
         self._errors = (httpx.TransportError, httpx.StreamError)
         self._client = httpx.AsyncClient(base_url=settings.base_url, headers=_headers(settings), limits=pool,
                                          timeout=timeout, verify=_tls(settings), http2=True, follow_redirects=False)
 
     @contextlib.asynccontextmanager
-    async def stream(self, method: str, path: str, *, json: Any = None) -> AsyncIterator[Answer]:
+    async def stream(self, method: str, path: str, *, json: Any = None,
+                     read_timeout_s: float | None = None) -> AsyncIterator[Answer]:
         data = None if json is None else msgspec.json.encode(json)
+        extra: dict[str, Any] = {}
+        if read_timeout_s is not None:
+            extra["timeout"] = self._timeout(read_timeout_s, connect=self._connect_s, pool=None)
         try:
-            async with self._client.stream(method, path, content=data,
-                                           headers=_JSON if data is not None else None) as response:
+            async with self._client.stream(method, path, content=data, headers=_JSON if data is not None else None,
+                                           **extra) as response:
                 yield response
         except self._errors as exc:
             raise TransportFailed(type(exc).__name__) from None

@@ -25,15 +25,8 @@ from typing import Any
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Usage
 from engines.image_job import FORMATS, MAX_SEED
-from engines.upstream_relay import (
-    CHARS_PER_TOKEN,
-    LineTooLong,
-    Retryable,
-    StreamBroke,
-    bounded_lines,
-    error_body,
-    mapped_error,
-)
+from engines.upstream_reads import LineTooLong, Retryable, bounded_lines, error_body, mapped_error
+from engines.upstream_relay import CHARS_PER_TOKEN, StreamBroke
 
 log = logging.getLogger("conduit.engine")
 

@@ -172,6 +172,8 @@ class Worker:
         await self.backend.start()
         if hasattr(self.backend, "on_models"):  # a backend whose models change (upstream --models auto)
             self.backend.on_models = self.intake.follow
+        if hasattr(self.backend, "on_cold"):  # a backend announcing models cold (upstream --upstream-serverless)
+            self.backend.on_cold = self.presence.announce
         self.streams = {self.keys.jobs(m): m for m in self.backend.models}  # (known once started)
         self.presence.info_blob = self.presence.info()
         self.metrics.serving(self.backend.models)
@@ -182,6 +184,7 @@ class Worker:
         heartbeat = HeartbeatThread(self.settings.connect,
                                     self.presence.beat, self.settings.heartbeat_s, self.presence.failed)
         heartbeat.start()
+        self.presence.heartbeat = heartbeat
         tasks = [
             asyncio.create_task(self.presence.tick(), name="loop-tick"),
             asyncio.create_task(self.writer.run(), name="event-writer"),

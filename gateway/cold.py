@@ -15,6 +15,14 @@ from that moment and get the same deadline: a job held by a dead engine is withd
 reclaimer would retry it before an engine starts), and a request whose engine had generated
 output (streamed or not) ends with ``engine_lost`` instead, charged what was generated.
 
+A model can also be live and cold: every live engine of it announces it cold (``EngineInfo.cold``:
+an upstream engine whose serverless endpoint is scaled to zero). Its requests are admitted and
+queued as any live model's, and its engine takes them at once: that request is what wakes the
+endpoint. They count in the same gauge until their first output (or the model is announced warm,
+or they end), and are never withdrawn: a live engine holds them and answers them, by their
+request deadline at the latest. Should its last engine go, they are counted as cold from then on,
+with a cold-start deadline, as above.
+
 A request that ends unanswered while it waits (its client left) has its job withdrawn as well,
 tried again every :data:`RECHECK_S` until that is settled (``WITHDRAWN`` or ``GONE``) or the job's
 deadline passes. A Redis outage makes every due withdrawal fail: one warning a look, not one a run.
@@ -81,6 +89,11 @@ class ColdStarts:
         self._leaving: dict[JobRun, float] = {}
         #: The models live at the last look (those that leave it went cold).
         self._live: set[str] = set()
+        #: model -> runs of a live model that all its engines announce cold (a serverless upstream
+        #: waking), counted until their first output; never withdrawn (a live engine holds them).
+        self._waking: dict[str, set[JobRun]] = {}
+        #: The models live and announced cold at the last look.
+        self._live_cold: set[str] = set()
         #: Ends :meth:`watch`.
         self.closed = False
         #: The gateway is shutting down: every cold request is due now (:meth:`drain`).
@@ -92,9 +105,14 @@ class ColdStarts:
         return self.timeout_s > 0 and self.registry.is_declared(model)
 
     def track(self, run: JobRun, now: float) -> None:
-        """Count ``run`` as waiting for a cold model, until ``now`` + the cold-start timeout (at the
-        latest :data:`MARGIN_S` before the request's own deadline; at once while draining)."""
-        if self.admits(run.model):
+        """Count ``run`` (just submitted, or its model just went cold) as waiting for a cold model: one
+        no engine serves, until ``now`` + the cold-start timeout (at the latest :data:`MARGIN_S` before the
+        request's own deadline; at once while draining); one its live engines announce cold, until its
+        first output."""
+        if self.registry.is_live(run.model):
+            if run.model in self.registry.cold and not run.output:
+                self._waking.setdefault(run.model, set()).add(run)
+        elif self.admits(run.model):
             due = now if self.draining else min(now + self.timeout_s, run.deadline - MARGIN_S)
             self._waiting.setdefault(run.model, {}).setdefault(run, due)
 
@@ -122,6 +140,7 @@ class ColdStarts:
         deadline passed): its job is taken back too, at the next look and again until that is
         settled. An engine that starts later never heard its cancellation, so it would otherwise
         run it for nobody. (A run whose withdrawal is on its way is kept by :meth:`_look` itself.)"""
+        self._waking.get(run.model, set()).discard(run)  # (its engine is live: it heard the cancellation)
         waiting = self._waiting.get(run.model)
         if waiting is not None and waiting.pop(run, None) is not None:
             self._leaving[run] = 0.0
@@ -129,13 +148,13 @@ class ColdStarts:
     def counts(self) -> Iterable[tuple[str, int]]:
         """(model, requests waiting for it while it is cold) for every known model (0 for most: a
         series from the start, as ``conduit.gateway.engines.live`` has)."""
-        return [(m, len(self._waiting.get(m, ()))) for m in sorted(self.registry.known() | set(self._waiting))]
+        models = self.registry.known() | set(self._waiting) | set(self._waking)
+        return [(m, len(self._waiting.get(m, ())) + len(self._waking.get(m, ()))) for m in sorted(models)]
 
     async def watch(self) -> None:
         """Every tick until :attr:`closed`: count the runs of models that went cold, forget those
-        served or ended, withdraw the jobs of those past their deadline."""
-        if self.timeout_s <= 0:
-            return
+        served or ended, withdraw the jobs of those past their deadline. (Also without a cold-start
+        timeout: the runs of models announced cold are counted all the same.)"""
         loop = asyncio.get_running_loop()
         while not self.closed:
             await asyncio.sleep(self._tick_s)
@@ -143,12 +162,14 @@ class ColdStarts:
 
     async def _look(self, now: float) -> None:
         live = set(self.registry.models) if self.registry.redis_ok else self._live
-        went_cold = self._live - live
-        self._live = live
+        live_cold = (self.registry.cold if self.registry.redis_ok else self._live_cold) & live
+        went_cold = (self._live - live) | (live_cold - self._live_cold)
+        self._live, self._live_cold = live, live_cold
         if went_cold:
             for run in self._runs():
                 if run.model in went_cold and not run.ended and not run.closed:
                     self.track(run, now)
+        self._forget_woken(live_cold)
         due: list[JobRun] = []
         for model, waiting in list(self._waiting.items()):
             if model in live:  # an engine is live: served as any request is
@@ -200,6 +221,15 @@ class ColdStarts:
             log.warning("cold start: could not withdraw %d job(s) (%s: %r, ...); tried again shortly",
                         len(failed), *failed[0])
             self.metrics.background_error("cold-starts")
+
+    def _forget_woken(self, live_cold: set[str]) -> None:
+        """Stop counting the runs of models announced cold that got output or ended, and all of a
+        model's once it is warm (or no engine of it is live: then they wait with a deadline)."""
+        for model, runs in list(self._waking.items()):
+            if model in live_cold:
+                runs -= {r for r in runs if r.output or r.ended or r.closed}
+            if model not in live_cold or not runs:
+                del self._waking[model]
 
     def _due_leaving(self, now: float) -> list[JobRun]:
         return [run for run, at in self._leaving.items() if now >= at]

@@ -161,8 +161,7 @@ class Dispatcher:
         run.deadline = loop.time() + max(run.job.deadline_ms / 1000 - time.time(), 0)
         # One timer per request wakes its waiter at the deadline (no timeout context per wait).
         run.timer = loop.call_at(run.deadline, run.events.put_nowait, DEADLINE)
-        if not self.registry.is_live(run.model):
-            self.cold.track(run, loop.time())
+        self.cold.track(run, loop.time())  # (a cold model's: no engine, or its engines announce it cold)
 
     async def _admit(self, run: JobRun) -> None:
         """The key's rate limits (429 taking nothing when one is reached); no-op without limits."""

@@ -37,6 +37,9 @@ class EngineRegistry:
         self._configured = set(configured)
         self.engines: dict[str, EngineInfo] = {}
         self.models: dict[str, list[EngineInfo]] = {}
+        #: The live models every live engine of which announces cold (``EngineInfo.cold``: a
+        #: serverless upstream scaled to zero; its requests wait out a wake: ``gateway.cold``).
+        self.cold: set[str] = set()
         self._contexts: dict[str, ModelContext] = {}
         #: model -> (jobs in its stream: queued or running, jobs waiting in fair queueing's lists),
         #: for every known model, as :meth:`read_backlog` last found them (``conduit.queue.*``).
@@ -128,6 +131,7 @@ class EngineRegistry:
         if bad:
             self.metrics.skipped("registry_entry", bad)
         self.engines, self.models = engines, models
+        self.cold = {m for m, infos in models.items() if all(m in e.cold for e in infos)}
         self._contexts = {m: _context(infos) for m, infos in models.items()}
         self._kinds.update({m: frozenset(k for e in infos for k in e.kinds) for m, infos in models.items()})
         # Accumulated, not replaced: a model served once stays "known" (503, not 404) even

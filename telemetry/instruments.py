@@ -190,12 +190,14 @@ class GatewayMetrics:
                          callback=lambda: [(w, {MODEL: m}) for m, _, w in backlog()])
 
     def watch_cold(self, cold: Callable[[], Iterable[tuple[str, int]]]) -> None:
-        """Export each declared model's requests waiting while no engine of it is live: (model, requests)."""
+        """Export each known model's requests waiting while it is cold (no engine of it is live, or all
+        its live engines announce it cold): (model, requests)."""
         self.meter.gauge("conduit.gateway.requests.cold", unit="{request}",
                          description="Requests of this gateway waiting for a model no engine serves (a cold model: "
                                      "declared, scaled to zero or its engines gone), until one is live, they end or "
-                                     "their cold-start deadline passes; the demand to start an engine on (sum over "
-                                     "gateways)",
+                                     "their cold-start deadline passes, or for a model whose engines announce it "
+                                     "cold (a serverless upstream waking), until their first output; the demand to "
+                                     "start an engine on (sum over gateways)",
                          callback=lambda: [(n, {MODEL: m}) for m, n in cold()])
 
     def watch_engines(self, engines: Callable[[], Iterable[tuple[str, int, int]]]) -> None:

@@ -163,7 +163,9 @@ def queue() -> dict[str, Any]:
               [q(f"sum by (gen_ai_request_model) (conduit_gateway_requests_cold{{{GW},{M}}})",
                  "{{gen_ai_request_model}}")],
               description="Requests waiting for a declared model no engine serves (scaled to zero, or its engines "
-                          "gone) until one starts or their cold-start deadline passes: the demand KEDA wakes it on."),
+                          "gone) until one starts or their cold-start deadline passes, and for a model whose engines "
+                          "announce it cold (a serverless upstream waking) until their first output: the demand KEDA "
+                          "wakes it on."),
         row("Retries and failures"),
         panel("Job outcomes/s", [q(f"sum by (outcome) (rate(conduit_engine_jobs_total{{{EN},{M}}}{RATE}))",
                                    "{{outcome}}")], unit="ops", stack=True),

@@ -302,6 +302,11 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     adapters: list[str] = []
     #: The engine writes result records for jobs with :attr:`JobOptions.keep_ms` (``Keys.result``).
     results: bool = False
+    #: Models of :attr:`models` the engine announces *cold*: it takes their jobs at once, but its
+    #: first output may take a cold start (an upstream engine whose serverless endpoint is scaled to
+    #: zero). A gateway counts their requests in its demand gauge until their first output. Absent:
+    #: none (an older engine).
+    cold: list[str] = []
 
 
 class Codec:

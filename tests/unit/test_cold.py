@@ -19,11 +19,16 @@ from telemetry.instruments import GatewayMetrics
 
 
 class Registry:
-    """No engine live; ``cold`` declared."""
+    """No engine live (``models``: the live ones; ``cold``: those all their engines announce cold); ``cold``
+    declared."""
 
     def __init__(self) -> None:
         self.models: dict[str, Any] = {}
+        self.cold: set[str] = set()
         self.redis_ok = True
+
+    def is_live(self, model: str) -> bool:
+        return model in self.models
 
     def is_declared(self, model: str) -> bool:
         return True
@@ -61,13 +66,17 @@ class Run:
         self.job = Job(id="chatcmpl-1", kind="chat", model="cold", body=b"{}", reply_to="r", deadline_ms=deadline_ms)
         self.entry = b""
         self.events: asyncio.Queue[Any] = asyncio.Queue()
-        self.ended = self.closed = self.withdrawn = False
+        self.ended = self.closed = self.withdrawn = self.output = False
         self.deadline = float("inf")  # the request's own (loop time): far past the cold-start deadline
 
 
-def cold(queue: Queue, *runs: Run) -> ColdStarts:
-    return ColdStarts(QueueSettings(cold_start_timeout_s=1), Registry(), queue, GatewayMetrics.noop(),  # type: ignore[arg-type]
+def cold(queue: Queue, *runs: Run, timeout_s: float = 1) -> ColdStarts:
+    return ColdStarts(QueueSettings(cold_start_timeout_s=timeout_s), Registry(), queue, GatewayMetrics.noop(),  # type: ignore[arg-type]
                       runs=lambda: runs)  # type: ignore[arg-type,return-value]
+
+
+def waiting(starts: ColdStarts) -> int:
+    return dict(starts.counts()).get("cold", 0)
 
 
 async def test_a_run_answered_while_its_withdrawal_was_on_its_way_is_not_withdrawn() -> None:
@@ -136,3 +145,57 @@ async def test_many_runs_failing_at_once_log_one_line(caplog: pytest.LogCaptureF
     assert len(queue.tried) == 20
     assert len([r for r in caplog.records if "could not withdraw" in r.message]) == 1
     assert all(r.events.empty() for r in runs)
+
+
+# ---- a live model whose engines announce it cold (a serverless upstream waking) ----
+
+
+@pytest.mark.parametrize("timeout_s", [0, 1])  # counted with or without cold_start_timeout_s
+async def test_a_run_of_a_model_announced_cold_counts_until_its_first_output_and_is_never_withdrawn(
+        timeout_s: float) -> None:
+    first, second, queue = Run(), Run(), Queue()
+    starts = cold(queue, first, second, timeout_s=timeout_s)
+    starts.registry.models["cold"] = ["engine"]  # type: ignore[attr-defined]
+    starts.registry.cold.add("cold")  # type: ignore[attr-defined]
+    for run in (first, second):
+        starts.track(run, 0.0)  # type: ignore[arg-type]
+    assert waiting(starts) == 2
+    await starts._look(60.0)  # long past any cold-start deadline: its engine holds the job
+    assert waiting(starts) == 2 and not queue.tried
+    first.output = True  # the endpoint woke
+    await starts._look(60.1)
+    assert waiting(starts) == 1
+    starts.registry.cold.clear()  # announced warm
+    await starts._look(60.2)
+    assert waiting(starts) == 0 and not queue.tried
+
+
+async def test_runs_of_a_model_that_goes_cold_while_live_are_counted_and_move_to_the_deadline_when_it_dies() -> None:
+    run, queue = Run(), Queue(WITHDRAWN)
+    starts = cold(queue, run)
+    starts.registry.models["cold"] = ["engine"]  # type: ignore[attr-defined]
+    await starts._look(0.0)
+    starts.track(run, 0.0)  # type: ignore[arg-type]  (a warm model: not counted)
+    assert waiting(starts) == 0
+    starts.registry.cold.add("cold")  # type: ignore[attr-defined]  (idle: the endpoint scaled down)
+    await starts._look(0.1)
+    assert waiting(starts) == 1
+    starts.registry.models.clear()  # type: ignore[attr-defined]  (its engine died: no engine, a deadline)
+    starts.registry.cold.clear()  # type: ignore[attr-defined]
+    await starts._look(0.2)
+    assert waiting(starts) == 1 and not queue.tried
+    await starts._look(1.3)
+    assert queue.tried == [run.job.id] and run.withdrawn and waiting(starts) == 0
+
+
+async def test_a_waking_run_whose_client_left_is_not_withdrawn_nor_counted() -> None:
+    run, queue = Run(), Queue()
+    starts = cold(queue, run)
+    starts.registry.models["cold"] = ["engine"]  # type: ignore[attr-defined]
+    starts.registry.cold.add("cold")  # type: ignore[attr-defined]
+    starts.track(run, 0.0)  # type: ignore[arg-type]
+    run.closed = True
+    starts.left(run)  # type: ignore[arg-type]
+    assert waiting(starts) == 0
+    await starts._look(5.0)
+    assert not queue.tried  # its engine heard the cancellation: it is live

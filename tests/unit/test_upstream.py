@@ -14,18 +14,13 @@ from engines.cli import build_parser, upstream_settings
 from engines.contract.messages import ChoiceDelta, Generated, Usage
 from engines.upstream import UpstreamSettings
 from engines.upstream_models import ModelList
+from engines.upstream_reads import MAX_LINE_BYTES, LineTooLong, Retryable, bounded_body, bounded_lines, mapped_error
 from engines.upstream_relay import (
-    MAX_LINE_BYTES,
     MAX_REPORTED_TOKENS,
     REQUEST_FIELDS,
-    LineTooLong,
     Relay,
-    Retryable,
     StreamBroke,
-    bounded_body,
-    bounded_lines,
     estimated_prompt_tokens,
-    mapped_error,
     upstream_request,
 )
 from engines.vllm_engine import REQUEST_FIELDS as VLLM_FIELDS

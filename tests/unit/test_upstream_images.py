@@ -20,7 +20,8 @@ from engines.cli import build_parser, upstream_settings
 from engines.contract.messages import Job, Usage
 from engines.upstream import UpstreamBackend, UpstreamSettings
 from engines.upstream_images import IMAGE_FIELDS, ImageRelay, body_bound, image_header, image_request
-from engines.upstream_relay import Retryable, StreamBroke
+from engines.upstream_reads import Retryable
+from engines.upstream_relay import StreamBroke
 
 
 class Out:

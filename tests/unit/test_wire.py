@@ -147,6 +147,14 @@ def test_engine_info_of_an_older_engine_reads_as_protocol_1(codec: Codec) -> Non
     assert info.protocol == 1 and info.kinds == ["chat", "completion"]
 
 
+def test_engine_info_says_cold_models_only_when_it_has_some(codec: Codec) -> None:
+    warm = EngineInfo(id="e1", kind="upstream", models=["a"], protocol=PROTOCOL_VERSION)
+    assert "cold" not in msgspec.msgpack.decode(codec.encode(warm))  # an older gateway sees the same bytes
+    cold = EngineInfo(id="e1", kind="upstream", models=["a"], protocol=PROTOCOL_VERSION, cold=["a"])
+    assert codec.decode_info(codec.encode(cold)).cold == ["a"]
+    assert codec.decode_info(msgspec.msgpack.encode({"id": "e1", "kind": "vllm", "models": ["a"]})).cold == []
+
+
 # ---- schema evolution --------------------------------------------------------------------
 
 
