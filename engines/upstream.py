@@ -4,8 +4,9 @@ A worker on the same runtime as every engine (job streams, heartbeat, reclaim, f
 drain) whose backend sends each chat, completions or image job (``--upstream-kinds``: those the
 upstream serves) to the upstream over one keep-alive pool as large as the jobs in flight
 (``engines.upstream_http``: aiohttp's HTTP/1.1, or with ``--upstream-http2`` httpx's HTTP/2 where the
-upstream's TLS offers it), streaming chat and completions always, and relays the upstream's chunks as
-the job's events (``engines.upstream_relay``; images: ``engines.upstream_images``). Stateless: nothing
+upstream's TLS offers it), chat and completions streamed when the client streams (or asks for
+logprobs), else one whole answer (one body, one delta a choice: ``Relay.answer``; its silence may last
+the job's deadline), and relays the upstream's chunks as the job's events (``engines.upstream_relay``; images: ``engines.upstream_images``). Stateless: nothing
 of a job stays in the upstream.
 
 Failures before any output that another try may cure (a connection refused or cut, a timeout, a
@@ -37,7 +38,7 @@ from engines.upstream_http import Transport, TransportFailed, transport
 from engines.upstream_images import ImageRelay, image_request
 from engines.upstream_models import ModelList
 from engines.upstream_reads import LineTooLong, Retryable, bounded_body, bounded_lines, mapped_error
-from engines.upstream_relay import PATHS, Relay, StreamBroke, upstream_request
+from engines.upstream_relay import ANSWER_BYTES, PATHS, Relay, StreamBroke, upstream_request
 from engines.upstream_wake import Wake
 
 log = logging.getLogger("conduit.engine")
@@ -208,7 +209,9 @@ class UpstreamBackend:
             relay = ImageRelay(out, client, model) if image else Relay(out, client, job.kind, model)
             try:
                 async with asyncio.timeout_at(deadline):
-                    await self._forward(job.kind, body, relay, model, window - loop.time())
+                    # A whole answer comes at once: its silence may last the job's deadline.
+                    read_s = window if body.get("stream", True) else deadline
+                    await self._forward(job.kind, body, relay, model, read_s - loop.time())
                 return
             except Retryable as exc:
                 failure: JobRejected = exc.final
@@ -257,11 +260,13 @@ class UpstreamBackend:
                            retry_after_s=max(failure.retry_after_s, 1))
 
     async def _forward(self, kind: str, body: dict[str, Any], relay: Relay | ImageRelay, model: str,
-                       window_s: float) -> None:
+                       read_s: float) -> None:
         assert self.client is not None
         wake = self.wake
         # While a serverless endpoint sleeps, its first byte may take the wake's whole window.
-        extra = {"read_timeout_s": max(window_s, 0.001)} if wake is not None and wake.cold else {}
+        whole = not body.get("stream", True)  # a chat or completions answer not streamed
+        cold = wake is not None and wake.cold
+        extra = {"read_timeout_s": max(read_s, 0.001)} if cold or whole else {}
         self._open += 1
         try:
             async with self.client.stream("POST", PATHS[kind], json=body, **extra) as r:
@@ -271,6 +276,15 @@ class UpstreamBackend:
                     wake.answered()
                 if isinstance(relay, ImageRelay):  # one JSON body, or an SSE stream of images
                     await relay.read(r.aiter_bytes(), r.headers.get("content-type", ""))
+                    return
+                if whole and not r.headers.get("content-type", "").startswith("text/event-stream"):
+                    # (an upstream that streams though asked not to is read as the stream it is)
+                    data = await bounded_body(r.aiter_bytes(), ANSWER_BYTES + 1)
+                    if len(data) > ANSWER_BYTES:
+                        raise relay.too_long(f"an answer over {ANSWER_BYTES // 2**20} MiB")
+                    relay.answer(data)
+                    if wake is not None:
+                        wake.answered()
                     return
                 try:
                     async for line in bounded_lines(r.aiter_bytes()):

@@ -145,15 +145,16 @@ async def bounded_lines(chunks: AsyncIterator[bytes], limit: int = MAX_LINE_BYTE
     parts: list[bytes] = []
     size = 0
     async for chunk in chunks:
-        start = 0
-        for end in _EOL.finditer(chunk):
-            piece = chunk[start:end.start()]
+        if b"\r" in chunk:  # (rare: most servers end lines with LF alone) every line end made LF
+            chunk = _EOL.sub(b"\n", chunk)
+        lines = chunk.split(b"\n")
+        rest = lines.pop()  # what follows the last line end: the start of a line to come
+        for piece in lines:
             if size + len(piece) > limit:
                 raise LineTooLong
             line = b"".join((*parts, piece)) if parts else piece
-            parts, size, start = [], 0, end.end()
+            parts, size = [], 0
             yield line.decode(errors="replace")
-        rest = chunk[start:]
         if rest:
             size += len(rest)
             if size > limit:

@@ -22,6 +22,7 @@ from engines.upstream_reads import MAX_LINE_BYTES, Retryable, clipped, error_bod
 from engines.vllm_chunks import (
     UNFINISHED,
     ChatChoice,
+    ChatMessage,
     Chunk,
     ChunkError,
     CompletionChoice,
@@ -44,18 +45,35 @@ REQUEST_FIELDS: dict[str, frozenset[str]] = {kind: fields - {"request_id"} for k
 PATHS = {"chat": "chat/completions", "completion": "completions", "image": "images/generations"}
 
 
+#: A request asking for any of these is streamed from the upstream even when its client does not
+#: stream: its answer may be large (a logprob entry a token), and a stream's lines are each bounded.
+_LARGE_ANSWER = ("logprobs", "top_logprobs", "prompt_logprobs")
+#: The most of one whole (not streamed) answer read: far over any answer without logprobs.
+ANSWER_BYTES = 32 * 1024 * 1024
+
+
+def streams_from_upstream(body: dict[str, Any]) -> bool:
+    """Whether the upstream is asked to stream: when the client streams, or asks for logprobs. A
+    client that does not stream otherwise gets one whole answer forwarded: one body to read and one
+    delta a choice, not a chunk (and an event) a token."""
+    return bool(body.get("stream")) or any(body.get(k) for k in _LARGE_ANSWER)
+
+
 def upstream_request(body: dict[str, Any], kind: str, model: str) -> dict[str, Any]:
     """The client's request as the upstream gets it: only :data:`REQUEST_FIELDS`, ``model`` the
-    upstream's name, always streamed, and always with usage at the end. ``stream_options`` is built, never
-    copied: ``include_usage``, and vLLM's ``continuous_usage_stats`` only when the client asked for usage
+    upstream's name, streamed as :func:`streams_from_upstream` says, and a stream always with usage at
+    the end. ``stream_options`` is built, never copied (and never sent without a stream: vLLM refuses
+    it): ``include_usage``, and vLLM's ``continuous_usage_stats`` only when the client asked for usage
     on every chunk (:func:`wants_continuous_usage`, the gateway's and vLLM's rule), so an upstream without
     that extension never sees it unasked and no other key the client put there leaves Conduit."""
     fields = REQUEST_FIELDS[kind]
+    sent = {k: v for k, v in body.items() if k in fields and k != "stream_options"}
+    if not streams_from_upstream(body):
+        return {**sent, "model": model, "stream": False}
     options: dict[str, bool] = {"include_usage": True}
     if wants_continuous_usage(body):
         options["continuous_usage_stats"] = True
-    return {**{k: v for k, v in body.items() if k in fields}, "model": model, "stream": True,
-            "stream_options": options}
+    return {**sent, "model": model, "stream": True, "stream_options": options}
 
 
 def wants_continuous_usage(body: dict[str, Any]) -> bool:
@@ -100,6 +118,16 @@ class StreamBroke(JobRejected):
 
 _CHAT = msgspec.json.Decoder(Chunk[ChatChoice])
 _COMPLETION = msgspec.json.Decoder(Chunk[CompletionChoice])
+
+
+class _ChatAnswerChoice(ChatChoice):
+    """A whole chat answer's choice: its ``message`` is read as a stream choice's ``delta``."""
+
+    message: ChatMessage | None = None
+
+
+_CHAT_ANSWER = msgspec.json.Decoder(Chunk[_ChatAnswerChoice])
+_COMPLETION_ANSWER = _COMPLETION  # a whole completion's choices have a stream chunk's shape
 
 
 class Relay:
@@ -161,15 +189,50 @@ class Relay:
         self._chunk(chunk)
         return True
 
+    def answer(self, data: bytes) -> None:
+        """Relay one whole (not streamed) answer: each choice's output as one delta, then ``done`` with
+        the upstream's usage, or without it the output's characters / 4 (a token count never seen)."""
+        try:
+            answer = (_CHAT_ANSWER if self.chat else _COMPLETION_ANSWER).decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("the upstream sent an unreadable answer (%s): %s", exc, clipped(data.decode(errors="replace"),
+                                                                                        200))
+            raise self.broken("an unreadable answer") from None
+        if answer.error is not None:
+            raise _chunk_failure(answer.error, self._model)
+        if self.chat:
+            for c in answer.choices:
+                c.delta = c.message
+                for i, t in enumerate(c.delta.tool_calls or () if c.delta is not None else ()):
+                    t.index = i  # a whole answer's calls carry no index: each keeps its place
+        for c in answer.choices:
+            if c.finish_reason in UNFINISHED:
+                raise self.broken(f"choice {c.index} ended with finish_reason {c.finish_reason!r}")
+        to_delta = chat_delta if self.chat else completion_delta
+        deltas: list[ChoiceDelta] = [d for c in answer.choices if (d := to_delta(c)) is not None]
+        estimate = 0
+        for d in deltas:
+            out = d.text + d.reasoning + "".join((t.name or "") + t.arguments for t in d.tool_calls)
+            self.counted += len(d.logprobs) if d.logprobs else 1 if out else 0
+            estimate += len(d.logprobs) if d.logprobs else -(-len(out) // CHARS_PER_TOKEN)
+        if answer.usage is not None:
+            self.usage = self.clamped(usage_of(answer.usage))
+        else:
+            self.usage = Usage(prompt_tokens=self.prompt_estimate, completion_tokens=estimate)
+        if deltas:
+            self.produced = True
+            self.out.started()
+            self.out.delta(deltas, None, Generated(self.usage.prompt_tokens, self.usage.completion_tokens))
+        self.finish()
+
     def failed_mid_stream(self, message: str | None) -> StreamBroke:
         """An error event after output: the upstream's message logged (clipped), never relayed."""
         log.warning("the upstream sent an error event mid-stream: %s", clipped(message))
         return StreamBroke("it sent an error event")
 
-    def too_long(self) -> JobRejected:
-        """A line of the stream over :data:`MAX_LINE_BYTES`: never retried (the same request would
-        bring the same line), a clean error whether or not output began."""
-        why = f"a stream line over {MAX_LINE_BYTES // 1024} KiB"
+    def too_long(self, why: str = f"a stream line over {MAX_LINE_BYTES // 1024} KiB") -> JobRejected:
+        """A line of the stream over :data:`MAX_LINE_BYTES` (or an answer over :data:`ANSWER_BYTES`):
+        never retried (the same request would bring the same), a clean error whether or not output began."""
         if self.produced:
             return StreamBroke(why)
         log.warning("the upstream sent %s", why)

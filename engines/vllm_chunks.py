@@ -43,11 +43,13 @@ class _ToolCall(msgspec.Struct):
     function: _Function = msgspec.field(default_factory=_Function)
 
 
-class _Message(msgspec.Struct):
+class ChatMessage(msgspec.Struct):
+    """A chat choice's ``delta`` (a stream's) or ``message`` (a whole answer's)."""
+
     content: str | None = None
     reasoning: str | None = None
     reasoning_content: str | None = None  # older vLLM / other servers' spelling
-    tool_calls: list[_ToolCall] = []
+    tool_calls: list[_ToolCall] | None = None  # (a whole answer's may be null)
 
 
 class _Candidate(msgspec.Struct):
@@ -68,7 +70,7 @@ class ChatChoice(msgspec.Struct):
     """One choice of a chat completion chunk."""
 
     index: int = 0
-    delta: _Message | None = None
+    delta: ChatMessage | None = None
     logprobs: _ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
@@ -131,9 +133,9 @@ def failure(error: ChunkError) -> Exception:
 
 def chat_delta(c: ChatChoice) -> ChoiceDelta | None:
     """A chat choice's delta (None when it carries nothing to forward)."""
-    m = c.delta or _Message()
+    m = c.delta or ChatMessage()
     calls = [ToolCallDelta(index=t.index, id=t.id, name=t.function.name, arguments=t.function.arguments or "")
-             for t in m.tool_calls]
+             for t in m.tool_calls or ()]
     content = c.logprobs.content if c.logprobs is not None else None
     logprobs = [SampledLogprob(e.token, e.logprob, e.bytes, [TokenLogprob(t.token, t.logprob, t.bytes)
                                                               for t in e.top_logprobs])

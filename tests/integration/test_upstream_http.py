@@ -31,7 +31,8 @@ SSE = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in (
 
 
 def job(model: str, deadline_s: float = 20) -> Job:
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    """A streamed chat job (the upstream is asked to stream; the scripted upstreams always do)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     return Job(id=f"job-{model}", kind="chat", model=model, body=body, reply_to="",
                deadline_ms=int((time.time() + deadline_s) * 1000))
 

@@ -21,6 +21,7 @@ from engines.upstream_relay import (
     Relay,
     StreamBroke,
     estimated_prompt_tokens,
+    streams_from_upstream,
     upstream_request,
 )
 from engines.vllm_engine import REQUEST_FIELDS as VLLM_FIELDS
@@ -51,9 +52,9 @@ def chunk(*choices: dict[str, Any], usage: dict[str, Any] | None = None) -> str:
     return "data: " + json.dumps({"choices": list(choices), **({"usage": usage} if usage else {})})
 
 
-def test_the_body_keeps_the_allowlist_and_always_streams_with_usage() -> None:
+def test_the_body_keeps_the_allowlist_and_a_stream_always_asks_for_usage() -> None:
     body = {"model": "front", "messages": [{"role": "user", "content": "hi"}], "n": 2, "top_k": 5, "tools": [],
-            "store": True, "metadata": {"a": "b"}, "request_id": "mine", "service_tier": "flex",
+            "store": True, "metadata": {"a": "b"}, "request_id": "mine", "service_tier": "flex", "stream": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True, "x-secret": "s"}}
     sent = upstream_request(body, "chat", "their-name")
     assert sent["model"] == "their-name" and sent["stream"] is True
@@ -61,11 +62,12 @@ def test_the_body_keeps_the_allowlist_and_always_streams_with_usage() -> None:
     assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
     # continuous_usage_stats only where the client asked for usage on every chunk (vLLM's rule).
     for options in ({"continuous_usage_stats": True}, {"include_usage": True}, "junk", None):
-        assert upstream_request({"stream_options": options}, "chat", "m")["stream_options"] == {"include_usage": True}
+        asked = upstream_request({"stream": True, "stream_options": options}, "chat", "m")
+        assert asked["stream_options"] == {"include_usage": True}
     assert {"n", "top_k", "tools", "messages"} <= set(sent)
     assert not {"store", "metadata", "request_id", "service_tier"} & set(sent)
     # Without the client's stream options only OpenAI's include_usage is asked (no vLLM extension).
-    assert upstream_request({"prompt": "x"}, "completion", "m")["stream_options"] == {"include_usage": True}
+    assert upstream_request({"prompt": "x", "stream": True}, "completion", "m")["stream_options"] == {"include_usage": True}
     # The allowlist is the in-process vLLM engine's (what the gateway names and bounds) less request_id.
     for kind in ("chat", "completion"):
         assert VLLM_FIELDS[kind] - REQUEST_FIELDS[kind] == {"request_id"}
@@ -366,3 +368,52 @@ def test_a_404_never_names_the_upstream_s_own_model_name(caplog: pytest.LogCaptu
     assert isinstance(err, JobRejected) and (err.status, err.code) == (503, "model_unavailable")
     assert "internal-deployment" not in err.message
     assert "ft:internal-deployment-7f3a" in caplog.text  # the operator's log names it
+
+
+
+def test_a_client_that_does_not_stream_is_answered_from_one_upstream_answer() -> None:
+    """Not streamed to the client, not streamed from the upstream (one body to read and one delta a
+    choice, not a chunk a token), unless it asks for logprobs (streamed: each line bounded, not a body
+    of any size). ``stream_options`` never goes with a request that does not stream (vLLM refuses it)."""
+    sent = upstream_request({"messages": [], "stream_options": {"include_usage": True}}, "chat", "m")
+    assert sent["stream"] is False and "stream_options" not in sent
+    assert not streams_from_upstream({"messages": []}) and streams_from_upstream({"stream": True})
+    for logprobs in ({"logprobs": True}, {"logprobs": 2}, {"top_logprobs": 3}, {"prompt_logprobs": 1}):
+        assert streams_from_upstream(logprobs), logprobs
+        assert upstream_request(logprobs, "completion", "m")["stream"] is True
+
+    out = Out()
+    client = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+    relay = Relay(out, client, "chat", "m")
+    relay.answer(json.dumps({"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "hello there", "reasoning_content": "hm"},
+         "finish_reason": "stop", "stop_reason": None},
+        {"index": 1, "message": {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}},
+            {"id": "call_b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]},
+         "finish_reason": "tool_calls"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 12, "total_tokens": 19}}).encode())
+    assert out.started_calls >= 1 and len(out.deltas) == 1
+    first, second = out.deltas[0][0]
+    assert (first.index, first.text, first.reasoning, first.finish_reason) == (0, "hello there", "hm", "stop")
+    # Each tool call keeps its place (a whole answer's calls carry no index; a stream's deltas do).
+    assert [(t.index, t.id, t.name, t.arguments) for t in second.tool_calls] == [
+        (0, "call_a", "f", '{"x": 1}'), (1, "call_b", "g", "{}")]
+    assert second.finish_reason == "tool_calls"
+    assert out.usage == Usage(prompt_tokens=7, completion_tokens=12)
+
+    estimated = Out()  # an answer without usage: its text's characters / 4, not one token a choice
+    relay = Relay(estimated, {"prompt": "x" * 40}, "completion", "m")
+    relay.answer(json.dumps({"choices": [{"index": 0, "text": "y" * 41, "finish_reason": "length"}]}).encode())
+    assert estimated.usage == Usage(prompt_tokens=10, completion_tokens=11)
+
+
+def test_an_unreadable_or_unfinished_answer_is_tried_again_and_its_details_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    for data in (b"<html>gateway timeout</html>", b'{"choices": [{"index": "SECRET"}]}'):
+        with pytest.raises(Retryable) as again:
+            Relay(Out(), {}, "completion", "m").answer(data)
+        assert "SECRET" not in again.value.final.message
+    assert "SECRET" in caplog.text
+    with pytest.raises(Retryable):
+        Relay(Out(), {}, "chat", "m").answer(b'{"choices": [{"index": 0, "message": {}, "finish_reason": "abort"}]}')
