@@ -1,6 +1,6 @@
 """vLLM's own OpenAI server directly vs through Conduit's upstream engine, same server, same run.
 
-    python benchmarks/upstream_vllm.py [--model DIR] [--concurrency 32 64] [--rounds 3] [--tokens 64]
+    python benchmarks/upstream_vllm.py [--model DIR] [--concurrency 32 64] [--rounds 3] [--tokens 64] [--pin]
 
 Starts vLLM's server (``python -m vllm.entrypoints.openai.api_server``; the offline tiny Llama unless
 ``--model``), a private Redis, a Conduit gateway and an upstream engine in front of the server, then
@@ -8,7 +8,10 @@ for each round and each concurrency N runs N streaming clients (``max_tokens`` e
 straight at vLLM and through Conduit, alternated (which goes first alternates too), and prints the
 completion tokens/s of each and their ratio. On a machine with few cores, vLLM's CPU backend, the
 gateway, the engine and the clients share them: the ratio then measures Conduit's CPU cost, not
-its added latency. Run on purpose, not in CI.
+its added latency. ``--pin`` gives vLLM the first core alone (its OpenMP threads bound there too)
+and everything else (Conduit, Redis, the clients) the others, as a deployment keeps the inference
+server's compute apart from the gateway's: the ratio then measures what Conduit costs the server's
+throughput, not the cores they fight for. Run on purpose, not in CI.
 """
 
 from __future__ import annotations
@@ -89,6 +92,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--pin", action="store_true", help="vLLM alone on the first core, the rest on the others")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conduit-upstream-bench-"))
     model = args.model
@@ -97,9 +101,16 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "llama", "--path",
                         model], cwd=ROOT, check=True, capture_output=True, timeout=300)
     port = free_port()
-    server = Proc([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+    env, pin = dict(CPU_ENGINE_ENV), []
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        assert len(cores) >= 2, "--pin needs two cores"
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[0])
+        pin = ["taskset", "-c", str(cores[0])]
+        os.sched_setaffinity(0, cores[1:])  # this process and all it starts from here on (not vLLM)
+    server = Proc([*pin, sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                    "--served-model-name", UPSTREAM, "--port", str(port), "--max-model-len", "1024",
-                   "--enforce-eager"], work / "vllm.log", env=CPU_ENGINE_ENV)
+                   "--enforce-eager"], work / "vllm.log", env=env)
     redis = RedisServer(work)
     stack = Stack(redis.url, work)
     try:
