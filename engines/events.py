@@ -12,15 +12,17 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
 from engines.contract.lane import REDIS_ERRORS, open_lane
-from engines.contract.messages import Codec, Event
+from engines.contract.messages import Codec, Event, Failed
 from engines.contract.replies import APPEND, RECREATED, append_command
 from telemetry.engine_instruments import EngineMetrics
 
@@ -90,6 +92,35 @@ class StreamLives:
         if sent - self._swept > 60_000:  # gateways come and go: forget the streams that expired
             self._swept = sent
             self._until = {s: t for s, t in self._until.items() if t > sent}
+
+
+#: What encoding an event a backend made may raise (an integer past 64 bits from an upstream).
+_UNENCODABLE = (OverflowError, msgspec.EncodeError, TypeError, ValueError)
+
+
+def encoded(encode: Callable[[object], bytes], events: list[Event]) -> bytes:
+    """``events`` encoded. An event that cannot be (a backend passed on a value no event can carry)
+    becomes its job's failure (502 ``engine_error``) and the job's later events are dropped: that job
+    ends, every other job's events still go, and the writer carries on."""
+    try:
+        return encode(events)
+    except _UNENCODABLE:
+        pass
+    kept: list[Event] = []
+    failed: set[str] = set()
+    for event in events:
+        if event.job in failed:
+            continue
+        try:
+            encode(event)
+        except _UNENCODABLE as exc:
+            log.error("job %s: the engine made an event it cannot encode (%s: %s); the job fails", event.job,
+                      type(exc).__name__, exc)
+            failed.add(event.job)
+            event = Failed(job=event.job, message="The engine produced output it cannot send.", status=502,
+                           attempt=event.attempt, seq=event.seq)
+        kept.append(event)
+    return encode(kept)
 
 
 class _Batch:
@@ -226,7 +257,7 @@ class EventWriter:
         lives = self.lives
         sent = lives.now()
         streams = list(batch.events)
-        cmds.extend(append_command(reply_to, encode(batch.events[reply_to]), maxlen=maxlen,
+        cmds.extend(append_command(reply_to, encoded(encode, batch.events[reply_to]), maxlen=maxlen,
                                    restore_ms=lives.left(reply_to, sent)) for reply_to in streams)
         ack_cmds = [a.commands() for a in batch.acks]
         for c in ack_cmds:

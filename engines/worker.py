@@ -192,6 +192,8 @@ class Worker:
             asyncio.create_task(self._every(max(self.settings.reclaim_idle_ms / 2000, 0.2),
                                             self.reclaimer.reclaim_once, "reclaim"), name="reclaim"),
         ]
+        for t in tasks:
+            t.add_done_callback(self._died)
         log.info("engine %s serving %s (%s, up to %d jobs at once)", self.engine_id,
                  ", ".join(self.backend.models), self.backend.kind, self.backend.max_concurrency)
         try:
@@ -211,6 +213,17 @@ class Worker:
             if stuck:
                 log.warning("background tasks did not stop: %s", ", ".join(t.get_name() for t in stuck))
             await self._close()
+
+    def _died(self, task: asyncio.Task[Any]) -> None:
+        """A background task ended on its own (a bug): without it the engine would go on heart-beating
+        and claiming its jobs while none of them could end (no events written, no cancellations
+        heard). It exits at once instead, so its jobs go to other engines and its supervisor starts it
+        again."""
+        if task.cancelled() or self.closed:
+            return
+        log.critical("the engine's %s task ended (%r): exiting (status 70)", task.get_name(), task.exception())
+        logging.shutdown()
+        os._exit(70)
 
     async def _join(self) -> bool:
         """Join the consumer groups and announce this engine, waiting for Redis as long as it
