@@ -150,7 +150,9 @@ class UpstreamBackend:
     async def upstream_models(self) -> list[Any]:
         """The ids the upstream's ``/v1/models`` lists (unchecked: ``ModelList`` checks them)."""
         assert self.client is not None
-        async with self.client.stream("GET", "models") as r:
+        s = self.settings
+        # One bound on the whole read (a slow drip within each read's timeout would hold start or the refresh).
+        async with asyncio.timeout(s.connect_timeout_s + s.read_timeout_s), self.client.stream("GET", "models") as r:
             data = await bounded_body(r.aiter_bytes(), MODELS_BODY_BYTES)
             if r.status_code != 200:
                 raise mapped_error(r.status_code, data, r.headers, "*")
@@ -242,7 +244,7 @@ class UpstreamBackend:
         window or the job's deadline (seconds left: ``window_s``, ``deadline_s``) runs out, every
         other failure ``retries`` times within the deadline."""
         s = self.settings
-        if self.wake is not None and self.wake.not_up_yet(failure):
+        if self.wake is not None and self.wake.not_up_yet(failure, attempt, s.retries):
             pause = self.wake.pause(attempt, s.backoff_s, wait)
             if pause < min(deadline_s, window_s):
                 return pause

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 #: A header's name (RFC 9110's token).
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: Headers the HTTP client writes itself (the request's framing, its host, its connection, its
+#: encoding): one an operator set would contradict them.
+_CLIENT_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection", "keep-alive", "upgrade",
+                             "te", "trailer", "accept-encoding", "content-type"})
 
 
 def _number(kind: type[int | float], low: float, *, above: bool) -> Any:
@@ -92,8 +96,10 @@ def add_upstream_flags(parser: argparse.ArgumentParser) -> None:
 def _header(line: str, where: str) -> tuple[str, str]:
     """``Name: value``; ``where`` names the flag, or the file's line (whose text may be a secret: never shown)."""
     name, sep, value = line.partition(":")
-    if not sep or not _HEADER_NAME.fullmatch(name.strip()):
+    if not sep or not _HEADER_NAME.fullmatch(name.strip()) or any(c in value for c in "\r\n\0"):
         raise ValueError(f"{where} takes 'Name: value'" + (f", not {line!r}" if where == "--upstream-header" else ""))
+    if name.strip().lower() in _CLIENT_HEADERS:
+        raise ValueError(f"{where}: {name.strip()} is the HTTP client's own header")
     return name.strip(), value.strip()
 
 
@@ -133,6 +139,11 @@ def upstream_settings(args: argparse.Namespace) -> UpstreamSettings:
         raise ValueError("--kind upstream needs --served-name (the model name clients use) or --models auto")
     if auto and args.upstream_model:
         raise ValueError("--upstream-model names one model; with --models auto each model keeps the upstream's name")
+    if auto and args.upstream_serverless:
+        # It would read the endpoint's /v1/models to start (refused while it sleeps: the engine never
+        # announces the model) and again every --models-refresh-s (keeping it awake, and billed).
+        raise ValueError("--upstream-serverless needs --served-name: --models auto reads the upstream's models "
+                         "at start and periodically, which a sleeping endpoint refuses and a polled one never sleeps")
     if args.upstream_http2 and importlib.util.find_spec("h2") is None:
         raise ValueError("--upstream-http2 needs the h2 package (the `upstream` extra installs it)")
     key = os.environ.get("CONDUIT_UPSTREAM_API_KEY", "")

@@ -21,6 +21,7 @@ bounds the wait), and close, never pool, a connection whose answer was left half
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,8 +30,12 @@ import aiohttp
 import msgspec
 from yarl import URL
 
+from engines.backend import JobRejected
+
 if TYPE_CHECKING:
     from engines.upstream import UpstreamSettings
+
+log = logging.getLogger("conduit.engine")
 
 #: The headers every request carries besides the operator's: no compression (the bounds on what is
 #: read apply to the bytes that arrive; an inflated body would escape them).
@@ -99,6 +104,18 @@ class _AiohttpAnswer:
         return self._content.iter_any()
 
 
+def identity(headers: Mapping[str, str]) -> None:
+    """Refuse an answer whose body is compressed though ``identity`` was asked: a misconfigured
+    upstream (or a proxy before it), never tried again, never inflated (a few KiB can inflate to
+    gigabytes, and inflating blocks the engine's loop)."""
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):
+        log.error("the upstream answered with Content-Encoding %r though asked for identity: refused (check the "
+                  "upstream or the proxy before it)", encoding[:40])
+        raise JobRejected("The model's upstream server answered in an encoding Conduit did not ask for.", status=502,
+                          code="engine_error", type="server_error")
+
+
 def _failed(exc: BaseException) -> TransportFailed:
     """aiohttp's failure as :class:`TransportFailed` (its own text may name the host; this names the kind)."""
     why = type(exc).__name__
@@ -143,6 +160,7 @@ class AiohttpTransport:
         except (aiohttp.ClientError, TimeoutError) as exc:  # aiohttp's timeouts are TimeoutErrors too
             raise _failed(exc) from None
         try:
+            identity(response.headers)
             yield _AiohttpAnswer(response)
         except (aiohttp.ClientError, TimeoutError) as exc:  # while the body was read
             response.close()
@@ -170,7 +188,8 @@ class HttpxTransport:
         self._timeout = httpx.Timeout
         self._errors = (httpx.TransportError, httpx.StreamError)
         self._client = httpx.AsyncClient(base_url=settings.base_url, headers=_headers(settings), limits=pool,
-                                         timeout=timeout, verify=_tls(settings), http2=True, follow_redirects=False)
+                                         timeout=timeout, verify=_tls(settings), http2=True, follow_redirects=False,
+                                         trust_env=False)  # as aiohttp's: an environment's proxy sees no key
 
     @contextlib.asynccontextmanager
     async def stream(self, method: str, path: str, *, json: Any = None,
@@ -182,6 +201,7 @@ class HttpxTransport:
         try:
             async with self._client.stream(method, path, content=data, headers=_JSON if data is not None else None,
                                            **extra) as response:
+                identity(response.headers)
                 yield response
         except self._errors as exc:
             raise TransportFailed(type(exc).__name__) from None

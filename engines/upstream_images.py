@@ -26,7 +26,7 @@ from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Usage
 from engines.image_job import FORMATS, MAX_SEED
 from engines.upstream_reads import LineTooLong, Retryable, bounded_lines, error_body, mapped_error
-from engines.upstream_relay import CHARS_PER_TOKEN, StreamBroke
+from engines.upstream_relay import CHARS_PER_TOKEN, MAX_REPORTED_TOKENS, StreamBroke
 
 log = logging.getLogger("conduit.engine")
 
@@ -223,7 +223,11 @@ class ImageRelay:
 
 def _input_tokens(usage: Any) -> int | None:
     tokens = usage.get("input_tokens") if isinstance(usage, dict) else None
-    return tokens if type(tokens) is int and tokens >= 0 else None
+    if type(tokens) is not int or tokens < 0:
+        return None
+    if tokens > MAX_REPORTED_TOKENS:  # as chat's (a lie must not lock the key out of its limits)
+        log.warning("the upstream reported %d input tokens for an image; counted as %d", tokens, MAX_REPORTED_TOKENS)
+    return min(tokens, MAX_REPORTED_TOKENS)
 
 
 def image_header(data: bytes) -> tuple[str, int, int]:

@@ -76,6 +76,17 @@ def upstream_request(body: dict[str, Any], kind: str, model: str) -> dict[str, A
     return {**sent, "model": model, "stream": True, "stream_options": options}
 
 
+def choices_asked(body: dict[str, Any], kind: str) -> int:
+    """The choices a request makes: ``n`` (chat), ``n`` a prompt (completions: a list of texts or of
+    token lists is that many prompts; one list of token ids, one)."""
+    n = body.get("n")
+    n = n if isinstance(n, int) and n > 0 else 1
+    prompt = body.get("prompt")
+    if kind == "completion" and isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return n * len(prompt)
+    return n
+
+
 def wants_continuous_usage(body: dict[str, Any]) -> bool:
     """Whether the client asked for usage on every chunk (vLLM's rule: only with ``include_usage``)."""
     options = body.get("stream_options")
@@ -141,7 +152,7 @@ class Relay:
     """
 
     __slots__ = ("out", "chat", "continuous", "n", "prompt_estimate", "produced", "usage", "counted", "counts",
-                 "prompts", "generated", "prompt", "max_completion", "_decode", "_model")
+                 "prompts", "generated", "prompt", "max_completion", "choices", "_decode", "_model")
 
     def __init__(self, out: JobOutput, client: dict[str, Any], kind: str, model: str) -> None:
         self.out = out
@@ -149,6 +160,8 @@ class Relay:
         self.continuous = wants_continuous_usage(client)
         self.n = int(client.get("n") or 1)
         self.prompt_estimate = estimated_prompt_tokens(client, kind)
+        #: Choice indexes run from 0 to this (an upstream's other index is refused, never relayed).
+        self.choices = choices_asked(client, kind)
         #: The most completion tokens the request allows (``max_tokens`` for each choice), if it says.
         most = client.get("max_completion_tokens") or client.get("max_tokens")
         self.max_completion = most * self.n if isinstance(most, int) and most > 0 else None
@@ -205,9 +218,7 @@ class Relay:
                 c.delta = c.message
                 for i, t in enumerate(c.delta.tool_calls or () if c.delta is not None else ()):
                     t.index = i  # a whole answer's calls carry no index: each keeps its place
-        for c in answer.choices:
-            if c.finish_reason in UNFINISHED:
-                raise self.broken(f"choice {c.index} ended with finish_reason {c.finish_reason!r}")
+        self._check(answer.choices)
         to_delta = chat_delta if self.chat else completion_delta
         deltas: list[ChoiceDelta] = [d for c in answer.choices if (d := to_delta(c)) is not None]
         estimate = 0
@@ -243,10 +254,15 @@ class Relay:
         return StreamBroke(why) if self.produced else Retryable(JobRejected(
             f"The model's upstream server sent {why}.", status=502, code="engine_error", type="server_error"))
 
-    def _chunk(self, chunk: Chunk[Any]) -> None:
-        for c in chunk.choices:
+    def _check(self, choices: list[Any]) -> None:
+        for c in choices:
+            if not 0 <= c.index < self.choices:
+                raise self.broken(f"choice index {c.index} (the request makes {self.choices})")
             if c.finish_reason in UNFINISHED:
                 raise self.broken(f"choice {c.index} ended with finish_reason {c.finish_reason!r}")
+
+    def _chunk(self, chunk: Chunk[Any]) -> None:
+        self._check(chunk.choices)
         to_delta = chat_delta if self.chat else completion_delta
         deltas: list[ChoiceDelta] = [d for c in chunk.choices if (d := to_delta(c)) is not None]
         u = chunk.usage

@@ -10,7 +10,8 @@ while the endpoint is believed asleep: gateways count such requests in the deman
 first output. :class:`Wake` is that belief:
 
 - cold at start, and again once ``idle_s`` passed with no answer (nothing in flight), or when a
-  warm endpoint refuses as a sleeping one does (it scaled down under us);
+  warm endpoint refuses as a sleeping one does past a job's retries (it scaled down under us; a
+  429 from a warm one is a rate limit, never that);
 - warm from the first byte of a 200 (and at each stream's end).
 
 While cold, a failure before output that means "not up yet" (:meth:`Wake.not_up_yet`: a
@@ -64,14 +65,21 @@ class Wake:
             log.info("the serverless upstream answered: warm")
             self._flip(False)
 
-    def not_up_yet(self, failure: JobRejected) -> bool:
-        """Whether ``failure`` (before any output) is what a sleeping endpoint answers; a warm one
-        answering so scaled down under us and is cold again."""
+    def not_up_yet(self, failure: JobRejected, attempt: int, retries: int) -> bool:
+        """Whether ``failure`` (before any output, at try ``attempt`` from 0 of a job allowed
+        ``retries`` more) is what a sleeping endpoint answers. Warm, a 429 is a rate limit, never
+        that, and a 503 or a failed connection is an ordinary failure until the job's retries are
+        spent: only then did the endpoint scale down under us, and it is cold again (so one tenant's
+        rate-limited burst neither holds every slot in wake loops nor flips the announcement)."""
         if failure.status not in NOT_UP_YET:
             return False
-        if not self._cold:
-            log.info("the serverless upstream refused as a sleeping one does (%s): cold", failure.message)
-            self._flip(True)
+        if self._cold:
+            return True
+        if failure.status == 429 or attempt < retries:
+            return False
+        log.info("the serverless upstream refused as a sleeping one does, past the retries (%s): cold",
+                 failure.message)
+        self._flip(True)
         return True
 
     def expire(self, *, busy: bool) -> float:

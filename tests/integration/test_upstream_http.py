@@ -7,6 +7,7 @@ HTTP/2 spoken where the upstream's TLS offers it (an h2-only server, ALPN ``h2``
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import ssl
 import subprocess
@@ -15,12 +16,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from engines.backend import JobRejected
 from engines.contract.messages import Job
 from engines.upstream import UpstreamBackend, UpstreamSettings
-from tests.harness import ThreadedServer
+from tests.harness import ThreadedServer, free_port
 from tests.unit.test_upstream import Out
 
 SSE = b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in (
@@ -62,6 +64,11 @@ class Http1Upstream(ThreadedServer):
                 start = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                 if body["model"] == "ok":
                     w.write(start + b"%x\r\n%s\r\n0\r\n\r\n" % (len(SSE), SSE))
+                    continue
+                if body["model"] == "gzip":  # a compressed answer though asked for identity: newlines
+                    bomb = gzip.compress(b"\n" * 4_000_000)
+                    w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Encoding: gzip\r\n"
+                            b"Content-Length: %d\r\n\r\n%s" % (len(bomb), bomb))
                     continue
                 first = SSE.split(b"\n\n")[0] + b"\n\n"
                 w.write(start + (b"%x\r\n%s\r\n" % (len(first), first) if body["model"] == "hang" else b""))
@@ -255,3 +262,37 @@ async def test_tls_is_verified_by_both_transports(tls_cert: tuple[Path, Path]) -
         assert server.requests == []
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["aiohttp", "httpx"])
+async def test_a_compressed_answer_is_refused_never_inflated(http1: Http1Upstream, http2: bool,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Asked for ``identity``, an upstream that compresses anyway is a misconfigured one (a 502,
+    logged, not retried): its body is never inflated (4 MB of newlines in a few KiB on the wire, a
+    bomb for an engine that inflates it)."""
+    backend = UpstreamBackend(msgspec.structs.replace(settings(f"http://127.0.0.1:{http1.port}/v1", http2=http2),
+                                                      retries=2))
+    await backend.start()
+    try:
+        with pytest.raises(JobRejected) as refused:
+            await backend.run(job("gzip"), Out())
+    finally:
+        await backend.close()
+    assert (refused.value.status, refused.value.code) == (502, "engine_error")
+    assert len(http1.requests) == 1 and "Content-Encoding" in caplog.text
+
+
+async def test_the_http2_transport_ignores_proxy_settings(http1: Http1Upstream,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upstream is reached directly, as the default transport does: a proxy from the environment
+    would see the request, its key included."""
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("ALL_PROXY", f"http://127.0.0.1:{free_port()}")
+    backend = UpstreamBackend(settings(f"http://127.0.0.1:{http1.port}/v1", http2=True))
+    await backend.start()
+    try:
+        out = Out()
+        await backend.run(job("ok"), out)
+    finally:
+        await backend.close()
+    assert text(out) == "tok tok " and len(http1.requests) == 1

@@ -274,6 +274,10 @@ def test_settings_refuse_secrets_in_argv_and_negative_retries(tmp_path: Any) -> 
     with pytest.raises(ValueError) as wrong:
         upstream_settings(parse([*base, "--base-url", "https://up/v1", "--upstream-header-file", str(headers)]))
     assert "s3cret" not in str(wrong.value)
+    # A header the HTTP client writes itself, or a value that would end the header, is refused at start.
+    for header in ("Host: evil", "Content-Length: 0", "transfer-encoding: chunked", "X-A: b\rX-B: c"):
+        with pytest.raises(ValueError):
+            upstream_settings(parse([*base, "--base-url", "https://up/v1", "--upstream-header", header]))
 
 
 async def test_the_engine_quiets_httpx_s_request_log() -> None:
@@ -417,3 +421,19 @@ def test_an_unreadable_or_unfinished_answer_is_tried_again_and_its_details_logge
     assert "SECRET" in caplog.text
     with pytest.raises(Retryable):
         Relay(Out(), {}, "chat", "m").answer(b'{"choices": [{"index": 0, "message": {}, "finish_reason": "abort"}]}')
+
+
+def test_a_choice_index_past_those_asked_is_the_upstream_s_fault() -> None:
+    """An index the request never asked for (the gateway would make a choice for every number up to
+    it): refused, in a stream and in a whole answer; a completions batch has n choices a prompt."""
+    with pytest.raises(Retryable):
+        Relay(Out(), {"n": 2}, "chat", "m").line(chunk({"index": 2, "delta": {"content": "a"}}))
+    with pytest.raises(Retryable):
+        Relay(Out(), {}, "chat", "m").answer(json.dumps({"choices": [
+            {"index": 1000000, "message": {"content": "a"}, "finish_reason": "stop"}]}).encode())
+    relay = Relay(Out(), {"n": 2, "prompt": ["a", "b", "c"]}, "completion", "m")
+    relay.line(chunk({"index": 5, "text": "x"}))  # 3 prompts x 2
+    with pytest.raises(StreamBroke):  # after output: a clean error
+        relay.line(chunk({"index": 6, "text": "x"}))
+    with pytest.raises(Retryable):
+        Relay(Out(), {"prompt": [1, 2, 3]}, "completion", "m").line(chunk({"index": 1, "text": "x"}))  # one prompt

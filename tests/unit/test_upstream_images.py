@@ -228,3 +228,13 @@ async def test_run_tries_again_before_output_and_never_after() -> None:
         await backend.run(Job(id="c", kind="chat", model="m", body=b"{}", reply_to="", deadline_ms=0), Out())
     assert refused.value.status == 501
     await backend.close()
+
+
+def test_an_upstream_s_input_tokens_are_bounded_as_chat_s() -> None:
+    from engines.upstream_images import _input_tokens
+    from engines.upstream_relay import MAX_REPORTED_TOKENS
+
+    assert _input_tokens({"input_tokens": 2**70}) == MAX_REPORTED_TOKENS
+    assert _input_tokens({"input_tokens": 2**40}) == MAX_REPORTED_TOKENS
+    assert _input_tokens({"input_tokens": 12}) == 12
+    assert _input_tokens({"input_tokens": -3}) is None

@@ -61,14 +61,18 @@ def test_an_answer_in_flight_keeps_it_warm() -> None:
     assert w.expire(busy=False) == 60 and w.cold
 
 
-def test_not_up_yet_is_a_503_or_429_and_a_warm_endpoint_refusing_so_goes_cold() -> None:
+def test_not_up_yet_is_a_503_or_429_and_a_warm_endpoint_refusing_so_past_its_retries_goes_cold() -> None:
     w, _, flips = wake()
-    assert w.not_up_yet(unavailable(503)) and w.not_up_yet(unavailable(429))
-    assert not w.not_up_yet(unavailable(502))  # a 5xx page is a failure, not a sleeping endpoint
+    assert w.not_up_yet(unavailable(503), 0, 3) and w.not_up_yet(unavailable(429), 0, 3)
+    assert not w.not_up_yet(unavailable(502), 0, 3)  # a 5xx page is a failure, not a sleeping endpoint
     w.answered()
-    assert not w.not_up_yet(unavailable(502)) and not w.cold
-    assert w.not_up_yet(unavailable(503))
-    assert w.cold and flips == [False, True]  # scaled down under us: announced cold again
+    assert not w.not_up_yet(unavailable(502), 3, 3) and not w.cold
+    # Warm, a 429 is a rate limit (retried as any, then 429 to the client), never a sleeping endpoint;
+    # a 503 is an ordinary failure for the retries, and only past them a sign it scaled down under us.
+    assert not w.not_up_yet(unavailable(429), 3, 3) and not w.cold
+    assert not w.not_up_yet(unavailable(503), 2, 3) and not w.cold
+    assert w.not_up_yet(unavailable(503), 3, 3)
+    assert w.cold and flips == [False, True]  # announced cold again
 
 
 def test_a_wake_waits_its_window_with_pauses_capped() -> None:
@@ -158,3 +162,6 @@ def test_the_flags_make_the_settings() -> None:
         )
     )
     assert (s.serverless, s.cold_start_s, s.idle_s) == (True, 90, 600)
+    auto = ["serve", "--kind", "upstream", "--models", "auto", "--base-url", "https://up/v1", "--upstream-serverless"]
+    with pytest.raises(ValueError, match="needs --served-name"):
+        upstream_settings(build_parser().parse_args(auto))
