@@ -39,6 +39,18 @@ def job(model: str, deadline_s: float = 20) -> Job:
                deadline_ms=int((time.time() + deadline_s) * 1000))
 
 
+async def refusal(s: UpstreamSettings, model: str = "ok") -> JobRejected:
+    """What a backend with settings ``s`` answers one job of ``model`` with (it must refuse it)."""
+    backend = UpstreamBackend(s)
+    await backend.start()
+    try:
+        with pytest.raises(JobRejected) as failed:
+            await backend.run(job(model), Out())
+    finally:
+        await backend.close()
+    return failed.value
+
+
 def text(out: Out) -> str:
     return "".join(d.text for choices, _, _ in out.deltas for d in choices)
 
@@ -162,15 +174,9 @@ async def test_a_read_timeout_is_an_unreachable_upstream_not_the_job_s_deadline(
 async def test_a_refused_connection_names_the_failure_never_the_url() -> None:
     from tests.harness import free_port
 
-    backend = UpstreamBackend(settings(f"http://127.0.0.1:{free_port()}/v1/secret-path"))
-    await backend.start()
-    try:
-        with pytest.raises(JobRejected) as failed:
-            await backend.run(job("ok"), Out())
-    finally:
-        await backend.close()
-    assert failed.value.status == 503 and "ConnectionRefusedError" in failed.value.message
-    assert "secret-path" not in failed.value.message and "127.0.0.1" not in failed.value.message
+    failed = await refusal(settings(f"http://127.0.0.1:{free_port()}/v1/secret-path"))
+    assert failed.status == 503 and "ConnectionRefusedError" in failed.message
+    assert "secret-path" not in failed.message and "127.0.0.1" not in failed.message
 
 
 class H2Upstream(ThreadedServer):
@@ -250,15 +256,9 @@ async def test_tls_is_verified_by_both_transports(tls_cert: tuple[Path, Path]) -
     server = H2Upstream(cert, key)
     try:
         for http2 in (False, True):
-            backend = UpstreamBackend(settings(f"https://127.0.0.1:{server.port}/v1", http2=http2))
-            await backend.start()
-            try:
-                with pytest.raises(JobRejected) as failed:
-                    await backend.run(job("ok"), Out())
-            finally:
-                await backend.close()
-            assert failed.value.status == 503, failed.value.message
-            assert ("certificate" if not http2 else "ConnectError") in failed.value.message
+            failed = await refusal(settings(f"https://127.0.0.1:{server.port}/v1", http2=http2))
+            assert failed.status == 503, failed.message
+            assert ("certificate" if not http2 else "ConnectError") in failed.message
         assert server.requests == []
     finally:
         server.stop()
@@ -270,15 +270,9 @@ async def test_a_compressed_answer_is_refused_never_inflated(http1: Http1Upstrea
     """Asked for ``identity``, an upstream that compresses anyway is a misconfigured one (a 502,
     logged, not retried): its body is never inflated (4 MB of newlines in a few KiB on the wire, a
     bomb for an engine that inflates it)."""
-    backend = UpstreamBackend(msgspec.structs.replace(settings(f"http://127.0.0.1:{http1.port}/v1", http2=http2),
-                                                      retries=2))
-    await backend.start()
-    try:
-        with pytest.raises(JobRejected) as refused:
-            await backend.run(job("gzip"), Out())
-    finally:
-        await backend.close()
-    assert (refused.value.status, refused.value.code) == (502, "engine_error")
+    s = msgspec.structs.replace(settings(f"http://127.0.0.1:{http1.port}/v1", http2=http2), retries=2)
+    refused = await refusal(s, "gzip")
+    assert (refused.status, refused.code) == (502, "engine_error")
     assert len(http1.requests) == 1 and "Content-Encoding" in caplog.text
 
 
