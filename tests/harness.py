@@ -49,11 +49,6 @@ class Proc:
         return [json.loads(line) for line in self.output().splitlines()
                 if line.startswith("{") and '"conduit.request"' in line]
 
-    def terminate(self) -> None:
-        """SIGTERM, without waiting (:meth:`stop` waits)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
     def stop(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -288,8 +283,6 @@ class Stack:
         for client in self._clients:
             client.close()
         errors: list[AssertionError] = []
-        for p in self.procs:  # all told at once, each drains on its own (a teardown waits for the slowest, not the sum)
-            p.terminate()
         for p in reversed(self.procs):
             try:
                 p.stop()
