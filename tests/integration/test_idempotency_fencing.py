@@ -74,9 +74,15 @@ class InFlight:
 
 
 def engine(stack: Stack, tokens: int = 60) -> int:
-    """A synthetic engine whose answers take ``tokens`` tenths of a second; its metrics port."""
+    """A synthetic engine whose answers take ``tokens`` tenths of a second, once every gateway lists
+    it (``wait_for_model`` waits only for those on the stack's Redis, not for one behind the proxy:
+    a request sent there first could find no engine and never queue its job); its metrics port."""
     metrics_port = free_port()
     stack.synthetic("synthetic", "--tokens", str(tokens), "--token-delay", "0.1", "--metrics-port", str(metrics_port))
+    for url, _, gateway in stack.gateways:
+        if gateway.alive():
+            wait_until(lambda url=url: "synthetic" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]],
+                       f"the gateway at {url} never listed the engine")
     return metrics_port
 
 
