@@ -92,7 +92,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         backend = SyntheticBackend(SyntheticSettings(
             models=(args.served_name or "synthetic").split(","), tokens=args.tokens, token_delay_s=args.token_delay,
             first_token_delay_s=args.first_token_delay, max_concurrency=args.max_concurrency or 256,
-            numbered=args.numbered, block_s=args.block))
+            numbered=args.numbered, block_s=args.block, tool_calls=args.tool_calls,
+            tool_arguments=args.tool_arguments))
     elif args.kind == "upstream":
         from engines.upstream import UpstreamBackend
 
@@ -304,6 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="synthetic: seconds each job blocks the engine's event loop (a wedged engine, for fault tests)")
     en.add_argument("--numbered", action="store_true",
                     help="synthetic: token i's text is '<i> ', so clients can check for gaps and duplicates")
+    en.add_argument("--tool-calls", action="store_true",
+                    help="synthetic: script tool calling: call the first offered tool (or the one tool_choice "
+                         "names), and answer a tool result with 'tool said: <result>'")
+    en.add_argument("--tool-arguments", default="{}", help="synthetic: the arguments (JSON) of a scripted tool call")
     en.add_argument("--log-level", default="info")
     en.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("CONDUIT_LOG_FORMAT", "text"),
                     help="json: one JSON object a line (log collectors)")

@@ -14,11 +14,24 @@ import time
 import msgspec
 
 from engines.backend import JobOutput, JobRejected
-from engines.contract.messages import ChoiceDelta, Generated, Job, Usage
+from engines.contract.messages import ChoiceDelta, Generated, Job, ToolCallDelta, Usage
 
 
 class _Message(msgspec.Struct):
     content: str | list[dict[str, object]] | None = None
+    role: str = ""
+
+
+class _Function(msgspec.Struct):
+    name: str = ""
+
+
+class _Tool(msgspec.Struct):
+    function: _Function = msgspec.field(default_factory=_Function)
+
+
+class _NamedChoice(msgspec.Struct):
+    function: _Function = msgspec.field(default_factory=_Function)
 
 
 class _StreamOptions(msgspec.Struct):
@@ -38,6 +51,8 @@ class _Body(msgspec.Struct):
 class _ChatBody(_Body):
     messages: list[_Message] = []
     max_completion_tokens: int | None = None
+    tools: list[_Tool] | None = None
+    tool_choice: str | _NamedChoice | None = None
 
 
 class _CompletionBody(_Body):
@@ -61,6 +76,12 @@ class SyntheticSettings(msgspec.Struct, kw_only=True):
     #: Seconds a job blocks the engine's event loop before its first token (a wedged backend: the
     #: fault tests' engine that must be failed over). 0: never.
     block_s: float = 0.0
+    #: Tool calling, scripted (agent clients' round trips): a chat job that offers ``tools`` and
+    #: whose last message is not a tool result is answered with one call of the tool ``tool_choice``
+    #: names (else the first), with :attr:`tool_arguments`; one whose last message is a tool result
+    #: is answered with ``"tool said: <its content>"`` as text. Off: tools are ignored.
+    tool_calls: bool = False
+    tool_arguments: str = "{}"
 
 
 class SyntheticBackend:
@@ -78,6 +99,7 @@ class SyntheticBackend:
         self.max_sequences: int | None = None
         self._chat = msgspec.json.Decoder(_ChatBody)
         self._completion = msgspec.json.Decoder(_CompletionBody)
+        self._calls = 0
 
     async def start(self) -> None:
         return None
@@ -105,6 +127,12 @@ class SyntheticBackend:
         so = body.stream_options
         continuous = so is not None and bool(so.include_usage and so.continuous_usage_stats)
         out.started()
+        if s.tool_calls and job.kind == "chat":
+            script = self._scripted(chat)
+            if script is not None:
+                out.delta([script], None, Generated(prompt_tokens, 1))
+                out.done(Usage(prompt_tokens=prompt_tokens, completion_tokens=1))
+                return
         if s.block_s:
             time.sleep(s.block_s)  # on purpose: the whole event loop stops
         if s.first_token_delay_s:
@@ -122,3 +150,19 @@ class SyntheticBackend:
             if s.token_delay_s:
                 await asyncio.sleep(s.token_delay_s)
         out.done(Usage(prompt_tokens=prompt_tokens, completion_tokens=count * n))
+
+    def _scripted(self, chat: _ChatBody) -> ChoiceDelta | None:
+        """The scripted answer of a tool-calling round trip (:attr:`SyntheticSettings.tool_calls`), or
+        None when the job is no part of one (it offers no tools and answers no call)."""
+        last = chat.messages[-1] if chat.messages else None
+        if last is not None and last.role == "tool":
+            content = last.content if isinstance(last.content, str) else msgspec.json.encode(last.content).decode()
+            return ChoiceDelta(text=f"tool said: {content}", finish_reason="stop")
+        if not chat.tools or chat.tool_choice == "none":
+            return None
+        choice = chat.tool_choice
+        name = choice.function.name if isinstance(choice, _NamedChoice) else chat.tools[0].function.name
+        self._calls += 1
+        call = ToolCallDelta(index=0, id=f"call_synthetic_{self._calls}", name=name,
+                             arguments=self.settings.tool_arguments)
+        return ChoiceDelta(tool_calls=[call], finish_reason="tool_calls")

@@ -44,3 +44,38 @@ async def test_fields_of_the_other_kind_are_ignored(kind: str, body: dict[str, A
     n = body.get("n", 1)
     assert out.usage == Usage(prompt_tokens=prompt_tokens, completion_tokens=2 * n)
     assert [len(d) for d in out.deltas] == [n, n]
+
+
+def _chat(backend: SyntheticBackend, **body: Any) -> Recorder:
+    import asyncio
+
+    out = Recorder()
+    job = Job(id="j", kind="chat", model="m", body=json.dumps({"model": "m", **body}).encode(), reply_to="r",
+              deadline_ms=2**40)
+    asyncio.run(backend.run(job, out))  # type: ignore[arg-type]
+    return out
+
+
+TOOLS = [{"type": "function", "function": {"name": "first"}}, {"type": "function", "function": {"name": "second"}}]
+
+
+def test_scripted_tool_calling_calls_the_named_or_first_tool_then_answers_its_result() -> None:
+    backend = SyntheticBackend(SyntheticSettings(models=["m"], tool_calls=True, tool_arguments='{"x": 1}'))
+    asked = [{"role": "user", "content": "go"}]
+    first = _chat(backend, messages=asked, tools=TOOLS).deltas
+    assert [(c.name, c.arguments, c.id) for c in first[0][0].tool_calls] == [("first", '{"x": 1}', "call_synthetic_1")]
+    assert first[0][0].finish_reason == "tool_calls"
+    named = _chat(backend, messages=asked, tools=TOOLS,
+                  tool_choice={"type": "function", "function": {"name": "second"}}).deltas
+    assert named[0][0].tool_calls[0].name == "second"
+    answered = _chat(backend, tools=TOOLS, messages=[*asked, {"role": "tool", "tool_call_id": "c", "content": "42"}])
+    assert [c.text for d in answered.deltas for c in d] == ["tool said: 42"]
+    # No tools offered, or tool_choice "none": the ordinary tokens.
+    plain = _chat(backend, messages=asked, tools=TOOLS, tool_choice="none")
+    assert all(not c.tool_calls for d in plain.deltas for c in d) and len(plain.deltas) == 16
+
+
+def test_tools_are_ignored_unless_scripted() -> None:
+    out = _chat(SyntheticBackend(SyntheticSettings(models=["m"], tokens=3)),
+                messages=[{"role": "user", "content": "go"}], tools=TOOLS)
+    assert len(out.deltas) == 3 and all(not c.tool_calls for d in out.deltas for c in d)
