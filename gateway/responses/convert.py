@@ -86,6 +86,16 @@ class _Input:
             raise unsupported(f"{param}.type", f"an input item of type {kind!r}",
                               _UNSERVED_ITEMS.get(str(kind), _UNSERVED_ITEM))
 
+    def system(self, text: str) -> None:
+        """A system message; one right after another joins it (Codex sends several developer
+        messages in a row, and many chat templates take one system message only)."""
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == "system" and isinstance(last["content"], str):
+            last["content"] += "\n\n" + text
+        else:
+            self.messages.append({"role": "system", "content": text})
+        self.calls_open = False
+
     def _message(self, param: str, item: dict[str, Any]) -> None:
         role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
         if role is None:
@@ -97,6 +107,9 @@ class _Input:
                                  "parts.", param=f"{param}.content", code="invalid_type")
         if isinstance(content, list):
             content = self._parts(f"{param}.content", content)
+        if role == "system" and isinstance(content, str):
+            self.system(content)
+            return
         self.messages.append({"role": role, "content": content})
         self.calls_open = role == "assistant"
 
@@ -268,7 +281,7 @@ def translate(req: ResponseRequest, limits: RequestBounds, *, stream: bool | Non
     """``req`` as a chat completions request (see the module docstring)."""
     given = _Input(limits)
     if req.instructions:
-        given.messages.append({"role": "system", "content": req.instructions})
+        given.system(req.instructions)
     if isinstance(req.input, str):
         given.messages.append({"role": "user", "content": req.input})
     else:
