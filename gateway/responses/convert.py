@@ -74,6 +74,7 @@ class _Input:
         elif kind == "function_call":
             self._call(param, item)
         elif kind == "function_call_output":
+            self._no_namespace(param, item)
             self.calls_open = False
             self.messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
                                   "content": self._output(param, item.get("output"))})
@@ -158,7 +159,14 @@ class _Input:
             image["detail"] = detail
         return {"type": "image_url", "image_url": image}
 
+    @staticmethod
+    def _no_namespace(param: str, item: dict[str, Any]) -> None:
+        if item.get("namespace") is not None:
+            raise unsupported(f"{param}.namespace", "a call into a tool namespace",
+                              "namespaced tools are not served (only function tools are)")
+
     def _call(self, param: str, item: dict[str, Any]) -> None:
+        self._no_namespace(param, item)
         call = {"id": _string(item, "call_id", param), "type": "function",
                 "function": {"name": _string(item, "name", param), "arguments": _string(item, "arguments", param)}}
         if self.calls_open:
