@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 
 from engines.contract.media import MediaPolicy, MediaRefused
 from gateway.chat.protocol import ChatCompletionRequest
@@ -317,7 +318,7 @@ def translate(req: ResponseRequest, limits: RequestBounds, *, stream: bool | Non
     if isinstance(fmt, TextFormatJsonSchema):
         nested_at_most("text.format.schema", fmt.schema, limits.max_json_depth)
         schema: dict[str, Any] = {"name": fmt.name, "schema": fmt.schema}
-        if fmt.description is not None:
+        if fmt.description is not UNSET:
             schema["description"] = fmt.description
         if fmt.strict is not None:
             schema["strict"] = fmt.strict

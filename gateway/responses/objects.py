@@ -4,11 +4,12 @@ tests validate every body and streamed event against)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from engines.contract.messages import SampledLogprob, Usage
+from gateway.responses.protocol import Effort, Summary, TextFormat, Verbosity
 
 ItemStatus = Literal["in_progress", "completed", "incomplete"]
 ResponseStatus = Literal["completed", "failed", "in_progress", "cancelled", "queued", "incomplete"]
@@ -37,9 +38,25 @@ def logprobs_of(items: list[SampledLogprob] | None) -> list[LogProb]:
             for i in items]
 
 
+class UrlCitation(Struct, tag="url_citation", tag_field="type"):
+    """(Never made: no tool here cites. Typed so the document says what ``annotations`` may hold.)"""
+
+    url: str
+    start_index: int
+    end_index: int
+    title: str
+
+
+class SummaryText(Struct, tag="summary_text", tag_field="type"):
+    """(Never made: there is no summariser; typed for the document.)"""
+
+    text: str
+
+
 class OutputText(Struct, tag="output_text", tag_field="type"):
     text: str
-    annotations: list[Any]
+    #: Always empty: nothing is cited.
+    annotations: Annotated[list[UrlCitation], Meta(max_length=0)]
     logprobs: list[LogProb]
 
 
@@ -64,7 +81,8 @@ class FunctionCallItem(Struct, tag="function_call", tag_field="type"):
 
 class ReasoningItem(Struct, tag="reasoning", tag_field="type"):
     id: str
-    summary: list[Any]
+    #: Always empty: reasoning comes back as its text (``content``), never summarised.
+    summary: Annotated[list[SummaryText], Meta(max_length=0)]
     content: list[ReasoningText]
     status: ItemStatus
 
@@ -100,18 +118,22 @@ class IncompleteDetails(Struct):
 
 
 class ResponseError(Struct):
-    code: str
+    code: Literal["server_error", "rate_limit_exceeded", "invalid_prompt"]
     message: str
 
 
 class ReasoningConfig(Struct):
-    effort: str | None = None
-    summary: str | None = None
+    effort: Effort | None = None
+    summary: Summary | None = None
 
 
 class TextConfig(Struct):
-    format: dict[str, Any]
-    verbosity: str = "medium"
+    format: TextFormat
+    verbosity: Verbosity = "medium"
+
+
+class ToolChoiceFunction(Struct, tag="function", tag_field="type"):
+    name: str
 
 
 class FunctionToolEcho(Struct, tag="function", tag_field="type"):
@@ -141,16 +163,14 @@ class ResponseObject(Struct, kw_only=True):
     previous_response_id: None = None
     prompt_cache_key: str | None
     reasoning: ReasoningConfig
-    safety_identifier: str | None
-    service_tier: str = "default"
-    #: Nothing is stored yet (the Responses API's part 2): always false.
-    store: bool = False
-    temperature: float
+    safety_identifier: Annotated[str, Meta(max_length=64)] | None
+    service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast", "ultrafast"] = "default"
+    temperature: Annotated[float, Meta(ge=0, le=2)]
     text: TextConfig
-    tool_choice: Any
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction
     tools: list[FunctionToolEcho]
-    top_logprobs: int
-    top_p: float
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)]
+    top_p: Annotated[float, Meta(ge=0, le=1)]
     truncation: Literal["disabled"] = "disabled"
     #: Absent until the response ends (the spec's ``usage`` is an object, never null).
     usage: ResponseUsage | UnsetType = UNSET

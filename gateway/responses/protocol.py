@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.common.bounds import at_most
-from gateway.common.protocol import JsonSchemaFormat, PositiveInt, Probability, Temperature
+from gateway.common.protocol import PositiveInt, Probability, Temperature
 from gateway.errors import InvalidRequest
 from gateway.settings import RequestBounds
 
@@ -42,25 +42,30 @@ class TextFormatJsonObject(Struct, tag="json_object", tag_field="type"):
 class TextFormatJsonSchema(Struct, tag="json_schema", tag_field="type", kw_only=True, omit_defaults=True):
     name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     schema: dict[str, Any]
-    description: str | None = None
+    description: str | UnsetType = UNSET
     strict: bool | None = None
 
 
 TextFormat = TextFormatText | TextFormatJsonObject | TextFormatJsonSchema
 
 
+Verbosity = Literal["low", "medium", "high"]
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+Summary = Literal["auto", "concise", "detailed"]
+
+
 class TextParam(Struct, forbid_unknown_fields=False):
     format: TextFormat | None = None
     #: Ignored: open models' sampling has no equivalent (``fields.py``).
-    verbosity: Literal["low", "medium", "high"] | None = None
+    verbosity: Verbosity | None = None
 
 
 class ReasoningParam(Struct, forbid_unknown_fields=False):
     #: Passed to the model as chat's ``reasoning_effort`` (templates that know it read it).
-    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    effort: Effort | None = None
     #: Ignored: there is no summariser; reasoning comes back as the model's reasoning text.
-    summary: Literal["auto", "concise", "detailed"] | None = None
-    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+    summary: Summary | None = None
+    generate_summary: Summary | None = None
 
 
 class StreamOptionsParam(Struct, forbid_unknown_fields=False):
@@ -96,7 +101,7 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     service_tier: str | None = None
-    safety_identifier: str | None = None
+    safety_identifier: Annotated[str, Meta(max_length=64)] | None = None
     max_tool_calls: int | None = None
     # ---- refused when set: they need what Conduit does not keep or run ----
     previous_response_id: str | None = None
@@ -156,6 +161,3 @@ _REFUSED_WHEN_SET = (
 )
 
 
-def json_schema_format(fmt: TextFormatJsonSchema) -> JsonSchemaFormat:
-    """``text.format`` of type ``json_schema`` as chat's ``response_format.json_schema``."""
-    return JsonSchemaFormat(name=fmt.name, description=fmt.description, schema=fmt.schema, strict=fmt.strict)

@@ -2,7 +2,7 @@
 the shared request flow (``gateway.flow``), over chat jobs (``gateway.responses.convert``).
 
 A response is stateless until stored responses land: ``store: true`` is answered as ``store:
-false`` would be (the answer says ``"store": false``), and nothing is kept after the answer.
+false`` would be, and nothing is kept after the answer.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ from gateway.responses.objects import (
     ResponseEvent,
     ResponseObject,
     TextConfig,
+    ToolChoiceFunction,
 )
 from gateway.responses.output import ResponseOutput
-from gateway.responses.protocol import ResponseRequest
+from gateway.responses.protocol import ResponseRequest, TextFormatText
 from gateway.run import JobRun, Restarted
 from gateway.services import Services
 from gateway.settings import RequestBounds
@@ -39,7 +40,7 @@ from gateway.tenancy.cost import Cost
 
 _ENC = msgspec.json.Encoder()
 _SINK = bytearray()  # a collected response's events go nowhere
-_TEXT = {"type": "text"}
+_TEXT = TextFormatText()
 
 
 class ResponsesDecoder:
@@ -59,9 +60,9 @@ class ResponsesDecoder:
 def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
     """The response as asked, before any output: what it echoes of the request."""
     fmt = req.text.format if req.text is not None else None
-    choice = req.tool_choice
+    choice: Any = req.tool_choice
     if isinstance(choice, dict):
-        choice = {"type": "function", "name": choice.get("name")}
+        choice = ToolChoiceFunction(name=choice["name"])
     tools = [FunctionToolEcho(name=t["name"], description=t.get("description"), parameters=t.get("parameters"),
                               strict=t.get("strict")) for t in req.tools or ()]
     reasoning = req.reasoning
@@ -72,7 +73,7 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         prompt_cache_key=req.prompt_cache_key,
         reasoning=ReasoningConfig(reasoning.effort, reasoning.summary) if reasoning else ReasoningConfig(),
         safety_identifier=req.safety_identifier, temperature=1.0 if req.temperature is None else req.temperature,
-        text=TextConfig(format=msgspec.to_builtins(fmt) if fmt is not None else _TEXT,
+        text=TextConfig(format=fmt if fmt is not None else _TEXT,
                         verbosity=req.text.verbosity or "medium" if req.text is not None else "medium"),
         tool_choice=choice if choice is not None else "auto", tools=tools, top_logprobs=req.top_logprobs or 0,
         top_p=1.0 if req.top_p is None else req.top_p, user=UNSET if req.user is None else req.user,

@@ -92,8 +92,7 @@ def test_a_text_answer_streamed_and_not_validates_and_agrees(tooled: Stack) -> N
     assert re.fullmatch(r"resp_[0-9a-f]{24}", response.id) and response.status == "completed"
     assert response.output_text == "tok " * 4
     assert [(o.type, o.role, o.status) for o in response.output] == [("message", "assistant", "completed")]  # type: ignore[union-attr]
-    assert (response.instructions, response.metadata, response.temperature, response.store) == (
-        "Be brief.", {"run": "7"}, 0.5, False)  # stateless: the answer says it was not stored
+    assert (response.instructions, response.metadata, response.temperature) == ("Be brief.", {"run": "7"}, 0.5)
     # The synthetic engine counts words of every message: the instructions are the first.
     assert (response.usage.input_tokens, response.usage.output_tokens, response.usage.total_tokens) == (4, 4, 8)  # type: ignore[union-attr]
 

@@ -72,6 +72,12 @@ REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
         "prompt: type": "no null prompt: OpenAI reads it as its own `<|endoftext|>`, which names no token of "
                         "another model's vocabulary",
     }),
+    "CreateResponse": ("ResponseRequest", {
+        "model: required": "OpenAI's schema leaves it out for a stored prompt template that names the model; stored "
+                           "prompts are refused, so the model is required (a 400 `missing_required_parameter`)",
+        "text.format<TextResponseFormatJsonSchema>.name: pattern": "OpenAI documents the name's characters and "
+                                                                   "length; enforced",
+    }),
     "CreateImageRequest": ("ImageRequest", {
         "model: required": "no default model: a gateway serves whichever image models its engines have, none is "
                            "`dall-e-2`; a 400 `missing_required_parameter` naming `model`",
@@ -112,6 +118,8 @@ PASSED_THROUGH: dict[str, dict[str, str]] = {
         "stream_options.include_obfuscation": _IGNORED,
     },
     "CreateImageRequest": {},
+    # (CreateResponse: nothing is passed to an engine as it came; gateway/responses/fields.py decides
+    # every field, tests/unit/test_responses_outcomes.py holds it to that.)
 }
 
 #: Conduit's response schema -> OpenAI's (each of Conduit's answers must be one of OpenAI's).
@@ -127,6 +135,8 @@ RESPONSES = {
     "PartialImageEvent": "ImageGenPartialImageEvent",
     "CompletedImageEvent": "ImageGenCompletedEvent",
     "ErrorEnvelope": "ErrorResponse",
+    "ResponseObject": "Response",
+    "InputTokens": "TokenCountsResource",
 }
 
 
