@@ -21,6 +21,7 @@ from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
 from gateway.completions.serving import CompletionRenderer
+from gateway.responses.serving import InputTokensEndpoint, ResponsesEndpoint
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, error_response
 from gateway.flow import RequestFlow
@@ -106,6 +107,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
                                       chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
+                                      responses=ResponsesEndpoint(bounds), input_tokens=InputTokensEndpoint(bounds),
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)
         try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, ClassVar, Protocol
+from typing import Any, Protocol
 
 from litestar import Request, Response
 from litestar.response import Stream
@@ -47,16 +47,15 @@ class Collector(Protocol):
 class StreamWriter(Protocol):
     """One request's event stream, written as its job's events arrive."""
 
-    #: What an error event is written between: before its JSON, and after it (the stream's end).
-    error_prefix: ClassVar[bytes]
-    end: ClassVar[bytes]
-
     def add(self, run: JobRun, event: Event | Restarted, out: bytearray) -> Awaitable[None] | None:
         """Append the SSE events for an output event (or a restart) to ``out``; an awaitable when
         there is something to read first (images read their previews from the store)."""
 
     def done(self, run: JobRun, event: Done, out: bytearray) -> Awaitable[None] | None:
         """Append the stream's last events (the answer's end), as :meth:`add`."""
+
+    def failed(self, run: JobRun, exc: ConduitError) -> bytes:
+        """The stream's end when it fails after its 200: the error as the endpoint's stream says it."""
 
 
 class Endpoint(Protocol):
@@ -159,7 +158,7 @@ class RequestFlow:
                         return
                     if kind is Failed:
                         run.error = event.code
-                        out += sse_error(w.error_prefix, engine_failure(event)) + w.end
+                        out += w.failed(run, engine_failure(event))
                         yield bytes(out)
                         return
                     io = w.add(run, event, out)
@@ -172,7 +171,7 @@ class RequestFlow:
                     pending = await anext(batches)
                 except ConduitError as exc:  # deadline passed, or the job was lost, mid-stream
                     failed_mid_stream(run, exc)
-                    yield sse_error(w.error_prefix, exc) + w.end
+                    yield w.failed(run, exc)
                     return
         finally:
             run.close()

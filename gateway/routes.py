@@ -11,9 +11,10 @@ from gateway.completions.serving import completions
 from gateway.images.serving import image_file, image_generations
 from gateway.models.serving import get_model, list_models
 from gateway.operations.serving import health, metrics, openapi_document, ready
+from gateway.responses.serving import count_input_tokens, create_response
 
 #: The routes every gateway serves.
-ROUTES = (chat_completions, completions, image_generations, image_file, list_models, get_model, health, ready,
+ROUTES = (chat_completions, completions, create_response, count_input_tokens, image_generations, image_file, list_models, get_model, health, ready,
           metrics, openapi_document)
 
 

@@ -30,6 +30,8 @@ class Services(msgspec.Struct):
     chat: Endpoint
     completion: Endpoint
     images: Endpoint
+    responses: Endpoint
+    input_tokens: Endpoint
     image_store: ImageStore
     telemetry: Telemetry
     redis: aioredis.Redis

@@ -19,7 +19,8 @@ from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
 from gateway.common.protocol import CompletionUsage, PromptTokensDetails
 from gateway.dispatch import JobKind
-from gateway.flow import DONE
+from gateway.errors import ConduitError
+from gateway.flow import DONE, sse_error
 from gateway.run import JobRun, Restarted
 from gateway.settings import RequestBounds
 
@@ -174,7 +175,6 @@ class _Chunks:
     __slots__ = ("renderer", "created", "state")
 
     error_prefix = b"data: "
-    end = DONE
 
     def __init__(self, renderer: Renderer, created: int, include_usage: bool) -> None:
         self.renderer = renderer
@@ -186,6 +186,9 @@ class _Chunks:
             if run.ttft is None:
                 run.ttft = time.perf_counter() - run.started_at
             self.renderer.chunks(run.rid, self.created, run.model, event, out, self.state)
+
+    def failed(self, run: JobRun, exc: ConduitError) -> bytes:
+        return sse_error(self.error_prefix, exc) + DONE
 
     def done(self, run: JobRun, event: Any, out: bytearray) -> None:
         if self.state.include_usage:

@@ -30,7 +30,7 @@ from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
 from gateway.common.routing import get_and_head
 from gateway.dispatch import JobKind
-from gateway.errors import EngineError, ErrorEnvelope, NotFound
+from gateway.errors import ConduitError, EngineError, ErrorEnvelope, NotFound
 from gateway.flow import sse_error
 from gateway.images.protocol import (
     RESPONSE_QUALITIES,
@@ -148,7 +148,6 @@ class _Streamed:
     __slots__ = ("images", "shape", "finals")
 
     error_prefix = b"event: error\ndata: "
-    end = b""
 
     def __init__(self, images: ImageGeneration, req: ImageRequest) -> None:
         self.images = images
@@ -165,6 +164,9 @@ class _Streamed:
         if type(event) is Restarted:
             self.finals.clear()  # nothing was shown yet: another attempt makes them again
         return None
+
+    def failed(self, run: JobRun, exc: ConduitError) -> bytes:
+        return sse_error(self.error_prefix, exc)
 
     async def _partial(self, image: ImageReady, out: bytearray) -> None:
         store, shape = self.images.store, self.shape

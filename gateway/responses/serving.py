@@ -1,0 +1,246 @@
+"""``POST /v1/responses`` and ``POST /v1/responses/input_tokens``: the Responses API as endpoints of
+the shared request flow (``gateway.flow``), over chat jobs (``gateway.responses.convert``).
+
+A response is stateless until stored responses land: ``store: true`` is answered as ``store:
+false`` would be (the answer says ``"store": false``), and nothing is kept after the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+from litestar.di import NamedDependency
+
+from engines.contract.messages import Delta, Event, Started, Usage
+from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
+from gateway.common.bounds import ModelContext
+from gateway.common.decoding import RequestDecoder
+from gateway.dispatch import JobKind
+from gateway.errors import ConduitError
+from gateway.responses.convert import Translated, translate
+from gateway.responses.objects import (
+    FunctionToolEcho,
+    InputTokens,
+    ReasoningConfig,
+    ResponseEvent,
+    ResponseObject,
+    TextConfig,
+)
+from gateway.responses.output import ResponseOutput
+from gateway.responses.protocol import ResponseRequest
+from gateway.run import JobRun, Restarted
+from gateway.services import Services
+from gateway.settings import RequestBounds
+from gateway.tenancy.cost import Cost
+
+_ENC = msgspec.json.Encoder()
+_SINK = bytearray()  # a collected response's events go nowhere
+_TEXT = {"type": "text"}
+
+
+class ResponsesDecoder:
+    """Decodes and validates a Responses body, then translates it into its chat request."""
+
+    __slots__ = ("_decoder", "_bounds", "_stream")
+
+    def __init__(self, bounds: RequestBounds, *, stream: bool | None = None) -> None:
+        self._decoder = RequestDecoder(ResponseRequest, bounds)
+        self._bounds = bounds
+        self._stream = stream
+
+    def decode(self, body: bytes) -> Translated:
+        return translate(self._decoder.decode(body), self._bounds, stream=self._stream)
+
+
+def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
+    """The response as asked, before any output: what it echoes of the request."""
+    fmt = req.text.format if req.text is not None else None
+    choice = req.tool_choice
+    if isinstance(choice, dict):
+        choice = {"type": "function", "name": choice.get("name")}
+    tools = [FunctionToolEcho(name=t["name"], description=t.get("description"), parameters=t.get("parameters"),
+                              strict=t.get("strict")) for t in req.tools or ()]
+    reasoning = req.reasoning
+    return ResponseObject(
+        id="resp_" + run.rid.partition("-")[2], created_at=created, status="in_progress",
+        instructions=req.instructions, max_output_tokens=req.max_output_tokens, max_tool_calls=req.max_tool_calls,
+        model=req.model, output=[], parallel_tool_calls=req.parallel_tool_calls is not False,
+        prompt_cache_key=req.prompt_cache_key,
+        reasoning=ReasoningConfig(reasoning.effort, reasoning.summary) if reasoning else ReasoningConfig(),
+        safety_identifier=req.safety_identifier, temperature=1.0 if req.temperature is None else req.temperature,
+        text=TextConfig(format=msgspec.to_builtins(fmt) if fmt is not None else _TEXT,
+                        verbosity=req.text.verbosity or "medium" if req.text is not None else "medium"),
+        tool_choice=choice if choice is not None else "auto", tools=tools, top_logprobs=req.top_logprobs or 0,
+        top_p=1.0 if req.top_p is None else req.top_p, user=req.user, metadata=req.metadata or {})
+
+
+class _Collected:
+    """A non-streamed response: its output collected, then the whole ``Response``."""
+
+    __slots__ = ("req", "output")
+
+    def __init__(self, req: Translated) -> None:
+        self.req = req
+        self.output: ResponseOutput | None = None
+
+    def add(self, run: JobRun, event: Event | Restarted) -> None:
+        if type(event) is Delta:
+            if run.ttft is None:
+                run.ttft = time.perf_counter() - run.started_at
+            output = self.output
+            if output is None:
+                output = self.output = ResponseOutput(head_of(self.req.request, run, int(time.time())), stream=False)
+            for c in event.choices:
+                if c.index == 0:
+                    output.add(c, _SINK)
+        elif type(event) is Restarted and self.output is not None:
+            self.output.restart()
+
+    async def answer(self, run: JobRun, created: int, usage: Usage) -> Response[Any]:
+        output = ResponseOutput(head_of(self.req.request, run, created), stream=False) if self.output is None else \
+            self.output
+        output.head.created_at = created
+        return Response(content=_ENC.encode(output.finished(usage, _SINK)), media_type="application/json")
+
+
+class _Events:
+    """A streamed response: OpenAI's events as the job's deltas arrive (``ResponseOutput``)."""
+
+    __slots__ = ("req", "created", "output")
+
+    def __init__(self, req: Translated, created: int) -> None:
+        self.req = req
+        self.created = created
+        self.output: ResponseOutput | None = None
+
+    def _output(self, run: JobRun) -> ResponseOutput:
+        if self.output is None:
+            self.output = ResponseOutput(head_of(self.req.request, run, self.created), stream=True)
+        return self.output
+
+    def add(self, run: JobRun, event: Event | Restarted, out: bytearray) -> None:
+        output = self._output(run)
+        output.begin(out)
+        if type(event) is Delta:
+            if run.ttft is None:
+                run.ttft = time.perf_counter() - run.started_at
+            for c in event.choices:
+                if c.index == 0:
+                    output.add(c, out)
+        elif type(event) is Restarted:
+            output.restart()
+
+    def done(self, run: JobRun, event: Any, out: bytearray) -> None:
+        self._output(run).finished(event.usage, out)
+
+    def failed(self, run: JobRun, exc: ConduitError) -> bytes:
+        return self._output(run).failed(exc)
+
+
+class ResponsesEndpoint:
+    """``/v1/responses`` as an endpoint of the shared flow: chat jobs, Responses objects."""
+
+    __slots__ = ("decoder",)
+
+    job_kind = JobKind("chat", "resp")
+
+    def __init__(self, bounds: RequestBounds) -> None:
+        self.decoder = ResponsesDecoder(bounds)
+
+    def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
+        return req.job_body(model, bounds)
+
+    def collector(self, req: Translated, request: Request[Any, Any, Any]) -> _Collected:
+        return _Collected(req)
+
+    def writer(self, req: Translated, first: Event) -> _Events:
+        created = first.created if isinstance(first, Started) and first.created else int(time.time())
+        return _Events(req, created)
+
+
+class _Count:
+    """What the engine counted: an input tokens answer (charged as a request, never as tokens)."""
+
+    __slots__ = ()
+
+    def add(self, run: JobRun, event: Event | Restarted) -> None:
+        return None
+
+    async def answer(self, run: JobRun, created: int, usage: Usage) -> Response[Any]:
+        run.usage = Usage()  # nothing was generated: the key's token budget and usage are not charged
+        return Response(content=_ENC.encode(InputTokens(input_tokens=usage.prompt_tokens)),
+                        media_type="application/json")
+
+
+class _Counted(Translated):
+    __slots__ = ()
+
+    def cost(self, limits: RequestBounds) -> Cost:
+        return Cost(tokens=None)
+
+
+class InputTokensEndpoint:
+    """``/v1/responses/input_tokens``: the translated chat request's prompt, tokenized by an engine
+    of the model that can (job kind ``input_tokens``; a model whose engines cannot is a 404)."""
+
+    __slots__ = ("decoder",)
+
+    job_kind = JobKind("input_tokens", "tok")
+
+    def __init__(self, bounds: RequestBounds) -> None:
+        self.decoder = _CountDecoder(bounds)
+
+    def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
+        return msgspec.json.encode(req.body)
+
+    def collector(self, req: Translated, request: Request[Any, Any, Any]) -> _Count:
+        return _Count()
+
+    def writer(self, req: Translated, first: Event) -> Any:
+        raise AssertionError("input_tokens never streams")  # pragma: no cover: stream is forced off
+
+
+class _CountDecoder(ResponsesDecoder):
+    __slots__ = ()
+
+    def __init__(self, bounds: RequestBounds) -> None:
+        super().__init__(bounds, stream=False)
+
+    def decode(self, body: bytes) -> Translated:
+        t = super().decode(body)
+        counted = _Counted(t.request, t.chat, t.body)
+        counted.stream = False
+        return counted
+
+
+CREATE_RESPONSE = Operation(
+    "createResponse", "Create a model response", "Responses", {**JOB_ERRORS, 422: "`unprocessable_entity`."},
+    body=ResponseRequest, json=ResponseObject,
+    stream=(("response.*", (ResponseEvent,)),),
+    description="Stateless: `store: true` is answered as `store: false` (nothing is kept after the answer; "
+                "`previous_response_id` and `background: true` are refused). Streamed as server-sent events when "
+                "`stream` is true: `event: <type>` lines with OpenAI's response events, each with its "
+                "`sequence_number`, ending with `response.completed`, `response.incomplete` or `response.failed`. "
+                "Every request field's outcome: `openapi/responses-fields.md`.",
+    parameters=GENERATION, ok_headers=RATELIMIT, replayed=STORED)
+
+COUNT_INPUT_TOKENS = Operation(
+    "getInputTokenCounts", "Count input tokens", "Responses", JOB_ERRORS, body=ResponseRequest, json=InputTokens,
+    description="The tokens the input (with `instructions` and `tools`) takes, counted by an engine of the model "
+                "through its own chat template. Charged as a request, never as tokens.",
+    parameters=GENERATION, ok_headers=RATELIMIT)
+
+
+@post("/v1/responses", status_code=200, opt=documented(CREATE_RESPONSE))
+async def create_response(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    """A model response, streamed as SSE events when ``stream`` is true."""
+    return await services.flow.respond(request, services.responses)
+
+
+@post("/v1/responses/input_tokens", status_code=200, opt=documented(COUNT_INPUT_TOKENS))
+async def count_input_tokens(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    """The input's tokens, as the model's engine counts them."""
+    return await services.flow.respond(request, services.input_tokens)
