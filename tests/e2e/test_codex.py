@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import ROOT, RedisServer, Stack, ThreadedServer
@@ -133,6 +134,9 @@ def test_a_tool_round_trip_runs_the_command_and_answers_with_its_output(codex: P
 def test_a_refused_request_shows_the_gateways_error(codex: Path, keyed: Stack, outbound: Outbound,
                                                    tmp_path: Path) -> None:
     done = codex_exec(codex, keyed, outbound, tmp_path, "no-such-model", "say hi")
-    assert done.returncode == 1
-    assert "404" in done.stderr and "no-such-model" in done.stderr, done.stderr[-3000:]
-    assert done.stdout == ""
+    same = httpx.post(f"{keyed.base_url}/v1/responses", json={"model": "no-such-model", "input": "say hi"},
+                      headers={"Authorization": f"Bearer {keyed.api_key}"}, timeout=30)
+    assert same.status_code == 404 and same.json()["error"]["code"] == "model_not_found"
+    assert done.returncode == 1 and done.stdout == ""
+    # Codex prints the error envelope's message as the turn's error.
+    assert f"ERROR: {same.json()['error']['message']}\n" in done.stderr, done.stderr[-3000:]
