@@ -25,7 +25,7 @@ from tests.harness import ROOT, RedisServer, Stack, ThreadedServer
 CODEX = ROOT / ".cache" / "codex" / "node_modules" / ".bin" / "codex"
 CONFIG = ROOT / "examples" / "codex-config.toml"
 #: The version `.ci/install --test` installs (one pin, read from there).
-PINNED = re.search(r"^codex_version=(\S+)$", (ROOT / ".ci" / "install").read_text(), re.M)
+PINNED = re.search(r"^codex_version=(\S+)$", (ROOT / ".ci" / "install").read_text(), re.MULTILINE)
 TOKENS = 6
 #: The scripted call: Codex's first tool is `exec_command` (`cmd`, a shell command line). Its output
 #: is computed by the shell, so an answer that holds it proves the command ran, not an echo of it.
@@ -107,7 +107,7 @@ def codex_exec(codex: Path, stack: Stack, outbound: Outbound, where: Path, model
             "-m", model, prompt]
     # stdin closed: Codex reads a prompt addition from a stdin that is not a terminal.
     return subprocess.run(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_a_text_turn_prints_the_engines_answer(codex: Path, keyed: Stack, outbound: Outbound,
