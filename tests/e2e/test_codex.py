@@ -99,8 +99,9 @@ def codex_exec(codex: Path, stack: Stack, outbound: Outbound, where: Path, model
     env = {"PATH": os.environ["PATH"], "HOME": str(where), "CODEX_HOME": str(home), "CONDUIT_API_KEY": stack.api_key,
            "HTTPS_PROXY": proxy, "HTTP_PROXY": proxy, "ALL_PROXY": proxy, "NO_PROXY": "127.0.0.1,localhost"}
     provider = "model_providers.conduit"
-    # danger-full-access: the test is about the gateway, and Codex's sandbox (bubblewrap) needs user
-    # namespaces a CI host may not allow. `read-only`, the example's, runs here too (measured).
+    # danger-full-access: the test is about the gateway, and Codex's sandbox (bubblewrap) needs
+    # namespaces a CI host may not give. The example's `read-only` passes here too, but fails every
+    # command in a chroot of fresh Debian (measured).
     argv = [str(codex), "exec", "--skip-git-repo-check", "--ephemeral", "--strict-config", "--color", "never",
             "-c", f'{provider}.base_url="{stack.base_url}/v1"', "-c", f"{provider}.request_max_retries=0",
             "-c", f"{provider}.stream_max_retries=0", "-c", 'sandbox_mode="danger-full-access"',
