@@ -23,6 +23,14 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "schemas" / "openai.json"
 #: Not in the spec: ``CreateCompletionResponse`` as OpenAI actually streams it (see below).
 COMPLETION_CHUNK = "CompletionChunk"
 
+#: ``POST /responses``: the answer, and the union of the events its stream sends (``error`` among them).
+RESPONSE = "Response"
+RESPONSE_EVENT = "ResponseStreamEvent"
+#: ``POST /responses/input_tokens``' answer.
+INPUT_TOKENS = "TokenCountsResource"
+#: The events after which a response stream sends nothing more.
+RESPONSE_STREAM_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
+
 
 @functools.cache
 def _document() -> dict[str, Any]:
@@ -81,3 +89,66 @@ def validate(schema_name: str, obj: Any) -> None:
 def validate_completion_chunk(obj: Any) -> None:
     """Validate a streamed ``text_completion`` chunk (see :func:`_completion_chunk` for the leeway)."""
     validate(COMPLETION_CHUNK, obj)
+
+
+@functools.cache
+def response_event_schemas() -> dict[str, str]:
+    """Each ``type`` a ``ResponseStreamEvent`` may have, and the member of the union that has it."""
+    defs = _document()["$defs"]
+    out: dict[str, str] = {}
+    for member in defs[RESPONSE_EVENT]["anyOf"]:
+        name = member["$ref"].removeprefix("#/$defs/")
+        types = defs[name]["properties"]["type"]["enum"]
+        if len(types) != 1 or types[0] in out:
+            raise ValueError(f"{name}: a stream event's type must name it alone, got {types}")
+        out[types[0]] = name
+    return out
+
+
+def validate_response(obj: Any) -> None:
+    """Validate a ``Response`` object (the answer of ``POST /responses``, or one a stream event carries)."""
+    validate(RESPONSE, obj)
+
+
+def validate_response_event(obj: Any) -> None:
+    """Validate one streamed event against the member of ``ResponseStreamEvent`` its ``type`` names.
+
+    The union is an ``anyOf`` of 58 members: checked against all of them, a wrong field would be
+    reported 58 times over; checked against its own member, once. A ``type`` the union lacks fails.
+    """
+    kind = obj.get("type") if isinstance(obj, dict) else None
+    events = response_event_schemas()
+    if kind not in events:
+        raise AssertionError(f"{kind!r} is not the type of any of OpenAI's {RESPONSE_EVENT}s: {json.dumps(obj)[:500]}")
+    validate(events[kind], obj)
+
+
+def validate_response_stream(events: list[Any]) -> None:
+    """Validate a whole response stream: each event, and the order OpenAI's streams keep.
+
+    It opens with ``response.created``, ends with its only terminal event (completed, incomplete,
+    failed or ``error``), and its sequence numbers count up by one. One leeway: an ``error`` event
+    may come just before ``response.failed``. A stream that fails after its 200 sends both, since
+    clients read one or the other: the Codex CLI reads ``response.failed`` and takes a bare
+    ``error`` for a dropped stream; other clients stop at the ``error``.
+    """
+    if not events:
+        raise AssertionError("an empty response stream")
+    for event in events:
+        validate_response_event(event)
+    kinds = [event["type"] for event in events]
+    numbers = [event["sequence_number"] for event in events]
+    if kinds[0] != "response.created":
+        raise AssertionError(f"a response stream opens with response.created, not {kinds[0]}: {kinds}")
+    ends = [i for i, kind in enumerate(kinds) if kind in RESPONSE_STREAM_ENDS]
+    if kinds[-2:] == ["error", "response.failed"]:
+        ends = ends[1:]
+    if ends != [len(kinds) - 1]:
+        raise AssertionError(f"a response stream ends with its one terminal event: {kinds}")
+    if numbers != list(range(numbers[0], numbers[0] + len(numbers))):
+        raise AssertionError(f"sequence numbers must count up by one: {numbers}")
+
+
+def validate_input_tokens(obj: Any) -> None:
+    """Validate the answer of ``POST /responses/input_tokens``."""
+    validate(INPUT_TOKENS, obj)

@@ -74,6 +74,7 @@ class _Input:
         elif kind == "function_call":
             self._call(param, item)
         elif kind == "function_call_output":
+            self._no_namespace(param, item)
             self.calls_open = False
             self.messages.append({"role": "tool", "tool_call_id": _string(item, "call_id", param),
                                   "content": self._output(param, item.get("output"))})
@@ -86,6 +87,16 @@ class _Input:
             raise unsupported(f"{param}.type", f"an input item of type {kind!r}",
                               _UNSERVED_ITEMS.get(str(kind), _UNSERVED_ITEM))
 
+    def system(self, text: str) -> None:
+        """A system message; one right after another joins it (Codex sends several developer
+        messages in a row, and many chat templates take one system message only)."""
+        last = self.messages[-1] if self.messages else None
+        if last is not None and last["role"] == "system" and isinstance(last["content"], str):
+            last["content"] += "\n\n" + text
+        else:
+            self.messages.append({"role": "system", "content": text})
+        self.calls_open = False
+
     def _message(self, param: str, item: dict[str, Any]) -> None:
         role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
         if role is None:
@@ -97,6 +108,9 @@ class _Input:
                                  "parts.", param=f"{param}.content", code="invalid_type")
         if isinstance(content, list):
             content = self._parts(f"{param}.content", content)
+        if role == "system" and isinstance(content, str):
+            self.system(content)
+            return
         self.messages.append({"role": role, "content": content})
         self.calls_open = role == "assistant"
 
@@ -145,7 +159,14 @@ class _Input:
             image["detail"] = detail
         return {"type": "image_url", "image_url": image}
 
+    @staticmethod
+    def _no_namespace(param: str, item: dict[str, Any]) -> None:
+        if item.get("namespace") is not None:
+            raise unsupported(f"{param}.namespace", "a call into a tool namespace",
+                              "namespaced tools are not served (only function tools are)")
+
     def _call(self, param: str, item: dict[str, Any]) -> None:
+        self._no_namespace(param, item)
         call = {"id": _string(item, "call_id", param), "type": "function",
                 "function": {"name": _string(item, "name", param), "arguments": _string(item, "arguments", param)}}
         if self.calls_open:
@@ -268,7 +289,7 @@ def translate(req: ResponseRequest, limits: RequestBounds, *, stream: bool | Non
     """``req`` as a chat completions request (see the module docstring)."""
     given = _Input(limits)
     if req.instructions:
-        given.messages.append({"role": "system", "content": req.instructions})
+        given.system(req.instructions)
     if isinstance(req.input, str):
         given.messages.append({"role": "user", "content": req.input})
     else:

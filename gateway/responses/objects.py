@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from msgspec import Struct
+from msgspec import UNSET, Struct, UnsetType
 
 from engines.contract.messages import SampledLogprob, Usage
 
@@ -152,8 +152,10 @@ class ResponseObject(Struct, kw_only=True):
     top_logprobs: int
     top_p: float
     truncation: Literal["disabled"] = "disabled"
-    usage: ResponseUsage | None = None
-    user: str | None
+    #: Absent until the response ends (the spec's ``usage`` is an object, never null).
+    usage: ResponseUsage | UnsetType = UNSET
+    #: Absent unless the request named one (the spec's ``user`` is a string, never null).
+    user: str | UnsetType = UNSET
     metadata: dict[str, str]
 
 

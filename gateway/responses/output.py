@@ -221,6 +221,7 @@ class ResponseOutput:
         out = bytearray()
         self.begin(out)
         self._event(out, "error", {"code": exc.code, "message": exc.message, "param": exc.param})
-        response = msgspec.structs.replace(self.head, status="failed", output=self.items, error=response_error(exc))
+        output = self.items if self.open is None else [*self.items, self._item(self.open, "incomplete")]
+        response = msgspec.structs.replace(self.head, status="failed", output=output, error=response_error(exc))
         self._event(out, "response.failed", {"response": response})
         return bytes(out)

@@ -39,7 +39,7 @@ class TextFormatJsonObject(Struct, tag="json_object", tag_field="type"):
     pass
 
 
-class TextFormatJsonSchema(Struct, tag="json_schema", tag_field="type", kw_only=True):
+class TextFormatJsonSchema(Struct, tag="json_schema", tag_field="type", kw_only=True, omit_defaults=True):
     name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
     schema: dict[str, Any]
     description: str | None = None

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import msgspec
+from msgspec import UNSET
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
@@ -74,7 +75,8 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         text=TextConfig(format=msgspec.to_builtins(fmt) if fmt is not None else _TEXT,
                         verbosity=req.text.verbosity or "medium" if req.text is not None else "medium"),
         tool_choice=choice if choice is not None else "auto", tools=tools, top_logprobs=req.top_logprobs or 0,
-        top_p=1.0 if req.top_p is None else req.top_p, user=req.user, metadata=req.metadata or {})
+        top_p=1.0 if req.top_p is None else req.top_p, user=UNSET if req.user is None else req.user,
+        metadata=req.metadata or {})
 
 
 class _Collected:

@@ -23,7 +23,11 @@ into plain JSON Schema:
   (``unixtime``);
 * a schema with ``properties``/``required`` but no ``type`` or combinator is typed
   ``object``, as OpenAPI code generators read it (so ``null`` is not a valid ``Model``);
-* ``#/components/schemas/X`` references become ``#/$defs/X``.
+* ``#/components/schemas/X`` references become ``#/$defs/X``;
+* draft 2019-09's ``$recursiveRef: "#"`` (with ``$recursiveAnchor: true`` on its component,
+  ``CompoundFilter``'s filters of filters) becomes a plain ``$ref`` to that component: in the
+  vendored resource ``#`` would be the whole document, and the spec's references never extend
+  a recursive schema, so the dynamic scope would always resolve to the component itself.
 """
 
 from __future__ import annotations
@@ -47,6 +51,14 @@ ROOTS = (
     "ErrorResponse",
     "ImagesResponse",
     "ImageGenStreamEvent",
+    # POST /responses: the request, the answer, the streamed events (their union and the error event).
+    "CreateResponse",
+    "Response",
+    "ResponseStreamEvent",
+    "ResponseErrorEvent",
+    # POST /responses/input_tokens: the request and the answer.
+    "TokenCountsBody",
+    "TokenCountsResource",
 )
 
 #: The id of the vendored resource; ``tests/openai_schema.py`` registers it under this URI.
@@ -102,7 +114,7 @@ def closure(schemas: dict[str, Any], roots: tuple[str, ...]) -> list[str]:
 
 
 def convert(node: Any, where: str) -> Any:
-    """One OpenAPI schema object as a JSON Schema 2020-12 schema."""
+    """One OpenAPI schema object as a JSON Schema 2020-12 schema (``where``: its JSON pointer in the spec)."""
     if isinstance(node, bool):
         return node
     if not isinstance(node, dict):
@@ -113,6 +125,10 @@ def convert(node: Any, where: str) -> Any:
             continue
         if key == "$ref":
             out[key] = "#/$defs/" + value[len(_OPENAPI_REF):]
+        elif key == "$recursiveAnchor" and value is True and where.count("/") == 3:
+            continue
+        elif key == "$recursiveRef" and value == "#":
+            out["$ref"] = "#/$defs/" + where.split("/")[3]
         elif key in _ONE:
             out[key] = convert(value, f"{where}/{key}")
         elif key in _MANY:
