@@ -202,6 +202,9 @@ def _tools(req: ResponseRequest, limits: RequestBounds) -> list[dict[str, Any]]:
     for i, tool in enumerate(req.tools or ()):
         param = f"tools[{i}]"
         kind = tool.get("type")
+        if kind == "namespace":
+            raise unsupported(f"{param}.type", "a tool namespace", "declare its tools as function tools (the Codex "
+                              "CLI sends one unless its config says `[agents] enabled = false`)")
         if kind != "function":
             raise unsupported(f"{param}.type", f"a tool of type {kind!r}",
                               "hosted tools are not run by this server; declare a function tool and run it yourself")

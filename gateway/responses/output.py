@@ -107,7 +107,7 @@ class ResponseOutput:
         """One delta of the response's (only) choice."""
         if d.reasoning:
             self._text(_REASONING, d.reasoning, None, out)
-        if d.text:
+        if d.text or d.logprobs:  # a token may add no text yet (part of a character): its logprob still counts
             self._text(_MESSAGE, d.text, d.logprobs, out)
         for tc in d.tool_calls:
             item = self.open
