@@ -26,8 +26,9 @@ machine where the load generator shares the cores with the target.
         [-t mock=http://127.0.0.1:8100/v1] [--cpu-pid engine=1234 --cpu-pid redis=1230] \
         [--quick] [-o results.json]
 
-A target is LABEL=BASE_URL[,model=NAME][,key=API_KEY] (BASE_URL as an OpenAI SDK's
-base_url). Prints a table and writes JSON (``-o``). Linux only (for /proc).
+A target is LABEL=BASE_URL[,model=NAME][,key=API_KEY][,api=responses] (BASE_URL as an OpenAI
+SDK's base_url; ``api=responses``: ``POST /responses`` instead of chat completions, the same
+prompt and token counts). Prints a table and writes JSON (``-o``). Linux only (for /proc).
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ from urllib.parse import urlsplit
 
 CLK = os.sysconf("SC_CLK_TCK")
 CONTENT_RE = re.compile(rb'"content"\s*:\s*"[^"]')
+RESPONSES_CONTENT_RE = re.compile(rb'^\{"type":"response\.output_text\.delta"')
+#: (The synthetic engine stops at the limit it is given: its responses end "incomplete".)
+RESPONSES_END = re.compile(rb'^\{"type":"response\.(?:completed|incomplete)"')
 
 
 # ---------------------------------------------------------------------------------
@@ -181,6 +185,10 @@ class ProtocolError(Exception):
 
 
 class Target:
+    #: "chat" (chat completions) or "responses" (``POST /responses``: ``input``, ``max_output_tokens``,
+    #: its events; a stream's content is its ``response.output_text.delta`` events, its end its terminal event).
+    api = "chat"
+
     def __init__(self, spec: str, model: str, key: str) -> None:
         label, sep, rest = spec.partition("=")
         if not sep or not label:
@@ -195,6 +203,8 @@ class Target:
                 self.model = v
             elif k == "key":
                 self.key = v
+            elif k == "api" and v in ("chat", "responses"):
+                self.api = v
             else:
                 raise SystemExit(f"bad target option {p!r}")
         u = urlsplit(self.base_url)
@@ -202,15 +212,16 @@ class Target:
             raise SystemExit(f"{self.base_url}: only http:// targets are supported")
         self.host = u.hostname or "127.0.0.1"
         self.port = u.port or 80
-        self.path = (u.path or "") + "/chat/completions"
+        self.path = (u.path or "") + ("/responses" if self.api == "responses" else "/chat/completions")
+        #: What a whole answer holds, what a stream's content event and its end look like.
+        self.answer, self.content_re, self.end = (b'"output"', RESPONSES_CONTENT_RE, RESPONSES_END) \
+            if self.api == "responses" else (b'"choices"', CONTENT_RE, b"[DONE]")
 
     def request(self, max_tokens: int, stream: bool) -> bytes:
-        body = json.dumps({
-            "model": self.model,
-            "messages": [{"role": "user", "content": "Say hello in one short sentence."}],
-            "max_tokens": max_tokens,
-            "stream": stream,
-        }, separators=(",", ":")).encode()
+        prompt = "Say hello in one short sentence."
+        fields = {"input": prompt, "max_output_tokens": max_tokens} if self.api == "responses" else \
+            {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        body = json.dumps({"model": self.model, **fields, "stream": stream}, separators=(",", ":")).encode()
         head = [f"POST {self.path} HTTP/1.1", f"Host: {self.host}:{self.port}",
                 "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: keep-alive"]
         if stream:
@@ -362,7 +373,7 @@ async def run_nonstream(t: Target, conc: int, duration: float, warmup: float, ma
             errs["non2xx"] += 1
             statuses[str(status)] = statuses.get(str(status), 0) + 1
             return
-        if b'"choices"' not in data:
+        if t.answer not in data:
             errs["bad_body"] += 1
             return
         ok += 1
@@ -418,10 +429,10 @@ async def run_stream(t: Target, conc: int, duration: float, warmup: float, max_t
                     if first is None:
                         first = now
                     payload = line[5:].strip()
-                    if payload == b"[DONE]":
+                    if payload == b"[DONE]" if t.api == "chat" else t.end.match(payload) is not None:
                         done = True
                         continue
-                    is_content = CONTENT_RE.search(payload) is not None
+                    is_content = t.content_re.search(payload) is not None
                     content += is_content
                     if w0 <= now < w1:
                         counts["window_events"] += 1
@@ -480,8 +491,10 @@ async def preflight(t: Target, timeout: float) -> str | None:
                 c.close()
             if status != 200:
                 return f"HTTP {status}: {data[:300]!r}"
-            if stream and b"data: [DONE]" not in data:
-                return f"stream without data: [DONE]: {data[-300:]!r}"
+            ended = b"data: [DONE]" in data if t.api == "chat" else any(
+                t.end.match(line[6:]) for line in data.split(b"\n") if line.startswith(b"data: "))
+            if stream and not ended:
+                return f"stream without its end: {data[-300:]!r}"
     except Exception as e:  # noqa: BLE001 - report anything
         return f"{type(e).__name__}: {e}"
     finally:
