@@ -118,7 +118,7 @@ def counting_request() -> Any:
             params = super().build_tok_params(model_config)
             if params.truncate_prompt_tokens is not None:
                 return params  # truncated to fit the context: what a chat job would count
-            return dataclasses.replace(params, max_total_tokens=None, max_output_tokens=0)
+            return dataclasses.replace(params, max_total_tokens=None)
 
     return CountingRequest
 
@@ -276,16 +276,22 @@ class VllmBackend:
         after its model check and admission): a body it refuses is the 400 a chat job would get."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.renderers.inputs.preprocess import extract_prompt_len
 
         try:
             body = vllm_request(json.loads(job.body), "chat", self.served_name, job.id)
+            if body.get("truncate_prompt_tokens") is None:
+                # An output budget changes no prompt token, only what fits the context, which a
+                # count does not check: one past the context must not refuse it.
+                body.pop("max_tokens", None)
+                body.pop("max_completion_tokens", None)
             result = await self._renderer.render_chat(counting_request().model_validate(body))
         except Exception as exc:  # noqa: BLE001 - vLLM signals bad requests by raising too
             result = create_error_response(exc)
         if isinstance(result, ErrorResponse):
             raise failure(ChunkError(result.error.message, result.error.type, result.error.param, result.error.code))
         _conversation, inputs = result
-        return sum(self._chat._extract_prompt_len(i) for i in inputs)
+        return sum(extract_prompt_len(self.engine.model_config, i) for i in inputs)
 
     async def _stream(self, stream: Any, out: JobOutput, chat: bool, continuous: bool, n: int = 1) -> None:
         """Relay vLLM's chunks as deltas, each with the job's usage so far (``total``: vLLM puts each
