@@ -5,7 +5,8 @@ vLLM fetches the http(s) URL of an image part itself, from inside the network th
 resolving the name when it connects and following redirects. The gateway refuses such URLs before
 queueing (``engines.contract.media``), but an engine must be safe on its own too: a job may reach
 its stream another way (an older or misconfigured gateway, anything else that can write to Redis).
-So before the backend sees a chat job, :class:`MediaGate`:
+So before the backend sees a chat job (or an ``input_tokens`` job: a chat body vLLM renders the same
+way, images included), :class:`MediaGate`:
 
 * rebuilds every content part from the fields vLLM reads for it (``text``, ``refusal``,
   ``image_url.url`` and ``detail``) and refuses any other kind of part: vLLM also reads URLs from
@@ -85,7 +86,7 @@ class MediaGate:
     async def prepare(self, job: Job) -> Job:
         """``job`` as its backend may see it: content parts rebuilt, allowed media fetched and
         inlined; raises :class:`~engines.backend.JobRejected` (400) for what the policy refuses."""
-        if job.kind != "chat":
+        if job.kind not in ("chat", "input_tokens"):  # an input_tokens body is a chat body: vLLM reads its parts
             return job
         try:
             body = json.loads(job.body)

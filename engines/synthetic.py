@@ -59,6 +59,12 @@ class _CompletionBody(_Body):
     prompt: str | list[object] = ""
 
 
+def chat_prompt_tokens(messages: list[_Message]) -> int:
+    """A chat prompt's tokens as this engine counts them, for chat and ``input_tokens`` jobs alike:
+    a string content's whitespace-separated words, 1 for any other content (parts, none)."""
+    return sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in messages)
+
+
 class SyntheticSettings(msgspec.Struct, kw_only=True):
     models: list[str] = msgspec.field(default_factory=lambda: ["synthetic"])
     #: Tokens per choice when the request sets no limit.
@@ -88,7 +94,7 @@ class SyntheticBackend:
     """Emits ``tokens`` deltas per choice, ``token_delay_s`` apart."""
 
     kind = "synthetic"
-    kinds = frozenset({"chat", "completion"})
+    kinds = frozenset({"chat", "completion", "input_tokens"})
 
     def __init__(self, settings: SyntheticSettings) -> None:
         self.settings = settings
@@ -110,9 +116,16 @@ class SyntheticBackend:
     async def run(self, job: Job, out: JobOutput) -> None:
         s = self.settings
         body: _Body
+        if job.kind == "input_tokens":  # a chat body, counted as its chat job counts it; nothing generated
+            try:
+                messages = self._chat.decode(job.body).messages
+            except msgspec.DecodeError as exc:  # ValidationError included
+                raise JobRejected(f"The request body is not a chat request this engine reads: {exc}") from None
+            out.done(Usage(prompt_tokens=chat_prompt_tokens(messages), completion_tokens=0))
+            return
         if job.kind == "chat":
             body = chat = self._chat.decode(job.body)
-            prompt_tokens = sum(len(m.content.split()) if isinstance(m.content, str) else 1 for m in chat.messages)
+            prompt_tokens = chat_prompt_tokens(chat.messages)
             limit = chat.max_completion_tokens or chat.max_tokens
         else:
             body = completion = self._completion.decode(job.body)

@@ -101,6 +101,9 @@ class UpstreamBackend:
 
     def __init__(self, settings: UpstreamSettings) -> None:
         self.settings = settings
+        # Never ``input_tokens``: an OpenAI-compatible upstream may have no tokenizer endpoint (OpenAI's
+        # own counts Responses requests only; vLLM's /tokenize is its own), and a guess from characters
+        # is no count. Such a job is answered 501 ``unsupported_job_kind`` by the worker (``Intake``).
         self.kinds = frozenset(settings.kinds) & PATHS.keys()
         self.models = list(settings.served_names)
         self.max_concurrency = settings.max_concurrency

@@ -5,13 +5,16 @@ Jobs carry the client's OpenAI request body, so it goes to vLLM's ``OpenAIServin
 vLLM does all it does behind its own HTTP server: chat templating, tool-call parsing,
 structured outputs, logprobs, ``n``, stop strings, seeds, validation. This module only relays its
 SSE chunks as wire events (their shape and mapping: ``engines.vllm_chunks``). (AsyncLLM still runs
-its engine core in a child process.)
+its engine core in a child process.) An ``input_tokens`` job's chat body is rendered and tokenized by
+the renderer chat jobs go through, and its prompt's length answered, nothing generated.
 vLLM is imported lazily, so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import importlib.metadata
 import json
 import os
@@ -101,6 +104,25 @@ def vllm_request(body: dict[str, Any], kind: str, served_name: str, request_id: 
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}, "request_id": request_id}
 
 
+@functools.cache
+def counting_request() -> Any:
+    """vLLM's ``ChatCompletionRequest`` with no bound on the prompt's length: what an ``input_tokens``
+    job's body is validated as, so vLLM renders and tokenizes it exactly as a chat job's (template,
+    tools, ``chat_template_kwargs``, ``add_generation_prompt``, truncation), except that a prompt over
+    the model's context is counted whole instead of refused (the count is what a client needs to fit
+    it). Its tokenization is bounded by the body, which the gateway bounds."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+    class CountingRequest(ChatCompletionRequest):
+        def build_tok_params(self, model_config: Any) -> Any:
+            params = super().build_tok_params(model_config)
+            if params.truncate_prompt_tokens is not None:
+                return params  # truncated to fit the context: what a chat job would count
+            return dataclasses.replace(params, max_total_tokens=None)
+
+    return CountingRequest
+
+
 def wants_continuous_usage(body: dict[str, Any]) -> bool:
     """Whether the client asked for usage on every chunk (vLLM's rule: only with ``include_usage``)."""
     options = body.get("stream_options") or {}
@@ -137,10 +159,10 @@ TURN_S = 0.005
 
 
 class VllmBackend:
-    """Runs chat and completion jobs on one vLLM ``AsyncLLM`` in this process."""
+    """Runs chat, completion and input_tokens jobs on one vLLM ``AsyncLLM`` in this process."""
 
     kind = "vllm"
-    kinds = frozenset({"chat", "completion"})
+    kinds = frozenset({"chat", "completion", "input_tokens"})
 
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings
@@ -157,6 +179,7 @@ class VllmBackend:
         self.engine: Any = None
         self._chat: Any = None
         self._completion: Any = None
+        self._renderer: Any = None
         self._chat_decoder = msgspec.json.Decoder(Chunk[ChatChoice])
         self._completion_decoder = msgspec.json.Decoder(Chunk[CompletionChoice])
 
@@ -197,6 +220,7 @@ class VllmBackend:
         renderer = OnlineRenderer(engine.model_config, engine.renderer, request_logger=None, chat_template=None,
                                   chat_template_content_format="auto", reasoning_parser=s.reasoning_parser, **tools)
         renderer.warmup()
+        self._renderer = renderer
         self._chat = OpenAIServingChat(
             engine, models, "assistant", online_renderer=renderer, request_logger=None, chat_template=None,
             chat_template_content_format="auto", reasoning_parser=s.reasoning_parser or "",
@@ -218,6 +242,9 @@ class VllmBackend:
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
         from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
+        if job.kind == "input_tokens":
+            out.done(Usage(prompt_tokens=await self.count(job), completion_tokens=0))
+            return
         chat = job.kind == "chat"
         try:
             client = json.loads(job.body)
@@ -242,6 +269,29 @@ class VllmBackend:
             await self.engine.abort([f"chatcmpl-{job.id}"] if chat else
                                     [f"cmpl-{job.id}-{i}" for i in range(len(prompt) if many else 1)])
             raise
+
+    async def count(self, job: Job) -> int:
+        """The prompt tokens of an ``input_tokens`` job's chat body, rendered by the renderer chat jobs
+        use (``OnlineRenderer.render_chat``, which ``OpenAIServingChat.render_chat_request`` calls
+        after its model check and admission): a body it refuses is the 400 a chat job would get."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+        from vllm.renderers.inputs.preprocess import extract_prompt_len
+
+        try:
+            body = vllm_request(json.loads(job.body), "chat", self.served_name, job.id)
+            if body.get("truncate_prompt_tokens") is None:
+                # An output budget changes no prompt token, only what fits the context, which a
+                # count does not check: one past the context must not refuse it.
+                body.pop("max_tokens", None)
+                body.pop("max_completion_tokens", None)
+            result = await self._renderer.render_chat(counting_request().model_validate(body))
+        except Exception as exc:  # noqa: BLE001 - vLLM signals bad requests by raising too
+            result = create_error_response(exc)
+        if isinstance(result, ErrorResponse):
+            raise failure(ChunkError(result.error.message, result.error.type, result.error.param, result.error.code))
+        _conversation, inputs = result
+        return sum(extract_prompt_len(self.engine.model_config, i) for i in inputs)
 
     async def _stream(self, stream: Any, out: JobOutput, chat: bool, continuous: bool, n: int = 1) -> None:
         """Relay vLLM's chunks as deltas, each with the job's usage so far (``total``: vLLM puts each
@@ -307,4 +357,4 @@ class VllmBackend:
         if self.engine is not None:
             self.engine.shutdown()
             # Drop every reference: AsyncLLM.__del__ shuts down again, noisily at interpreter exit.
-            self.engine = self._chat = self._completion = None
+            self.engine = self._chat = self._completion = self._renderer = None

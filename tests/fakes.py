@@ -1,8 +1,10 @@
-"""A fake engine that speaks the wire contract on Redis with the plain redis-py client.
+"""A fake engine that speaks the wire contract on Redis with the plain redis-py client, and a fake
+gateway's one job (:func:`run_job`).
 
 No product engine code runs here: the fake plays a peer of a chosen protocol version (an
 "older" engine that numbers nothing, a "newer" one with event types or fields this version
-does not know) so tests can check that a real gateway reads it. Only the key names come from
+does not know) so tests can check that a real gateway reads it; :func:`run_job` plays a gateway
+sending a job kind no endpoint sends yet, so tests can check that a real engine answers it. Only the key names come from
 :class:`engines.contract.messages.Keys`, so they stay right when they change.
 """
 
@@ -23,6 +25,32 @@ from engines.contract.keys import ENGINE_GROUP, Keys
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def run_job(r: redis.Redis, prefix: str, model: str, kind: str, body: bytes,
+            timeout: float = 60) -> list[dict[str, Any]]:
+    """Queue one job of ``kind`` for ``model`` as a gateway would (on a reply stream of its own) and
+    return the events engines answered it with, up to its final one (``f`` or ``e``)."""
+    keys = Keys(prefix)
+    reply_to = keys.replies(f"fake-gw-{os.urandom(4).hex()}")
+    r.xadd(reply_to, {b"h": b"1"})  # a gateway's reply stream exists while it lives
+    r.pexpire(reply_to, 60_000)
+    job_id = f"fake-{os.urandom(6).hex()}"
+    job = {"id": job_id, "kind": kind, "model": model, "body": body, "reply_to": reply_to,
+           "deadline_ms": now_ms() + int(timeout * 1000), "created_ms": now_ms(), "stream": False}
+    r.xadd(keys.jobs(model), {b"j": msgspec.msgpack.encode(job)})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            events = [e for _id, fields in r.xrange(reply_to) if b"e" in fields
+                      for e in msgspec.msgpack.decode(fields[b"e"])]
+            if events and events[-1]["t"] in ("f", "e"):
+                assert all(e["job"] == job_id for e in events), events
+                return events
+            assert time.monotonic() < deadline, f"no final event for {job_id}: {events}"
+            time.sleep(0.05)
+    finally:
+        r.delete(reply_to)
 
 
 @dataclass

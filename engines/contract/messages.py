@@ -18,13 +18,18 @@ import msgspec
 PROTOCOL_VERSION = 4
 
 #: The job kinds this version of the contract defines. An engine answers any other kind it
-#: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them.
-#: Laid for the endpoints to come (no engine runs them yet; each announces the kinds it runs in
-#: ``EngineInfo.kinds``): ``embedding`` (``/v1/embeddings``: :class:`Embedded` events),
-#: ``image_edit`` (``/v1/images/edits``: its images are :attr:`JobOptions.inputs`, answered with
-#: :class:`ImageReady` as ``image`` is) and ``response`` (``/v1/responses``: the Responses request
-#: as the body, answered with the text events chat uses).
-JOB_KINDS = frozenset({"chat", "completion", "image", "embedding", "image_edit", "response"})
+#: meets with a ``Failed`` (501), so a gateway can add kinds before every engine knows them; each
+#: engine announces the kinds it runs in ``EngineInfo.kinds``. ``input_tokens``
+#: (``/v1/responses/input_tokens``): the body is a chat completions request JSON, as a ``chat``
+#: job's (messages, tools, tool_choice, response_format, chat_template_kwargs...); nothing is
+#: generated: the engine answers ``Started``, then ``Done(usage=Usage(prompt_tokens=N,
+#: completion_tokens=0))``, N the prompt tokens a ``chat`` job of that body would report (a prompt
+#: over the model's context is still counted), and a bad body a ``Failed`` 400 (``JobRejected``).
+#: The Responses API (``/v1/responses``) has no kind of its own: the gateway translates it into
+#: ``chat`` jobs. Laid for the endpoints to come (no engine runs them yet): ``embedding``
+#: (``/v1/embeddings``: :class:`Embedded` events) and ``image_edit`` (``/v1/images/edits``: its
+#: images are :attr:`JobOptions.inputs`, answered with :class:`ImageReady` as ``image`` is).
+JOB_KINDS = frozenset({"chat", "completion", "image", "input_tokens", "embedding", "image_edit"})
 
 
 class BlobRef(msgspec.Struct, omit_defaults=True):

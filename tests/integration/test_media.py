@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import itertools
 import json
 import threading
 import time
@@ -139,11 +140,12 @@ def test_the_gateway_refuses_an_image_url_before_queueing(stack: Stack, media_se
     assert media_server.hits == []
 
 
-def direct_job(r: redis.Redis, keys: Keys, body: dict[str, object]) -> tuple[Job, str]:
-    """A chat job written straight to the model's stream, as anything that can write to Redis could."""
+def direct_job(r: redis.Redis, keys: Keys, body: dict[str, object], kind: str = "chat") -> tuple[Job, str]:
+    """A chat job (or another kind with a chat body) written straight to the model's stream, as
+    anything that can write to Redis could."""
     reply_to = keys.replies(f"test-{uuid.uuid4().hex[:6]}")
     r.xadd(reply_to, {b"h": b"1"})
-    job = Job(id=uuid.uuid4().hex, kind="chat", model="synthetic", body=json.dumps(body).encode(),
+    job = Job(id=uuid.uuid4().hex, kind=kind, model="synthetic", body=json.dumps(body).encode(),
               reply_to=reply_to, deadline_ms=int(time.time() * 1000) + 60_000)
     r.xadd(keys.jobs("synthetic"), {b"j": Codec().encode(job)})
     return job, reply_to
@@ -163,7 +165,8 @@ def final_event(r: redis.Redis, reply_to: str, timeout: float = 30) -> object:
 
 def test_an_engine_reached_directly_fetches_nothing_by_default(stack: Stack, media_server: MediaServer) -> None:
     """A job that never went through a gateway: the engine refuses its URL before the backend sees it,
-    and the part shapes vLLM would read a URL from that no gateway lets through."""
+    and the part shapes vLLM would read a URL from that no gateway lets through; an ``input_tokens``
+    job's chat body too (vLLM renders it as a chat job's, fetching its images)."""
     keys = Keys(stack.prefix)
     stack.synthetic(wait=False)
     with redis.Redis.from_url(stack.redis_url) as r:
@@ -178,11 +181,11 @@ def test_an_engine_reached_directly_fetches_nothing_by_default(stack: Stack, med
             ({"image_url": media_server.url("/bare.png"), "uuid": "u1"}, UNSUPPORTED_PART,
              "messages[0].content[1].type"),
         ]
-        for part, code, param in cases:
-            _, reply_to = direct_job(r, keys, chat(part))
+        for (part, code, param), kind in itertools.product(cases, ("chat", "input_tokens")):
+            _, reply_to = direct_job(r, keys, chat(part), kind)
             event = final_event(r, reply_to)
-            assert isinstance(event, Failed), event
-            assert (event.status, event.code, event.param) == (400, code, param), event
+            assert isinstance(event, Failed), (kind, event)
+            assert (event.status, event.code, event.param) == (400, code, param), (kind, event)
         # A text part carrying a URL field vLLM would read beside a uuid: the field never reaches it.
         _, reply_to = direct_job(r, keys, chat({"type": "text", "text": "hi", "uuid": "u2",
                                                 "image_url": media_server.url("/smuggled.png")}))

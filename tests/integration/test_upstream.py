@@ -20,8 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
+import redis
 
+from engines.contract.keys import Keys
+from tests.fakes import run_job
 from tests.harness import ROOT, RedisServer, Stack, ThreadedServer, free_port, hang_up_after
 from tests.integration.test_delivery import engine_jobs, wait_for_jobs
 from tests.openai_schema import validate, validate_completion_chunk
@@ -127,6 +131,26 @@ def test_answers_equal_the_upstream_s_own(u: Upstreams) -> None:
         assert through.json()["model"] == "front"
     # httpx's request log (every URL, at INFO) is off in the engine.
     assert "HTTP Request" not in u.engines["front"].output()
+
+
+def test_input_tokens_jobs_are_counted_upstream_of_it_but_never_sent_through_it(u: Upstreams) -> None:
+    """The upstream engine never announces ``input_tokens`` (its upstream may have no tokenizer
+    endpoint), and a job of that kind sent to it anyway is a clean 501; the synthetic engine behind
+    it announces and counts it (``/v1/responses/input_tokens`` jobs, played by ``run_job``)."""
+    r = redis.Redis.from_url(u.up.redis_url)
+    try:
+        def kinds(stack: Stack, model: str) -> list[list[str]]:
+            infos = [msgspec.msgpack.decode(v) for v in r.hgetall(Keys(stack.prefix).engine_info).values()]
+            return [sorted(i["kinds"]) for i in infos if model in i["models"]]
+
+        assert kinds(u.front, "front") == [["chat", "completion"]]
+        assert kinds(u.up, "up") == [["chat", "completion", "input_tokens"]]
+        refused = run_job(r, u.front.prefix, "front", "input_tokens", json.dumps(CHAT).encode(), timeout=10)
+        assert [(e["t"], e["status"], e["code"]) for e in refused] == [("e", 501, "unsupported_job_kind")], refused
+        counted = run_job(r, u.up.prefix, "up", "input_tokens", json.dumps({**CHAT, "model": "up"}).encode(), timeout=10)
+        assert [e["t"] for e in counted] == ["s", "f"] and counted[-1]["usage"] == {"prompt_tokens": 3}, counted
+    finally:
+        r.close()
 
 
 def test_streams_relay_n_and_usage_only_where_asked(u: Upstreams) -> None:

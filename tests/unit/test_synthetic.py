@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from engines.backend import JobRejected
 from engines.synthetic import SyntheticBackend, SyntheticSettings
 from engines.contract.messages import ChoiceDelta, Generated, Job, Usage
 
@@ -79,3 +80,36 @@ def test_tools_are_ignored_unless_scripted() -> None:
     out = _chat(SyntheticBackend(SyntheticSettings(models=["m"], tokens=3)),
                 messages=[{"role": "user", "content": "go"}], tools=TOOLS)
     assert len(out.deltas) == 3 and all(not c.tool_calls for d in out.deltas for c in d)
+
+
+def job(kind: str, body: dict[str, Any] | bytes) -> Job:
+    raw = body if isinstance(body, bytes) else json.dumps({"model": "m", **body}).encode()
+    return Job(id="j", kind=kind, model="m", body=raw, reply_to="r", deadline_ms=2**40)
+
+
+async def test_input_tokens_counts_the_prompt_as_its_chat_job_does() -> None:
+    """An ``input_tokens`` job answers the prompt tokens the same body's chat job reports, and
+    generates nothing: words of a string content, 1 for parts or none; tools are not counted."""
+    backend = SyntheticBackend(SyntheticSettings(models=["m"], tokens=3))
+    assert "input_tokens" in backend.kinds
+    body = {"messages": [{"role": "system", "content": "be  brief\nplease"},
+                         {"role": "user", "content": [{"type": "text", "text": "a b c d"}]},
+                         {"role": "assistant", "content": None},
+                         {"role": "user", "content": "what now"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "max_completion_tokens": 2}
+    counted, chatted = Recorder(), Recorder()
+    await backend.run(job("input_tokens", body), counted)  # type: ignore[arg-type]
+    await backend.run(job("chat", body), chatted)  # type: ignore[arg-type]
+    assert counted.usage == Usage(prompt_tokens=3 + 1 + 1 + 2, completion_tokens=0)
+    assert counted.deltas == []
+    assert chatted.usage == Usage(prompt_tokens=7, completion_tokens=2)
+
+
+@pytest.mark.parametrize("body", [b"not json", b'{"messages": "hi"}', b'{"messages": [{"content": 5}]}'])
+async def test_input_tokens_refuses_a_body_it_cannot_read_with_a_400(body: bytes) -> None:
+    backend = SyntheticBackend(SyntheticSettings(models=["m"]))
+    out = Recorder()
+    with pytest.raises(JobRejected) as caught:
+        await backend.run(job("input_tokens", body), out)  # type: ignore[arg-type]
+    assert caught.value.status == 400 and out.usage is None
