@@ -51,12 +51,16 @@ def measure(api: str, url: str, key: str, args: argparse.Namespace, out: Path) -
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     got: dict[str, float] = {}
     for r in json.loads(out.read_text())["targets"][0]["runs"]:
+        # The gateway's CPU time per request (or streamed token): far steadier than req/s on a busy machine.
+        cpu = r["cpu_pct"]["target"] / 100
         if r["kind"] == "nonstream":
             got[f"c{r['conc']} req/s"] = float(r["rps"])
             got[f"c{r['conc']} p50 ms"] = float(r["p50_ms"])
+            got[f"c{r['conc']} gateway CPU us/request"] = cpu / max(float(r["rps"]), 1e-9) * 1e6
             got[f"c{r['conc']} errors"] = float(sum(r["errors"].values()))
         else:
             got[f"{r['conc']} streams tokens/s"] = float(r["content_tokens_per_s"])
+            got[f"{r['conc']} streams gateway CPU us/token"] = cpu / max(float(r["content_tokens_per_s"]), 1e-9) * 1e6
             got[f"{r['conc']} streams errors"] = float(sum(r["errors"].values()))
     return got
 

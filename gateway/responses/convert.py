@@ -99,7 +99,8 @@ class _Input:
         self.calls_open = False
 
     def _message(self, param: str, item: dict[str, Any]) -> None:
-        role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
+        role = item.get("role")
+        role = _ROLES.get(role) if isinstance(role, str) else None
         if role is None:
             raise InvalidRequest(f"Invalid value for '{param}.role': expected one of user, assistant, system, "
                                  "developer.", param=f"{param}.role", code="invalid_value")
@@ -125,6 +126,9 @@ class _Input:
                 raise InvalidRequest(f"Invalid type for '{where}': expected a content part object.", param=where,
                                      code="invalid_type")
             kind = part.get("type")
+            if not isinstance(kind, str):
+                raise InvalidRequest(f"Invalid value for '{where}.type': expected a content part type.",
+                                     param=f"{where}.type", code="invalid_value")
             if kind in ("input_text", "output_text"):
                 out.append({"type": "text", "text": _string(part, "text", where)})
             elif kind == "refusal":

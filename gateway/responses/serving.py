@@ -63,8 +63,11 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
     choice: Any = req.tool_choice
     if isinstance(choice, dict):
         choice = ToolChoiceFunction(name=choice["name"])
+    # (The tools were read by the translation: a function tool's name, description and parameters are
+    # checked; a ``strict`` that is not a boolean was not used.)
     tools = [FunctionToolEcho(name=t["name"], description=t.get("description"), parameters=t.get("parameters"),
-                              strict=t.get("strict")) for t in req.tools or ()]
+                              strict=t["strict"] if isinstance(t.get("strict"), bool) else None)
+             for t in req.tools or ()]
     reasoning = req.reasoning
     return ResponseObject(
         id="resp_" + run.rid.partition("-")[2], created_at=created, status="in_progress",

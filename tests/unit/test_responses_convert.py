@@ -72,6 +72,16 @@ def test_fields_map_to_their_chat_fields() -> None:
     ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
     ({"input": "hi", "tools": [{"type": "function", "name": "has space"}]}, "tools[0].name"),
     ({"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    # Any JSON where a string is expected is a 400, never a 500 (a list is not hashable).
+    ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),
+    ({"input": [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}]}, "input[0].content[0].type"),
+    ({"input": [{"type": ["message"], "role": "user", "content": "x"}]}, "input[0].type"),
+    ({"input": [{"type": {"a": 1}}]}, "input[0].type"),
+    ({"input": "hi", "tools": [{"type": ["function"], "name": "f"}]}, "tools[0].type"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}], "tool_choice": {"type": ["function"]}},
+     "tool_choice.type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": ["x"]}]}]},
+     "input[0].content[0].image_url"),
 ])
 def test_what_cannot_be_translated_is_a_400_naming_it(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
