@@ -129,10 +129,12 @@ class _Events:
 
     def add(self, run: JobRun, event: Event | Restarted, out: bytearray) -> None:
         output = self._output(run)
-        output.begin(out)
         if type(event) is Delta:
             if run.ttft is None:
                 run.ttft = time.perf_counter() - run.started_at
+            # The opening events go out with the first output, not before: until something the model
+            # made is shown, a job its engine lost is run again elsewhere (``JobRun.shown``).
+            output.begin(out)
             for c in event.choices:
                 if c.index == 0:
                     output.add(c, out)

@@ -299,3 +299,31 @@ def test_no_key_no_response(tooled: Stack) -> None:
         r = httpx.post(f"{tooled.base_url}{path}", json={"model": MODEL, "input": "hi"})
         assert r.status_code in (401, 404), (path, r.status_code)
         assert r.status_code == 401 or path.count("//"), path
+
+
+def test_a_streamed_response_whose_engine_dies_before_output_is_run_elsewhere(stack: Stack) -> None:
+    """The stream's opening events say nothing the model made: a job lost before its first token is
+    run again by another engine, as a chat stream's is, not failed."""
+    import threading
+
+    import redis
+
+    keyed(stack)
+    doomed = stack.synthetic(MODEL, "--first-token-delay", "30", "--reclaim-idle-ms", "1000")
+    got: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: got.update(events=events(stack, {"input": "hi", "max_output_tokens": 3})))
+    t.start()
+    r = redis.Redis.from_url(stack.redis_url)
+    try:
+        deadline = time.monotonic() + 10
+        while not r.xpending(f"{stack.prefix}:jobs:{{{MODEL}}}", "engines")["pending"]:
+            assert time.monotonic() < deadline, "the engine never took the job"
+            time.sleep(0.05)
+    finally:
+        r.close()
+    doomed.kill()
+    stack.synthetic(MODEL, "--reclaim-idle-ms", "1000")
+    t.join(timeout=60)
+    kinds = [e["type"] for e in got["events"]]
+    assert kinds[-1] == "response.incomplete", kinds  # 3 tokens of max_output_tokens 3, from the second engine
+    assert "".join(e["delta"] for e in got["events"] if e["type"] == "response.output_text.delta") == "tok " * 3
