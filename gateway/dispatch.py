@@ -52,6 +52,9 @@ class JobKind:
     name: str
     id_prefix: str
     output_ttl_ms: int = 0
+    #: Whether the tokens its engine reports are charged (False: counting tokens, which generates
+    #: nothing, is charged as a request only).
+    charges_tokens: bool = True
 
 
 class Dispatcher:

@@ -32,6 +32,7 @@ from gateway.settings import RequestBounds, TelemetrySettings
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
+_NOTHING = Usage()
 
 
 class Collector(Protocol):
@@ -115,13 +116,13 @@ class RequestFlow:
                 first = await run.first_event()
                 return Stream(self._sse(run, endpoint.writer(req, first), first), media_type="text/event-stream",
                               headers=SSE_HEADERS)
-            return await self._collect(run, endpoint.collector(req, request))
+            return await self._collect(run, endpoint.collector(req, request), kind.charges_tokens)
         except ClientDisconnected:
             # The client left before the answer (leaving the run told the engines to stop).
             return Response(content=b"", status_code=499)
 
     @staticmethod
-    async def _collect(run: JobRun, collector: Collector) -> Response[Any]:
+    async def _collect(run: JobRun, collector: Collector, charged: bool = True) -> Response[Any]:
         # Output is collected as it arrives: ``n`` costs nothing before the engine answers.
         async with run:
             created = int(time.time())
@@ -129,7 +130,8 @@ class RequestFlow:
                 event = await run.next()
                 kind = type(event)
                 if kind is Done:
-                    run.usage = event.usage  # known when the run ends (its limits are settled with it)
+                    # Known when the run ends: its limits and usage are settled with it.
+                    run.usage = event.usage if charged else _NOTHING
                     break
                 if kind is Failed:
                     raise engine_failure(event)  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from msgspec import UNSET
 
 from engines.contract.media import MediaPolicy, MediaRefused
 from gateway.chat.protocol import ChatCompletionRequest
-from gateway.common.bounds import ModelContext, at_most, nested_at_most
+from gateway.common.bounds import ModelContext, at_most, nested_at_most, room
 from gateway.errors import InvalidRequest
 from gateway.responses.protocol import ResponseRequest, TextFormatJsonObject, TextFormatJsonSchema
 from gateway.settings import RequestBounds
@@ -277,6 +277,24 @@ class Translated:
         if cap is not None:  # it named no max_output_tokens and could generate more than a request may
             body = {**body, "max_completion_tokens": cap}
         return msgspec.json.encode(body)
+
+
+    def check_context(self, model: ModelContext) -> None:
+        """An input certainly longer than the model's context (its characters over the most any
+        token spells) is a 400, as for a response: counting it would be free work for an engine."""
+        if not model.max_chars_per_token:
+            return
+        chars = 0
+        for m in self.body["messages"]:
+            content = m["content"]
+            if isinstance(content, str):
+                chars += len(content)
+            elif content:
+                chars += sum(len(p["text"]) for p in content if p["type"] == "text")
+        try:
+            room(model, "messages", "max_completion_tokens", None, chars)
+        except InvalidRequest as exc:
+            raise renamed(exc) from None
 
 
 _RENAMES = (("max_completion_tokens", "max_output_tokens"), ("max_tokens", "max_output_tokens"),

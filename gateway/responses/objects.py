@@ -156,7 +156,7 @@ class ResponseObject(Struct, kw_only=True):
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None
     max_output_tokens: int | None
-    max_tool_calls: int | None
+    max_tool_calls: Annotated[int, Meta(ge=0)] | None
     model: str
     output: list[OutputItem]
     parallel_tool_calls: bool

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway.common.bounds import at_most
-from gateway.common.protocol import PositiveInt, Probability, Temperature
+from gateway.common.protocol import MAX_ID_CHARS, PositiveInt, Probability, Temperature
 from gateway.errors import InvalidRequest
 from gateway.settings import RequestBounds
 
@@ -89,7 +89,8 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     text: TextParam | None = None
     reasoning: ReasoningParam | None = None
     metadata: dict[str, str] | None = None
-    user: str | None = None
+    #: Echoed in a stream's three lifecycle events, hence bounded (as ``safety_identifier`` is).
+    user: Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None = None
     include: list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptionsParam | None = None
@@ -97,12 +98,12 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     background: bool | None = None
     truncation: Literal["auto", "disabled"] | None = None
     # ---- accepted and ignored (``fields.py`` says why) ----
-    prompt_cache_key: str | None = None
+    prompt_cache_key: Annotated[str, Meta(max_length=MAX_ID_CHARS)] | None = None
     prompt_cache_retention: str | None = None
     prompt_cache_options: dict[str, Any] | None = None
     service_tier: str | None = None
     safety_identifier: Annotated[str, Meta(max_length=64)] | None = None
-    max_tool_calls: int | None = None
+    max_tool_calls: Annotated[int, Meta(ge=0)] | None = None
     # ---- refused when set: they need what Conduit does not keep or run ----
     previous_response_id: str | None = None
     conversation: str | dict[str, Any] | None = None

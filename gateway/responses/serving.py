@@ -178,7 +178,6 @@ class _Count:
         return None
 
     async def answer(self, run: JobRun, created: int, usage: Usage) -> Response[Any]:
-        run.usage = Usage()  # nothing was generated: the key's token budget and usage are not charged
         return Response(content=_ENC.encode(InputTokens(input_tokens=usage.prompt_tokens)),
                         media_type="application/json")
 
@@ -196,12 +195,13 @@ class InputTokensEndpoint:
 
     __slots__ = ("decoder",)
 
-    job_kind = JobKind("input_tokens", "tok")
+    job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
 
     def __init__(self, bounds: RequestBounds) -> None:
         self.decoder = _CountDecoder(bounds)
 
     def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
+        req.check_context(model)
         return msgspec.json.encode(req.body)
 
     def collector(self, req: Translated, request: Request[Any, Any, Any]) -> _Count:
@@ -238,7 +238,8 @@ CREATE_RESPONSE = Operation(
 COUNT_INPUT_TOKENS = Operation(
     "getInputTokenCounts", "Count input tokens", "Responses", JOB_ERRORS, body=ResponseRequest, json=InputTokens,
     description="The tokens the input (with `instructions` and `tools`) takes, counted by an engine of the model "
-                "through its own chat template. Charged as a request, never as tokens.",
+                "through its own chat template. Charged as a request, never as tokens; an input certainly longer "
+                "than the model's context is a 400 `context_length_exceeded`, as for a response.",
     parameters=GENERATION, ok_headers=RATELIMIT)
 
 

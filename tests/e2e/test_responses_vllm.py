@@ -103,3 +103,13 @@ def test_input_tokens_are_what_a_response_of_the_same_input_is_charged(client: o
     counted = client.responses.input_tokens.count(model=MODEL, **given)  # type: ignore[arg-type]
     answered = client.responses.create(model=MODEL, max_output_tokens=1, **given)  # type: ignore[arg-type]
     assert counted.input_tokens == r.json()["input_tokens"] == answered.usage.input_tokens  # type: ignore[union-attr]
+
+
+def test_an_input_that_cannot_fit_the_context_is_refused_before_it_is_counted(vllm_stack: VllmStack) -> None:
+    """Counting is charged as a request only: an input certainly longer than the model's context
+    (reckoned from its characters, as for a response) is a 400, not free work for an engine."""
+    words = "word " * 20_000
+    for path in ("/v1/responses/input_tokens", "/v1/responses"):
+        r = httpx.post(f"{vllm_stack.base_url}{path}", json={"model": MODEL, "input": words}, timeout=60)
+        assert r.status_code == 400, (path, r.text)
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("input", "context_length_exceeded"), r.text

@@ -219,6 +219,10 @@ def test_what_is_not_served_is_a_400_naming_it(tooled: Stack, field: str, value:
     ({"metadata": {"k": "v" * 513}}, "metadata"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
     ({"top_logprobs": 21}, "top_logprobs"),
+    # Echoed in a stream's three lifecycle events and charged nothing: bounded.
+    ({"user": "u" * 257}, "user"),
+    ({"prompt_cache_key": "k" * 257}, "prompt_cache_key"),
+    ({"max_tool_calls": -1}, "max_tool_calls"),
     ({"tools": [{**TOOLS[1], "parameters": json.loads("[" * 70 + "]" * 70)}]}, "tools[0].parameters"),
 ])
 def test_what_scales_work_is_bounded(tooled: Stack, body: dict[str, Any], param: str) -> None:
@@ -327,3 +331,26 @@ def test_a_streamed_response_whose_engine_dies_before_output_is_run_elsewhere(st
     kinds = [e["type"] for e in got["events"]]
     assert kinds[-1] == "response.incomplete", kinds  # 3 tokens of max_output_tokens 3, from the second engine
     assert "".join(e["delta"] for e in got["events"] if e["type"] == "response.output_text.delta") == "tok " * 3
+
+
+def test_input_tokens_are_counted_and_charged_as_a_request_only(tooled: Stack) -> None:
+    key = new_key(tooled.base_url)
+    given = {"model": MODEL, "input": "one two three", "instructions": "be brief"}
+    got = [httpx.post(f"{tooled.base_url}/v1/responses/input_tokens", json=given, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) for _ in range(3)]
+    assert [r.status_code for r in got] == [200] * 3, got[0].text
+    assert got[0].json() == {"input_tokens": 5, "object": "response.input_tokens"}  # the synthetic engine's words
+    answered = post(tooled, given)
+    assert answered.json()["usage"]["input_tokens"] == 5
+    key_id = parse_key(key)[0]  # type: ignore[index]
+
+    def recorded() -> dict[str, Any]:
+        r = httpx.get(f"{tooled.base_url}/admin/keys/{key_id}/usage?days=1", timeout=10,
+                      headers={"Authorization": f"Bearer {ADMIN}"})
+        return dict(r.json()["days"][0]["models"].get(MODEL, {})) if r.json()["days"] else {}
+
+    deadline = time.monotonic() + 10  # counted once each run ends, written each second
+    while recorded().get("requests") != 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    usage = recorded()
+    assert (usage["requests"], usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)) == (3, 0, 0), usage

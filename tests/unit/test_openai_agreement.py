@@ -77,6 +77,11 @@ REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
                            "prompts are refused, so the model is required (a 400 `missing_required_parameter`)",
         "text.format<TextResponseFormatJsonSchema>.name: pattern": "OpenAI documents the name's characters and "
                                                                    "length; enforced",
+        "max_tool_calls: range": "a count: a negative one is a 400 (it is echoed in the Response)",
+        "prompt_cache_key: maxLength": "at most 256 characters: the Response echoes it in a stream's three lifecycle "
+                                      "events, and nothing charges it (a cache key is a short identifier)",
+        "user: maxLength": "at most 256 characters: echoed three times in a stream and carried in the job, and "
+                           "nothing charges it (an end user's id)",
     }),
     "CreateImageRequest": ("ImageRequest", {
         "model: required": "no default model: a gateway serves whichever image models its engines have, none is "
