@@ -84,13 +84,21 @@ def test_json_schema_output_parses_and_validates(client: openai.OpenAI) -> None:
 
 
 def test_logprobs_come_with_the_text_when_included(client: openai.OpenAI) -> None:
-    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=5, top_logprobs=2,
+    r = client.responses.create(model=MODEL, input=STORY, max_output_tokens=5, top_logprobs=2, temperature=0,
                                 include=["message.output_text.logprobs"])
     validate_response(r.model_dump(mode="json", exclude_unset=True))
     part = r.output[0].content[0]  # type: ignore[union-attr]
     assert part.logprobs and len(part.logprobs) == r.usage.output_tokens  # type: ignore[union-attr]
-    assert "".join(lp.token for lp in part.logprobs) == part.text
     assert all(len(lp.top_logprobs) == 2 for lp in part.logprobs)
+    # The same greedy request as a chat completion: the same tokens with the same logprobs. (Their text
+    # need not join into the answer's: a random-weight model may emit part of a character, which the
+    # text shows as U+FFFD.)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": STORY}], max_tokens=5,
+                                          temperature=0, logprobs=True, top_logprobs=2)
+    theirs = chat.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert [lp.token for lp in part.logprobs] == [lp.token for lp in theirs]  # type: ignore[union-attr]
+    assert all(abs(a.logprob - b.logprob) < 1e-3 for a, b in zip(part.logprobs, theirs, strict=True))  # type: ignore[arg-type]
+    assert part.text == chat.choices[0].message.content
 
 
 def test_input_tokens_are_what_a_response_of_the_same_input_is_charged(client: openai.OpenAI,
