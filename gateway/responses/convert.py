@@ -254,17 +254,21 @@ class Translated:
     """A decoded Responses request and the chat request its job carries: what the request flow
     (``gateway.flow``) asks of a request: ``model``, ``stream``, ``cost``."""
 
-    __slots__ = ("request", "chat", "body", "model", "stream")
+    __slots__ = ("request", "chat", "body", "model", "stream", "counting")
 
-    def __init__(self, request: ResponseRequest, chat: ChatCompletionRequest, body: dict[str, Any]) -> None:
+    def __init__(self, request: ResponseRequest, chat: ChatCompletionRequest, body: dict[str, Any], *,
+                 counting: bool = False) -> None:
         self.request = request
         self.chat = chat
         self.body = body
         self.model = request.model
-        self.stream = bool(request.stream)
+        #: Only its input's tokens are asked for (``/v1/responses/input_tokens``): never streamed, and
+        #: charged as a request only.
+        self.counting = counting
+        self.stream = bool(request.stream) and not counting
 
     def cost(self, limits: RequestBounds) -> Cost:
-        return self.chat.cost(limits)
+        return Cost(tokens=None) if self.counting else self.chat.cost(limits)
 
     def job_body(self, model: ModelContext, limits: RequestBounds) -> bytes:
         """The job's body once the model's engines are known: what it may generate checked against
@@ -311,7 +315,7 @@ def renamed(exc: InvalidRequest) -> InvalidRequest:
     return InvalidRequest(message, param=param, code=exc.code)
 
 
-def translate(req: ResponseRequest, limits: RequestBounds, *, stream: bool | None = None) -> Translated:
+def translate(req: ResponseRequest, limits: RequestBounds, *, counting: bool = False) -> Translated:
     """``req`` as a chat completions request (see the module docstring)."""
     given = _Input(limits)
     if req.instructions:
@@ -355,10 +359,10 @@ def translate(req: ResponseRequest, limits: RequestBounds, *, stream: bool | Non
     if req.logprobs():
         body["logprobs"] = True
         body["top_logprobs"] = req.top_logprobs or 0
-    if stream if stream is not None else req.stream:
+    if req.stream and not counting:
         body["stream"] = True
     try:
         chat = msgspec.convert(body, ChatCompletionRequest)
     except msgspec.ValidationError as exc:  # what the item checks above let through
         raise InvalidRequest(f"Invalid request: {exc}.", param="input", code="invalid_value") from None
-    return Translated(req, chat, body)
+    return Translated(req, chat, body, counting=counting)

@@ -36,7 +36,6 @@ from gateway.responses.protocol import ResponseRequest, TextFormatText
 from gateway.run import JobRun, Restarted
 from gateway.services import Services
 from gateway.settings import RequestBounds
-from gateway.tenancy.cost import Cost
 
 _ENC = msgspec.json.Encoder()
 _SINK = bytearray()  # a collected response's events go nowhere
@@ -46,15 +45,15 @@ _TEXT = TextFormatText()
 class ResponsesDecoder:
     """Decodes and validates a Responses body, then translates it into its chat request."""
 
-    __slots__ = ("_decoder", "_bounds", "_stream")
+    __slots__ = ("_decoder", "_bounds", "_counting")
 
-    def __init__(self, bounds: RequestBounds, *, stream: bool | None = None) -> None:
+    def __init__(self, bounds: RequestBounds, *, counting: bool = False) -> None:
         self._decoder = RequestDecoder(ResponseRequest, bounds)
         self._bounds = bounds
-        self._stream = stream
+        self._counting = counting
 
     def decode(self, body: bytes) -> Translated:
-        return translate(self._decoder.decode(body), self._bounds, stream=self._stream)
+        return translate(self._decoder.decode(body), self._bounds, counting=self._counting)
 
 
 def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
@@ -182,12 +181,6 @@ class _Count:
                         media_type="application/json")
 
 
-class _Counted(Translated):
-    __slots__ = ()
-
-    def cost(self, limits: RequestBounds) -> Cost:
-        return Cost(tokens=None)
-
 
 class InputTokensEndpoint:
     """``/v1/responses/input_tokens``: the translated chat request's prompt, tokenized by an engine
@@ -198,7 +191,7 @@ class InputTokensEndpoint:
     job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
 
     def __init__(self, bounds: RequestBounds) -> None:
-        self.decoder = _CountDecoder(bounds)
+        self.decoder = ResponsesDecoder(bounds, counting=True)
 
     def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         req.check_context(model)
@@ -210,18 +203,6 @@ class InputTokensEndpoint:
     def writer(self, req: Translated, first: Event) -> Any:
         raise AssertionError("input_tokens never streams")  # pragma: no cover: stream is forced off
 
-
-class _CountDecoder(ResponsesDecoder):
-    __slots__ = ()
-
-    def __init__(self, bounds: RequestBounds) -> None:
-        super().__init__(bounds, stream=False)
-
-    def decode(self, body: bytes) -> Translated:
-        t = super().decode(body)
-        counted = _Counted(t.request, t.chat, t.body)
-        counted.stream = False
-        return counted
 
 
 CREATE_RESPONSE = Operation(
