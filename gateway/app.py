@@ -22,6 +22,7 @@ from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
 from gateway.completions.serving import CompletionRenderer
 from gateway.responses.serving import InputTokensEndpoint, ResponsesEndpoint
+from gateway.responses.store import ResponseStore
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, error_response
 from gateway.flow import RequestFlow
@@ -103,11 +104,13 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                              poll_s=tenancy.keys_poll_s, threads=tenancy.auth_threads, failures=tenancy.auth_failures,
                              block_s=tenancy.auth_block_s)
         bounds = settings.bounds
+        responses = ResponseStore(redis, keys, settings.responses)
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
                                       chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
-                                      responses=ResponsesEndpoint(bounds), input_tokens=InputTokensEndpoint(bounds),
+                                      response_store=responses, responses=ResponsesEndpoint(bounds, responses),
+                                      input_tokens=InputTokensEndpoint(bounds, responses),
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)
         try:

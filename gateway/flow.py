@@ -14,7 +14,7 @@ goes away, streaming or not, answered 499 with its job cancelled on the engines.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol
 
 from litestar import Request, Response
@@ -23,7 +23,7 @@ from litestar.response import Stream
 from engines.contract.messages import Done, Event, Failed, Started, Usage
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
-from gateway.context import context_of
+from gateway.context import RequestContext, context_of
 from gateway.dispatch import Dispatcher, JobKind
 from gateway.errors import ConduitError, encode_error, from_exception
 from gateway.observe import note_prompt
@@ -65,6 +65,9 @@ class Endpoint(Protocol):
     #: The job's kind, id prefix and stored output's lifetime.
     job_kind: JobKind
     decoder: RequestDecoder[Any]
+    #: None, or a step after decoding that reads what the request names from Redis (the Responses API's
+    #: ``previous_response_id``): the request as it runs, before its cost is asked.
+    resolve: Callable[[Any, RequestContext], Awaitable[Any]] | None
 
     def prepare(self, req: Any, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         """The job's body, once the model's engines are known (a 400 for what they cannot do)."""
@@ -100,6 +103,8 @@ class RequestFlow:
         body = await request.body()
         req = endpoint.decoder.decode(body)
         ctx = context_of(request.scope)
+        if endpoint.resolve is not None:
+            req = await endpoint.resolve(req, ctx)
         bounds = self.bounds
         note_prompt(ctx, body, self.telemetry)
         cost = req.cost(bounds)

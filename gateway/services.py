@@ -12,6 +12,7 @@ from engines.contract.store import ImageStore
 from gateway.dispatch import Dispatcher
 from gateway.flow import Endpoint, RequestFlow
 from gateway.registry import EngineRegistry
+from gateway.responses.store import ResponseStore
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.keys import KeyStore
 from gateway.tenancy.usage import UsageLog
@@ -33,6 +34,8 @@ class Services(msgspec.Struct):
     responses: Endpoint
     input_tokens: Endpoint
     image_store: ImageStore
+    #: Each API key's stored responses (``/v1/responses/{response_id}``).
+    response_store: ResponseStore
     telemetry: Telemetry
     redis: aioredis.Redis
     key_store: KeyStore

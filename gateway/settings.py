@@ -254,6 +254,22 @@ class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
     idempotency_max_waiters: int = 16
 
 
+class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
+    """Stored responses (``store``, ``previous_response_id``: ``gateway/responses/store.py``)."""
+
+    #: How long a stored response (and its input items) is kept: OpenAI's 30 days.
+    response_ttl_s: float = 30 * 86_400.0
+    #: Bytes of stored responses one API key may write per ``response_ttl_s`` window (a counter that
+    #: starts at the window's first store and expires with it; a deletion gives nothing back); past it,
+    #: a response is answered but not stored (it cannot be retrieved or continued). A stored response
+    #: outlives its window by at most one TTL, so one key holds at most twice this. Negative: no budget.
+    response_max_stored_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.response_ttl_s <= 0:
+            raise ValueError(f"response_ttl_s ({self.response_ttl_s:g}) must be positive")
+
+
 class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
     """Metrics, traces and logs (``telemetry/``)."""
 
@@ -279,6 +295,7 @@ class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):
 CONCERNS: dict[str, type[msgspec.Struct]] = {
     "server": ServerSettings, "redis": RedisSettings, "queue": QueueSettings, "bounds": RequestBounds,
     "images": ImageSettings, "tenancy": TenancySettings, "idempotency": IdempotencySettings,
+    "responses": ResponseSettings,
     "telemetry": TelemetrySettings,
 }
 #: Each setting's flat name (``CONDUIT_<NAME>``) -> its concern.
@@ -304,6 +321,7 @@ class GatewaySettings(msgspec.Struct, kw_only=True, frozen=True):
     images: ImageSettings = msgspec.field(default_factory=ImageSettings)
     tenancy: TenancySettings = msgspec.field(default_factory=TenancySettings)
     idempotency: IdempotencySettings = msgspec.field(default_factory=IdempotencySettings)
+    responses: ResponseSettings = msgspec.field(default_factory=ResponseSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
     def with_gateway_id(self) -> GatewaySettings:

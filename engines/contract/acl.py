@@ -1,7 +1,7 @@
 """Redis ACL users, one per role, derived from the Redis names of :mod:`.keys`.
 
 Each role may reach only the names its processes use, so a GPU box (its ``engine`` user) can
-neither read nor write API key records, rate limits, usage or idempotency records:
+neither read nor write API key records, rate limits, usage, idempotency records or stored responses:
 
 * ``gateway``: every name of :class:`~.keys.Keys` (it also serves ``/admin/keys``);
 * ``engine``: the job path: job streams and keys, reply streams, result records, dead letters,
@@ -76,6 +76,8 @@ def name_patterns(keys: Keys) -> dict[str, tuple[str, ...]]:
         "api_key": (keys.api_key(_ANY),), "keys_index": (keys.keys_index,), "keys_version": (keys.keys_version,),
         "rate_limits": keys.rate_limits(_ANY), "usage": (keys.usage(_ANY, _ANY),),
         "idempotency": (keys.idempotency(_ANY, _ANY),), "idempotency_bytes": (keys.idempotency_bytes(_ANY),),
+        "stored_response": (keys.stored_response(_ANY, _ANY),),
+        "stored_response_bytes": (keys.stored_response_bytes(_ANY),),
     }
 
 

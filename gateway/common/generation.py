@@ -201,6 +201,8 @@ class TextGeneration:
 
     __slots__ = ("job_kind", "decoder", "renderer")
 
+    resolve = None  # nothing to read before the job: the request is whole
+
     def __init__(self, kind: str, id_prefix: str, decoder: RequestDecoder[Any], renderer: Renderer) -> None:
         self.job_kind = JobKind(kind, id_prefix)
         self.decoder = decoder

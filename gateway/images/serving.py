@@ -75,6 +75,8 @@ class ImageGeneration:
 
     __slots__ = ("job_kind", "decoder", "store", "settings", "_enc")
 
+    resolve = None  # nothing to read before the job: the request is whole
+
     def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings) -> None:
         self.job_kind = JobKind("image", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
         self.decoder = RequestDecoder(ImageRequest, bounds)

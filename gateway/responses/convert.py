@@ -254,7 +254,7 @@ class Translated:
     """A decoded Responses request and the chat request its job carries: what the request flow
     (``gateway.flow``) asks of a request: ``model``, ``stream``, ``cost``."""
 
-    __slots__ = ("request", "chat", "body", "model", "stream", "counting")
+    __slots__ = ("request", "chat", "body", "model", "stream", "counting", "owner", "prior")
 
     def __init__(self, request: ResponseRequest, chat: ChatCompletionRequest, body: dict[str, Any], *,
                  counting: bool = False) -> None:
@@ -266,6 +266,10 @@ class Translated:
         #: charged as a request only.
         self.counting = counting
         self.stream = bool(request.stream) and not counting
+        #: The API key id the request runs as (its stored responses are that key's).
+        self.owner = ""
+        #: The stored items a ``previous_response_id`` continues (its input, then its output), if any.
+        self.prior: list[dict[str, Any]] | None = None
 
     def cost(self, limits: RequestBounds) -> Cost:
         return Cost(tokens=None) if self.counting else self.chat.cost(limits)

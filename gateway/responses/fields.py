@@ -58,10 +58,14 @@ FIELDS: dict[str, tuple[Outcome, str]] = {
     "prompt_cache_options": (I, _NO_CACHE_SETTINGS),
     "prompt_cache_options.ttl": (I, _NO_CACHE_SETTINGS),
     "prompt_cache_options.mode": (I, _NO_CACHE_SETTINGS),
-    "previous_response_id": (R, ("Responses are not stored, so none can be continued: send the whole conversation in "
-                                 "`input`.")),
+    "previous_response_id": (H, ("The stored response (the same API key's, within `response_ttl_s`) is continued on "
+                                 "any gateway replica: its input items, then its output items, come before `input`; "
+                                 "its `instructions` are not carried over (OpenAI's rule). An id unknown, expired, "
+                                 "deleted, another key's or stored with `store: false` is a 400 "
+                                 "`previous_response_not_found`.")),
     "model": (H, "The model whose engines serve the chat job, as for chat completions."),
-    "background=true": (R, "A background response is polled for later, and responses are not stored."),
+    "background=true": (R, ("Background responses (queued, polled for later) are not run yet: a response is answered "
+                            "on its request's connection, and a stored one can be retrieved afterwards.")),
     "background=false": (H, "The default: the response is answered on the request's own connection."),
     "max_tool_calls": (I, "It limits calls to built-in tools, and no built-in tool runs here (they are refused)."),
     "text": (H, _FIELDS_BELOW),
@@ -97,8 +101,11 @@ FIELDS: dict[str, tuple[Outcome, str]] = {
     "include": (H, "Decided value by value below."),
     "parallel_tool_calls=true": (H, "Passed on as chat's `parallel_tool_calls` (the default)."),
     "parallel_tool_calls=false": (H, "Passed on as chat's `parallel_tool_calls`: at most one tool call a response."),
-    "store=true": (I, "Answered as if `store` were false (the response says so): responses are not stored yet."),
-    "store=false": (H, "Nothing is stored, as asked."),
+    "store=true": (H, ("The default: once answered (streamed: at its last event; completed or incomplete, never "
+                       "failed) the response is kept with its input items for `response_ttl_s` (30 days) within its "
+                       "API key's `response_max_stored_bytes` per window (past it: answered, not kept), for "
+                       "`GET`/`DELETE /v1/responses/{id}`, its `input_items` and `previous_response_id`.")),
+    "store=false": (H, "Nothing is kept, as asked: the response can be neither retrieved nor continued."),
     "instructions": (H, "Sent first, as a system message."),
     "moderation": (R, "No moderation runs here: a moderation model set here would promise checks that never happen."),
     "moderation.model": (R, _PART_OF.format("moderation")),
@@ -109,7 +116,8 @@ FIELDS: dict[str, tuple[Outcome, str]] = {
     "stream_options": (I, "Its only field, `include_obfuscation`, is ignored."),
     "stream_options.include_obfuscation": (I, ("No obfuscation padding is sent (the stream is never padded), so there "
                                                "is none to turn off, and asking for it adds none.")),
-    "conversation": (R, "Conversations are not stored: send the whole conversation in `input`."),
+    "conversation": (R, ("Conversations (the Conversations API) are not kept: continue a stored response with "
+                         "`previous_response_id`, or send the whole conversation in `input`.")),
     "conversation.id": (R, _PART_OF.format("conversation")),
     "context_management": (R, "Compaction is not done here: send input that fits the model's context."),
     "context_management.type": (R, _PART_OF.format("context_management")),

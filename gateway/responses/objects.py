@@ -160,7 +160,7 @@ class ResponseObject(Struct, kw_only=True):
     model: str
     output: list[OutputItem]
     parallel_tool_calls: bool
-    previous_response_id: None = None
+    previous_response_id: str | None = None
     prompt_cache_key: str | None
     reasoning: ReasoningConfig
     safety_identifier: Annotated[str, Meta(max_length=64)] | None

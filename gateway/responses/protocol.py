@@ -104,8 +104,9 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     service_tier: str | None = None
     safety_identifier: Annotated[str, Meta(max_length=64)] | None = None
     max_tool_calls: Annotated[int, Meta(ge=0)] | None = None
-    # ---- refused when set: they need what Conduit does not keep or run ----
+    #: The stored response this one continues (``gateway.responses.chain``).
     previous_response_id: str | None = None
+    # ---- refused when set: they need what Conduit does not keep or run ----
     conversation: str | dict[str, Any] | None = None
     prompt: dict[str, Any] | None = None
     context_management: list[Any] | None = None
@@ -153,8 +154,6 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
 
 #: Fields refused whenever they are set (not null), and why.
 _REFUSED_WHEN_SET = (
-    ("previous_response_id", "responses are not stored yet, so there is no earlier response to continue; send the "
-                             "whole conversation as `input`"),
     ("conversation", "conversations are not stored yet; send the whole conversation as `input`"),
     ("prompt", "stored prompt templates are not kept by this server; send `instructions` and `input`"),
     ("context_management", "server-side compaction is not done by this server"),

@@ -1,12 +1,15 @@
 """``POST /v1/responses`` and ``POST /v1/responses/input_tokens``: the Responses API as endpoints of
 the shared request flow (``gateway.flow``), over chat jobs (``gateway.responses.convert``).
 
-A response is stateless until stored responses land: ``store: true`` is answered as ``store:
-false`` would be, and nothing is kept after the answer.
+A response with ``store`` true (the default) is kept once answered, streamed or not, completed or
+incomplete (never a failed one), with its input items (``gateway.responses.store``); one with a
+``previous_response_id`` is run on the conversation rebuilt from the store (``gateway.responses.chain``),
+read before its cost is asked, so the admission counts the whole conversation.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,12 +18,15 @@ from msgspec import UNSET
 from litestar import Request, Response, post
 from litestar.di import NamedDependency
 
+from engines.contract.lane import REDIS_ERRORS
 from engines.contract.messages import Delta, Event, Started, Usage
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
+from gateway.context import RequestContext
 from gateway.dispatch import JobKind
 from gateway.errors import ConduitError
+from gateway.responses.chain import continued, stored_items
 from gateway.responses.convert import Translated, translate
 from gateway.responses.objects import (
     FunctionToolEcho,
@@ -33,10 +39,12 @@ from gateway.responses.objects import (
 )
 from gateway.responses.output import ResponseOutput
 from gateway.responses.protocol import ResponseRequest, TextFormatText
+from gateway.responses.store import ResponseStore
 from gateway.run import JobRun, Restarted
 from gateway.services import Services
 from gateway.settings import RequestBounds
 
+log = logging.getLogger("conduit.gateway")
 _ENC = msgspec.json.Encoder()
 _SINK = bytearray()  # a collected response's events go nowhere
 _TEXT = TextFormatText()
@@ -72,7 +80,7 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         id="resp_" + run.rid.partition("-")[2], created_at=created, status="in_progress",
         instructions=req.instructions, max_output_tokens=req.max_output_tokens, max_tool_calls=req.max_tool_calls,
         model=req.model, output=[], parallel_tool_calls=req.parallel_tool_calls is not False,
-        prompt_cache_key=req.prompt_cache_key,
+        previous_response_id=req.previous_response_id, prompt_cache_key=req.prompt_cache_key,
         reasoning=ReasoningConfig(reasoning.effort, reasoning.summary) if reasoning else ReasoningConfig(),
         safety_identifier=req.safety_identifier, temperature=1.0 if req.temperature is None else req.temperature,
         text=TextConfig(format=fmt if fmt is not None else _TEXT,
@@ -82,14 +90,30 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         metadata=req.metadata or {})
 
 
+async def keep(store: ResponseStore, t: Translated, response: ResponseObject) -> None:
+    """Store ``response`` with its input items (the conversation's, for a chained one) when its request
+    asked (``store`` true or absent), before its end reaches the client: a ``previous_response_id`` sent
+    as soon as it arrives, to any replica, finds it. Not stored when Redis refuses or its key's budget
+    is spent: the answer goes out all the same."""
+    items = [*(t.prior or ()), *stored_items(t.request.input)]
+    try:
+        stored = await store.save(t.owner, response.id, _ENC.encode(response), _ENC.encode(items))
+    except REDIS_ERRORS as exc:
+        log.warning("a response could not be stored (it is answered, not kept): %s", exc)
+        return
+    if not stored:
+        log.warning("a response was not stored: its API key's response_max_stored_bytes for this window is spent")
+
+
 class _Collected:
-    """A non-streamed response: its output collected, then the whole ``Response``."""
+    """A non-streamed response: its output collected, then the whole ``Response`` (stored if asked)."""
 
-    __slots__ = ("req", "output")
+    __slots__ = ("req", "output", "store")
 
-    def __init__(self, req: Translated) -> None:
+    def __init__(self, req: Translated, store: ResponseStore | None) -> None:
         self.req = req
         self.output: ResponseOutput | None = None
+        self.store = store
 
     def add(self, run: JobRun, event: Event | Restarted) -> None:
         if type(event) is Delta:
@@ -108,18 +132,23 @@ class _Collected:
         output = ResponseOutput(head_of(self.req.request, run, created), stream=False) if self.output is None else \
             self.output
         output.head.created_at = created
-        return Response(content=_ENC.encode(output.finished(usage, _SINK)), media_type="application/json")
+        response = output.finished(usage, _SINK)
+        if self.store is not None:
+            await keep(self.store, self.req, response)
+        return Response(content=_ENC.encode(response), media_type="application/json")
 
 
 class _Events:
-    """A streamed response: OpenAI's events as the job's deltas arrive (``ResponseOutput``)."""
+    """A streamed response: OpenAI's events as the job's deltas arrive (``ResponseOutput``); stored if
+    asked at its last event (``response.completed`` or ``response.incomplete``), before it is sent."""
 
-    __slots__ = ("req", "created", "output")
+    __slots__ = ("req", "created", "output", "store")
 
-    def __init__(self, req: Translated, created: int) -> None:
+    def __init__(self, req: Translated, created: int, store: ResponseStore | None) -> None:
         self.req = req
         self.created = created
         self.output: ResponseOutput | None = None
+        self.store = store
 
     def _output(self, run: JobRun) -> ResponseOutput:
         if self.output is None:
@@ -140,32 +169,46 @@ class _Events:
         elif type(event) is Restarted:
             output.restart()
 
-    def done(self, run: JobRun, event: Any, out: bytearray) -> None:
-        self._output(run).finished(event.usage, out)
+    def done(self, run: JobRun, event: Any, out: bytearray) -> Any:
+        response = self._output(run).finished(event.usage, out)
+        return None if self.store is None else keep(self.store, self.req, response)
 
     def failed(self, run: JobRun, exc: ConduitError) -> bytes:
         return self._output(run).failed(exc)
 
 
 class ResponsesEndpoint:
-    """``/v1/responses`` as an endpoint of the shared flow: chat jobs, Responses objects."""
+    """``/v1/responses`` as an endpoint of the shared flow: chat jobs, Responses objects, the store."""
 
-    __slots__ = ("decoder",)
+    __slots__ = ("decoder", "store", "bounds")
 
     job_kind = JobKind("chat", "resp")
 
-    def __init__(self, bounds: RequestBounds) -> None:
+    def __init__(self, bounds: RequestBounds, store: ResponseStore) -> None:
         self.decoder = ResponsesDecoder(bounds)
+        self.store = store
+        self.bounds = bounds
+
+    async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
+        """The request as it runs: its key's, and with its conversation when it continues one."""
+        owner = ctx.principal.key_id
+        if req.request.previous_response_id is not None:
+            req = await continued(req, self.store, owner, self.bounds)
+        req.owner = owner
+        return req
+
+    def _store(self, req: Translated) -> ResponseStore | None:
+        return None if req.request.store is False else self.store
 
     def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         return req.job_body(model, bounds)
 
     def collector(self, req: Translated, request: Request[Any, Any, Any]) -> _Collected:
-        return _Collected(req)
+        return _Collected(req, self._store(req))
 
     def writer(self, req: Translated, first: Event) -> _Events:
         created = first.created if isinstance(first, Started) and first.created else int(time.time())
-        return _Events(req, created)
+        return _Events(req, created, self._store(req))
 
 
 class _Count:
@@ -186,12 +229,20 @@ class InputTokensEndpoint:
     """``/v1/responses/input_tokens``: the translated chat request's prompt, tokenized by an engine
     of the model that can (job kind ``input_tokens``; a model whose engines cannot is a 404)."""
 
-    __slots__ = ("decoder",)
+    __slots__ = ("decoder", "store", "bounds")
 
     job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
 
-    def __init__(self, bounds: RequestBounds) -> None:
+    def __init__(self, bounds: RequestBounds, store: ResponseStore) -> None:
         self.decoder = ResponsesDecoder(bounds, counting=True)
+        self.store = store
+        self.bounds = bounds
+
+    async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
+        """The input counted with its conversation when it continues one (as a response would run it)."""
+        if req.request.previous_response_id is None:
+            return req
+        return await continued(req, self.store, ctx.principal.key_id, self.bounds)
 
     def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         req.check_context(model)
@@ -205,21 +256,32 @@ class InputTokensEndpoint:
 
 
 
+
+#: The errors of a Responses request: a generation's, and the store's.
+RESPONSE_ERRORS = {**JOB_ERRORS, 400: JOB_ERRORS[400] + " `previous_response_not_found` (param "
+                   "`previous_response_id`: unknown, expired, deleted, another key's, or stored with `store: false`).",
+                   503: JOB_ERRORS[503] + " `response_store_unavailable`."}
+
 CREATE_RESPONSE = Operation(
-    "createResponse", "Create a model response", "Responses", {**JOB_ERRORS, 422: "`unprocessable_entity`."},
+    "createResponse", "Create a model response", "Responses", {**RESPONSE_ERRORS, 422: "`unprocessable_entity`."},
     body=ResponseRequest, json=ResponseObject,
     stream=(("response.*", (ResponseEvent,)),),
-    description="Stateless: `store: true` is answered as `store: false` (nothing is kept after the answer; "
-                "`previous_response_id` and `background: true` are refused). Streamed as server-sent events when "
+    description="With `store` true (the default) the response is kept with its input items for `response_ttl_s` "
+                "(30 days), within the API key's `response_max_stored_bytes` per window (past it: answered, not "
+                "stored), for `GET`/`DELETE /v1/responses/{response_id}` and `previous_response_id` on any "
+                "replica; a failed response is never kept. `previous_response_id` runs on the previous "
+                "response's input and output items, then `input` (its `instructions` are not carried over). "
+                "`background: true` is refused. Streamed as server-sent events when "
                 "`stream` is true: `event: <type>` lines with OpenAI's response events, each with its "
                 "`sequence_number`, ending with `response.completed`, `response.incomplete` or `response.failed`. "
                 "Every request field's outcome: `openapi/responses-fields.md`.",
     parameters=GENERATION, ok_headers=RATELIMIT, replayed=STORED)
 
 COUNT_INPUT_TOKENS = Operation(
-    "getInputTokenCounts", "Count input tokens", "Responses", JOB_ERRORS, body=ResponseRequest, json=InputTokens,
+    "getInputTokenCounts", "Count input tokens", "Responses", RESPONSE_ERRORS, body=ResponseRequest,
+    json=InputTokens,
     description="The tokens the input (with `instructions` and `tools`) takes, counted by an engine of the model "
-                "through its own chat template. Charged as a request, never as tokens; an input certainly longer "
+                "through its own chat template (with the conversation a `previous_response_id` continues). Charged as a request, never as tokens; an input certainly longer "
                 "than the model's context is a 400 `context_length_exceeded`, as for a response.",
     parameters=GENERATION, ok_headers=RATELIMIT)
 

@@ -37,6 +37,8 @@ def examples(keys: Keys) -> dict[str, list[str]]:
         "keys_version": [keys.keys_version], "rate_limits": list(keys.rate_limits("0123456789ab")),
         "usage": [keys.usage("0123456789ab", "20261206")], "idempotency": [keys.idempotency("0123456789ab", "f" * 64)],
         "idempotency_bytes": [keys.idempotency_bytes("0123456789ab")],
+        "stored_response": [keys.stored_response("0123456789ab", "resp_" + "0" * 24), keys.stored_response("", "resp_1")],
+        "stored_response_bytes": [keys.stored_response_bytes("0123456789ab")],
     }
 
 
@@ -61,7 +63,8 @@ def test_every_redis_name_has_its_patterns() -> None:
 
 
 def test_each_role_reaches_exactly_its_names() -> None:
-    key_names = {"api_key", "keys_index", "keys_version", "rate_limits", "usage", "idempotency", "idempotency_bytes"}
+    key_names = {"api_key", "keys_index", "keys_version", "rate_limits", "usage", "idempotency", "idempotency_bytes",
+                 "stored_response", "stored_response_bytes"}
     for kind, names in examples(Keys(PREFIX)).items():
         for name in names:
             assert reachable("gateway", name, write=True), name

@@ -1,0 +1,81 @@
+"""A request's input items as a stored response keeps them (each with an id, in the shapes of
+OpenAI's ``ItemResource``), and a ``previous_response_id`` request's input rebuilt from the store:
+the previous response's input items, then its output items, then the new input. The previous
+response's ``instructions`` are not carried over (OpenAI's rule): only the new request's apply.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from gateway.common.bounds import at_most
+from gateway.errors import InvalidRequest
+from gateway.responses.convert import Translated, translate
+from gateway.responses.store import ResponseStore
+from gateway.settings import RequestBounds
+
+_ITEMS = msgspec.json.Decoder(list[dict[str, Any]])
+_OUTPUT = msgspec.json.Decoder(dict[str, Any])
+#: The id prefix of an item of each type that came without one.
+_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{os.urandom(12).hex()}"
+
+
+def _content(role: str, content: Any) -> Any:
+    """A message's content as a list of parts (an assistant's as ``output_text`` with annotations)."""
+    if isinstance(content, str):
+        return [{"type": "output_text", "text": content, "annotations": []} if role == "assistant" else
+                {"type": "input_text", "text": content}]
+    if role == "assistant":
+        return [{**p, "annotations": p.get("annotations") or []} if p.get("type") == "output_text" else p
+                for p in content]
+    return content
+
+
+def stored_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A request's ``input`` as stored: a string is one user message; each item gets an id (``msg_``,
+    ``fc_``, ``fco_``, ``rs_``) and a status where it has none, and a message's content its parts.
+    (The input was translated first: every item here is of a type Conduit serves.)"""
+    if isinstance(given, str):
+        return [{"id": _new_id("msg"), "type": "message", "role": "user", "status": "completed",
+                 "content": [{"type": "input_text", "text": given}]}]
+    out = []
+    for item in given:
+        kind = item.get("type", "message")
+        stored = {**item, "type": kind, "id": item.get("id") or _new_id(_PREFIX[kind])}
+        if kind == "message":
+            stored["content"] = _content(item["role"], item["content"])
+            stored.setdefault("status", "completed")
+        elif kind == "reasoning":
+            stored.setdefault("summary", [])
+        else:
+            stored.setdefault("status", "completed")
+        out.append(stored)
+    return out
+
+
+async def continued(t: Translated, store: ResponseStore, owner: str, bounds: RequestBounds) -> Translated:
+    """``t`` with its conversation: the input rebuilt from the previous response (``owner``'s, 400
+    ``previous_response_not_found`` otherwise, as OpenAI answers) and translated as a whole, its
+    bounds checked on the whole (a conversation holds at most ``max_messages`` items)."""
+    req = t.request
+    previous = req.previous_response_id
+    assert previous is not None
+    record = await store.load(owner, previous)
+    if record is None:
+        raise InvalidRequest(f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                             code="previous_response_not_found")
+    prior = [*_ITEMS.decode(record.input), *_OUTPUT.decode(record.response)["output"]]
+    own = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    at_most("input", "input items (with the previous responses' input and output)", len(prior) + len(own),
+            bounds.max_messages)
+    whole = translate(msgspec.structs.replace(req, input=[*prior, *own]), bounds, counting=t.counting)
+    whole.request = req  # the response echoes the request as it was sent
+    whole.prior = prior
+    return whole

@@ -1,0 +1,147 @@
+"""``GET`` and ``DELETE /v1/responses/{response_id}`` and ``GET /v1/responses/{response_id}/input_items``:
+the stored responses of the request's API key (``gateway.responses.store``), on any gateway replica.
+
+A key sees only its own: another key's id is the same 404 as an unknown one (the record's name holds
+the key's id, so there is nothing of another key's to find, and no answer tells one apart).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request, Response, delete
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+
+from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
+from gateway.common.routing import get_and_head
+from gateway.context import principal_of
+from gateway.errors import InvalidRequest, NotFound
+from gateway.responses.objects import ResponseObject
+from gateway.responses.store import StoredRecord
+from gateway.services import Services
+
+_JSON = msgspec.json.Encoder()
+_ITEMS = msgspec.json.Decoder(list[dict[str, Any]])
+
+
+class DeletedResponse(msgspec.Struct):
+    """``DELETE /v1/responses/{response_id}``'s answer (OpenAI's example of it: the spec gives no schema)."""
+
+    id: str
+    object: Literal["response"] = "response"
+    deleted: bool = True
+
+
+class ResponseItemList(msgspec.Struct):
+    """OpenAI's ``ResponseItemList``: one page of a response's input items (``ItemResource``s)."""
+
+    data: list[dict[str, Any]]
+    #: The ids of the page's first and last items (null on an empty page).
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+    object: Literal["list"] = "list"
+
+
+class ItemsQuery(msgspec.Struct, forbid_unknown_fields=False):
+    limit: Annotated[int, msgspec.Meta(ge=1, le=100)] = 20
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = None
+
+
+def _path(name: str, description: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}, "description": description}
+
+
+_RESPONSE_ID = _path("response_id", "The response's id (`resp_...`), as its creation answered it.")
+_ERRORS = {**AUTH_ERRORS, 404: "`not_found`: no stored response of this API key has this id (unknown, expired, "
+                               "deleted, another key's, or created with `store: false`).",
+           500: "`internal_error`.", 503: AUTH_ERRORS[503] + " `response_store_unavailable`."}
+RETRIEVE_RESPONSE = Operation(
+    "getResponse", "A stored model response", "Responses", _ERRORS, json=ResponseObject,
+    parameters=(_RESPONSE_ID, REQUEST_ID),
+    description="The response as it was answered (completed or incomplete), kept `response_ttl_s` (30 days) "
+                "after its creation with `store` true (the default). `stream=true` (a background response's "
+                "events) is refused: background responses are not run.")
+DELETE_RESPONSE = Operation(
+    "deleteResponse", "Delete a stored model response", "Responses", _ERRORS, json=DeletedResponse,
+    parameters=(_RESPONSE_ID, REQUEST_ID),
+    description="Deleted at once for every replica: it can no longer be retrieved or continued. (A response "
+                "continuing it holds its own copy of the conversation and stays whole.)")
+LIST_INPUT_ITEMS = Operation(
+    "listInputItems", "A stored response's input items", "Responses",
+    {**_ERRORS, 400: "`invalid_value` (`limit` outside 1-100, `order` not `asc` or `desc`, an `after` that is "
+                     "no item of this response)."}, json=ResponseItemList,
+    parameters=(_RESPONSE_ID,
+                {"name": "limit", "in": "query", "required": False, "description": "Items per page, 1 to 100.",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                {"name": "order", "in": "query", "required": False, "description": "`asc`: first item first.",
+                 "schema": {"type": "string", "enum": ["asc", "desc"], "default": "desc"}},
+                {"name": "after", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "An item's id: the page starts after it (in `order`)."}, REQUEST_ID),
+    description="Every item the model saw, each with its id (those sent without one got one when stored: "
+                "`msg_`, `fc_`, `fco_`): for a response with a `previous_response_id`, the conversation's "
+                "(the previous responses' input and output items), then its own `input`.")
+
+
+async def _record(services: Services, request: Request[Any, Any, Any], response_id: str) -> StoredRecord:
+    record = await services.response_store.load(principal_of(request.scope).key_id, response_id)
+    if record is None:
+        raise NotFound(f"Response with id '{response_id}' not found.")
+    return record
+
+
+@get_and_head("/v1/responses/{response_id:str}", opt=documented(RETRIEVE_RESPONSE))
+async def retrieve_response(response_id: FromPath[str], request: Request[Any, Any, Any],
+                            services: NamedDependency[Services]) -> Response[bytes]:
+    """One stored response of the request's API key."""
+    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
+        raise InvalidRequest("Unsupported parameter: 'stream' is not supported by this server: only a background "
+                             "response's events can be streamed again, and background responses are not run.",
+                             param="stream", code="unsupported_parameter")
+    record = await _record(services, request, response_id)
+    return Response(record.response, media_type="application/json")
+
+
+@delete("/v1/responses/{response_id:str}", status_code=200, opt=documented(DELETE_RESPONSE))
+async def delete_response(response_id: FromPath[str], request: Request[Any, Any, Any],
+                          services: NamedDependency[Services]) -> Response[bytes]:
+    """Delete one stored response of the request's API key."""
+    if not await services.response_store.delete(principal_of(request.scope).key_id, response_id):
+        raise NotFound(f"Response with id '{response_id}' not found.")
+    return Response(_JSON.encode(DeletedResponse(id=response_id)), media_type="application/json")
+
+
+def _query(request: Request[Any, Any, Any]) -> ItemsQuery:
+    params = {k: v for k, v in request.query_params.items() if k in ("limit", "order", "after")}
+    try:
+        return msgspec.convert(params, ItemsQuery, strict=False)
+    except msgspec.ValidationError as exc:
+        param = str(exc).rpartition("$.")[2].rstrip("`") or None
+        raise InvalidRequest(f"Invalid query parameter: {exc}.", param=param, code="invalid_value") from None
+
+
+def page(items: list[dict[str, Any]], query: ItemsQuery) -> ResponseItemList:
+    """One page of ``items`` (kept in the order the model saw them) as ``query`` asks."""
+    ordered = items if query.order == "asc" else items[::-1]
+    start = 0
+    if query.after is not None:
+        at = next((i for i, item in enumerate(ordered) if item.get("id") == query.after), None)
+        if at is None:
+            raise InvalidRequest(f"Invalid 'after': no input item of this response has the id '{query.after}'.",
+                                 param="after", code="invalid_value")
+        start = at + 1
+    data = ordered[start:start + query.limit]
+    return ResponseItemList(data=data, first_id=data[0]["id"] if data else None,
+                            last_id=data[-1]["id"] if data else None, has_more=start + query.limit < len(ordered))
+
+
+@get_and_head("/v1/responses/{response_id:str}/input_items", opt=documented(LIST_INPUT_ITEMS))
+async def list_input_items(response_id: FromPath[str], request: Request[Any, Any, Any],
+                           services: NamedDependency[Services]) -> Response[bytes]:
+    """A page of one stored response's input items."""
+    query = _query(request)
+    record = await _record(services, request, response_id)
+    return Response(_JSON.encode(page(_ITEMS.decode(record.input), query)), media_type="application/json")
