@@ -28,13 +28,14 @@ def _new_id(prefix: str) -> str:
 
 
 def _content(role: str, content: Any) -> Any:
-    """A message's content as a list of parts (an assistant's as ``output_text`` with annotations)."""
+    """A message's content as a list of parts (an assistant's text as ``output_text``, with the
+    ``annotations`` and ``logprobs`` OpenAI's output message has)."""
     if isinstance(content, str):
-        return [{"type": "output_text", "text": content, "annotations": []} if role == "assistant" else
-                {"type": "input_text", "text": content}]
+        return [{"type": "output_text", "text": content, "annotations": [], "logprobs": []} if role == "assistant"
+                else {"type": "input_text", "text": content}]
     if role == "assistant":
-        return [{**p, "annotations": p.get("annotations") or []} if p.get("type") == "output_text" else p
-                for p in content]
+        return [{**p, "annotations": p.get("annotations") or [], "logprobs": p.get("logprobs") or []}
+                if p.get("type") == "output_text" else p for p in content]
     return content
 
 

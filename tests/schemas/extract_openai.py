@@ -59,6 +59,8 @@ ROOTS = (
     # POST /responses/input_tokens: the request and the answer.
     "TokenCountsBody",
     "TokenCountsResource",
+    # GET /responses/{response_id}/input_items: a stored response's input items.
+    "ResponseItemList",
 )
 
 #: The id of the vendored resource; ``tests/openai_schema.py`` registers it under this URI.
