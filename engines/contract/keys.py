@@ -141,13 +141,14 @@ class Keys:
     def stored_response(self, key_id: str, response_id: str) -> str:
         """One stored response of one API key (``key_id``; "" without auth): the ``Response``, and the input
         items a ``previous_response_id`` continues from (``gateway.responses.store``), kept ``response_ttl_s``.
-        The key's hash tag: one slot with its budget counter."""
-        return f"{self.prefix}:response:{{{key_id}}}:{response_id}"
+        The key's hash tag (``r:`` first: an empty tag, ``{}``, would hash the whole name, and the anonymous
+        key's id is ""): one slot with its budget counter."""
+        return f"{self.prefix}:response:{{r:{key_id}}}:{response_id}"
 
     def stored_response_bytes(self, key_id: str) -> str:
         """The bytes of responses one API key stored in its current ``response_ttl_s`` window (a counter,
         expiring with the window; ``gateway.responses.store``). The records' hash tag."""
-        return f"{self.prefix}:response-bytes:{{{key_id}}}"
+        return f"{self.prefix}:response-bytes:{{r:{key_id}}}"
 
 
 #: Value of a job key from its submission until a streaming job's output begins (``Keys.job``).
