@@ -104,7 +104,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                              poll_s=tenancy.keys_poll_s, threads=tenancy.auth_threads, failures=tenancy.auth_failures,
                              block_s=tenancy.auth_block_s)
         bounds = settings.bounds
-        responses = ResponseStore(redis, keys, settings.responses)
+        responses = ResponseStore(redis, keys, settings.responses, usage_log)
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
                                       chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),

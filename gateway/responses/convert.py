@@ -24,6 +24,7 @@ from gateway.errors import InvalidRequest
 from gateway.responses.protocol import ResponseRequest, TextFormatJsonObject, TextFormatJsonSchema
 from gateway.settings import RequestBounds
 from gateway.tenancy.cost import Cost
+from gateway.tenancy.principal import ANONYMOUS
 
 _FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
@@ -266,8 +267,8 @@ class Translated:
         #: charged as a request only.
         self.counting = counting
         self.stream = bool(request.stream) and not counting
-        #: The API key id the request runs as (its stored responses are that key's).
-        self.owner = ""
+        #: The API key the request runs as (its stored responses are that key\'s).
+        self.owner = ANONYMOUS
         #: The stored items a ``previous_response_id`` continues (its input, then its output), if any.
         self.prior: list[dict[str, Any]] | None = None
 

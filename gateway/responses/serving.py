@@ -97,7 +97,7 @@ async def keep(store: ResponseStore, t: Translated, response: ResponseObject) ->
     is spent: the answer goes out all the same."""
     items = [*(t.prior or ()), *stored_items(t.request.input)]
     try:
-        stored = await store.save(t.owner, response.id, _ENC.encode(response), _ENC.encode(items))
+        stored = await store.save(t.owner, t.model, response.id, _ENC.encode(response), _ENC.encode(items))
     except REDIS_ERRORS as exc:
         log.warning("a response could not be stored (it is answered, not kept): %s", exc)
         return
@@ -191,9 +191,9 @@ class ResponsesEndpoint:
 
     async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
         """The request as it runs: its key's, and with its conversation when it continues one."""
-        owner = ctx.principal.key_id
+        owner = ctx.principal
         if req.request.previous_response_id is not None:
-            req = await continued(req, self.store, owner, self.bounds)
+            req = await continued(req, self.store, owner.key_id, self.bounds)
         req.owner = owner
         return req
 

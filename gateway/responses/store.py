@@ -33,6 +33,8 @@ from engines.contract.keys import Keys
 from engines.contract.lane import REDIS_ERRORS
 from gateway.errors import ConduitError
 from gateway.settings import ResponseSettings
+from gateway.tenancy.principal import Principal
+from gateway.tenancy.usage import UsageLog
 
 log = logging.getLogger("conduit.gateway")
 
@@ -73,17 +75,20 @@ def store_unavailable() -> ConduitError:
 class ResponseStore:
     """Each API key's stored responses: saved within its budget, read and deleted by id."""
 
-    __slots__ = ("redis", "keys", "ttl_ms", "max_stored_bytes")
+    __slots__ = ("redis", "keys", "ttl_ms", "max_stored_bytes", "usage")
 
-    def __init__(self, redis: Any, keys: Keys, settings: ResponseSettings) -> None:
+    def __init__(self, redis: Any, keys: Keys, settings: ResponseSettings, usage: UsageLog | None = None) -> None:
         self.redis = redis
         self.keys = keys
         self.ttl_ms = int(settings.response_ttl_s * 1000)
         self.max_stored_bytes = settings.response_max_stored_bytes
+        #: Where the bytes each key stored are counted (its usage's ``stored_bytes``, per model and day).
+        self.usage = usage
 
-    async def save(self, key_id: str, response_id: str, response: bytes, items: bytes) -> int:
-        """Store a response and its input items for ``response_ttl_s``: its size in bytes, or 0 when
-        its key's budget for the window is spent (nothing stored)."""
+    async def save(self, owner: Principal, model: str, response_id: str, response: bytes, items: bytes) -> int:
+        """Store a response of ``model`` and its input items for ``response_ttl_s``, counted in its key's
+        usage: its size in bytes, or 0 when its key's budget for the window is spent (nothing stored)."""
+        key_id = owner.key_id
         record = _ENCODER.encode(StoredRecord(response, items))
         keys = (self.keys.stored_response(key_id, response_id), self.keys.stored_response_bytes(key_id))
         args = (record, self.ttl_ms, self.max_stored_bytes)
@@ -91,7 +96,11 @@ class ResponseStore:
             stored = await self.redis.execute_command("EVALSHA", _SAVE_SHA, 2, *keys, *args)
         except NoScriptError:  # Redis restarted (or flushed its scripts)
             stored = await self.redis.execute_command("EVAL", _SAVE, 2, *keys, *args)
-        return len(record) if stored else 0
+        if not stored:
+            return 0
+        if self.usage is not None:
+            self.usage.stored(key_id, owner.name, model, len(record))
+        return len(record)
 
     async def load(self, key_id: str, response_id: str) -> StoredRecord | None:
         """``key_id``'s response ``response_id`` (None: unknown, expired, deleted or another key's);

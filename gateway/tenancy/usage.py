@@ -1,5 +1,5 @@
-"""Usage accounting: requests, prompt and completion tokens and images per API key, per UTC day
-and per model.
+"""Usage accounting: requests, prompt and completion tokens, images and the bytes of stored responses
+per API key, per UTC day and per model.
 
 One Redis hash per key per day (``Keys.usage``), field ``<model>|<counter>``. A finished
 request only adds its counts to a table in memory (:meth:`UsageLog.add`, no I/O); every
@@ -22,7 +22,7 @@ import msgspec
 
 from engines.contract.keys import Keys
 
-COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "images")
+COUNTERS = ("requests", "prompt_tokens", "completion_tokens", "images", "stored_bytes")
 
 log = logging.getLogger("conduit.gateway")
 
@@ -34,6 +34,9 @@ class ModelUsage(msgspec.Struct):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     images: int = 0
+    #: Bytes of responses stored (``store``; ``gateway.responses.store``): counted when written, never
+    #: given back by a deletion or an expiry.
+    stored_bytes: int = 0
 
 
 class DayUsage(msgspec.Struct):
@@ -66,7 +69,7 @@ class UsageLog:
         self._ttl_s = ttl_days * 86_400
         self._metrics = metrics
         self.flush_s = flush_s
-        #: (key id, key name, day, model) -> [requests, prompt tokens, completion tokens, images]
+        #: (key id, key name, day, model) -> [requests, prompt tokens, completion tokens, images, stored bytes]
         self._pending: dict[tuple[str, str, str, str], list[int]] = {}
         self._day = ("", 0.0)  # (yyyymmdd, the Unix time its day ends): day_of() once a day
         self.closed = False
@@ -74,6 +77,17 @@ class UsageLog:
     def add(self, key_id: str, key_name: str, model: str, *, prompt_tokens: int = 0, completion_tokens: int = 0,
             images: int = 0) -> None:
         """Count one finished request (in memory; written by the next flush)."""
+        counts = self._counts(key_id, key_name, model)
+        counts[0] += 1
+        counts[1] += prompt_tokens
+        counts[2] += completion_tokens
+        counts[3] += images
+
+    def stored(self, key_id: str, key_name: str, model: str, size: int) -> None:
+        """Count the bytes of one stored response (in memory; written by the next flush)."""
+        self._counts(key_id, key_name, model)[4] += size
+
+    def _counts(self, key_id: str, key_name: str, model: str) -> list[int]:
         day, ends = self._day
         now = time.time()
         if now >= ends:
@@ -82,11 +96,8 @@ class UsageLog:
             self._day = (day, ends)
         counts = self._pending.get((key_id, key_name, day, model))
         if counts is None:
-            counts = self._pending[(key_id, key_name, day, model)] = [0, 0, 0, 0]
-        counts[0] += 1
-        counts[1] += prompt_tokens
-        counts[2] += completion_tokens
-        counts[3] += images
+            counts = self._pending[(key_id, key_name, day, model)] = [0, 0, 0, 0, 0]
+        return counts
 
     async def flush(self) -> None:
         """Write what was counted since the last flush (kept for the next one if Redis refuses)."""
@@ -104,12 +115,12 @@ class UsageLog:
             await pipe.execute()
         except Exception:
             for k, counts in pending.items():  # back in front of what came meanwhile
-                mine = self._pending.setdefault(k, [0, 0, 0, 0])
+                mine = self._pending.setdefault(k, [0, 0, 0, 0, 0])
                 for i, n in enumerate(counts):
                     mine[i] += n
             raise
         if self._metrics is not None:
-            for (_key_id, name, _day, model), (requests, prompt, completion, images) in pending.items():
+            for (_key_id, name, _day, model), (requests, prompt, completion, images, _stored) in pending.items():
                 self._metrics.key_used(name, model, requests, prompt, completion, images)
 
     async def run(self) -> None:

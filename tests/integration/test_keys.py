@@ -42,6 +42,14 @@ def traffic(stack: Stack) -> None:
         assert s.status_code == 200
         assert [line for line in s.iter_lines() if line.startswith("data: ")][-1] == "data: [DONE]"
     hang_up_after(url, {**CHAT, "stream": True}, 2)
+    # A stored response (its record and its key's byte counter) and one continuing it.
+    first = httpx.post(f"{stack.base_url}/v1/responses", json={"model": "synthetic", "input": "hi",
+                                                               "max_output_tokens": 3}, timeout=30)
+    assert first.status_code == 200, first.text
+    then = httpx.post(f"{stack.base_url}/v1/responses", json={"model": "synthetic", "input": "more",
+                                                              "max_output_tokens": 3,
+                                                              "previous_response_id": first.json()["id"]}, timeout=30)
+    assert then.status_code == 200, then.text
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(url, json=CHAT, timeout=0.5)
 

@@ -2,11 +2,12 @@
 `openai` SDK's ``responses.retrieve``, ``.delete`` and ``.input_items.list`` (every body validated
 against OpenAI's schemas), ``previous_response_id`` across the gateways and after one restarts, a key
 that cannot see another's, ``store: false``, streamed, incomplete and failed responses, the expiry of
-every record and the bytes a key may store."""
+every record and the bytes a key may store, counted in its usage."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -77,6 +78,13 @@ def raw(url: str, key: str, method: str, path: str, **kwargs: Any) -> httpx.Resp
 
 def record_keys(gws: Gateways, key: str) -> tuple[Keys, str]:
     return Keys(gws.stack.prefix), parse_key(key)[0]  # type: ignore[index]
+
+
+def stored_bytes(gws: Gateways, key_id: str) -> int:
+    r = httpx.get(f"{gws.small}/admin/keys/{key_id}/usage?days=1", timeout=10,
+                  headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    return int(r.json()["days"][0]["models"].get(MODEL, {}).get("stored_bytes", 0))
 
 
 def test_a_stored_response_is_retrieved_listed_and_deleted_on_the_other_gateway(gws: Gateways) -> None:
@@ -219,6 +227,11 @@ def test_records_expire_and_a_key_stores_at_most_its_budget(gws: Gateways) -> No
         assert sizes[-1] > sizes[0]  # each record holds its whole conversation
         for name in [*(keys.stored_response(key_id, rid) for rid in stored), keys.stored_response_bytes(key_id)]:
             assert 0 < r.pttl(name) <= TTL_S * 1000, name
+    # The bytes stored are counted in the key's usage (written each second).
+    deadline = time.monotonic() + 10
+    while (counted := stored_bytes(gws, key_id)) != sum(sizes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert counted == sum(sizes)
     # The next key's budget is its own.
     other = gws.key()
     kept = gws.sdk(gws.small, other).responses.create(model=MODEL, input="x " * 200)
