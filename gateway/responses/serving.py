@@ -90,14 +90,15 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         metadata=req.metadata or {})
 
 
-async def keep(store: ResponseStore, t: Translated, response: ResponseObject) -> None:
+async def keep(store: ResponseStore, t: Translated, response: ResponseObject, encoded: bytes | None = None) -> None:
     """Store ``response`` with its input items (the conversation's, for a chained one) when its request
     asked (``store`` true or absent), before its end reaches the client: a ``previous_response_id`` sent
     as soon as it arrives, to any replica, finds it. Not stored when Redis refuses or its key's budget
     is spent: the answer goes out all the same."""
     items = [*(t.prior or ()), *stored_items(t.request.input)]
     try:
-        stored = await store.save(t.owner, t.model, response.id, _ENC.encode(response), _ENC.encode(items))
+        stored = await store.save(t.owner, t.model, response.id, encoded or _ENC.encode(response),
+                                  _ENC.encode(items))
     except REDIS_ERRORS as exc:
         log.warning("a response could not be stored (it is answered, not kept): %s", exc)
         return
@@ -133,9 +134,10 @@ class _Collected:
             self.output
         output.head.created_at = created
         response = output.finished(usage, _SINK)
+        body = _ENC.encode(response)
         if self.store is not None:
-            await keep(self.store, self.req, response)
-        return Response(content=_ENC.encode(response), media_type="application/json")
+            await keep(self.store, self.req, response, body)
+        return Response(content=body, media_type="application/json")
 
 
 class _Events:

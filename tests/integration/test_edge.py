@@ -33,7 +33,8 @@ from tests.integration.test_telemetry import create_key
 
 ADMIN = "edge-admin-credential-0123456789"
 #: Values for the routes' path parameters (any value: the route is what is being walked).
-PARAMS = {"name": "0123456789abcdef0123456789abcdef.png", "model_id": "synthetic", "key_id": "0123456789ab"}
+PARAMS = {"name": "0123456789abcdef0123456789abcdef.png", "model_id": "synthetic", "key_id": "0123456789ab",
+          "response_id": "resp_0123456789abcdef01234567"}
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE", "PROPFIND")
 
 
