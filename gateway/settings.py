@@ -259,15 +259,25 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
 
     #: How long a stored response (and its input items) is kept: OpenAI's 30 days.
     response_ttl_s: float = 30 * 86_400.0
-    #: Bytes of stored responses one API key may write per ``response_ttl_s`` window (a counter that
-    #: starts at the window's first store and expires with it; a deletion gives nothing back); past it,
-    #: a response is answered but not stored (it cannot be retrieved or continued). A stored response
-    #: outlives its window by at most one TTL, so one key holds at most twice this. Negative: no budget.
+    #: Bytes of stored responses one API key may hold (a ledger of its live records: a deletion or an
+    #: expiry gives their bytes back). While it holds this much, a request that would store its response
+    #: is a 400 ``response_store_full`` (delete stored responses, or send ``store: false``); a key holds at
+    #: most this plus one record (``response_max_record_bytes``). Negative: no bound per key.
     response_max_stored_bytes: int = 64 * 1024 * 1024
+    #: Bytes of stored responses all API keys together may hold (a gateway-wide ledger, the same
+    #: rules). Records live in the job queue's Redis, which must never evict: size it into the Redis
+    #: ``maxmemory`` with room for the queue. Negative: no bound.
+    response_store_max_bytes: int = 1024 * 1024 * 1024
+    #: The largest stored response (its ``Response`` and its input items: for a chained one the whole
+    #: conversation); a larger one is answered but not stored. Also what a ``previous_response_id``
+    #: loads before its request is admitted.
+    response_max_record_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if self.response_ttl_s <= 0:
             raise ValueError(f"response_ttl_s ({self.response_ttl_s:g}) must be positive")
+        if self.response_max_record_bytes <= 0:
+            raise ValueError(f"response_max_record_bytes ({self.response_max_record_bytes}) must be positive")
 
 
 class TelemetrySettings(msgspec.Struct, kw_only=True, frozen=True):

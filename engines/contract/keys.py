@@ -142,14 +142,21 @@ class Keys:
         """One stored response of one API key (``key_id``; "" without auth): the ``Response``, and the input
         items a ``previous_response_id`` continues from (``gateway.responses.store``), kept ``response_ttl_s``.
         The key's hash tag (``r:`` first: an empty tag, ``{}``, would hash the whole name, and the anonymous
-        key's id is ""): one slot with its budget counter."""
+        key's id is ""): one slot with its ledger (:meth:`stored_response_ledger`)."""
         return f"{self.prefix}:response:{{r:{key_id}}}:{response_id}"
 
-    def stored_response_bytes(self, key_id: str) -> str:
-        """The bytes of responses one API key stored in its current ``response_ttl_s`` window (a counter,
-        expiring with the window; ``gateway.responses.store``). The records' hash tag."""
-        return f"{self.prefix}:response-bytes:{{r:{key_id}}}"
+    def stored_response_ledger(self, key_id: str) -> tuple[str, str]:
+        """The live-bytes ledger of one API key's stored responses (``gateway.responses.store``): a ZSET
+        response id -> expiry (ms, Redis's clock) and a HASH response id -> bytes with the field ``live``
+        (their sum). The records' hash tag: one script saves a record and counts it. ``key_id``
+        :data:`EVERY_KEY` names the gateway-wide ledger (members ``<key id>/<response id>``), in a slot of
+        its own."""
+        tag = f"{self.prefix}:response-ledger:{{r:{key_id}}}"
+        return f"{tag}:expiry", f"{tag}:bytes"
 
+#: The key id of the gateway-wide ledger of stored responses (``Keys.stored_response_ledger``): no API
+#: key's id (12 hex digits, or "" without auth) has a ``*``.
+EVERY_KEY = "*global*"
 
 #: Value of a job key from its submission until a streaming job's output begins (``Keys.job``).
 IN_QUEUE = b"q"

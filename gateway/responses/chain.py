@@ -7,6 +7,7 @@ response's ``instructions`` are not carried over (OpenAI's rule): only the new r
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -39,17 +40,28 @@ def _content(role: str, content: Any) -> Any:
     return content
 
 
-def stored_items(given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+#: The longest item id a client may give an item it sends (OpenAI's are about 50 characters).
+MAX_ITEM_ID = 64
+
+
+def stored_items(given: str | list[dict[str, Any]], prior: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """A request's ``input`` as stored: a string is one user message; each item gets an id (``msg_``,
-    ``fc_``, ``fco_``, ``rs_``) and a status where it has none, and a message's content its parts.
-    (The input was translated first: every item here is of a type Conduit serves.)"""
+    ``fc_``, ``fco_``, ``rs_``) and a status where it has none, and a message's content its parts. A
+    client's id is kept only if it is a string of at most ``MAX_ITEM_ID`` characters that no earlier item
+    of the record (``prior``: the conversation it continues) or of this input has; any other gets a fresh
+    one, so ``input_items``' ``after`` finds one item. (The input was translated first: every item here
+    is of a type Conduit serves.)"""
     if isinstance(given, str):
         return [{"id": _new_id("msg"), "type": "message", "role": "user", "status": "completed",
                  "content": [{"type": "input_text", "text": given}]}]
+    taken = {item.get("id") for item in prior}
     out = []
     for item in given:
         kind = item.get("type", "message")
-        stored = {**item, "type": kind, "id": item.get("id") or _new_id(_PREFIX[kind])}
+        sent = item.get("id")
+        ok = isinstance(sent, str) and 0 < len(sent) <= MAX_ITEM_ID and sent not in taken
+        stored = {**item, "type": kind, "id": sent if ok else _new_id(_PREFIX[kind])}
+        taken.add(stored["id"])
         if kind == "message":
             stored["content"] = _content(item["role"], item["content"])
             stored.setdefault("status", "completed")

@@ -25,7 +25,7 @@ from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
 from gateway.context import RequestContext
 from gateway.dispatch import JobKind
-from gateway.errors import ConduitError
+from gateway.errors import ConduitError, InvalidRequest
 from gateway.responses.chain import continued, stored_items
 from gateway.responses.convert import Translated, translate
 from gateway.responses.objects import (
@@ -93,17 +93,13 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
 async def keep(store: ResponseStore, t: Translated, response: ResponseObject, encoded: bytes | None = None) -> None:
     """Store ``response`` with its input items (the conversation's, for a chained one) when its request
     asked (``store`` true or absent), before its end reaches the client: a ``previous_response_id`` sent
-    as soon as it arrives, to any replica, finds it. Not stored when Redis refuses or its key's budget
-    is spent: the answer goes out all the same."""
-    items = [*(t.prior or ()), *stored_items(t.request.input)]
-    try:
-        stored = await store.save(t.owner, t.model, response.id, encoded or _ENC.encode(response),
-                                  _ENC.encode(items))
+    as soon as it arrives, to any replica, finds it. Not stored when Redis refuses, the record is too
+    large or a ledger filled up since admission: the answer goes out all the same."""
+    items = [*(t.prior or ()), *stored_items(t.request.input, t.prior or ())]
+    try:  # (a response not stored is logged by the store, with why)
+        await store.save(t.owner, t.model, response.id, encoded or _ENC.encode(response), _ENC.encode(items))
     except REDIS_ERRORS as exc:
         log.warning("a response could not be stored (it is answered, not kept): %s", exc)
-        return
-    if not stored:
-        log.warning("a response was not stored: its API key's response_max_stored_bytes for this window is spent")
 
 
 class _Collected:
@@ -192,8 +188,13 @@ class ResponsesEndpoint:
         self.bounds = bounds
 
     async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
-        """The request as it runs: its key's, and with its conversation when it continues one."""
+        """The request as it runs: its key's, and with its conversation when it continues one; 400
+        ``response_store_full`` when it would be stored and its key's (or every key's) store is full."""
         owner = ctx.principal
+        if req.request.store is not False and await self.store.full(owner):
+            raise InvalidRequest("The response store is full for this API key: delete stored responses "
+                                 "(DELETE /v1/responses/{id}), or send `store: false`.", param="store",
+                                 code="response_store_full")
         if req.request.previous_response_id is not None:
             req = await continued(req, self.store, owner.key_id, self.bounds)
         req.owner = owner

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from engines.contract.acl import (BASE_ROLES, HELPERS, ROLE_NAMES, ROLES, acl_file, channels, name_patterns,
                                   user_rules)
-from engines.contract.keys import Keys
+from engines.contract.keys import EVERY_KEY, Keys
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "conduit"
@@ -38,7 +38,8 @@ def examples(keys: Keys) -> dict[str, list[str]]:
         "usage": [keys.usage("0123456789ab", "20261206")], "idempotency": [keys.idempotency("0123456789ab", "f" * 64)],
         "idempotency_bytes": [keys.idempotency_bytes("0123456789ab")],
         "stored_response": [keys.stored_response("0123456789ab", "resp_" + "0" * 24), keys.stored_response("", "resp_1")],
-        "stored_response_bytes": [keys.stored_response_bytes("0123456789ab")],
+        "stored_response_ledger": [*keys.stored_response_ledger("0123456789ab"), *keys.stored_response_ledger(""),
+                                   *keys.stored_response_ledger(EVERY_KEY)],
     }
 
 
@@ -64,7 +65,7 @@ def test_every_redis_name_has_its_patterns() -> None:
 
 def test_each_role_reaches_exactly_its_names() -> None:
     key_names = {"api_key", "keys_index", "keys_version", "rate_limits", "usage", "idempotency", "idempotency_bytes",
-                 "stored_response", "stored_response_bytes"}
+                 "stored_response", "stored_response_ledger"}
     for kind, names in examples(Keys(PREFIX)).items():
         for name in names:
             assert reachable("gateway", name, write=True), name

@@ -88,3 +88,25 @@ def test_only_response_ids_name_a_record() -> None:
         assert not RESPONSE_ID.fullmatch(other), other
     with pytest.raises(ValueError):
         ResponseSettings(response_ttl_s=0)
+
+
+def test_only_a_short_unused_string_id_sent_is_kept() -> None:
+    """``input_items``' ``after`` names one item: an id that is no string, too long, or already an id of
+    this record (in the conversation it continues, or earlier in its input) gets a fresh one."""
+    msg = {"type": "message", "role": "user", "content": "hi"}
+    prior = [{"id": "msg_old", "type": "message", "role": "user", "status": "completed", "content": []}]
+    sent = [{**msg, "id": 7}, {**msg, "id": "m" * 65}, {**msg, "id": "m" * 64}, {**msg, "id": "m" * 64},
+            {**msg, "id": "msg_old"}, {**msg, "id": ""}, {**msg, "id": "msg_mine"}]
+    ids = [item["id"] for item in stored_items(sent, prior)]
+    assert ids[2] == "m" * 64 and ids[6] == "msg_mine"
+    for fresh in (ids[0], ids[1], ids[3], ids[4], ids[5]):
+        assert re.fullmatch(r"msg_[0-9a-f]{24}", fresh), fresh
+    assert len(set(ids) | {"msg_old"}) == len(ids) + 1
+    validate("ResponseItemList", as_list(stored_items(sent, prior)))
+
+
+def test_a_record_has_a_positive_bound() -> None:
+    assert ResponseSettings().response_max_record_bytes == 4 * 1024 * 1024
+    assert ResponseSettings().response_store_max_bytes == 1024 ** 3
+    with pytest.raises(ValueError):
+        ResponseSettings(response_max_record_bytes=0)
