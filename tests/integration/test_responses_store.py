@@ -195,7 +195,7 @@ def test_store_false_keeps_nothing(gws: Gateways) -> None:
     assert refused.value.param == "previous_response_id"
     keys, key_id = record_keys(gws, key)
     with redis.Redis.from_url(gws.stack.redis_url) as r:
-        assert r.exists(keys.stored_response(key_id, created.id), keys.stored_response_bytes(key_id)) == 0
+        assert r.exists(keys.stored_response(key_id, created.id), *keys.stored_response_ledger(key_id)) == 0
 
 
 def test_records_expire_and_a_key_stores_at_most_its_budget(gws: Gateways) -> None:
@@ -211,27 +211,37 @@ def test_records_expire_and_a_key_stores_at_most_its_budget(gws: Gateways) -> No
         failed = [event for event in stream][-1]
     assert failed.type == "response.failed"
     assert raw(gws.small, key, "GET", f"/{failed.response.id}").status_code == 404  # type: ignore[union-attr]
-    # Past the key's budget a response is answered, and not stored.
+    # Once the key holds its budget, a request that would store is refused before it runs (400
+    # response_store_full): every response answered was stored; one with store false still runs.
     made = [incomplete.id]
     for _ in range(20):
-        made.append(client.responses.create(model=MODEL, input="x " * 200, previous_response_id=made[-1]).id)
-        if raw(gws.small, key, "GET", f"/{made[-1]}").status_code == 404:
+        try:
+            made.append(client.responses.create(model=MODEL, input="x " * 200, previous_response_id=made[-1]).id)
+        except openai.BadRequestError as refused:
+            assert (refused.code, refused.param) == ("response_store_full", "store")
             break
+        assert raw(gws.small, key, "GET", f"/{made[-1]}").status_code == 200
     else:
         pytest.fail(f"{BUDGET} bytes held every response")
-    stored = made[:-1]
+    stored = made
     keys, key_id = record_keys(gws, key)
     with redis.Redis.from_url(gws.stack.redis_url) as r:
         sizes = [r.strlen(keys.stored_response(key_id, rid)) for rid in stored]
-        assert all(sizes) and sum(sizes) == int(r.get(keys.stored_response_bytes(key_id))) <= BUDGET  # type: ignore[arg-type]
+        live = int(r.hget(keys.stored_response_ledger(key_id)[1], "live"))  # type: ignore[arg-type]
+        assert all(sizes) and sum(sizes) == live and live - sizes[-1] < BUDGET <= live  # at most one record over
         assert sizes[-1] > sizes[0]  # each record holds its whole conversation
-        for name in [*(keys.stored_response(key_id, rid) for rid in stored), keys.stored_response_bytes(key_id)]:
+        for name in [*(keys.stored_response(key_id, rid) for rid in stored), *keys.stored_response_ledger(key_id)]:
             assert 0 < r.pttl(name) <= TTL_S * 1000, name
+    assert client.responses.create(model=MODEL, input="hi", store=False).status == "completed"
     # The bytes stored are counted in the key's usage (written each second).
     deadline = time.monotonic() + 10
     while (counted := stored_bytes(gws, key_id)) != sum(sizes) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert counted == sum(sizes)
+    # Deleting gives its bytes back: the key stores again.
+    client.responses.delete(stored[-1])
+    again = client.responses.create(model=MODEL, input="hi", max_output_tokens=2)
+    assert client.responses.retrieve(again.id).id == again.id
     # The next key's budget is its own.
     other = gws.key()
     kept = gws.sdk(gws.small, other).responses.create(model=MODEL, input="x " * 200)
