@@ -102,9 +102,12 @@ FIELDS: dict[str, tuple[Outcome, str]] = {
     "parallel_tool_calls=true": (H, "Passed on as chat's `parallel_tool_calls` (the default)."),
     "parallel_tool_calls=false": (H, "Passed on as chat's `parallel_tool_calls`: at most one tool call a response."),
     "store=true": (H, ("The default: once answered (streamed: at its last event; completed or incomplete, never "
-                       "failed) the response is kept with its input items for `response_ttl_s` (30 days) within its "
-                       "API key's `response_max_stored_bytes` per window (past it: answered, not kept), for "
-                       "`GET`/`DELETE /v1/responses/{id}`, its `input_items` and `previous_response_id`.")),
+                       "failed) the response is kept with its input items for `response_ttl_s` (30 days), for "
+                       "`GET`/`DELETE /v1/responses/{id}`, its `input_items` and `previous_response_id`: a record "
+                       "of at most `response_max_record_bytes` (larger: answered, not kept), while its API key "
+                       "holds under `response_max_stored_bytes` and all keys under `response_store_max_bytes` "
+                       "(else a 400 `response_store_full` before it runs: delete stored responses, or send "
+                       "`store: false`).")),
     "store=false": (H, "Nothing is kept, as asked: the response can be neither retrieved nor continued."),
     "instructions": (H, "Sent first, as a system message."),
     "moderation": (R, "No moderation runs here: a moderation model set here would promise checks that never happen."),
