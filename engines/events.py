@@ -2,8 +2,10 @@
 
 :class:`EventWriter` collects the events of all jobs and writes them one stream entry per reply
 stream per flush (``engines.contract.replies``: a stream Redis lost before its expiry is re-created,
-see :class:`StreamLives`); a job's :class:`Ack` (XACK + XDEL, its job key, its backlog share and
-bytes) goes out only once its final event is in Redis. The worker (``engines.worker``) owns one.
+see :class:`StreamLives`); a job with a result record (``JobOptions.result``) has each event written
+to that stream too, the same way. A job's :class:`Ack` (XACK + XDEL, its job key, its backlog share
+and bytes) goes out only once its final event is in Redis, in every stream it goes to. The worker
+(``engines.worker``) owns one.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ class Ack:
     release: tuple[str, str] | None = None
     #: The command counting the job's bytes out of its model's backlog (``engines.contract.backlog``).
     bytes_release: tuple[object, ...] | None = None
+    #: The streams whose write of the job's final event is still to be answered (its reply stream,
+    #: and its result record if it has one): the ack goes out when this reaches 0.
+    waits: int = 0
 
     def commands(self) -> list[tuple[object, ...]]:
         """Idempotent, and none refused under maxmemory: an ack may be sent twice, and frees memory."""
@@ -129,8 +134,9 @@ class _Batch:
     def __init__(self) -> None:
         #: reply stream -> events, in emission order.
         self.events: dict[str, list[Event]] = {}
-        #: reply stream -> acks of jobs whose final event is among that stream's events: sent
-        #: only once those events are in Redis, so a refused write never loses a job.
+        #: reply stream (or result record) -> acks of jobs whose final event is among that stream's
+        #: events: sent only once those events are in Redis, in each of the job's streams, so a
+        #: refused write never loses a job.
         self.after: dict[str, list[Ack]] = {}
         #: acks ready to send (their final event is already written, or they have none).
         self.acks: list[Ack] = []
@@ -157,8 +163,14 @@ class EventWriter:
     While one flush is on the wire the next batch accumulates, so under load the deltas of
     one engine step (and of many jobs) share a round trip and a stream entry.
 
-    A job is acked only after its final event is in its reply stream: its ack goes out in
-    the round trip after the one that wrote the event (sharing it with the next events).
+    A job with a result record (``JobOptions.result``: a background response, which any gateway
+    reads after its own is gone) has every event appended to that stream as well, in the same
+    order and entries of the same encoding, with the same re-creation and retries.
+
+    A job is acked only after its final event is in its reply stream and in its result record:
+    its ack goes out in the round trip after the one that wrote the last of them (sharing it with
+    the next events); an ack sent sooner would leave a background response in progress forever
+    once the record's write failed for good.
     A write Redis refuses (out of memory, a failover) is kept and retried in order, ahead of
     the events that came later; the job stays unacked (and claimed by this engine's
     heartbeat) meanwhile. Events reach Redis at least once: a write resent after a broken
@@ -187,8 +199,12 @@ class EventWriter:
         #: the next write: at first, and after Redis answered NOSCRIPT.
         self.load_scripts = True
 
-    def emit(self, reply_to: str, event: Event) -> None:
-        self._batch.events.setdefault(reply_to, []).append(event)
+    def emit(self, reply_to: str, event: Event, result: str = "") -> None:
+        """Write ``event`` to ``reply_to``, and to the job's result record ``result`` if it has one."""
+        events = self._batch.events
+        events.setdefault(reply_to, []).append(event)
+        if result:
+            events.setdefault(result, []).append(event)
         self._idle.clear()
         self._wake.set()
 
@@ -196,11 +212,16 @@ class EventWriter:
         """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
         self._batch.markers.add(job_key)
 
-    def finish(self, reply_to: str, final: Event, ack: Ack) -> None:
-        """Write a job's final event, then (once it is in Redis) ack the job."""
+    def finish(self, reply_to: str, final: Event, ack: Ack, result: str = "") -> None:
+        """Write a job's final event (to ``result`` too, its result record if it has one), then, once
+        it is in Redis in each, ack the job."""
         self.unacked[ack.entry_id] = ack.stream
-        self._batch.events.setdefault(reply_to, []).append(final)
-        self._batch.after.setdefault(reply_to, []).append(ack)
+        streams = (reply_to, result) if result and result != reply_to else (reply_to,)
+        ack.waits = len(streams)
+        batch = self._batch
+        for stream in streams:
+            batch.events.setdefault(stream, []).append(final)
+            batch.after.setdefault(stream, []).append(ack)
         self._idle.clear()
         self._wake.set()
 
@@ -289,8 +310,11 @@ class EventWriter:
             state, pttl = int(reply[0]), int(reply[1])
             lives.heard(reply_to, sent, pttl)
             if state == RECREATED:
-                log.warning("reply stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)
-            ready.extend(batch.after.get(reply_to, ()))
+                log.warning("stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)
+            for a in batch.after.get(reply_to, ()):
+                a.waits -= 1
+                if a.waits <= 0:  # its final event is in every stream of its job
+                    ready.append(a)
         for a, c in zip(batch.acks, ack_cmds, strict=True):
             n = len(c)
             if any(isinstance(r, Exception) for r in replies[i:i + n]):

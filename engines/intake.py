@@ -186,9 +186,10 @@ class Intake:
                                       attempt=attempt, seq=run.next_seq()))
             return
         if job.id in worker.cancellations:
-            # Its client left while it waited: not a moment of compute spent on it.
+            # Cancelled while it waited: not a moment of compute spent on it (a background one still
+            # gets its end written to its result record).
             worker.metrics.job_finished(job.model, "skipped")
-            worker.writer.ack(worker.ack_of(run))
+            worker.runner.end_cancelled(run)
             return
         if job.created_ms and attempt == 1:
             worker.metrics.queue_wait(job.model, max(now_ms() - job.created_ms, 0) / 1000)

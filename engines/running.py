@@ -48,6 +48,13 @@ class Running:
     usage: Usage | None = None
     #: The job's encoded size (bytes), as its model's backlog counts it (``engines.contract.backlog``).
     size: int = 0
+    #: The job's result record (``JobOptions.result``: every event goes there too); "": none.
+    result: str = ""
+
+    def __post_init__(self) -> None:
+        options = self.job.options
+        if options is not None:
+            self.result = options.result
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -73,6 +80,7 @@ class _Output:
                 job.reply_to,
                 Started(job=job.id, engine=self._worker.engine_id, attempt=run.attempt, created=int(time.time()),
                         seq=run.next_seq()),
+                run.result,
             )
 
     def _mark_output(self) -> None:
@@ -90,7 +98,7 @@ class _Output:
         run = self._run
         job = run.job
         self._worker.writer.emit(job.reply_to, Delta(job=job.id, choices=choices, attempt=run.attempt,
-                                                     seq=run.next_seq(), usage=usage, total=total))
+                                                     seq=run.next_seq(), usage=usage, total=total), run.result)
 
     async def image(self, data: bytes, *, index: int, format: str, width: int, height: int, seed: int,
                     partial: int | None = None, joined: bool = False, batch: int = 1) -> None:
@@ -109,7 +117,7 @@ class _Output:
             self._mark_output()
         worker.writer.emit(job.reply_to, ImageReady(
             job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
-            joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()))
+            joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()), run.result)
 
     def done(self, usage: Usage) -> None:
         self.started()
@@ -162,9 +170,7 @@ class JobRunner:
                 raise  # drain timed out: left pending (unacked), so another engine reclaims it
             outcome = "cancelled"
             worker.metrics.job_finished(job.model, "cancelled")
-            if not run.finished:  # the client is gone: ack without a final event
-                run.finished = True
-                worker.writer.ack(worker.ack_of(run))
+            self.end_cancelled(run)
         except Exception:
             outcome = "error"
             log.exception("job %s failed (traceparent %s)", job.id, job.traceparent or "-")
@@ -181,6 +187,20 @@ class JobRunner:
                 "job_id": job.id, "request_id": job.request_id, "trace_id": trace_id_of(job.traceparent),
                 "model": job.model, "outcome": outcome, "attempt": run.attempt,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3)})
+
+    def end_cancelled(self, run: Running) -> None:
+        """End a job whose cancellation came (running, or skipped when read): one with a result record
+        ends with ``Failed`` 499 ``cancelled`` in both its streams, so a background response read from
+        any gateway says how it ended; any other is acked without a final event (its client is gone)."""
+        if run.finished:
+            return
+        worker = self._worker
+        if run.result:
+            worker.finish(run, Failed(job=run.job.id, message="The response was cancelled.", code="cancelled",
+                                      status=499, attempt=run.attempt, seq=run.next_seq()))
+            return
+        run.finished = True
+        worker.writer.ack(worker.ack_of(run))
 
     def _span(self, run: Running) -> Any:
         """The job's span in its client's trace (None when that trace is not sampled)."""

@@ -330,7 +330,7 @@ class Worker:
         if run.finished:
             return
         run.finished = True
-        self.writer.finish(run.job.reply_to, final, self.ack_of(run))
+        self.writer.finish(run.job.reply_to, final, self.ack_of(run), run.result)
 
     def ack_of(self, run: Running) -> Ack:
         """The ack of a job held: its entry, its job key, its backlog share and bytes."""

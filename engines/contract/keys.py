@@ -42,10 +42,13 @@ class Keys:
         only; the model's hash tag, so one script can move a job between it and :meth:`jobs`."""
         return f"{self.prefix}:jobs:{{{model}}}:engine:{engine_id}"
 
-    def result(self, job_id: str) -> str:
-        """STREAM: every event of a job with ``JobOptions.keep_ms``, in order (its result record), kept that
-        long after the job ends; any gateway reads it, from any event on (``seq``)."""
-        return f"{self.prefix}:result:{{{job_id}}}"
+    def result(self, response_id: str) -> str:
+        """STREAM: the result record of one background response: every event of the job that computes it
+        (``JobOptions.result`` names this stream), in order, as its reply stream gets them. The gateway
+        creates it, with an expiry, before it queues the job; engines only append to it (``APPEND``: never
+        a stream they have not seen), so any gateway reads the response, from any event on (``seq``), after
+        the one that submitted it is gone."""
+        return f"{self.prefix}:result:{{{response_id}}}"
 
     def dead_letters(self, model: str) -> str:
         """Jobs that failed too many attempts, kept for inspection."""

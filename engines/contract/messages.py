@@ -55,10 +55,14 @@ class JobOptions(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False
     adapter: str = ""
     #: Inputs too large for ``body``, by reference into the blob store (image edits' images).
     inputs: list[BlobRef] = []
-    #: When > 0, the engine also appends every event of the job to its result record
-    #: (``Keys.result``), kept this many milliseconds after the job ends: any gateway can read a
-    #: job whose submitting gateway is gone (background responses). 0: no record (today's jobs).
-    keep_ms: int = 0
+    #: The stream the engine also appends every event of this job to (``Keys.result``: a background
+    #: response's result record), in order and encoded as its reply stream's entries, so any gateway
+    #: can read a job whose submitting gateway is gone. The gateway creates it, with its expiry, before
+    #: it queues the job: an engine never makes a stream it has not seen (``engines.contract.replies``),
+    #: so the events of a job whose record is missing are dropped there. The job is acked only once its
+    #: final event is in this stream too; a cancelled job ends with a ``Failed`` 499 ``cancelled`` in
+    #: both streams (a job without a record is acked silently). "": no record (today's jobs).
+    result: str = ""
 
 
 class Job(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=False):
@@ -305,7 +309,8 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     addressable: bool = False
     #: LoRA adapters the engine has loaded (:attr:`JobOptions.adapter` names one).
     adapters: list[str] = []
-    #: The engine writes result records for jobs with :attr:`JobOptions.keep_ms` (``Keys.result``).
+    #: The engine writes result records for jobs with :attr:`JobOptions.result` (``Keys.result``), and
+    #: ends such a job, when it is cancelled, with a ``Failed`` 499 ``cancelled``.
     results: bool = False
     #: Models of :attr:`models` the engine announces *cold*: it takes their jobs at once, but its
     #: first output may take a cold start (an upstream engine whose serverless endpoint is scaled to

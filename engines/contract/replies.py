@@ -14,6 +14,11 @@ it in the same script as its write, with the life it had left: a live gateway's 
 once (its gateway refreshes it as before), and a gone gateway's lasts no longer than it would have.
 An engine never makes a stream it has not seen, nor one whose last seen expiry passed.
 
+A background response's result record (``Keys.result``, named by ``JobOptions.result``) is written
+the same way, with the same entries: so its gateway must create it, with its expiry, *before* it
+queues the job. A record missing at the job's first write is never made: its events are dropped
+(``DROPPED``) and the job still ends and is acked, as a gone gateway's job is.
+
 One key per script: one Redis Cluster slot. Imports no ML library (both sides use it).
 """
 

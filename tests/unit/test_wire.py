@@ -297,7 +297,7 @@ def test_todays_jobs_are_the_same_bytes_as_before(codec: Codec) -> None:
 
 def test_a_job_with_the_new_fields_round_trips_and_older_engines_read_it(codec: Codec) -> None:
     options = JobOptions(engine="e1", adapter="sql-lora", inputs=[BlobRef("in_" + "0" * 32 + ".png", "image/png", 1234)],
-                         keep_ms=600_000)
+                         result=Keys().result("resp_1"))
     job = Job(id="j", kind="image_edit", model="m", body=b"{}", reply_to="r", deadline_ms=5, options=options)
     assert codec.decode_job(codec.encode(job)) == job
     old = msgspec.msgpack.decode(codec.encode(job), type=_JobV4)
