@@ -270,9 +270,10 @@ class Dispatcher:
         self._runs.pop(job_id, None)
 
     def forget(self, run: JobRun) -> None:
-        """A run ended: stop routing its events; an unfinished job is cancelled on the engines."""
+        """A run ended: stop routing its events; an unfinished job is cancelled on the engines (unless
+        it outlives its run: ``JobRun.detached``)."""
         self._forget_id(run.job_id)
-        if not run.ended:
+        if not run.ended and not run.detached:
             if not run.withdrawn:  # (a withdrawn job's client did not leave: it was answered 503)
                 self.metrics.cancellations.add(1)
                 self.cold.left(run)

@@ -68,6 +68,9 @@ class Endpoint(Protocol):
     #: None, or a step after decoding that reads what the request names from Redis (the Responses API's
     #: ``previous_response_id``): the request as it runs, before its cost is asked.
     resolve: Callable[[Any, RequestContext], Awaitable[Any]] | None
+    #: None, or a step that takes over a run its client does not wait for (a background response):
+    #: it submits the job and answers at once; it answers None for a request the client waits for.
+    detach: Callable[[Any, JobRun], Awaitable[Response[Any] | None]] | None
 
     def prepare(self, req: Any, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         """The job's body, once the model's engines are known (a 400 for what they cannot do)."""
@@ -115,6 +118,10 @@ class RequestFlow:
         dispatcher.check_model(model, ctx.principal, kind.name)
         body = endpoint.prepare(req, body, dispatcher.registry.context(model), bounds)
         run = dispatcher.job(kind, model, body, stream=stream, ctx=ctx, cost=cost, receive=request.receive)
+        if endpoint.detach is not None:
+            detached = await endpoint.detach(req, run)
+            if detached is not None:
+                return detached
         try:
             if stream:
                 # Wait for the engine to accept before committing to 200: a refused job keeps its status.

@@ -89,6 +89,12 @@ class EngineRegistry:
         """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
+    def keeps_results(self, model: str) -> bool:
+        """Whether every live engine of ``model`` writes result records (``EngineInfo.results``): a job
+        any of them may take can be a background response's (True while none is live: a cold model's
+        engines are this version's)."""
+        return all(e.results for e in self.models.get(model, ()))
+
     def may_run(self, model: str, kind: str) -> bool:
         """Whether an engine of ``model``, live or not, may run ``kind`` jobs: those its live engines
         announce now, else those they announced when this process last saw one (any, if it never did)."""

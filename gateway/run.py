@@ -89,7 +89,7 @@ class JobRun:
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
                  "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "output", "refused", "refund_request", "claim", "entry", "withdrawn")
+                 "output", "refused", "refund_request", "claim", "entry", "withdrawn", "detached")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -141,10 +141,10 @@ class JobRun:
         #: A refusal at the queue that is not the key's own doing (the model's whole backlog is
         #: full, Redis is unavailable): the key gets its request back too.
         self.refund_request = False
-        #: The request's ``Idempotency-Key`` claim: each submission is named in it first.
-        self.claim: Claim | None = None
-        #: Its stream entry if submitted straight there (b"": it waited); taken back at its cold-start deadline.
-        self.entry, self.withdrawn = b"", False
+        self.claim: Claim | None = None  # its ``Idempotency-Key`` claim: each submission is named in it first
+        #: Its stream entry if submitted straight there (b"": it waited; taken back at its cold-start deadline);
+        #: whether its job outlives it (a background response's: closing it never cancels the job).
+        self.entry, self.withdrawn, self.detached = b"", False, False
 
     @property
     def job_id(self) -> str:

@@ -12,6 +12,7 @@ from engines.contract.store import ImageStore
 from gateway.dispatch import Dispatcher
 from gateway.flow import Endpoint, RequestFlow
 from gateway.registry import EngineRegistry
+from gateway.responses.background import ResultRecords
 from gateway.responses.store import ResponseStore
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.keys import KeyStore
@@ -36,6 +37,8 @@ class Services(msgspec.Struct):
     image_store: ImageStore
     #: Each API key's stored responses (``/v1/responses/{response_id}``).
     response_store: ResponseStore
+    #: Background responses' result records (``gateway.responses.background``).
+    result_records: ResultRecords
     telemetry: Telemetry
     redis: aioredis.Redis
     key_store: KeyStore

@@ -272,6 +272,10 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: conversation); a larger one is answered but not stored. Also what a ``previous_response_id``
     #: loads before its request is admitted.
     response_max_record_bytes: int = 4 * 1024 * 1024
+    #: How long a background response's result record (its job's events, ``Keys.result``) is kept past
+    #: its deadline (``request_timeout_s``): its stream can be resumed (``starting_after``) that long.
+    #: Its final response is stored for ``response_ttl_s`` as any other.
+    response_events_keep_s: float = 3600.0
 
     def __post_init__(self) -> None:
         if self.response_ttl_s <= 0:

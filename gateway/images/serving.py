@@ -76,6 +76,7 @@ class ImageGeneration:
     __slots__ = ("job_kind", "decoder", "store", "settings", "_enc")
 
     resolve = None  # nothing to read before the job: the request is whole
+    detach = None  # the client always waits for its answer
 
     def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings) -> None:
         self.job_kind = JobKind("image", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))

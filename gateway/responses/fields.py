@@ -64,8 +64,11 @@ FIELDS: dict[str, tuple[Outcome, str]] = {
                                  "deleted, another key's or stored with `store: false` is a 400 "
                                  "`previous_response_not_found`.")),
     "model": (H, "The model whose engines serve the chat job, as for chat completions."),
-    "background=true": (R, ("Background responses (queued, polled for later) are not run yet: a response is answered "
-                            "on its request's connection, and a stored one can be retrieved afterwards.")),
+    "background=true": (H, ("Answered `queued` at once; its job runs through the queue (limits, fair queueing, run "
+                            "again on another engine when its engine dies) and its events go to a result record any "
+                            "replica reads: `GET` polls it, `GET ?stream=true&starting_after=n` resumes its stream, "
+                            "`POST .../cancel` cancels it; it completes even if the gateway that accepted it dies. "
+                            "With `stream`: its events from that record. Needs `store` true (400 otherwise).")),
     "background=false": (H, "The default: the response is answered on the request's own connection."),
     "max_tool_calls": (I, "It limits calls to built-in tools, and no built-in tool runs here (they are refused)."),
     "text": (H, _FIELDS_BELOW),

@@ -200,12 +200,14 @@ class ResponseOutput:
 
     # ---- the end ------------------------------------------------------------------------
 
-    def finished(self, usage: Usage, out: bytearray) -> ResponseObject:
-        """The response once its job is done (its last events appended when streaming)."""
+    def finished(self, usage: Usage, out: bytearray, now: int | None = None) -> ResponseObject:
+        """The response once its job is done (its last events appended when streaming); ``now``: its
+        completion time (a background response's is its result record's, the same on every replica)."""
         reason = self.finish
         incomplete = reason == "length" or reason == "content_filter"
         self._close(out, "incomplete" if incomplete else "completed")
-        now = int(time.time())
+        if now is None:
+            now = int(time.time())
         response = msgspec.structs.replace(
             self.head, status="incomplete" if incomplete else "completed", output=self.items, usage=usage_of(usage),
             completed_at=None if incomplete else now,
@@ -219,9 +221,20 @@ class ResponseOutput:
     def failed(self, exc: ConduitError) -> bytes:
         """The stream's end after a failure: ``error``, then ``response.failed``."""
         out = bytearray()
-        self.begin(out)
-        self._event(out, "error", {"code": exc.code, "message": exc.message, "param": exc.param})
-        output = self.items if self.open is None else [*self.items, self._item(self.open, "incomplete")]
-        response = msgspec.structs.replace(self.head, status="failed", output=output, error=response_error(exc))
-        self._event(out, "response.failed", {"response": response})
+        self.failure(exc, out)
         return bytes(out)
+
+    def failure(self, exc: ConduitError, out: bytearray) -> ResponseObject:
+        """The response failed (its partial output incomplete); streaming, ``error`` and then
+        ``response.failed`` appended to ``out``."""
+        response = msgspec.structs.replace(self.head, status="failed", output=self.so_far("incomplete"),
+                                           error=response_error(exc))
+        if self.stream:
+            self.begin(out)
+            self._event(out, "error", {"code": exc.code, "message": exc.message, "param": exc.param})
+            self._event(out, "response.failed", {"response": response})
+        return response
+
+    def so_far(self, status: str) -> list[OutputItem]:
+        """The output items made so far, an open one with ``status``."""
+        return self.items if self.open is None else [*self.items, self._item(self.open, status)]

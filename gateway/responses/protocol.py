@@ -118,10 +118,10 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
             if getattr(self, name) is not None:
                 raise InvalidRequest(f"Unsupported parameter: '{name}' is not supported by this server: {why}.",
                                      param=name, code="unsupported_parameter")
-        if self.background:
-            raise InvalidRequest("Unsupported parameter: 'background' is not supported by this server yet: a "
-                                 "response is answered while the request waits (send `background: false`).",
-                                 param="background", code="unsupported_parameter")
+        if self.background and self.store is False:
+            raise InvalidRequest("A background response must be stored: its result is read later (send `store: "
+                                 "true`, the default, or `background: false`).", param="background",
+                                 code="invalid_value")
         if self.truncation == "auto":
             raise InvalidRequest("Unsupported value: 'truncation' 'auto' is not supported by this server: input is "
                                  "never dropped to fit the context; a request that does not fit gets a 400.",
@@ -154,7 +154,8 @@ class ResponseRequest(Struct, kw_only=True, forbid_unknown_fields=False):
 
 #: Fields refused whenever they are set (not null), and why.
 _REFUSED_WHEN_SET = (
-    ("conversation", "conversations are not stored yet; send the whole conversation as `input`"),
+    ("conversation", "the Conversations API is not served; continue a conversation with `previous_response_id`, "
+                     "or send it whole as `input`"),
     ("prompt", "stored prompt templates are not kept by this server; send `instructions` and `input`"),
     ("context_management", "server-side compaction is not done by this server"),
     ("moderation", "moderation is not run by this server"),

@@ -7,21 +7,28 @@ the key's id, so there is nothing of another key's to find, and no answer tells 
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request, Response, delete
+from litestar import Request, Response, delete, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
+from litestar.response import Stream
 
+from engines.contract.lane import REDIS_ERRORS
 from gateway.apispec import AUTH_ERRORS, REQUEST_ID, Operation, documented
 from gateway.common.routing import get_and_head
 from gateway.context import principal_of
-from gateway.errors import InvalidRequest, NotFound
-from gateway.responses.objects import ResponseObject
-from gateway.responses.store import StoredRecord
+from gateway.errors import ConduitError, InvalidRequest, NotFound
+from gateway.flow import SSE_HEADERS
+from gateway.responses.objects import ResponseEvent, ResponseObject
+from gateway.responses.background import FINAL, head_of_record
+from gateway.responses.store import StoredRecord, store_unavailable
+from gateway.tenancy.principal import Principal
 from gateway.services import Services
 
+log = logging.getLogger("conduit.gateway")
 _JSON = msgspec.json.Encoder()
 _ITEMS = msgspec.json.Decoder(list[dict[str, Any]])
 
@@ -60,11 +67,27 @@ _ERRORS = {**AUTH_ERRORS, 404: "`not_found`: no stored response of this API key 
                                "deleted, another key's, or created with `store: false`).",
            500: "`internal_error`.", 503: AUTH_ERRORS[503] + " `response_store_unavailable`."}
 RETRIEVE_RESPONSE = Operation(
-    "getResponse", "A stored model response", "Responses", _ERRORS, json=ResponseObject,
+    "getResponse", "A stored model response", "Responses",
+    {**_ERRORS, 400: "`invalid_value` (`stream` for a response that is not a background one, or whose events are no "
+                     "longer kept; a `starting_after` that is no integer)."}, json=ResponseObject,
+    stream=(("response.*", (ResponseEvent,)),),
+    parameters=(_RESPONSE_ID,
+                {"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
+                 "description": "A background response's events, as server-sent events, to its end."},
+                {"name": "starting_after", "in": "query", "required": False, "schema": {"type": "integer"},
+                 "description": "With `stream`: the events after the one with this `sequence_number` (resuming a "
+                                "stream after a disconnect: no gap, no event twice)."}, REQUEST_ID),
+    description="The response as it was answered (completed or incomplete), kept `response_ttl_s` (30 days) after "
+                "its creation with `store` true (the default); a background response as it stands (`queued`, "
+                "`in_progress`, then how it ended), from any replica. Its events can be streamed again, from the "
+                "start or after `starting_after`, for `response_events_keep_s` (an hour) past its deadline.")
+CANCEL_RESPONSE = Operation(
+    "cancelResponse", "Cancel a background response", "Responses",
+    {**_ERRORS, 400: "`invalid_value`: the response is not a background one."}, json=ResponseObject,
     parameters=(_RESPONSE_ID, REQUEST_ID),
-    description="The response as it was answered (completed or incomplete), kept `response_ttl_s` (30 days) "
-                "after its creation with `store` true (the default). `stream=true` (a background response's "
-                "events) is refused: background responses are not run.")
+    description="Its job is dropped by the engines, queued or running, and the response ends `cancelled` with the "
+                "output made so far (on every replica at once; its stream ends). A response that had already ended "
+                "is answered as it ended.")
 DELETE_RESPONSE = Operation(
     "deleteResponse", "Delete a stored model response", "Responses", _ERRORS, json=DeletedResponse,
     parameters=(_RESPONSE_ID, REQUEST_ID),
@@ -93,16 +116,92 @@ async def _record(services: Services, request: Request[Any, Any, Any], response_
     return record
 
 
+def _starting_after(request: Request[Any, Any, Any]) -> int | None:
+    """``stream`` and ``starting_after`` (None: not streamed; -1: from the first event)."""
+    if request.query_params.get("stream", "false").lower() in ("false", "0"):
+        if "starting_after" in request.query_params:
+            raise InvalidRequest("`starting_after` is only allowed when `stream` is true.", param="starting_after")
+        return None
+    raw = request.query_params.get("starting_after", "-1")
+    try:
+        after = int(raw)
+    except ValueError:
+        after = -2
+    if not -1 <= after < 2**31:
+        raise InvalidRequest(f"Invalid 'starting_after': {raw!r}; expected an event's sequence_number (an integer, "
+                             "0 or more).", param="starting_after", code="invalid_value")
+    return after
+
+
+async def current(services: Services, owner: Principal, record: StoredRecord) -> bytes:
+    """A stored response as it stands: a background one still running rendered from its result
+    record (``gateway.responses.background``), and stored once it has ended."""
+    head = head_of_record(record.response)
+    if not head.background or head.status in FINAL:
+        return record.response
+    try:
+        replay = await services.result_records.render(head)
+    except REDIS_ERRORS as exc:
+        log.warning("a background response's record cannot be read: %s", exc)
+        raise store_unavailable() from None
+    response = replay.now()
+    body = _JSON.encode(response)
+    if replay.final is not None:
+        try:
+            await services.response_store.save(owner, head.model, head.id, body, record.input)
+        except REDIS_ERRORS as exc:  # answered all the same; the next GET stores it
+            log.warning("a finished background response could not be stored: %s", exc)
+    return body
+
+
 @get_and_head("/v1/responses/{response_id:str}", opt=documented(RETRIEVE_RESPONSE))
 async def retrieve_response(response_id: FromPath[str], request: Request[Any, Any, Any],
-                            services: NamedDependency[Services]) -> Response[bytes]:
-    """One stored response of the request's API key."""
-    if request.query_params.get("stream", "false").lower() not in ("false", "0"):
-        raise InvalidRequest("Unsupported parameter: 'stream' is not supported by this server: only a background "
-                             "response's events can be streamed again, and background responses are not run.",
-                             param="stream", code="unsupported_parameter")
+                            services: NamedDependency[Services]) -> Response[Any]:
+    """One stored response of the request's API key; a background one's events with ``stream``."""
+    after = _starting_after(request)
     record = await _record(services, request, response_id)
-    return Response(record.response, media_type="application/json")
+    if after is None:
+        return Response(await current(services, principal_of(request.scope), record), media_type="application/json")
+    head = head_of_record(record.response)
+    if not head.background:
+        raise InvalidRequest("Only a background response's events can be streamed again (this response was "
+                             "answered on its request's connection).", param="stream", code="invalid_value")
+    records = services.result_records
+    try:
+        kept = await records.kept(head.id)
+    except REDIS_ERRORS as exc:
+        log.warning("a background response's record cannot be read: %s", exc)
+        raise store_unavailable() from None
+    if not kept:
+        raise InvalidRequest(f"The events of response '{response_id}' are no longer kept (a background response's "
+                             "are kept `response_events_keep_s` past its deadline); retrieve it without `stream`.",
+                             param="stream", code="invalid_value")
+    return Stream(records.stream(head, after), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@post("/v1/responses/{response_id:str}/cancel", status_code=200, opt=documented(CANCEL_RESPONSE))
+async def cancel_response(response_id: FromPath[str], request: Request[Any, Any, Any],
+                          services: NamedDependency[Services]) -> Response[bytes]:
+    """Cancel a background response of the request's API key (a finished one is answered as it ended)."""
+    record = await _record(services, request, response_id)
+    head = head_of_record(record.response)
+    if not head.background:
+        raise InvalidRequest("Only a background response can be cancelled (this one was answered on its request's "
+                             "connection).", param="response_id", code="invalid_value")
+    owner = principal_of(request.scope)
+    if head.status not in FINAL:
+        records = services.result_records
+        try:
+            replay = await records.render(head)
+            if replay.final is None:
+                job = replay.job
+                await records.end(head.id, job, ConduitError("The response was cancelled.", status=499,
+                                                             code="cancelled"))
+                await records.cancel_job(job, (head.created_at + int(records.timeout_s) + 1) * 1000)
+        except REDIS_ERRORS as exc:
+            log.warning("a background response cannot be cancelled now: %s", exc)
+            raise store_unavailable() from None
+    return Response(await current(services, owner, record), media_type="application/json")
 
 
 @delete("/v1/responses/{response_id:str}", status_code=200, opt=documented(DELETE_RESPONSE))

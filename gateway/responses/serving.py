@@ -9,6 +9,7 @@ read before its cost is asked, so the admission counts the whole conversation.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -16,16 +17,20 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 from litestar import Request, Response, post
+from litestar.response import Stream
 from litestar.di import NamedDependency
 
 from engines.contract.lane import REDIS_ERRORS
-from engines.contract.messages import Delta, Event, Started, Usage
+from engines.contract.messages import Delta, Done, Event, Failed, JobOptions, Started, Usage
 from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, STORED, Operation, documented
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
 from gateway.context import RequestContext
 from gateway.dispatch import JobKind
 from gateway.errors import ConduitError, InvalidRequest
+from gateway.flow import SSE_HEADERS
+from gateway.registry import EngineRegistry
+from gateway.responses.background import ResultRecords
 from gateway.responses.chain import continued, stored_items
 from gateway.responses.convert import Translated, translate
 from gateway.responses.objects import (
@@ -39,7 +44,7 @@ from gateway.responses.objects import (
 )
 from gateway.responses.output import ResponseOutput
 from gateway.responses.protocol import ResponseRequest, TextFormatText
-from gateway.responses.store import ResponseStore
+from gateway.responses.store import ResponseStore, store_unavailable
 from gateway.run import JobRun, Restarted
 from gateway.services import Services
 from gateway.settings import RequestBounds
@@ -90,16 +95,20 @@ def head_of(req: ResponseRequest, run: JobRun, created: int) -> ResponseObject:
         metadata=req.metadata or {})
 
 
-async def keep(store: ResponseStore, t: Translated, response: ResponseObject, encoded: bytes | None = None) -> None:
+async def keep(store: ResponseStore, t: Translated, response: ResponseObject, encoded: bytes | None = None,
+               items: bytes | None = None) -> bool:
     """Store ``response`` with its input items (the conversation's, for a chained one) when its request
     asked (``store`` true or absent), before its end reaches the client: a ``previous_response_id`` sent
     as soon as it arrives, to any replica, finds it. Not stored when Redis refuses, the record is too
-    large or a ledger filled up since admission: the answer goes out all the same."""
-    items = [*(t.prior or ()), *stored_items(t.request.input, t.prior or ())]
-    try:  # (a response not stored is logged by the store, with why)
-        await store.save(t.owner, t.model, response.id, encoded or _ENC.encode(response), _ENC.encode(items))
+    large or a ledger filled up since admission: the answer goes out all the same (False). (A response
+    not stored is logged by the store, with why.)"""
+    if items is None:
+        items = _ENC.encode([*(t.prior or ()), *stored_items(t.request.input, t.prior or ())])
+    try:
+        return bool(await store.save(t.owner, t.model, response.id, encoded or _ENC.encode(response), items))
     except REDIS_ERRORS as exc:
         log.warning("a response could not be stored (it is answered, not kept): %s", exc)
+        return False
 
 
 class _Collected:
@@ -176,16 +185,22 @@ class _Events:
 
 
 class ResponsesEndpoint:
-    """``/v1/responses`` as an endpoint of the shared flow: chat jobs, Responses objects, the store."""
+    """``/v1/responses`` as an endpoint of the shared flow: chat jobs, Responses objects, the store;
+    background responses (``gateway.responses.background``) as jobs that outlive their request."""
 
-    __slots__ = ("decoder", "store", "bounds")
+    __slots__ = ("decoder", "store", "bounds", "records", "registry", "running")
 
     job_kind = JobKind("chat", "resp")
 
-    def __init__(self, bounds: RequestBounds, store: ResponseStore) -> None:
+    def __init__(self, bounds: RequestBounds, store: ResponseStore, records: ResultRecords,
+                 registry: EngineRegistry) -> None:
         self.decoder = ResponsesDecoder(bounds)
         self.store = store
         self.bounds = bounds
+        self.records = records
+        self.registry = registry
+        #: This process's background runs (kept referenced until they end).
+        self.running: set[asyncio.Task[None]] = set()
 
     async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
         """The request as it runs: its key's, and with its conversation when it continues one; 400
@@ -213,6 +228,67 @@ class ResponsesEndpoint:
         created = first.created if isinstance(first, Started) and first.created else int(time.time())
         return _Events(req, created, self._store(req))
 
+    async def detach(self, req: Translated, run: JobRun) -> Response[Any] | None:
+        """A background response: its record made and its queued response stored, then its job
+        submitted (a refusal is the request's answer: 429, 503), run here without the client, and
+        ``queued`` answered at once (or its events streamed from its record)."""
+        if not req.request.background:
+            return None
+        if not self.registry.keeps_results(req.model):
+            raise InvalidRequest(f"The engines of the model `{req.model}` cannot run background responses (they do "
+                                 "not keep result records: an older version); send `background: false`.",
+                                 param="background", code="unsupported_value")
+        head = msgspec.structs.replace(head_of(req.request, run, int(time.time())), background=True, status="queued")
+        records = self.records
+        try:
+            key = await records.make(head.id)
+        except REDIS_ERRORS as exc:
+            log.warning("could not make a background response's record: %s", exc)
+            raise store_unavailable() from None
+        items = _ENC.encode([*(req.prior or ()), *stored_items(req.request.input, req.prior or ())])
+        if not await keep(self.store, req, head, items=items):
+            await records.drop(head.id)
+            raise ConduitError("The background response could not be stored (its API key's stored responses are at "
+                               "their limit, or the store is unavailable); delete stored responses or retry.",
+                               status=503, code="response_store_unavailable")
+        run.detached = True
+        run.job = msgspec.structs.replace(run.job, options=JobOptions(result=key), stream=False)
+        try:
+            await run.__aenter__()  # submitted: admission's refusals are this request's answer
+        except BaseException:
+            await self.store.delete(req.owner.key_id, head.id)
+            await records.drop(head.id)
+            raise
+        task = asyncio.get_running_loop().create_task(self._run(req, run, head, items))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+        if req.stream:
+            return Stream(records.stream(head, -1), media_type="text/event-stream", headers=SSE_HEADERS)
+        return Response(content=_ENC.encode(head), media_type="application/json")
+
+    async def _run(self, req: Translated, run: JobRun, head: ResponseObject, items: bytes) -> None:
+        """Drive a background response's run to its end (its events reach the record from the engine),
+        then store what its record renders."""
+        try:
+            try:
+                while True:
+                    event = await run.next()
+                    if type(event) is Done:
+                        run.usage = event.usage
+                        break
+                    if type(event) is Failed:
+                        break
+            except ConduitError as exc:  # its deadline, or its job lost too often: written to its record
+                await self.records.end(head.id, run.job_id, exc)
+                await self.records.cancel_job(run.job_id, run.job.deadline_ms)
+            finally:
+                run.close()
+            replay = await self.records.render(head)
+            if replay.final is not None:
+                await keep(self.store, req, replay.final, items=items)
+        except REDIS_ERRORS as exc:  # the next GET stores it
+            log.warning("a background response's end could not be recorded here: %s", exc)
+
 
 class _Count:
     """What the engine counted: an input tokens answer (charged as a request, never as tokens)."""
@@ -235,6 +311,7 @@ class InputTokensEndpoint:
     __slots__ = ("decoder", "store", "bounds")
 
     job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
+    detach = None  # counted while the client waits
 
     def __init__(self, bounds: RequestBounds, store: ResponseStore) -> None:
         self.decoder = ResponsesDecoder(bounds, counting=True)
@@ -262,7 +339,8 @@ class InputTokensEndpoint:
 
 #: The errors of a Responses request: a generation's, and the store's.
 RESPONSE_ERRORS = {**JOB_ERRORS, 400: JOB_ERRORS[400] + " `previous_response_not_found` (param "
-                   "`previous_response_id`: unknown, expired, deleted, another key's, or stored with `store: false`).",
+                   "`previous_response_id`: unknown, expired, deleted, another key's, or stored with `store: false`); "
+                   "`response_store_full` (param `store`: the key's stored responses, or all keys', hold their cap).",
                    503: JOB_ERRORS[503] + " `response_store_unavailable`."}
 
 CREATE_RESPONSE = Operation(
@@ -270,11 +348,13 @@ CREATE_RESPONSE = Operation(
     body=ResponseRequest, json=ResponseObject,
     stream=(("response.*", (ResponseEvent,)),),
     description="With `store` true (the default) the response is kept with its input items for `response_ttl_s` "
-                "(30 days), within the API key's `response_max_stored_bytes` per window (past it: answered, not "
-                "stored), for `GET`/`DELETE /v1/responses/{response_id}` and `previous_response_id` on any "
+                "(30 days), within the bytes the API key may hold (`response_max_stored_bytes`; while it holds them, "
+                "a 400 `response_store_full`), for `GET`/`DELETE /v1/responses/{response_id}` and `previous_response_id` on any "
                 "replica; a failed response is never kept. `previous_response_id` runs on the previous "
                 "response's input and output items, then `input` (its `instructions` are not carried over). "
-                "`background: true` is refused. Streamed as server-sent events when "
+                "`background: true` answers `queued` at once (its events then from its result record, on any "
+                "replica: `GET`, `GET ?stream=true&starting_after=n`, `POST .../cancel`). Streamed as server-sent "
+                "events when "
                 "`stream` is true: `event: <type>` lines with OpenAI's response events, each with its "
                 "`sequence_number`, ending with `response.completed`, `response.incomplete` or `response.failed`. "
                 "Every request field's outcome: `openapi/responses-fields.md`.",

@@ -1,0 +1,216 @@
+"""Background responses through keyed gateway processes on one Redis and synthetic engines: queued at
+once and polled from another gateway with the `openai` SDK (every body validated against OpenAI's
+schemas); completed after ``kill -9`` of the gateway that accepted it, and after ``kill -9`` of its
+engine (another engine runs it again); a streamed one resumed on another gateway with
+``starting_after``: no gap, no duplicate; cancelled from another gateway; another key sees none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import redis
+
+from engines.contract.keys import Keys
+from engines.contract.messages import Codec, Failed
+
+from gateway.tenancy.keys import HASHER
+from tests.harness import RedisServer, Stack
+from tests.openai_schema import validate_response, validate_response_stream
+
+ADMIN = "responses-background-admin-credential-0123456789"
+FAST, SLOW = "bg-fast", "bg-slow"
+TOKENS = 40
+#: Engines that number their tokens (so the text shows each one once, in order) and whose jobs are
+#: reclaimed 2 s after their engine dies.
+NUMBERED = ("--numbered", "--reclaim-idle-ms", "2000")
+WHOLE = "".join(f"{i} " for i in range(TOKENS))
+
+
+class Stack2:
+    """Two keyed gateways on one Redis (``urls[0]`` is killed and replaced by a test) and a key."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.procs = []
+        self.urls: list[str] = []
+        for _ in range(2):
+            self.procs.append(stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN)))
+            self.urls.append(stack.base_url)
+        stack.api_key = self.key()  # (what the stack reads /v1/models with)
+        self.clients: list[openai.OpenAI] = []
+
+    def replace(self, i: int) -> None:
+        self.procs[i] = self.stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN))
+        self.urls[i] = self.stack.base_url
+
+    def key(self) -> str:
+        r = httpx.post(f"{self.urls[1]}/admin/keys", json={"name": "tenant"}, timeout=10,
+                       headers={"Authorization": f"Bearer {ADMIN}"})
+        assert r.status_code == 201, r.text
+        return str(r.json()["key"])
+
+    def sdk(self, i: int, key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=f"{self.urls[i]}/v1", api_key=key, max_retries=0)
+        self.clients.append(client)
+        return client
+
+
+@pytest.fixture(scope="module")
+def gws(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack2]:
+    stack = Stack(redis_server.url, tmp_path_factory.mktemp("responses-background"))
+    g = Stack2(stack)
+    stack.synthetic(FAST, *NUMBERED, "--tokens", "4")
+    yield g
+    for client in g.clients:
+        client.close()
+    stack.stop()
+
+
+def raw(url: str, key: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    return httpx.request(method, f"{url}/v1/responses{path}", headers={"Authorization": f"Bearer {key}"},
+                         timeout=30, **kwargs)
+
+
+def poll(get: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 60) -> Any:
+    """``get()`` until ``done`` says so (every answer must be a valid response)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = get()
+        assert r.status_code == 200, r.text
+        body = r.json()
+        validate_response(body)
+        if done(body):
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+
+
+def text_of(body: dict[str, Any]) -> str:
+    return "".join(p["text"] for item in body["output"] if item["type"] == "message" for p in item["content"])
+
+
+def sse(lines: Iterator[str], stop_after: int | None = None) -> list[dict[str, Any]]:
+    """The events of a response stream (the first ``stop_after`` only, if given)."""
+    events = []
+    for line in lines:
+        if line.startswith("data: "):
+            events.append(json.loads(line[6:]))
+            if stop_after is not None and len(events) == stop_after:
+                break
+    return events
+
+
+def test_queued_at_once_then_polled_from_another_gateway(gws: Stack2) -> None:
+    key = gws.key()
+    queued = gws.sdk(0, key).responses.create(model=FAST, input="Hello there", background=True)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    validate_response(raw(gws.urls[0], key, "GET", f"/{queued.id}").json())
+    done = poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: b["status"] == "completed")
+    assert text_of(done) == "0 1 2 3 " and done["usage"]["output_tokens"] == 4 and done["background"]
+    retrieved = gws.sdk(1, key).responses.retrieve(queued.id)
+    assert (retrieved.status, retrieved.output_text, retrieved.created_at) == ("completed", "0 1 2 3 ",
+                                                                               queued.created_at)
+    # Continued like any stored response, and its input items kept.
+    after = gws.sdk(1, key).responses.create(model=FAST, input="More", previous_response_id=queued.id)
+    assert after.status == "completed"
+    assert [i.type for i in gws.sdk(0, key).responses.input_items.list(after.id, order="asc")] == [
+        "message", "message", "message"]
+
+
+def test_a_background_response_must_be_stored_and_is_only_its_keys(gws: Stack2) -> None:
+    key, other = gws.key(), gws.key()
+    r = raw(gws.urls[0], key, "POST", "", json={"model": FAST, "input": "x", "background": True, "store": False})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "background", r.text
+    made = gws.sdk(0, key).responses.create(model=FAST, input="mine", background=True)
+    for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/input_items")):
+        assert raw(gws.urls[1], other, method, f"/{made.id}{path}").status_code == 404
+    assert raw(gws.urls[1], other, "GET", f"/{made.id}", params={"stream": "true"}).status_code == 404
+    # A response answered on its connection can neither be streamed again nor cancelled.
+    plain = gws.sdk(0, key).responses.create(model=FAST, input="plain")
+    assert raw(gws.urls[1], key, "GET", f"/{plain.id}", params={"stream": "true"}).status_code == 400
+    assert raw(gws.urls[1], key, "POST", f"/{plain.id}/cancel").status_code == 400
+    bad = raw(gws.urls[1], key, "GET", f"/{made.id}", params={"stream": "true", "starting_after": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+
+
+def test_survives_kill_9_of_the_gateway_that_accepted_it(gws: Stack2) -> None:
+    gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05")
+    key = gws.key()
+    queued = gws.sdk(0, key).responses.create(model=SLOW, input="long", background=True)
+    poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
+    gws.procs[0].kill()
+    done = poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: b["status"] != "in_progress")
+    assert done["status"] == "completed" and text_of(done) == WHOLE, done
+    gws.replace(0)
+    assert gws.sdk(0, key).responses.retrieve(queued.id).output_text == WHOLE
+
+
+def test_survives_kill_9_of_its_engine(gws: Stack2) -> None:
+    model = "bg-dies"
+    first = gws.stack.synthetic(model, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05")
+    key = gws.key()
+    queued = gws.sdk(1, key).responses.create(model=model, input="long", background=True)
+    poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 4)
+    gws.stack.synthetic(model, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.01")
+    first.kill()
+    done = poll(lambda: raw(gws.urls[0], key, "GET", f"/{queued.id}"), lambda b: b["status"] != "in_progress")
+    # Run again from scratch by the other engine: the whole text once, not the first attempt's start twice.
+    assert done["status"] == "completed" and text_of(done) == WHOLE, done
+
+
+def test_a_stream_resumed_on_another_gateway_has_no_gap_and_no_duplicate(gws: Stack2) -> None:
+    gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05", wait=False)
+    key = gws.key()
+    body = {"model": SLOW, "input": "stream me", "background": True, "stream": True}
+    with httpx.stream("POST", f"{gws.urls[1]}/v1/responses", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {key}"}) as r:
+        assert r.status_code == 200
+        before = sse(r.iter_lines(), stop_after=12)  # the client goes away mid-stream
+    assert [e["type"] for e in before[:2]] == ["response.created", "response.queued"]
+    rid = before[0]["response"]["id"]
+    last = before[-1]["sequence_number"]
+    with httpx.stream("GET", f"{gws.urls[0]}/v1/responses/{rid}", params={"stream": "true", "starting_after": last},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
+        assert r.status_code == 200, r.read()
+        after = sse(r.iter_lines())
+    events = before + after
+    validate_response_stream(events)
+    assert events[-1]["type"] == "response.completed"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == WHOLE
+    # From the start, on either gateway: the same events.
+    with httpx.stream("GET", f"{gws.urls[1]}/v1/responses/{rid}", params={"stream": "true"},
+                      headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
+        assert sse(r.iter_lines()) == events
+    assert gws.sdk(0, key).responses.retrieve(rid).output_text == WHOLE
+
+
+def test_cancelled_from_another_gateway(gws: Stack2) -> None:
+    model = "bg-cancel"
+    gws.stack.synthetic(model, *NUMBERED, "--tokens", "2000", "--token-delay", "0.02")
+    key = gws.key()
+    queued = gws.sdk(0, key).responses.create(model=model, input="forever", background=True)
+    poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
+    cancelled = gws.sdk(1, key).responses.cancel(queued.id)
+    assert cancelled.status == "cancelled"
+    validate_response(raw(gws.urls[0], key, "GET", f"/{queued.id}").json())
+    seen = len(cancelled.output_text)
+    # The engine dropped the job: it ended it in the record itself (a Failed of its own attempt).
+    keys, codec = Keys(gws.stack.prefix), Codec()
+    r = redis.Redis.from_url(gws.stack.redis_url)
+    deadline = time.monotonic() + 20
+    while not any(isinstance(e, Failed) and e.attempt >= 1 and e.code == "cancelled"
+                  for _, fields in r.xrange(keys.result(queued.id)) if b"e" in fields
+                  for e in codec.decode_events(fields[b"e"])[0]):
+        assert time.monotonic() < deadline, r.xrange(keys.result(queued.id))
+        time.sleep(0.05)
+    r.close()
+    again = gws.sdk(0, key).responses.retrieve(queued.id)
+    assert again.status == "cancelled" and len(again.output_text) == seen
+    assert gws.sdk(0, key).responses.cancel(queued.id).status == "cancelled"  # as it ended
