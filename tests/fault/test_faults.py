@@ -9,7 +9,8 @@ before its deadline, with a complete answer or an OpenAI-shaped error: 0 lost, 0
 Faults: (a) kill -9 one engine, (b) restart Redis with jobs queued, (c) SIGTERM a gateway
 with streams open, (d) ``DEBUG SLEEP 6`` on Redis, (e) Redis out of memory for 3 s, (f) kill -9
 the Redis Cluster master holding the model's job stream (its replica takes over), (g) restart
-Redis with many streams mid-answer.
+Redis with many streams mid-answer, (h) kill -9 an engine and a gateway under background responses
+(polled to their end instead of a load).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+import httpx
 import pytest
 import redis
 
 from engines.contract.keys import Keys
+from engines.contract.messages import Codec
 from tests.cluster import LocalCluster
-from tests.fault.load import COMPLETED, DUPLICATED, LOST, Load, Report
+from tests.fault.load import COMPLETED, DUPLICATED, LOST, Answer, Load, Outcome, Report, judge
 from tests.harness import Proc, RedisServer, Stack
 
 pytestmark = pytest.mark.fault
@@ -258,3 +261,58 @@ def test_cluster_master_failover(redis_cluster: LocalCluster, tmp_path: Path) ->
     finally:
         stack.stop()
         redis_cluster.heal()
+
+
+BACKGROUND = 48
+
+
+def test_background_responses_survive_kill_9_of_an_engine_and_their_gateway(fault_stack: Stack) -> None:
+    """(h) Background responses (``background: true``) sent to two gateways; mid-way, kill -9 one engine
+    and one gateway. Each is then polled on the gateway left until it ends: every one must complete,
+    its numbered tokens each once (an engine's lost attempt runs again from scratch elsewhere; a dead
+    gateway's responses are finished by their engines into their records)."""
+    gws, engines = start(fault_stack, gateways=2)
+    urls = [url for _, url in gws]
+    began = time.monotonic()
+    made = []
+    with httpx.Client(timeout=DEADLINE_S) as client:
+        for i in range(BACKGROUND):
+            body = {"model": MODEL, "input": f"background {i}", "background": True}
+            r = client.post(f"{urls[i % 2]}/v1/responses", json=body)
+            assert r.status_code == 200 and r.json()["status"] == "queued", r.text
+            made.append((r.json()["id"], urls[i % 2], time.monotonic() - began))
+        time.sleep(0.5)  # (8 of 48 run at once, each ~0.6 s: most are still queued or running)
+        unfinished = [rid for rid, url, _ in made[-16:] if url == urls[0] and client.get(
+            f"{urls[1]}/v1/responses/{rid}").json()["status"] in ("queued", "in_progress")]
+        engines[0].kill()
+        gws[0][0].kill()
+        outcomes = []
+        for rid, url, start_at in made:
+            deadline = time.monotonic() + DEADLINE_S + 5
+            while True:
+                body = client.get(f"{urls[1]}/v1/responses/{rid}").json()
+                if body.get("status") not in ("queued", "in_progress") or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            text = [p["text"] for item in body.get("output", []) if item["type"] == "message" for p in item["content"]]
+            answer = Answer(stream=False, status=200, text=text, finish_reason="stop",
+                            error=body.get("error") if body.get("status") == "failed" else None)
+            if body.get("status") == "failed" and isinstance(answer.error, dict):
+                answer.error = {**answer.error, "type": "server_error", "param": None}
+            failure = None if body.get("status") in ("completed", "failed") else f"status {body.get('status')}"
+            kind, detail = judge(answer, failure, TOKENS)
+            outcomes.append(Outcome(False, url, start_at, time.monotonic() - began, kind, detail))
+    report = Report("background: kill -9 engine + gateway", outcomes)
+    report.publish()
+    problems = problems_of(report)
+    if not unfinished:
+        problems.append("every response of the killed gateway had ended before the kill")
+    r, codec = redis.Redis.from_url(fault_stack.redis_url), Codec()
+    keys = Keys(fault_stack.prefix)
+    rerun = sum(any(e.attempt > 1 for _, f in r.xrange(keys.result(rid)) if b"e" in f
+                    for e in codec.decode_events(f[b"e"])[0]) for rid, _, _ in made)
+    r.close()
+    if not rerun:
+        problems.append("no job was run again after its engine died")
+    print(f"    {len(unfinished)} of the killed gateway's last 8 were unfinished at the kill; {rerun} jobs ran again")
+    verdict(report, problems)
