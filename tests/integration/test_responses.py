@@ -184,7 +184,6 @@ def test_the_hints_clients_always_send_are_accepted(tooled: Stack) -> None:
 
 @pytest.mark.parametrize(("field", "value", "param"), [
     ("previous_response_id", "resp_1", "previous_response_id"),
-    ("background", True, "background"),
     ("conversation", "conv_1", "conversation"),
     ("prompt", {"id": "pmpt_1"}, "prompt"),
     ("truncation", "auto", "truncation"),
