@@ -21,7 +21,7 @@ from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
 from gateway.completions.serving import CompletionRenderer
-from gateway.responses.background import ResultRecords
+from gateway.responses.records import ResultRecords
 from gateway.responses.serving import InputTokensEndpoint, ResponsesEndpoint
 from gateway.responses.store import ResponseStore
 from gateway.dispatch import Dispatcher
@@ -106,14 +106,15 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                              block_s=tenancy.auth_block_s)
         bounds = settings.bounds
         responses = ResponseStore(redis, keys, settings.responses, usage_log)
-        records = ResultRecords(redis, keys, queue, queueing.request_timeout_s, settings.responses.response_events_keep_s)
+        records = ResultRecords(redis, keys, queue, responses, usage_log, queueing.request_timeout_s,
+                                settings.responses)
         app.state.services = Services(metrics=settings.telemetry.metrics, registry=registry, dispatcher=dispatcher,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
                                       chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
                                       response_store=responses, result_records=records,
                                       responses=ResponsesEndpoint(bounds, responses, records, registry),
-                                      input_tokens=InputTokensEndpoint(bounds, responses),
+                                      input_tokens=InputTokensEndpoint(bounds, records),
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)
         try:

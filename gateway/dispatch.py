@@ -196,7 +196,7 @@ class Dispatcher:
         if u is None:
             u = run.generated
         prompt, completion = (u.prompt_tokens, u.completion_tokens) if u is not None else (0, 0)
-        if self.usage is not None:
+        if self.usage is not None and not run.detached:  # (a background response's: charged when stored)
             self.usage.add(run.principal.key_id, run.principal.name, run.model, prompt_tokens=prompt,
                            completion_tokens=completion, images=images)
         if run.grant is not None and self.limiter is not None:
@@ -223,6 +223,8 @@ class Dispatcher:
         self._publish_cancel(old.id, old.deadline_ms)
         run.job = msgspec.structs.replace(old, id=new_id(old.id.partition("-")[0]))
         run.attempt, run.seq, run.missing = 1, 0, 0
+        if old.options is not None and old.options.result:  # announced in its record before it can be there
+            await self.queue.announce(old.options.result, run.job.id)
         run.generated, run.images, run.output = None, 0, False
         await self._queue(run)
 

@@ -160,6 +160,14 @@ class JobQueue:
         replies = await self.lane.pipeline([("GET", self._keys.job(model, job_id)) for model, job_id in jobs])
         return [r is None or r == FENCED for r in replies]
 
+    async def announce(self, record: str, job_id: str) -> None:
+        """Name a job submitted again in its result record (``JobOptions.result``): readers take that
+        job's events from then on (``gateway.responses.background``)."""
+        try:
+            await self.lane.execute("XADD", record, "NOMKSTREAM", "*", "job", job_id)
+        except REDIS_ERRORS as exc:  # (the job is queued all the same; its record will show it lost)
+            log.warning("could not announce job %s in its result record: %s", job_id, exc)
+
     async def cancel(self, job_id: str, deadline_ms: int) -> None:
         """Tell every engine that the client of ``job_id`` went away (remember it until ``deadline_ms``)."""
         try:

@@ -152,7 +152,7 @@ class JobRun:
 
     async def __aenter__(self) -> JobRun:
         await self.dispatcher.submit(self)
-        if self._receive is not None:
+        if self._receive is not None and not self.detached:  # (a background response's client is not watched)
             self._watcher = self.loop.create_task(self._watch(self._receive))
         return self
 

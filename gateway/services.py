@@ -12,7 +12,7 @@ from engines.contract.store import ImageStore
 from gateway.dispatch import Dispatcher
 from gateway.flow import Endpoint, RequestFlow
 from gateway.registry import EngineRegistry
-from gateway.responses.background import ResultRecords
+from gateway.responses.records import ResultRecords
 from gateway.responses.store import ResponseStore
 from gateway.tenancy.auth import Authenticator
 from gateway.tenancy.keys import KeyStore

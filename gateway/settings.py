@@ -276,6 +276,10 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: its deadline (``request_timeout_s``): its stream can be resumed (``starting_after``) that long.
     #: Its final response is stored for ``response_ttl_s`` as any other.
     response_events_keep_s: float = 3600.0
+    #: Background responses' streams one gateway serves at once, and at once per API key (each holds
+    #: a Redis connection while it waits for events; 429 beyond).
+    response_max_streams: int = 1024
+    response_max_streams_per_key: int = 16
 
     def __post_init__(self) -> None:
         if self.response_ttl_s <= 0:

@@ -10,14 +10,20 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+import logging
+
 import msgspec
 
+from engines.contract.lane import REDIS_ERRORS
 from gateway.common.bounds import at_most
 from gateway.errors import InvalidRequest
 from gateway.responses.convert import Translated, translate
-from gateway.responses.store import ResponseStore
+from gateway.responses.records import ResultRecords
+from gateway.responses.store import store_unavailable
 from gateway.settings import RequestBounds
+from gateway.tenancy.principal import Principal
 
+log = logging.getLogger("conduit.gateway")
 _ITEMS = msgspec.json.Decoder(list[dict[str, Any]])
 _OUTPUT = msgspec.json.Decoder(dict[str, Any])
 #: The id prefix of an item of each type that came without one.
@@ -73,18 +79,27 @@ def stored_items(given: str | list[dict[str, Any]], prior: Sequence[dict[str, An
     return out
 
 
-async def continued(t: Translated, store: ResponseStore, owner: str, bounds: RequestBounds) -> Translated:
+async def continued(t: Translated, records: ResultRecords, owner: Principal, bounds: RequestBounds) -> Translated:
     """``t`` with its conversation: the input rebuilt from the previous response (``owner``'s, 400
-    ``previous_response_not_found`` otherwise, as OpenAI answers) and translated as a whole, its
+    ``previous_response_not_found`` otherwise, as OpenAI answers; a background one as its record
+    stands: 400 ``previous_response_in_progress`` until it has ended) and translated as a whole, its
     bounds checked on the whole (a conversation holds at most ``max_messages`` items)."""
     req = t.request
     previous = req.previous_response_id
     assert previous is not None
-    record = await store.load(owner, previous)
+    record = await records.store.load(owner.key_id, previous)
     if record is None:
         raise InvalidRequest(f"Previous response with id '{previous}' not found.", param="previous_response_id",
                              code="previous_response_not_found")
-    prior = [*_ITEMS.decode(record.input), *_OUTPUT.decode(record.response)["output"]]
+    try:
+        response = _OUTPUT.decode(await records.current(owner, record))
+    except REDIS_ERRORS as exc:
+        log.warning("a background response's record cannot be read: %s", exc)
+        raise store_unavailable() from None
+    if response["status"] in ("queued", "in_progress"):
+        raise InvalidRequest(f"Previous response with id '{previous}' is still {response['status']}; continue it "
+                             "once it has ended.", param="previous_response_id", code="previous_response_in_progress")
+    prior = [*_ITEMS.decode(record.input), *response["output"]]
     own = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
     at_most("input", "input items (with the previous responses' input and output)", len(prior) + len(own),
             bounds.max_messages)

@@ -134,24 +134,12 @@ def _starting_after(request: Request[Any, Any, Any]) -> int | None:
 
 
 async def current(services: Services, owner: Principal, record: StoredRecord) -> bytes:
-    """A stored response as it stands: a background one still running rendered from its result
-    record (``gateway.responses.background``), and stored once it has ended."""
-    head = head_of_record(record.response)
-    if not head.background or head.status in FINAL:
-        return record.response
+    """A stored response as it stands (a background one rendered from its result record)."""
     try:
-        replay = await services.result_records.render(head)
+        return await services.result_records.current(owner, record)
     except REDIS_ERRORS as exc:
         log.warning("a background response's record cannot be read: %s", exc)
         raise store_unavailable() from None
-    response = replay.now()
-    body = _JSON.encode(response)
-    if replay.final is not None:
-        try:
-            await services.response_store.save(owner, head.model, head.id, body, record.input)
-        except REDIS_ERRORS as exc:  # answered all the same; the next GET stores it
-            log.warning("a finished background response could not be stored: %s", exc)
-    return body
 
 
 @get_and_head("/v1/responses/{response_id:str}", opt=documented(RETRIEVE_RESPONSE))
@@ -176,7 +164,8 @@ async def retrieve_response(response_id: FromPath[str], request: Request[Any, An
         raise InvalidRequest(f"The events of response '{response_id}' are no longer kept (a background response's "
                              "are kept `response_events_keep_s` past its deadline); retrieve it without `stream`.",
                              param="stream", code="invalid_value")
-    return Stream(records.stream(head, after), media_type="text/event-stream", headers=SSE_HEADERS)
+    return Stream(records.open_stream(principal_of(request.scope), head, after), media_type="text/event-stream",
+                  headers=SSE_HEADERS)
 
 
 @post("/v1/responses/{response_id:str}/cancel", status_code=200, opt=documented(CANCEL_RESPONSE))
@@ -197,7 +186,7 @@ async def cancel_response(response_id: FromPath[str], request: Request[Any, Any,
                 job = replay.job
                 await records.end(head.id, job, ConduitError("The response was cancelled.", status=499,
                                                              code="cancelled"))
-                await records.cancel_job(job, (head.created_at + int(records.timeout_s) + 1) * 1000)
+                await records.cancel_job(job, replay.deadline_ms or (head.created_at * 1000 + records.timeout_ms))
         except REDIS_ERRORS as exc:
             log.warning("a background response cannot be cancelled now: %s", exc)
             raise store_unavailable() from None

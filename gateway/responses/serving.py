@@ -30,7 +30,7 @@ from gateway.dispatch import JobKind
 from gateway.errors import ConduitError, InvalidRequest
 from gateway.flow import SSE_HEADERS
 from gateway.registry import EngineRegistry
-from gateway.responses.background import ResultRecords
+from gateway.responses.records import ResultRecords
 from gateway.responses.chain import continued, stored_items
 from gateway.responses.convert import Translated, translate
 from gateway.responses.objects import (
@@ -211,7 +211,7 @@ class ResponsesEndpoint:
                                  "(DELETE /v1/responses/{id}), or send `store: false`.", param="store",
                                  code="response_store_full")
         if req.request.previous_response_id is not None:
-            req = await continued(req, self.store, owner.key_id, self.bounds)
+            req = await continued(req, self.records, owner, self.bounds)
         req.owner = owner
         return req
 
@@ -240,8 +240,10 @@ class ResponsesEndpoint:
                                  param="background", code="unsupported_value")
         head = msgspec.structs.replace(head_of(req.request, run, int(time.time())), background=True, status="queued")
         records = self.records
+        # First: a key with too many streams open gets its 429 with nothing made or queued.
+        events = records.open_stream(req.owner, head, -1) if req.stream else None
         try:
-            key = await records.make(head.id)
+            key = await records.make(head.id, run.job.deadline_ms)
         except REDIS_ERRORS as exc:
             log.warning("could not make a background response's record: %s", exc)
             raise store_unavailable() from None
@@ -252,7 +254,8 @@ class ResponsesEndpoint:
                                "their limit, or the store is unavailable); delete stored responses or retry.",
                                status=503, code="response_store_unavailable")
         run.detached = True
-        run.job = msgspec.structs.replace(run.job, options=JobOptions(result=key), stream=False)
+        options = run.job.options or JobOptions()
+        run.job = msgspec.structs.replace(run.job, options=msgspec.structs.replace(options, result=key), stream=False)
         try:
             await run.__aenter__()  # submitted: admission's refusals are this request's answer
         except BaseException:
@@ -262,8 +265,8 @@ class ResponsesEndpoint:
         task = asyncio.get_running_loop().create_task(self._run(req, run, head, items))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
-        if req.stream:
-            return Stream(records.stream(head, -1), media_type="text/event-stream", headers=SSE_HEADERS)
+        if events is not None:
+            return Stream(events, media_type="text/event-stream", headers=SSE_HEADERS)
         return Response(content=_ENC.encode(head), media_type="application/json")
 
     async def _run(self, req: Translated, run: JobRun, head: ResponseObject, items: bytes) -> None:
@@ -283,11 +286,11 @@ class ResponsesEndpoint:
                 await self.records.cancel_job(run.job_id, run.job.deadline_ms)
             finally:
                 run.close()
-            replay = await self.records.render(head)
-            if replay.final is not None:
-                await keep(self.store, req, replay.final, items=items)
+            await self.records.finish(req.owner, head, items)  # stored and charged, once it has ended
         except REDIS_ERRORS as exc:  # the next GET stores it
             log.warning("a background response's end could not be recorded here: %s", exc)
+        except Exception:  # noqa: BLE001 - logged; the response ends in its record all the same
+            log.exception("a background response's run failed here")
 
 
 class _Count:
@@ -303,26 +306,25 @@ class _Count:
                         media_type="application/json")
 
 
-
 class InputTokensEndpoint:
     """``/v1/responses/input_tokens``: the translated chat request's prompt, tokenized by an engine
     of the model that can (job kind ``input_tokens``; a model whose engines cannot is a 404)."""
 
-    __slots__ = ("decoder", "store", "bounds")
+    __slots__ = ("decoder", "records", "bounds")
 
     job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
     detach = None  # counted while the client waits
 
-    def __init__(self, bounds: RequestBounds, store: ResponseStore) -> None:
+    def __init__(self, bounds: RequestBounds, records: ResultRecords) -> None:
         self.decoder = ResponsesDecoder(bounds, counting=True)
-        self.store = store
+        self.records = records
         self.bounds = bounds
 
     async def resolve(self, req: Translated, ctx: RequestContext) -> Translated:
         """The input counted with its conversation when it continues one (as a response would run it)."""
         if req.request.previous_response_id is None:
             return req
-        return await continued(req, self.store, ctx.principal.key_id, self.bounds)
+        return await continued(req, self.records, ctx.principal, self.bounds)
 
     def prepare(self, req: Translated, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         req.check_context(model)

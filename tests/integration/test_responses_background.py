@@ -18,9 +18,9 @@ import pytest
 import redis
 
 from engines.contract.keys import Keys
-from engines.contract.messages import Codec, Failed
+from engines.contract.messages import Codec, Done, Failed
 
-from gateway.tenancy.keys import HASHER
+from gateway.tenancy.keys import HASHER, parse_key
 from tests.harness import RedisServer, Stack
 from tests.openai_schema import validate_response, validate_response_stream
 
@@ -140,16 +140,69 @@ def test_a_background_response_must_be_stored_and_is_only_its_keys(gws: Stack2) 
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
 
 
+def usage_of(gws: Stack2, key: str, model: str) -> dict[str, int]:
+    r = httpx.get(f"{gws.urls[1]}/admin/keys/{parse_key(key)[0]}/usage?days=1", timeout=10,  # type: ignore[index]
+                  headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200, r.text
+    days = r.json()["days"]
+    return days[0]["models"].get(model, {}) if days else {}
+
+
+def record_events(gws: Stack2, rid: str) -> list[Any]:
+    r = redis.Redis.from_url(gws.stack.redis_url)
+    try:
+        return [e for _, fields in r.xrange(Keys(gws.stack.prefix).result(rid)) if b"e" in fields
+                for e in Codec().decode_events(fields[b"e"])[0]]
+    finally:
+        r.close()
+
+
+def wait_for(what: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_survives_kill_9_of_the_gateway_that_accepted_it(gws: Stack2) -> None:
     gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05")
     key = gws.key()
     queued = gws.sdk(0, key).responses.create(model=SLOW, input="long", background=True)
     poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
+    r = raw(gws.urls[1], key, "POST", "", json={"model": SLOW, "input": "next", "previous_response_id": queued.id})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_in_progress", r.text
     gws.procs[0].kill()
+    # The engine finishes it into its record; nobody asked about it since.
+    wait_for(lambda: any(isinstance(e, Done) for e in record_events(gws, queued.id)))
+    # Continued straight away: the conversation holds its whole output.
+    after = gws.sdk(1, key).responses.create(model=SLOW, input="next", previous_response_id=queued.id,
+                                             max_output_tokens=16)
+    items = list(gws.sdk(1, key).responses.input_items.list(after.id, order="asc"))
+    assert [i.type for i in items] == ["message", "message", "message"]
+    assert items[1].role == "assistant" and items[1].content[0].text == WHOLE  # type: ignore[union-attr]
     done = poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: b["status"] != "in_progress")
     assert done["status"] == "completed" and text_of(done) == WHOLE, done
     gws.replace(0)
     assert gws.sdk(0, key).responses.retrieve(queued.id).output_text == WHOLE
+    # Charged once, by whichever gateway stored its end (the one that accepted it was dead by then).
+    wait_for(lambda: usage_of(gws, key, SLOW).get("completion_tokens") == TOKENS + 16)
+    assert usage_of(gws, key, SLOW)["requests"] == 2
+
+
+def test_charged_once_when_its_gateway_stops_mid_job(gws: Stack2) -> None:
+    gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05", wait=False)
+    key = gws.key()
+    queued = gws.sdk(0, key).responses.create(model=SLOW, input="long", background=True)
+    poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
+    gws.procs[0].stop()  # SIGTERM: a rolling deploy
+    gws.replace(0)
+    done = poll(lambda: raw(gws.urls[0], key, "GET", f"/{queued.id}"), lambda b: b["status"] != "in_progress")
+    assert done["status"] == "completed"
+    for i in (0, 1, 0, 1):
+        assert raw(gws.urls[i], key, "GET", f"/{queued.id}").status_code == 200
+    wait_for(lambda: usage_of(gws, key, SLOW).get("completion_tokens") == TOKENS)
+    time.sleep(1.5)  # (usage is written each second: a second charge would show by now)
+    assert (usage_of(gws, key, SLOW)["requests"], usage_of(gws, key, SLOW)["completion_tokens"]) == (1, TOKENS)
 
 
 def test_survives_kill_9_of_its_engine(gws: Stack2) -> None:
@@ -214,3 +267,35 @@ def test_cancelled_from_another_gateway(gws: Stack2) -> None:
     again = gws.sdk(0, key).responses.retrieve(queued.id)
     assert again.status == "cancelled" and len(again.output_text) == seen
     assert gws.sdk(0, key).responses.cancel(queued.id).status == "cancelled"  # as it ended
+
+
+def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: Stack2) -> None:
+    gws.stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), response_max_streams_per_key=2,
+                      response_max_record_bytes=2500)
+    small, key = gws.stack.base_url, gws.key()
+    gws.stack.synthetic("bg-long", *NUMBERED, "--tokens", "2000", "--token-delay", "0.02")
+    made = gws.sdk(1, key).responses.create(model="bg-long", input="watch", background=True)  # 40 s
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("GET", f"{small}/v1/responses/{made.id}", params={"stream": "true"},
+                           headers=headers) as one, \
+                client.stream("GET", f"{small}/v1/responses/{made.id}", params={"stream": "true"},
+                              headers=headers) as two:
+            assert (one.status_code, two.status_code) == (200, 200)
+            lines = [one.iter_lines(), two.iter_lines()]  # (kept: a dropped iterator closes its connection)
+            assert [next(it) for it in lines] == ["event: response.created"] * 2  # both are being served
+            third = client.get(f"{small}/v1/responses/{made.id}", params={"stream": "true"}, headers=headers)
+            assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded", third.text
+        # (Closed: the key's streams are free again.)
+        with client.stream("GET", f"{small}/v1/responses/{made.id}", params={"stream": "true"},
+                           headers=headers) as again:
+            assert again.status_code == 200
+    assert gws.sdk(1, key).responses.cancel(made.id).status == "cancelled"
+    # A response whose end is larger than a stored record may be (2,500 bytes here) still ends: failed,
+    # its output not kept (not queued for ever).
+    gws.stack.synthetic("bg-big", *NUMBERED, "--tokens", "600")  # ~2,300 bytes of text
+    big = raw(small, key, "POST", "", json={"model": "bg-big", "input": "x", "background": True}).json()
+    assert big["status"] == "queued"
+    done = poll(lambda: raw(small, key, "GET", f"/{big['id']}"), lambda b: b["status"] not in ("queued", "in_progress"))
+    assert done["status"] == "failed" and done["output"] == [], done
+    assert "response_max_record_bytes" in done["error"]["message"]

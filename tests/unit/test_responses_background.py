@@ -9,7 +9,8 @@ import json
 from typing import Any
 
 from engines.contract.messages import ChoiceDelta, Delta, Done, Failed, Started, Usage
-from gateway.responses.background import Replay, _after, job_of
+from gateway.responses.background import Replay, job_of
+from gateway.responses.records import after
 from gateway.responses.objects import ReasoningConfig, ResponseObject, TextConfig
 from gateway.responses.protocol import TextFormatText
 
@@ -29,13 +30,18 @@ def delta(text: str, seq: int, attempt: int = 1, job: str = JOB, finish: str | N
     return Delta(job=job, choices=[ChoiceDelta(index=0, text=text, finish_reason=finish)], attempt=attempt, seq=seq)
 
 
-def render(entries: list[list[Any]], *, stream: bool = False) -> tuple[Replay, bytes]:
+def render(entries: list[Any], *, stream: bool = False) -> tuple[Replay, bytes]:
+    """Render record entries: a list of events (an engine's), or a dict of fields (the gateway's)."""
     replay = Replay(head(), stream=stream)
     out = bytearray()
     if stream:
         replay.open(head(), out)
-    for i, events in enumerate(entries):
-        replay.feed(b"%d-0" % (1_800_000_001_000 + i), events, out)
+    for i, entry in enumerate(entries):
+        entry_id = b"%d-0" % (1_800_000_001_000 + i)
+        if isinstance(entry, dict):
+            replay.entry(entry_id, entry, out)
+        else:
+            replay.feed(entry_id, entry, out)
     return replay, bytes(out)
 
 
@@ -66,9 +72,22 @@ def test_a_new_attempt_starts_over_and_the_old_ones_events_are_dropped() -> None
 
 def test_a_resubmitted_job_starts_over_and_its_earlier_submission_is_dropped() -> None:
     again = "resp-0a0a"
-    replay, _ = render([[Started(job=JOB, seq=1), delta("x ", 2)], [Started(job=again, seq=1)],
-                        [delta("late ", 3)], [delta("y", 2, job=again), Done(job=again, seq=3)]])
-    assert replay.final is not None and text(replay) == "y"
+    replay, _ = render([{b"deadline": b"1800000600000"}, [Started(job=JOB, seq=1), delta("x ", 2)],
+                        {b"job": again.encode()}, [Started(job=again, seq=1)], [delta("late ", 3)],
+                        [delta("y", 2, job=again), Done(job=again, seq=3)]])
+    assert replay.final is not None and text(replay) == "y" and replay.deadline_ms == 1_800_000_600_000
+
+
+def test_a_job_the_gateway_did_not_announce_is_not_this_responses() -> None:
+    replay, _ = render([[Started(job=JOB, seq=1), delta("x ", 2)], [Done(job="resp-0b0b", seq=1)],
+                        [Done(job=JOB, usage=Usage(1, 1), seq=3)]])
+    assert replay.final is not None and text(replay) == "x " and replay.usage.completion_tokens == 1
+
+
+def test_a_gap_in_the_numbering_fails_it_output_lost() -> None:
+    replay, _ = render([[Started(job=JOB, seq=1), delta("0 ", 2)], [delta("2 ", 4), Done(job=JOB, seq=5)]])
+    assert replay.final is not None and replay.final.status == "failed"
+    assert replay.final.error is not None and "lost" in replay.final.error.message
 
 
 def test_the_gateways_end_ends_it_and_nothing_after_counts() -> None:
@@ -101,8 +120,8 @@ def test_a_stream_renders_the_same_events_every_time_and_resumes_without_gap_or_
     assert [e["type"] for e in all_events[:3]] == ["response.created", "response.queued", "response.in_progress"]
     assert all_events[-1]["type"] == "response.completed"
     for n in range(-1, len(all_events)):
-        rest, left = _after(whole, n + 1)
+        rest, left = after(whole, n + 1)
         assert left == 0 and events(rest) == all_events[n + 1:]
     # Skipping across chunks: what is left to skip carries over.
-    first, left = _after(whole[:whole.index(b"\n\n") + 2], 3)
+    first, left = after(whole[:whole.index(b"\n\n") + 2], 3)
     assert (first, left) == (b"", 2)
