@@ -272,10 +272,10 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: conversation); a larger one is answered but not stored. Also what a ``previous_response_id``
     #: loads before its request is admitted.
     response_max_record_bytes: int = 4 * 1024 * 1024
-    #: How long a background response's result record (its job's events, ``Keys.result``) is kept past
-    #: its deadline (``request_timeout_s``): its stream can be resumed (``starting_after``) that long.
-    #: Its final response is stored for ``response_ttl_s`` as any other.
-    response_events_keep_s: float = 3600.0
+    #: How long a background response's result record (its job's events, ``Keys.result``) is kept once
+    #: the response has ended (and at most this past its deadline, ``request_timeout_s``): its stream can
+    #: be resumed (``starting_after``) that long. Its final response is stored ``response_ttl_s``.
+    response_events_keep_s: float = 600.0
     #: Background responses' streams one gateway serves at once, and at once per API key (each holds
     #: a Redis connection while it waits for events; 429 beyond).
     response_max_streams: int = 1024

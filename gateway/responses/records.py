@@ -150,12 +150,15 @@ class ResultRecords:
                 code="server_error", message="The response is larger than a stored response may be "
                                              "(response_max_record_bytes); its output was not kept."))
             body = _ENC.encode(final)
-        if await self.store.save(owner, head.model, head.id, body, items) and self.usage is not None and \
-                await self.redis.set(self.keys.result(head.id) + ":charged", 1, nx=True,
-                                     px=self.timeout_ms + self.keep_ms):
-            u = replay.usage
-            self.usage.add(owner.key_id, owner.name, head.model, prompt_tokens=u.prompt_tokens,
-                           completion_tokens=u.completion_tokens)
+        key = self.keys.result(head.id)
+        if await self.store.save(owner, head.model, head.id, body, items) and \
+                await self.redis.set(key + ":charged", 1, nx=True, px=self.timeout_ms + self.keep_ms):
+            if self.usage is not None:
+                u = replay.usage
+                self.usage.add(owner.key_id, owner.name, head.model, prompt_tokens=u.prompt_tokens,
+                               completion_tokens=u.completion_tokens)
+            # Ended: its events are kept ``keep_ms`` from now, no longer than they would have been.
+            await self.redis.execute_command("PEXPIRE", key, self.keep_ms, "LT")
         return body
 
     def open_stream(self, owner: Principal, head: ResponseObject, starting_after: int) -> AsyncIterator[bytes]:

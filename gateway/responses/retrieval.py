@@ -80,7 +80,7 @@ RETRIEVE_RESPONSE = Operation(
     description="The response as it was answered (completed or incomplete), kept `response_ttl_s` (30 days) after "
                 "its creation with `store` true (the default); a background response as it stands (`queued`, "
                 "`in_progress`, then how it ended), from any replica. Its events can be streamed again, from the "
-                "start or after `starting_after`, for `response_events_keep_s` (an hour) past its deadline.")
+                "start or after `starting_after`, for `response_events_keep_s` (10 minutes) once it has ended.")
 CANCEL_RESPONSE = Operation(
     "cancelResponse", "Cancel a background response", "Responses",
     {**_ERRORS, 400: "`invalid_value`: the response is not a background one."}, json=ResponseObject,
@@ -162,7 +162,7 @@ async def retrieve_response(response_id: FromPath[str], request: Request[Any, An
         raise store_unavailable() from None
     if not kept:
         raise InvalidRequest(f"The events of response '{response_id}' are no longer kept (a background response's "
-                             "are kept `response_events_keep_s` past its deadline); retrieve it without `stream`.",
+                             "are kept `response_events_keep_s` once it has ended); retrieve it without `stream`.",
                              param="stream", code="invalid_value")
     return Stream(records.open_stream(principal_of(request.scope), head, after), media_type="text/event-stream",
                   headers=SSE_HEADERS)

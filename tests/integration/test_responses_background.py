@@ -117,6 +117,10 @@ def test_queued_at_once_then_polled_from_another_gateway(gws: Stack2) -> None:
     retrieved = gws.sdk(1, key).responses.retrieve(queued.id)
     assert (retrieved.status, retrieved.output_text, retrieved.created_at) == ("completed", "0 1 2 3 ",
                                                                                queued.created_at)
+    # Ended: its events are kept response_events_keep_s (10 min) from now, not past its deadline.
+    r = redis.Redis.from_url(gws.stack.redis_url)
+    assert 0 < r.pttl(Keys(gws.stack.prefix).result(queued.id)) <= 600_000
+    r.close()
     # Continued like any stored response, and its input items kept.
     after = gws.sdk(1, key).responses.create(model=FAST, input="More", previous_response_id=queued.id)
     assert after.status == "completed"
