@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import openai
 import pytest
 import redis
 
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Done, Failed
 
-from gateway.tenancy.keys import HASHER, parse_key
+from gateway.tenancy.keys import parse_key
 from tests.harness import RedisServer, Stack
+from tests.keyed import KeyedGateways
 from tests.openai_schema import validate_response, validate_response_stream
 
 ADMIN = "responses-background-admin-credential-0123456789"
@@ -33,44 +33,14 @@ NUMBERED = ("--numbered", "--reclaim-idle-ms", "2000")
 WHOLE = "".join(f"{i} " for i in range(TOKENS))
 
 
-class Stack2:
-    """Two keyed gateways on one Redis (``urls[0]`` is killed and replaced by a test) and a key."""
-
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-        self.procs = []
-        self.urls: list[str] = []
-        for _ in range(2):
-            self.procs.append(stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN)))
-            self.urls.append(stack.base_url)
-        stack.api_key = self.key()  # (what the stack reads /v1/models with)
-        self.clients: list[openai.OpenAI] = []
-
-    def replace(self, i: int) -> None:
-        self.procs[i] = self.stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN))
-        self.urls[i] = self.stack.base_url
-
-    def key(self) -> str:
-        r = httpx.post(f"{self.urls[1]}/admin/keys", json={"name": "tenant"}, timeout=10,
-                       headers={"Authorization": f"Bearer {ADMIN}"})
-        assert r.status_code == 201, r.text
-        return str(r.json()["key"])
-
-    def sdk(self, i: int, key: str) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"{self.urls[i]}/v1", api_key=key, max_retries=0)
-        self.clients.append(client)
-        return client
-
-
 @pytest.fixture(scope="module")
-def gws(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack2]:
-    stack = Stack(redis_server.url, tmp_path_factory.mktemp("responses-background"))
-    g = Stack2(stack)
-    stack.synthetic(FAST, *NUMBERED, "--tokens", "4")
+def gws(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedGateways]:
+    """Two keyed gateways (``urls[0]`` is killed and replaced by tests) and an engine."""
+    g = KeyedGateways(Stack(redis_server.url, tmp_path_factory.mktemp("responses-background")), ADMIN)
+    g.stack.api_key = g.key()  # (what the stack reads /v1/models with)
+    g.stack.synthetic(FAST, *NUMBERED, "--tokens", "4")
     yield g
-    for client in g.clients:
-        client.close()
-    stack.stop()
+    g.close()
 
 
 def raw(url: str, key: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -107,14 +77,14 @@ def sse(lines: Iterator[str], stop_after: int | None = None) -> list[dict[str, A
     return events
 
 
-def test_queued_at_once_then_polled_from_another_gateway(gws: Stack2) -> None:
+def test_queued_at_once_then_polled_from_another_gateway(gws: KeyedGateways) -> None:
     key = gws.key()
-    queued = gws.sdk(0, key).responses.create(model=FAST, input="Hello there", background=True)
+    queued = gws.sdk(gws.urls[0], key).responses.create(model=FAST, input="Hello there", background=True)
     assert queued.status == "queued" and queued.background and queued.output == []
     validate_response(raw(gws.urls[0], key, "GET", f"/{queued.id}").json())
     done = poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: b["status"] == "completed")
     assert text_of(done) == "0 1 2 3 " and done["usage"]["output_tokens"] == 4 and done["background"]
-    retrieved = gws.sdk(1, key).responses.retrieve(queued.id)
+    retrieved = gws.sdk(gws.urls[1], key).responses.retrieve(queued.id)
     assert (retrieved.status, retrieved.output_text, retrieved.created_at) == ("completed", "0 1 2 3 ",
                                                                                queued.created_at)
     # Ended: its events are kept response_events_keep_s (10 min) from now, not past its deadline.
@@ -122,29 +92,29 @@ def test_queued_at_once_then_polled_from_another_gateway(gws: Stack2) -> None:
     assert 0 < r.pttl(Keys(gws.stack.prefix).result(queued.id)) <= 600_000
     r.close()
     # Continued like any stored response, and its input items kept.
-    after = gws.sdk(1, key).responses.create(model=FAST, input="More", previous_response_id=queued.id)
+    after = gws.sdk(gws.urls[1], key).responses.create(model=FAST, input="More", previous_response_id=queued.id)
     assert after.status == "completed"
-    assert [i.type for i in gws.sdk(0, key).responses.input_items.list(after.id, order="asc")] == [
+    assert [i.type for i in gws.sdk(gws.urls[0], key).responses.input_items.list(after.id, order="asc")] == [
         "message", "message", "message"]
 
 
-def test_a_background_response_must_be_stored_and_is_only_its_keys(gws: Stack2) -> None:
+def test_a_background_response_must_be_stored_and_is_only_its_keys(gws: KeyedGateways) -> None:
     key, other = gws.key(), gws.key()
     r = raw(gws.urls[0], key, "POST", "", json={"model": FAST, "input": "x", "background": True, "store": False})
     assert r.status_code == 400 and r.json()["error"]["param"] == "background", r.text
-    made = gws.sdk(0, key).responses.create(model=FAST, input="mine", background=True)
+    made = gws.sdk(gws.urls[0], key).responses.create(model=FAST, input="mine", background=True)
     for method, path in (("GET", ""), ("POST", "/cancel"), ("GET", "/input_items")):
         assert raw(gws.urls[1], other, method, f"/{made.id}{path}").status_code == 404
     assert raw(gws.urls[1], other, "GET", f"/{made.id}", params={"stream": "true"}).status_code == 404
     # A response answered on its connection can neither be streamed again nor cancelled.
-    plain = gws.sdk(0, key).responses.create(model=FAST, input="plain")
+    plain = gws.sdk(gws.urls[0], key).responses.create(model=FAST, input="plain")
     assert raw(gws.urls[1], key, "GET", f"/{plain.id}", params={"stream": "true"}).status_code == 400
     assert raw(gws.urls[1], key, "POST", f"/{plain.id}/cancel").status_code == 400
     bad = raw(gws.urls[1], key, "GET", f"/{made.id}", params={"stream": "true", "starting_after": "x"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
 
 
-def usage_of(gws: Stack2, key: str, model: str) -> dict[str, int]:
+def usage_of(gws: KeyedGateways, key: str, model: str) -> dict[str, int]:
     r = httpx.get(f"{gws.urls[1]}/admin/keys/{parse_key(key)[0]}/usage?days=1", timeout=10,  # type: ignore[index]
                   headers={"Authorization": f"Bearer {ADMIN}"})
     assert r.status_code == 200, r.text
@@ -152,7 +122,7 @@ def usage_of(gws: Stack2, key: str, model: str) -> dict[str, int]:
     return days[0]["models"].get(model, {}) if days else {}
 
 
-def record_events(gws: Stack2, rid: str) -> list[Any]:
+def record_events(gws: KeyedGateways, rid: str) -> list[Any]:
     r = redis.Redis.from_url(gws.stack.redis_url)
     try:
         return [e for _, fields in r.xrange(Keys(gws.stack.prefix).result(rid)) if b"e" in fields
@@ -168,10 +138,10 @@ def wait_for(what: Callable[[], bool], timeout: float = 30) -> None:
         time.sleep(0.05)
 
 
-def test_survives_kill_9_of_the_gateway_that_accepted_it(gws: Stack2) -> None:
+def test_survives_kill_9_of_the_gateway_that_accepted_it(gws: KeyedGateways) -> None:
     gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05")
     key = gws.key()
-    queued = gws.sdk(0, key).responses.create(model=SLOW, input="long", background=True)
+    queued = gws.sdk(gws.urls[0], key).responses.create(model=SLOW, input="long", background=True)
     poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
     r = raw(gws.urls[1], key, "POST", "", json={"model": SLOW, "input": "next", "previous_response_id": queued.id})
     assert r.status_code == 400 and r.json()["error"]["code"] == "previous_response_in_progress", r.text
@@ -179,24 +149,24 @@ def test_survives_kill_9_of_the_gateway_that_accepted_it(gws: Stack2) -> None:
     # The engine finishes it into its record; nobody asked about it since.
     wait_for(lambda: any(isinstance(e, Done) for e in record_events(gws, queued.id)))
     # Continued straight away: the conversation holds its whole output.
-    after = gws.sdk(1, key).responses.create(model=SLOW, input="next", previous_response_id=queued.id,
+    after = gws.sdk(gws.urls[1], key).responses.create(model=SLOW, input="next", previous_response_id=queued.id,
                                              max_output_tokens=16)
-    items = list(gws.sdk(1, key).responses.input_items.list(after.id, order="asc"))
+    items = list(gws.sdk(gws.urls[1], key).responses.input_items.list(after.id, order="asc"))
     assert [i.type for i in items] == ["message", "message", "message"]
     assert items[1].role == "assistant" and items[1].content[0].text == WHOLE  # type: ignore[union-attr]
     done = poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: b["status"] != "in_progress")
     assert done["status"] == "completed" and text_of(done) == WHOLE, done
     gws.replace(0)
-    assert gws.sdk(0, key).responses.retrieve(queued.id).output_text == WHOLE
+    assert gws.sdk(gws.urls[0], key).responses.retrieve(queued.id).output_text == WHOLE
     # Charged once, by whichever gateway stored its end (the one that accepted it was dead by then).
     wait_for(lambda: usage_of(gws, key, SLOW).get("completion_tokens") == TOKENS + 16)
     assert usage_of(gws, key, SLOW)["requests"] == 2
 
 
-def test_charged_once_when_its_gateway_stops_mid_job(gws: Stack2) -> None:
+def test_charged_once_when_its_gateway_stops_mid_job(gws: KeyedGateways) -> None:
     gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05", wait=False)
     key = gws.key()
-    queued = gws.sdk(0, key).responses.create(model=SLOW, input="long", background=True)
+    queued = gws.sdk(gws.urls[0], key).responses.create(model=SLOW, input="long", background=True)
     poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
     gws.procs[0].stop()  # SIGTERM: a rolling deploy
     gws.replace(0)
@@ -209,11 +179,11 @@ def test_charged_once_when_its_gateway_stops_mid_job(gws: Stack2) -> None:
     assert (usage_of(gws, key, SLOW)["requests"], usage_of(gws, key, SLOW)["completion_tokens"]) == (1, TOKENS)
 
 
-def test_survives_kill_9_of_its_engine(gws: Stack2) -> None:
+def test_survives_kill_9_of_its_engine(gws: KeyedGateways) -> None:
     model = "bg-dies"
     first = gws.stack.synthetic(model, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05")
     key = gws.key()
-    queued = gws.sdk(1, key).responses.create(model=model, input="long", background=True)
+    queued = gws.sdk(gws.urls[1], key).responses.create(model=model, input="long", background=True)
     poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 4)
     gws.stack.synthetic(model, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.01")
     first.kill()
@@ -222,7 +192,7 @@ def test_survives_kill_9_of_its_engine(gws: Stack2) -> None:
     assert done["status"] == "completed" and text_of(done) == WHOLE, done
 
 
-def test_a_stream_resumed_on_another_gateway_has_no_gap_and_no_duplicate(gws: Stack2) -> None:
+def test_a_stream_resumed_on_another_gateway_has_no_gap_and_no_duplicate(gws: KeyedGateways) -> None:
     gws.stack.synthetic(SLOW, *NUMBERED, "--tokens", str(TOKENS), "--token-delay", "0.05", wait=False)
     key = gws.key()
     body = {"model": SLOW, "input": "stream me", "background": True, "stream": True}
@@ -245,16 +215,16 @@ def test_a_stream_resumed_on_another_gateway_has_no_gap_and_no_duplicate(gws: St
     with httpx.stream("GET", f"{gws.urls[1]}/v1/responses/{rid}", params={"stream": "true"},
                       headers={"Authorization": f"Bearer {key}"}, timeout=30) as r:
         assert sse(r.iter_lines()) == events
-    assert gws.sdk(0, key).responses.retrieve(rid).output_text == WHOLE
+    assert gws.sdk(gws.urls[0], key).responses.retrieve(rid).output_text == WHOLE
 
 
-def test_cancelled_from_another_gateway(gws: Stack2) -> None:
+def test_cancelled_from_another_gateway(gws: KeyedGateways) -> None:
     model = "bg-cancel"
     gws.stack.synthetic(model, *NUMBERED, "--tokens", "2000", "--token-delay", "0.02")
     key = gws.key()
-    queued = gws.sdk(0, key).responses.create(model=model, input="forever", background=True)
+    queued = gws.sdk(gws.urls[0], key).responses.create(model=model, input="forever", background=True)
     poll(lambda: raw(gws.urls[1], key, "GET", f"/{queued.id}"), lambda b: len(text_of(b)) > 0)
-    cancelled = gws.sdk(1, key).responses.cancel(queued.id)
+    cancelled = gws.sdk(gws.urls[1], key).responses.cancel(queued.id)
     assert cancelled.status == "cancelled"
     validate_response(raw(gws.urls[0], key, "GET", f"/{queued.id}").json())
     seen = len(cancelled.output_text)
@@ -268,17 +238,16 @@ def test_cancelled_from_another_gateway(gws: Stack2) -> None:
         assert time.monotonic() < deadline, r.xrange(keys.result(queued.id))
         time.sleep(0.05)
     r.close()
-    again = gws.sdk(0, key).responses.retrieve(queued.id)
+    again = gws.sdk(gws.urls[0], key).responses.retrieve(queued.id)
     assert again.status == "cancelled" and len(again.output_text) == seen
-    assert gws.sdk(0, key).responses.cancel(queued.id).status == "cancelled"  # as it ended
+    assert gws.sdk(gws.urls[0], key).responses.cancel(queued.id).status == "cancelled"  # as it ended
 
 
-def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: Stack2) -> None:
-    gws.stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), response_max_streams_per_key=2,
-                      response_max_record_bytes=2500)
+def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: KeyedGateways) -> None:
+    gws.start(response_max_streams_per_key=2, response_max_record_bytes=2500)
     small, key = gws.stack.base_url, gws.key()
     gws.stack.synthetic("bg-long", *NUMBERED, "--tokens", "2000", "--token-delay", "0.02")
-    made = gws.sdk(1, key).responses.create(model="bg-long", input="watch", background=True)  # 40 s
+    made = gws.sdk(gws.urls[1], key).responses.create(model="bg-long", input="watch", background=True)  # 40 s
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(timeout=30) as client:
         with client.stream("GET", f"{small}/v1/responses/{made.id}", params={"stream": "true"},
@@ -294,7 +263,7 @@ def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: Stack2) -> N
         with client.stream("GET", f"{small}/v1/responses/{made.id}", params={"stream": "true"},
                            headers=headers) as again:
             assert again.status_code == 200
-    assert gws.sdk(1, key).responses.cancel(made.id).status == "cancelled"
+    assert gws.sdk(gws.urls[1], key).responses.cancel(made.id).status == "cancelled"
     # A response whose end is larger than a stored record may be (2,500 bytes here) still ends: failed,
     # its output not kept (not queued for ever).
     gws.stack.synthetic("bg-big", *NUMBERED, "--tokens", "600")  # ~2,300 bytes of text

@@ -17,8 +17,9 @@ import pytest
 import redis
 
 from engines.contract.keys import Keys
-from gateway.tenancy.keys import HASHER, parse_key
+from gateway.tenancy.keys import parse_key
 from tests.harness import RedisServer, Stack
+from tests.keyed import KeyedGateways
 from tests.openai_schema import validate, validate_response
 
 ADMIN = "responses-store-admin-credential-0123456789"
@@ -30,33 +31,15 @@ TTL_S = 300
 BUDGET = 6000
 
 
-class Gateways:
+class Gateways(KeyedGateways):
     """Three keyed gateways on one Redis: ``urls[0]`` and ``urls[1]`` as deployed (the second is
     restarted by a test), ``small`` with a small store budget, short TTL and a 2 s request deadline."""
 
     def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-        self.procs = []
-        self.urls: list[str] = []
-        for _ in range(2):
-            self.procs.append(stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN)))
-            self.urls.append(stack.base_url)
-        stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN), response_max_stored_bytes=BUDGET,
-                      response_ttl_s=TTL_S, request_timeout_s=2)
+        super().__init__(stack, ADMIN)
+        self.start(response_max_stored_bytes=BUDGET, response_ttl_s=TTL_S, request_timeout_s=2)
         self.small = stack.base_url
         stack.api_key = self.key()
-        self.clients: list[openai.OpenAI] = []
-
-    def key(self) -> str:
-        r = httpx.post(f"{self.urls[0]}/admin/keys", json={"name": "tenant"}, timeout=10,
-                       headers={"Authorization": f"Bearer {ADMIN}"})
-        assert r.status_code == 201, r.text
-        return str(r.json()["key"])
-
-    def sdk(self, url: str, key: str) -> openai.OpenAI:
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0)
-        self.clients.append(client)
-        return client
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +49,7 @@ def gws(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> 
     stack.synthetic(MODEL, "--tokens", "4", "--tool-calls", "--tool-arguments", ARGUMENTS)
     stack.synthetic(SLOW, "--tokens", "100", "--token-delay", "0.1")
     yield g
-    for client in g.clients:
-        client.close()
-    stack.stop()
+    g.close()
 
 
 def raw(url: str, key: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -155,8 +136,7 @@ def test_a_conversation_continues_across_gateways_and_a_restart(gws: Gateways) -
 
     # The gateway that served the second turn stops; a new one continues the conversation.
     gws.procs[1].stop()
-    gws.stack.gateway(auth=True, admin_key_hash=HASHER.hash(ADMIN))
-    gws.urls[1] = gws.stack.base_url
+    gws.replace(1)
     with gws.sdk(gws.urls[1], key).responses.stream(model=MODEL, input="Thanks!",
                                                     previous_response_id=second.id) as stream:
         third = stream.get_final_response()
