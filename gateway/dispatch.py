@@ -223,8 +223,9 @@ class Dispatcher:
         self._publish_cancel(old.id, old.deadline_ms)
         run.job = msgspec.structs.replace(old, id=new_id(old.id.partition("-")[0]))
         run.attempt, run.seq, run.missing = 1, 0, 0
-        if old.options is not None and old.options.result:  # announced in its record before it can be there
-            await self.queue.announce(old.options.result, run.job.id)
+        if old.options is not None and old.options.result and not await self.queue.announce(old.options.result,
+                                                                                           run.job.id):
+            raise ConduitError("The request queue is unavailable; retry shortly.", status=503, code="queue_unavailable")
         run.generated, run.images, run.output = None, 0, False
         await self._queue(run)
 

@@ -160,13 +160,16 @@ class JobQueue:
         replies = await self.lane.pipeline([("GET", self._keys.job(model, job_id)) for model, job_id in jobs])
         return [r is None or r == FENCED for r in replies]
 
-    async def announce(self, record: str, job_id: str) -> None:
-        """Name a job submitted again in its result record (``JobOptions.result``): readers take that
-        job's events from then on (``gateway.responses.background``)."""
+    async def announce(self, record: str, job_id: str) -> bool:
+        """Name a job submitted again in its result record (``JobOptions.result``), before it is queued:
+        readers take that job's events from then on (``gateway.responses.background``). False when Redis
+        did not answer (the job must not be queued then: its readers would never take its events)."""
         try:
             await self.lane.execute("XADD", record, "NOMKSTREAM", "*", "job", job_id)
-        except REDIS_ERRORS as exc:  # (the job is queued all the same; its record will show it lost)
+        except REDIS_ERRORS as exc:
             log.warning("could not announce job %s in its result record: %s", job_id, exc)
+            return False
+        return True
 
     async def cancel(self, job_id: str, deadline_ms: int) -> None:
         """Tell every engine that the client of ``job_id`` went away (remember it until ``deadline_ms``)."""

@@ -77,6 +77,7 @@ def name_patterns(keys: Keys) -> dict[str, tuple[str, ...]]:
         "rate_limits": keys.rate_limits(_ANY), "usage": (keys.usage(_ANY, _ANY),),
         "idempotency": (keys.idempotency(_ANY, _ANY),), "idempotency_bytes": (keys.idempotency_bytes(_ANY),),
         "stored_response": (keys.stored_response(_ANY, _ANY),),
+        "response_charged": (keys.response_charged(_ANY, _ANY),),
         "stored_response_ledger": keys.stored_response_ledger(_ANY),
     }
 

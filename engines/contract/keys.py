@@ -148,6 +148,12 @@ class Keys:
         key's id is ""): one slot with its ledger (:meth:`stored_response_ledger`)."""
         return f"{self.prefix}:response:{{r:{key_id}}}:{response_id}"
 
+    def response_charged(self, key_id: str, response_id: str) -> str:
+        """Set (``NX``) by the gateway that charges a background response's usage to its key, once, when
+        it stores its end (``gateway.responses.records``); expires with its result record. The key's
+        hash tag, as its stored responses."""
+        return f"{self.prefix}:response-charged:{{r:{key_id}}}:{response_id}"
+
     def stored_response_ledger(self, key_id: str) -> tuple[str, str]:
         """The live-bytes ledger of one API key's stored responses (``gateway.responses.store``): a ZSET
         response id -> expiry (ms, Redis's clock) and a HASH response id -> bytes with the field ``live``

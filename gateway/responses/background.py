@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 from msgspec import UNSET
 
-from engines.contract.messages import Codec, Delta, Done, Event, Failed, Started, Unknown, Usage
+from engines.contract.messages import Codec, Delta, Done, Event, Failed, Generated, Started, Unknown, Usage
 from gateway.errors import ConduitError
 from gateway.responses.objects import ResponseObject
 from gateway.responses.output import ResponseOutput
@@ -79,9 +79,10 @@ class Replay:
         self.given_up: set[str] = set()
         self.attempt, self.seq = 1, 0
         self.started = False
-        #: The response once it ended (None: still queued or in progress), and the usage it reported.
+        #: The response once it ended (None: still queued or in progress), and what it is charged: its
+        #: final usage, or what the answering attempt generated so far (``Delta.total``: cancelled, failed).
         self.final: ResponseObject | None = None
-        self.usage = Usage()
+        self.usage: Usage | Generated = Usage()
         #: The job's deadline (epoch ms), from the record's first entry (0: not read).
         self.deadline_ms = 0
 
@@ -115,6 +116,8 @@ class Replay:
                 self._in_progress(out)
             elif kind is Delta:
                 self._in_progress(out)
+                if event.total is not None:  # type: ignore[union-attr]
+                    self.usage = event.total  # type: ignore[union-attr]
                 for c in event.choices:  # type: ignore[union-attr]
                     if c.index == 0:
                         self.output.add(c, out)
@@ -147,12 +150,12 @@ class Replay:
                 return False  # an earlier submission's, or no submission of this response
             self.given_up.add(self.job)  # submitted again (Redis lost the job): from scratch
             self.job, self.attempt, self.seq = event.job, event.attempt, 0
-            self.output.restart()
+            self._restart()
         elif event.attempt != self.attempt:
             if event.attempt < self.attempt:
                 return False
             self.attempt, self.seq = event.attempt, 0
-            self.output.restart()  # another engine runs it from scratch
+            self._restart()  # another engine runs it from scratch
         if event.seq:
             if event.seq <= self.seq:
                 return False
@@ -161,6 +164,10 @@ class Replay:
                 return False
             self.seq = event.seq
         return not isinstance(event, Unknown)
+
+    def _restart(self) -> None:
+        self.output.restart()
+        self.usage = Usage()  # only the answering attempt is charged
 
     def now(self) -> ResponseObject:
         """The response as it stands."""

@@ -43,6 +43,9 @@ OVERDUE_S = 30.0
 _CODEC = Codec()
 _ENC = msgspec.json.Encoder()
 _RECORD = msgspec.msgpack.Encoder()
+# A record made with its life in one step (never a record without one). KEYS: the record. ARGV: 1 the
+# job's deadline (epoch ms), 2 the record's life (ms).
+_MAKE = "redis.call('XADD', KEYS[1], '*', 'deadline', ARGV[1]) redis.call('PEXPIRE', KEYS[1], ARGV[2])"
 
 
 class ResultRecords:
@@ -73,8 +76,7 @@ class ResultRecords:
         """Make ``response_id``'s record (before its job is queued: engines append only to a stream
         that exists), its first entry the job's deadline, its life that deadline and ``keep_ms``."""
         key = self.keys.result(response_id)
-        await self.redis.execute_command("XADD", key, "*", "deadline", deadline_ms)
-        await self.redis.execute_command("PEXPIRE", key, self.timeout_ms + self.keep_ms)
+        await self.redis.execute_command("EVAL", _MAKE, 1, key, deadline_ms, self.timeout_ms + self.keep_ms)
         return key
 
     async def end(self, response_id: str, job_id: str, exc: ConduitError) -> None:
@@ -150,29 +152,39 @@ class ResultRecords:
                 code="server_error", message="The response is larger than a stored response may be "
                                              "(response_max_record_bytes); its output was not kept."))
             body = _ENC.encode(final)
-        key = self.keys.result(head.id)
-        if await self.store.save(owner, head.model, head.id, body, items) and \
-                await self.redis.set(key + ":charged", 1, nx=True, px=self.timeout_ms + self.keep_ms):
-            if self.usage is not None:
-                u = replay.usage
-                self.usage.add(owner.key_id, owner.name, head.model, prompt_tokens=u.prompt_tokens,
-                               completion_tokens=u.completion_tokens)
+        # Charged first, once (whoever sets the flag), whether or not the store takes it.
+        if await self.redis.set(self.keys.response_charged(owner.key_id, head.id), 1, nx=True,
+                                px=self.timeout_ms + self.keep_ms) and self.usage is not None:
+            u = replay.usage
+            self.usage.add(owner.key_id, owner.name, head.model, prompt_tokens=u.prompt_tokens,
+                           completion_tokens=u.completion_tokens)
+        if len(_RECORD.encode(StoredRecord(body, items))) > self.store.max_record_bytes:
+            items = b"[]"  # (what is left of it is stored all the same: it ended, for every reader)
+        if await self.store.save(owner, head.model, head.id, body, items):
             # Ended: its events are kept ``keep_ms`` from now, no longer than they would have been.
-            await self.redis.execute_command("PEXPIRE", key, self.keep_ms, "LT")
+            await self.redis.execute_command("PEXPIRE", self.keys.result(head.id), self.keep_ms, "LT")
         return body
 
-    def open_stream(self, owner: Principal, head: ResponseObject, starting_after: int) -> AsyncIterator[bytes]:
-        """The response's events (429 past this gateway's bounds on open streams)."""
+    def open_stream(self, owner: Principal, head: ResponseObject, starting_after: int) -> Watch:
+        """The response's events; its slot taken now (429 past this gateway's bounds on open streams),
+        given back when the stream ends (:class:`Watch`)."""
         mine = self.streams.get(owner.key_id, 0)
         if mine >= self.max_streams_per_key or sum(self.streams.values()) >= self.max_streams:
             raise RateLimited(f"Too many background response streams are open ({mine} of this API key's "
                               f"{self.max_streams_per_key}, or this gateway's {self.max_streams}); retry after 1s.",
                               retry_after_s=1)
-        return self._stream(owner.key_id, head, starting_after)
+        self.streams[owner.key_id] = mine + 1
+        watch = Watch(self, owner.key_id)
+        watch.events = self._stream(watch, head, starting_after)
+        return watch
 
-    async def _stream(self, key_id: str, head: ResponseObject, starting_after: int) -> AsyncIterator[bytes]:
+    def release(self, key_id: str) -> None:
+        left = self.streams.pop(key_id) - 1
+        if left:
+            self.streams[key_id] = left
+
+    async def _stream(self, watch: Watch, head: ResponseObject, starting_after: int) -> AsyncIterator[bytes]:
         """The events from the first after ``starting_after`` (-1: all) to the end, as they are written."""
-        self.streams[key_id] = self.streams.get(key_id, 0) + 1
         try:
             replay = Replay(head, stream=True)
             out = bytearray()
@@ -204,9 +216,34 @@ class ResultRecords:
                         last = entry_id
                         replay.entry(entry_id, fields, out)
         finally:
-            left = self.streams.pop(key_id) - 1
-            if left:
-                self.streams[key_id] = left
+            watch.release()
+
+
+class Watch:
+    """One open stream of a background response: its events, and its slot among the gateway's open
+    streams, given back once (at the stream's end, or when it is dropped before it started)."""
+
+    __slots__ = ("records", "key_id", "events", "held")
+
+    def __init__(self, records: ResultRecords, key_id: str) -> None:
+        self.records = records
+        self.key_id = key_id
+        self.events: AsyncIterator[bytes] | None = None
+        self.held = True
+
+    def __aiter__(self) -> Watch:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await anext(self.events)  # type: ignore[arg-type]
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.records.release(self.key_id)
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def after(chunk: bytes, skip: int) -> tuple[bytes, int]:

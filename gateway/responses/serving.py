@@ -30,7 +30,7 @@ from gateway.dispatch import JobKind
 from gateway.errors import ConduitError, InvalidRequest
 from gateway.flow import SSE_HEADERS
 from gateway.registry import EngineRegistry
-from gateway.responses.records import ResultRecords
+from gateway.responses.records import ResultRecords, Watch
 from gateway.responses.chain import continued, stored_items
 from gateway.responses.convert import Translated, translate
 from gateway.responses.objects import (
@@ -242,6 +242,15 @@ class ResponsesEndpoint:
         records = self.records
         # First: a key with too many streams open gets its 429 with nothing made or queued.
         events = records.open_stream(req.owner, head, -1) if req.stream else None
+        try:
+            return await self._detach(req, run, head, events)
+        except BaseException:
+            if events is not None:
+                events.release()
+            raise
+
+    async def _detach(self, req: Translated, run: JobRun, head: ResponseObject, events: Watch | None) -> Response[Any]:
+        records = self.records
         try:
             key = await records.make(head.id, run.job.deadline_ms)
         except REDIS_ERRORS as exc:

@@ -8,7 +8,9 @@ engine (another engine runs it again); a streamed one resumed on another gateway
 from __future__ import annotations
 
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -241,6 +243,10 @@ def test_cancelled_from_another_gateway(gws: KeyedGateways) -> None:
     again = gws.sdk(gws.urls[0], key).responses.retrieve(queued.id)
     assert again.status == "cancelled" and len(again.output_text) == seen
     assert gws.sdk(gws.urls[0], key).responses.cancel(queued.id).status == "cancelled"  # as it ended
+    # Charged what it generated up to its cancellation (the tokens it shows), once.
+    shown = len(again.output_text.split())
+    wait_for(lambda: usage_of(gws, key, model).get("completion_tokens") == shown)
+    assert usage_of(gws, key, model)["requests"] == 1
 
 
 def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: KeyedGateways) -> None:
@@ -264,6 +270,24 @@ def test_bounds_streams_per_key_and_a_final_too_large_to_store(gws: KeyedGateway
                            headers=headers) as again:
             assert again.status_code == 200
     assert gws.sdk(gws.urls[1], key).responses.cancel(made.id).status == "cancelled"
+    # A burst of streamed background responses from one key: its bound holds (the others 429, nothing queued).
+    # (A key of its own: none of its streams is open.)
+    burst = gws.key()
+    body = {"model": "bg-long", "input": "burst", "background": True, "stream": True, "max_output_tokens": 1500}
+    answered = threading.Barrier(4)  # every stream stays open until all four are answered
+    with ThreadPoolExecutor(4) as pool, httpx.Client(timeout=30) as client:
+        def open_one(_: int) -> tuple[int, str]:
+            with client.stream("POST", f"{small}/v1/responses", json=body,
+                               headers={"Authorization": f"Bearer {burst}"}) as r:
+                rid = "" if r.status_code != 200 else json.loads(next(
+                    line for line in r.iter_lines() if line.startswith("data: "))[6:])["response"]["id"]
+                answered.wait(timeout=20)
+                return r.status_code, rid
+        answers = list(pool.map(open_one, range(4)))
+    assert sorted(status for status, _ in answers) == [200, 200, 429, 429], answers
+    for _, rid in answers:
+        if rid:
+            assert gws.sdk(small, burst).responses.cancel(rid).status == "cancelled"
     # A response whose end is larger than a stored record may be (2,500 bytes here) still ends: failed,
     # its output not kept (not queued for ever).
     gws.stack.synthetic("bg-big", *NUMBERED, "--tokens", "600")  # ~2,300 bytes of text

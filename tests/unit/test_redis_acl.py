@@ -38,6 +38,7 @@ def examples(keys: Keys) -> dict[str, list[str]]:
         "usage": [keys.usage("0123456789ab", "20261206")], "idempotency": [keys.idempotency("0123456789ab", "f" * 64)],
         "idempotency_bytes": [keys.idempotency_bytes("0123456789ab")],
         "stored_response": [keys.stored_response("0123456789ab", "resp_" + "0" * 24), keys.stored_response("", "resp_1")],
+        "response_charged": [keys.response_charged("0123456789ab", "resp_" + "0" * 24)],
         "stored_response_ledger": [*keys.stored_response_ledger("0123456789ab"), *keys.stored_response_ledger(""),
                                    *keys.stored_response_ledger(EVERY_KEY)],
     }
@@ -65,7 +66,7 @@ def test_every_redis_name_has_its_patterns() -> None:
 
 def test_each_role_reaches_exactly_its_names() -> None:
     key_names = {"api_key", "keys_index", "keys_version", "rate_limits", "usage", "idempotency", "idempotency_bytes",
-                 "stored_response", "stored_response_ledger"}
+                 "stored_response", "stored_response_ledger", "response_charged"}
     for kind, names in examples(Keys(PREFIX)).items():
         for name in names:
             assert reachable("gateway", name, write=True), name
