@@ -21,6 +21,7 @@ from engines.contract.messages import Codec
 from engines.contract.store import DirectoryImageStore, open_image_store
 from gateway.chat.serving import ChatRenderer
 from gateway.completions.serving import CompletionRenderer
+from gateway.embeddings.serving import EmbeddingEndpoint
 from gateway.responses.records import ResultRecords
 from gateway.responses.serving import InputTokensEndpoint, ResponsesEndpoint
 from gateway.responses.store import ResponseStore
@@ -114,6 +115,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
                                       response_store=responses, result_records=records,
                                       responses=ResponsesEndpoint(bounds, responses, records, registry),
+                                      embeddings=EmbeddingEndpoint(bounds, registry),
                                       input_tokens=InputTokensEndpoint(bounds, records),
                                       telemetry=telemetry, redis=redis, key_store=key_store, auth=auth,
                                       usage_log=usage_log, openapi=document_bytes)

@@ -89,6 +89,12 @@ class EngineRegistry:
         """Whether a live engine of ``model`` announces the job kind ``kind`` (``EngineInfo.kinds``)."""
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
+    def takes_token_inputs(self, model: str) -> bool:
+        """Whether every live engine of ``model`` takes token ids as embedding input (``EngineInfo.
+        token_inputs``: its operator said they are the model's own vocabulary's)."""
+        engines = self.models.get(model, ())
+        return bool(engines) and all(e.token_inputs for e in engines)
+
     def keeps_results(self, model: str) -> bool:
         """Whether every live engine of ``model`` writes result records (``EngineInfo.results``): a job
         any of them may take can be a background response's (True while none is live: a cold model's

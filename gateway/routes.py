@@ -12,11 +12,12 @@ from gateway.images.serving import image_file, image_generations
 from gateway.models.serving import get_model, list_models
 from gateway.operations.serving import health, metrics, openapi_document, ready
 from gateway.responses.retrieval import cancel_response, delete_response, list_input_items, retrieve_response
+from gateway.embeddings.serving import create_embedding
 from gateway.responses.serving import count_input_tokens, create_response
 
 #: The routes every gateway serves.
 ROUTES = (chat_completions, completions, create_response, count_input_tokens, retrieve_response, delete_response,
-          list_input_items, cancel_response, image_generations, image_file, list_models, get_model, health, ready,
+          list_input_items, cancel_response, create_embedding, image_generations, image_file, list_models, get_model, health, ready,
           metrics, openapi_document)
 
 

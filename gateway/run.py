@@ -22,7 +22,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from engines.contract.messages import Delta, Done, Event, Failed, Generated, ImageReady, Job, Started, Unknown
+from engines.contract.messages import (Delta, Done, Embedded, Event, Failed, Generated, ImageReady, Job, Started,
+                                       Unknown)
 from gateway.cold import COLD
 from gateway.errors import ConduitError, DeadlineExceeded, EngineError, NoEngine
 from gateway.tenancy.cost import Cost
@@ -264,9 +265,9 @@ class JobRun:
             return event
         if kind is Unknown:
             return None  # counted by the router; its number is accounted for
-        if kind is ImageReady:
+        if kind is ImageReady or kind is Embedded:
             self.output = True
-            if event.partial is None:
+            if kind is ImageReady and event.partial is None:
                 self.images += 1
         elif isinstance(event, (Done, Failed)):
             self.ended = True

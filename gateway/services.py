@@ -34,6 +34,7 @@ class Services(msgspec.Struct):
     images: Endpoint
     responses: Endpoint
     input_tokens: Endpoint
+    embeddings: Endpoint
     image_store: ImageStore
     #: Each API key's stored responses (``/v1/responses/{response_id}``).
     response_store: ResponseStore

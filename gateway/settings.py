@@ -141,6 +141,9 @@ class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
     #: context anyway; this keeps them (Python ints, ~8x their JSON size) off the gateway.
     #: 256 Ki covers nearly every served model's context; raise it for longer ones.
     max_prompt_tokens: int = 262_144
+    #: Inputs in one embeddings request, and their tokens together (text estimated): OpenAI's limits.
+    max_embedding_inputs: int = 2048
+    max_embedding_tokens: int = 300_000
     #: Messages in a chat request (OpenAI's limit).
     max_messages: int = 2048
     #: Content parts in one message: 500, so that one message can carry all of ``max_images``.
@@ -276,8 +279,7 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: the response has ended (and at most this past its deadline, ``request_timeout_s``): its stream can
     #: be resumed (``starting_after``) that long. Its final response is stored ``response_ttl_s``.
     response_events_keep_s: float = 600.0
-    #: Background responses' streams one gateway serves at once, and at once per API key (each holds
-    #: a Redis connection while it waits for events; 429 beyond).
+    #: Background responses' streams a gateway serves at once, and per key (a Redis connection each).
     response_max_streams: int = 1024
     response_max_streams_per_key: int = 16
 

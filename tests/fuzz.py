@@ -62,7 +62,7 @@ WEIGHTS: dict[str, float] = {
     "createChatCompletion": 20, "createCompletion": 14, "createResponse": 16, "getInputTokenCounts": 4,
     "createImage": 12, "getImageFile": 5, "listModels": 3, "retrieveModel": 4, "getHealth": 2, "getReadiness": 2,
     "getMetrics": 2, "getOpenApi": 2, "createKey": 8, "listKeys": 2, "retrieveKey": 4, "updateKey": 8, "revokeKey": 5,
-    "getKeyUsage": 5, "getResponse": 4, "deleteResponse": 3, "listInputItems": 3, "cancelResponse": 3,
+    "getKeyUsage": 5, "getResponse": 4, "deleteResponse": 3, "listInputItems": 3, "cancelResponse": 3, "createEmbedding": 10,
 }
 #: Share of an operation's cases that are schema-invalid (only where it has a body or parameters).
 NEGATIVE_SHARE = 1 / 3

@@ -28,6 +28,10 @@ RESPONSE = "Response"
 RESPONSE_EVENT = "ResponseStreamEvent"
 #: ``POST /responses/input_tokens``' answer.
 INPUT_TOKENS = "TokenCountsResource"
+#: ``POST /embeddings``' answer as the spec has it (float vectors), and as OpenAI answers either
+#: ``encoding_format`` (not in the spec: below).
+EMBEDDINGS = "CreateEmbeddingResponse"
+EMBEDDINGS_ANY = "CreateEmbeddingResponseAnyEncoding"
 #: The events after which a response stream sends nothing more.
 RESPONSE_STREAM_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
@@ -37,7 +41,21 @@ def _document() -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(SCHEMA_FILE.read_text())
     Draft202012Validator.check_schema(doc)
     doc["$defs"][COMPLETION_CHUNK] = _completion_chunk(doc["$defs"]["CreateCompletionResponse"])
+    doc["$defs"][EMBEDDINGS_ANY] = _any_encoding(doc["$defs"])
     return doc
+
+
+def _any_encoding(defs: dict[str, Any]) -> dict[str, Any]:
+    """``CreateEmbeddingResponse`` as OpenAI answers either ``encoding_format``: the spec's ``Embedding``
+    says an array of numbers only, yet for ``base64`` the API (and the SDK, which asks for base64 by
+    default and decodes it) sends each vector as a base64 string. Only ``embedding`` changes: every
+    other field still has to match the spec."""
+    answer = copy.deepcopy(defs[EMBEDDINGS])
+    item = copy.deepcopy(defs["Embedding"])
+    item["properties"]["embedding"] = {"anyOf": [item["properties"]["embedding"],
+                                                 {"type": "string", "contentEncoding": "base64"}]}
+    answer["properties"]["data"]["items"] = item
+    return answer
 
 
 def _completion_chunk(full: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +121,16 @@ def response_event_schemas() -> dict[str, str]:
             raise ValueError(f"{name}: a stream event's type must name it alone, got {types}")
         out[types[0]] = name
     return out
+
+
+def validate_embeddings(obj: Any, *, base64: bool = False) -> None:
+    """Validate ``POST /embeddings``' answer: the spec's, or with ``base64`` each vector a base64 string."""
+    if not base64:
+        validate(EMBEDDINGS, obj)
+        return
+    validate(EMBEDDINGS_ANY, obj)
+    if not all(isinstance(item["embedding"], str) for item in obj["data"]):
+        raise AssertionError("a base64 answer's vectors must be base64 strings")
 
 
 def validate_response(obj: Any) -> None:

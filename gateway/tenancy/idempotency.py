@@ -60,7 +60,7 @@ log = logging.getLogger("conduit.gateway")
 HEADER = b"idempotency-key"
 #: Routes whose requests may carry an ``Idempotency-Key`` (POST only).
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/responses/input_tokens",
-                    "/v1/images/generations"})
+                    "/v1/embeddings", "/v1/images/generations"})
 #: Response headers kept with a stored response (``x-request-id`` is handled apart).
 _KEPT = frozenset({b"content-type"})
 #: Seconds between a waiting retry's looks at the key, at most (fewer with a short lease).

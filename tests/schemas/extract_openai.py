@@ -61,6 +61,9 @@ ROOTS = (
     "TokenCountsResource",
     # GET /responses/{response_id}/input_items: a stored response's input items.
     "ResponseItemList",
+    # POST /embeddings: the request and the answer.
+    "CreateEmbeddingRequest",
+    "CreateEmbeddingResponse",
 )
 
 #: The id of the vendored resource; ``tests/openai_schema.py`` registers it under this URI.

@@ -83,6 +83,7 @@ REQUESTS: dict[str, tuple[str, dict[str, str]]] = {
         "user: maxLength": "at most 256 characters: echoed three times in a stream and carried in the job, and "
                            "nothing charges it (an end user's id)",
     }),
+    "CreateEmbeddingRequest": ("EmbeddingRequest", {}),
     "CreateImageRequest": ("ImageRequest", {
         "model: required": "no default model: a gateway serves whichever image models its engines have, none is "
                            "`dall-e-2`; a 400 `missing_required_parameter` naming `model`",
@@ -142,6 +143,7 @@ RESPONSES = {
     "ErrorEnvelope": "ErrorResponse",
     "ResponseObject": "Response",
     "InputTokens": "TokenCountsResource",
+    "EmbeddingList": openai_schema.EMBEDDINGS_ANY,
 }
 
 
