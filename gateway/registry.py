@@ -90,10 +90,10 @@ class EngineRegistry:
         return any(kind in e.kinds for e in self.models.get(model, ()))
 
     def takes_token_inputs(self, model: str) -> bool:
-        """Whether every live engine of ``model`` takes token ids as embedding input (``EngineInfo.
+        """Whether every live engine of ``model`` takes token ids as its embedding input (``EngineInfo.
         token_inputs``: its operator said they are the model's own vocabulary's)."""
         engines = self.models.get(model, ())
-        return bool(engines) and all(e.token_inputs for e in engines)
+        return bool(engines) and all(model in e.token_inputs for e in engines)
 
     def keeps_results(self, model: str) -> bool:
         """Whether every live engine of ``model`` writes result records (``EngineInfo.results``): a job
