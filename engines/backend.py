@@ -52,6 +52,10 @@ class JobOutput(Protocol):
         """One encoded image (final, or partial preview number ``partial``) of an image job:
         stored once in the image store, announced by an ``ImageReady`` event carrying its reference."""
 
+    def embedded(self, index: int, vector: bytes) -> None:
+        """Input ``index``'s embedding of an ``embedding`` job, as little-endian float32 bytes (one
+        ``Embedded`` event; never streamed to a client before the job's ``done``)."""
+
     def done(self, usage: Usage) -> None:
         """The job finished successfully; nothing may follow."""
 

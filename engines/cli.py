@@ -19,6 +19,7 @@ from engines.upstream_flags import add_upstream_flags, upstream_settings
 
 if TYPE_CHECKING:
     from engines.diffusers_engine import DiffusersSettings
+    from engines.vllm_embed import EmbedSettings
     from engines.vllm_engine import VllmSettings
     from engines.worker import WorkerSettings
 
@@ -82,7 +83,8 @@ def cmd_engine(args: argparse.Namespace) -> int:
         print(f"conduit engine: {exc}", file=sys.stderr)
         return 2
     # Both checked before any model loads: minutes of loading must not end in either.
-    problem = (missing_model(args.model) if args.kind in ("vllm", "diffusers") else "") or first_contact(settings)
+    model_kinds = ("vllm", "vllm-embed", "diffusers")
+    problem = (missing_model(args.model) if args.kind in model_kinds else "") or first_contact(settings)
     if problem:
         print(f"conduit engine: {problem}", file=sys.stderr)
         return 2
@@ -110,8 +112,6 @@ def cmd_engine(args: argparse.Namespace) -> int:
             model = str(build_tiny_sd(default_sd_dir()))
         backend = DiffusersBackend(diffusers_settings(args, model))
     else:
-        from engines.vllm_engine import VllmBackend
-
         for k, v in cpu_engine_environment(cpu_flag=args.cpu, cpu_build=_is_cpu_build()).items():
             os.environ.setdefault(k, v)
         model = args.model
@@ -119,7 +119,14 @@ def cmd_engine(args: argparse.Namespace) -> int:
             from engines.tiny import build_tiny_llama, default_model_dir
 
             model = str(build_tiny_llama(default_model_dir()))
-        backend = VllmBackend(vllm_settings(args, model))
+        if args.kind == "vllm-embed":
+            from engines.vllm_embed import VllmEmbedBackend
+
+            backend = VllmEmbedBackend(embed_settings(args, model))  # type: ignore[assignment]
+        else:
+            from engines.vllm_engine import VllmBackend
+
+            backend = VllmBackend(vllm_settings(args, model))
     _run_loop(serve(backend, settings, metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                     otlp_endpoint=args.otlp_endpoint))
     return 0
@@ -190,6 +197,31 @@ def vllm_settings(args: argparse.Namespace, model: str) -> VllmSettings:
         reasoning_parser=args.reasoning_parser, **optional)
 
 
+def embed_settings(args: argparse.Namespace, model: str) -> EmbedSettings:
+    """A vLLM embedding engine's settings from ``conduit engine --kind vllm-embed``'s flags."""
+    from engines.vllm_embed import EmbedSettings
+
+    extra: dict[str, object] = {"distributed_executor_backend": "uni"} if args.cpu else {}
+    optional = {name: getattr(args, name) for name in ("gpu_memory_utilization", "tensor_parallel_size")
+                if getattr(args, name) is not None}
+    return EmbedSettings(
+        model=model, served_name=args.served_name or ("tiny-embed" if args.model in (None, "tiny") else None),
+        max_concurrency=args.max_concurrency or 64, max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager, extra_engine_args=extra, matryoshka_dimensions=args.matryoshka_dimensions,
+        token_inputs=args.embed_token_inputs, **optional)
+
+
+def _dimensions(text: str) -> list[int]:
+    """An argparse type: comma-separated positive vector lengths (``32,64,128``)."""
+    try:
+        dims = [int(d) for d in text.split(",") if d.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, not {text}") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive numbers, not {text}")
+    return sorted(set(dims))
+
+
 def diffusers_settings(args: argparse.Namespace, model: str) -> DiffusersSettings:
     """A diffusers engine's settings from ``conduit engine``'s flags (``model``: the pipeline directory)."""
     from engines.diffusers_engine import DiffusersSettings
@@ -234,10 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
     # No abbreviated flags: `--upstream-api-key sk-...` must be refused, not read as the key *file*'s flag.
     en = sub.add_parser("serve", prog="conduit engine", help="Run an engine process (what `conduit engine` runs).",
                         allow_abbrev=False)
-    en.add_argument("--kind", choices=["vllm", "synthetic", "diffusers", "upstream"], default="vllm",
-                    help="upstream: forward jobs to an OpenAI-compatible server that already runs (--base-url)")
+    en.add_argument("--kind", choices=["vllm", "vllm-embed", "synthetic", "diffusers", "upstream"],
+                    default="vllm", help="vllm-embed: an embedding model on vLLM's pooling runner; upstream: forward "
+                                         "jobs to an OpenAI-compatible server that already runs (--base-url)")
     en.add_argument("--model", help="model path or name (vllm), pipeline directory (diffusers); 'tiny' builds "
-                                    "the offline tiny Llama (vllm) or tiny Stable Diffusion (diffusers)")
+                                    "the offline tiny Llama (vllm, vllm-embed) or tiny Stable Diffusion (diffusers)")
     en.add_argument("--device", help="diffusers: cpu, cuda, cuda:1... (default: cuda when available)")
     en.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                     help="diffusers: weights' type (default: float32 on cpu, float16 on a GPU)")
@@ -281,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--cpu", action="store_true", help="run vLLM in-process on the CPU")
     en.add_argument("--tool-call-parser", help="vLLM tool-call parser (hermes, llama3_json, mistral, ...)")
     en.add_argument("--enable-auto-tool-choice", action="store_true", help='allow tool_choice "auto"')
+    en.add_argument("--matryoshka-dimensions", type=_dimensions, default=[],
+                    help="vllm-embed: the model's Matryoshka vector lengths (e.g. 32,64,128): requests' "
+                         "`dimensions` may truncate to these (default: what the model's config says)")
+    en.add_argument("--embed-token-inputs", action="store_true",
+                    help="vllm-embed: accept `input` as token ids of this model's vocabulary (off: a 400; "
+                         "LangChain's OpenAIEmbeddings sends tiktoken ids unless check_embedding_ctx_length=False)")
     en.add_argument("--reasoning-parser", help="vLLM reasoning parser (deepseek_r1, qwen3, ...)")
     en.add_argument("--metrics-port", type=int, help="serve /metrics, /health and /ready on this port")
     en.add_argument("--metrics-host", default="127.0.0.1",

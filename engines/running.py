@@ -15,7 +15,18 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engines.backend import JobRejected
-from engines.contract.messages import ChoiceDelta, Delta, Done, Failed, Generated, ImageReady, Job, Started, Usage
+from engines.contract.messages import (
+    ChoiceDelta,
+    Delta,
+    Done,
+    Embedded,
+    Failed,
+    Generated,
+    ImageReady,
+    Job,
+    Started,
+    Usage,
+)
 from engines.contract.store import new_ref
 from telemetry.instruments import OPERATIONS
 from telemetry.tracing import SpanKind, Status, StatusCode, is_sampled, trace_id_of
@@ -118,6 +129,14 @@ class _Output:
         worker.writer.emit(job.reply_to, ImageReady(
             job=job.id, ref=ref, index=index, format=format, width=width, height=height, seed=seed, partial=partial,
             joined=joined, batch=batch, attempt=run.attempt, seq=run.next_seq()), run.result)
+
+    def embedded(self, index: int, vector: bytes) -> None:
+        # Not marked as output: a gateway answers an embedding only once its job is done, so an
+        # unfinished one can run again from scratch on another engine.
+        self.started()
+        run = self._run
+        self._worker.writer.emit(run.job.reply_to, Embedded(job=run.job.id, index=index, vector=vector,
+                                                            attempt=run.attempt, seq=run.next_seq()), run.result)
 
     def done(self, usage: Usage) -> None:
         self.started()

@@ -317,6 +317,10 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     #: zero). A gateway counts their requests in its demand gauge until their first output. Absent:
     #: none (an older engine).
     cold: list[str] = []
+    #: Models of :attr:`models` whose ``embedding`` jobs may give ``input`` as token ids (the engine
+    #: was started with ``--embed-token-inputs``); any other model's token-id input is refused with a
+    #: 400 naming ``input``, by the gateway before queueing and by the engine. Absent: none.
+    token_inputs: list[str] = []
 
 
 class Codec:
