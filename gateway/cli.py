@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it polls the gateway: one line a request
     stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir),
-                       images=args.engine != "synthetic" and not args.no_images)
+                       images=args.engine != "synthetic" and not args.no_images, embeddings=args.embeddings)
     return stack.run_forever()
 
 
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--engine", choices=["vllm", "synthetic"], default="vllm",
                     help="the chat engine; 'synthetic' (no model) starts no image engine either")
     up.add_argument("--no-images", action="store_true", help="no diffusers engine (chat only)")
+    up.add_argument("--embeddings", action="store_true",
+                    help="also a vLLM embedding engine (tiny-embed: /v1/embeddings), ready ~20 s later")
     up.add_argument("--workdir", default=os.path.expanduser("~/.cache/conduit/stack"))
     up.set_defaults(func=cmd_up)
 

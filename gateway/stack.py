@@ -59,7 +59,7 @@ def _free_port() -> int:
 
 
 #: The model names ``conduit up`` serves its tiny models under.
-CHAT_MODEL, IMAGE_MODEL = "tiny-llama", "tiny-sd"
+CHAT_MODEL, IMAGE_MODEL, EMBED_MODEL = "tiny-llama", "tiny-sd", "tiny-embed"
 
 
 def ready_block(base: str, models: list[str], api_key: str, metrics: dict[str, str], logs: Path) -> str:
@@ -152,13 +152,14 @@ class LocalStack:
     """
 
     def __init__(self, *, port: int, redis_port: int, engine: str, workdir: Path, images: bool = True,
-                 out: TextIO | None = None) -> None:
+                 embeddings: bool = False, out: TextIO | None = None) -> None:
         self.port = port
         self.redis_port = redis_port
         self.engine = engine
         self.workdir = workdir
         # The synthetic stack is for trying the gateway without ML libraries: chat only.
         self.images = images and engine != "synthetic"
+        self.embeddings = embeddings and engine != "synthetic"
         self.procs: list[subprocess.Popen[bytes]] = []
         self.out = out or sys.stdout
         self.logs = workdir / "logs"
@@ -232,6 +233,9 @@ class LocalStack:
             # One torch thread: the tiny pipeline gains nothing from more, and vLLM shares the CPU.
             specs.append((IMAGE_MODEL, "diffusers engine", ["--kind", "diffusers", "--model", "tiny", "--served-name",
                                                             IMAGE_MODEL, "--threads", "1"]))
+        if self.embeddings:
+            specs.append((EMBED_MODEL, "vLLM embedding engine", ["--kind", "vllm-embed", "--model", "tiny", "--cpu",
+                                                                 "--enforce-eager", "--max-model-len", "2048"]))
         engines = []
         for model, kind, args in specs:
             port = _free_port()
