@@ -110,7 +110,7 @@ def test_models_that_do_not_embed_and_embedders_that_do_not_chat(gateway: KeyedG
 
 def test_the_keys_limits_and_usage_count_input_tokens(gateway: KeyedGateways) -> None:
     admin = {"Authorization": f"Bearer {ADMIN}"}
-    made = httpx.post(f"{gateway.urls[0]}/admin/keys", json={"name": "small", "tpm": 100}, headers=admin, timeout=10)
+    made = httpx.post(f"{gateway.urls[0]}/admin/keys", json={"name": "small", "limits": {"tpm": 100}}, headers=admin, timeout=10)
     assert made.status_code == 201, made.text
     small = made.json()["key"]
     first = post(gateway, small, {"model": PLAIN, "input": TEXTS})
@@ -201,4 +201,4 @@ def test_the_retrieval_example(gateway: KeyedGateways, key: str) -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"4 documents, {SIZE} dimensions" in done.stdout
     # A query that is one of the documents finds it, at a similarity of 1.
-    assert "query 'An API key's limits are checked before a job is queued.': nearest document 2 (1.000)" in done.stdout
+    assert "query \"An API key's limits are checked before a job is queued.\": nearest document 2 (1.000)" in done.stdout
