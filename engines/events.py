@@ -24,7 +24,7 @@ from redis.exceptions import NoScriptError
 from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
 from engines.contract.lane import REDIS_ERRORS, open_lane
-from engines.contract.messages import Codec, Event, Failed
+from engines.contract.messages import Codec, Embedded, Event, Failed
 from engines.contract.replies import APPEND, RECREATED, append_command
 from telemetry.engine_instruments import EngineMetrics
 
@@ -101,6 +101,25 @@ class StreamLives:
 
 #: What encoding an event a backend made may raise (an integer past 64 bits from an upstream).
 _UNENCODABLE = (OverflowError, msgspec.EncodeError, TypeError, ValueError)
+
+
+#: About the most bytes of events one stream entry holds: a flush of many large events (embedding
+#: vectors) is written as several entries, never one past what Redis takes in a value.
+ENTRY_BYTES = 4 * 1024 * 1024
+
+
+def pieces_of(events: list[Event]) -> list[list[Event]]:
+    """``events`` in runs of about :data:`ENTRY_BYTES` each (one run, nearly always)."""
+    pieces, run, size = [], [], 0
+    for event in events:
+        n = 256 + len(event.vector) if type(event) is Embedded else 256
+        if run and size + n > ENTRY_BYTES:
+            pieces.append(run)
+            run, size = [], 0
+        run.append(event)
+        size += n
+    pieces.append(run)
+    return pieces
 
 
 def encoded(encode: Callable[[object], bytes], events: list[Event]) -> bytes:
@@ -278,8 +297,11 @@ class EventWriter:
         lives = self.lives
         sent = lives.now()
         streams = list(batch.events)
-        cmds.extend(append_command(reply_to, encoded(encode, batch.events[reply_to]), maxlen=maxlen,
-                                   restore_ms=lives.left(reply_to, sent)) for reply_to in streams)
+        #: Each stream's entries: one, unless its events are large (embeddings: split near ENTRY_BYTES).
+        pieces = [pieces_of(batch.events[reply_to]) for reply_to in streams]
+        cmds.extend(append_command(reply_to, encoded(encode, piece), maxlen=maxlen,
+                                   restore_ms=lives.left(reply_to, sent))
+                    for reply_to, parts in zip(streams, pieces, strict=True) for piece in parts)
         ack_cmds = [a.commands() for a in batch.acks]
         for c in ack_cmds:
             cmds.extend(c)
@@ -294,9 +316,11 @@ class EventWriter:
                 retry.markers.add(key)
         i = len(batch.markers)
         ready: list[Ack] = []
-        for reply_to in streams:
-            reply = replies[i]
-            i += 1
+        for reply_to, parts in zip(streams, pieces, strict=True):
+            answers = replies[i:i + len(parts)]
+            i += len(parts)
+            # (A piece refused after others landed: all of it again; gateways drop the repeats by number.)
+            reply = next((a for a in answers if isinstance(a, Exception)), answers[-1])
             if isinstance(reply, Exception):
                 # Refused: kept, in order, with the acks that wait for it.
                 log.warning("redis refused events for %s: %s", reply_to, reply)
@@ -307,7 +331,7 @@ class EventWriter:
                     retry.after[reply_to] = batch.after[reply_to]
                 continue
             # Written (or its gateway is gone: DROPPED; nobody waits for them).
-            state, pttl = int(reply[0]), int(reply[1])
+            state, pttl = max(int(a[0]) for a in answers), int(reply[1])
             lives.heard(reply_to, sent, pttl)
             if state == RECREATED:
                 log.warning("stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)

@@ -125,7 +125,7 @@ class Presence:
             host=socket.gethostname(), pid=os.getpid(), started_ms=w.started_ms, max_model_len=b.max_model_len,
             max_chars_per_token=b.max_chars_per_token, max_sequences=b.max_sequences, protocol=PROTOCOL_VERSION,
             kinds=sorted(w.kinds), cold=list(getattr(b, "cold_models", ())), results=True,
-            token_inputs=list(getattr(b, "token_input_models", ()))))
+            token_inputs=list(getattr(b, "token_input_models", ())), embedding_size=getattr(b, "embedding_size", 0) or None))
 
     def announce(self) -> None:
         """What the engine announces changed (a serverless upstream went cold or warm): the next

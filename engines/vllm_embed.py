@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Job, Usage
@@ -198,12 +199,13 @@ class VllmEmbedBackend:
             # names its own "input_tokens"), so the parameter is read from what it says.
             param = "dimensions" if error.param == "dimensions" or "dimensions" in error.message else "input"
             raise failure(ChunkError(error.message, error.type, param, error.code)) from None
+        vectors = [result.outputs.data.float().numpy().astype("<f4", copy=False) for result in ctx.final_res_batch]
+        if not all(np.isfinite(v).all() for v in vectors):  # (JSON has no NaN: the job fails, not the answer)
+            raise RuntimeError(f"the model made a vector that is not finite (job {job.id})")
         out.started()
-        tokens = 0
-        for index, result in enumerate(ctx.final_res_batch):
-            tokens += len(result.prompt_token_ids)
-            out.embedded(index, result.outputs.data.float().numpy().astype("<f4", copy=False).tobytes())
-        out.done(Usage(prompt_tokens=tokens, completion_tokens=0))
+        for index, vector in enumerate(vectors):
+            out.embedded(index, vector.tobytes())
+        out.done(Usage(prompt_tokens=sum(len(r.prompt_token_ids) for r in ctx.final_res_batch), completion_tokens=0))
 
     async def close(self) -> None:
         """Shut the engine down (its core process and background tasks)."""

@@ -209,10 +209,11 @@ def _context(engines: list[EngineInfo]) -> ModelContext:
     lens = [e.max_model_len for e in engines if e.max_model_len]
     chars = [e.max_chars_per_token for e in engines if e.max_chars_per_token]
     seqs = [e.max_sequences for e in engines if e.max_sequences]
+    sizes = [e.embedding_size for e in engines if e.embedding_size]
     every = len(engines)
     return ModelContext(min(lens) if lens and len(lens) == every else None,
                         max(chars) if chars and len(chars) == every else None,
-                        min(seqs) if seqs and len(seqs) == every else None)
+                        min(seqs) if seqs and len(seqs) == every else None, max(sizes) if sizes else None)
 
 
 class _Counts(Protocol):

@@ -141,9 +141,10 @@ class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
     #: context anyway; this keeps them (Python ints, ~8x their JSON size) off the gateway.
     #: 256 Ki covers nearly every served model's context; raise it for longer ones.
     max_prompt_tokens: int = 262_144
-    #: Inputs in one embeddings request, and their tokens together (text estimated): OpenAI's limits.
+    #: An embeddings request's inputs, their tokens (text estimated), its answer's floats: OpenAI's.
     max_embedding_inputs: int = 2048
     max_embedding_tokens: int = 300_000
+    max_embedding_floats: int = 2048 * 3072
     #: Messages in a chat request (OpenAI's limit).
     max_messages: int = 2048
     #: Content parts in one message: 500, so that one message can carry all of ``max_images``.
@@ -258,7 +259,7 @@ class IdempotencySettings(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
-    """Stored responses (``store``, ``previous_response_id``: ``gateway/responses/store.py``)."""
+    """Stored and background responses (``gateway/responses/store.py``, ``records.py``)."""
 
     #: How long a stored response (and its input items) is kept: OpenAI's 30 days.
     response_ttl_s: float = 30 * 86_400.0
@@ -271,9 +272,8 @@ class ResponseSettings(msgspec.Struct, kw_only=True, frozen=True):
     #: rules). Records live in the job queue's Redis, which must never evict: size it into the Redis
     #: ``maxmemory`` with room for the queue. Negative: no bound.
     response_store_max_bytes: int = 1024 * 1024 * 1024
-    #: The largest stored response (its ``Response`` and its input items: for a chained one the whole
-    #: conversation); a larger one is answered but not stored. Also what a ``previous_response_id``
-    #: loads before its request is admitted.
+    #: The largest stored response (with its input items: a chained one's whole conversation); a larger
+    #: one is answered, not stored. Also what a ``previous_response_id`` loads before admission.
     response_max_record_bytes: int = 4 * 1024 * 1024
     #: How long a background response's result record (its job's events, ``Keys.result``) is kept once
     #: the response has ended (and at most this past its deadline, ``request_timeout_s``): its stream can

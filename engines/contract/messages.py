@@ -321,6 +321,9 @@ class EngineInfo(msgspec.Struct, omit_defaults=True):
     #: was started with ``--embed-token-inputs``); any other model's token-id input is refused with a
     #: 400 naming ``input``, by the gateway before queueing and by the engine. Absent: none.
     token_inputs: list[str] = []
+    #: The length of the vectors of an embedding engine's model (what ``dimensions`` is at most); the
+    #: gateway bounds an answer's size with it. Absent: none (not an embedding engine, or an older one).
+    embedding_size: int | None = None
 
 
 class Codec:

@@ -24,6 +24,8 @@ class ModelContext(NamedTuple):
     max_chars_per_token: int | None = None
     #: Sequences an engine of the model runs at once (its batch; the smallest of its engines).
     max_sequences: int | None = None
+    #: The length of the model's vectors (an embedding model's; the largest of its engines).
+    embedding_size: int | None = None
 
 def utf8_len(text: str) -> int:
     """Bytes of ``text`` in UTF-8: the most tokens it can be (byte-level vocabularies)."""

@@ -44,10 +44,17 @@ class EmbeddingRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     def check(self, limits: RequestBounds) -> None:
         """The inputs' shape and bounds: sizes before any loop."""
         given = self.input
-        if isinstance(given, str):
-            if not given:
-                raise InvalidRequest("'input' cannot be an empty string.", param="input")
-            return
+        if isinstance(given, str) and not given:
+            raise InvalidRequest("'input' cannot be an empty string.", param="input")
+        if not isinstance(given, str):
+            self._check_list(given, limits)
+        total = self.tokens()
+        if total > limits.max_embedding_tokens:
+            raise InvalidRequest(f"This request's inputs are {total} tokens or more; an embeddings request may have "
+                                 f"at most {limits.max_embedding_tokens} in all.", param="input",
+                                 code="invalid_value")
+
+    def _check_list(self, given: list[Any], limits: RequestBounds) -> None:
         if not given:
             raise InvalidRequest("'input' cannot be an empty list.", param="input")
         if isinstance(given[0], int):
@@ -66,11 +73,6 @@ class EmbeddingRequest(Struct, kw_only=True, forbid_unknown_fields=False):
                 bounds.at_most(f"input[{i}]", "token ids", len(item), limits.max_prompt_tokens)  # type: ignore[arg-type]
                 if not all(type(t) is int for t in item):  # type: ignore[union-attr]
                     raise InvalidRequest(f"'input[{i}]' must be a list of token ids (integers).", param=f"input[{i}]")
-        total = self.tokens()
-        if total > limits.max_embedding_tokens:
-            raise InvalidRequest(f"This request's inputs are {total} tokens or more; an embeddings request may have "
-                                 f"at most {limits.max_embedding_tokens} in all.", param="input",
-                                 code="invalid_value")
 
     def inputs(self) -> list[Any]:
         """Each input: a string or a list of token ids."""
@@ -89,10 +91,18 @@ class EmbeddingRequest(Struct, kw_only=True, forbid_unknown_fields=False):
         """What admission takes from the key's budgets: the inputs' tokens (nothing is generated)."""
         return Cost(tokens=self.tokens())
 
-    def fits(self, model: ModelContext) -> None:
+    def fits(self, model: ModelContext, limits: RequestBounds) -> None:
         """Each input against the model's context (a 400 naming ``input``, before queueing): a text of
         ``c`` characters is at least ``c / max_chars_per_token`` tokens; token ids count exactly. An
-        input of exactly the context fits (nothing is generated)."""
+        input of exactly the context fits (nothing is generated). And the answer's size: inputs x
+        dimensions at most ``max_embedding_floats``."""
+        size = self.dimensions or model.embedding_size
+        count = len(self.inputs())
+        if size and count * size > limits.max_embedding_floats:
+            raise InvalidRequest(f"This request asks for {count} vectors of {size} dimensions, {count * size} numbers; "
+                                 f"an answer may hold at most {limits.max_embedding_floats}. Send fewer inputs"
+                                 f"{' or fewer dimensions' if self.dimensions else ''}.", param="input",
+                                 code="invalid_value")
         context = model.max_model_len
         if context is None:
             return

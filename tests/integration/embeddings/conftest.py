@@ -145,7 +145,7 @@ def gateway(engines: tuple[Stack, Path]) -> Iterator[KeyedGateways]:
     beside them (the synthetic one), and a key for the stack's model checks."""
     stack = engines[0]
     g = KeyedGateways(stack, ADMIN, count=0)
-    g.procs.append(g.start(max_embedding_inputs=64, max_embedding_tokens=20_000))
+    g.procs.append(g.start(max_embedding_inputs=64, max_embedding_tokens=20_000, max_embedding_floats=32 * SIZE))
     g.urls.append(stack.base_url)
     stack.api_key = g.key()
     stack.synthetic("chatty")

@@ -86,6 +86,8 @@ def test_dimensions(gateway: KeyedGateways, key: str) -> None:
     ([1, "a"], "input"), (["a", [1]], "input"), ({"a": 1}, "input"), (None, "input"),
     (["x"] * 65, "input"),  # more inputs than this gateway's max_embedding_inputs (64)
     (["word " * 5000] * 5, "input"),  # more tokens in all than its max_embedding_tokens (20,000)
+    ("word " * 20_000, "input"),  # one input of as many
+    (["x"] * 33, "input"),  # an answer of 33 x 128 numbers: more than its max_embedding_floats (32 x 128)
     ("x" * (17 * CONTEXT + 17), "input"),  # certainly past the context (17 characters a token at most)
     ([[7] * (CONTEXT + 1)], "input"),
 ])
@@ -93,6 +95,13 @@ def test_what_cannot_be_embedded_is_a_400_before_it_is_queued(gateway: KeyedGate
                                                                param: str) -> None:
     r = post(gateway, key, {"model": MATRYOSHKA, "input": value})
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_fewer_dimensions_make_room_for_more_inputs(gateway: KeyedGateways, key: str) -> None:
+    r = post(gateway, key, {"model": MATRYOSHKA, "input": ["x"] * 40, "dimensions": 64, "encoding_format": "float"})
+    assert r.status_code == 200 and [len(d["embedding"]) for d in r.json()["data"]] == [64] * 40, r.text[:500]
+    refused = post(gateway, key, {"model": MATRYOSHKA, "input": ["x"] * 40})
+    assert refused.status_code == 400 and "5120 numbers" in refused.json()["error"]["message"], refused.text
 
 
 def test_token_ids_for_a_model_that_takes_text_only(gateway: KeyedGateways, key: str) -> None:
