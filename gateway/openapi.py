@@ -27,6 +27,7 @@ Conventions, beyond OpenAPI's own:
 
 from __future__ import annotations
 
+import re
 import argparse
 import functools
 import json
@@ -124,8 +125,11 @@ def sse_events(op: Operation) -> dict[str, Any]:
         data = _json_data(_ref(types[0]) if len(types) == 1 else {"anyOf": [_ref(t) for t in types]})
         if op.stream_done:
             data = {"anyOf": [{"const": "[DONE]"}, data]}
+        # A name with ``*`` stands for a family of events (``response.*``: every ``response.`` event).
+        event = {"type": "string", "pattern": "^" + re.escape(name).replace(r"\*", "[a-z_.]+") + "$"} \
+            if "*" in name else {"const": name}
         branches.append({"type": "object", "required": ["event", "data"],
-                         "properties": {"event": {"const": name}, "data": data}})
+                         "properties": {"event": event, "data": data}})
     return branches[0] if len(branches) == 1 else {"anyOf": branches}
 
 

@@ -70,7 +70,7 @@ RETRIEVE_RESPONSE = Operation(
     "getResponse", "A stored model response", "Responses",
     {**_ERRORS, 400: "`invalid_value` (`stream` for a response that is not a background one, or whose events are no "
                      "longer kept; a `starting_after` that is no integer)."}, json=ResponseObject,
-    stream=(("response.*", (ResponseEvent,)),),
+    stream=(("response.*", (ResponseEvent,)), ("error", (ResponseEvent,))),
     parameters=(_RESPONSE_ID,
                 {"name": "stream", "in": "query", "required": False, "schema": {"type": "boolean", "default": False},
                  "description": "A background response's events, as server-sent events, to its end."},

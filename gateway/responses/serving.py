@@ -357,7 +357,7 @@ RESPONSE_ERRORS = {**JOB_ERRORS, 400: JOB_ERRORS[400] + " `previous_response_not
 CREATE_RESPONSE = Operation(
     "createResponse", "Create a model response", "Responses", {**RESPONSE_ERRORS, 422: "`unprocessable_entity`."},
     body=ResponseRequest, json=ResponseObject,
-    stream=(("response.*", (ResponseEvent,)),),
+    stream=(("response.*", (ResponseEvent,)), ("error", (ResponseEvent,))),
     description="With `store` true (the default) the response is kept with its input items for `response_ttl_s` "
                 "(30 days), within the bytes the API key may hold (`response_max_stored_bytes`; while it holds them, "
                 "a 400 `response_store_full`), for `GET`/`DELETE /v1/responses/{response_id}` and `previous_response_id` on any "

@@ -133,3 +133,18 @@ def test_extensions_are_marked() -> None:
     assert schemas["StreamOptions"]["properties"]["continuous_usage_stats"][openapi.EXTENSION] == "vllm"
     assert DOC["paths"]["/admin/keys"]["post"][openapi.EXTENSION] == "conduit"
     assert openapi.EXTENSION not in DOC["paths"]["/v1/chat/completions"]["post"]
+
+
+@pytest.mark.parametrize(("path", "method"), [("/v1/responses", "post"), ("/v1/responses/{response_id}", "get")])
+@pytest.mark.parametrize("event", ["response.created", "response.output_text.delta", "response.completed", "error"])
+def test_a_response_streams_event_names_are_those_the_document_allows(path: str, method: str, event: str) -> None:
+    """The stream's ``event:`` lines name each event (``response.created``, ``error``, ...), which the
+    document must allow: schemathesis checks every streamed answer against it (a fuzz run found
+    ``response.*`` declared as the one name allowed)."""
+    import jsonschema
+
+    schema = DOC["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    resolver = {"components": DOC["components"], **schema}
+    jsonschema.validate({"event": event, "data": "{}"}, resolver)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"event": "response", "data": "{}"}, resolver)
