@@ -36,7 +36,8 @@ async def run_load(base: str, concurrency: int, requests: int, inputs: int) -> f
     """Inputs embedded per second by ``concurrency`` clients sending ``requests`` requests in all."""
     texts = [f"document {i}: the quick brown fox jumps over the lazy dog" for i in range(inputs)]
     body = {"model": SERVED, "input": texts, "encoding_format": "base64"}
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # (Idle connections dropped before the servers' 5 s keep-alive ends: a POST on one they closed fails.)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=3)
     async with httpx.AsyncClient(limits=limits, timeout=600) as client:
         async def send(count: int, clients: int) -> None:
             left = count

@@ -15,17 +15,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 from typing import Any
 
-import msgspec
 import numpy as np
 
 from engines.backend import JobOutput, JobRejected
 from engines.contract.messages import Job, Usage
 from engines.vllm_chunks import ChunkError, failure
-from engines.vllm_engine import OUTPUT_SLICE, check_vllm_version, installed_vllm_version
-from telemetry.engine_instruments import EngineMetrics, VllmMetrics
+from engines.vllm_engine import ModelSettings, check_vllm_version, installed_vllm_version, open_engine
+from telemetry.engine_instruments import EngineMetrics
 
 #: Why token-id input is refused unless the engine opts in (``--embed-token-inputs``).
 TOKEN_INPUT_REFUSED = (
@@ -34,20 +32,9 @@ TOKEN_INPUT_REFUSED = (
     "silently wrong vectors: pass check_embedding_ctx_length=False to send the text instead.")
 
 
-class EmbedSettings(msgspec.Struct, kw_only=True):
+class EmbedSettings(ModelSettings, kw_only=True):
     """How to start vLLM's pooling runner for one embedding model (built at the entrypoint, passed in)."""
 
-    #: Path of a HF model directory, or a model name the (offline) HF cache knows.
-    model: str
-    #: The model name clients use; defaults to ``model``.
-    served_name: str | None = None
-    #: Jobs the worker keeps in flight at once (vLLM batches their inputs continuously).
-    max_concurrency: int = 64
-    max_model_len: int | None = None
-    dtype: str = "auto"
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
     #: The model's Matryoshka dimensions (``dimensions`` may truncate to these); empty: what the
     #: model's own config says (most models: none, so ``dimensions`` is refused).
     matryoshka_dimensions: list[int] = []
@@ -135,33 +122,14 @@ class VllmEmbedBackend:
     async def start(self) -> None:
         """Start the pooling engine and build vLLM's embedding serving object as its API server does."""
         check_vllm_version(installed_vllm_version())  # before loading anything
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.openai.models.protocol import BaseModelPath
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.chat_utils import ChatTemplateConfig
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        from engines.vllm_stats import stat_logger_factory
 
         s = self.settings
-        os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", str(OUTPUT_SLICE))  # as the chat backend
         overrides: dict[str, Any] = {"matryoshka_dimensions": list(s.matryoshka_dimensions)} \
             if s.matryoshka_dimensions else {}
-        args = AsyncEngineArgs(
-            model=s.model, served_model_name=self.served_name, runner="pooling", convert="embed",
-            max_model_len=s.max_model_len, dtype=s.dtype, enforce_eager=s.enforce_eager,
-            tensor_parallel_size=s.tensor_parallel_size, gpu_memory_utilization=s.gpu_memory_utilization,
-            hf_overrides=overrides, **s.extra_engine_args)
-        stats = stat_logger_factory(VllmMetrics(self.metrics.meter, self.served_name))
-        self.engine = engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                                         stat_loggers=[stats])
-        self.max_model_len = engine.model_config.max_model_len
-        self.max_chars_per_token = engine.get_tokenizer().max_chars_per_token
-        self.max_sequences = engine.vllm_config.scheduler_config.max_num_seqs
+        engine, models = open_engine(self, runner="pooling", convert="embed", hf_overrides=overrides)
+        self.engine = engine
         self.embedding_size = engine.model_config.embedding_size
-        models = OpenAIServingModels(engine_client=engine,
-                                     base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
         self._serving = _serving_class()(engine, models, request_logger=None,
                                          chat_template_config=ChatTemplateConfig())
         del engine, models  # see VllmBackend.start: close() must really free the engine

@@ -129,8 +129,39 @@ def wants_continuous_usage(body: dict[str, Any]) -> bool:
     return bool(options.get("include_usage") and options.get("continuous_usage_stats"))
 
 
-class VllmSettings(msgspec.Struct, kw_only=True):
-    """How to start vLLM for one model (built at the engine entrypoint, passed in)."""
+def open_engine(backend: Any, **engine_args: Any) -> tuple[Any, Any]:
+    """vLLM's ``AsyncLLM`` for a backend's ``settings`` (a :class:`ModelSettings`) and ``engine_args``,
+    with Conduit's stat logger, and vLLM's model registry naming it ``served_name``; what the engine
+    then announces is set on the backend (context, longest token, batch)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.openai.models.protocol import BaseModelPath
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from engines.vllm_stats import stat_logger_factory
+
+    s = backend.settings
+    # vLLM's output handler gives the event loop a turn only between slices of this many
+    # requests' outputs (128 by default: a whole step of a big batch). Smaller slices keep the
+    # loop's other duties (cancellations, job intake, events) from waiting behind a step.
+    os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", str(OUTPUT_SLICE))
+    args = AsyncEngineArgs(
+        model=s.model, served_model_name=backend.served_name, max_model_len=s.max_model_len, dtype=s.dtype,
+        enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
+        gpu_memory_utilization=s.gpu_memory_utilization, **engine_args, **s.extra_engine_args)
+    stats = stat_logger_factory(VllmMetrics(backend.metrics.meter, backend.served_name))
+    engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stats])
+    backend.max_model_len = engine.model_config.max_model_len
+    backend.max_chars_per_token = engine.get_tokenizer().max_chars_per_token
+    backend.max_sequences = engine.vllm_config.scheduler_config.max_num_seqs
+    models = OpenAIServingModels(engine_client=engine,
+                                 base_model_paths=[BaseModelPath(name=backend.served_name, model_path=s.model)])
+    return engine, models
+
+
+class ModelSettings(msgspec.Struct, kw_only=True):
+    """How to start vLLM for one model, whatever it serves (the chat and the embedding kinds share it)."""
 
     #: Path of a HF model directory, or a model name the (offline) HF cache knows.
     model: str
@@ -143,6 +174,11 @@ class VllmSettings(msgspec.Struct, kw_only=True):
     enforce_eager: bool = False
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
+
+
+class VllmSettings(ModelSettings, kw_only=True):
+    """How to start vLLM for one chat model (built at the engine entrypoint, passed in)."""
+
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False
     #: "auto" pins tool arguments to their schema only for ``strict`` tools; "parameter" always.
@@ -186,35 +222,13 @@ class VllmBackend:
     async def start(self) -> None:
         """Start the engine and build vLLM's serving objects as its API server does."""
         check_vllm_version(installed_vllm_version())  # before loading anything
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
-        from vllm.entrypoints.openai.models.protocol import BaseModelPath
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
         from vllm.renderers.online_renderer import OnlineRenderer
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         s = self.settings
-        # vLLM's output handler gives the event loop a turn only between slices of this many
-        # requests' outputs (128 by default: a whole step of a big batch). Smaller slices keep the
-        # loop's other duties (cancellations, job intake, events) from waiting behind a step.
-        os.environ.setdefault("VLLM_V1_OUTPUT_PROC_CHUNK_SIZE", str(OUTPUT_SLICE))
-        args = AsyncEngineArgs(
-            model=s.model, served_model_name=self.served_name, max_model_len=s.max_model_len, dtype=s.dtype,
-            enforce_eager=s.enforce_eager, tensor_parallel_size=s.tensor_parallel_size,
-            gpu_memory_utilization=s.gpu_memory_utilization, reasoning_parser=s.reasoning_parser or "",
-            **s.extra_engine_args)
-        from engines.vllm_stats import stat_logger_factory
-
-        stats = stat_logger_factory(VllmMetrics(self.metrics.meter, self.served_name))
-        self.engine = engine = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER,
-                                                         stat_loggers=[stats])
-        self.max_model_len = engine.model_config.max_model_len
-        self.max_chars_per_token = engine.get_tokenizer().max_chars_per_token
-        self.max_sequences = engine.vllm_config.scheduler_config.max_num_seqs
-        models = OpenAIServingModels(engine_client=engine,
-                                     base_model_paths=[BaseModelPath(name=self.served_name, model_path=s.model)])
+        engine, models = open_engine(self, reasoning_parser=s.reasoning_parser or "")
+        self.engine = engine
         tools: dict[str, Any] = {"enable_auto_tools": s.enable_auto_tool_choice, "tool_parser": s.tool_call_parser,
                                  "tool_strict_level": s.tool_strict_level}
         renderer = OnlineRenderer(engine.model_config, engine.renderer, request_logger=None, chat_template=None,
