@@ -77,7 +77,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     _logging("info")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # it polls the gateway: one line a request
     stack = LocalStack(port=args.port, redis_port=args.redis_port, engine=args.engine, workdir=Path(args.workdir),
-                       images=args.engine != "synthetic" and not args.no_images, embeddings=args.embeddings)
+                       images=args.engine != "synthetic" and not args.no_images, embeddings=not args.no_embeddings)
     return stack.run_forever()
 
 
@@ -197,14 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="Run the local stack: Redis + gateway + CPU engines on tiny models "
-                                   "(a Llama for chat, a Stable Diffusion pipeline for images).")
+                                   "(a Llama for chat and for embeddings, a Stable Diffusion pipeline for images).")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--redis-port", type=int, default=6390)
     up.add_argument("--engine", choices=["vllm", "synthetic"], default="vllm",
                     help="the chat engine; 'synthetic' (no model) starts no image engine either")
     up.add_argument("--no-images", action="store_true", help="no diffusers engine (chat only)")
-    up.add_argument("--embeddings", action="store_true",
-                    help="also a vLLM embedding engine (tiny-embed: /v1/embeddings), ready ~20 s later")
+    up.add_argument("--no-embeddings", action="store_true",
+                    help="no vLLM embedding engine (tiny-embed, for /v1/embeddings)")
     up.add_argument("--workdir", default=os.path.expanduser("~/.cache/conduit/stack"))
     up.set_defaults(func=cmd_up)
 

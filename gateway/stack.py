@@ -152,7 +152,7 @@ class LocalStack:
     """
 
     def __init__(self, *, port: int, redis_port: int, engine: str, workdir: Path, images: bool = True,
-                 embeddings: bool = False, out: TextIO | None = None) -> None:
+                 embeddings: bool = True, out: TextIO | None = None) -> None:
         self.port = port
         self.redis_port = redis_port
         self.engine = engine
