@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engines.cli import CPU_ENGINE_ENV  # noqa: E402 - after the path that finds it
-from tests.harness import Proc, RedisServer, Stack, free_port, wait_for_openai_server  # noqa: E402
+from tests.harness import Proc, RedisServer, Stack, build_tiny_llama, free_port, wait_for_openai_server  # noqa: E402
 
 SERVED = "bench-embed"
 ENGINE_ARGS = ("--max-model-len", "1024", "--enforce-eager")
@@ -89,11 +88,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conduit-embed-bench-"))
-    model = args.model
-    if model is None:
-        model = str(work / "tiny-llama")
-        subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "llama", "--path",
-                        model], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    model = args.model or str(build_tiny_llama(work / "tiny-llama"))
     redis = RedisServer(work)
     results: dict[str, list[float]] = {"vllm": [], "conduit": []}
     try:

@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from engines.cli import CPU_ENGINE_ENV  # noqa: E402 - after the path that finds it
-from tests.harness import Proc, RedisServer, Stack, free_port, wait_for_openai_server  # noqa: E402
+from tests.harness import Proc, RedisServer, Stack, build_tiny_llama, free_port, wait_for_openai_server  # noqa: E402
 
 SERVED, UPSTREAM = "bench-up", "tiny-llama"
 
@@ -95,11 +94,7 @@ def main() -> None:
     ap.add_argument("--pin", action="store_true", help="vLLM alone on the first core, the rest on the others")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="conduit-upstream-bench-"))
-    model = args.model
-    if model is None:
-        model = str(work / "tiny-llama")
-        subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "llama", "--path",
-                        model], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    model = args.model or str(build_tiny_llama(work / "tiny-llama"))
     port = free_port()
     env, pin = dict(CPU_ENGINE_ENV), []
     if args.pin:

@@ -114,6 +114,16 @@ class ThreadedServer:
         self._loop.close()
 
 
+def build_tiny_llama(path: Path) -> Path:
+    """The offline tiny random-weight Llama at ``path``, built by ``conduit models build-tiny`` in a
+    child process (as a user builds it; the caller's process loads no ML library)."""
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "llama",
+                           "--path", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the tiny Llama failed:\n{done.stderr[-3000:]}")
+    return path
+
+
 def wait_for_openai_server(server: Proc, port: int, timeout: float = 300) -> None:
     """Until the OpenAI-compatible server ``server`` answers ``/v1/models`` on ``port`` (it failing, or
     the timeout, fails with the end of its log)."""

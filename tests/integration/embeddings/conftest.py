@@ -7,8 +7,6 @@ keyed gateway in front of them."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +20,7 @@ import redis
 from engines.contract.keys import Keys
 from engines.contract.messages import Codec, Done, Embedded, EngineInfo, Event, Failed, Job, Started, Unknown
 from engines.contract.replies import REPLY_STREAM_TTL_MS
-from tests.harness import ROOT, RedisServer, Stack
+from tests.harness import RedisServer, Stack, build_tiny_llama
 from tests.keyed import KeyedGateways
 
 PLAIN, MATRYOSHKA = "tiny-embed", "tiny-embed-m"
@@ -81,13 +79,6 @@ class Embedder:
         events = self.events(self.submit(model, body))
         assert len(events) == 1 and isinstance(events[0], Failed), events
         return events[0]
-
-
-def build_tiny_llama(path: Path) -> Path:
-    done = subprocess.run([sys.executable, "-m", "gateway.cli", "models", "build-tiny", "--only", "llama",
-                           "--path", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return path
 
 
 @pytest.fixture(scope="package")
