@@ -38,6 +38,7 @@ logged, and a later retrieval is OpenAI's answer for an id it does not have (404
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -184,10 +185,14 @@ class ResponseStore:
     async def full(self, owner: Principal) -> bool:
         """Whether a response of ``owner`` would not be stored now: its key's ledger or the gateway-wide
         one holds its cap (after giving back what expired). Two reads, and a pruning call only for a
-        ledger found full; 503 when Redis cannot answer."""
+        ledger found full; 503 when Redis cannot answer. (On every request that stores: both reads in
+        one wait.)"""
+        ledgers = [(k, cap) for k, cap in ((owner.key_id, self.max_stored_bytes), (EVERY_KEY, self.max_total_bytes))
+                   if cap >= 0]
         try:
-            for key_id, cap in ((owner.key_id, self.max_stored_bytes), (EVERY_KEY, self.max_total_bytes)):
-                if cap >= 0 and await self._live(key_id) >= cap and await self._pruned(key_id) >= cap:
+            lives = await asyncio.gather(*(self._live(k) for k, _ in ledgers))
+            for (key_id, cap), live in zip(ledgers, lives, strict=True):
+                if live >= cap and await self._pruned(key_id) >= cap:
                     return True
         except REDIS_ERRORS as exc:
             log.warning("stored responses unavailable: %s", exc)
