@@ -59,6 +59,14 @@ class JobOutput(Protocol):
     def done(self, usage: Usage) -> None:
         """The job finished successfully; nothing may follow."""
 
+    async def inputs(self) -> list[bytes]:
+        """The job's inputs by reference (``JobOptions.inputs``: an edit's pictures), read from the
+        blob store in order; raises :class:`JobRejected` when one is gone."""
+
+    async def fetch(self, url: str, param: str) -> bytes:
+        """The picture at an http(s) ``url`` the request named (its ``param``), fetched under the
+        engine's media policy (``engines.media``); raises :class:`JobRejected` for what it refuses."""
+
 
 class Backend(Protocol):
     """One engine kind (vLLM, diffusers, synthetic) serving one or more models."""

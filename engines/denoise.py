@@ -25,27 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.backend import JobRejected
+from engines.diffusion import decode_latents, encode_picture, encode_prompt, overlay, preview_steps, \
+    start_latents
 from engines.image_job import ImageSpec
 
 log = logging.getLogger("conduit.engine.diffusers")
-
-#: Pipelines the loop drives (their UNet call and prompt encoding are known here).
-STEP_PIPELINES = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"})
-
-
-def step_supported(pipe: Any) -> bool:
-    """Whether :class:`StepLoop` can drive ``pipe`` (else requests are batched whole)."""
-    return (type(pipe).__name__ in STEP_PIPELINES and getattr(pipe, "unet", None) is not None
-            and pipe.unet.config.get("time_cond_proj_dim") is None)  # LCM-style guidance embedding: no
-
-
-def preview_steps(total: int, k: int) -> dict[int, list[int]]:
-    """After which step (1-based) each of ``k`` previews is made: evenly spaced, never at step 0."""
-    at: dict[int, list[int]] = {}
-    for j in range(k):
-        at.setdefault(max(1, min(total, total * (j + 1) // (k + 1))), []).append(j)
-    return at
-
 
 @dataclass(eq=False)
 class Frame:
@@ -117,6 +101,11 @@ class _Image:
     joined: bool = False
     batch: int = 0
     step_kwargs: dict[str, Any] = field(default_factory=dict)
+    #: An edit's: the step it starts at, its picture's latents, its noise and its mask (1: repaint).
+    first: int = 0
+    init: Any = None
+    noise: Any = None
+    mask: Any = None
 
     @property
     def total(self) -> int:
@@ -218,7 +207,7 @@ class StepLoop:
             return
         group = self._groups.get(images[0].key)
         # Joined: the group was already mid-denoising when these images arrived.
-        joined = bool(group) and any(img.done_steps > 0 for img in group)  # type: ignore[union-attr]
+        joined = bool(group) and any(img.done_steps > img.first for img in group)  # type: ignore[union-attr]
         if group is None:
             group = self._groups[images[0].key] = []
             self._turns.append(images[0].key)
@@ -235,24 +224,26 @@ class StepLoop:
         shape = (1, pipe.unet.config.in_channels, spec.height // scale, spec.width // scale)
         key = (spec.width, spec.height, *pe.shape[1:])
         images = []
-        from diffusers.utils.torch_utils import randn_tensor
-
+        # An edit's pictures, each encoded once (``n`` images of one picture share the object).
+        pictures = {id(p): encode_picture(pipe, p, spec.width, spec.height) for p in spec.sources}
         for i, seed in enumerate(spec.seeds):
             gen = torch.Generator("cpu").manual_seed(seed)
             sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
             sched.set_timesteps(spec.steps, device=self.device)
-            # As the pipeline's prepare_latents draws them for one image with its own generator.
-            latents = randn_tensor(shape, generator=gen, device=self.device, dtype=pe.dtype) * sched.init_noise_sigma
+            picture = pictures[id(spec.sources[i])] if spec.sources else None
+            first, latents, init, noise, mask = start_latents(pipe, sched, spec, i, picture, gen, shape, pe.dtype)
             kwargs: dict[str, Any] = {}
             if self._step_eta:
                 kwargs["eta"] = 0.0
             if self._step_generator:
                 kwargs["generator"] = gen
             self._order += 1
+            previews = preview_steps(len(sched.timesteps) - first, spec.partial_images)
             images.append(_Image(req=req, index=i, seed=seed, generator=gen, scheduler=sched, latents=latents,
                                  cond=cond, uncond=uncond, key=key, order=self._order,
-                                 previews=preview_steps(len(sched.timesteps), spec.partial_images),
-                                 step_kwargs=kwargs))
+                                 previews={first + at: parts for at, parts in previews.items()},
+                                 step_kwargs=kwargs, first=first, done_steps=first, init=init, noise=noise,
+                                 mask=mask))
         return images
 
     def _drop(self, keep: Callable[[_Image], bool]) -> None:
@@ -302,6 +293,7 @@ class StepLoop:
             if previews:
                 pil = self._decode([lat for _, lat, _ in previews])
                 for (img, _, parts), image in zip(previews, pil):
+                    image = _kept(img, image)
                     for j in parts:
                         img.req.emit(Frame(img.index, img.seed, image, partial=j, joined=img.joined,
                                            batch=img.batch))
@@ -309,6 +301,7 @@ class StepLoop:
                 self._drop(lambda img: img not in finished)
                 pil = self._decode([img.latents for img in finished])
                 for img, image in zip(finished, pil):
+                    image = _kept(img, image)
                     img.req.emit(Frame(img.index, img.seed, image, joined=img.joined, batch=img.batch))
         except Exception as exc:  # noqa: BLE001
             log.exception("decoding failed")
@@ -350,9 +343,13 @@ class StepLoop:
             img.done_steps += 1
             img.batch = max(img.batch, len(batch))
             img.req.steps_run += 1
+            x0 = getattr(out, "pred_original_sample", None)
+            if img.mask is not None:
+                _blend(img)
+                if x0 is not None:
+                    x0 = (1 - img.mask) * img.init + img.mask * x0
             parts = img.previews.get(img.done_steps)
             if parts and img.done_steps < img.total:
-                x0 = getattr(out, "pred_original_sample", None)
                 previews.append((img, img.latents if x0 is None else x0, parts))
             elif parts:  # previews due at the last step: the final image itself
                 previews.append((img, img.latents, parts))
@@ -365,36 +362,19 @@ class StepLoop:
         return decode_latents(self.pipe, self._torch.cat(latents))
 
 
-def encode_prompt(pipe: Any, spec: ImageSpec, device: Any, sdxl: bool) -> tuple[Any, Any, Any]:
-    """(prompt embeddings, the prompt's UNet inputs, the negative prompt's or None): as the pipeline encodes them."""
-    cfg = spec.guidance > 1.0
-    if sdxl:
-        pe, npe, pooled, npooled = pipe.encode_prompt(
-            spec.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
-            negative_prompt=spec.negative_prompt)
-        proj = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None \
-            else int(pooled.shape[-1])
-        size = (spec.height, spec.width)
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=pe.dtype,
-                                          text_encoder_projection_dim=proj).to(device)
-        return (pe, (pe, {"text_embeds": pooled, "time_ids": time_ids}),
-                (npe, {"text_embeds": npooled, "time_ids": time_ids}) if cfg else None)
-    pe, npe = pipe.encode_prompt(spec.prompt, device, 1, cfg, spec.negative_prompt)
-    return pe, (pe, None), ((npe, None) if cfg else None)
+def _blend(img: _Image) -> None:
+    """An inpainting step's end: the kept region back to the input's latents, noised to the next
+    step's level (none after the last), as diffusers' inpainting pipeline does for a 4-channel UNet."""
+    kept = img.init
+    if img.done_steps < img.total:
+        at = img.done_steps
+        kept = img.scheduler.add_noise(img.init, img.noise, img.scheduler.timesteps[at:at + 1])
+    img.latents = (1 - img.mask) * kept + img.mask * img.latents
 
 
-def decode_latents(pipe: Any, latents: Any) -> list[Any]:
-    """A batch of latents -> PIL images, as the pipeline's own decode does."""
-    vae = pipe.vae
-    cfg = vae.config
-    mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
-    if mean is not None and std is not None:  # SDXL-family VAEs that declare latent statistics
-        import torch
-
-        m = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        s = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-        latents = latents * s / cfg.scaling_factor + m
-    else:
-        latents = latents / cfg.scaling_factor
-    image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(image, output_type="pil")
+def _kept(img: _Image, image: Any) -> Any:
+    """A decoded image of an inpainting edit with the pixels its mask keeps taken from its input."""
+    spec = img.req.spec
+    if not spec.masks or spec.masks[img.index] is None:
+        return image
+    return overlay(image, spec.sources[img.index], spec.masks[img.index])

@@ -26,8 +26,9 @@ from typing import Any
 import msgspec
 
 from engines.backend import JobOutput
-from engines.denoise import Failure, Frame, Request, StepLoop, deadline_error, decode_latents, expired, \
-    preview_steps, step_supported
+from engines.denoise import Failure, Frame, Request, StepLoop, deadline_error, expired
+from engines.diffusion import decode_latents, preview_steps, step_supported
+from engines.image_edit import resolve_edit
 from engines.image_job import ImageLimits, encode_image, resolve
 from engines.contract.messages import Job, Usage
 from telemetry.engine_instruments import EngineMetrics
@@ -189,6 +190,7 @@ class DiffusersBackend:
     """Runs image jobs on one diffusers pipeline in this process."""
 
     kind = "diffusers"
+    #: ``image_edit`` too once started, where the step loop runs (edits join its batches).
     kinds = frozenset({"image"})
 
     def __init__(self, settings: DiffusersSettings) -> None:
@@ -222,6 +224,7 @@ class DiffusersBackend:
             self.batcher = StepLoop(pipe, max_batch_pixels=s.max_batch_pixels, metrics=self.metrics,
                                     model=self.served_name)
             self.batcher.start()
+            self.kinds = frozenset({"image", "image_edit"})
         else:
             self.batcher = RequestBatcher(pipe, s, self.metrics, self.served_name)
         # ``is not None``: a compiled UNet (OptimizedModule) refuses truth tests (it has no len()).
@@ -291,7 +294,10 @@ class DiffusersBackend:
     async def run(self, job: Job, out: JobOutput) -> None:
         """Validate the request, queue its images, and write each decoded image to ``out``."""
         assert self.limits is not None
-        spec = resolve(job.body, self.limits)  # JobRejected (400) before any output
+        if job.kind == "image_edit":  # (only where the step loop runs: the kinds announced say so)
+            spec = await resolve_edit(job, out, self.limits)
+        else:
+            spec = resolve(job.body, self.limits)  # JobRejected (400) before any output
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Frame | Failure] = asyncio.Queue()
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -46,6 +46,17 @@ class ImageRequest(msgspec.Struct, forbid_unknown_fields=False):
     seed: int | None = None
 
 
+class EditRequest(ImageRequest, forbid_unknown_fields=False):
+    """An ``image_edit`` job's body: the request's fields, and where its pictures are. Each of
+    ``images`` and ``mask`` is ``input:<i>`` (``JobOptions.inputs[i]``, in the blob store) or an
+    http(s) URL the engine fetches under its media policy."""
+
+    images: list[str] = []
+    mask: str | None = None
+    #: How far from the input the result may go: 1 starts from noise, 0.5 halfway.
+    strength: float | None = None
+
+
 class ImageLimits(msgspec.Struct, kw_only=True):
     """What an engine allows and assumes, from its settings and its model."""
 
@@ -58,6 +69,8 @@ class ImageLimits(msgspec.Struct, kw_only=True):
     quality_steps: dict[str, int]
     default_guidance: float
     max_guidance: float = 50.0
+    #: Pixels of one picture an edit may hand in (checked on its header, before decoding).
+    max_input_pixels: int = 4096 * 4096
 
 
 class ImageSpec(msgspec.Struct, kw_only=True):
@@ -75,6 +88,12 @@ class ImageSpec(msgspec.Struct, kw_only=True):
     output_compression: int
     #: Previews per image (0 unless the client streams).
     partial_images: int
+    #: An edit's pictures, one per image (PIL RGB, ``width`` x ``height``); empty: text-to-image.
+    sources: list[Any] = []
+    #: An edit's masks, one per image (PIL ``L``, 255 where repainted) or None (all of it may change).
+    masks: list[Any] = []
+    #: An edit's strength (see :class:`EditRequest`).
+    strength: float = 1.0
 
     @property
     def n(self) -> int:
@@ -105,22 +124,33 @@ def parse_size(size: str | None, limits: ImageLimits) -> tuple[int, int]:
     return width, height
 
 
-def resolve(body: bytes, limits: ImageLimits) -> ImageSpec:
-    """The job body as an :class:`ImageSpec`; raises :class:`JobRejected` (400, with ``param``)."""
+def read(body: bytes, decoder: msgspec.json.Decoder[Any]) -> Any:
+    """The job body decoded; raises :class:`JobRejected` (400, with ``param``)."""
     try:
-        req = _decoder.decode(body)
+        return decoder.decode(body)
     except msgspec.ValidationError as exc:
         # msgspec names the field as "$.field" at the end of its message.
         path = str(exc).rpartition("$.")[2].split(".")[0].split("[")[0] if "$." in str(exc) else None
         raise JobRejected(f"Invalid request: {exc}", param=path) from None
     except msgspec.DecodeError as exc:
         raise JobRejected(f"The request body is not valid JSON: {exc}") from None
+
+
+def resolve(body: bytes, limits: ImageLimits) -> ImageSpec:
+    """An ``image`` job's body as an :class:`ImageSpec`; raises :class:`JobRejected` (400, with ``param``)."""
+    req = read(body, _decoder)
     if not req.prompt:
         raise _reject("prompt is required.", "prompt")
+    return spec_of(req, limits, parse_size(req.size, limits), 1)
+
+
+def spec_of(req: ImageRequest, limits: ImageLimits, size: tuple[int, int], per_seed: int) -> ImageSpec:
+    """Every default applied and every limit checked: ``n`` x ``per_seed`` images of ``size``."""
     n = 1 if req.n is None else req.n
     if not 1 <= n <= 10:
         raise _reject(f"Invalid n {n}: between 1 and 10 images per request.", "n")
-    width, height = parse_size(req.size, limits)
+    n *= per_seed
+    width, height = size
     if req.background == "transparent":
         raise _reject("This model cannot produce transparent backgrounds; use background 'opaque' or 'auto'.",
                       "background")

@@ -135,6 +135,26 @@ class MediaGate:
             changed = True
         return msgspec.structs.replace(job, body=json.dumps(body).encode()) if changed else job
 
+    async def picture(self, url: str, param: str, deadline_ms: int = 0, budget: list[int] | None = None) -> bytes:
+        """The picture at an http(s) ``url`` an edit names (its ``param``): checked against the policy and
+        fetched as a chat job's images are (``budget``: the bytes the job may still fetch, shared by its
+        fetches; the time within its deadline); raises :class:`JobRejected`."""
+        target = self._check(url, param)
+        if target is None:
+            raise JobRejected(f"'{param}' is a data: URL; the gateway sends those as uploads.", code=INVALID_URL,
+                              param=param)
+        timeout = self.timeout_s
+        if deadline_ms:
+            timeout = min(timeout, max(deadline_ms / 1000 - time.time(), 0.001))
+        try:
+            async with asyncio.timeout(timeout), self._fetching:
+                return (await self.fetch(target, budget))[0]
+        except MediaRefused as exc:
+            raise JobRejected(exc.message, code=exc.code, param=param) from None
+        except TimeoutError:
+            raise JobRejected(f"Fetching {target.url} took longer than {timeout:.1f} s.", code=FETCH_FAILED,
+                              param=param) from None
+
     def _check(self, url: object, param: str) -> MediaTarget | None:
         if not isinstance(url, str):
             raise JobRejected("An image's `url` must be a string.", code=INVALID_URL, param=param)

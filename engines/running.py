@@ -27,7 +27,7 @@ from engines.contract.messages import (
     Started,
     Usage,
 )
-from engines.contract.store import new_ref
+from engines.contract.store import new_ref, stored_ref
 from telemetry.instruments import OPERATIONS
 from telemetry.tracing import SpanKind, Status, StatusCode, is_sampled, trace_id_of
 
@@ -75,12 +75,13 @@ class Running:
 class _Output:
     """The :class:`~engines.backend.JobOutput` of one running job."""
 
-    __slots__ = ("_worker", "_run", "_started")
+    __slots__ = ("_worker", "_run", "_started", "_budget")
 
     def __init__(self, worker: Worker, run: Running) -> None:
         self._worker = worker
         self._run = run
         self._started = False
+        self._budget: list[int] | None = None
 
     def started(self) -> None:
         if not self._started:
@@ -143,6 +144,23 @@ class _Output:
         run = self._run
         run.usage = usage
         self._worker.finish(run, Done(job=run.job.id, usage=usage, attempt=run.attempt, seq=run.next_seq()))
+
+    async def inputs(self) -> list[bytes]:
+        options = self._run.job.options
+        refs = [blob.ref for blob in options.inputs] if options is not None else []
+        if not all(stored_ref(ref) for ref in refs):
+            raise JobRejected("The job names an input that is not a blob store reference.", param="image")
+        blobs = await self._worker.images.get_many(refs)
+        if any(blob is None for blob in blobs):
+            raise JobRejected("The request's uploaded images are no longer stored (the queue's Redis lost them); "
+                              "send the request again.", status=503, code="input_lost", type="server_error")
+        return blobs  # type: ignore[return-value]
+
+    async def fetch(self, url: str, param: str) -> bytes:
+        media = self._worker.media
+        if self._budget is None:
+            self._budget = [media.max_bytes]  # one bound for all of the job's fetches
+        return await media.picture(url, param, self._run.job.deadline_ms, self._budget)
 
 
 class JobRunner:

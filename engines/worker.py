@@ -170,6 +170,7 @@ class Worker:
     async def run(self) -> None:
         """Serve until :meth:`stop`; then drain and deregister."""
         await self.backend.start()
+        self.kinds = frozenset(self.backend.kinds) & JOB_KINDS  # (a backend may learn what it runs as it starts)
         if hasattr(self.backend, "on_models"):  # a backend whose models change (upstream --models auto)
             self.backend.on_models = self.intake.follow
         if hasattr(self.backend, "on_cold"):  # a backend announcing models cold (upstream --upstream-serverless)

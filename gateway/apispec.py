@@ -29,6 +29,11 @@ class Operation:
     description: str = ""
     body: type[msgspec.Struct] | None = None
     body_required: bool = True
+    #: A ``multipart/form-data`` body too: its text fields (a Struct) and its files (name -> schema,
+    #: required ones first in ``form_required``); ``body`` None: the form is the only body.
+    form: type[msgspec.Struct] | None = None
+    files: tuple[tuple[str, dict[str, Any]], ...] = ()
+    form_required: tuple[str, ...] = ()
     ok: str = "OK"
     json: type[msgspec.Struct] | None = None
     #: A schema for ``application/json`` when there is no Struct (the document itself).

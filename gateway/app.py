@@ -28,7 +28,7 @@ from gateway.responses.store import ResponseStore
 from gateway.dispatch import Dispatcher
 from gateway.errors import ConduitError, error_response
 from gateway.flow import RequestFlow
-from gateway.images.serving import ImageGeneration
+from gateway.images.serving import ImageEdit, ImageGeneration
 from gateway.observe import RequestObserver, template_name
 from gateway.proxies import TrustedProxies
 from gateway.openapi import document_bytes
@@ -113,6 +113,8 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
                                       flow=RequestFlow(dispatcher, bounds, settings.telemetry),
                                       chat=ChatRenderer.endpoint(bounds), completion=CompletionRenderer.endpoint(bounds),
                                       images=ImageGeneration(store, bounds, settings.images), image_store=store,
+                                      image_edits=ImageEdit(store, bounds, settings.images),
+                                      image_variations=ImageEdit(store, bounds, settings.images, variations=True),
                                       response_store=responses, result_records=records,
                                       responses=ResponsesEndpoint(bounds, responses, records, registry),
                                       embeddings=EmbeddingEndpoint(bounds, registry),

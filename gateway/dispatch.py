@@ -87,9 +87,9 @@ class Dispatcher:
         return self._loop
 
     def check_model(self, model: str, principal: Principal = ANONYMOUS, kind: str | None = None) -> None:
-        """404 for a model nobody serves or configured, or that the key may not use, or whose live
-        engines announce no job of ``kind`` (an engine that cannot run a job it gets still answers
-        501: a fleet of mixed versions); 503 for one whose engines are all gone (or it waits: ``gateway.cold``)."""
+        """404 for a model nobody serves or configured, or that the key may not use, or whose live engines announce
+        no job of ``kind`` (an engine that cannot run a job it gets still answers 501: a fleet of mixed
+        versions); 503 for one whose engines are all gone (or it waits: ``gateway.cold``)."""
         if not principal.allows(model):
             raise ModelNotFound(model)
         if self.registry.is_live(model):
@@ -108,17 +108,15 @@ class Dispatcher:
     def job(self, kind: JobKind, model: str, body: bytes, *, stream: bool, ctx: RequestContext | None = None,
             cost: Cost | None = None, receive: Callable[[], Awaitable[MutableMapping[str, Any]]] | None = None
             ) -> JobRun:
-        """A request's job (the caller checked its model: :meth:`check_model`), submitted when its
-        ``async with`` block is entered. Its id is our own (a client's x-request-id need not be unique).
+        """A request's job (the caller checked its model: :meth:`check_model`), submitted when its ``async with``
+        block is entered. Its id is our own (a client's x-request-id need not be unique).
 
-        ``ctx`` (the request's context) gives who asks (``principal``: its key id is the job's
-        tenant in fair queueing), the request's span (a sampled trace: the job's queue span hangs
-        under it and its context replaces the client's ``traceparent`` in the job, so the engine's
-        span joins the trace) and the dict the ``x-ratelimit-*`` headers go into; it gets the run
-        (the request's observer records its metrics and log line from it). ``cost``: what the
-        request takes from the key's limits (its request type's ``cost``); ``receive`` (the
-        request's ASGI receive) lets the run notice a client that leaves.
-        """
+        ``ctx`` (the request's context) gives who asks (``principal``: its key id is the job's tenant in fair
+        queueing), the request's span (a sampled trace: the job's queue span hangs under it and its context
+        replaces the client's ``traceparent`` in the job, so the engine's span joins the trace) and the dict the
+        ``x-ratelimit-*`` headers go into; it gets the run (the request's observer records its metrics and log
+        line from it). ``cost``: what the request takes from the key's limits (its request type's ``cost``);
+        ``receive`` (the request's ASGI receive) lets the run notice a client that leaves."""
         now_ms = int(time.time() * 1000)
         job_id = new_id(kind.id_prefix)
         principal, traceparent, queue_span, request_id = ANONYMOUS, "", None, ""
@@ -148,9 +146,13 @@ class Dispatcher:
         """Queue a run's job and start its deadline; raises the right error when it cannot be queued."""
         try:
             await self._admit(run)
+            if run.staged is not None:  # an edit's pictures, once admitted (a refused request writes none)
+                await run.staged.put(run.job.deadline_ms)
             await self._queue(run)
         except BaseException as exc:  # refused (ConduitError), or interrupted (a shutdown's cancel)
             run.closed = True
+            if run.staged is not None:
+                run.staged.drop()
             run.end_queue_span(None)
             self._forget_id(run.job_id)
             if not isinstance(exc, ConduitError) or exc.code == "queue_unavailable":
@@ -178,14 +180,13 @@ class Dispatcher:
                                code="queue_unavailable") from None
 
     def settle(self, run: JobRun) -> None:
-        """A keyed run ended: free what admission took (reconciling its tokens with what it used),
-        off the response's path, and count its usage (in memory, flushed every second).
+        """A keyed run ended: free what admission took (reconciling its tokens with what it used), off the
+        response's path, and count its usage (in memory, flushed every second).
 
-        What it used: its final usage, or, for a run that ended without one (client gone, deadline,
-        engine lost, an error after output), what its engine reported generating so far and the
-        images it made. A run the engine refused (a 4xx before any output) gets its tokens back;
-        it keeps its request (rpm) slot: the engine did work on it, and a key must not be able to
-        send engines refused requests without limit."""
+        What it used: its final usage, or, for a run that ended without one (client gone, deadline, engine lost,
+        an error after output), what its engine reported generating so far and the images it made. A run the
+        engine refused (a 4xx before any output) gets its tokens back; it keeps its request (rpm) slot: the
+        engine did work on it, and a key must not send engines refused requests without limit."""
         if run.withdrawn and not run.output and run.usage is None:  # answered 503 at its cold-start deadline,
             # nothing of it generated (an engine that died mid-way: charged below, as for engine_lost)
             if run.grant is not None and self.limiter is not None:  # nothing charged, everything back
@@ -193,8 +194,7 @@ class Dispatcher:
             return
         u = run.usage
         images = run.cost.images if u is not None else run.images
-        if u is None:
-            u = run.generated
+        u = u if u is not None else run.generated
         prompt, completion = (u.prompt_tokens, u.completion_tokens) if u is not None else (0, 0)
         if self.usage is not None and not run.detached:  # (a background response's: charged when stored)
             self.usage.add(run.principal.key_id, run.principal.name, run.model, prompt_tokens=prompt,
@@ -273,9 +273,10 @@ class Dispatcher:
         self._runs.pop(job_id, None)
 
     def forget(self, run: JobRun) -> None:
-        """A run ended: stop routing its events; an unfinished job is cancelled on the engines (unless
-        it outlives its run: ``JobRun.detached``)."""
+        """A run ended: stop routing its events, drop what it staged; an unfinished job is cancelled on the
+        engines (unless it outlives its run: ``JobRun.detached``)."""
         self._forget_id(run.job_id)
+        if run.staged is not None: run.staged.drop()
         if not run.ended and not run.detached:
             if not run.withdrawn:  # (a withdrawn job's client did not leave: it was answered 503)
                 self.metrics.cancellations.add(1)
@@ -286,10 +287,9 @@ class Dispatcher:
         self._spawn(self.queue.cancel(job_id, deadline_ms))
 
     async def watch_jobs(self) -> None:
-        """Find jobs Redis lost (a restart without persistence, a failover, a refused write):
-        every ``job_check_s``, a run older than that whose job key is gone at every check for
-        :data:`LOST_AFTER_S` and that got no final event is woken to start over (or fail, if its
-        client saw output)."""
+        """Find jobs Redis lost (a restart without persistence, a failover, a refused write): every
+        ``job_check_s``, a run older than that whose job key is gone at every check for :data:`LOST_AFTER_S`
+        and that got no final event is woken to start over (or fail, if its client saw output)."""
         interval = self.settings.job_check_s
         lost_after = max(2, 1 + math.ceil(LOST_AFTER_S / interval))  # checks in a row
         while not self.closed:

@@ -68,9 +68,14 @@ class Endpoint(Protocol):
     #: None, or a step after decoding that reads what the request names from Redis (the Responses API's
     #: ``previous_response_id``): the request as it runs, before its cost is asked.
     resolve: Callable[[Any, RequestContext], Awaitable[Any]] | None
-    #: None, or a step that takes over a run its client does not wait for (a background response):
-    #: it submits the job and answers at once; it answers None for a request the client waits for.
-    detach: Callable[[Any, JobRun], Awaitable[Response[Any] | None]] | None
+    #: None: the body is JSON, decoded by ``decoder``. Else how the request is read: the request and
+    #: the job's body (an image edit's multipart form, whose pictures do not travel in the body).
+    read: Callable[[Request[Any, Any, Any]], Awaitable[tuple[Any, bytes]]] | None
+    #: None, or a step between the job's making and its submission: names in the job what it needs
+    #: from elsewhere (an edit's pictures, written to the blob store once admitted: ``JobRun.staged``),
+    #: or takes over a run its client does not wait for (a background response), submitting the job
+    #: and answering at once. It answers None for a request the client waits for.
+    stage: Callable[[Any, JobRun], Awaitable[Response[Any] | None]] | None
 
     def prepare(self, req: Any, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
         """The job's body, once the model's engines are known (a 400 for what they cannot do)."""
@@ -103,8 +108,11 @@ class RequestFlow:
 
     async def respond(self, request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
         """The answer to ``request`` (read, decoded and validated here) at ``endpoint``."""
-        body = await request.body()
-        req = endpoint.decoder.decode(body)
+        if endpoint.read is not None:
+            req, body = await endpoint.read(request)
+        else:
+            body = await request.body()
+            req = endpoint.decoder.decode(body)
         ctx = context_of(request.scope)
         if endpoint.resolve is not None:
             req = await endpoint.resolve(req, ctx)
@@ -118,10 +126,10 @@ class RequestFlow:
         dispatcher.check_model(model, ctx.principal, kind.name)
         body = endpoint.prepare(req, body, dispatcher.registry.context(model), bounds)
         run = dispatcher.job(kind, model, body, stream=stream, ctx=ctx, cost=cost, receive=request.receive)
-        if endpoint.detach is not None:
-            detached = await endpoint.detach(req, run)
-            if detached is not None:
-                return detached
+        if endpoint.stage is not None:
+            answered = await endpoint.stage(req, run)
+            if answered is not None:
+                return answered
         try:
             if stream:
                 # Wait for the engine to accept before committing to 200: a refused job keeps its status.

@@ -176,8 +176,9 @@ def components(operations: Iterable[Operation]) -> dict[str, Any]:
     request_bodies: dict[type[Any], None] = {}
     response_bodies: dict[type[Any], None] = {ErrorEnvelope: None}
     for op in operations:
-        if op.body is not None:
-            request_bodies[op.body] = None
+        for t in (op.body, op.form):
+            if t is not None:
+                request_bodies[t] = None
         for t in (op.json, *(t for _, types in op.stream for t in types)):
             if t is not None:
                 response_bodies[t] = None
@@ -273,8 +274,12 @@ def _operation(op: Operation, access: str, status: int) -> dict[str, Any]:
     out["security"] = _SECURITY[access]
     if op.parameters:
         out["parameters"] = list(op.parameters)
-    if op.body is not None:
-        out["requestBody"] = {"required": op.body_required, "content": _content(_ref(op.body))}
+    if op.body is not None or op.form is not None:
+        content = _content(_ref(op.body)) if op.body is not None else {}
+        if op.form is not None:
+            files = {"type": "object", "properties": dict(op.files), "required": list(op.form_required)}
+            content["multipart/form-data"] = {"schema": {"allOf": [_ref(op.form), files]}}
+        out["requestBody"] = {"required": op.body_required, "content": content}
     responses = {str(status): _ok_response(op, status)}
     for status in sorted(op.errors):
         responses[str(status)] = _error_response(op, status)

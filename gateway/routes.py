@@ -8,7 +8,7 @@ from typing import Any
 from gateway.admin.serving import ADMIN_ROUTES
 from gateway.chat.serving import chat_completions
 from gateway.completions.serving import completions
-from gateway.images.serving import image_file, image_generations
+from gateway.images.serving import image_edits, image_file, image_generations, image_variations
 from gateway.models.serving import get_model, list_models
 from gateway.operations.serving import health, metrics, openapi_document, ready
 from gateway.responses.retrieval import cancel_response, delete_response, list_input_items, retrieve_response
@@ -17,8 +17,8 @@ from gateway.responses.serving import count_input_tokens, create_response
 
 #: The routes every gateway serves.
 ROUTES = (chat_completions, completions, create_response, count_input_tokens, retrieve_response, delete_response,
-          list_input_items, cancel_response, create_embedding, image_generations, image_file, list_models, get_model, health, ready,
-          metrics, openapi_document)
+          list_input_items, cancel_response, create_embedding, image_generations, image_edits, image_variations,
+          image_file, list_models, get_model, health, ready, metrics, openapi_document)
 
 
 def route_handlers(*, admin: bool) -> list[Any]:

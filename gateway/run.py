@@ -90,7 +90,7 @@ class JobRun:
     __slots__ = ("dispatcher", "job", "rid", "model", "events", "deadline", "started_at", "attempt", "seq", "ended",
                  "closed", "shown", "ttft", "usage", "loop", "timer", "resubmits", "missing", "_receive", "_watcher",
                  "_held", "principal", "cost", "grant", "ratelimit", "queue_span", "error", "generated", "images",
-                 "output", "refused", "refund_request", "claim", "entry", "withdrawn", "detached")
+                 "output", "refused", "refund_request", "claim", "entry", "withdrawn", "detached", "staged")
 
     def __init__(self, dispatcher: Dispatcher, job: Job, receive: Callable[[], Awaitable[MutableMapping[str, Any]]]
                  | None, *, principal: Principal = ANONYMOUS, cost: Cost | None = None,
@@ -144,8 +144,9 @@ class JobRun:
         self.refund_request = False
         self.claim: Claim | None = None  # its ``Idempotency-Key`` claim: each submission is named in it first
         #: Its stream entry if submitted straight there (b"": it waited; taken back at its cold-start deadline);
-        #: whether its job outlives it (a background response's: closing it never cancels the job).
-        self.entry, self.withdrawn, self.detached = b"", False, False
+        #: whether its job outlives it (a background response's: closing it never cancels the job); what it
+        #: stages in the blob store (an edit's pictures, ``gateway.images.edits.Edit``: put once admitted).
+        self.entry, self.withdrawn, self.detached, self.staged = b"", False, False, None
 
     @property
     def job_id(self) -> str:
@@ -167,9 +168,8 @@ class JobRun:
         self.events.put_nowait(CLIENT_GONE)
 
     async def first_event(self) -> Event:
-        """Submit the job and wait for the engine to accept it, for a streaming answer: a job
-        the engine refuses raises its error while the status can still say so. From the event
-        returned on, the caller's response owns the run (watches the connection, closes it)."""
+        """Submit the job and wait for the engine to accept it, for a streaming answer: a job the engine refuses
+        raises its error while the status can still say so. The caller's response then owns the run."""
         await self.__aenter__()
         try:
             first = await self.next()

@@ -32,6 +32,8 @@ class Services(msgspec.Struct):
     chat: Endpoint
     completion: Endpoint
     images: Endpoint
+    image_edits: Endpoint
+    image_variations: Endpoint
     responses: Endpoint
     input_tokens: Endpoint
     embeddings: Endpoint

@@ -1,10 +1,9 @@
 """The gateway's settings: small objects per concern, built at the entrypoint and passed down.
 
-Each component takes the concern it needs (the request decoder :class:`RequestBounds`, the
-limiter and the guard :class:`TenancySettings`, ...); :class:`GatewaySettings` holds them all for
-the entrypoint. Every field has one flat name across the concerns, so configuration stays flat:
-``CONDUIT_<NAME>`` environment variables, and a TOML/JSON file of ``name = value`` lines (or of one
-table per concern, ``[queue]``), as :meth:`GatewaySettings.from_env` reads them.
+Each component takes the concern it needs (the request decoder :class:`RequestBounds`, the limiter
+and the guard :class:`TenancySettings`, ...); :class:`GatewaySettings` holds them all for the entrypoint.
+Every field has one flat name across the concerns, so configuration stays flat: ``CONDUIT_<NAME>``
+variables, and a TOML/JSON file of ``name = value`` lines (or of one table per concern, ``[queue]``).
 """
 
 from __future__ import annotations
@@ -106,11 +105,10 @@ class QueueSettings(msgspec.Struct, kw_only=True, frozen=True):
 class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
     """Bounds on one request's work: beyond them a 400 naming the field.
 
-    Each of these inputs multiplies what a request costs the gateway or an engine (choices
-    allocated and generated, work per sampled token, chat-template items, fetched images,
-    grammar compilation) far beyond its size in bytes, so ``max_body_bytes`` alone does not
-    bound it. Where OpenAI enforces a limit the default is OpenAI's, so every request
-    OpenAI accepts is accepted here too.
+    Each of these inputs multiplies what a request costs the gateway or an engine (choices allocated and
+    generated, work per sampled token, chat-template items, fetched images, grammar compilation) far beyond
+    its size in bytes, so ``max_body_bytes`` alone does not bound it. Where OpenAI enforces a limit the
+    default is OpenAI's, so every request OpenAI accepts is accepted here too.
     """
 
     #: Sequences one request may generate: chat ``n``; completions max(``n``, ``best_of``) x
@@ -159,19 +157,21 @@ class RequestBounds(msgspec.Struct, kw_only=True, frozen=True):
     #: Tools in a chat request (OpenAI's limit); each is rendered into the prompt and may be
     #: compiled into a grammar.
     max_tools: int = 128
-    #: Tool calls in one assistant message (OpenAI's limit).
+    #: Tool calls in one assistant message; entries in ``logit_bias``, applied to every sampled token
+    #: of every choice (OpenAI's limits).
     max_tool_calls: int = 128
-    #: Entries in ``logit_bias`` (OpenAI's limit): applied to every sampled token of every choice.
     max_logit_bias: int = 300
-    #: JSON nesting depth of a tool's ``parameters`` and of a ``json_schema`` response format,
-    #: which engines compile into a grammar. OpenAI's structured outputs allow 10 levels of
-    #: schema nesting, 2 to 3 JSON levels each. (Anywhere else in a body, msgspec refuses
-    #: nesting deeper than Python's recursion limit, about 1000, as invalid JSON.)
+    #: JSON nesting depth of a tool's ``parameters`` and of a ``json_schema`` response format, which
+    #: engines compile into a grammar. OpenAI's structured outputs allow 10 levels of schema nesting, 2
+    #: to 3 JSON levels each. (Elsewhere msgspec refuses nesting deeper than ~1000 as invalid JSON.)
     max_json_depth: int = 64
     #: Characters in an image ``prompt`` / ``negative_prompt`` (OpenAI's limit).
     max_image_prompt_chars: int = 32_000
-    #: Pixels (width x height) of one requested image; engines hold their models' own limits.
+    #: Pixels (width x height) of one requested image, or of an edit's picture (on its header, before
+    #: it is decoded); engines hold their models' own limits.
     max_image_pixels: int = 4096 * 4096
+    #: Bytes of an image edit's body, its pictures included (they stay in the blob store until it ends).
+    max_edit_bytes: int = 64 * 1024 * 1024
     #: Denoising steps one image may ask for (``num_inference_steps``); engines may allow fewer.
     max_image_steps: int = 500
     #: Output tokens a chat or completions request without ``max_tokens`` is reckoned to ask for

@@ -36,6 +36,18 @@ def _missing_field(message: str) -> str | None:
     return None
 
 
+def invalid(exc: msgspec.ValidationError) -> InvalidRequest:
+    """A schema violation as OpenAI says it: the field named in ``param``."""
+    text, param = _param_from_path(str(exc))
+    missing = _missing_field(text)
+    if missing is not None:
+        param = f"{param}.{missing}" if param else missing
+        text = f"Missing required parameter: '{param}'."
+    elif param:
+        text = f"Invalid value for '{param}': {text}."
+    return InvalidRequest(text, param=param, code="invalid_value" if missing is None else "missing_required_parameter")
+
+
 class RequestDecoder(Generic[R]):
     """Decodes and validates one request type's bodies; every failure is an :class:`InvalidRequest`.
 
@@ -53,15 +65,7 @@ class RequestDecoder(Generic[R]):
         try:
             req = self._decoder.decode(body)
         except msgspec.ValidationError as exc:
-            text, param = _param_from_path(str(exc))
-            missing = _missing_field(text)
-            if missing is not None:
-                param = f"{param}.{missing}" if param else missing
-                text = f"Missing required parameter: '{param}'."
-            elif param:
-                text = f"Invalid value for '{param}': {text}."
-            raise InvalidRequest(text, param=param, code="invalid_value" if missing is None else
-                                 "missing_required_parameter") from None
+            raise invalid(exc) from None
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidRequest(f"We could not parse the JSON body of your request ({exc}). Send a valid JSON "
                                  "object.", code="invalid_json") from None

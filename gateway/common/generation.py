@@ -202,7 +202,8 @@ class TextGeneration:
     __slots__ = ("job_kind", "decoder", "renderer")
 
     resolve = None  # nothing to read before the job: the request is whole
-    detach = None  # the client always waits for its answer
+    read = None
+    stage = None  # the client always waits for its answer
 
     def __init__(self, kind: str, id_prefix: str, decoder: RequestDecoder[Any], renderer: Renderer) -> None:
         self.job_kind = JobKind(kind, id_prefix)

@@ -89,7 +89,8 @@ class EmbeddingEndpoint:
 
     job_kind = JobKind("embedding", "embd")
     resolve = None  # nothing to read before the job: the request is whole
-    detach = None  # the client waits for its answer
+    read = None
+    stage = None  # the client waits for its answer
 
     def __init__(self, bounds: RequestBounds, registry: Any) -> None:
         self.decoder = RequestDecoder(EmbeddingRequest, bounds)

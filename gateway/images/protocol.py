@@ -15,7 +15,7 @@ image also carries the ``seed`` it was made with (an extension).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
@@ -62,31 +62,35 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
 
     def check(self, limits: RequestBounds) -> None:
-        """Bounds that depend on settings, and the syntax of ``size``."""
-        if len(self.prompt) > limits.max_image_prompt_chars:
-            raise InvalidRequest(f"Invalid 'prompt': at most {limits.max_image_prompt_chars} characters, but got "
-                                 f"{len(self.prompt)}.", param="prompt", code="invalid_value")
-        if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_image_prompt_chars:
-            raise InvalidRequest(f"Invalid 'negative_prompt': at most {limits.max_image_prompt_chars} characters.",
-                                 param="negative_prompt", code="invalid_value")
-        if self.num_inference_steps is not None and self.num_inference_steps > limits.max_image_steps:
-            raise InvalidRequest(f"Invalid 'num_inference_steps': at most {limits.max_image_steps}, but got "
-                                 f"{self.num_inference_steps}.", param="num_inference_steps", code="invalid_value")
-        if self.size is not None and self.size != "auto":
-            m = _SIZE.fullmatch(self.size)
-            if m is None or int(m[1]) % 8 or int(m[2]) % 8:
-                raise InvalidRequest(f"Invalid 'size': {self.size!r}. Use 'auto' or 'WIDTHxHEIGHT' with both in "
-                                     "pixels and multiples of 8, e.g. '1024x1024'.", param="size", code="invalid_value")
-            if int(m[1]) * int(m[2]) > limits.max_image_pixels:
-                raise InvalidRequest(f"Invalid 'size': {self.size} is more than {limits.max_image_pixels} pixels.",
-                                     param="size", code="invalid_value")
-        if self.partial_images and not self.stream:
-            raise InvalidRequest("`partial_images` is only allowed when `stream` is true.", param="partial_images")
+        check_image_fields(self, limits)
 
     def cost(self, limits: RequestBounds) -> Cost:
         """What the request takes from its key's limits at admission (``gateway.tenancy.cost``): the
         images it asks for, against images per minute (no tokens)."""
         return Cost(tokens=None, images=self.n or 1)
+
+
+def check_image_fields(self: Any, limits: RequestBounds) -> None:
+    """Bounds that depend on settings, and the syntax of ``size``: of a generation or an edit (``self``)."""
+    if len(self.prompt) > limits.max_image_prompt_chars:
+        raise InvalidRequest(f"Invalid 'prompt': at most {limits.max_image_prompt_chars} characters, but got "
+                             f"{len(self.prompt)}.", param="prompt", code="invalid_value")
+    if self.negative_prompt is not None and len(self.negative_prompt) > limits.max_image_prompt_chars:
+        raise InvalidRequest(f"Invalid 'negative_prompt': at most {limits.max_image_prompt_chars} characters.",
+                             param="negative_prompt", code="invalid_value")
+    if self.num_inference_steps is not None and self.num_inference_steps > limits.max_image_steps:
+        raise InvalidRequest(f"Invalid 'num_inference_steps': at most {limits.max_image_steps}, but got "
+                             f"{self.num_inference_steps}.", param="num_inference_steps", code="invalid_value")
+    if self.size is not None and self.size != "auto":
+        m = _SIZE.fullmatch(self.size)
+        if m is None or int(m[1]) % 8 or int(m[2]) % 8:
+            raise InvalidRequest(f"Invalid 'size': {self.size!r}. Use 'auto' or 'WIDTHxHEIGHT' with both in "
+                                 "pixels and multiples of 8, e.g. '1024x1024'.", param="size", code="invalid_value")
+        if int(m[1]) * int(m[2]) > limits.max_image_pixels:
+            raise InvalidRequest(f"Invalid 'size': {self.size} is more than {limits.max_image_pixels} pixels.",
+                                 param="size", code="invalid_value")
+    if self.partial_images and not self.stream:
+        raise InvalidRequest("`partial_images` is only allowed when `stream` is true.", param="partial_images")
 
 
 class ImageObject(Struct, omit_defaults=True):
@@ -136,6 +140,14 @@ class PartialImageEvent(_ImageEvent, tag="image_generation.partial_image", tag_f
 
 
 class CompletedImageEvent(_ImageEvent, tag="image_generation.completed", tag_field="type"):
+    usage: ImagesUsage
+
+
+class EditPartialImageEvent(_ImageEvent, tag="image_edit.partial_image", tag_field="type"):
+    partial_image_index: int
+
+
+class EditCompletedEvent(_ImageEvent, tag="image_edit.completed", tag_field="type"):
     usage: ImagesUsage
 
 

@@ -23,19 +23,25 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 from msgspec import UNSET
 
+from engines.contract.media import MediaPolicy
 from engines.contract.messages import Event, ImageReady, Usage
 from engines.contract.store import ImageStore, media_type, valid_ref
-from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, REQUEST_ID, STORED, Operation, documented
+from gateway.apispec import GENERATION, JOB_ERRORS, RATELIMIT, REQUEST_ID, STORED, TRACEPARENT, Operation, \
+    documented
 from gateway.common.bounds import ModelContext
 from gateway.common.decoding import RequestDecoder
 from gateway.common.routing import get_and_head
 from gateway.dispatch import JobKind
-from gateway.errors import ConduitError, EngineError, ErrorEnvelope, NotFound
+from gateway.errors import ConduitError, EngineError, ErrorEnvelope, InvalidRequest, NotFound
+from gateway.images.edits import EDIT_FILES, Edit, ImageEditForm, ImageEditRequest, ImageVariationRequest, from_form, from_json, read_body, \
+    read_form
 from gateway.flow import sse_error
 from gateway.images.protocol import (
     RESPONSE_QUALITIES,
     RESPONSE_SIZES,
     CompletedImageEvent,
+    EditCompletedEvent,
+    EditPartialImageEvent,
     ImageObject,
     ImageRequest,
     ImagesResponse,
@@ -73,16 +79,19 @@ class _Shape:
 class ImageGeneration:
     """``POST /v1/images/generations`` as an endpoint of the shared request flow."""
 
-    __slots__ = ("job_kind", "decoder", "store", "settings", "_enc")
+    __slots__ = ("job_kind", "decoder", "store", "settings", "_enc", "bounds", "policy")
 
     resolve = None  # nothing to read before the job: the request is whole
-    detach = None  # the client always waits for its answer
+    read = None
+    stage = None  # the client always waits for its answer
 
     def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings) -> None:
         self.job_kind = JobKind("image", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
         self.decoder = RequestDecoder(ImageRequest, bounds)
         self.store = store
         self.settings = settings
+        self.bounds = bounds
+        self.policy = MediaPolicy(bounds.media_domains)
         self._enc = msgspec.json.Encoder()
 
     def prepare(self, req: ImageRequest, body: bytes, model: ModelContext, bounds: RequestBounds) -> bytes:
@@ -95,10 +104,50 @@ class ImageGeneration:
     def writer(self, req: ImageRequest, first: Event) -> _Streamed:
         return _Streamed(self, req)
 
+    #: The stream's events: their names and types (an edit's are ``image_edit.*``).
+    partial_event: tuple[bytes, type[PartialImageEvent | EditPartialImageEvent]] = (
+        b"event: image_generation.partial_image\ndata: ", PartialImageEvent)
+    completed_event: tuple[bytes, type[CompletedImageEvent | EditCompletedEvent]] = (
+        b"event: image_generation.completed\ndata: ", CompletedImageEvent)
+
     async def delete(self, used: list[str]) -> None:
         # A coroutine on purpose: Litestar runs a plain function's background task in a thread.
         with contextlib.suppress(Exception):  # they expire anyway
             await self.store.delete(used)
+
+
+class ImageEdit(ImageGeneration):
+    """``POST /v1/images/edits`` (and, with ``variations``, ``/v1/images/variations``): read from
+    either form, its pictures staged in the blob store (``gateway.images.edits``)."""
+
+    __slots__ = ("form_type",)
+
+    partial_event = (b"event: image_edit.partial_image\ndata: ", EditPartialImageEvent)
+    completed_event = (b"event: image_edit.completed\ndata: ", EditCompletedEvent)
+
+    def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings, *,
+                 variations: bool = False) -> None:
+        super().__init__(store, bounds, settings)
+        self.job_kind = JobKind("image_edit", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
+        self.decoder = RequestDecoder(ImageEditRequest, bounds)
+        self.form_type = ImageVariationRequest if variations else ImageEditRequest
+
+    async def read(self, request: Request[Any, Any, Any]) -> tuple[Edit, bytes]:  # type: ignore[override]
+        media = request.content_type[0]
+        if media == "multipart/form-data":
+            fields, files = await read_form(request, self.bounds.max_edit_bytes)
+            edit = from_form(fields, files, self.form_type, self.bounds, self.policy)
+        elif media == "application/json" and self.form_type is ImageEditRequest:
+            edit = from_json(await read_body(request, self.bounds.max_edit_bytes), self.decoder, self.bounds,
+                             self.policy)
+        else:
+            forms = "multipart/form-data" + (" or application/json" if self.form_type is ImageEditRequest else "")
+            raise InvalidRequest(f"Send this request as {forms}, not {media or 'no Content-Type'}.",
+                                 code="invalid_content_type")
+        return edit, edit.body()
+
+    async def stage(self, req: Edit, run: JobRun) -> None:  # type: ignore[override]
+        await req.stage(run, self.store)
 
 
 class _Collected:
@@ -178,11 +227,12 @@ class _Streamed:
             await store.delete([image.ref])
         if blob is None:
             return  # a preview that expired is simply not shown
-        event = PartialImageEvent(
+        prefix, kind = self.images.partial_event
+        event = kind(
             b64_json=base64.b64encode(blob).decode(), created_at=int(time.time()), size=shape.event_size(),
             quality=shape.event_quality(), background="opaque", output_format=shape.output_format,
             partial_image_index=image.partial or 0)
-        out += b"event: image_generation.partial_image\ndata: " + self.images._enc.encode(event) + b"\n\n"
+        out += prefix + self.images._enc.encode(event) + b"\n\n"
 
     async def done(self, run: JobRun, event: Any, out: bytearray) -> None:
         store, shape = self.images.store, self.shape
@@ -194,12 +244,13 @@ class _Streamed:
             out += sse_error(self.error_prefix, EngineError(_EXPIRED, code="output_lost"))
             return
         created = int(time.time())
+        prefix, kind = self.images.completed_event
         for blob in blobs:
-            completed = CompletedImageEvent(
+            completed = kind(
                 b64_json=base64.b64encode(blob).decode(), created_at=created,  # type: ignore[arg-type]
                 size=shape.event_size(), quality=shape.event_quality(), background="opaque",
                 output_format=shape.output_format, usage=images_usage(event.usage.prompt_tokens))
-            out += b"event: image_generation.completed\ndata: " + self.images._enc.encode(completed) + b"\n\n"
+            out += prefix + self.images._enc.encode(completed) + b"\n\n"
 
 
 CREATE_IMAGE = Operation(
@@ -229,6 +280,42 @@ GET_IMAGE_FILE = Operation(
 async def image_generations(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
     """Images from a prompt: ``url`` or ``b64_json``, or streamed partial and final images as SSE."""
     return await services.flow.respond(request, services.images)
+
+
+CREATE_IMAGE_EDIT = Operation(
+    "createImageEdit", "Edit images from a prompt, or repaint what a mask marks", "Images",
+    {**JOB_ERRORS, 400: JOB_ERRORS[400] + " A picture: `invalid_image_format` (not PNG, JPEG or WebP), "
+                                          "`image_too_large`, `invalid_mask` (no alpha channel, or not the first "
+                                          "image's size); `invalid_multipart`, `invalid_content_type`."},
+    body=ImageEditRequest, form=ImageEditForm, files=EDIT_FILES, json=ImagesResponse,
+    stream=(("image_edit.partial_image", (EditPartialImageEvent,)),
+            ("image_edit.completed", (EditCompletedEvent,)), ("error", (ErrorEnvelope,))),
+    description="`multipart/form-data` (`image` or `image[]` files, `mask`) or JSON (`images`, `mask` as "
+                "`image_url`: a data: URL, or an http(s) URL the media policy allows). Each image is edited `n` "
+                "times (`data[i*n + j]`); the mask applies to the first: its fully transparent pixels are "
+                "repainted, every other pixel is kept. `strength` (0-1) is how far from the input the result "
+                "may go.",
+    parameters=(REQUEST_ID, TRACEPARENT), ok_headers=RATELIMIT)
+
+CREATE_IMAGE_VARIATION = Operation(
+    "createImageVariation", "Variations of an image", "Images",
+    {**JOB_ERRORS, 400: CREATE_IMAGE_EDIT.errors[400]},
+    form=ImageVariationRequest, files=EDIT_FILES[:1], form_required=("image",), json=ImagesResponse,
+    description="`multipart/form-data` with one `image`: an edit of the whole picture with an empty prompt.",
+    parameters=(REQUEST_ID, TRACEPARENT), ok_headers=RATELIMIT)
+
+
+# The body's bound is the edit's own (``max_edit_bytes``), counted as it is read: no server-wide one.
+@post("/v1/images/edits", status_code=200, opt=documented(CREATE_IMAGE_EDIT), request_max_body_size=None)
+async def image_edits(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    """Images edited from pictures and a prompt (a mask marks what to repaint): as generations answer."""
+    return await services.flow.respond(request, services.image_edits)
+
+
+@post("/v1/images/variations", status_code=200, opt=documented(CREATE_IMAGE_VARIATION), request_max_body_size=None)
+async def image_variations(request: Request[Any, Any, Any], services: NamedDependency[Services]) -> Response[Any]:
+    """Variations of a picture (an edit with no prompt)."""
+    return await services.flow.respond(request, services.image_variations)
 
 
 @get_and_head("/v1/images/files/{name:str}", opt=documented(GET_IMAGE_FILE, PUBLIC))

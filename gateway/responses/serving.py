@@ -228,7 +228,7 @@ class ResponsesEndpoint:
         created = first.created if isinstance(first, Started) and first.created else int(time.time())
         return _Events(req, created, self._store(req))
 
-    async def detach(self, req: Translated, run: JobRun) -> Response[Any] | None:
+    async def stage(self, req: Translated, run: JobRun) -> Response[Any] | None:
         """A background response: its record made and its queued response stored, then its job
         submitted (a refusal is the request's answer: 429, 503), run here without the client, and
         ``queued`` answered at once (or its events streamed from its record)."""
@@ -322,7 +322,8 @@ class InputTokensEndpoint:
     __slots__ = ("decoder", "records", "bounds")
 
     job_kind = JobKind("input_tokens", "tok", charges_tokens=False)
-    detach = None  # counted while the client waits
+    read = None
+    stage = None  # counted while the client waits
 
     def __init__(self, bounds: RequestBounds, records: ResultRecords) -> None:
         self.decoder = ResponsesDecoder(bounds, counting=True)

@@ -1,0 +1,374 @@
+"""``POST /v1/images/edits`` and ``POST /v1/images/variations``: pictures in, images out, through the
+same flow, jobs and answers as generations (``gateway.images.serving``).
+
+Both of OpenAI's request forms are read:
+
+* ``multipart/form-data``: ``image`` (or ``image[]``, several) and ``mask`` files, every other field
+  as text, typed as the JSON form's fields are;
+* ``application/json``: ``images`` and ``mask`` as ``{"image_url": ...}``, a ``data:`` URL (the
+  picture travels in the request), or an http(s) URL the media policy allows
+  (``engines.contract.media``), which the engine fetches itself. ``file_id`` is refused (no Files API).
+
+Every picture that arrives with the request is checked on its header
+(``engines.contract.pictures``) before anything is queued: PNG, JPEG or WebP, at most
+``max_image_pixels``, a mask with an alpha channel and its image's size; a decompression bomb is
+refused while it is still bytes. It travels to the engine by reference: once the key's limits
+admitted the request, the gateway writes it to the blob store (``JobOptions.inputs``, expiring at
+the job's deadline) and deletes it when the request ends.
+
+Bounds: the whole body (``max_edit_bytes``, counted as it is read: 413), the multipart parser's
+parts (:data:`MAX_PARTS`), header sizes and text fields (:data:`MAX_FIELD_BYTES`), pictures per
+request (:data:`MAX_PICTURES`) and images per request (``n`` x pictures, :data:`MAX_IMAGES`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from litestar import Request
+from msgspec import Meta, Struct
+
+from engines.contract.lane import REDIS_ERRORS
+from engines.contract.media import MediaPolicy, MediaRefused
+from engines.contract.messages import BlobRef, JobOptions
+from engines.contract.pictures import PICTURE_TYPES, Unreadable, probe
+from engines.contract.store import ImageStore, new_input_ref
+from gateway.common.decoding import RequestDecoder, invalid
+from gateway.errors import ConduitError, InvalidRequest, PayloadTooLarge
+from gateway.images.protocol import DIFFUSERS_EXTENSION, OutputFormat, check_image_fields
+from gateway.run import JobRun
+from gateway.settings import RequestBounds
+from gateway.tenancy.cost import Cost
+
+#: Pictures one request may hand in (OpenAI's limit), and images it may ask for (``n`` x pictures).
+MAX_PICTURES = 16
+MAX_IMAGES = 16
+#: Parts of a multipart body (fields and files), and bytes of one text field (a 32,000-character
+#: prompt fits in any UTF-8).
+MAX_PARTS = 64
+MAX_FIELD_BYTES = 160 * 1024
+#: The job fields that stay at the gateway (how it answers; what only OpenAI's models read).
+_GATEWAY_ONLY = frozenset({"model", "user", "moderation", "input_fidelity", "response_format", "images", "mask"})
+
+
+class ImageRef(Struct, forbid_unknown_fields=True):
+    """A picture of the JSON form: ``image_url`` (a ``data:`` or http(s) URL) or ``file_id``."""
+
+    image_url: str | None = None
+    file_id: str | None = None
+
+
+class ImageEditRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/images/edits`` (OpenAI's ``CreateImageEditRequest`` and ``EditImageBodyJsonParam``),
+    then the diffusion extensions. The multipart form's ``image``/``mask`` are files, not fields."""
+
+    model: str
+    prompt: str = ""
+    images: list[ImageRef] = []
+    mask: ImageRef | None = None
+    n: Annotated[int, Meta(ge=1, le=10)] | None = None
+    quality: Literal["standard", "low", "medium", "high", "auto"] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    output_format: OutputFormat | None = None
+    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
+    stream: bool | None = None
+    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
+    size: str | None = None
+    moderation: Literal["low", "auto"] | None = None
+    background: Literal["transparent", "opaque", "auto"] | None = None
+    input_fidelity: Literal["high", "low"] | None = None
+    user: str | None = None
+    # ---- extensions (diffusers), sent through the SDK's ``extra_body`` ----
+    negative_prompt: Annotated[str | None, DIFFUSERS_EXTENSION] = None
+    num_inference_steps: Annotated[Annotated[int, Meta(ge=1)] | None, DIFFUSERS_EXTENSION] = None
+    guidance_scale: Annotated[Annotated[float, Meta(ge=0, le=50)] | None, DIFFUSERS_EXTENSION] = None
+    seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
+    #: How far from the input the result may go: 1 starts from noise (default with a mask), 0.8
+    #: without one; denoising runs that share of the steps.
+    strength: Annotated[Annotated[float, Meta(gt=0, le=1)] | None, DIFFUSERS_EXTENSION] = None
+
+    def check(self, limits: RequestBounds) -> None:
+        check_image_fields(self, limits)
+
+
+class ImageVariationRequest(Struct, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/images/variations`` (OpenAI's ``CreateImageVariationRequest``): one ``image`` file, no
+    prompt; made as an edit of the whole picture with an empty prompt."""
+
+    model: str
+    n: Annotated[int, Meta(ge=1, le=10)] | None = None
+    response_format: Literal["url", "b64_json"] | None = None
+    size: str | None = None
+    user: str | None = None
+    num_inference_steps: Annotated[Annotated[int, Meta(ge=1)] | None, DIFFUSERS_EXTENSION] = None
+    seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
+    strength: Annotated[Annotated[float, Meta(gt=0, le=1)] | None, DIFFUSERS_EXTENSION] = None
+
+
+#: The multipart form's text fields: the JSON form's but its pictures (files there).
+ImageEditForm = msgspec.defstruct(
+    "ImageEditForm", [(f.name, f.type, f.default) for f in msgspec.structs.fields(ImageEditRequest)
+                      if f.name not in ("images", "mask")], kw_only=True, forbid_unknown_fields=False)
+_BINARY = {"type": "string", "format": "binary"}
+#: The multipart form's files (OpenAPI schemas).
+EDIT_FILES = (("image", {"anyOf": [_BINARY, {"type": "array", "items": _BINARY, "maxItems": MAX_PICTURES}]}),
+              ("image[]", {"type": "array", "items": _BINARY, "maxItems": MAX_PICTURES}), ("mask", _BINARY))
+
+
+class Edit:
+    """One edit request as the flow runs it: its fields, its pictures (bytes that came with it, or
+    an http(s) URL the engine fetches) and, once admitted, their blob references."""
+
+    __slots__ = ("req", "pictures", "mask", "params", "refs", "_store", "_dropping")
+
+    def __init__(self, req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | str | None,
+                 params: list[str]) -> None:
+        self.req = req
+        self.pictures = pictures
+        self.mask = mask
+        #: Each picture's parameter name (``image``, ``image[1]``, ``images[0].image_url``...), then the mask's.
+        self.params = params
+        self.refs: list[str] = []
+        self._store: ImageStore | None = None
+        self._dropping: asyncio.Task[None] | None = None
+
+    # What the flow and the answers read of a request.
+    model = property(lambda self: self.req.model)
+    stream = property(lambda self: self.req.stream)
+    output_format = property(lambda self: self.req.output_format)
+    quality = property(lambda self: self.req.quality)
+    size = property(lambda self: self.req.size)
+    response_format = property(lambda self: self.req.response_format)
+
+    def cost(self, limits: RequestBounds) -> Cost:
+        """Images per minute: ``n`` for each picture."""
+        return Cost(tokens=None, images=(self.req.n or 1) * len(self.pictures))
+
+    def uploads(self) -> list[bytes]:
+        """The pictures that came with the request, in the order the job's ``input:<i>`` names them."""
+        return [p for p in [*self.pictures, self.mask] if isinstance(p, bytes)]
+
+    def body(self) -> bytes:
+        """The job's body: the request's fields, its pictures as ``input:<i>`` or their URLs."""
+        fields = {f: v for f in self.req.__struct_fields__ if f not in _GATEWAY_ONLY
+                  and (v := getattr(self.req, f)) is not None}
+        at = 0
+
+        def name(picture: bytes | str) -> str:
+            nonlocal at
+            if isinstance(picture, str):
+                return picture
+            at += 1
+            return f"input:{at - 1}"
+
+        fields["images"] = [name(p) for p in self.pictures]
+        if self.mask is not None:
+            fields["mask"] = name(self.mask)
+        return msgspec.json.encode(fields)
+
+    async def stage(self, run: JobRun, store: ImageStore) -> None:
+        """Name the uploads in the job (``JobOptions.inputs``); written once admitted (:meth:`put`)."""
+        uploads = self.uploads()
+        if not uploads:
+            return
+        self._store = store
+        blobs = []
+        for data in uploads:
+            fmt = probe(data).format  # (checked when read)
+            blobs.append(BlobRef(new_input_ref(fmt), PICTURE_TYPES[fmt], len(data)))
+        self.refs = [b.ref for b in blobs]
+        options = run.job.options or JobOptions()
+        run.job = msgspec.structs.replace(run.job, options=msgspec.structs.replace(options, inputs=blobs))
+        run.staged = self
+
+    async def put(self, deadline_ms: int) -> None:
+        """Write the uploads to the blob store, alive until the job's deadline (and a little after)."""
+        ttl = max(deadline_ms - int(time.time() * 1000), 0) + 5_000
+        try:
+            await asyncio.gather(*(self._store.put(ref, data, ttl)  # type: ignore[union-attr]
+                                   for ref, data in zip(self.refs, self.uploads(), strict=True)))
+        except REDIS_ERRORS:
+            raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
+                               code="queue_unavailable") from None
+
+    def drop(self) -> None:
+        """Delete the uploads, off the response's path (the request is over, or was refused); once."""
+        if self._dropping is None:
+            self._dropping = asyncio.get_running_loop().create_task(self._delete())
+
+    async def _delete(self) -> None:
+        try:
+            await self._store.delete(self.refs)  # type: ignore[union-attr]
+        except Exception:  # noqa: BLE001 - they expire anyway
+            pass
+
+
+def _picture(data: bytes, param: str, limits: RequestBounds) -> tuple[int, int, bool]:
+    try:
+        header = probe(data)
+    except Unreadable as exc:
+        raise InvalidRequest(f"Invalid '{param}': {exc}. Send a PNG, JPEG or WebP image.", param=param,
+                             code="invalid_image_format") from None
+    if header.pixels > limits.max_image_pixels:
+        raise InvalidRequest(f"Invalid '{param}': {header.width}x{header.height} is more than "
+                             f"{limits.max_image_pixels} pixels.", param=param, code="image_too_large")
+    return header.width, header.height, header.alpha
+
+
+def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | str | None, params: list[str],
+            limits: RequestBounds, policy: MediaPolicy) -> Edit:
+    """The request with its pictures, every bound and rule checked (a 400 naming the parameter)."""
+    req.check(limits)
+    if not pictures:
+        raise InvalidRequest("Missing required parameter: 'image'.", param=params[0] if params else "image",
+                             code="missing_required_parameter")
+    if len(pictures) > MAX_PICTURES:
+        raise InvalidRequest(f"At most {MAX_PICTURES} images per edit, but got {len(pictures)}.", param="image",
+                             code="invalid_value")
+    if (req.n or 1) * len(pictures) > MAX_IMAGES:
+        raise InvalidRequest(f"n x images is at most {MAX_IMAGES}: each of the {len(pictures)} images is edited "
+                             f"n = {req.n} times.", param="n", code="invalid_value")
+    sizes = []
+    for picture, param in zip([*pictures, mask], params, strict=False):
+        if isinstance(picture, str):
+            try:
+                policy.check(picture)
+            except MediaRefused as exc:
+                raise InvalidRequest(exc.message, param=param, code=exc.code) from None
+            sizes.append(None)
+        elif picture is not None:
+            sizes.append(_picture(picture, param, limits))
+    if isinstance(mask, bytes):
+        width, height, alpha = sizes[-1]  # type: ignore[misc]
+        if not alpha:
+            raise InvalidRequest("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what "
+                                 "to edit.", param="mask", code="invalid_mask")
+        if sizes[0] is not None and sizes[0][:2] != (width, height):
+            raise InvalidRequest(f"Invalid 'mask': it is {width}x{height}, the image {sizes[0][0]}x{sizes[0][1]}; "
+                                 "they must be the same size.", param="mask", code="invalid_mask")
+    return Edit(req, pictures, mask, params)
+
+
+def from_json(body: bytes, decoder: RequestDecoder[ImageEditRequest], limits: RequestBounds,
+              policy: MediaPolicy) -> Edit:
+    """The JSON form: ``images`` (required, with a prompt) and ``mask`` by ``image_url``."""
+    req = decoder.decode(body)
+    if not req.prompt:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+    pictures = [_ref(ref, f"images[{i}]") for i, ref in enumerate(req.images)]
+    params = [f"images[{i}].image_url" for i in range(len(req.images))]
+    mask = _ref(req.mask, "mask") if req.mask is not None else None
+    if not req.images:
+        params = ["images"]
+    return checked(req, pictures, mask, [*params, "mask.image_url"], limits, policy)
+
+
+def _ref(ref: ImageRef, param: str) -> bytes | str:
+    if ref.file_id is not None:
+        raise InvalidRequest("File ids are not served here (there is no Files API): send the image as an upload, "
+                             "a data: URL or an http(s) URL.", param=f"{param}.file_id", code="invalid_value")
+    url = ref.image_url
+    if not url:
+        raise InvalidRequest(f"Missing required parameter: '{param}.image_url'.", param=f"{param}.image_url",
+                             code="missing_required_parameter")
+    if url[:5].lower() != "data:":
+        return url
+    head, sep, data = url.partition(",")
+    if not sep or not head.lower().endswith(";base64"):
+        raise InvalidRequest(f"Invalid '{param}.image_url': a data: URL must be base64 "
+                             "(data:image/png;base64,...).", param=f"{param}.image_url", code="invalid_value")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"Invalid '{param}.image_url': its data is not valid base64.",
+                             param=f"{param}.image_url", code="invalid_value") from None
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """A JSON body, at most ``limit`` bytes (the route lifts the server's ``max_body_bytes``)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_form(request: Request[Any, Any, Any], limit: int) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
+    """A multipart body's text fields and files, read as it arrives within every bound."""
+    from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
+
+    _, options = request.content_type
+    boundary = options.get("boundary")
+    if not boundary:
+        raise InvalidRequest("The multipart/form-data body names no boundary in its Content-Type.",
+                             code="invalid_multipart")
+    fields: dict[str, str] = {}
+    files: list[tuple[str, bytes]] = []
+    size = 0
+    segment: MultipartSegment | None = None
+    data = bytearray()
+    try:
+        with PushMultipartParser(boundary, max_segment_size=limit, max_segment_count=MAX_PARTS,
+                                 strict=True) as parser:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+                for part in parser.parse(chunk):
+                    if isinstance(part, MultipartSegment):
+                        segment, data = part, bytearray()
+                    elif part:
+                        data += part
+                        if segment is not None and segment.filename is None and len(data) > MAX_FIELD_BYTES:
+                            raise InvalidRequest(f"The form field '{segment.name}' is longer than "
+                                                 f"{MAX_FIELD_BYTES} bytes.", param=segment.name, code="invalid_value")
+                    elif segment is not None:  # the part's end
+                        if segment.filename is not None:
+                            files.append((segment.name, bytes(data)))
+                        elif segment.name in fields:
+                            raise InvalidRequest(f"The form field '{segment.name}' is given twice.",
+                                                 param=segment.name, code="invalid_value")
+                        else:
+                            fields[segment.name] = data.decode(segment.charset or "utf-8")
+                        segment = None
+            if not parser.closed:
+                raise InvalidRequest("The multipart/form-data body ends before its closing boundary.",
+                                     code="invalid_multipart")
+    except ParserLimitReached as exc:
+        raise InvalidRequest(f"The multipart/form-data body is beyond this server's limits ({exc}; at most "
+                             f"{MAX_PARTS} parts).", code="invalid_multipart") from None
+    except (ParserError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"The multipart/form-data body is malformed ({exc}).", code="invalid_multipart") from None
+    return fields, files
+
+
+def from_form(fields: dict[str, str], files: list[tuple[str, bytes]], request_type: type[Struct],
+              limits: RequestBounds, policy: MediaPolicy) -> Edit:
+    """The multipart form: ``image``/``image[]`` (several in order) and ``mask`` files, typed text fields."""
+    try:
+        req: Any = msgspec.convert(fields, request_type, strict=False)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc) from None
+    images = [data for name, data in files if name in ("image", "image[]")]
+    masks = [data for name, data in files if name == "mask"]
+    other = next((name for name, _ in files if name not in ("image", "image[]", "mask")), None)
+    if other is not None:
+        raise InvalidRequest(f"Unexpected file field '{other}': send 'image' (or 'image[]') and 'mask'.",
+                             param=other, code="invalid_value")
+    if len(masks) > 1:
+        raise InvalidRequest("One 'mask' at most.", param="mask", code="invalid_value")
+    if request_type is ImageVariationRequest:
+        if len(images) > 1:
+            raise InvalidRequest("A variation takes one 'image'.", param="image", code="invalid_value")
+        req = ImageEditRequest(**{f: getattr(req, f) for f in req.__struct_fields__})
+    elif not req.prompt:
+        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+    params = ["image"] if len(images) == 1 else [f"image[{i}]" for i in range(len(images))]
+    return checked(req, list(images), masks[0] if masks else None, [*params, "mask"], limits, policy)
