@@ -64,6 +64,11 @@ ROOTS = (
     # POST /embeddings: the request and the answer.
     "CreateEmbeddingRequest",
     "CreateEmbeddingResponse",
+    # POST /images/edits (both forms, the stream's events) and /images/variations.
+    "CreateImageEditRequest",
+    "EditImageBodyJsonParam",
+    "ImageEditStreamEvent",
+    "CreateImageVariationRequest",
 )
 
 #: The id of the vendored resource; ``tests/openai_schema.py`` registers it under this URI.
