@@ -125,6 +125,8 @@ def _webp(data: bytes) -> Picture:
     kind = data[12:16]
     body = 20
     if kind == b"VP8X":
+        if len(data) < body + 10:  # the slices below would read a cut-short size as 1 x 1
+            raise Unreadable("the extended WebP header is cut short")
         flags = data[body]
         width = 1 + int.from_bytes(data[body + 4:body + 7], "little")
         height = 1 + int.from_bytes(data[body + 7:body + 10], "little")
