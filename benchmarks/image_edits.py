@@ -21,8 +21,11 @@ Measured in alternating rounds after a warm-up (``--rounds``, 3):
 
 Reported per round and as medians: the ratio concurrent/sequential makespan (the target is at
 most 0.60), the engine's mean images per denoising step (its
-``conduit_engine_denoise_batch_size`` histogram, read from its ``/metrics``) and the CPU cores the
-engine kept busy (from ``/proc``). ``--with-single`` adds one generation alone against
+``conduit_engine_denoise_batch_size`` histogram, read from its ``/metrics``), the CPU cores the
+engine kept busy (from ``/proc``; OpenMP threads that spin-wait count as busy) and the cores the
+machine spent on processes other than this one and its stack: on a shared machine, a round
+where they are high measured someone else's load too (two OpenMP teams on two cores slow each
+other down many times over). ``--with-single`` adds one generation alone against
 ``--requests`` of the same generation at once: seconds per image alone and in the batch, and the
 cores the engine used for each; on a small CPU, one small image does not keep the cores busy,
 so a batch costs less per image.
@@ -53,7 +56,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from images import SERVED, Conduit, free_port, pct, pipeline_dir  # noqa: E402 - the sibling benchmark
+# The sibling benchmark (benchmarks/images.py): its stack, ports and pipelines.
+from images import SERVED, Conduit, free_port, pct, pipeline_dir
 
 KINDS = ("generation", "edit+mask", "generation", "edit")
 GUIDANCE = 7.5
@@ -159,25 +163,42 @@ async def send(client: Any, url: str, req: Req) -> tuple[float, bool]:
 # ---- what the engine did -------------------------------------------------------------------------
 
 class Probe:
-    """The engine's denoising steps and images in them (its /metrics), its CPU time and the machine's."""
+    """What the engine did in a phase: its denoising steps and the images in them (its /metrics),
+    the CPU cores it kept busy, and the cores the machine spent on processes other than this one
+    and the stack it started (another job on a shared machine makes a round's numbers suspect)."""
 
-    _sum = re.compile(r"^conduit_engine_denoise_batch_size_sum\{[^}]*\}\s+(\S+)", re.M)
-    _count = re.compile(r"^conduit_engine_denoise_batch_size_count\{[^}]*\}\s+(\S+)", re.M)
+    _sum = re.compile(r"^conduit_engine_denoise_batch_size_sum\{[^}]*\}\s+(\S+)", re.MULTILINE)
+    _count = re.compile(r"^conduit_engine_denoise_batch_size_count\{[^}]*\}\s+(\S+)", re.MULTILINE)
 
-    def __init__(self, pid: int, metrics_url: str | None) -> None:
-        self.pid, self.metrics_url = pid, metrics_url
+    def __init__(self, engine_pid: int, metrics_url: str | None) -> None:
+        self.engine_pid, self.metrics_url = engine_pid, metrics_url
         self.tick = os.sysconf("SC_CLK_TCK")
 
-    def _cpu(self) -> float:
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / self.tick  # utime, stime
-
     @staticmethod
-    def _machine() -> tuple[float, float]:
-        """(busy, total) jiffies of the whole machine."""
-        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = vals[3] + vals[4]
-        return sum(vals) - idle, sum(vals)
+    def _stat(pid: int | str) -> tuple[int, int]:
+        """(parent pid, user + system jiffies) of a process."""
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[1]), int(fields[11]) + int(fields[12])
+
+    def _jiffies(self) -> tuple[int, int, int]:
+        """(the engine's, this process tree's, the whole machine's busy) CPU jiffies."""
+        parents, cpu = {}, {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError, ValueError):
+                    parents[int(entry)], cpu[int(entry)] = self._stat(entry)
+        ours, frontier = {os.getpid()}, [os.getpid()]
+        children: dict[int, list[int]] = {}
+        for pid, parent in parents.items():
+            children.setdefault(parent, []).append(pid)
+        while frontier:
+            for child in children.get(frontier.pop(), []):
+                if child not in ours:
+                    ours.add(child)
+                    frontier.append(child)
+        vals = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+        machine = sum(vals) - vals[3] - vals[4]  # less idle and iowait
+        return cpu.get(self.engine_pid, 0), sum(cpu.get(p, 0) for p in ours), machine
 
     def _batches(self) -> tuple[float, float] | None:
         if self.metrics_url is None:
@@ -189,20 +210,17 @@ class Probe:
         except httpx.HTTPError:
             return None
         sums, counts = self._sum.findall(text), self._count.findall(text)
-        if not counts:
-            return 0.0, 0.0
         return sum(float(v) for v in sums), sum(float(v) for v in counts)
 
     def mark(self) -> dict[str, Any]:
-        return {"t": time.perf_counter(), "cpu": self._cpu(), "machine": self._machine(), "batches": self._batches()}
+        return {"t": time.perf_counter(), "jiffies": self._jiffies(), "batches": self._batches()}
 
     def since(self, before: dict[str, Any]) -> dict[str, Any]:
         after = self.mark()
         wall = after["t"] - before["t"]
-        busy = after["machine"][0] - before["machine"][0]
-        total = after["machine"][1] - before["machine"][1]
-        out: dict[str, Any] = {"engine_cores": (after["cpu"] - before["cpu"]) / wall if wall else 0.0,
-                               "machine_busy": busy / total if total else 0.0}
+        engine, ours, machine = (a - b for a, b in zip(after["jiffies"], before["jiffies"], strict=True))
+        out: dict[str, Any] = {"engine_cores": engine / self.tick / wall,
+                               "other_cores": max(machine - ours, 0) / self.tick / wall}
         if before["batches"] is not None and after["batches"] is not None:
             images = after["batches"][0] - before["batches"][0]
             steps = after["batches"][1] - before["batches"][1]
@@ -235,7 +253,10 @@ async def measure(url: str, plan: list[Req], probe: Probe, args: argparse.Namesp
         run.update(probe.since(before))
         return run
 
-    async with httpx.AsyncClient(timeout=3600, limits=httpx.Limits(max_connections=len(plan) + 4)) as client:
+    # Idle connections are dropped after 1 s, well before uvicorn's keep-alive timeout (5 s): at
+    # httpx's default (5 s too), a request sent on a connection the server is closing fails.
+    limits = httpx.Limits(max_connections=len(plan) + 4, keepalive_expiry=1.0)
+    async with httpx.AsyncClient(timeout=3600, limits=limits) as client:
         await sequential(client, url, plan[:len(KINDS)])  # warm-up: every kind, once
         await concurrent(client, url, plan)  # and the batch
         rounds = []
@@ -245,7 +266,8 @@ async def measure(url: str, plan: list[Req], probe: Probe, args: argparse.Namesp
             rounds.append({"sequential": seq, "concurrent": conc,
                            "ratio": conc["makespan_s"] / seq["makespan_s"]})
             print(f"  round {r + 1}: sequential {seq['makespan_s']:.2f} s, concurrent {conc['makespan_s']:.2f} s "
-                  f"({rounds[-1]['ratio']:.2f})", flush=True)
+                  f"({rounds[-1]['ratio']:.2f}); other processes' cores {seq['other_cores']:.2f} / {conc['other_cores']:.2f}",
+                  flush=True)
         single = None
         if args.with_single:
             steps = max(args.step_list)
@@ -258,6 +280,7 @@ async def measure(url: str, plan: list[Req], probe: Probe, args: argparse.Namesp
             single = {"steps": steps, "alone_s": one, "batch_makespan_s": many, "batch_per_image_s": many / len(gens),
                       "alone_engine_cores": statistics.median(a["engine_cores"] for a in alone),
                       "batch_engine_cores": statistics.median(b["engine_cores"] for b in batch),
+                      "other_cores": max(x["other_cores"] for x in [*alone, *batch]),
                       "errors": sum(x["errors"] for x in [*alone, *batch])}
     return {"rounds": rounds, "single": single}
 
@@ -280,26 +303,28 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     if has_batches:
         head += " images per step, seq → conc |"
         rule += "---|"
-    head += " engine cores, seq → conc | errors |"
-    rule += "---|---|"
+    head += " engine cores, seq → conc | other processes' cores, seq / conc | errors |"
+    rule += "---|---|---|"
     out = [head, rule]
 
-    def row(name: str, s: float, c: float, p50: float, p95: float, ips: tuple[float, float] | None,
-            cores: tuple[float, float], errors: int) -> str:
-        line = f"| {name} | {s:.2f} | {c:.2f} | {c / s:.2f} | {p50:.2f} | {p95:.2f} | {n / s:.1f} → {n / c:.1f} |"
+    def row(name: str, s: float, c: float, ratio: float, p50: float, p95: float, ips: tuple[float, float] | None,
+            cores: tuple[float, float], other: tuple[float, float], errors: int) -> str:
+        line = f"| {name} | {s:.2f} | {c:.2f} | {ratio:.2f} | {p50:.2f} | {p95:.2f} | {n / s:.1f} → {n / c:.1f} |"
         if has_batches:
             line += f" {ips[0]:.1f} → {ips[1]:.1f} |" if ips else " - |"
-        return line + f" {cores[0]:.2f} → {cores[1]:.2f} | {errors} |"
+        return line + f" {cores[0]:.2f} → {cores[1]:.2f} | {other[0]:.2f} / {other[1]:.2f} | {errors} |"
 
     for k, r in enumerate(rounds):
         s, c = r["sequential"], r["concurrent"]
-        out.append(row(str(k + 1), s["makespan_s"], c["makespan_s"], pct(c["latencies"], 50), pct(c["latencies"], 95),
+        out.append(row(str(k + 1), s["makespan_s"], c["makespan_s"], r["ratio"], pct(c["latencies"], 50), pct(c["latencies"], 95),
                        (s["images_per_step"], c["images_per_step"]) if has_batches else None,
-                       (s["engine_cores"], c["engine_cores"]), s["errors"] + c["errors"]))
+                       (s["engine_cores"], c["engine_cores"]), (s["other_cores"], c["other_cores"]),
+                       s["errors"] + c["errors"]))
     m = results["median"]
-    out.append(row("**median**", m["sequential_s"], m["concurrent_s"], m["concurrent_p50_s"], m["concurrent_p95_s"],
+    out.append(row("**median**", m["sequential_s"], m["concurrent_s"], m["ratio"], m["concurrent_p50_s"], m["concurrent_p95_s"],
                    (m["images_per_step_sequential"], m["images_per_step_concurrent"]) if has_batches else None,
-                   (m["engine_cores_sequential"], m["engine_cores_concurrent"]), m["errors"]))
+                   (m["engine_cores_sequential"], m["engine_cores_concurrent"]),
+                   (m["other_cores_sequential"], m["other_cores_concurrent"]), m["errors"]))
     verdict = "met" if m["ratio"] <= 0.60 else "NOT met"
     out.append(f"\nconcurrent / sequential, median of rounds: **{m['ratio']:.2f}** (target ≤ 0.60: {verdict}); "
                f"p50/p95 pooled over rounds: {m['pooled_p50_s']:.2f} / {m['pooled_p95_s']:.2f} s")
@@ -307,10 +332,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     if single:
         out += ["", f"| one generation of {single['steps']} steps | seconds per image | engine cores |", "|---|---|---|",
                 f"| alone | {single['alone_s']:.3f} | {single['alone_engine_cores']:.2f} |",
-                f"| {n} at once (makespan / {n}) | {single['batch_per_image_s']:.3f} "
-                f"| {single['batch_engine_cores']:.2f} |",
-                f"\nper image at batch {n} / alone: {single['batch_per_image_s'] / single['alone_s']:.2f}; "
-                f"errors {single['errors']}"]
+                (f"| {n} at once (makespan / {n}) | {single['batch_per_image_s']:.3f} "
+                 f"| {single['batch_engine_cores']:.2f} |"),
+                (f"\nper image at batch {n} / alone: {single['batch_per_image_s'] / single['alone_s']:.2f}; "
+                 f"other processes' cores, at most: {single['other_cores']:.2f}; errors {single['errors']}")]
     return "\n".join(out)
 
 
@@ -382,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
               "images_per_step_concurrent": med(rounds, "images_per_step", "concurrent"),
               "engine_cores_sequential": med(rounds, "engine_cores", "sequential"),
               "engine_cores_concurrent": med(rounds, "engine_cores", "concurrent"),
+              "other_cores_sequential": med(rounds, "other_cores", "sequential"),
+              "other_cores_concurrent": med(rounds, "other_cores", "concurrent"),
               "errors": sum(r["sequential"]["errors"] + r["concurrent"]["errors"] for r in rounds)}
     results: dict[str, Any] = {
         "model": str(path), "size": size, "requests": len(plan), "cpus": os.cpu_count(),

@@ -224,9 +224,6 @@ def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | st
             limits: RequestBounds, policy: MediaPolicy) -> Edit:
     """The request with its pictures, every bound and rule checked (a 400 naming the parameter)."""
     req.check(limits)
-    if not pictures:
-        raise InvalidRequest("Missing required parameter: 'image'.", param=params[0] if params else "image",
-                             code="missing_required_parameter")
     if len(pictures) > MAX_PICTURES:
         raise InvalidRequest(f"At most {MAX_PICTURES} images per edit, but got {len(pictures)}.", param="image",
                              code="invalid_value")
@@ -254,17 +251,21 @@ def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | st
     return Edit(req, pictures, mask, params)
 
 
+def _missing(param: str) -> InvalidRequest:
+    return InvalidRequest(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+
+
 def from_json(body: bytes, decoder: RequestDecoder[ImageEditRequest], limits: RequestBounds,
               policy: MediaPolicy) -> Edit:
     """The JSON form: ``images`` (required, with a prompt) and ``mask`` by ``image_url``."""
     req = decoder.decode(body)
     if not req.prompt:
-        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+        raise _missing("prompt")
+    if not req.images:
+        raise _missing("images")
     pictures = [_ref(ref, f"images[{i}]") for i, ref in enumerate(req.images)]
     params = [f"images[{i}].image_url" for i in range(len(req.images))]
     mask = _ref(req.mask, "mask") if req.mask is not None else None
-    if not req.images:
-        params = ["images"]
     return checked(req, pictures, mask, [*params, "mask.image_url"], limits, policy)
 
 
@@ -362,6 +363,8 @@ def from_form(fields: dict[str, str], files: list[tuple[str, bytes]], request_ty
     if other is not None:
         raise InvalidRequest(f"Unexpected file field '{other}': send 'image' (or 'image[]') and 'mask'.",
                              param=other, code="invalid_value")
+    if not images:
+        raise _missing("image")
     if len(masks) > 1:
         raise InvalidRequest("One 'mask' at most.", param="mask", code="invalid_value")
     if request_type is ImageVariationRequest:
@@ -369,6 +372,6 @@ def from_form(fields: dict[str, str], files: list[tuple[str, bytes]], request_ty
             raise InvalidRequest("A variation takes one 'image'.", param="image", code="invalid_value")
         req = ImageEditRequest(**{f: getattr(req, f) for f in req.__struct_fields__})
     elif not req.prompt:
-        raise InvalidRequest("Missing required parameter: 'prompt'.", param="prompt", code="missing_required_parameter")
+        raise _missing("prompt")
     params = ["image"] if len(images) == 1 else [f"image[{i}]" for i in range(len(images))]
     return checked(req, list(images), masks[0] if masks else None, [*params, "mask"], limits, policy)
