@@ -63,6 +63,7 @@ WEIGHTS: dict[str, float] = {
     "createImage": 12, "getImageFile": 5, "listModels": 3, "retrieveModel": 4, "getHealth": 2, "getReadiness": 2,
     "getMetrics": 2, "getOpenApi": 2, "createKey": 8, "listKeys": 2, "retrieveKey": 4, "updateKey": 8, "revokeKey": 5,
     "getKeyUsage": 5, "getResponse": 4, "deleteResponse": 3, "listInputItems": 3, "cancelResponse": 3, "createEmbedding": 10,
+    "createImageEdit": 10, "createImageVariation": 4,
 }
 #: Share of an operation's cases that are schema-invalid (only where it has a body or parameters).
 NEGATIVE_SHARE = 1 / 3
@@ -187,7 +188,7 @@ def adjust(case: Any, target: Target, rng: random.Random) -> dict[str, str]:
     op = case.operation
     op_id = op.definition.raw.get("operationId", "")
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) and rng.random() < 0.9:
-        main, other = (IMAGE_MODEL, CHAT_MODEL) if op_id == "createImage" else (CHAT_MODEL, IMAGE_MODEL)
+        main, other = (IMAGE_MODEL, CHAT_MODEL) if op_id.startswith("createImage") else (CHAT_MODEL, IMAGE_MODEL)
         case.body["model"] = main if rng.random() < 0.93 else other
         if case.meta is not None and case.meta.generation.mode.is_positive and rng.random() < 0.3:
             case.body["stream"] = True  # rarely generated otherwise: most answers would be JSON

@@ -191,6 +191,7 @@ class ResponsesEndpoint:
     __slots__ = ("decoder", "store", "bounds", "records", "registry", "running")
 
     job_kind = JobKind("chat", "resp")
+    read = None  # a JSON body
 
     def __init__(self, bounds: RequestBounds, store: ResponseStore, records: ResultRecords,
                  registry: EngineRegistry) -> None:
