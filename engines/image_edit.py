@@ -72,18 +72,28 @@ async def resolve_edit(job: Job, source: PictureSource, limits: ImageLimits) -> 
         raise _reject("strength must be above 0 and at most 1.", "strength")
     stored = await source.inputs() if any(ref.startswith("input:") for ref in [*req.images, req.mask or ""]) \
         else []
-    datas = [await _data(ref, stored, source, f"image[{i}]" if count > 1 else "image")
-             for i, ref in enumerate(req.images)]
+    params = [f"image[{i}]" if count > 1 else "image" for i in range(count)]
+    datas = [await _data(ref, stored, source, param) for ref, param in zip(req.images, params, strict=True)]
     mask_data = await _data(req.mask, stored, source, "mask") if req.mask is not None else None
-    pictures, mask = await asyncio.to_thread(_decode_all, datas, mask_data, limits)
-    size = parse_size(req.size, limits) if req.size not in (None, "", "auto") else fit(pictures[0].size, limits)
+    # Every picture's header first (no decoding): its format and pixels, the mask's alpha and size.
+    first = [header(data, param, limits) for data, param in zip(datas, params, strict=True)][0]
+    if mask_data is not None:
+        m = header(mask_data, "mask", limits)
+        if not m.alpha:
+            raise _reject("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what to edit.",
+                          "mask", "invalid_mask")
+        if (m.width, m.height) != (first.width, first.height):
+            raise _reject(f"Invalid 'mask': it is {m.width}x{m.height}, the image {first.width}x{first.height}; "
+                          "they must be the same size.", "mask", "invalid_mask")
+    size = parse_size(req.size, limits) if req.size not in (None, "", "auto") else \
+        fit((first.width, first.height), limits)
     spec = spec_of(req, limits, size, count)
     if int(spec.steps * strength) < 1:
         raise _reject(f"strength {strength:g} leaves no denoising step of {spec.steps}: raise it or "
                       "num_inference_steps.", "strength")
-    sources, masks = await asyncio.to_thread(_fitted, pictures, mask, size)
+    sources, mask = await asyncio.to_thread(_decoded, datas, params, mask_data, size, limits)
     spec.sources = [sources[i] for i in range(count) for _ in range(n)]
-    spec.masks = [masks if i == 0 else None for i in range(count) for _ in range(n)]
+    spec.masks = [mask if i == 0 else None for i in range(count) for _ in range(n)]
     spec.strength = strength
     return spec
 
@@ -97,44 +107,51 @@ async def _data(ref: str, stored: list[bytes], source: PictureSource, param: str
     return await source.fetch(ref, param)
 
 
-def decode(data: bytes, param: str, limits: ImageLimits) -> tuple[Any, Picture]:
-    """A picture decoded (PIL) after its header passed; raises :class:`JobRejected` naming ``param``."""
-    from PIL import Image
-
+def header(data: bytes, param: str, limits: ImageLimits) -> Picture:
+    """A picture's header, refused (:class:`JobRejected` naming ``param``) when it is no PNG, JPEG or
+    WebP or has more pixels than the engine takes: nothing is decoded yet."""
     try:
-        header = probe(data)
+        picture = probe(data)
     except Unreadable as exc:
         raise _reject(f"Invalid '{param}': {exc}. Send a PNG, JPEG or WebP image.", param,
                       "invalid_image_format") from None
-    if header.pixels > limits.max_input_pixels:
-        raise _reject(f"Invalid '{param}': {header.width}x{header.height} is more than {limits.max_input_pixels} "
+    if picture.pixels > limits.max_input_pixels:
+        raise _reject(f"Invalid '{param}': {picture.width}x{picture.height} is more than {limits.max_input_pixels} "
                       "pixels.", param, "image_too_large")
+    return picture
+
+
+def decode(data: bytes, param: str, limits: ImageLimits) -> Any:
+    """A picture decoded (PIL) once its header passed; its data must agree with its header."""
+    from PIL import Image
+
+    picture = header(data, param, limits)
     try:
-        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[header.format]])
-        if image.size != (header.width, header.height):
-            raise ValueError(f"its header says {header.width}x{header.height}, its data {image.size}")
+        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMATS[picture.format]])
+        if image.size != (picture.width, picture.height):
+            raise ValueError(f"its header says {picture.width}x{picture.height}, its data {image.size}")
         image.load()
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds for damaged data
-        raise _reject(f"Invalid '{param}': the {header.format.upper()} image could not be decoded ({exc}).", param,
+        raise _reject(f"Invalid '{param}': the {picture.format.upper()} image could not be decoded ({exc}).", param,
                       "invalid_image") from None
-    return image, header
+    return image
 
 
-def _decode_all(datas: list[bytes], mask_data: bytes | None, limits: ImageLimits) -> tuple[list[Any], Any]:
-    pictures = [decode(data, f"image[{i}]" if len(datas) > 1 else "image", limits)[0].convert("RGB")
-                for i, data in enumerate(datas)]
+def _decoded(datas: list[bytes], params: list[str], mask_data: bytes | None, size: tuple[int, int],
+             limits: ImageLimits) -> tuple[list[Any], Any]:
+    """The pictures decoded and fitted to ``size``, one at a time (one full-size picture in memory at
+    once, whatever their number), and the mask as PIL ``L``: 255 where alpha is 0 (repainted)."""
+    from PIL import Image
+
+    sources = []
+    for data, param in zip(datas, params, strict=True):
+        image = decode(data, param, limits).convert("RGB")
+        sources.append(image if image.size == size else image.resize(size, Image.Resampling.LANCZOS))
     if mask_data is None:
-        return pictures, None
-    image, header = decode(mask_data, "mask", limits)
-    if not header.alpha:
-        raise _reject("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what to edit.",
-                      "mask", "invalid_mask")
-    if image.size != pictures[0].size:
-        raise _reject(f"Invalid 'mask': it is {image.size[0]}x{image.size[1]}, the image "
-                      f"{pictures[0].size[0]}x{pictures[0].size[1]}; they must be the same size.", "mask",
-                      "invalid_mask")
-    alpha = image.convert("RGBA").getchannel("A")
-    return pictures, alpha.point(lambda a: 255 if a == 0 else 0)
+        return sources, None
+    alpha = decode(mask_data, "mask", limits).convert("RGBA").getchannel("A")
+    mask = alpha.point(lambda a: 255 if a == 0 else 0)
+    return sources, mask if mask.size == size else mask.resize(size, Image.Resampling.NEAREST)
 
 
 def fit(size: tuple[int, int], limits: ImageLimits) -> tuple[int, int]:
@@ -145,12 +162,3 @@ def fit(size: tuple[int, int], limits: ImageLimits) -> tuple[int, int]:
     scale = max(scale, limits.min_size / min(width, height))
     edges = [min(max(round(e * scale / 8) * 8, limits.min_size), limits.max_size) for e in (width, height)]
     return edges[0], edges[1]
-
-
-def _fitted(pictures: list[Any], mask: Any, size: tuple[int, int]) -> tuple[list[Any], Any]:
-    from PIL import Image
-
-    resized = [p if p.size == size else p.resize(size, Image.Resampling.LANCZOS) for p in pictures]
-    if mask is not None and mask.size != size:
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return resized, mask
