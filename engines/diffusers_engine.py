@@ -1,13 +1,14 @@
-"""The diffusers backend: text-to-image jobs on one diffusers pipeline, batched.
+"""The diffusers backend: text-to-image and image edit jobs on one diffusers pipeline, batched.
 
 Two ways of batching, chosen by ``DiffusersSettings.batching``:
 
 * ``step`` (UNet pipelines :func:`engines.denoise.step_supported` accepts): continuous
   batching at the level of denoising steps, :class:`engines.denoise.StepLoop`. Requests
-  join and leave a running batch between steps.
-* ``request`` (any text-to-image pipeline): :class:`RequestBatcher`, dynamic batching of
-  whole requests: jobs of the same size, steps and guidance that arrive within
-  ``batch_window_ms`` run as one pipeline call.
+  join and leave a running batch between steps; edits (img2img, inpainting) join it too.
+* ``request`` (any text-to-image pipeline): :class:`engines.request_batch.RequestBatcher`, dynamic
+  batching of whole requests: jobs of the same size, steps and guidance that arrive within
+  ``batch_window_ms`` run as one pipeline call; edits run on the pipeline's img2img and inpainting
+  variants, where diffusers has them.
 
 Both hand back decoded images (:class:`engines.denoise.Frame`); :meth:`DiffusersBackend.run`
 encodes them (png/jpeg/webp, off the event loop) and writes them to the job's output.
@@ -20,16 +21,16 @@ import asyncio
 import logging
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
 from engines.backend import JobOutput
-from engines.denoise import Failure, Frame, Request, StepLoop, deadline_error, expired
-from engines.diffusion import decode_latents, preview_steps, step_supported
+from engines.denoise import Failure, Frame, Request, StepLoop
+from engines.diffusion import step_supported
 from engines.image_edit import resolve_edit
 from engines.image_job import ImageLimits, encode_image, resolve
+from engines.request_batch import RequestBatcher
 from engines.contract.messages import Job, Usage
 from telemetry.engine_instruments import EngineMetrics
 
@@ -74,123 +75,12 @@ class DiffusersSettings(msgspec.Struct, kw_only=True):
     default_guidance: float = 7.5
 
 
-class RequestBatcher:
-    """Whole requests with equal (size, steps, guidance) arriving within a window run as one pipeline call."""
-
-    def __init__(self, pipe: Any, settings: DiffusersSettings, metrics: EngineMetrics, model: str) -> None:
-        self.pipe = pipe
-        self.settings = settings
-        self.metrics = metrics
-        self.model = model
-        self.steps_run = 0
-        self.on_step: Any = None
-        self._pending: dict[tuple[int, int, int, float], list[Request]] = {}
-        # One thread: pipeline calls run one after another (one model, one device).
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="diffusers-batch")
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def submit(self, req: Request) -> None:
-        s = req.spec
-        key = (s.width, s.height, s.steps, s.guidance)
-        waiting = self._pending.setdefault(key, [])
-        waiting.append(req)
-        if len(waiting) == 1:
-            task = asyncio.get_running_loop().create_task(self._flush(key))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _flush(self, key: tuple[int, int, int, float]) -> None:
-        await asyncio.sleep(self.settings.batch_window_ms / 1000)
-        loop = asyncio.get_running_loop()
-        while waiting := self._pending.get(key):
-            batch, pixels = [], 0
-            while waiting:
-                area = waiting[0].spec.width * waiting[0].spec.height * waiting[0].spec.n
-                if batch and pixels + area > self.settings.max_batch_pixels:
-                    break
-                batch.append(waiting.pop(0))
-                pixels += area
-            if not waiting:
-                del self._pending[key]
-            try:
-                await loop.run_in_executor(self._executor, self._generate, batch)
-            except Exception as exc:  # noqa: BLE001 - its jobs fail; later batches still run
-                log.exception("request batch failed")
-                for req in batch:
-                    req.fail(RuntimeError(f"generating the images failed: {exc}"))
-
-    def _generate(self, batch: list[Request]) -> None:
-        import torch
-
-        live = []
-        for req in batch:
-            if expired(req):
-                req.fail(deadline_error())
-            elif not req.cancelled:
-                live.append(req)
-        if not live:
-            return
-        spec = live[0].spec
-        rows = [(req, i, seed) for req in live for i, seed in enumerate(req.spec.seeds)]
-        previews: dict[int, list[tuple[int, list[int]]]] = {}  # step -> [(row, partial numbers)]
-        for n, (req, _, _) in enumerate(rows):
-            for at, parts in preview_steps(spec.steps, req.spec.partial_images).items():
-                previews.setdefault(at, []).append((n, parts))
-
-        def on_step_end(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            self.steps_run += 1
-            self.metrics.denoise_step(self.model, len(rows))
-            for req in live:
-                req.steps_run += 1
-            due = previews.get(i + 1)
-            if due and i + 1 < spec.steps:  # previews of the noisy latents (the last is the final)
-                latents = kwargs["latents"]
-                images = decode_latents(pipe, torch.cat([latents[n:n + 1] for n, _ in due]))
-                for (n, parts), image in zip(due, images):
-                    req, index, seed = rows[n]
-                    for j in parts:
-                        req.emit(Frame(index, seed, image, partial=j, batch=len(rows)))
-            return {}
-
-        tok = self.pipe.tokenizer
-        for req in live:
-            req.prompt_tokens = len(tok(req.spec.prompt, truncation=True, max_length=tok.model_max_length).input_ids)
-        try:
-            with torch.inference_mode():
-                images = self.pipe(
-                    prompt=[req.spec.prompt for req, _, _ in rows],
-                    negative_prompt=[req.spec.negative_prompt or "" for req, _, _ in rows],
-                    generator=[torch.Generator("cpu").manual_seed(seed) for _, _, seed in rows],
-                    num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height,
-                    width=spec.width, output_type="pil", callback_on_step_end=on_step_end).images
-        except Exception as exc:  # noqa: BLE001 - fails this batch's jobs only
-            log.exception("pipeline call failed (%d images)", len(rows))
-            for req in live:
-                req.fail(RuntimeError(f"generating the images failed: {exc}"))
-            return
-        for (req, index, seed), image in zip(rows, images):
-            for at, parts in preview_steps(spec.steps, req.spec.partial_images).items():
-                if at >= spec.steps:  # previews due at the last step: the final image itself
-                    for j in parts:
-                        req.emit(Frame(index, seed, image, partial=j, batch=len(rows)))
-            req.emit(Frame(index, seed, image, batch=len(rows)))
-
-    def stop(self) -> None:
-        """Run nothing more; requests not yet run fail (called from a thread, after the worker drained)."""
-        for task in list(self._tasks):
-            task.get_loop().call_soon_threadsafe(task.cancel)
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for waiting in self._pending.values():
-            for req in waiting:
-                req.fail(RuntimeError("the engine stopped before the images were done"))
-        self._pending.clear()
-
-
 class DiffusersBackend:
     """Runs image jobs on one diffusers pipeline in this process."""
 
     kind = "diffusers"
-    #: ``image_edit`` too once started, where the step loop runs (edits join its batches).
+    #: ``image_edit`` too once started: in the step loop (edits join its batches), or on the pipeline's own
+    #: img2img and inpainting pipelines.
     kinds = frozenset({"image"})
 
     def __init__(self, settings: DiffusersSettings) -> None:
@@ -224,9 +114,10 @@ class DiffusersBackend:
             self.batcher = StepLoop(pipe, max_batch_pixels=s.max_batch_pixels, metrics=self.metrics,
                                     model=self.served_name)
             self.batcher.start()
-            self.kinds = frozenset({"image", "image_edit"})
         else:
             self.batcher = RequestBatcher(pipe, s, self.metrics, self.served_name)
+        if mode == "step" or await asyncio.to_thread(self.batcher.edits):
+            self.kinds = frozenset({"image", "image_edit"})
         # ``is not None``: a compiled UNet (OptimizedModule) refuses truth tests (it has no len()).
         unet = getattr(pipe, "unet", None)
         native = unet.config.sample_size * pipe.vae_scale_factor if unet is not None else 1024
@@ -294,7 +185,7 @@ class DiffusersBackend:
     async def run(self, job: Job, out: JobOutput) -> None:
         """Validate the request, queue its images, and write each decoded image to ``out``."""
         assert self.limits is not None
-        if job.kind == "image_edit":  # (only where the step loop runs: the kinds announced say so)
+        if job.kind == "image_edit":
             spec = await resolve_edit(job, out, self.limits)
         else:
             spec = resolve(job.body, self.limits)  # JobRejected (400) before any output

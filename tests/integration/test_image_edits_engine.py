@@ -305,3 +305,26 @@ async def test_sdxl_edits_match_diffusers_sdxl_img2img(tiny_sd_dir: Path, tmp_pa
     finally:
         await backend.close()
     assert np.abs(pixels(out.finals()[0][0]) - pixels(png(ref))).max() <= TOLERANCE
+
+
+async def test_request_batching_edits_on_the_pipelines_own_img2img_and_inpainting(tiny_sd_dir: Path,
+                                                                                 backend: DiffusersBackend) -> None:
+    """Where the step loop does not run (``batching: request``), an edit runs on the pipeline's img2img and
+    inpainting variants (``from_pipe``: the same weights): the same images as the step loop's, kept pixels
+    kept, previews with the final image."""
+    requested = DiffusersBackend(DiffusersSettings(model=str(tiny_sd_dir), served_name="tiny-sd", batching="request"))
+    await requested.start()
+    try:
+        assert requested.kinds == {"image", "image_edit"}
+        assert requested.batcher._pipes and all(p.unet is requested.pipe.unet for p in requested.batcher._pipes.values())
+        a, b, m = png(picture(11)), png(picture(12)), png(mask())
+        fields = {"images": ["input:0", "input:1"], "mask": "input:2", "n": 2, "strength": 0.7, "stream": True,
+                  "partial_images": 1}
+        got = (await run(requested, edit([a, b, m], **fields), [a, b, m])).finals()
+        expected = (await run(backend, edit([a, b, m], **fields), [a, b, m])).finals()
+    finally:
+        await requested.close()
+    assert [meta["seed"] for _, meta in got] == [5, 6, 7, 8]
+    for (data, _), (ref, _) in zip(got, expected, strict=True):
+        assert np.abs(pixels(data) - pixels(ref)).max() <= TOLERANCE
+    assert np.array_equal(pixels(got[0][0])[:, W // 2:], pixels(a)[:, W // 2:])
