@@ -26,9 +26,11 @@ PROTOCOL_VERSION = 4
 #: completion_tokens=0))``, N the prompt tokens a ``chat`` job of that body would report (a prompt
 #: over the model's context is still counted), and a bad body a ``Failed`` 400 (``JobRejected``).
 #: The Responses API (``/v1/responses``) has no kind of its own: the gateway translates it into
-#: ``chat`` jobs. Laid for the endpoints to come (no engine runs them yet): ``embedding``
-#: (``/v1/embeddings``: :class:`Embedded` events) and ``image_edit`` (``/v1/images/edits``: its
-#: images are :attr:`JobOptions.inputs`, answered with :class:`ImageReady` as ``image`` is).
+#: ``chat`` jobs. ``embedding`` (``/v1/embeddings``): :class:`Embedded` events. ``image_edit``
+#: (``/v1/images/edits`` and ``/variations``): the body is an image request's fields plus ``images``
+#: (and ``mask``), each ``input:<i>`` (:attr:`JobOptions.inputs` ``[i]``, in the blob store) or an
+#: http(s) URL the engine fetches under its media policy, and ``strength``; answered with
+#: :class:`ImageReady` as ``image`` is (``engines.image_edit`` reads it).
 JOB_KINDS = frozenset({"chat", "completion", "image", "input_tokens", "embedding", "image_edit"})
 
 
