@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -22,10 +21,11 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from engines.contract.backlog import RELEASE
-from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED
+from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED, Keys
 from engines.contract.lane import REDIS_ERRORS, open_lane
 from engines.contract.messages import Codec, Embedded, Event, Failed
-from engines.contract.replies import APPEND, RECREATED, append_command
+from engines.contract.replies import APPEND, CHANGED, DROPPED, RECREATED, append_command
+from engines.stream_lives import StreamLives
 from telemetry.engine_instruments import EngineMetrics
 
 if TYPE_CHECKING:
@@ -62,41 +62,6 @@ class Ack:
         if self.bytes_release is not None:
             cmds.append(self.bytes_release)
         return cmds
-
-
-class StreamLives:
-    """When each reply stream this engine writes to is due to expire, as its last write heard
-    (``PTTL``, counted from when that write was sent: never later than Redis would say).
-
-    A stream found missing before then was lost by Redis, not let go by its gateway: the next
-    write re-creates it with the life it had left (``engines.contract.replies``). Times are this
-    process's monotonic clock, so no two clocks need agree.
-    """
-
-    __slots__ = ("_until", "_swept")
-
-    def __init__(self) -> None:
-        #: reply stream -> monotonic ms at which it expires.
-        self._until: dict[str, float] = {}
-        self._swept = 0.0
-
-    @staticmethod
-    def now() -> float:
-        return time.monotonic() * 1000
-
-    def left(self, stream: str, now: float) -> int:
-        """The ms of life ``stream`` had left at ``now`` (0: unknown, or expired)."""
-        return max(int(self._until.get(stream, 0.0) - now), 0)
-
-    def heard(self, stream: str, sent: float, pttl: int) -> None:
-        """A write sent at ``sent`` found ``stream`` with ``pttl`` ms to live (< 0: none, or missing)."""
-        if pttl >= 0:
-            self._until[stream] = sent + pttl
-        else:
-            self._until.pop(stream, None)
-        if sent - self._swept > 60_000:  # gateways come and go: forget the streams that expired
-            self._swept = sent
-            self._until = {s: t for s, t in self._until.items() if t > sent}
 
 
 #: What encoding an event a backend made may raise (an integer past 64 bits from an upstream).
@@ -209,6 +174,8 @@ class EventWriter:
         self.metrics = metrics or EngineMetrics.noop()
         self._batch = _Batch()
         self.lives = StreamLives()
+        #: What every reply stream's name starts with (the others, result records, have no generation).
+        self._replies = Keys(settings.key_prefix).replies("")[:-1]
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -297,11 +264,14 @@ class EventWriter:
         lives = self.lives
         sent = lives.now()
         streams = list(batch.events)
-        #: Each stream's entries: one, unless its events are large (embeddings: split near ENTRY_BYTES).
-        pieces = [pieces_of(batch.events[reply_to]) for reply_to in streams]
-        cmds.extend(append_command(reply_to, encoded(encode, piece), maxlen=maxlen,
-                                   restore_ms=lives.left(reply_to, sent))
-                    for reply_to, parts in zip(streams, pieces, strict=True) for piece in parts)
+        #: Each stream's entries: one, unless its events are large (embeddings: split near ENTRY_BYTES);
+        #: after its generation changed, its recent entries first.
+        pieces = [lives.resend(reply_to) + [encoded(encode, piece) for piece in pieces_of(batch.events[reply_to])]
+                  for reply_to in streams]
+        for reply_to, parts in zip(streams, pieces, strict=True):
+            seen = lives.generation(reply_to) if reply_to.startswith(self._replies) else None
+            cmds.extend(append_command(reply_to, entry, maxlen=maxlen, restore_ms=lives.left(reply_to, sent),
+                                       seen=seen) for entry in parts)
         ack_cmds = [a.commands() for a in batch.acks]
         for c in ack_cmds:
             cmds.extend(c)
@@ -330,9 +300,19 @@ class EventWriter:
                 if reply_to in batch.after:
                     retry.after[reply_to] = batch.after[reply_to]
                 continue
-            # Written (or its gateway is gone: DROPPED; nobody waits for them).
             state, pttl = max(int(a[0]) for a in answers), int(reply[1])
-            lives.heard(reply_to, sent, pttl)
+            if state == CHANGED:
+                # Lost and made again since this engine's last write: nothing written; all of it again,
+                # its recent entries first (the events its gateway may not have read before the loss).
+                log.warning("stream %s was lost by Redis; writing its last entries again", reply_to)
+                lives.changed(reply_to)
+                retry.events[reply_to] = batch.events[reply_to]
+                if reply_to in batch.after:
+                    retry.after[reply_to] = batch.after[reply_to]
+                continue
+            # Written (or its gateway is gone: DROPPED; nobody waits for them).
+            generation = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            lives.heard(reply_to, sent, pttl, generation, parts if state != DROPPED else [])
             if state == RECREATED:
                 log.warning("stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)
             for a in batch.after.get(reply_to, ()):

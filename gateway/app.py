@@ -159,7 +159,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
             auth.close()
             await limiter.lane.close()
             try:
-                await redis.delete(router.stream)
+                await redis.delete(router.stream, router.generation)
             except REDIS_ERRORS:
                 pass
             await redis.aclose()

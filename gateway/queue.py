@@ -22,7 +22,7 @@ from engines.contract.fairness import (
 from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_entries
 from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
-from engines.contract.replies import REPLY_STREAM_TTL_MS
+from engines.contract.replies import REPLY_STREAM_TTL_MS, generation_key, new_generation
 from engines.contract.withdraw import WITHDRAW, withdraw_command
 from engines.contract.reach import Outage
 from telemetry.instruments import GatewayMetrics
@@ -193,6 +193,8 @@ class ReplyRouter:
     def __init__(self, redis: aioredis.Redis, stream: str, codec: Codec, metrics: GatewayMetrics | None = None) -> None:
         self._redis = redis
         self.stream = stream
+        #: Its generation's key (``engines.contract.replies``).
+        self.generation = generation_key(stream)
         self._codec = codec
         self.metrics = metrics or GatewayMetrics.noop()
         self._waiters: dict[str, asyncio.Queue[Any]] = {}
@@ -212,10 +214,12 @@ class ReplyRouter:
         return len(self._waiters)
 
     async def create_stream(self) -> None:
-        """Make the reply stream exist, with its expiry (engines never make a stream they have not seen)."""
+        """Make the reply stream exist, with its expiry (engines never make a stream they have not seen)
+        and a new generation (engines that wrote to a lost one write their last entries again)."""
         pipe = self._redis.pipeline(transaction=False)
         pipe.xadd(self.stream, {b"h": b"1"}, maxlen=1000, approximate=True)
         pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
+        pipe.set(self.generation, new_generation(), px=REPLY_STREAM_TTL_MS)
         await pipe.execute()
 
     async def _keep_alive(self, last: bytes) -> None:
@@ -223,6 +227,7 @@ class ReplyRouter:
         pipe = self._redis.pipeline(transaction=False)
         if last != b"0-0":
             pipe.xtrim(self.stream, minid=last, approximate=True)
+        pipe.pexpire(self.generation, REPLY_STREAM_TTL_MS)
         pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
         *_, alive = await pipe.execute()
         if not alive:  # Redis lost it (a restart without persistence): engines need it back

@@ -67,7 +67,7 @@ def name_patterns(keys: Keys) -> dict[str, tuple[str, ...]]:
     return {
         "engines": (keys.engines,), "engine_info": (keys.engine_info,), "models_seen": (keys.models_seen,),
         "jobs": (keys.jobs(_ANY),), "engine_jobs": (keys.engine_jobs(_ANY, _ANY),), "job": (keys.job(_ANY, _ANY),),
-        "replies": (keys.replies(_ANY),), "result": (keys.result(_ANY),),
+        "replies": (keys.replies(_ANY),), "reply_generation": (keys.reply_generation(_ANY),), "result": (keys.result(_ANY),),
         "dead_letters": (keys.dead_letters(_ANY),),
         "wait": (keys.wait(_ANY, _ANY),), "ring": (keys.ring(_ANY),), "fair_state": (keys.fair_state(_ANY),),
         "weights": (keys.weights(_ANY),), "tenant_backlog": (keys.tenant_backlog(_ANY, _ANY),),
@@ -104,7 +104,7 @@ class Role:
 #: Every name: the gateway's (it also serves ``/admin/keys``).
 _EVERY_NAME = tuple(name_patterns(Keys()))
 #: The engines': the job path and nothing of API keys.
-_JOB_PATH = ("jobs", "engine_jobs", "job", "replies", "result", "dead_letters", "engines", "engine_info",
+_JOB_PATH = ("jobs", "engine_jobs", "job", "replies", "reply_generation", "result", "dead_letters", "engines", "engine_info",
              "models_seen", "wait", "ring", "fair_state", "weights", "tenant_backlog", "queued_bytes", "queued_jobs",
              "image")
 

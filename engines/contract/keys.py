@@ -58,6 +58,10 @@ class Keys:
         """The reply stream of one gateway process; its single reader demultiplexes it."""
         return f"{self.prefix}:replies:{{{gateway_id}}}"
 
+    def reply_generation(self, gateway_id: str) -> str:
+        """Which incarnation of a gateway's reply stream this is (``engines.contract.replies``)."""
+        return f"{self.replies(gateway_id)}:gen"
+
     def job(self, model: str, job_id: str) -> str:
         """One job's key, alive from its submission until its engine acks it (or its deadline).
 

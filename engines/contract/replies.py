@@ -14,6 +14,15 @@ it in the same script as its write, with the life it had left: a live gateway's 
 once (its gateway refreshes it as before), and a gone gateway's lasts no longer than it would have.
 An engine never makes a stream it has not seen, nor one whose last seen expiry passed.
 
+What Redis lost with the stream, though, is gone: the entries engines wrote that the gateway had not
+read yet, written just before the restart (a gap in those jobs' events, which fails a stream whose
+output began: ``output_lost``). So each incarnation of a reply stream has a **generation**, a random
+value in a key beside it (:func:`generation_key`, the same slot), set by whoever makes the stream
+(the gateway, or an engine re-making it). An engine passes the generation it last saw with each
+append; one that finds the stream missing or of another generation writes nothing
+(:data:`CHANGED`) and writes again with the entries it sent in the last seconds first (repeats are
+dropped by the gateway by their numbers), so nothing written before the loss is missing after it.
+
 A background response's result record (``Keys.result``, named by ``JobOptions.result``) is written
 the same way, with the same entries: so its gateway must create it, with its expiry, *before* it
 queues the job. A record missing at the job's first write is never made: its events are dropped
@@ -25,6 +34,7 @@ One key per script: one Redis Cluster slot. Imports no ML library (both sides us
 from __future__ import annotations
 
 import hashlib
+import os
 
 #: How long a reply stream outlives its gateway's last sign of life (the gateway refreshes it
 #: every second).
@@ -33,29 +43,57 @@ REPLY_STREAM_TTL_MS = 60_000
 # Appends one entry (a batch of encoded events) to a reply stream, as XADD NOMKSTREAM would,
 # except that a missing stream is made when ARGV[3] > 0, with that expiry (ms) in the same step:
 # never a stream without one. XADD is the first write, so under maxmemory the script is refused
-# with nothing written (the engine writes it again).
-# KEYS: 1 reply stream. ARGV: 1 its length cap (~), 2 the entry, 3 the life (ms) to give it if it
-# is missing (0: leave it missing).
-# Returns {DROPPED, -2} (missing, left so), or {APPENDED or RECREATED, the stream's PTTL after the
-# write} (-1: no expiry, a gateway of an older version).
+# with nothing written (the engine writes it again). With its generation key (KEYS[2]; a result
+# record has none), a writer that names the generation it last saw (ARGV[4]) and finds the stream
+# missing or of another generation writes nothing; a stream made here gets generation ARGV[5].
+# KEYS: 1 reply stream, [2 its generation]. ARGV: 1 its length cap (~), 2 the entry, 3 the life (ms)
+# to give it if it is missing (0: leave it missing), 4 the generation last seen ('': do not check),
+# 5 the generation of a stream made here.
+# Returns {state, the stream's PTTL after the write (-1: no expiry, a gateway of an older version;
+# -2: none written), its generation ('' : none)}, state DROPPED (missing, left so), APPENDED,
+# RECREATED or CHANGED (nothing written).
 APPEND = """
+local gen = ''
+if KEYS[2] then gen = redis.call('GET', KEYS[2]) or '' end
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if KEYS[2] and ARGV[4] ~= '' and ((not exists) or gen ~= ARGV[4]) then return {3, -2, gen} end
 local made = 0
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if tonumber(ARGV[3]) <= 0 then return {0, -2} end
+if not exists then
+  if tonumber(ARGV[3]) <= 0 then return {0, -2, gen} end
   made = 1
 end
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
 if made == 1 then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
-  return {2, redis.call('PTTL', KEYS[1])}
+  if KEYS[2] then
+    redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[3])
+    gen = ARGV[5]
+  end
+  return {2, redis.call('PTTL', KEYS[1]), gen}
 end
-return {1, redis.call('PTTL', KEYS[1])}
+return {1, redis.call('PTTL', KEYS[1]), gen}
 """
 APPEND_SHA = hashlib.sha1(APPEND.encode()).hexdigest()
-DROPPED, APPENDED, RECREATED = 0, 1, 2
+DROPPED, APPENDED, RECREATED, CHANGED = 0, 1, 2, 3
 
 
-def append_command(stream: str, entry: bytes, *, maxlen: int, restore_ms: int) -> tuple[object, ...]:
+def generation_key(stream: str) -> str:
+    """The key holding reply stream ``stream``'s generation (``Keys.reply_generation``: its slot)."""
+    return f"{stream}:gen"
+
+
+def new_generation() -> str:
+    """A fresh generation for a stream being made."""
+    return os.urandom(8).hex()
+
+
+def append_command(stream: str, entry: bytes, *, maxlen: int, restore_ms: int, seen: str | None = None,
+                   generation: str = "") -> tuple[object, ...]:
     """The EVALSHA that appends ``entry`` to ``stream`` (:data:`APPEND`), re-creating it with
-    ``restore_ms`` of life if Redis lost it (0: a stream that is missing stays missing)."""
-    return ("EVALSHA", APPEND_SHA, 1, stream, maxlen, entry, max(restore_ms, 0))
+    ``restore_ms`` of life if Redis lost it (0: a stream that is missing stays missing). ``seen``: the
+    generation last seen ('': none yet, or write whatever it is; None: a stream without one, a result
+    record); ``generation``: the one to give a stream made here."""
+    if seen is None:
+        return ("EVALSHA", APPEND_SHA, 1, stream, maxlen, entry, max(restore_ms, 0), "", "")
+    return ("EVALSHA", APPEND_SHA, 2, stream, generation_key(stream), maxlen, entry, max(restore_ms, 0), seen,
+            generation or new_generation())

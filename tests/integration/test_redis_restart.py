@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import httpx
 import msgspec
+import pytest
 import redis
 
 from engines.contract.keys import Keys
+from engines.contract.replies import generation_key
 from gateway.stack import start_redis
 from tests.harness import REDIS_USERS, RedisServer, Stack, free_port, redis_user_args
 
@@ -181,6 +184,42 @@ def test_an_engine_restores_a_reply_stream_redis_lost_with_the_life_it_had(stack
         assert wait_for(lambda: (e := events_of(r, reply_to)) and e[-1]["t"] == "f", 10), events_of(r, reply_to)
         numbers = [e["seq"] for e in events_of(r, reply_to)]
         assert numbers == list(range(numbers[0], numbers[-1] + 1)), numbers  # in order, none lost since
+
+
+def make_reply_stream(r: redis.Redis, reply_to: str, ttl_ms: int = 30_000, *, replacing: bool = False) -> None:
+    """As a gateway makes its reply stream (``ReplyRouter.create_stream``): a marker entry, an expiry, a
+    new generation; ``replacing``: in one transaction with deleting the stream and its generation (Redis
+    lost them, the gateway made them again before any engine wrote)."""
+    pipe = r.pipeline(transaction=True)
+    if replacing:
+        pipe.delete(reply_to, generation_key(reply_to))
+    pipe.xadd(reply_to, {b"h": b"1"})
+    pipe.pexpire(reply_to, ttl_ms)
+    pipe.set(generation_key(reply_to), os.urandom(8).hex(), px=ttl_ms)
+    pipe.execute()
+
+
+@pytest.mark.parametrize("who", ["engine", "gateway"])
+def test_what_a_lost_stream_held_is_written_again_whoever_makes_it_again(stack: Stack, who: str) -> None:
+    """Redis loses a reply stream (and its generation) with events in it its gateway had not read yet.
+    Whether the engine's next write makes the stream again or its gateway did first (a new generation),
+    the engine writes its recent entries again ahead of the new ones: the new stream holds every event
+    of the job from the first, in order, so the gateway, which drops repeats by number, misses none."""
+    keys = Keys(stack.prefix)
+    reply_to = keys.replies(f"{who}-gw")
+    with redis.Redis.from_url(stack.redis_url) as r:
+        make_reply_stream(r, reply_to)
+        engine_and_job(stack, r, reply_to, tokens=40)
+        assert wait_for(lambda: len(events_of(r, reply_to)) >= 5, 20), stack.procs[-1].output()
+        if who == "gateway":
+            make_reply_stream(r, reply_to, replacing=True)
+        else:
+            r.delete(reply_to, generation_key(reply_to))
+            assert wait_for(lambda: r.exists(reply_to), 5), "the engine did not re-create the reply stream"
+        assert wait_for(lambda: (e := events_of(r, reply_to)) and e[-1]["t"] == "f", 10), events_of(r, reply_to)
+        numbers = [e["seq"] for e in events_of(r, reply_to)]
+        assert numbers == list(range(1, numbers[-1] + 1)), numbers  # from the first event: nothing lost
+        assert r.get(generation_key(reply_to)), "the stream has no generation"
 
 
 def test_an_engine_never_revives_the_stream_of_a_gateway_that_is_gone(stack: Stack) -> None:

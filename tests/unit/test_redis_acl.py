@@ -28,7 +28,7 @@ def examples(keys: Keys) -> dict[str, list[str]]:
         "engines": [keys.engines], "engine_info": [keys.engine_info], "models_seen": [keys.models_seen],
         "jobs": [keys.jobs("llama-3.1-8b"), keys.jobs("org/model:v2")],
         "engine_jobs": [keys.engine_jobs("sd", "gpu-7-1234-abcdef")], "job": [keys.job("sd", "job-123")],
-        "replies": [keys.replies("gw-host-1-ab12")], "result": [keys.result("job-123")],
+        "replies": [keys.replies("gw-host-1-ab12")], "reply_generation": [keys.reply_generation("gw-host-1-ab12")], "result": [keys.result("job-123")],
         "dead_letters": [keys.dead_letters("sd")], "wait": [keys.wait("sd", "0123456789ab"), keys.wait("sd", "")],
         "ring": [keys.ring("sd")], "fair_state": [keys.fair_state("sd")], "weights": [keys.weights("sd")],
         "tenant_backlog": [keys.tenant_backlog("sd", "0123456789ab")], "queued_bytes": [keys.queued_bytes("sd")],

@@ -13,7 +13,7 @@ import pytest
 from engines.synthetic import SyntheticBackend, SyntheticSettings
 from engines.contract.messages import Failed, Job
 from engines.cancel import parse_cancel
-from engines.events import StreamLives
+from engines.stream_lives import StreamLives
 from engines.running import Running, now_ms
 from engines.worker import Worker, WorkerSettings
 from telemetry.engine_instruments import EngineMetrics
@@ -26,7 +26,7 @@ def test_cancel_messages_carry_a_deadline() -> None:
 
 
 def test_a_reply_streams_life_is_known_from_its_last_write_never_later() -> None:
-    """What an engine re-creates a reply stream Redis lost with (``engines.events.StreamLives``): the
+    """What an engine re-creates a reply stream Redis lost with (``engines.stream_lives.StreamLives``): the
     life it had left at its last write, counted from when that write was sent; nothing for a stream
     never seen, one without an expiry, or once the expiry last seen passed (its gateway is gone)."""
     lives = StreamLives()
@@ -38,6 +38,34 @@ def test_a_reply_streams_life_is_known_from_its_last_write_never_later() -> None
     lives.heard("t", 3_000.0, 5_000)
     lives.heard("t", 4_000.0, -2)  # missing, and left so
     assert lives.left("t", 4_000.0) == 0
+
+
+def test_a_streams_recent_entries_are_kept_to_be_written_again_once_its_generation_changed() -> None:
+    """The entries written in the last ``WINDOW_MS`` before a stream's latest write (at most
+    ``WINDOW_ENTRIES`` and ``WINDOW_BYTES``), handed back only after a write found the stream lost or
+    made again; the generation named in writes is '' meanwhile (write whatever it is), then the new one."""
+    from engines import stream_lives
+
+    lives = StreamLives()
+    lives.heard("s", 1_000.0, 60_000, "g1", [b"a", b"b"])
+    lives.heard("s", 2_000.0, 60_000, "g1", [b"c"])
+    assert (lives.generation("s"), lives.resend("s")) == ("g1", [])  # nothing to resend while it is the same
+    lives.changed("s")
+    assert (lives.generation("s"), lives.resend("s")) == ("", [b"a", b"b", b"c"])
+    lives.heard("s", 3_000.0, 60_000, "g2", [b"a", b"b", b"c", b"d"])  # written again, then the new one
+    assert (lives.generation("s"), lives.resend("s")) == ("g2", [])
+    lives.heard("s", 3_000.0 + stream_lives.WINDOW_MS + 1, 60_000, "g2", [b"e"])  # the older ones aged out
+    lives.changed("s")
+    assert lives.resend("s") == [b"e"]
+    lives.heard("t", 1.0, 60_000, "", [b"x" * 10] * (stream_lives.WINDOW_ENTRIES + 5))
+    lives.changed("t")
+    assert len(lives.resend("t")) == stream_lives.WINDOW_ENTRIES
+    big = b"y" * (stream_lives.WINDOW_BYTES // 2 + 1)
+    lives.heard("u", 1.0, 60_000, "", [big, big, b"z"])
+    lives.changed("u")
+    assert lives.resend("u") == [big, b"z"]  # the oldest went first
+    lives.changed("never-written")
+    assert lives.resend("never-written") == [] and lives.generation("never-written") == ""
 
 
 async def test_a_cancellation_is_remembered_until_its_jobs_deadline() -> None:
