@@ -25,12 +25,13 @@ most 0.60), the engine's mean images per denoising step (its
 engine kept busy (from ``/proc``; OpenMP threads that spin-wait count as busy) and the cores the
 machine spent on processes other than this one and its stack: on a shared machine, a round
 where they are high measured someone else's load too (two OpenMP teams on two cores slow each
-other down many times over). ``--with-single`` adds one generation alone against
+other down many times over): such a round (``--busy``, 0.25 cores) is run again, up to
+``--rounds`` more, and left out of the medians. ``--with-single`` adds one generation alone against
 ``--requests`` of the same generation at once: seconds per image alone and in the batch, and the
 cores the engine used for each; on a small CPU, one small image does not keep the cores busy,
 so a batch costs less per image.
 
-    python benchmarks/image_edits.py                      # tiny pipeline, 128 px, CPU (~1-2 min)
+    python benchmarks/image_edits.py                      # tiny pipeline, 128 px, CPU (~30-60 s)
     python benchmarks/image_edits.py --size 64 --with-single -o edits.json
 
 ``--model``, ``--device``, ``--dtype``, ``--compile``, ``--engine-arg`` and ``--workdir`` are

@@ -28,7 +28,7 @@ import msgspec
 from engines.backend import JobOutput
 from engines.denoise import Failure, Frame, Request, StepLoop
 from engines.diffusion import step_supported
-from engines.image_edit import resolve_edit
+from engines.image_edit import DECODES, resolve_edit
 from engines.image_job import ImageLimits, encode_image, resolve
 from engines.request_batch import RequestBatcher
 from engines.contract.messages import Job, Usage
@@ -97,6 +97,7 @@ class DiffusersBackend:
         #: The batcher in use: a StepLoop or a RequestBatcher.
         self.batcher: Any = None
         self.limits: ImageLimits | None = None
+        self._decoding = asyncio.Semaphore(DECODES)
 
     async def start(self) -> None:
         """Load the pipeline (in a thread: the event loop stays free), start the batcher, warm up."""
@@ -186,7 +187,7 @@ class DiffusersBackend:
         """Validate the request, queue its images, and write each decoded image to ``out``."""
         assert self.limits is not None
         if job.kind == "image_edit":
-            spec = await resolve_edit(job, out, self.limits)
+            spec = await resolve_edit(job, out, self.limits, self._decoding)
         else:
             spec = resolve(job.body, self.limits)  # JobRejected (400) before any output
         loop = asyncio.get_running_loop()

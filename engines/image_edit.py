@@ -38,6 +38,10 @@ MAX_IMAGES = 16
 #: picture keeps its composition.
 STRENGTH_MASKED = 1.0
 STRENGTH_WHOLE = 0.8
+#: An edit's URL pictures fetched at once; edits decoding their pictures at once per engine (each
+#: holds one full-size picture, up to ``max_input_pixels`` x 3 bytes, while it does).
+FETCHES_PER_JOB = 4
+DECODES = 2
 
 _decoder = msgspec.json.Decoder(EditRequest)
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
@@ -57,8 +61,9 @@ def _reject(message: str, param: str, code: str | None = None) -> JobRejected:
     return JobRejected(message, param=param, code=code)
 
 
-async def resolve_edit(job: Job, source: PictureSource, limits: ImageLimits) -> ImageSpec:
-    """``job`` (an ``image_edit``) as an :class:`ImageSpec` with its pictures; raises :class:`JobRejected`."""
+async def resolve_edit(job: Job, source: PictureSource, limits: ImageLimits, decoding: asyncio.Semaphore) -> ImageSpec:
+    """``job`` (an ``image_edit``) as an :class:`ImageSpec` with its pictures; raises :class:`JobRejected`.
+    ``decoding``: the engine's bound on edits decoding at once (:data:`DECODES`)."""
     req: EditRequest = read(job.body, _decoder)
     count = len(req.images)
     if not 1 <= count <= MAX_PICTURES:
@@ -73,9 +78,39 @@ async def resolve_edit(job: Job, source: PictureSource, limits: ImageLimits) -> 
     stored = await source.inputs() if any(ref.startswith("input:") for ref in [*req.images, req.mask or ""]) \
         else []
     params = [f"image[{i}]" if count > 1 else "image" for i in range(count)]
-    datas = [await _data(ref, stored, source, param) for ref, param in zip(req.images, params, strict=True)]
-    mask_data = await _data(req.mask, stored, source, "mask") if req.mask is not None else None
-    # Every picture's header first (no decoding): its format and pixels, the mask's alpha and size.
+    refs = [*zip(req.images, params, strict=True), *([(req.mask, "mask")] if req.mask is not None else [])]
+    fetching = asyncio.Semaphore(FETCHES_PER_JOB)  # (URLs: a few at once, each within the job's deadline)
+    got = await asyncio.gather(*(_data(ref, stored, source, param, fetching) for ref, param in refs))
+    datas, mask_data = got[:count], (got[count] if req.mask is not None else None)
+    first = await asyncio.to_thread(_headers, datas, params, mask_data, limits)
+    size = parse_size(req.size, limits) if req.size not in (None, "", "auto") else \
+        fit((first.width, first.height), limits)
+    spec = spec_of(req, limits, size, count)
+    if int(spec.steps * strength) < 1:
+        raise _reject(f"strength {strength:g} leaves no denoising step of {spec.steps}: raise it or "
+                      "num_inference_steps.", "strength")
+    async with decoding:  # a few jobs' pictures decoded at once per engine, whatever its concurrency
+        sources, mask = await asyncio.to_thread(_decoded, datas, params, mask_data, size, limits)
+    spec.sources = [sources[i] for i in range(count) for _ in range(n)]
+    spec.masks = [mask if i == 0 else None for i in range(count) for _ in range(n)]
+    spec.strength = strength
+    return spec
+
+
+async def _data(ref: str, stored: list[bytes], source: PictureSource, param: str,
+                fetching: asyncio.Semaphore) -> bytes:
+    if ref.startswith("input:"):
+        index = ref[6:]
+        if not index.isdigit() or int(index) >= len(stored):
+            raise _reject(f"{param} names an input the job does not carry ({ref!r}).", param)
+        return stored[int(index)]
+    async with fetching:
+        return await source.fetch(ref, param)
+
+
+def _headers(datas: list[bytes], params: list[str], mask_data: bytes | None, limits: ImageLimits) -> Picture:
+    """Every picture's header (nothing decoded): its format and pixels, the mask's alpha and size; the
+    first picture's."""
     first = [header(data, param, limits) for data, param in zip(datas, params, strict=True)][0]
     if mask_data is not None:
         m = header(mask_data, "mask", limits)
@@ -85,26 +120,8 @@ async def resolve_edit(job: Job, source: PictureSource, limits: ImageLimits) -> 
         if (m.width, m.height) != (first.width, first.height):
             raise _reject(f"Invalid 'mask': it is {m.width}x{m.height}, the image {first.width}x{first.height}; "
                           "they must be the same size.", "mask", "invalid_mask")
-    size = parse_size(req.size, limits) if req.size not in (None, "", "auto") else \
-        fit((first.width, first.height), limits)
-    spec = spec_of(req, limits, size, count)
-    if int(spec.steps * strength) < 1:
-        raise _reject(f"strength {strength:g} leaves no denoising step of {spec.steps}: raise it or "
-                      "num_inference_steps.", "strength")
-    sources, mask = await asyncio.to_thread(_decoded, datas, params, mask_data, size, limits)
-    spec.sources = [sources[i] for i in range(count) for _ in range(n)]
-    spec.masks = [mask if i == 0 else None for i in range(count) for _ in range(n)]
-    spec.strength = strength
-    return spec
+    return first
 
-
-async def _data(ref: str, stored: list[bytes], source: PictureSource, param: str) -> bytes:
-    if ref.startswith("input:"):
-        index = ref[6:]
-        if not index.isdigit() or int(index) >= len(stored):
-            raise _reject(f"{param} names an input the job does not carry ({ref!r}).", param)
-        return stored[int(index)]
-    return await source.fetch(ref, param)
 
 
 def header(data: bytes, param: str, limits: ImageLimits) -> Picture:

@@ -20,6 +20,7 @@ from redis.exceptions import NoScriptError
 
 from engines.contract.backlog import release_command
 from engines.contract.fairness import PROMOTE, promote_command
+from engines.contract.backlog import backlog_size
 from engines.contract.keys import ENGINE_GROUP
 from engines.contract.lane import REDIS_ERRORS, entry_fields, open_lane, stream_entries
 from engines.contract.messages import Failed
@@ -164,7 +165,8 @@ class Intake:
         except (KeyError, msgspec.DecodeError, msgspec.ValidationError):
             self._refuse_malformed(stream, entry_id, fields, attempt)
             return None
-        return Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt, size=len(fields[b"j"]))
+        return Running(job=job, stream=stream, entry_id=entry_id, attempt=attempt,
+                       size=backlog_size(len(fields[b"j"]), job))
 
     def admit(self, run: Running) -> None:
         """Start a job, or answer it at once: a kind this engine does not run, a deadline passed,

@@ -167,9 +167,13 @@ class RequestBatcher:
         req.prompt_tokens = len(tok(spec.prompt, truncation=True, max_length=tok.model_max_length).input_ids)
         masked = [i for i, m in enumerate(spec.masks) if m is not None]
         whole = [i for i, m in enumerate(spec.masks) if m is None]
-        for rows, kind in ((masked, AutoPipelineForInpainting), (whole, AutoPipelineForImage2Image)):
-            if not rows or req.cancelled:
-                continue
+        per_call = max(self.settings.max_batch_pixels // (spec.width * spec.height), 1)  # (the pixel budget)
+        calls = [(rows[i:i + per_call], kind) for rows, kind in ((masked, AutoPipelineForInpainting),
+                                                                 (whole, AutoPipelineForImage2Image))
+                 for i in range(0, len(rows), per_call)]
+        for rows, kind in calls:
+            if req.cancelled:
+                return
             pipe = self._pipes[kind]
             extra = {"mask_image": [spec.masks[i] for i in rows]} if kind is AutoPipelineForInpainting else {}
             with torch.inference_mode():

@@ -109,7 +109,10 @@ class RequestFlow:
     async def respond(self, request: Request[Any, Any, Any], endpoint: Endpoint) -> Response[Any]:
         """The answer to ``request`` (read, decoded and validated here) at ``endpoint``."""
         if endpoint.read is not None:
-            req, body = await endpoint.read(request)
+            try:
+                req, body = await endpoint.read(request)
+            except ClientDisconnected:  # it left mid-upload
+                return Response(content=b"", status_code=499)
         else:
             body = await request.body()
             req = endpoint.decoder.decode(body)

@@ -23,6 +23,7 @@ from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_
 from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
 from engines.contract.replies import REPLY_STREAM_TTL_MS, generation_key, new_generation
+from engines.contract.backlog import backlog_size
 from engines.contract.withdraw import WITHDRAW, withdraw_command
 from engines.contract.reach import Outage
 from telemetry.instruments import GatewayMetrics
@@ -116,12 +117,13 @@ class JobQueue:
         limit = self.share_limit(share) if tenant and share is not None else 0
         byte_limit = max(int(share * self.max_backlog_bytes), 1) if tenant and share is not None else 0
         encoded = self._codec.encode(job)
-        if len(encoded) > (byte_limit or self.max_backlog_bytes):
-            raise JobTooLarge(len(encoded), byte_limit or self.max_backlog_bytes)
+        size = backlog_size(len(encoded), job)  # an edit's pictures in the blob store count too
+        if size > (byte_limit or self.max_backlog_bytes):
+            raise JobTooLarge(size, byte_limit or self.max_backlog_bytes)
         args = submit_command(self._keys, model, job.id, tenant, encoded, deadline_ms=job.deadline_ms,
                               max_backlog=self._max_backlog, stream_cap=self._cap, tenant_limit=limit,
                               weight=job.priority, now_ms=int(time.time() * 1000),
-                              max_bytes=self.max_backlog_bytes, tenant_bytes=byte_limit)
+                              max_bytes=self.max_backlog_bytes, tenant_bytes=byte_limit, inputs=size - len(encoded))
         try:
             reply = await self.lane.execute(*args)
         except NoScriptError:
@@ -142,7 +144,9 @@ class JobQueue:
         """Take ``job`` back from its model's queue unless an engine has it (``engines.contract.withdraw``):
         ``WITHDRAWN`` (no engine will ever run it), ``TAKEN`` or ``GONE``. ``entry``: what :meth:`submit`
         returned. Safe to resend."""
-        cmd = withdraw_command(self._keys, job.model, job.id, job.tenant, self._codec.encode(job), entry=entry,
+        encoded = self._codec.encode(job)
+        cmd = withdraw_command(self._keys, job.model, job.id, job.tenant, encoded, entry=entry,
+                               inputs=backlog_size(len(encoded), job) - len(encoded),
                                deadline_ms=job.deadline_ms, scan=self._max_backlog)
         try:
             return int(await self.lane.execute(*cmd))

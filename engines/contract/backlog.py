@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 
 from engines.contract.keys import Keys
+from engines.contract.messages import Job
 
 # Counts a job out (idempotent: an ack may be sent twice). The ZREM comes first: a script that
 # has written may go on under maxmemory, so an ack's release is never refused for memory.
@@ -93,6 +94,13 @@ local function count_in(bytes_key, jobs_key, expired, member, deadline, size, te
   end
 end
 """
+
+
+def backlog_size(encoded_length: int, job: Job) -> int:
+    """What a job counts in its model's backlog: its encoded bytes, and its inputs' in the blob store
+    (an edit's pictures: ``JobOptions.inputs``), which it holds in Redis as long as it is queued."""
+    options = job.options
+    return encoded_length + (sum(blob.size for blob in options.inputs) if options is not None else 0)
 
 
 def member(job_id: str, size: int, tenant: str) -> str:

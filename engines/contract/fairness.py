@@ -121,7 +121,7 @@ if limit > 0 then
   local held = redis.call('ZCOUNT', KEYS[7], '(' .. ARGV[8], '+inf')
   if held >= limit then return {3, held} end
 end
-local size = #ARGV[3]
+local size = #ARGV[3] + (tonumber(ARGV[13]) or 0)  -- and its inputs' bytes in the blob store
 local byte_limit = tonumber(ARGV[12])
 local total, mine, expired = backlog_bytes(KEYS[8], KEYS[9], ARGV[8], ARGV[5], size, tonumber(ARGV[11]), byte_limit)
 if total + size > tonumber(ARGV[11]) or (byte_limit > 0 and mine + size > byte_limit) then
@@ -162,9 +162,9 @@ SUBMIT_SHA = hashlib.sha1(SUBMIT.encode()).hexdigest()
 
 def submit_command(keys: Keys, model: str, job_id: str, tenant: str, encoded: bytes, *, deadline_ms: int,
                    max_backlog: int, stream_cap: int, tenant_limit: int, weight: int, now_ms: int,
-                   max_bytes: int, tenant_bytes: int) -> tuple[object, ...]:
+                   max_bytes: int, tenant_bytes: int, inputs: int = 0) -> tuple[object, ...]:
     """The EVALSHA that queues the encoded job ``job_id`` of ``tenant`` for ``model`` (:data:`SUBMIT`)."""
     return ("EVALSHA", SUBMIT_SHA, 9, keys.jobs(model), keys.job(model, job_id), keys.wait(model, tenant),
             keys.ring(model), keys.fair_state(model), keys.weights(model), keys.tenant_backlog(model, tenant),
             keys.queued_bytes(model), keys.queued_jobs(model), max_backlog, stream_cap, encoded, deadline_ms,
-            tenant, tenant_limit, max(weight, 1), now_ms, job_id, ENGINE_GROUP, max_bytes, tenant_bytes)
+            tenant, tenant_limit, max(weight, 1), now_ms, job_id, ENGINE_GROUP, max_bytes, tenant_bytes, inputs)

@@ -14,6 +14,7 @@ Part of the sealed contract package (``engines.contract``); imports nothing of t
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ _PNG_CHUNKS = 64
 #: JPEG segments read before the frame header (SOFn).
 _JPEG_SEGMENTS = 256
 #: JPEG's frame headers: SOF0-3, 5-7, 9-11, 13-15 (not DHT C4, JPG C8, DAC CC).
+_FILL = re.compile(rb"\xff+")
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
 
@@ -83,14 +85,14 @@ def _png(data: bytes) -> Picture:
     length, kind = struct.unpack_from(">I4s", data, 8)
     if kind != b"IHDR" or length != 13:
         raise Unreadable("the PNG does not start with its IHDR header")
-    width, height, _depth, colour = struct.unpack_from(">IIBB", data, 16)
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
     alpha = colour in (4, 6)
     at = 8 + 8 + length + 4
     for _ in range(_PNG_CHUNKS):
         length, kind = struct.unpack_from(">I4s", data, at)
         if kind == b"IDAT":
             return Picture("png", width, height, alpha)
-        if kind == b"tRNS":
+        if kind == b"tRNS" and depth <= 8:  # (decoders drop a 16-bit colour key: no transparency comes of it)
             alpha = True
         at += 8 + length + 4
         if at > len(data):
@@ -101,10 +103,10 @@ def _png(data: bytes) -> Picture:
 def _jpeg(data: bytes) -> Picture:
     at = 2
     for _ in range(_JPEG_SEGMENTS):
-        while data[at] != 0xFF:  # garbage between segments: skipped, as decoders do
-            at += 1
-        while data[at] == 0xFF:  # fill bytes
-            at += 1
+        at = data.find(b"\xff", at)  # garbage between segments: skipped, as decoders do
+        if at < 0:
+            break
+        at = _FILL.match(data, at).end()  # type: ignore[union-attr]  # fill bytes
         marker = data[at]
         at += 1
         if marker in (0x01, *range(0xD0, 0xD8)):  # standalone markers: no length

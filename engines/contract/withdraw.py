@@ -116,7 +116,7 @@ WITHDRAW_SHA = hashlib.sha1(WITHDRAW.encode()).hexdigest()
 
 
 def withdraw_command(keys: Keys, model: str, job_id: str, tenant: str, encoded: bytes, *, entry: bytes | str,
-                     deadline_ms: int, scan: int) -> tuple[object, ...]:
+                     deadline_ms: int, scan: int, inputs: int = 0) -> tuple[object, ...]:
     """The EVALSHA that takes the encoded job ``job_id`` of ``tenant`` back from ``model``'s queue
     (:data:`WITHDRAW`); ``entry``: its stream entry id if it went straight into the stream;
     ``scan``: the most stream entries to look through for one an engine promoted (from a wait list,
@@ -124,4 +124,4 @@ def withdraw_command(keys: Keys, model: str, job_id: str, tenant: str, encoded: 
     return ("EVALSHA", WITHDRAW_SHA, 9, keys.jobs(model), keys.job(model, job_id), keys.wait(model, tenant),
             keys.ring(model), keys.fair_state(model), keys.weights(model), keys.tenant_backlog(model, tenant),
             keys.queued_bytes(model), keys.queued_jobs(model), encoded, job_id, ENGINE_GROUP, entry, HELD_IDLE_MS,
-            tenant, member(job_id, len(encoded), tenant), len(encoded), deadline_ms, scan)
+            tenant, member(job_id, len(encoded) + inputs, tenant), len(encoded) + inputs, deadline_ms, scan)

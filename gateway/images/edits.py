@@ -30,16 +30,15 @@ import time
 from typing import Annotated, Any, Literal
 
 import msgspec
-from litestar import Request
 from msgspec import Meta, Struct
 
 from engines.contract.lane import REDIS_ERRORS
 from engines.contract.media import MediaPolicy, MediaRefused
 from engines.contract.messages import BlobRef, JobOptions
-from engines.contract.pictures import PICTURE_TYPES, Unreadable, probe
+from engines.contract.pictures import PICTURE_TYPES, Picture, Unreadable, probe
 from engines.contract.store import ImageStore, new_input_ref
 from gateway.common.decoding import RequestDecoder, invalid
-from gateway.errors import ConduitError, InvalidRequest, PayloadTooLarge
+from gateway.errors import ConduitError, InvalidRequest
 from gateway.images.protocol import DIFFUSERS_EXTENSION, OutputFormat, check_image_fields
 from gateway.run import JobRun
 from gateway.settings import RequestBounds
@@ -121,21 +120,35 @@ EDIT_FILES = (("image", {"anyOf": [_BINARY, {"type": "array", "items": _BINARY, 
 
 
 class Edit:
-    """One edit request as the flow runs it: its fields, its pictures (bytes that came with it, or
-    an http(s) URL the engine fetches) and, once admitted, their blob references."""
+    """One edit request as the flow runs it: its fields, its pictures (bytes that came with it, or an
+    http(s) URL the engine fetches), the job's body, and once admitted, their blob references.
 
-    __slots__ = ("req", "pictures", "mask", "params", "refs", "_store", "_dropping")
+    The uploads' bytes are held only until they are in the blob store (or the request ends): then
+    they are dropped, and what they took of the gateway's budget of edit bytes given back
+    (``gateway.images.forms.EditBytes``)."""
+
+    __slots__ = ("req", "count", "body", "uploads", "formats", "refs", "_store", "_dropping", "_held", "__weakref__")
 
     def __init__(self, req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | str | None,
-                 params: list[str]) -> None:
+                 formats: list[str]) -> None:
         self.req = req
-        self.pictures = pictures
-        self.mask = mask
-        #: Each picture's parameter name (``image``, ``image[1]``, ``images[0].image_url``...), then the mask's.
-        self.params = params
+        self.count = len(pictures)
+        #: The uploads (``input:<i>`` of the job's body) and their formats, in order.
+        self.uploads = [p for p in [*pictures, mask] if isinstance(p, bytes)]
+        self.formats = formats
+        at = iter(range(len(self.uploads)))
+        names = [p if isinstance(p, str) else f"input:{next(at)}" for p in [*pictures, mask] if p is not None]
+        fields = {f: v for f in req.__struct_fields__ if f not in _GATEWAY_ONLY and (v := getattr(req, f)) is not None}
+        fields["images"] = names[:len(pictures)]
+        if mask is not None:
+            fields["mask"] = names[-1]
+        #: The job's body: the request's fields, its pictures as ``input:<i>`` or their URLs.
+        self.body = msgspec.json.encode(fields)
+        req.images, req.mask = [], None  # (a JSON form's data URLs: its bytes are in ``uploads``)
         self.refs: list[str] = []
         self._store: ImageStore | None = None
         self._dropping: asyncio.Task[None] | None = None
+        self._held: Any = None
 
     # What the flow and the answers read of a request.
     model = property(lambda self: self.req.model)
@@ -147,57 +160,47 @@ class Edit:
 
     def cost(self, limits: RequestBounds) -> Cost:
         """Images per minute: ``n`` for each picture."""
-        return Cost(tokens=None, images=(self.req.n or 1) * len(self.pictures))
+        return Cost(tokens=None, images=(self.req.n or 1) * self.count)
 
-    def uploads(self) -> list[bytes]:
-        """The pictures that came with the request, in the order the job's ``input:<i>`` names them."""
-        return [p for p in [*self.pictures, self.mask] if isinstance(p, bytes)]
+    def hold(self, held: Any) -> None:
+        """Keep ``held`` (what the bytes took of the gateway's budget) until the bytes are dropped."""
+        self._held = held
 
-    def body(self) -> bytes:
-        """The job's body: the request's fields, its pictures as ``input:<i>`` or their URLs."""
-        fields = {f: v for f in self.req.__struct_fields__ if f not in _GATEWAY_ONLY
-                  and (v := getattr(self.req, f)) is not None}
-        at = 0
-
-        def name(picture: bytes | str) -> str:
-            nonlocal at
-            if isinstance(picture, str):
-                return picture
-            at += 1
-            return f"input:{at - 1}"
-
-        fields["images"] = [name(p) for p in self.pictures]
-        if self.mask is not None:
-            fields["mask"] = name(self.mask)
-        return msgspec.json.encode(fields)
+    def release(self) -> None:
+        """The bytes are in the blob store, or will never be: drop them."""
+        self.uploads = []
+        if self._held is not None:
+            self._held.release()
+            self._held = None
 
     async def stage(self, run: JobRun, store: ImageStore) -> None:
         """Name the uploads in the job (``JobOptions.inputs``); written once admitted (:meth:`put`)."""
-        uploads = self.uploads()
-        if not uploads:
+        if not self.uploads:
             return
         self._store = store
-        blobs = []
-        for data in uploads:
-            fmt = probe(data).format  # (checked when read)
-            blobs.append(BlobRef(new_input_ref(fmt), PICTURE_TYPES[fmt], len(data)))
+        blobs = [BlobRef(new_input_ref(fmt), PICTURE_TYPES[fmt], len(data))
+                 for data, fmt in zip(self.uploads, self.formats, strict=True)]
         self.refs = [b.ref for b in blobs]
         options = run.job.options or JobOptions()
         run.job = msgspec.structs.replace(run.job, options=msgspec.structs.replace(options, inputs=blobs))
         run.staged = self
 
     async def put(self, deadline_ms: int) -> None:
-        """Write the uploads to the blob store, alive until the job's deadline (and a little after)."""
+        """Write the uploads to the blob store, alive until the job's deadline (and a little after);
+        then drop them here."""
         ttl = max(deadline_ms - int(time.time() * 1000), 0) + 5_000
         try:
             await asyncio.gather(*(self._store.put(ref, data, ttl)  # type: ignore[union-attr]
-                                   for ref, data in zip(self.refs, self.uploads(), strict=True)))
+                                   for ref, data in zip(self.refs, self.uploads, strict=True)))
         except REDIS_ERRORS:
             raise ConduitError("The request queue is unavailable; retry shortly.", status=503,
                                code="queue_unavailable") from None
+        finally:
+            self.release()
 
     def drop(self) -> None:
         """Delete the uploads, off the response's path (the request is over, or was refused); once."""
+        self.release()
         if self._dropping is None:
             self._dropping = asyncio.get_running_loop().create_task(self._delete())
 
@@ -208,7 +211,7 @@ class Edit:
             pass
 
 
-def _picture(data: bytes, param: str, limits: RequestBounds) -> tuple[int, int, bool]:
+def _picture(data: bytes, param: str, limits: RequestBounds) -> Picture:
     try:
         header = probe(data)
     except Unreadable as exc:
@@ -217,7 +220,7 @@ def _picture(data: bytes, param: str, limits: RequestBounds) -> tuple[int, int, 
     if header.pixels > limits.max_image_pixels:
         raise InvalidRequest(f"Invalid '{param}': {header.width}x{header.height} is more than "
                              f"{limits.max_image_pixels} pixels.", param=param, code="image_too_large")
-    return header.width, header.height, header.alpha
+    return header
 
 
 def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | str | None, params: list[str],
@@ -230,25 +233,26 @@ def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | st
     if (req.n or 1) * len(pictures) > MAX_IMAGES:
         raise InvalidRequest(f"n x images is at most {MAX_IMAGES}: each of the {len(pictures)} images is edited "
                              f"n = {req.n} times.", param="n", code="invalid_value")
-    sizes = []
+    headers: list[Picture | None] = []
     for picture, param in zip([*pictures, mask], params, strict=False):
         if isinstance(picture, str):
             try:
                 policy.check(picture)
             except MediaRefused as exc:
                 raise InvalidRequest(exc.message, param=param, code=exc.code) from None
-            sizes.append(None)
+            headers.append(None)
         elif picture is not None:
-            sizes.append(_picture(picture, param, limits))
+            headers.append(_picture(picture, param, limits))
     if isinstance(mask, bytes):
-        width, height, alpha = sizes[-1]  # type: ignore[misc]
-        if not alpha:
+        m, first = headers[-1], headers[0]
+        assert m is not None
+        if not m.alpha:
             raise InvalidRequest("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what "
                                  "to edit.", param="mask", code="invalid_mask")
-        if sizes[0] is not None and sizes[0][:2] != (width, height):
-            raise InvalidRequest(f"Invalid 'mask': it is {width}x{height}, the image {sizes[0][0]}x{sizes[0][1]}; "
+        if first is not None and (first.width, first.height) != (m.width, m.height):
+            raise InvalidRequest(f"Invalid 'mask': it is {m.width}x{m.height}, the image {first.width}x{first.height}; "
                                  "they must be the same size.", param="mask", code="invalid_mask")
-    return Edit(req, pictures, mask, params)
+    return Edit(req, pictures, mask, [h.format for h in headers if h is not None])
 
 
 def _missing(param: str) -> InvalidRequest:
@@ -258,6 +262,12 @@ def _missing(param: str) -> InvalidRequest:
 def from_json(body: bytes, decoder: RequestDecoder[ImageEditRequest], limits: RequestBounds,
               policy: MediaPolicy) -> Edit:
     """The JSON form: ``images`` (required, with a prompt) and ``mask`` by ``image_url``."""
+    try:  # a cheap first look (its other fields skipped): no list of a million objects is ever built
+        listed = _LISTED.decode(body).images
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        listed = None  # the full decode below says what is wrong
+    if listed is not None and listed.count(b"{") > MAX_PICTURES:
+        raise InvalidRequest(f"At most {MAX_PICTURES} images per edit.", param="images", code="invalid_value")
     req = decoder.decode(body)
     if not req.prompt:
         raise _missing("prompt")
@@ -267,6 +277,13 @@ def from_json(body: bytes, decoder: RequestDecoder[ImageEditRequest], limits: Re
     params = [f"images[{i}].image_url" for i in range(len(req.images))]
     mask = _ref(req.mask, "mask") if req.mask is not None else None
     return checked(req, pictures, mask, [*params, "mask.image_url"], limits, policy)
+
+
+class _Listed(Struct, forbid_unknown_fields=False):
+    images: msgspec.Raw | None = None
+
+
+_LISTED = msgspec.json.Decoder(_Listed)
 
 
 def _ref(ref: ImageRef, param: str) -> bytes | str:
@@ -290,66 +307,6 @@ def _ref(ref: ImageRef, param: str) -> bytes | str:
                              param=f"{param}.image_url", code="invalid_value") from None
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
-    """A JSON body, at most ``limit`` bytes (the route lifts the server's ``max_body_bytes``)."""
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def read_form(request: Request[Any, Any, Any], limit: int) -> tuple[dict[str, str], list[tuple[str, bytes]]]:
-    """A multipart body's text fields and files, read as it arrives within every bound."""
-    from multipart import MultipartSegment, ParserError, ParserLimitReached, PushMultipartParser
-
-    _, options = request.content_type
-    boundary = options.get("boundary")
-    if not boundary:
-        raise InvalidRequest("The multipart/form-data body names no boundary in its Content-Type.",
-                             code="invalid_multipart")
-    fields: dict[str, str] = {}
-    files: list[tuple[str, bytes]] = []
-    size = 0
-    segment: MultipartSegment | None = None
-    data = bytearray()
-    try:
-        with PushMultipartParser(boundary, max_segment_size=limit, max_segment_count=MAX_PARTS,
-                                 strict=True) as parser:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-                for part in parser.parse(chunk):
-                    if isinstance(part, MultipartSegment):
-                        segment, data = part, bytearray()
-                    elif part:
-                        data += part
-                        if segment is not None and segment.filename is None and len(data) > MAX_FIELD_BYTES:
-                            raise InvalidRequest(f"The form field '{segment.name}' is longer than "
-                                                 f"{MAX_FIELD_BYTES} bytes.", param=segment.name, code="invalid_value")
-                    elif segment is not None:  # the part's end
-                        if segment.filename is not None:
-                            files.append((segment.name, bytes(data)))
-                        elif segment.name in fields:
-                            raise InvalidRequest(f"The form field '{segment.name}' is given twice.",
-                                                 param=segment.name, code="invalid_value")
-                        else:
-                            fields[segment.name] = data.decode(segment.charset or "utf-8")
-                        segment = None
-            if not parser.closed:
-                raise InvalidRequest("The multipart/form-data body ends before its closing boundary.",
-                                     code="invalid_multipart")
-    except ParserLimitReached as exc:
-        raise InvalidRequest(f"The multipart/form-data body is beyond this server's limits ({exc}; at most "
-                             f"{MAX_PARTS} parts).", code="invalid_multipart") from None
-    except (ParserError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"The multipart/form-data body is malformed ({exc}).", code="invalid_multipart") from None
-    return fields, files
-
-
 def from_form(fields: dict[str, str], files: list[tuple[str, bytes]], request_type: type[Struct],
               limits: RequestBounds, policy: MediaPolicy) -> Edit:
     """The multipart form: ``image``/``image[]`` (several in order) and ``mask`` files, typed text fields."""
@@ -370,6 +327,8 @@ def from_form(fields: dict[str, str], files: list[tuple[str, bytes]], request_ty
     if request_type is ImageVariationRequest:
         if len(images) > 1:
             raise InvalidRequest("A variation takes one 'image'.", param="image", code="invalid_value")
+        if masks:
+            raise InvalidRequest("A variation takes no 'mask' (an edit does).", param="mask", code="invalid_value")
         req = ImageEditRequest(**{f: getattr(req, f) for f in req.__struct_fields__})
     elif not req.prompt:
         raise _missing("prompt")

@@ -11,6 +11,7 @@ the request (admission, the job, errors, the stream's end) is the shared flow's 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import time
@@ -33,8 +34,8 @@ from gateway.common.decoding import RequestDecoder
 from gateway.common.routing import get_and_head
 from gateway.dispatch import JobKind
 from gateway.errors import ConduitError, EngineError, ErrorEnvelope, InvalidRequest, NotFound
-from gateway.images.edits import EDIT_FILES, Edit, ImageEditForm, ImageEditRequest, ImageVariationRequest, from_form, from_json, read_body, \
-    read_form
+from gateway.images.edits import EDIT_FILES, Edit, ImageEditForm, ImageEditRequest, ImageVariationRequest, from_form, from_json
+from gateway.images.forms import EditBytes, read_body, read_form
 from gateway.flow import sse_error
 from gateway.images.protocol import (
     RESPONSE_QUALITIES,
@@ -120,31 +121,40 @@ class ImageEdit(ImageGeneration):
     """``POST /v1/images/edits`` (and, with ``variations``, ``/v1/images/variations``): read from
     either form, its pictures staged in the blob store (``gateway.images.edits``)."""
 
-    __slots__ = ("form_type",)
+    __slots__ = ("form_type", "held")
 
     partial_event = (b"event: image_edit.partial_image\ndata: ", EditPartialImageEvent)
     completed_event = (b"event: image_edit.completed\ndata: ", EditCompletedEvent)
 
     def __init__(self, store: ImageStore, bounds: RequestBounds, settings: ImageSettings, *,
-                 variations: bool = False) -> None:
+                 variations: bool = False, held: EditBytes | None = None) -> None:
         super().__init__(store, bounds, settings)
         self.job_kind = JobKind("image_edit", "img", output_ttl_ms=int(settings.image_url_ttl_s * 1000))
         self.decoder = RequestDecoder(ImageEditRequest, bounds)
         self.form_type = ImageVariationRequest if variations else ImageEditRequest
+        #: What this gateway holds of edit bodies at once (edits and variations share it: ``held``).
+        self.held = held if held is not None else EditBytes(4 * bounds.max_edit_bytes)
 
     async def read(self, request: Request[Any, Any, Any]) -> tuple[Edit, bytes]:  # type: ignore[override]
         media = request.content_type[0]
-        if media == "multipart/form-data":
-            fields, files = await read_form(request, self.bounds.max_edit_bytes)
-            edit = from_form(fields, files, self.form_type, self.bounds, self.policy)
-        elif media == "application/json" and self.form_type is ImageEditRequest:
-            edit = from_json(await read_body(request, self.bounds.max_edit_bytes), self.decoder, self.bounds,
-                             self.policy)
-        else:
-            forms = "multipart/form-data" + (" or application/json" if self.form_type is ImageEditRequest else "")
-            raise InvalidRequest(f"Send this request as {forms}, not {media or 'no Content-Type'}.",
-                                 code="invalid_content_type")
-        return edit, edit.body()
+        limit, held = self.bounds.max_edit_bytes, self.held.take()
+        try:
+            # The parsing and the pictures' headers off the event loop (up to max_edit_bytes of them).
+            if media == "multipart/form-data":
+                fields, files = await read_form(request, limit, held)
+                edit = await asyncio.to_thread(from_form, fields, files, self.form_type, self.bounds, self.policy)
+            elif media == "application/json" and self.form_type is ImageEditRequest:
+                body = await read_body(request, limit, held)
+                edit = await asyncio.to_thread(from_json, body, self.decoder, self.bounds, self.policy)
+            else:
+                forms = "multipart/form-data" + (" or application/json" if self.form_type is ImageEditRequest else "")
+                raise InvalidRequest(f"Send this request as {forms}, not {media or 'no Content-Type'}.",
+                                     code="invalid_content_type")
+        except BaseException:
+            held.release()
+            raise
+        edit.hold(held)
+        return edit, edit.body
 
     async def stage(self, req: Edit, run: JobRun) -> None:  # type: ignore[override]
         await req.stage(run, self.store)

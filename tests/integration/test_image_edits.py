@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -334,3 +335,80 @@ def test_a_key_over_its_image_limit_is_429_and_stores_nothing(edits: Edits) -> N
                    headers=headers, timeout=60)
     assert r.status_code == 429 and envelope(r)["code"] == "rate_limit_exceeded", r.text
     assert edits.stored_inputs() == []
+
+
+def test_odd_but_valid_and_odd_and_invalid_form_parts(edits: Edits) -> None:
+    """A picture sent with only ``filename*`` is still a file; a text part in another charset is refused
+    as malformed (the form's fields are UTF-8), never a 500; a variation takes no mask."""
+    boundary = "b0undary"
+    head = {"Content-Type": f"multipart/form-data; boundary={boundary}", **edits.auth}
+    url = f"{edits.url}/v1/images/edits"
+
+    def part(disposition: str, value: bytes, extra: str = "") -> bytes:
+        return (f"--{boundary}\r\nContent-Disposition: form-data; {disposition}\r\n{extra}\r\n").encode() + value + b"\r\n"
+
+    fields = part('name="model"', MODEL.encode()) + part('name="num_inference_steps"', b"2")
+    star = part('name="image"; filename*=UTF-8\'\'b%C3%A9.png', PNG, "Content-Type: image/png\r\n")
+    ok = httpx.post(url, content=fields + part('name="prompt"', b"x") + star + f"--{boundary}--\r\n".encode(),
+                    headers=head, timeout=60)
+    assert ok.status_code == 200, ok.text
+    bogus = part('name="prompt"', "é".encode("latin-1"), "Content-Type: text/plain; charset=bogus\r\n")
+    r = httpx.post(url, content=fields + bogus + star + f"--{boundary}--\r\n".encode(), headers=head, timeout=30)
+    assert r.status_code == 400 and envelope(r)["code"] == "invalid_multipart", r.text
+    r = edits.post("variations", files={"image": ("a.png", PNG, "image/png"), "mask": ("m.png", left_half_mask(),
+                                                                                       "image/png")}, data=form())
+    assert r.status_code == 400 and envelope(r)["param"] == "mask", r.text
+
+
+def test_the_gateway_holds_a_bounded_amount_of_upload_bytes_at_once(edits: Edits) -> None:
+    """Slow uploads hold what they sent, never more than 4 x max_edit_bytes together: past that an edit
+    is a 503 ``server_busy`` at once; once they go, edits are served again."""
+    import socket
+
+    port = int(edits.url.rsplit(":", 1)[1])
+    chunk = bytes(MAX_EDIT_BYTES - 100_000)
+    head = (f"POST /v1/images/edits HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {edits.key}\r\n"
+            f"Content-Type: multipart/form-data; boundary=b0undary\r\nContent-Length: {MAX_EDIT_BYTES - 1}\r\n\r\n")
+    part = b'--b0undary\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+    slow = []
+    try:
+        for _ in range(4):  # 4 x 0.9 of the bound: nearly all of the gateway's 4 x max_edit_bytes, and unfinished
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(head.encode() + part + chunk)
+            slow.append(s)
+        deadline = time.monotonic() + 20
+        while True:
+            r = edits.post(files={"image": ("a.png", png(picture(13, (420, 400))), "image/png")},
+                           data=form(size="64x64"))
+            if r.status_code == 503 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)  # (the slow uploads' bytes still on their way in)
+        assert r.status_code == 503 and envelope(r)["code"] == "server_busy", r.text
+    finally:
+        for s in slow:
+            s.close()
+    deadline = time.monotonic() + 20
+    while (r := edits.post(files={"image": ("a.png", PNG, "image/png")}, data=form(num_inference_steps="2"))
+           ).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert r.status_code == 200, r.text
+    assert edits.stored_inputs() == []
+
+
+def test_uploads_count_in_the_backlogs_bytes(edits: Edits) -> None:
+    """An edit's pictures count in its model's backlog as its job's bytes do (they are held in Redis while
+    it is queued): a key's share of a small backlog refuses an edit whose pictures alone exceed it."""
+    gateway = edits.gateways.start(max_backlog_bytes=600_000, max_edit_bytes=MAX_EDIT_BYTES)
+    url = edits.stack.base_url
+    try:
+        edits.stack.wait_for_model(MODEL)
+        small = httpx.post(f"{url}/v1/images/edits", files={"image": ("a.png", PNG, "image/png")},
+                           data=form(num_inference_steps="2"), headers=edits.auth, timeout=60)
+        assert small.status_code == 200, small.text
+        big = png(picture(14, (420, 400)))  # more than the key's share (half of 600,000 bytes)
+        r = httpx.post(f"{url}/v1/images/edits", files={"image": ("a.png", big, "image/png")},
+                       data=form(size="64x64"), headers=edits.auth, timeout=60)
+        assert r.status_code == 413 and envelope(r)["code"] == "request_too_large", r.text
+        assert edits.stored_inputs() == []
+    finally:
+        gateway.stop()
