@@ -53,6 +53,7 @@ def test_images_example(env: dict[str, str]) -> None:
     assert "-> image/jpeg" in out
     assert out.count("stream: image_generation.partial_image") == 2
     assert out.count("stream: image_generation.completed") == 1
+    assert "edit: the right half kept pixel for pixel: True" in out
 
 
 def test_errors_example(env: dict[str, str]) -> None:
