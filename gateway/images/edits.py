@@ -39,7 +39,7 @@ from engines.contract.pictures import PICTURE_TYPES, Picture, Unreadable, probe
 from engines.contract.store import ImageStore, new_input_ref
 from gateway.common.decoding import RequestDecoder, invalid
 from gateway.errors import ConduitError, InvalidRequest
-from gateway.images.protocol import DIFFUSERS_EXTENSION, OutputFormat, check_image_fields
+from gateway.images.protocol import DIFFUSERS_EXTENSION, ImageOptions, check_image_fields
 from gateway.run import JobRun
 from gateway.settings import RequestBounds
 from gateway.tenancy.cost import Cost
@@ -62,31 +62,16 @@ class ImageRef(Struct, forbid_unknown_fields=True):
     file_id: str | None = None
 
 
-class ImageEditRequest(Struct, kw_only=True, forbid_unknown_fields=False):
-    """``POST /v1/images/edits`` (OpenAI's ``CreateImageEditRequest`` and ``EditImageBodyJsonParam``),
-    then the diffusion extensions. The multipart form's ``image``/``mask`` are files, not fields."""
+class ImageEditRequest(ImageOptions, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/images/edits`` (OpenAI's ``CreateImageEditRequest`` and ``EditImageBodyJsonParam``): the
+    shared image fields, the pictures (the JSON form's: the multipart form's are files), ``strength``."""
 
     model: str
     prompt: str = ""
     images: list[ImageRef] = []
     mask: ImageRef | None = None
-    n: Annotated[int, Meta(ge=1, le=10)] | None = None
     quality: Literal["standard", "low", "medium", "high", "auto"] | None = None
-    response_format: Literal["url", "b64_json"] | None = None
-    output_format: OutputFormat | None = None
-    output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
-    stream: bool | None = None
-    partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
-    size: str | None = None
-    moderation: Literal["low", "auto"] | None = None
-    background: Literal["transparent", "opaque", "auto"] | None = None
     input_fidelity: Literal["high", "low"] | None = None
-    user: str | None = None
-    # ---- extensions (diffusers), sent through the SDK's ``extra_body`` ----
-    negative_prompt: Annotated[str | None, DIFFUSERS_EXTENSION] = None
-    num_inference_steps: Annotated[Annotated[int, Meta(ge=1)] | None, DIFFUSERS_EXTENSION] = None
-    guidance_scale: Annotated[Annotated[float, Meta(ge=0, le=50)] | None, DIFFUSERS_EXTENSION] = None
-    seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
     #: How far from the input the result may go: 1 starts from noise (default with a mask), 0.8
     #: without one; denoising runs that share of the steps.
     strength: Annotated[Annotated[float, Meta(gt=0, le=1)] | None, DIFFUSERS_EXTENSION] = None

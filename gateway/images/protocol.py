@@ -38,13 +38,10 @@ DIFFUSERS_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "diffusers"
 CONDUIT_EXTENSION = Meta(extra_json_schema={"x-conduit-extension": "conduit"})
 
 
-class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
-    """``POST /v1/images/generations`` (OpenAI's field order, then the diffusion extensions)."""
+class ImageOptions(Struct, kw_only=True, forbid_unknown_fields=False):
+    """What image generations and edits share: OpenAI's fields, then the diffusion extensions."""
 
-    prompt: Annotated[str, Meta(min_length=1)]
-    model: str
     n: Annotated[int, Meta(ge=1, le=10)] | None = None
-    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
     response_format: Literal["url", "b64_json"] | None = None
     output_format: OutputFormat | None = None
     output_compression: Annotated[int, Meta(ge=0, le=100)] | None = None
@@ -53,13 +50,21 @@ class ImageRequest(Struct, kw_only=True, forbid_unknown_fields=False):
     size: str | None = None
     moderation: Literal["low", "auto"] | None = None
     background: Literal["transparent", "opaque", "auto"] | None = None
-    style: Literal["vivid", "natural"] | None = None
     user: str | None = None
     # ---- extensions (diffusers), sent through the SDK's ``extra_body`` ----
     negative_prompt: Annotated[str | None, DIFFUSERS_EXTENSION] = None
     num_inference_steps: Annotated[Annotated[int, Meta(ge=1)] | None, DIFFUSERS_EXTENSION] = None
     guidance_scale: Annotated[Annotated[float, Meta(ge=0, le=50)] | None, DIFFUSERS_EXTENSION] = None
     seed: Annotated[Annotated[int, Meta(ge=0, le=2**63 - 1)] | None, DIFFUSERS_EXTENSION] = None
+
+
+class ImageRequest(ImageOptions, kw_only=True, forbid_unknown_fields=False):
+    """``POST /v1/images/generations``: the shared fields and the prompt, its quality and style."""
+
+    prompt: Annotated[str, Meta(min_length=1)]
+    model: str
+    quality: Literal["standard", "hd", "low", "medium", "high", "auto"] | None = None
+    style: Literal["vivid", "natural"] | None = None
 
     def check(self, limits: RequestBounds) -> None:
         check_image_fields(self, limits)
