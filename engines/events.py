@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from engines.contract.backlog import RELEASE
 from engines.contract.keys import ENGINE_GROUP, OUTPUT_STARTED, Keys
@@ -113,7 +113,7 @@ def encoded(encode: Callable[[object], bytes], events: list[Event]) -> bytes:
 
 
 class _Batch:
-    __slots__ = ("events", "after", "acks", "markers")
+    __slots__ = ("events", "after", "acks", "markers", "resend")
 
     def __init__(self) -> None:
         #: reply stream -> events, in emission order.
@@ -126,9 +126,11 @@ class _Batch:
         self.acks: list[Ack] = []
         #: job keys of streaming jobs whose output began.
         self.markers: set[str] = set()
+        #: A stream's recent entries, sent again with nothing new, were refused: write again.
+        self.resend = False
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.acks or self.markers)
+        return bool(self.events or self.acks or self.markers or self.resend)
 
     def put_back(self, newer: _Batch) -> _Batch:
         """``self`` (a batch that failed) in front of ``newer`` (the one that accumulated meanwhile)."""
@@ -138,6 +140,7 @@ class _Batch:
             newer.after[stream] = acks + newer.after.get(stream, [])
         newer.acks[:0] = self.acks
         newer.markers |= self.markers
+        newer.resend = newer.resend or self.resend
         return newer
 
 
@@ -176,6 +179,8 @@ class EventWriter:
         self.lives = StreamLives()
         #: What every reply stream's name starts with (the others, result records, have no generation).
         self._replies = Keys(settings.key_prefix).replies("")[:-1]
+        #: Writes name the generation they saw (False: Redis's users predate generations).
+        self.generations = True
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -193,6 +198,16 @@ class EventWriter:
             events.setdefault(result, []).append(event)
         self._idle.clear()
         self._wake.set()
+
+    def redis_trouble(self) -> None:
+        """Redis failed another of this engine's connections (it restarted, or failed over): it may
+        have lost the end of any stream, so every stream's recent entries go again, now (with or
+        without new events): its gateway drops what it already had."""
+        self.lives.changed_all()
+        if self.lives.resending():
+            self._batch.resend = True
+            self._idle.clear()
+            self._wake.set()
 
     def mark_output(self, job_key: str) -> None:
         """Record, with the next flush, that a streaming job's output began (so it is never re-run)."""
@@ -230,10 +245,13 @@ class EventWriter:
             try:
                 retry = await self._write(batch)
             except REDIS_ERRORS as exc:
-                # Nothing is known to have landed: all of it again (repeats are harmless).
+                # Nothing is known to have landed: all of it again (repeats are harmless); and Redis may
+                # have lost the end of any stream (a restart, a failover): their recent entries again too.
                 log.warning("writing events failed (%s); retrying", exc)
+                self.lives.changed_all()
                 self.metrics.background_error("event-writer")
                 retry = batch
+                retry.resend = bool(self.lives.resending())
             if retry:
                 self._batch = retry.put_back(self._batch)
                 self._wake.set()
@@ -263,15 +281,17 @@ class EventWriter:
         encode = self._codec.encode
         lives = self.lives
         sent = lives.now()
-        streams = list(batch.events)
-        #: Each stream's entries: one, unless its events are large (embeddings: split near ENTRY_BYTES);
-        #: after its generation changed, its recent entries first.
-        pieces = [lives.resend(reply_to) + [encoded(encode, piece) for piece in pieces_of(batch.events[reply_to])]
+        # The streams with events, and those whose recent entries go again with nothing new (Redis may
+        # have lost their end).
+        streams = [*batch.events, *(s for s in lives.resending() if s not in batch.events)]
+        #: Each stream's new entries: one, unless its events are large (embeddings: split near ENTRY_BYTES).
+        pieces = [[encoded(encode, piece) for piece in pieces_of(batch.events.get(reply_to, []))]
                   for reply_to in streams]
         for reply_to, parts in zip(streams, pieces, strict=True):
-            seen = lives.generation(reply_to) if reply_to.startswith(self._replies) else None
-            cmds.extend(append_command(reply_to, entry, maxlen=maxlen, restore_ms=lives.left(reply_to, sent),
-                                       seen=seen) for entry in parts)
+            # One script per stream, all of its entries or none (its recent ones first when they go again).
+            seen = lives.generation(reply_to) if self.generations and reply_to.startswith(self._replies) else None
+            cmds.append(append_command(reply_to, lives.resend(reply_to) + parts, maxlen=maxlen,
+                                       restore_ms=lives.left(reply_to, sent), seen=seen))
         ack_cmds = [a.commands() for a in batch.acks]
         for c in ack_cmds:
             cmds.extend(c)
@@ -287,32 +307,36 @@ class EventWriter:
         i = len(batch.markers)
         ready: list[Ack] = []
         for reply_to, parts in zip(streams, pieces, strict=True):
-            answers = replies[i:i + len(parts)]
-            i += len(parts)
-            # (A piece refused after others landed: all of it again; gateways drop the repeats by number.)
-            reply = next((a for a in answers if isinstance(a, Exception)), answers[-1])
-            if isinstance(reply, Exception):
-                # Refused: kept, in order, with the acks that wait for it.
-                log.warning("redis refused events for %s: %s", reply_to, reply)
-                if isinstance(reply, NoScriptError):
-                    self.load_scripts = True  # Redis restarted or flushed its scripts
-                retry.events[reply_to] = batch.events[reply_to]
-                if reply_to in batch.after:
-                    retry.after[reply_to] = batch.after[reply_to]
-                continue
-            state, pttl = max(int(a[0]) for a in answers), int(reply[1])
-            if state == CHANGED:
-                # Lost and made again since this engine's last write: nothing written; all of it again,
-                # its recent entries first (the events its gateway may not have read before the loss).
-                log.warning("stream %s was lost by Redis; writing its last entries again", reply_to)
-                lives.changed(reply_to)
-                retry.events[reply_to] = batch.events[reply_to]
+            reply = replies[i]
+            i += 1
+            if isinstance(reply, Exception) or int(reply[0]) == CHANGED:
+                if isinstance(reply, Exception):
+                    # Refused: kept, in order, with the acks that wait for it.
+                    log.warning("redis refused events for %s: %s", reply_to, reply)
+                    if isinstance(reply, NoScriptError):
+                        self.load_scripts = True  # Redis restarted or flushed its scripts
+                        lives.changed_all()  # (and lost what it held: every stream's recent entries again)
+                    elif isinstance(reply, NoPermissionError) and self.generations:
+                        log.error("Redis's users predate reply stream generations (engines/contract/acl.py): "
+                                  "writing without them; load the ACL file `conduit redis-acl` writes")
+                        self.generations = False
+                else:
+                    # Lost and made again since this engine's last write: nothing written; all of it again,
+                    # its recent entries first (the events its gateway may not have read before the loss).
+                    log.warning("stream %s was lost by Redis; writing its last entries again", reply_to)
+                    lives.changed(reply_to)
+                if reply_to in batch.events:
+                    retry.events[reply_to] = batch.events[reply_to]
+                else:
+                    retry.resend = True  # (only its recent entries: they go again with the next write)
                 if reply_to in batch.after:
                     retry.after[reply_to] = batch.after[reply_to]
                 continue
             # Written (or its gateway is gone: DROPPED; nobody waits for them).
+            state, pttl = int(reply[0]), int(reply[1])
             generation = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-            lives.heard(reply_to, sent, pttl, generation, parts if state != DROPPED else [])
+            kept = state != DROPPED and self.generations and reply_to.startswith(self._replies)
+            lives.heard(reply_to, sent, pttl, generation, parts if kept else [])
             if state == RECREATED:
                 log.warning("stream %s was lost by Redis; re-created it (%d ms to live)", reply_to, pttl)
             for a in batch.after.get(reply_to, ()):

@@ -109,6 +109,9 @@ class Intake:
                 except REDIS_ERRORS as exc:
                     outage.failed(exc)
                     worker.metrics.background_error("read-jobs")
+                    # Redis may have lost the end of the reply streams (a restart, a failover), of jobs that
+                    # write nothing more too: their recent entries go again once it answers.
+                    worker.writer.redis_trouble()
                     await asyncio.sleep(0.5)
                     if "NOGROUP" in str(exc):
                         # Redis lost its data (restarted without persistence): rejoin.

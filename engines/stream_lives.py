@@ -78,18 +78,26 @@ class StreamLives:
         if s is not None:
             s.resend = True
 
+    def changed_all(self) -> None:
+        """Redis may have lost the end of any stream (a write failed: a restart, a failover that lost
+        its last writes, a crash with up to a second of its log): every stream's recent entries go again."""
+        for s in self._streams.values():
+            s.resend = True
+
+    def resending(self) -> list[str]:
+        """The streams whose recent entries are to go again, even with nothing new to write."""
+        return [name for name, s in self._streams.items() if s.resend and s.sent]
+
     def heard(self, stream: str, sent: float, pttl: int, generation: str = "", entries: list[bytes] = ()) -> None:
         """A write sent at ``sent`` found ``stream`` with ``pttl`` ms to live (< 0: none, or missing) and
-        ``generation``, and wrote ``entries`` (its resent ones included)."""
+        ``generation``, and wrote its recent entries again if it was to, then ``entries`` (which are kept:
+        pass none for a stream that is never resent, a result record). Resent entries keep their times."""
         s = self._streams.get(stream)
         if s is None:
             s = self._streams[stream] = _Stream()
         s.until = sent + pttl if pttl >= 0 else 0.0
         s.generation = generation
-        if s.resend:
-            s.resend = False
-            s.sent.clear()
-            s.size = 0
+        s.resend = False
         for entry in entries:
             s.sent.append((sent, entry))
             s.size += len(entry)

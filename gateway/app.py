@@ -160,7 +160,7 @@ def create_app(settings: GatewaySettings, telemetry: Telemetry | None = None,
             auth.close()
             await limiter.lane.close()
             try:
-                await redis.delete(router.stream, router.generation)
+                await router.close_stream()
             except REDIS_ERRORS:
                 pass
             await redis.aclose()

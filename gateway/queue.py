@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoPermissionError, NoScriptError
 
 from engines.contract.fairness import (
     BACKLOG_FULL,
@@ -22,7 +22,7 @@ from engines.contract.fairness import (
 from engines.contract.lane import REDIS_ERRORS, ScriptLoader, open_lane, stream_entries
 from engines.contract.keys import FENCED, Keys
 from engines.contract.messages import Codec, Job
-from engines.contract.replies import REPLY_STREAM_TTL_MS, generation_key, new_generation
+from engines.contract.replies import GONE, KEEP, REPLY_STREAM_TTL_MS, generation_key, new_generation
 from engines.contract.backlog import backlog_size
 from engines.contract.withdraw import WITHDRAW, withdraw_command
 from engines.contract.reach import Outage
@@ -197,8 +197,10 @@ class ReplyRouter:
     def __init__(self, redis: aioredis.Redis, stream: str, codec: Codec, metrics: GatewayMetrics | None = None) -> None:
         self._redis = redis
         self.stream = stream
-        #: Its generation's key (``engines.contract.replies``).
+        #: Its generation's key (``engines.contract.replies``), kept by a script (False: Redis's users predate it).
         self.generation = generation_key(stream)
+        self._keep = redis.register_script(KEEP)
+        self._generations = True
         self._codec = codec
         self.metrics = metrics or GatewayMetrics.noop()
         self._waiters: dict[str, asyncio.Queue[Any]] = {}
@@ -217,26 +219,40 @@ class ReplyRouter:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    async def create_stream(self) -> None:
+    async def create_stream(self) -> bool:
         """Make the reply stream exist, with its expiry (engines never make a stream they have not seen)
-        and a new generation (engines that wrote to a lost one write their last entries again)."""
+        and a new generation (engines that wrote to a lost one write their last entries again); keep
+        it alive if it does (``engines.contract.replies.KEEP``). Whether it was there."""
+        if self._generations:
+            try:
+                return bool(await self._keep(keys=[self.stream, self.generation],
+                                             args=[REPLY_STREAM_TTL_MS, new_generation()]))
+            except NoPermissionError:
+                log.error("Redis's users predate reply stream generations (engines/contract/acl.py): keeping the "
+                          "reply stream without one; load the ACL file `conduit redis-acl` writes")
+                self._generations = False
+        if await self._redis.pexpire(self.stream, REPLY_STREAM_TTL_MS):
+            return True
         pipe = self._redis.pipeline(transaction=False)
-        pipe.xadd(self.stream, {b"h": b"1"}, maxlen=1000, approximate=True)
+        pipe.xadd(self.stream, {b"h": b"1"})
         pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
-        pipe.set(self.generation, new_generation(), px=REPLY_STREAM_TTL_MS)
         await pipe.execute()
+        return False
 
     async def _keep_alive(self, last: bytes) -> None:
         # Consumed entries are of no further use: keep the stream short, and alive.
-        pipe = self._redis.pipeline(transaction=False)
         if last != b"0-0":
-            pipe.xtrim(self.stream, minid=last, approximate=True)
-        pipe.pexpire(self.generation, REPLY_STREAM_TTL_MS)
-        pipe.pexpire(self.stream, REPLY_STREAM_TTL_MS)
-        *_, alive = await pipe.execute()
-        if not alive:  # Redis lost it (a restart without persistence): engines need it back
-            log.warning("reply stream %s was gone; re-creating it", self.stream)
-            await self.create_stream()
+            await self._redis.xtrim(self.stream, minid=last, approximate=True)
+        if not await self.create_stream():  # Redis lost it (a restart without persistence): engines need it back
+            log.warning("reply stream %s was gone; re-created it", self.stream)
+
+    async def close_stream(self) -> None:
+        """This gateway stops: its stream goes, and its generation says so, so no engine makes it again."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(self.stream)
+        if self._generations:
+            pipe.set(self.generation, GONE, px=REPLY_STREAM_TTL_MS)
+        await pipe.execute()
 
     async def run(self) -> None:
         """Read and dispatch until :attr:`closed` (the lifespan also cancels it)."""

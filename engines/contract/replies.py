@@ -40,34 +40,39 @@ import os
 #: every second).
 REPLY_STREAM_TTL_MS = 60_000
 
-# Appends one entry (a batch of encoded events) to a reply stream, as XADD NOMKSTREAM would,
-# except that a missing stream is made when ARGV[3] > 0, with that expiry (ms) in the same step:
-# never a stream without one. XADD is the first write, so under maxmemory the script is refused
-# with nothing written (the engine writes it again). With its generation key (KEYS[2]; a result
-# record has none), a writer that names the generation it last saw (ARGV[4]) and finds the stream
-# missing or of another generation writes nothing; a stream made here gets generation ARGV[5].
-# KEYS: 1 reply stream, [2 its generation]. ARGV: 1 its length cap (~), 2 the entry, 3 the life (ms)
-# to give it if it is missing (0: leave it missing), 4 the generation last seen ('': do not check),
-# 5 the generation of a stream made here.
+# Appends a stream's entries of one flush (each a batch of encoded events), all or none, as XADD
+# NOMKSTREAM would, except that a missing stream is made when ARGV[2] > 0, with that expiry (ms) in
+# the same step: never a stream without one. XADD is the first write, so under maxmemory the script
+# is refused with nothing written (the engine writes them again), and once it writes it writes all.
+# With its generation key (KEYS[2]; a result record has none): a writer that names the generation it
+# last saw (ARGV[3]) and finds the stream missing or of another generation writes nothing (CHANGED);
+# a stream made here gets generation ARGV[4]; a stream whose gateway stopped (its generation GONE)
+# is never made again.
+# KEYS: 1 reply stream, [2 its generation]. ARGV: 1 its length cap (~), 2 the life (ms) to give it if
+# it is missing (0: leave it missing), 3 the generation last seen ('': do not check), 4 the generation
+# of a stream made here, 5... the entries.
 # Returns {state, the stream's PTTL after the write (-1: no expiry, a gateway of an older version;
 # -2: none written), its generation ('' : none)}, state DROPPED (missing, left so), APPENDED,
 # RECREATED or CHANGED (nothing written).
 APPEND = """
 local gen = ''
 if KEYS[2] then gen = redis.call('GET', KEYS[2]) or '' end
+if gen == 'gone' then return {0, -2, gen} end
 local exists = redis.call('EXISTS', KEYS[1]) == 1
-if KEYS[2] and ARGV[4] ~= '' and ((not exists) or gen ~= ARGV[4]) then return {3, -2, gen} end
+if KEYS[2] and ARGV[3] ~= '' and ((not exists) or gen ~= ARGV[3]) then return {3, -2, gen} end
 local made = 0
 if not exists then
-  if tonumber(ARGV[3]) <= 0 then return {0, -2, gen} end
+  if tonumber(ARGV[2]) <= 0 then return {0, -2, gen} end
   made = 1
 end
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[2])
+for i = 5, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+end
 if made == 1 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
   if KEYS[2] then
-    redis.call('SET', KEYS[2], ARGV[5], 'PX', ARGV[3])
-    gen = ARGV[5]
+    redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[2])
+    gen = ARGV[4]
   end
   return {2, redis.call('PTTL', KEYS[1]), gen}
 end
@@ -75,6 +80,24 @@ return {1, redis.call('PTTL', KEYS[1]), gen}
 """
 APPEND_SHA = hashlib.sha1(APPEND.encode()).hexdigest()
 DROPPED, APPENDED, RECREATED, CHANGED = 0, 1, 2, 3
+#: The generation of a stream whose gateway stopped: engines drop its events, never make it again.
+GONE = "gone"
+
+# The gateway's side, every second and at start: keep its stream alive, or make it (with a marker
+# entry, never trimming what engines wrote) and a new generation; a live stream without a generation
+# (made by an engine of an older version) gets one. Returns 1 when the stream was there, 0 when made.
+# KEYS: 1 reply stream, 2 its generation. ARGV: 1 the life (ms), 2 a new generation.
+KEEP = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[1])
+  if not redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[1]) then redis.call('PEXPIRE', KEYS[2], ARGV[1]) end
+  return 1
+end
+redis.call('XADD', KEYS[1], '*', 'h', '1')
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[1])
+return 0
+"""
 
 
 def generation_key(stream: str) -> str:
@@ -87,13 +110,14 @@ def new_generation() -> str:
     return os.urandom(8).hex()
 
 
-def append_command(stream: str, entry: bytes, *, maxlen: int, restore_ms: int, seen: str | None = None,
+def append_command(stream: str, entries: list[bytes], *, maxlen: int, restore_ms: int, seen: str | None = None,
                    generation: str = "") -> tuple[object, ...]:
-    """The EVALSHA that appends ``entry`` to ``stream`` (:data:`APPEND`), re-creating it with
-    ``restore_ms`` of life if Redis lost it (0: a stream that is missing stays missing). ``seen``: the
-    generation last seen ('': none yet, or write whatever it is; None: a stream without one, a result
-    record); ``generation``: the one to give a stream made here."""
+    """The EVALSHA that appends ``entries`` to ``stream``, all or none (:data:`APPEND`), re-creating it
+    with ``restore_ms`` of life if Redis lost it (0: a stream that is missing stays missing). ``seen``:
+    the generation last seen ('': none yet, or write whatever it is; None: a stream without one, a
+    result record, or a Redis whose users predate generations); ``generation``: the one to give a
+    stream made here."""
     if seen is None:
-        return ("EVALSHA", APPEND_SHA, 1, stream, maxlen, entry, max(restore_ms, 0), "", "")
-    return ("EVALSHA", APPEND_SHA, 2, stream, generation_key(stream), maxlen, entry, max(restore_ms, 0), seen,
-            generation or new_generation())
+        return ("EVALSHA", APPEND_SHA, 1, stream, maxlen, max(restore_ms, 0), "", "", *entries)
+    return ("EVALSHA", APPEND_SHA, 2, stream, generation_key(stream), maxlen, max(restore_ms, 0), seen,
+            generation or new_generation(), *entries)

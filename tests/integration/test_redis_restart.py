@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from engines.contract.keys import Keys
-from engines.contract.replies import generation_key
+from engines.contract.replies import GONE, generation_key
 from gateway.stack import start_redis
 from tests.harness import REDIS_USERS, RedisServer, Stack, free_port, redis_user_args
 
@@ -261,3 +261,100 @@ def test_an_engine_restores_the_key_of_a_job_it_runs_with_a_lease(stack: Stack) 
         stack.procs[-1].kill()
         # Gone within the 5 s lease (generous on a loaded machine), far before the 60 s deadline.
         assert wait_for(lambda: not r.exists(job_key), 20), "the key outlived the engine's lease"
+
+
+def test_a_quiet_streams_last_events_are_written_again_when_redis_restarts(tmp_path: Path) -> None:
+    """A job ended (its events all written, acked) and Redis restarts before its gateway read them: the
+    engine, which has nothing more to write to that stream, learns of the restart from its other
+    connections and writes the stream's recent entries again all the same, into the stream its gateway
+    made again: every event of the job is there."""
+    server = RedisServer(tmp_path / "redis")
+    stack = Stack(server.url, tmp_path)
+    reply_to = Keys(stack.prefix).replies("quiet-gw")
+    try:
+        with redis.Redis.from_url(server.url) as r:
+            make_reply_stream(r, reply_to)
+            engine_and_job(stack, r, reply_to, tokens=5)
+            assert wait_for(lambda: (e := events_of(r, reply_to)) and e[-1]["t"] == "f", 20), stack.procs[-1].output()
+            written = [e["seq"] for e in events_of(r, reply_to)]
+        server.restart()  # every key gone, the unread events with them
+        with redis.Redis.from_url(server.url) as r:
+            make_reply_stream(r, reply_to)  # as its gateway does once it sees the stream gone
+            assert wait_for(lambda: [e["seq"] for e in events_of(r, reply_to)] == written, 15), \
+                (events_of(r, reply_to), stack.procs[-1].output()[-2000:])
+    finally:
+        stack.stop()
+        server.stop()
+
+
+def test_a_stopped_gateways_stream_is_never_made_again(stack: Stack) -> None:
+    """A gateway that stops deletes its stream and marks its generation gone: an engine still running one
+    of its jobs drops the job's events (nobody reads them) rather than make the stream again."""
+    keys = Keys(stack.prefix)
+    reply_to = keys.replies("stopped-gw")
+    with redis.Redis.from_url(stack.redis_url) as r:
+        make_reply_stream(r, reply_to, ttl_ms=60_000)
+        engine_and_job(stack, r, reply_to, tokens=40)
+        assert wait_for(lambda: len(events_of(r, reply_to)) >= 5, 20), stack.procs[-1].output()
+        r.delete(reply_to)
+        r.set(generation_key(reply_to), GONE, px=60_000)  # as ReplyRouter.close_stream does
+        assert wait_for(lambda: not r.xlen(keys.jobs("synthetic")), 10), "the job was not acked"
+        assert not r.exists(reply_to), f"made again: {r.xlen(reply_to)} entries"
+
+
+def test_an_engine_under_redis_users_of_an_older_release_still_delivers(tmp_path: Path) -> None:
+    """Engines upgraded before Redis's users (which then lack the generation's name): the engine writes
+    without generations, as before them, rather than have every write refused."""
+    import tests.harness as h
+    from engines.contract.acl import user_rules
+
+    def old_rules(prefix: str, role: str) -> list[str]:
+        return [rule for rule in user_rules(prefix, role) if not rule.endswith(":gen")]
+
+    args = [a for role, pw in h.USER_PASSWORDS.items() for a in ("--user", role, "on", f">{pw}", *old_rules("t*", role))]
+    server = RedisServer(tmp_path / "redis", *args)
+    s = Stack(server.url, tmp_path)
+    s.users = {role: (role, pw) for role, pw in h.USER_PASSWORDS.items()}
+    try:
+        reply_to = Keys(s.prefix).replies("old-acl-gw")
+        with redis.Redis.from_url(server.url) as r:
+            r.xadd(reply_to, {b"h": b"1"})
+            r.pexpire(reply_to, 60_000)  # a gateway of an older version: no generation
+            engine_and_job(s, r, reply_to, tokens=5)
+            assert wait_for(lambda: (e := events_of(r, reply_to)) and e[-1]["t"] == "f", 20), s.procs[-1].output()
+            assert [e["seq"] for e in events_of(r, reply_to)] == list(range(1, 8))
+    finally:
+        s.stop()
+        server.stop()
+
+
+async def test_a_gateway_keeps_its_stream_without_trimming_or_replacing_what_engines_made(redis_server: RedisServer
+                                                                                           ) -> None:
+    """The gateway's keep-alive finds its stream made again by an engine (with the entries it wrote again
+    and a generation): it only renews it, trimming nothing and keeping that generation; a missing one it
+    makes with a new generation; a live one without a generation (an older engine made it) gets one; at
+    shutdown its generation says it is gone."""
+    import redis.asyncio as aioredis
+
+    from engines.contract.messages import Codec
+    from gateway.queue import ReplyRouter
+
+    r = aioredis.Redis.from_url(redis_server.url)
+    stream = Keys(f"t{os.urandom(3).hex()}").replies("gw")
+    router = ReplyRouter(r, stream, Codec())
+    try:
+        for i in range(1500):  # several engines' recent entries, written again into the stream one made
+            await r.xadd(stream, {b"e": b"%d" % i})
+        await r.set(generation_key(stream), "made-by-an-engine", px=60_000)
+        assert await router.create_stream() is True
+        assert await r.xlen(stream) == 1500 and await r.get(generation_key(stream)) == b"made-by-an-engine"
+        await r.delete(generation_key(stream))
+        assert await router.create_stream() is True
+        assert await r.get(generation_key(stream)) not in (None, b"made-by-an-engine")
+        await r.delete(stream, generation_key(stream))
+        assert await router.create_stream() is False
+        assert await r.xlen(stream) == 1 and 0 < await r.pttl(stream) <= 60_000 and await r.get(generation_key(stream))
+        await router.close_stream()
+        assert not await r.exists(stream) and await r.get(generation_key(stream)) == GONE.encode()
+    finally:
+        await r.aclose()
