@@ -199,7 +199,7 @@ class ReplyRouter:
         self.stream = stream
         #: Its generation's key (``engines.contract.replies``), kept by a script (False: Redis's users predate it).
         self.generation = generation_key(stream)
-        self._keep = redis.register_script(KEEP)
+        self._keep = redis.register_script(KEEP) if redis is not None else None
         self._generations = True
         self._codec = codec
         self.metrics = metrics or GatewayMetrics.noop()
