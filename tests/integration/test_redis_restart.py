@@ -118,7 +118,7 @@ def test_a_stream_open_across_a_redis_restart_ends_complete(tmp_path: Path) -> N
             try:
                 redis_server.restart()
                 # Only the engine can make these while the gateway is frozen.
-                stream = wait_for(lambda: next(client.scan_iter(match=f"{keys.prefix}:replies:*"), None), 10)
+                stream = wait_for(lambda: next(client.scan_iter(match=f"{keys.prefix}:replies:*}}"), None), 10)
                 stream_ttl = client.pttl(stream) if stream else None
                 job_key = wait_for(lambda: next(client.scan_iter(match=keys.job("synthetic", "*")), None), 10)
                 job_ttl = client.pttl(job_key) if job_key else None
