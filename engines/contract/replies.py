@@ -22,6 +22,10 @@ value in a key beside it (:func:`generation_key`, the same slot), set by whoever
 append; one that finds the stream missing or of another generation writes nothing
 (:data:`CHANGED`) and writes again with the entries it sent in the last seconds first (repeats are
 dropped by the gateway by their numbers), so nothing written before the loss is missing after it.
+Engines also write every stream's recent entries again, with or without new ones, when Redis fails
+one of their connections (a restart, a failover that lost the last writes). The gateway keeps its
+stream with :data:`KEEP` (never trimming what engines wrote, never replacing a generation one made)
+and, when it stops, marks its generation :data:`GONE`: no engine makes that stream again.
 
 A background response's result record (``Keys.result``, named by ``JobOptions.result``) is written
 the same way, with the same entries: so its gateway must create it, with its expiry, *before* it
