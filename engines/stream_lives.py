@@ -45,11 +45,14 @@ class StreamLives:
     A stream found missing before its expiry was lost by Redis, not let go by its gateway: the next
     write re-creates it with the life it had left."""
 
-    __slots__ = ("_streams", "_swept")
+    __slots__ = ("_streams", "_swept", "_resend")
 
     def __init__(self) -> None:
         self._streams: dict[str, _Stream] = {}
         self._swept = 0.0
+        #: The streams whose recent entries are to go again (what :meth:`resending` looks through: most
+        #: flushes find it empty).
+        self._resend: set[str] = set()
 
     @staticmethod
     def now() -> float:
@@ -77,16 +80,19 @@ class StreamLives:
         s = self._streams.get(stream)
         if s is not None:
             s.resend = True
+            self._resend.add(stream)
 
     def changed_all(self) -> None:
         """Redis may have lost the end of any stream (a write failed: a restart, a failover that lost
         its last writes, a crash with up to a second of its log): every stream's recent entries go again."""
-        for s in self._streams.values():
-            s.resend = True
+        for name, s in self._streams.items():
+            if s.sent:
+                s.resend = True
+                self._resend.add(name)
 
     def resending(self) -> list[str]:
         """The streams whose recent entries are to go again, even with nothing new to write."""
-        return [name for name, s in self._streams.items() if s.resend and s.sent]
+        return [name for name in self._resend if self._streams[name].sent] if self._resend else []
 
     def heard(self, stream: str, sent: float, pttl: int, generation: str = "", entries: list[bytes] = ()) -> None:
         """A write sent at ``sent`` found ``stream`` with ``pttl`` ms to live (< 0: none, or missing) and
@@ -98,6 +104,7 @@ class StreamLives:
         s.until = sent + pttl if pttl >= 0 else 0.0
         s.generation = generation
         s.resend = False
+        self._resend.discard(stream)
         for entry in entries:
             s.sent.append((sent, entry))
             s.size += len(entry)
@@ -106,3 +113,4 @@ class StreamLives:
         if sent - self._swept > 60_000:  # gateways come and go: forget the streams that expired
             self._swept = sent
             self._streams = {k: v for k, v in self._streams.items() if v.until > sent or v.resend}
+            self._resend &= self._streams.keys()
