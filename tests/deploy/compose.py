@@ -4,6 +4,7 @@ test asks of a running stack (the metrics credential's hash, an API key, the mod
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import secrets
@@ -40,10 +41,21 @@ def served_models(base_url: str, api_key: str) -> set[str]:
 
 def host_address() -> str:
     """The host's address on Docker's default bridge (docker0): every container reaches it, from
-    any compose network, as a second machine reaches the API box's private address."""
-    done = subprocess.run(["docker", "network", "inspect", "bridge", "--format",
-                           "{{(index .IPAM.Config 0).Gateway}}"], capture_output=True, text=True, timeout=30, check=True)
-    return done.stdout.strip()
+    any compose network, as a second machine reaches the API box's private address.
+
+    The bridge network's IPAM config names it as its ``Gateway``, except where a daemon made docker0
+    itself at its start and recorded the subnet alone (seen once here: an empty answer made every
+    published port ``:port``); then it is docker0's own address, the subnet's first."""
+    done = subprocess.run(["docker", "network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
+                          capture_output=True, text=True, timeout=30, check=True)
+    for config in json.loads(done.stdout or "[]") or []:
+        if config.get("Gateway"):
+            return str(config["Gateway"])
+        if config.get("Subnet"):
+            network = ipaddress.ip_network(config["Subnet"], strict=False)
+            if network.version == 4:
+                return str(next(network.hosts()))
+    raise AssertionError(f"Docker's default bridge has no IPv4 address: {done.stdout!r}")
 
 
 def free_port(address: str) -> int:

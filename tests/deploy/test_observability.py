@@ -31,6 +31,7 @@ import openai
 import pytest
 
 from tests.deploy import bases, stacks
+from tests.deploy.compose import host_address
 from tests.deploy.conftest import ImageBuilder, note
 from tests.deploy.stacks import CHAT, IMAGE, CpuStack
 
@@ -115,8 +116,7 @@ def syslog(stand_ins: dict[str, bool], tmp_path_factory: pytest.TempPathFactory)
 def webhook() -> Iterator[Webhook]:
     # On the default bridge's gateway address: the host, as every container reaches it (and not
     # on every interface of the machine).
-    host = subprocess.run(["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"],
-                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    host = host_address()
     hook = Webhook("")
 
     class Receiver(http.server.BaseHTTPRequestHandler):
