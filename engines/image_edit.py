@@ -28,7 +28,7 @@ import msgspec
 
 from engines.backend import JobRejected
 from engines.contract.messages import Job
-from engines.contract.pictures import Picture, Unreadable, probe
+from engines.contract.pictures import Picture, Refused, admitted, check_mask
 from engines.image_job import EditRequest, ImageLimits, ImageSpec, parse_size, read, spec_of
 
 #: Pictures one edit may hand in (OpenAI's limit), and images it may ask for (``n`` x pictures).
@@ -113,13 +113,10 @@ def _headers(datas: list[bytes], params: list[str], mask_data: bytes | None, lim
     first picture's."""
     first = [header(data, param, limits) for data, param in zip(datas, params, strict=True)][0]
     if mask_data is not None:
-        m = header(mask_data, "mask", limits)
-        if not m.alpha:
-            raise _reject("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what to edit.",
-                          "mask", "invalid_mask")
-        if (m.width, m.height) != (first.width, first.height):
-            raise _reject(f"Invalid 'mask': it is {m.width}x{m.height}, the image {first.width}x{first.height}; "
-                          "they must be the same size.", "mask", "invalid_mask")
+        try:
+            check_mask(header(mask_data, "mask", limits), first)
+        except Refused as exc:
+            raise _reject(exc.message, exc.param, exc.code) from None
     return first
 
 
@@ -128,14 +125,9 @@ def header(data: bytes, param: str, limits: ImageLimits) -> Picture:
     """A picture's header, refused (:class:`JobRejected` naming ``param``) when it is no PNG, JPEG or
     WebP or has more pixels than the engine takes: nothing is decoded yet."""
     try:
-        picture = probe(data)
-    except Unreadable as exc:
-        raise _reject(f"Invalid '{param}': {exc}. Send a PNG, JPEG or WebP image.", param,
-                      "invalid_image_format") from None
-    if picture.pixels > limits.max_input_pixels:
-        raise _reject(f"Invalid '{param}': {picture.width}x{picture.height} is more than {limits.max_input_pixels} "
-                      "pixels.", param, "image_too_large")
-    return picture
+        return admitted(data, param, limits.max_input_pixels)
+    except Refused as exc:
+        raise _reject(exc.message, exc.param, exc.code) from None
 
 
 def decode(data: bytes, param: str, limits: ImageLimits) -> Any:

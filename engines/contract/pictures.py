@@ -51,6 +51,39 @@ class Picture:
         return self.width * self.height
 
 
+class Refused(ValueError):
+    """A picture an edit may not take: why (``message``), OpenAI's ``code``, the parameter it came as."""
+
+    def __init__(self, message: str, code: str, param: str) -> None:
+        super().__init__(message)
+        self.message, self.code, self.param = message, code, param
+
+
+def admitted(data: bytes, param: str, max_pixels: int) -> Picture:
+    """The header of picture ``data`` (sent as ``param``), or :class:`Refused`: not PNG, JPEG or WebP
+    (``invalid_image_format``), or more than ``max_pixels`` (``image_too_large``). Nothing is decoded."""
+    try:
+        picture = probe(data)
+    except Unreadable as exc:
+        raise Refused(f"Invalid '{param}': {exc}. Send a PNG, JPEG or WebP image.", "invalid_image_format",
+                      param) from None
+    if picture.pixels > max_pixels:
+        raise Refused(f"Invalid '{param}': {picture.width}x{picture.height} is more than {max_pixels} pixels.",
+                      "image_too_large", param)
+    return picture
+
+
+def check_mask(mask: Picture, first: Picture | None) -> None:
+    """:class:`Refused` (``invalid_mask``) for a mask without an alpha channel (its fully transparent
+    pixels mark what to edit) or of another size than the first picture (None: not known yet)."""
+    if not mask.alpha:
+        raise Refused("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what to edit.",
+                      "invalid_mask", "mask")
+    if first is not None and (first.width, first.height) != (mask.width, mask.height):
+        raise Refused(f"Invalid 'mask': it is {mask.width}x{mask.height}, the image {first.width}x{first.height}; "
+                      "they must be the same size.", "invalid_mask", "mask")
+
+
 def sniff(data: bytes) -> str | None:
     """The format the bytes start like (``png``, ``jpeg``, ``webp``), or None."""
     if data.startswith(_PNG):

@@ -35,7 +35,7 @@ from msgspec import Meta, Struct
 from engines.contract.lane import REDIS_ERRORS
 from engines.contract.media import MediaPolicy, MediaRefused
 from engines.contract.messages import BlobRef, JobOptions
-from engines.contract.pictures import PICTURE_TYPES, Picture, Unreadable, probe
+from engines.contract.pictures import PICTURE_TYPES, Picture, Refused, admitted, check_mask
 from engines.contract.store import ImageStore, new_input_ref
 from gateway.common.decoding import RequestDecoder, invalid
 from gateway.errors import ConduitError, InvalidRequest
@@ -196,16 +196,8 @@ class Edit:
             pass
 
 
-def _picture(data: bytes, param: str, limits: RequestBounds) -> Picture:
-    try:
-        header = probe(data)
-    except Unreadable as exc:
-        raise InvalidRequest(f"Invalid '{param}': {exc}. Send a PNG, JPEG or WebP image.", param=param,
-                             code="invalid_image_format") from None
-    if header.pixels > limits.max_image_pixels:
-        raise InvalidRequest(f"Invalid '{param}': {header.width}x{header.height} is more than "
-                             f"{limits.max_image_pixels} pixels.", param=param, code="image_too_large")
-    return header
+def _refused(exc: Refused) -> InvalidRequest:
+    return InvalidRequest(exc.message, param=exc.param, code=exc.code)
 
 
 def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | str | None, params: list[str],
@@ -219,24 +211,20 @@ def checked(req: ImageEditRequest, pictures: list[bytes | str], mask: bytes | st
         raise InvalidRequest(f"n x images is at most {MAX_IMAGES}: each of the {len(pictures)} images is edited "
                              f"n = {req.n} times.", param="n", code="invalid_value")
     headers: list[Picture | None] = []
-    for picture, param in zip([*pictures, mask], params, strict=False):
-        if isinstance(picture, str):
-            try:
-                policy.check(picture)
-            except MediaRefused as exc:
-                raise InvalidRequest(exc.message, param=param, code=exc.code) from None
-            headers.append(None)
-        elif picture is not None:
-            headers.append(_picture(picture, param, limits))
-    if isinstance(mask, bytes):
-        m, first = headers[-1], headers[0]
-        assert m is not None
-        if not m.alpha:
-            raise InvalidRequest("Invalid 'mask': it has no alpha channel. Its fully transparent pixels mark what "
-                                 "to edit.", param="mask", code="invalid_mask")
-        if first is not None and (first.width, first.height) != (m.width, m.height):
-            raise InvalidRequest(f"Invalid 'mask': it is {m.width}x{m.height}, the image {first.width}x{first.height}; "
-                                 "they must be the same size.", param="mask", code="invalid_mask")
+    try:
+        for picture, param in zip([*pictures, mask], params, strict=False):
+            if isinstance(picture, str):
+                try:
+                    policy.check(picture)
+                except MediaRefused as exc:
+                    raise InvalidRequest(exc.message, param=param, code=exc.code) from None
+                headers.append(None)
+            elif picture is not None:
+                headers.append(admitted(picture, param, limits.max_image_pixels))
+        if isinstance(mask, bytes):
+            check_mask(headers[-1], headers[0])  # type: ignore[arg-type]
+    except Refused as exc:
+        raise _refused(exc) from None
     return Edit(req, pictures, mask, [h.format for h in headers if h is not None])
 
 
